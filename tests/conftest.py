@@ -1,0 +1,216 @@
+"""Shared fixtures: databases (SQLite and PostgreSQL), an app client, real server processes.
+
+PostgreSQL: 127.0.0.1:5432, trust auth (override with VAULT_EDGE_TEST_PG, a server URL without a
+database). Each test run makes its own template database, each test its own database copied from
+it, and drops them afterwards, so runs never see each other's rows. With CI=true a missing
+PostgreSQL fails the run; elsewhere its tests are skipped with a reason.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+PG_SERVER = os.environ.get("VAULT_EDGE_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432")
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+RUN_ID = secrets.token_hex(4)
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _pg_admin() -> Any:
+    import psycopg
+
+    url = PG_SERVER.replace("postgresql+psycopg://", "postgresql://") + "/postgres"
+    return psycopg.connect(url, autocommit=True, connect_timeout=3)
+
+
+@pytest.fixture(scope="session")
+def pg_template() -> Iterator[str]:
+    """A migrated template database for this run; dropped at the end."""
+    try:
+        admin = _pg_admin()
+    except Exception as exc:
+        if IN_CI:
+            pytest.fail(f"PostgreSQL is required under CI=true and is not reachable at {PG_SERVER}: {exc}")
+        pytest.skip(f"PostgreSQL not reachable at {PG_SERVER}: {exc}")
+    name = f"ve_{RUN_ID}_tpl"
+    with admin:
+        admin.execute(f'CREATE DATABASE "{name}"')
+        from vault_edge.server.storage.engine import make_engine, migrate
+
+        engine = make_engine(f"{PG_SERVER}/{name}")
+        migrate(engine)
+        engine.dispose()
+        try:
+            yield name
+        finally:
+            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture
+def pg_url(request: pytest.FixtureRequest) -> Iterator[str]:
+    template = request.getfixturevalue("pg_template")
+    name = f"ve_{RUN_ID}_{secrets.token_hex(4)}"
+    with _pg_admin() as admin:
+        admin.execute(f'CREATE DATABASE "{name}" TEMPLATE "{template}"')
+        try:
+            yield f"{PG_SERVER}/{name}"
+        finally:
+            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """Every storage-touching test runs on SQLite and on PostgreSQL."""
+    if request.param == "sqlite":
+        return str(tmp_path / "vault.db")
+    return request.getfixturevalue("pg_url")  # type: ignore[no-any-return]
+
+
+@pytest.fixture
+def sqlite_url(tmp_path: Path) -> str:
+    return str(tmp_path / "vault.db")
+
+
+# -- in-process app ----------------------------------------------------------------------------
+class Api:
+    """A TestClient with the token set, returning (status, json)."""
+
+    def __init__(self, client: Any, token: str | None = None) -> None:
+        self.client, self.token = client, token
+
+    def call(self, method: str, path: str, **kw: Any) -> tuple[int, Any]:
+        headers = kw.pop("headers", {})
+        if self.token:
+            headers.setdefault("Authorization", f"Bearer {self.token}")
+        r = self.client.request(method, path, headers=headers, **kw)
+        try:
+            return r.status_code, r.json()
+        except ValueError:
+            return r.status_code, r.text
+
+
+@pytest.fixture
+def make_app(db_url: str) -> Iterator[Any]:
+    """make_app(**settings) → (TestClient, app), against ``db_url``; closed at teardown."""
+    from fastapi.testclient import TestClient
+
+    from vault_edge.server.app import create_app
+    from vault_edge.server.settings import Settings
+
+    opened: list[Any] = []
+
+    def make(**settings: Any) -> tuple[Any, Any]:
+        app = create_app(Settings(db=db_url, **settings))
+        client = TestClient(app)
+        client.__enter__()
+        opened.append(client)
+        return client, app
+
+    yield make
+    for c in opened:
+        c.__exit__(None, None, None)
+        c.app.state.ctx.store.dispose()
+
+
+def init_and_unseal(client: Any, shares: int = 3, threshold: int = 2, **extra: Any) -> tuple[list[str], str]:
+    r = client.post("/v1/sys/init", json={"shares": shares, "threshold": threshold, **extra})
+    assert r.status_code == 200, r.text
+    doc = r.json()
+    for share in doc["shares"][: doc["threshold"]]:
+        r = client.post("/v1/sys/unseal", json={"share": share, "passphrase": extra.get("passphrase")})
+        assert r.status_code == 200, r.text
+    assert r.json()["sealed"] is False
+    return doc["shares"], doc["root_token"]
+
+
+@pytest.fixture
+def api(make_app: Any) -> Api:
+    """An initialized, unsealed control plane with regions eu and us, and the root token."""
+    client, _ = make_app()
+    _, token = init_and_unseal(client)
+    a = Api(client, token)
+    for region in ("eu", "us"):
+        assert a.call("POST", "/v1/regions", json={"name": region})[0] == 200
+    return a
+
+
+# -- real processes ----------------------------------------------------------------------------
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def vault_edge_cmd() -> list[str]:
+    return [sys.executable, "-m", "vault_edge"]
+
+
+class ServerProcess:
+    def __init__(self, db: str, log_path: Path, port: int | None = None, extra: list[str] | None = None,
+                 env: dict[str, str] | None = None) -> None:
+        self.db, self.log_path, self.port = db, log_path, port or free_port()
+        self.addr = f"http://127.0.0.1:{self.port}"
+        self.extra, self.env = extra or [], env or {}
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout: float = 30) -> ServerProcess:
+        env = {**os.environ, **self.env}
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(
+                [*vault_edge_cmd(), "server", "--db", self.db, "--port", str(self.port), *self.extra],
+                stdout=log, stderr=subprocess.STDOUT, env=env,
+            )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert self.proc.poll() is None, f"server exited: {self.log_path.read_text()[-2000:]}"
+            try:
+                httpx.get(self.addr + "/v1/sys/status", timeout=1)
+                return self
+            except httpx.TransportError:
+                time.sleep(0.05)
+        raise AssertionError(f"server did not start: {self.log_path.read_text()[-2000:]}")
+
+    def stop(self, sig: int = 15) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+@pytest.fixture
+def start_server(tmp_path: Path) -> Iterator[Any]:
+    """start_server(db, *extra_args) → a running ServerProcess; all stopped at teardown."""
+    started: list[ServerProcess] = []
+
+    def start(db: str, *extra: str, port: int | None = None, env: dict[str, str] | None = None) -> ServerProcess:
+        s = ServerProcess(db, tmp_path / f"server-{len(started)}.log", port, list(extra), env).start()
+        started.append(s)
+        return s
+
+    yield start
+    for s in started:
+        s.stop()
+
+
+def cli(*args: str, env: dict[str, str] | None = None, input: bytes | None = None,
+        timeout: float = 60) -> subprocess.CompletedProcess[bytes]:
+    """Run the real ``vault-edge`` CLI."""
+    return subprocess.run([*vault_edge_cmd(), *args], env={**os.environ, **(env or {})}, input=input,
+                          capture_output=True, timeout=timeout, check=False)

@@ -1,0 +1,3 @@
+from vault_edge.cli.main import main
+
+main()

@@ -1,0 +1,198 @@
+"""Who may read which secret through the agent's socket: the policy file, checked on every request.
+
+The file is TOML, a list of rules::
+
+    [[rule]]
+    uid = 1000                       # conditions, all optional: uid, gid, exe (absolute path)
+    secrets = ["db/*", "openai"]     # fnmatch-style patterns, case-sensitive; "*" also matches "/"
+
+    [[rule]]
+    token_sha256 = "<hex>"           # workerd bindings send the token in X-Vault-Edge-Token
+    secrets = ["tenant-a/*"]
+
+A rule applies when every condition it gives matches the caller; a caller may read a name when an
+applicable rule has a pattern matching it. Identity comes from the kernel (see ``peercred``); ``gid``
+is the caller's primary gid as SO_PEERCRED reports it (supplementary groups are not consulted).
+
+Tokens: a request carrying ``X-Vault-Edge-Token`` is judged by the rules naming that token's SHA-256
+only (their uid/gid/exe conditions, if any, must match too). A token that matches no rule is
+refused, never silently judged by kernel identity instead: a tenant's binding gets its own patterns
+and nothing the host process happens to hold. Rules without a token apply to requests without one.
+
+No policy file: the agent's own uid and root may read everything, everyone else nothing (a token is
+then refused, since no rule names it).
+
+A rule must give at least one condition; a file that would let every local user read everything
+is more likely a mistake than an intent, and the socket's file mode is the place for "everyone".
+Symlinks in ``exe`` are resolved when the file is loaded, since the kernel reports resolved paths.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import hmac
+import os
+import re
+import secrets
+import tomllib
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+from vault_edge.agent.peercred import Caller
+
+TOKEN_HEADER: Final = "x-vault-edge-token"
+_MEMO_MAX: Final = 65_536  # decisions kept; the memo is dropped whole past this (hostile names)
+_RULE_KEYS: Final = frozenset({"uid", "gid", "exe", "token_sha256", "secrets"})
+_HEX64 = re.compile(r"[0-9a-fA-F]{64}")
+
+
+class PolicyError(ValueError):
+    """A policy file that cannot be used; the message names the file and the problem."""
+
+
+def new_token() -> tuple[str, str]:
+    """A fresh capability token (256 bits, urlsafe) and the hex SHA-256 to put in the policy file."""
+    token = secrets.token_urlsafe(32)
+    return token, token_sha256(token)
+
+
+def token_sha256(token: str) -> str:
+    return hashlib.sha256(token.encode("utf-8", "surrogateescape")).hexdigest()
+
+
+@dataclass(frozen=True, slots=True)
+class Rule:
+    secrets: tuple[str, ...]
+    uid: int | None = None
+    gid: int | None = None
+    exe: str | None = None
+    token_digest: bytes | None = None  # raw SHA-256 of the token
+    _match: re.Pattern[str] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_match", _compile(self.secrets))
+
+    def matches_identity(self, caller: Caller) -> bool:
+        return (
+            (self.uid is None or caller.uid == self.uid)
+            and (self.gid is None or caller.gid == self.gid)
+            and (self.exe is None or caller.exe == self.exe)
+        )
+
+    def covers(self, name: str) -> bool:
+        return self._match.fullmatch(name) is not None
+
+
+def _compile(patterns: Iterable[str]) -> re.Pattern[str]:
+    # fnmatch.translate gives "(?s:...)\Z"; one alternation per rule keeps a check to one regex call.
+    return re.compile("|".join(f"(?:{fnmatch.translate(p)})" for p in patterns))
+
+
+class Policy:
+    """Immutable rules plus a memo of decisions (``allows`` runs on every request)."""
+
+    def __init__(self, rules: Iterable[Rule] | None, *, owner_uid: int | None = None, source: str = "") -> None:
+        """``rules=None`` is the no-file default: the agent's own uid (``owner_uid``) and root only."""
+        self.rules: tuple[Rule, ...] | None = tuple(rules) if rules is not None else None
+        self.owner_uid = os.getuid() if owner_uid is None else owner_uid
+        self.source = source
+        self.uses_exe = any(r.exe is not None for r in self.rules or ())
+        self._memo: dict[tuple[int, int, str | None, str | None, str], bool] = {}
+
+    def __repr__(self) -> str:
+        where = self.source or ("<default: owner and root>" if self.rules is None else "<rules>")
+        return f"Policy({where}, rules={'default' if self.rules is None else len(self.rules)})"
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str] | None) -> Policy:
+        """Read and check a policy file; ``None`` gives the default policy. Raises PolicyError."""
+        if path is None:
+            return cls(None)
+        where = str(path)
+        try:
+            with open(path, "rb") as f:
+                doc = tomllib.load(f)
+        except OSError as exc:
+            raise PolicyError(f"policy {where}: cannot read it: {exc.strerror or exc}") from exc
+        except tomllib.TOMLDecodeError as exc:
+            raise PolicyError(f"policy {where}: not valid TOML: {exc}") from exc
+        return cls(parse_rules(doc, where), source=where)
+
+    def allows(self, caller: Caller, token: str | None, name: str) -> bool:
+        key = (caller.uid, caller.gid, caller.exe, token, name)
+        hit = self._memo.get(key)
+        if hit is None:
+            if len(self._memo) >= _MEMO_MAX:
+                self._memo.clear()
+            hit = self._memo[key] = self._decide(caller, token, name)
+        return hit
+
+    def _decide(self, caller: Caller, token: str | None, name: str) -> bool:
+        if self.rules is None:
+            return token is None and caller.uid in (0, self.owner_uid)
+        if token is None:
+            candidates = [r for r in self.rules if r.token_digest is None]
+        else:
+            digest = hashlib.sha256(token.encode("utf-8", "surrogateescape")).digest()
+            # Compare against every token rule, in constant time each; no early exit on a hit.
+            candidates = [
+                r for r in self.rules
+                if r.token_digest is not None and hmac.compare_digest(r.token_digest, digest)
+            ]
+            if not candidates:
+                return False
+        return any(r.matches_identity(caller) and r.covers(name) for r in candidates)
+
+
+def parse_rules(doc: dict[str, Any], where: str = "<policy>") -> list[Rule]:
+    """Check a parsed policy document; PolicyError names the file, the rule and the problem."""
+
+    def fail(msg: str) -> PolicyError:
+        return PolicyError(f"policy {where}: {msg}")
+
+    unknown = set(doc) - {"rule"}
+    if unknown:
+        raise fail(f"unknown top-level key(s) {', '.join(sorted(unknown))} (expected [[rule]] tables)")
+    raw = doc.get("rule", [])
+    if not isinstance(raw, list) or not all(isinstance(r, dict) for r in raw):
+        raise fail("'rule' must be an array of tables, written [[rule]]")
+    rules = []
+    for i, r in enumerate(raw, start=1):
+        at = f"rule {i}"
+        extra = set(r) - _RULE_KEYS
+        if extra:
+            raise fail(f"{at}: unknown key(s) {', '.join(sorted(extra))} "
+                       f"(allowed: {', '.join(sorted(_RULE_KEYS))})")
+        pats = r.get("secrets")
+        if not isinstance(pats, list) or not pats:
+            raise fail(f"{at}: 'secrets' must be a non-empty list of name patterns")
+        if not all(isinstance(p, str) and p for p in pats):
+            raise fail(f"{at}: every entry of 'secrets' must be a non-empty string")
+        ids: dict[str, int] = {}
+        for k in ("uid", "gid"):
+            if k in r:
+                v = r[k]
+                if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v < 2**32:
+                    raise fail(f"{at}: '{k}' must be an integer id (0 to 4294967295)")
+                ids[k] = v
+        exe = r.get("exe")
+        if exe is not None:
+            if not isinstance(exe, str) or not exe:
+                raise fail(f"{at}: 'exe' must be a string")
+            if not os.path.isabs(exe):
+                raise fail(f"{at}: 'exe' must be an absolute path, got {exe!r}")
+            # The kernel reports the resolved path (/proc/PID/exe), so resolve symlinks here, once.
+            exe = os.path.realpath(exe)
+        digest = None
+        if "token_sha256" in r:
+            t = r["token_sha256"]
+            if not isinstance(t, str) or not _HEX64.fullmatch(t):
+                raise fail(f"{at}: 'token_sha256' must be 64 hex digits (the SHA-256 of the token)")
+            digest = bytes.fromhex(t)
+        if not ids and exe is None and digest is None:
+            raise fail(f"{at}: give at least one condition (uid, gid, exe or token_sha256)")
+        rules.append(Rule(secrets=tuple(pats), uid=ids.get("uid"), gid=ids.get("gid"), exe=exe,
+                          token_digest=digest))
+    return rules

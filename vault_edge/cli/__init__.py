@@ -1,0 +1,1 @@
+"""The ``vault-edge`` command line."""

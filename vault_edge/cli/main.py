@@ -1,0 +1,527 @@
+"""``vault-edge``: operator verbs against the control plane, and the agent's local verbs.
+
+Exit 0 on success, 1 with one line on stderr on error, 2 on usage errors. Every verb that prints
+data takes ``--output json``.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any, NoReturn
+
+import click
+
+from vault_edge import __version__
+from vault_edge.cli.output import CliError, ago, emit_json, err, out, output_option, table, when
+from vault_edge.operator import ClientError, OperatorClient
+
+
+class Cli(click.Group):
+    """Turns every expected failure into one line on stderr and exit 1 (never a traceback)."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except ClientError as exc:
+            raise CliError(exc.message) from None
+        except (OSError, ValueError) as exc:
+            raise CliError(str(exc) or type(exc).__name__) from None
+        except KeyboardInterrupt:
+            click.echo("interrupted", err=True)
+            sys.exit(130)
+
+
+def fail(message: str) -> NoReturn:
+    raise CliError(message)
+
+
+def client() -> OperatorClient:
+    return OperatorClient()
+
+
+@click.group(cls=Cli, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="vault-edge")
+def cli() -> None:
+    """vault-edge: one sealed source of truth, a tiny agent in every PoP.
+
+    Environment: VAULT_EDGE_ADDR (control plane URL, default http://127.0.0.1:8420),
+    VAULT_EDGE_TOKEN (operator token), VAULT_EDGE_SOCKET (agent socket).
+    """
+
+
+# -- values --------------------------------------------------------------------------------------
+def read_value(value: str | None, from_file: str | None, prompt: bool) -> bytes | None:
+    """VALUE, ``-`` (stdin, one trailing newline dropped), ``--from-file`` (exact bytes), or a
+    hidden prompt when nothing was given on a terminal."""
+    if value is not None and from_file is not None:
+        fail("give VALUE or --from-file, not both")
+    if from_file is not None:
+        with open(from_file, "rb") as f:
+            return f.read()
+    if value == "-":
+        data = sys.stdin.buffer.read()
+        return data[:-2] if data.endswith(b"\r\n") else data[:-1] if data.endswith(b"\n") else data
+    if value is not None:
+        return value.encode()
+    if prompt and sys.stdin.isatty():
+        return click.prompt("Value", hide_input=True, err=True).encode()
+    return None
+
+
+def value_body(data: bytes | None) -> dict[str, str]:
+    if data is None:
+        return {}
+    try:
+        return {"value": data.decode("utf-8")}
+    except UnicodeDecodeError:
+        from vault_edge.wire import b64e
+
+        return {"value_b64": b64e(data)}
+
+
+def write_value(doc: dict[str, Any]) -> None:
+    from vault_edge.wire import b64d
+
+    raw = b64d(doc["value"]) if doc.get("encoding") == "base64" else str(doc["value"]).encode()
+    sys.stdout.buffer.write(raw + (b"\n" if sys.stdout.isatty() else b""))
+    sys.stdout.flush()
+
+
+# -- sys -----------------------------------------------------------------------------------------
+@cli.command()
+@click.option("--shares", type=click.IntRange(1, 16), default=5, show_default=True)
+@click.option("--threshold", type=click.IntRange(1, 16), default=3, show_default=True)
+@click.option("--group", "groups", multiple=True, metavar="T/N",
+              help="a share group: T of N shares (repeat; e.g. one group per site)")
+@click.option("--group-threshold", type=click.IntRange(1, 16), default=1, show_default=True,
+              help="how many groups must be complete")
+@click.option("--passphrase", is_flag=True, help="protect the shares with a passphrase (prompted)")
+@output_option
+def init(shares: int, threshold: int, groups: tuple[str, ...], group_threshold: int, passphrase: bool,
+         fmt: str) -> None:
+    """Initialize the vault: make the root key and split it into SLIP-39 shares."""
+    body: dict[str, Any] = {"shares": shares, "threshold": threshold, "group_threshold": group_threshold}
+    if groups:
+        try:
+            body["groups"] = [{"threshold": int(t), "shares": int(n)} for t, n in (g.split("/") for g in groups)]
+        except ValueError:
+            fail("--group takes T/N, e.g. --group 2/3")
+    if passphrase:
+        body["passphrase"] = click.prompt("Passphrase", hide_input=True, confirmation_prompt=True, err=True)
+    with client() as c:
+        res = c.init(**body)
+    if fmt == "json":
+        emit_json(res)
+        return
+    err.print("[bold yellow]Store each share apart, with a different person. They are shown once; "
+              "the root key exists nowhere else.[/]")
+    for i, share in enumerate(res["shares"], 1):
+        out.print(f"Share {i}: {share}")
+    out.print(f"\nRoot token: {res['root_token']}")
+    err.print(f"\nThe vault is sealed. Unseal it with {res['threshold']} shares: vault-edge unseal")
+
+
+@cli.command()
+@click.argument("share", required=False)
+@click.option("--reset", is_flag=True, help="forget the shares entered so far")
+@output_option
+def unseal(share: str | None, reset: bool, fmt: str) -> None:
+    """Enter one unseal share (SHARE, - for stdin, or a hidden prompt)."""
+    import os
+
+    with client() as c:
+        if reset:
+            res = c.unseal(reset=True)
+        else:
+            status = c.status()
+            if not status["initialized"]:
+                fail("the vault is not initialized: run `vault-edge init`")
+            if not status["sealed"]:
+                res = status
+            else:
+                if share == "-":
+                    share = sys.stdin.readline().strip()
+                elif share is None:
+                    share = click.prompt(
+                        f"Unseal share ({status['progress'] + 1} of {status['threshold']})", hide_input=True, err=True
+                    )
+                passphrase = None
+                if status.get("passphrase"):
+                    passphrase = os.environ.get("VAULT_EDGE_PASSPHRASE")
+                    if passphrase is None and sys.stdin.isatty():
+                        passphrase = click.prompt("Passphrase", hide_input=True, err=True)
+                res = c.unseal(share=share, passphrase=passphrase)
+    if fmt == "json":
+        emit_json(res)
+    elif res["sealed"]:
+        out.print(f"Sealed: {res['progress']} of {res['threshold']} shares entered.")
+    else:
+        out.print("Unsealed.")
+
+
+@cli.command()
+@output_option
+def seal(fmt: str) -> None:
+    """Seal the vault: forget the root key until the next unseal."""
+    with client() as c:
+        res = c.seal()
+    emit_json(res) if fmt == "json" else out.print("Sealed.")
+
+
+@cli.command()
+@click.argument("name", required=False)
+@output_option
+def status(name: str | None, fmt: str) -> None:
+    """The vault's seal status; with NAME, which version each node of its regions serves."""
+    with client() as c:
+        if name is None:
+            res = c.status()
+            if fmt == "json":
+                emit_json(res)
+                return
+            table(None, ["key", "value"], [
+                ("initialized", res["initialized"]), ("sealed", res["sealed"]),
+                ("progress", f"{res['progress']}/{res['threshold']}"), ("shares", res["shares"]),
+                ("revision", res["revision"]), ("server pin", res.get("server_pin", "")),
+            ])
+            return
+        res = c.propagation(name)
+    if fmt == "json":
+        emit_json(res)
+        return
+    out.print(f"{name}: current version {res['current']}, regions {', '.join(res['regions'])}")
+    table(None, ["region", "node", "serving", "applied rev", "state", "last seen"], [
+        (n["region"], n["id"], n["serving"], n["applied_revision"], n["state"], ago(n["last_seen"]))
+        for n in res["nodes"]
+    ])
+
+
+# -- regions -------------------------------------------------------------------------------------
+@cli.group()
+def region() -> None:
+    """Regions: where secrets may be decrypted."""
+
+
+@region.command("create")
+@click.argument("name")
+@output_option
+def region_create(name: str, fmt: str) -> None:
+    """Create a region (and its first region key)."""
+    with client() as c:
+        res = c.create_region(name)
+    emit_json(res) if fmt == "json" else out.print(f"Region {name} created (key version {res['key_version']}).")
+
+
+@region.command("list")
+@output_option
+def region_list(fmt: str) -> None:
+    """List regions."""
+    with client() as c:
+        res = c.regions()
+    if fmt == "json":
+        emit_json(res)
+        return
+    table(None, ["region", "key version", "nodes", "secrets", "created"], [
+        (r["name"], r["key_version"], r["nodes"], r["secrets"], when(r["created_at"])) for r in res["regions"]
+    ])
+
+
+@region.command("rekey")
+@click.argument("name")
+@output_option
+def region_rekey(name: str, fmt: str) -> None:
+    """New region key: re-wrap its data keys, grant it to its nodes, delete the old one."""
+    with client() as c:
+        res = c.rekey(name)
+    emit_json(res) if fmt == "json" else out.print(f"Region {name} re-keyed (key version {res['key_version']}).")
+
+
+# -- secrets -------------------------------------------------------------------------------------
+@cli.command()
+@click.argument("name")
+@click.argument("value", required=False)
+@click.option("--from-file", type=click.Path(dir_okay=False), help="read the value from a file (exact bytes)")
+@click.option("--regions", help="regions allowed to decrypt it: a,b or * (default *)")
+@click.option("--generate", "spec", help="generate the value: LENGTH:ALPHABET, e.g. 32:base64url")
+@click.option("--rotate-every", help="rotate (generate) on a schedule, e.g. 30d (needs --generate)")
+@click.option("--grace", help="how long the replaced version stays readable as previous (e.g. 1h)")
+@output_option
+def put(name: str, value: str | None, from_file: str | None, regions: str | None, spec: str | None,
+        rotate_every: str | None, grace: str | None, fmt: str) -> None:
+    """Store a secret: a new version, made current. VALUE, - (stdin), --from-file, or --generate."""
+    data = read_value(value, from_file, prompt=spec is None)
+    if data is None and spec is None:
+        fail("give a VALUE, - for stdin, --from-file F, or --generate SPEC")
+    if data is not None and spec is not None:
+        fail("give a value or --generate, not both")
+    body = {**value_body(data), "generate": spec, "rotate_every": rotate_every, "grace": grace,
+            "regions": regions.split(",") if regions else None}
+    with client() as c:
+        res = c.put(name, **body)
+    if fmt == "json":
+        emit_json(res)
+    else:
+        out.print(f"{name}: version {res['version']} (revision {res['revision']}), regions {','.join(res['regions'])}")
+
+
+@cli.command()
+@click.argument("name")
+@click.option("--version", type=click.IntRange(min=1))
+@click.option("--stage", type=click.Choice(["current", "previous", "pending"]))
+@output_option
+def get(name: str, version: int | None, stage: str | None, fmt: str) -> None:
+    """Print a secret's value (current, or --version N, or --stage S)."""
+    with client() as c:
+        res = c.get(name, version=version, stage=stage)
+    if fmt == "json":
+        emit_json({k: res[k] for k in ("name", "value", "version", "stage", "revision", "encoding")})
+    else:
+        write_value(res)
+
+
+@cli.command("list")
+@click.argument("prefix", required=False, default="")
+@output_option
+def list_(prefix: str, fmt: str) -> None:
+    """List secret names (optionally under PREFIX)."""
+    with client() as c:
+        res = c.list(prefix)
+    if fmt == "json":
+        emit_json(res)
+        return
+    table(None, ["name", "version", "regions", "updated", "rotates"], [
+        (s["name"], s["version"], ",".join(s["regions"]), when(s["updated_at"]),
+         when(s["next_rotation_at"]) if s["next_rotation_at"] else "")
+        for s in res["secrets"]
+    ])
+
+
+@cli.command()
+@click.argument("name")
+@output_option
+def history(name: str, fmt: str) -> None:
+    """A secret's versions, their origin and stages."""
+    with client() as c:
+        res = c.history(name)
+    if fmt == "json":
+        emit_json(res)
+        return
+    table(f"{name} ({', '.join(res['regions'])})" + (" [deleted]" if res["deleted"] else ""),
+          ["version", "created", "origin", "stages", "destroyed"], [
+        (v["version"], when(v["created_at"]), v["origin"],
+         ", ".join(s["stage"] + (f" until {when(s['expires_at'])}" if s["expires_at"] else "") for s in v["stages"]),
+         "yes" if v["destroyed"] else "")
+        for v in res["versions"]
+    ])
+
+
+@cli.command()
+@click.argument("name")
+@click.argument("value", required=False)
+@click.option("--from-file", type=click.Path(dir_okay=False))
+@click.option("--generate", "spec", help="generate the new value: LENGTH:ALPHABET (default: the secret's spec)")
+@click.option("--grace", help="how long the replaced version stays readable as previous (e.g. 1h, 0)")
+@click.option("--stage", type=click.Choice(["current", "pending"]), default="current", show_default=True,
+              help="pending: stage it for a two-phase rotation (then `vault-edge promote`)")
+@click.option("--wait", is_flag=True, help="return only when every live node of its regions serves it")
+@click.option("--timeout", default="60s", show_default=True, help="how long --wait waits")
+@output_option
+def rotate(name: str, value: str | None, from_file: str | None, spec: str | None, grace: str | None, stage: str,
+           wait: bool, timeout: str, fmt: str) -> None:
+    """A new version of NAME: VALUE, - (stdin), --from-file, or generated."""
+    data = read_value(value, from_file, prompt=False)
+    with client() as c:
+        res = c.rotate(name, **value_body(data), generate=spec, grace=grace, stage=stage)
+        if not wait:
+            emit_json(res) if fmt == "json" else out.print(f"{name}: version {res['version']} is {stage}.")
+            return
+        from vault_edge.cli.propagate import wait_for_propagation
+        from vault_edge.durations import parse_duration
+
+        ok, prop = wait_for_propagation(c, name, res["revision"], parse_duration(timeout), quiet=fmt == "json")
+    if fmt == "json":
+        emit_json({**res, "propagated": ok, "lagging": prop["lagging"], "down": prop["down"]})
+    if not ok:
+        fail(f"timed out: {len(prop['lagging'])} node(s) still lag: {', '.join(prop['lagging'])}")
+    if fmt != "json":
+        out.print(f"{name}: version {res['version']} is served by every live node "
+                  f"({sum(1 for n in prop['nodes'] if n['done'])} nodes).")
+
+
+@cli.command()
+@click.argument("name")
+@click.option("--grace", help="how long the replaced version stays readable as previous")
+@output_option
+def promote(name: str, grace: str | None, fmt: str) -> None:
+    """Make the pending version current."""
+    with client() as c:
+        res = c.promote(name, grace)
+    emit_json(res) if fmt == "json" else out.print(f"{name}: version {res['version']} is current.")
+
+
+@cli.command()
+@click.argument("name")
+@click.option("--to", "to", type=click.IntRange(min=1), required=True, help="the version whose value to restore")
+@click.option("--grace")
+@output_option
+def rollback(name: str, to: int, grace: str | None, fmt: str) -> None:
+    """A new version holding version V's value."""
+    with client() as c:
+        res = c.rollback(name, to, grace)
+    emit_json(res) if fmt == "json" else out.print(f"{name}: version {res['version']} (= version {to}) is current.")
+
+
+@cli.command()
+@click.argument("name")
+@click.option("--destroy", is_flag=True, help="remove every version's ciphertext for good")
+@output_option
+def delete(name: str, destroy: bool, fmt: str) -> None:
+    """Delete a secret (soft: `put` brings it back), or --destroy it."""
+    with client() as c:
+        res = c.delete(name, destroy)
+    emit_json(res) if fmt == "json" else out.print(f"{name}: {'destroyed' if destroy else 'deleted'}.")
+
+
+# -- nodes ---------------------------------------------------------------------------------------
+@cli.group()
+def node() -> None:
+    """Nodes (agents): join tokens, listing, revocation."""
+
+
+@node.command("token")
+@click.option("--region", required=True)
+@click.option("--ttl", help="how long the token is valid (default 1h, at most 7d)")
+@output_option
+def node_token(region: str, ttl: str | None, fmt: str) -> None:
+    """A single-use join token for one agent of REGION."""
+    with client() as c:
+        res = c.join_token(region, ttl)
+    if fmt == "json":
+        emit_json(res)
+    else:
+        out.print(res["token"])
+        err.print(f"Single use, valid until {when(res['expires_at'])}: "
+                  "vault-edge agent run --join-token TOKEN ...")
+
+
+@node.command("list")
+@click.option("--region")
+@output_option
+def node_list(region: str | None, fmt: str) -> None:
+    """List nodes with their applied revision and last contact."""
+    with client() as c:
+        res = c.nodes(region)
+    if fmt == "json":
+        emit_json(res)
+        return
+    table(None, ["node", "region", "status", "revision", "last seen", "hostname"], [
+        (n["id"], n["region"], n["status"], n["revision"], ago(n["last_seen"]), n["hostname"]) for n in res["nodes"]
+    ])
+
+
+@node.command("revoke")
+@click.argument("node_id")
+@output_option
+def node_revoke(node_id: str, fmt: str) -> None:
+    """Revoke a node and re-key its region."""
+    with client() as c:
+        res = c.revoke_node(node_id)
+    if fmt == "json":
+        emit_json(res)
+    else:
+        out.print(f"{node_id} revoked; region {res['region']} re-keyed (key version {res['key_version']}).")
+
+
+# -- operator tokens and audit --------------------------------------------------------------------
+@cli.group()
+def token() -> None:
+    """Operator tokens scoped to name prefixes and verbs."""
+
+
+@token.command("create")
+@click.option("--name", required=True)
+@click.option("--prefix", "prefixes", multiple=True, default=("",), help="name prefix (repeat; default: all)")
+@click.option("--verb", "verbs", multiple=True, required=True,
+              type=click.Choice(["read", "list", "write", "delete", "admin"]))
+@click.option("--ttl")
+@output_option
+def token_create(name: str, prefixes: tuple[str, ...], verbs: tuple[str, ...], ttl: str | None, fmt: str) -> None:
+    """Create a scoped operator token (shown once)."""
+    with client() as c:
+        res = c.create_token(name=name, prefixes=list(prefixes), verbs=list(verbs), ttl=ttl)
+    emit_json(res) if fmt == "json" else out.print(res["token"])
+
+
+@token.command("list")
+@output_option
+def token_list(fmt: str) -> None:
+    with client() as c:
+        res = c.tokens()
+    if fmt == "json":
+        emit_json(res)
+        return
+    table(None, ["id", "name", "prefixes", "verbs", "expires", "revoked"], [
+        (t["id"], t["name"], ",".join(p or "*" for p in t["prefixes"]), ",".join(t["verbs"]),
+         when(t["expires_at"]) if t["expires_at"] else "", "yes" if t["revoked"] else "")
+        for t in res["tokens"]
+    ])
+
+
+@token.command("revoke")
+@click.argument("token_id")
+@output_option
+def token_revoke(token_id: str, fmt: str) -> None:
+    with client() as c:
+        res = c.revoke_token(token_id)
+    emit_json(res) if fmt == "json" else out.print(f"token {token_id} revoked.")
+
+
+@cli.group(invoke_without_command=True)
+@click.option("--after", type=click.IntRange(min=0), default=0)
+@click.option("--limit", type=click.IntRange(1, 1000), default=100)
+@output_option
+@click.pass_context
+def audit(ctx: click.Context, after: int, limit: int, fmt: str) -> None:
+    """The audit log (hash-chained); `audit verify` checks the chain."""
+    if ctx.invoked_subcommand:
+        return
+    with client() as c:
+        res = c.audit(after, limit)
+    if fmt == "json":
+        emit_json(res)
+        return
+    table(None, ["seq", "time", "actor", "action", "target", "outcome"], [
+        (e["seq"], when(e["at"]), e["actor"], e["action"], e["target"], e["outcome"]) for e in res["entries"]
+    ])
+
+
+@audit.command("verify")
+@output_option
+def audit_verify(fmt: str) -> None:
+    """Check the audit log's hash chain and MACs."""
+    with client() as c:
+        res = c.audit_verify()
+    if fmt == "json":
+        emit_json(res)
+    else:
+        out.print(f"{res['entries']} entries: {res['reason']}"
+                  + (f" ({res['unmacked']} written while sealed, without MAC)" if res["unmacked"] else ""))
+    if not res["ok"]:
+        fail(f"audit chain broken at entry {res['first_bad']}: {res['reason']}")
+
+
+def _register_subcommands() -> None:
+    from vault_edge.cli import agent_cmd, server_cmd
+
+    cli.add_command(server_cmd.server)
+    cli.add_command(server_cmd.dev)
+    cli.add_command(agent_cmd.agent)
+
+
+_register_subcommands()
+
+
+def main() -> None:
+    cli(prog_name="vault-edge")
+
+

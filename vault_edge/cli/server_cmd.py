@@ -1,0 +1,119 @@
+"""``vault-edge server`` (the control plane) and ``vault-edge dev`` (everything, for a first look).
+
+Server modules are imported inside the commands, so agent-side verbs never load FastAPI or SQLAlchemy.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Any
+
+import click
+
+from vault_edge.cli.output import CliError, err, out
+
+
+@click.command()
+@click.option("--dev", is_flag=True, help="initialize with one share, unseal, use a throw-away database")
+@click.option("--dev-token", help="the root token to use in --dev mode (default: random)")
+@click.option("--db", help="database URL (postgresql+psycopg://...) or SQLite path; default: per-user SQLite")
+@click.option("--host", default=None, help="listen address (default 127.0.0.1)")
+@click.option("--port", type=click.IntRange(0, 65535), default=None, help="listen port (default 8420)")
+@click.option("--tls-cert", type=click.Path(exists=True, dir_okay=False))
+@click.option("--tls-key", type=click.Path(exists=True, dir_okay=False))
+@click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info")
+def server(dev: bool, dev_token: str | None, db: str | None, host: str | None, port: int | None,
+           tls_cert: str | None, tls_key: str | None, log_level: str) -> None:
+    """Run the control plane (FastAPI on uvicorn)."""
+    import uvicorn
+
+    from vault_edge.server.app import create_app
+    from vault_edge.server.settings import Settings
+
+    if bool(tls_cert) != bool(tls_key):
+        raise CliError("give both --tls-cert and --tls-key")
+    overrides: dict[str, Any] = {k: v for k, v in {
+        "db": db, "host": host, "port": port, "tls_cert": tls_cert, "tls_key": tls_key, "dev": dev or None,
+        "dev_token": dev_token}.items() if v is not None}
+    settings = Settings(**overrides)
+    tmpdir = None
+    if settings.dev and not settings.db:
+        tmpdir = tempfile.mkdtemp(prefix="vault-edge-dev-")
+        settings.db = os.path.join(tmpdir, "dev.db")
+    try:
+        try:
+            app = create_app(settings, on_ready=_dev_bootstrap(settings) if settings.dev else None)
+        except Exception as exc:  # a bad --db URL, an unreachable database, a failed migration
+            raise CliError(f"cannot open the database: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}") from None
+        uvicorn.run(app, host=settings.host, port=settings.port, log_level=log_level,
+                    ssl_certfile=settings.tls_cert, ssl_keyfile=settings.tls_key,
+                    timeout_graceful_shutdown=3)
+    finally:
+        if tmpdir:
+            shutil.rmtree(tmpdir, ignore_errors=True)
+
+
+def _dev_bootstrap(settings: Any) -> Any:
+    def bootstrap(ctx: Any) -> None:
+        from vault_edge.crypto.shares import ShareScheme
+        from vault_edge.server.ops import system
+
+        if system.status(ctx)["initialized"]:
+            err.print("[yellow]dev: this database is already initialized; unseal it with its share[/]")
+            return
+        res = system.initialize(ctx, ShareScheme.simple(1, 1), root_token=settings.dev_token or None)
+        system.unseal(ctx, res["shares"][0], None)
+        scheme = "https" if settings.tls_cert else "http"
+        err.print(
+            "[bold red]WARNING: dev mode.[/] One unseal share, already unsealed, a throw-away database. "
+            "Never use this for real secrets.\n"
+            f"  Unseal share: {res['shares'][0]}\n"
+            f"  Root token:   {res['root_token']}\n"
+            f"  export VAULT_EDGE_ADDR={scheme}://{settings.host}:{settings.port} "
+            f"VAULT_EDGE_TOKEN={res['root_token']}"
+        )
+
+    return bootstrap
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _wait_http(url: str, proc: subprocess.Popen[bytes], timeout: float = 30) -> None:
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise CliError("the control plane exited during start-up (see its output above)")
+        try:
+            if httpx.get(url, timeout=1).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.1)
+    raise CliError(f"the control plane did not answer at {url}")
+
+
+@click.command()
+@click.option("--port", type=click.IntRange(0, 65535), default=8420, show_default=True)
+@click.option("--dir", "workdir", type=click.Path(file_okay=False), help="where sockets and agent state go")
+def dev(port: int, workdir: str | None) -> None:
+    """A dev control plane with two regions, a demo secret and an agent per region, in one command."""
+    from vault_edge.cli.dev_env import run_dev
+
+    run_dev(port or _free_port(), workdir, _wait_http)
+
+

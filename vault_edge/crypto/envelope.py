@@ -1,0 +1,88 @@
+"""The key hierarchy of DESIGN.md, as pure functions: bytes in, bytes out.
+
+    root key (32 B, from SLIP-39 shares, never stored)
+      └─ HKDF-SHA256 ─▶ region-wrap key ─ wraps ─▶ region key (KEK) per (region, key version)
+                    ─▶ canary key        (proves a reconstructed root key is the right one)
+                    ─▶ signing seed      (the control plane's Ed25519 identity; see signing.py)
+                    ─▶ audit key         (HMAC chain of the audit log)
+    region key ─ wraps ─▶ data key (DEK), fresh per secret version ─ encrypts ─▶ the value
+
+Associated data, exactly as DESIGN.md binds it:
+    region key  ("region-key", region, key_version)
+    value       ("secret-value", name, version)
+    data key    ("data-key", name, version, region, key_version)
+A ciphertext moved to another name, version, region or key version does not open.
+"""
+
+from __future__ import annotations
+
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+from vault_edge.crypto import aead
+from vault_edge.crypto.errors import DecryptionError
+
+ROOT_KEY_SIZE = 32
+_HKDF_SALT = b"vault-edge root key v1"
+_CANARY_PLAINTEXT = b"vault-edge canary: the root key is right"
+
+
+def derive(root_key: bytes, purpose: str, length: int = 32) -> bytes:
+    """A subkey of the root key for one purpose (HKDF-SHA256, RFC 5869)."""
+    if len(root_key) != ROOT_KEY_SIZE:
+        raise ValueError("the root key is 32 bytes")
+    return HKDF(algorithm=hashes.SHA256(), length=length, salt=_HKDF_SALT, info=purpose.encode()).derive(
+        root_key
+    )
+
+
+def region_wrap_key(root_key: bytes) -> bytes:
+    return derive(root_key, "region-key-wrap")
+
+
+def audit_key(root_key: bytes) -> bytes:
+    return derive(root_key, "audit-mac")
+
+
+def signing_seed(root_key: bytes) -> bytes:
+    return derive(root_key, "server-signing-ed25519")
+
+
+def make_canary(root_key: bytes) -> bytes:
+    return aead.encrypt(derive(root_key, "canary"), _CANARY_PLAINTEXT, aead.ad("canary"))
+
+
+def check_canary(root_key: bytes, canary: bytes) -> bool:
+    """True when ``root_key`` is the key the canary was made with."""
+    try:
+        return aead.decrypt(derive(root_key, "canary"), canary, aead.ad("canary")) == _CANARY_PLAINTEXT
+    except DecryptionError:
+        return False
+
+
+def wrap_region_key(wrap_key: bytes, region: str, key_version: int, region_key: bytes) -> bytes:
+    return aead.encrypt(wrap_key, region_key, aead.ad("region-key", region, key_version))
+
+
+def unwrap_region_key(wrap_key: bytes, region: str, key_version: int, wrapped: bytes) -> bytes:
+    return aead.decrypt(wrap_key, wrapped, aead.ad("region-key", region, key_version))
+
+
+def encrypt_value(data_key: bytes, name: str, version: int, value: bytes) -> bytes:
+    return aead.encrypt(data_key, value, aead.ad("secret-value", name, version))
+
+
+def decrypt_value(data_key: bytes, name: str, version: int, ciphertext: bytes) -> bytes:
+    return aead.decrypt(data_key, ciphertext, aead.ad("secret-value", name, version))
+
+
+def wrap_data_key(
+    region_key: bytes, name: str, version: int, region: str, key_version: int, data_key: bytes
+) -> bytes:
+    return aead.encrypt(region_key, data_key, aead.ad("data-key", name, version, region, key_version))
+
+
+def unwrap_data_key(
+    region_key: bytes, name: str, version: int, region: str, key_version: int, wrapped: bytes
+) -> bytes:
+    return aead.decrypt(region_key, wrapped, aead.ad("data-key", name, version, region, key_version))

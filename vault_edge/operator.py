@@ -1,0 +1,145 @@
+"""The operator API client (httpx): what the CLI, scripts and tests use to drive the control plane."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+from urllib.parse import quote
+
+import httpx
+
+DEFAULT_ADDR = "http://127.0.0.1:8420"
+
+
+class ClientError(Exception):
+    """An error answer (``status``, ``code``) or an unreachable control plane (status 0)."""
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status, self.code, self.message = status, code, message
+
+
+class OperatorClient:
+    def __init__(self, addr: str | None = None, token: str | None = None, timeout: float = 30.0,
+                 verify: bool | str = True) -> None:
+        self.addr = (addr or os.environ.get("VAULT_EDGE_ADDR") or DEFAULT_ADDR).rstrip("/")
+        self.token = token if token is not None else os.environ.get("VAULT_EDGE_TOKEN")
+        cacert = os.environ.get("VAULT_EDGE_CACERT")
+        self._http = httpx.Client(base_url=self.addr, timeout=timeout, verify=cacert or verify)
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> OperatorClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def request(self, method: str, path: str, json: Any = None, params: dict[str, Any] | None = None) -> Any:
+        headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
+        params = {k: v for k, v in (params or {}).items() if v is not None}
+        try:
+            resp = self._http.request(method, path, json=json, params=params, headers=headers)
+        except httpx.TransportError as exc:
+            raise ClientError(0, "unreachable", f"cannot reach the control plane at {self.addr} "
+                                                f"({type(exc).__name__}); is `vault-edge server` running?") from None
+        try:
+            data = resp.json()
+        except ValueError:
+            data = None
+        if resp.status_code >= 400:
+            err = (data or {}).get("error", {}) if isinstance(data, dict) else {}
+            raise ClientError(resp.status_code, err.get("code", "error"),
+                              err.get("message", f"HTTP {resp.status_code}"))
+        return data
+
+    # -- sys -----------------------------------------------------------------------------------
+    def status(self) -> dict[str, Any]:
+        return self.request("GET", "/v1/sys/status")
+
+    def init(self, **body: Any) -> dict[str, Any]:
+        return self.request("POST", "/v1/sys/init", json=body)
+
+    def unseal(self, share: str | None = None, passphrase: str | None = None, reset: bool = False) -> dict[str, Any]:
+        body = {"share": share, "passphrase": passphrase, "reset": reset}
+        return self.request("POST", "/v1/sys/unseal", json=body)
+
+    def seal(self) -> dict[str, Any]:
+        return self.request("POST", "/v1/sys/seal")
+
+    # -- regions -------------------------------------------------------------------------------
+    def create_region(self, name: str) -> dict[str, Any]:
+        return self.request("POST", "/v1/regions", json={"name": name})
+
+    def regions(self) -> dict[str, Any]:
+        return self.request("GET", "/v1/regions")
+
+    def rekey(self, name: str) -> dict[str, Any]:
+        return self.request("POST", f"/v1/regions/{_p(name)}/rekey")
+
+    # -- secrets -------------------------------------------------------------------------------
+    def put(self, name: str, **body: Any) -> dict[str, Any]:
+        return self.request("PUT", f"/v1/secrets/{_p(name)}", json=_clean(body))
+
+    def get(self, name: str, version: int | None = None, stage: str | None = None) -> dict[str, Any]:
+        params = {"version": version, "stage": stage}
+        return self.request("GET", f"/v1/secrets/{_p(name)}", params=params)
+
+    def list(self, prefix: str = "") -> dict[str, Any]:
+        return self.request("GET", "/v1/secrets", params={"prefix": prefix or None})
+
+    def history(self, name: str) -> dict[str, Any]:
+        return self.request("GET", f"/v1/history/{_p(name)}")
+
+    def rotate(self, name: str, **body: Any) -> dict[str, Any]:
+        return self.request("POST", f"/v1/rotate/{_p(name)}", json=_clean(body))
+
+    def promote(self, name: str, grace: str | None = None) -> dict[str, Any]:
+        return self.request("POST", f"/v1/promote/{_p(name)}", json=_clean({"grace": grace}))
+
+    def rollback(self, name: str, to: int, grace: str | None = None) -> dict[str, Any]:
+        body = _clean({"to": to, "grace": grace})
+        return self.request("POST", f"/v1/rollback/{_p(name)}", json=body)
+
+    def delete(self, name: str, destroy: bool = False) -> dict[str, Any]:
+        params = {"destroy": "true" if destroy else None}
+        return self.request("DELETE", f"/v1/secrets/{_p(name)}", params=params)
+
+    def propagation(self, name: str, revision: int | None = None) -> dict[str, Any]:
+        return self.request("GET", f"/v1/propagation/{_p(name)}", params={"revision": revision})
+
+    # -- nodes, tokens, audit ------------------------------------------------------------------
+    def join_token(self, region: str, ttl: str | None = None) -> dict[str, Any]:
+        body = _clean({"region": region, "ttl": ttl})
+        return self.request("POST", "/v1/nodes/tokens", json=body)
+
+    def nodes(self, region: str | None = None) -> dict[str, Any]:
+        return self.request("GET", "/v1/nodes", params={"region": region})
+
+    def revoke_node(self, node_id: str) -> dict[str, Any]:
+        return self.request("POST", f"/v1/nodes/{_p(node_id)}/revoke")
+
+    def create_token(self, **body: Any) -> dict[str, Any]:
+        return self.request("POST", "/v1/tokens", json=_clean(body))
+
+    def tokens(self) -> dict[str, Any]:
+        return self.request("GET", "/v1/tokens")
+
+    def revoke_token(self, token_id: str) -> dict[str, Any]:
+        return self.request("DELETE", f"/v1/tokens/{_p(token_id)}")
+
+    def audit(self, after: int = 0, limit: int = 100) -> dict[str, Any]:
+        return self.request("GET", "/v1/audit", params={"after": after, "limit": limit})
+
+    def audit_verify(self) -> dict[str, Any]:
+        return self.request("GET", "/v1/audit/verify")
+
+
+def _clean(body: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in body.items() if v is not None}
+
+
+def _p(segment: str) -> str:
+    """Percent-encode a name for a URL path (slashes kept: names are paths)."""
+    return quote(segment, safe="/")

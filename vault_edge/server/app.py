@@ -1,0 +1,165 @@
+"""The control plane's ASGI app: routes, error shapes, body limit, metrics, lifecycle."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from vault_edge import __version__
+from vault_edge.crypto.errors import DecryptionError
+from vault_edge.server.barrier import Barrier
+from vault_edge.server.context import Context
+from vault_edge.server.errors import ApiError, body
+from vault_edge.server.hub import Hub
+from vault_edge.server.routes import admin, agent, secrets, sys
+from vault_edge.server.scheduler import Scheduler
+from vault_edge.server.settings import Settings
+from vault_edge.server.storage.engine import make_engine, migrate
+from vault_edge.server.storage.repo import Store
+
+log = logging.getLogger("vault_edge.server")
+
+_STATUS_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
+                 405: "method_not_allowed", 409: "conflict", 413: "too_large", 415: "unsupported_media_type",
+                 422: "bad_request", 429: "too_many_requests"}
+
+
+class BodyLimit:
+    """413 for a body over ``limit`` bytes, by Content-Length or as it streams in."""
+
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        for k, v in scope["headers"]:
+            if k == b"content-length" and (not v.isdigit() or int(v) > self.limit):
+                return await _too_large(self.limit, send)
+        seen = 0
+
+        async def limited() -> Message:
+            nonlocal seen
+            msg = await receive()
+            seen += len(msg.get("body", b""))
+            if seen > self.limit:
+                raise _TooLarge()
+            return msg
+
+        try:
+            await self.app(scope, limited, send)
+        except _TooLarge:
+            await _too_large(self.limit, send)
+
+
+class _TooLarge(Exception):
+    pass
+
+
+async def _too_large(limit: int, send: Send) -> None:
+    resp = JSONResponse(body(413, "too_large", f"request body over {limit} bytes"), status_code=413)
+    await send({"type": "http.response.start", "status": 413, "headers": resp.raw_headers})
+    await send({"type": "http.response.body", "body": resp.body})
+
+
+def _validation_message(exc: RequestValidationError) -> str:
+    """A clear message naming the field, never echoing the input (it may hold a secret)."""
+    parts = []
+    for err in exc.errors()[:3]:
+        loc = ".".join(str(x) for x in err.get("loc", ()) if x != "body")
+        if err.get("type") == "json_invalid":
+            return "request body is not valid JSON"
+        parts.append(f"{loc or 'body'}: {err.get('msg', 'invalid')}")
+    return "invalid request: " + "; ".join(parts)
+
+
+def create_app(settings: Settings | None = None, store: Store | None = None, barrier: Barrier | None = None,
+               on_ready: Any = None) -> FastAPI:
+    settings = settings or Settings()
+    if store is None:
+        engine = make_engine(settings.db)
+        migrate(engine)
+        store = Store(engine)
+    ctx = Context(store, barrier or Barrier(), settings)
+    hub = Hub(ctx)
+    scheduler = Scheduler(ctx)
+    registry = CollectorRegistry()
+    requests = Counter("vault_edge_requests", "HTTP requests", ["method", "route", "status"], registry=registry)
+    latency = Histogram("vault_edge_request_seconds", "HTTP request latency", ["route"], registry=registry)
+    Gauge("vault_edge_sealed", "1 while sealed", registry=registry).set_function(lambda: float(ctx.barrier.sealed))
+    Gauge("vault_edge_sync_waiting", "long-polls held", registry=registry).set_function(lambda: float(hub.waiting))
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        hub.start(asyncio.get_running_loop())
+        scheduler.start()
+        if on_ready is not None:
+            await asyncio.to_thread(on_ready, ctx)
+        try:
+            yield
+        finally:
+            scheduler.stop()
+            hub.stop()
+
+    app = FastAPI(title="vault-edge control plane", version=__version__, lifespan=lifespan)
+    app.state.ctx, app.state.hub, app.state.scheduler = ctx, hub, scheduler
+    for router in (sys.router, secrets.router, admin.router, agent.router):
+        app.include_router(router)
+
+    @app.get("/metrics", include_in_schema=False)
+    def metrics() -> Response:
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.middleware("http")
+    async def measure(request: Request, call_next: Any) -> Response:
+        t0 = time.perf_counter()
+        response: Response = await call_next(request)
+        route = request.scope.get("route")
+        path = getattr(route, "path", "unmatched")
+        requests.labels(request.method, path, str(response.status_code)).inc()
+        latency.labels(path).observe(time.perf_counter() - t0)
+        return response
+
+    @app.exception_handler(ApiError)
+    async def api_error(_: Request, exc: ApiError) -> JSONResponse:
+        return JSONResponse(body(exc.status, exc.code, exc.message), status_code=exc.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+        return JSONResponse(body(400, "bad_request", _validation_message(exc)), status_code=400)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = _STATUS_CODES.get(exc.status_code, "error")
+        message = "no such route" if exc.status_code == 404 else str(exc.detail)
+        return JSONResponse(body(exc.status_code, code, message), status_code=exc.status_code,
+                            headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(DecryptionError)
+    async def integrity(request: Request, exc: DecryptionError) -> JSONResponse:
+        # Stored ciphertext that does not open where it claims to belong (tampered, or moved to
+        # another name, version or region): refused, logged, audited; nothing else is touched.
+        log.error("integrity check failed on %s %s", request.method, request.url.path)
+        await asyncio.to_thread(ctx.auditor.record_alone, "system", "integrity", request.url.path, "refused")
+        return JSONResponse(body(500, "integrity_error", "stored ciphertext failed its integrity check (tampered "
+                                 "or moved); it was not served"), status_code=500)
+
+    @app.exception_handler(Exception)
+    async def internal(_: Request, exc: Exception) -> JSONResponse:
+        log.error("internal error: %s", type(exc).__name__, exc_info=exc)
+        return JSONResponse(body(500, "internal", "internal error (see the server log)"), status_code=500)
+
+    app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
+    return app

@@ -1,0 +1,136 @@
+"""The seal: the root key in memory while unsealed, and the keys derived from it.
+
+The root key is never written anywhere. Unseal collects SLIP-39 shares one at a time; once enough are
+in, the reconstructed key must open the stored canary before anything is served. A refused share
+changes nothing; a complete set that fails the canary (wrong passphrase, mixed sets) resets progress,
+as Vault does, because the set as a whole is wrong and cannot tell which share.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+
+from nacl.signing import SigningKey
+
+from vault_edge.crypto import envelope, signing
+from vault_edge.crypto.errors import ShareError
+from vault_edge.crypto.secret import SecretBytes
+from vault_edge.crypto.shares import UnsealProgress
+from vault_edge.server.errors import ApiError, bad_request, sealed
+
+
+@dataclass(frozen=True)
+class Keys:
+    """What the unsealed control plane holds. Repr never shows key material."""
+
+    root: SecretBytes = field(repr=False)
+    region_wrap: SecretBytes = field(repr=False)
+    audit: SecretBytes = field(repr=False)
+    signer: SigningKey = field(repr=False)
+    server_public: bytes
+
+    @classmethod
+    def from_root(cls, root_key: bytes) -> Keys:
+        signer = signing.signing_key_from_seed(envelope.signing_seed(root_key))
+        return cls(
+            root=SecretBytes(root_key),
+            region_wrap=SecretBytes(envelope.region_wrap_key(root_key)),
+            audit=SecretBytes(envelope.audit_key(root_key)),
+            signer=signer,
+            server_public=bytes(signer.verify_key),
+        )
+
+    def __reduce__(self) -> None:
+        raise TypeError("Keys cannot be pickled")
+
+
+@dataclass(frozen=True)
+class UnsealResult:
+    sealed: bool
+    progress: int
+    message: str
+
+
+class Barrier:
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._keys: Keys | None = None
+        self._progress: UnsealProgress | None = None
+        self._passphrase = ""
+        self._region_keys: dict[tuple[str, int], SecretBytes] = {}
+
+    @property
+    def sealed(self) -> bool:
+        return self._keys is None
+
+    @property
+    def progress(self) -> int:
+        p = self._progress
+        return p.entered if p else 0
+
+    def keys(self) -> Keys:
+        """The keys, or a 503 ``sealed`` error."""
+        keys = self._keys
+        if keys is None:
+            raise sealed()
+        return keys
+
+    def keys_or_none(self) -> Keys | None:
+        return self._keys
+
+    def add_share(
+        self, share: str | None, passphrase: str | None, *, identifier: int | None, canary: bytes
+    ) -> UnsealResult:
+        with self._lock:
+            if self._keys is not None:
+                return UnsealResult(False, 0, "already unsealed")
+            progress = self._progress or UnsealProgress(identifier)
+            if passphrase:
+                self._passphrase = passphrase
+            if share:
+                try:
+                    progress.add(share)
+                except ShareError as exc:
+                    raise bad_request(f"share refused: {exc}; progress unchanged") from None
+                self._progress = progress
+            if not progress.complete:
+                return UnsealResult(True, progress.entered, "share accepted")
+            try:
+                root = progress.recover(self._passphrase)
+            except ShareError as exc:
+                self._reset()
+                raise bad_request(f"unseal failed: {exc}; progress was reset") from None
+            if not envelope.check_canary(root, canary):
+                self._reset()
+                raise ApiError(
+                    400,
+                    "unseal_failed",
+                    "the shares and passphrase do not open this vault (wrong passphrase, or shares of "
+                    "another vault); progress was reset: enter the shares again",
+                )
+            self._keys = Keys.from_root(root)
+            self._progress, self._passphrase = None, ""
+            return UnsealResult(False, 0, "unsealed")
+
+    def reset(self) -> None:
+        with self._lock:
+            self._reset()
+
+    def _reset(self) -> None:
+        self._progress, self._passphrase = None, ""
+
+    def seal(self) -> None:
+        with self._lock:
+            self._keys = None
+            self._reset()
+            self._region_keys.clear()
+
+    def region_key(self, region: str, version: int, wrapped: bytes) -> bytes:
+        """Unwrap a region key (cached: a (region, version) pair never changes its key)."""
+        cached = self._region_keys.get((region, version))
+        if cached is not None:
+            return cached.reveal()
+        key = envelope.unwrap_region_key(self.keys().region_wrap.reveal(), region, version, wrapped)
+        self._region_keys[(region, version)] = SecretBytes(key)
+        return key

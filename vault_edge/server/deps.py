@@ -1,0 +1,44 @@
+"""FastAPI dependencies: the context, the seal check, the calling operator."""
+
+from __future__ import annotations
+
+from fastapi import Depends, Request
+
+from vault_edge.server import auth
+from vault_edge.server.auth import Principal
+from vault_edge.server.context import Context
+from vault_edge.server.errors import bad_request, not_initialized
+from vault_edge.server.schemas import seconds
+
+
+def get_ctx(request: Request) -> Context:
+    return request.app.state.ctx  # type: ignore[no-any-return]
+
+
+def unsealed(ctx: Context = Depends(get_ctx)) -> Context:
+    """503 unless unsealed (and initialized): a sealed server serves status and unseal only."""
+    if ctx.barrier.sealed:
+        with ctx.store.read() as tx:
+            if "canary" not in tx.get_meta():
+                raise not_initialized()
+    ctx.barrier.keys()
+    return ctx
+
+
+def token_of(request: Request) -> str | None:
+    header = request.headers.get("authorization", "")
+    if header.lower().startswith("bearer "):
+        return header[7:].strip()
+    return request.headers.get("x-vault-edge-token")
+
+
+def principal(request: Request, ctx: Context = Depends(unsealed)) -> Principal:
+    with ctx.store.read() as tx:
+        return auth.authenticate(tx, token_of(request), ctx.clock())
+
+
+def duration(value: str | int | None, field: str) -> int | None:
+    try:
+        return seconds(value)
+    except ValueError as exc:
+        raise bad_request(f"{field}: {exc}") from None

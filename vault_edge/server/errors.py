@@ -1,0 +1,43 @@
+"""API errors: one JSON shape, ``{"error": {"code": ..., "message": ...}}``, never a traceback."""
+
+from __future__ import annotations
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+
+
+def bad_request(message: str) -> ApiError:
+    return ApiError(400, "bad_request", message)
+
+
+def unauthorized(message: str = "missing or invalid token") -> ApiError:
+    return ApiError(401, "unauthorized", message)
+
+
+def forbidden(message: str) -> ApiError:
+    return ApiError(403, "forbidden", message)
+
+
+def not_found(message: str) -> ApiError:
+    return ApiError(404, "not_found", message)
+
+
+def conflict(message: str) -> ApiError:
+    return ApiError(409, "conflict", message)
+
+
+def sealed() -> ApiError:
+    return ApiError(503, "sealed", "the vault is sealed: unseal it with `vault-edge unseal` (threshold shares)")
+
+
+def not_initialized() -> ApiError:
+    return ApiError(503, "not_initialized", "the vault is not initialized: run `vault-edge init`")
+
+
+def body(status: int, code: str, message: str) -> dict[str, dict[str, str]]:
+    return {"error": {"code": code, "message": message}}

@@ -1,0 +1,223 @@
+"""The sync hub: what each region's nodes see, cached, and the long-polls waiting for it to change.
+
+A region's view (its staged secret versions as ciphertext, and its nodes with their grants) is loaded
+in one read transaction, so a node never gets data keys wrapped under a region key it has no grant
+for. Views are reloaded when a change notice names their region: from this process right after a
+commit, from other replicas through PostgreSQL LISTEN/NOTIFY, and (a safety net for a notice lost
+while the LISTEN connection was down) whenever the global revision moved without one.
+
+A waiting sync wakes on every notice, re-reads its region's view (one reload per region however many
+nodes wait) and answers once anything after its ``since`` is visible to its node.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import threading
+import time
+from dataclasses import dataclass
+
+from vault_edge import wire
+from vault_edge.crypto import signing
+from vault_edge.server.context import Context
+from vault_edge.server.storage.repo import NOTIFY_CHANNEL, decode_notice
+
+log = logging.getLogger("vault_edge.hub")
+
+
+@dataclass(frozen=True)
+class Member:
+    node_rev: int
+    active: bool
+    grants_json: bytes
+
+
+@dataclass(frozen=True)
+class RegionView:
+    region: str
+    data_rev: int
+    secrets_json: bytes
+    members: dict[str, Member]
+
+
+class Hub:
+    def __init__(self, ctx: Context) -> None:
+        self.ctx = ctx
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self._views: dict[str, RegionView] = {}
+        self._stale: set[str] = set()
+        self._loading: dict[str, asyncio.Future[RegionView]] = {}
+        self._changed: asyncio.Future[None] | None = None
+        self._seen_revision = 0
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self.waiting = 0
+
+    # -- lifecycle -----------------------------------------------------------------------------
+    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self._changed = loop.create_future()
+        self.ctx.store.add_listener(self.notify_threadsafe)
+        if self.ctx.store.dialect == "postgresql":
+            self._spawn(self._listen_postgres, "vault-edge-listen")
+        self._spawn(self._poll_revision, "vault-edge-revision-poll")
+
+    def stop(self) -> None:
+        self._stop.set()
+        for t in self._threads:
+            t.join(timeout=5)
+
+    def _spawn(self, target: object, name: str) -> None:
+        t = threading.Thread(target=target, name=name, daemon=True)  # type: ignore[arg-type]
+        t.start()
+        self._threads.append(t)
+
+    # -- change notices ------------------------------------------------------------------------
+    def notify_threadsafe(self, revision: int, regions: frozenset[str]) -> None:
+        loop = self.loop
+        if loop is not None and not loop.is_closed():
+            loop.call_soon_threadsafe(self.on_change, revision, regions)
+
+    def on_change(self, revision: int, regions: frozenset[str]) -> None:
+        self._seen_revision = max(self._seen_revision, revision)
+        if "*" in regions:
+            self._stale.update(self._views)
+        else:
+            self._stale.update(regions)
+        fut, self._changed = self._changed, asyncio.get_running_loop().create_future()
+        if fut is not None and not fut.done():
+            fut.set_result(None)
+
+    def _listen_postgres(self) -> None:
+        import psycopg  # only with PostgreSQL
+
+        url = self.ctx.store.engine.url.set(drivername="postgresql").render_as_string(hide_password=False)
+        backoff = 0.5
+        while not self._stop.is_set():
+            try:
+                with psycopg.connect(url, autocommit=True) as conn:
+                    conn.execute(f"LISTEN {NOTIFY_CHANNEL}")
+                    backoff = 0.5
+                    # Anything committed while we were not listening: look again everywhere.
+                    self.notify_threadsafe(0, frozenset({"*"}))
+                    while not self._stop.is_set():
+                        for n in conn.notifies(timeout=1.0):
+                            rev, regions = decode_notice(n.payload)
+                            self.notify_threadsafe(rev, regions)
+            except Exception as exc:  # reconnect: the database may be restarting
+                log.warning("LISTEN connection lost (%s); reconnecting", type(exc).__name__)
+                self._stop.wait(backoff)
+                backoff = min(backoff * 2, 10.0)
+
+    def _poll_revision(self) -> None:
+        while not self._stop.wait(2.0):
+            try:
+                with self.ctx.store.read() as tx:
+                    current = tx.current_revision()
+            except Exception as exc:
+                log.warning("revision poll failed (%s)", type(exc).__name__)
+                continue
+            if current > self._seen_revision:
+                self.notify_threadsafe(current, frozenset({"*"}))
+
+    # -- views ---------------------------------------------------------------------------------
+    def _load(self, region: str) -> RegionView:
+        with self.ctx.store.read() as tx:
+            r = tx.get_region(region)
+            rows = tx.region_snapshot(region, self.ctx.clock())
+            nodes, grants = tx.region_members(region)
+        by_node: dict[str, list[dict[str, object]]] = {}
+        for g in grants:
+            by_node.setdefault(g.node_id, []).append(
+                {"region": g.region, "kv": g.key_version, "box": wire.b64e(g.sealed)}
+            )
+        secrets_json = json.dumps(
+            [
+                {"name": s.name, "version": s.version, "stage": s.stage, "expires_at": s.expires_at,
+                 "created_at": s.created_at, "ct": wire.b64e(s.ciphertext), "kv": s.key_version,
+                 "dek": wire.b64e(s.wrapped_dek)}
+                for s in rows
+            ],
+            separators=(",", ":"),
+        ).encode()
+        members = {
+            n.id: Member(n.node_rev, n.status == "active",
+                         json.dumps(by_node.get(n.id, []), separators=(",", ":")).encode())
+            for n in nodes
+        }
+        return RegionView(region, r.data_rev if r else 0, secrets_json, members)
+
+    async def view(self, region: str, refresh: bool = False) -> RegionView:
+        """The region's view, reloaded (once, however many callers) if a notice made it stale."""
+        if refresh:
+            self._stale.add(region)
+        current = self._views.get(region)
+        if current is not None and region not in self._stale:
+            return current
+        pending = self._loading.get(region)
+        if pending is None:
+            self._stale.discard(region)
+            assert self.loop is not None
+            pending = self.loop.create_future()
+            self._loading[region] = pending
+            try:
+                loaded = await asyncio.to_thread(self._load, region)
+            except BaseException as exc:
+                self._stale.add(region)
+                pending.set_exception(exc)
+                pending.exception()  # retrieved: waiters re-raise it
+                raise
+            finally:
+                self._loading.pop(region, None)
+            self._views[region] = loaded
+            pending.set_result(loaded)
+            return loaded
+        return await asyncio.shield(pending)
+
+    # -- long-poll -----------------------------------------------------------------------------
+    async def wait(self, node_id: str, region: str, node_rev: int, since: int, timeout: float) -> tuple[RegionView, Member] | None:
+        """Wait until something after ``since`` is visible to the node; None on timeout.
+        ``node_rev`` is the node's revision as authentication read it: a view older than that is
+        reloaded first (the node may have enrolled through another replica a moment ago)."""
+        assert self.loop is not None
+        deadline = self.loop.time() + timeout
+        view = await self.view(region)
+        member = view.members.get(node_id)
+        if member is None or member.node_rev < node_rev:
+            view = await self.view(region, refresh=True)
+            member = view.members.get(node_id)
+        self.waiting += 1
+        try:
+            while True:
+                if member is not None and (not member.active or max(view.data_rev, member.node_rev) > since):
+                    return view, member
+                remaining = deadline - self.loop.time()
+                if remaining <= 0:
+                    return None
+                changed = self._changed
+                assert changed is not None
+                try:
+                    await asyncio.wait_for(asyncio.shield(changed), remaining)
+                except TimeoutError:
+                    return None
+                view = await self.view(region)
+                member = view.members.get(node_id)
+        finally:
+            self.waiting -= 1
+
+    def sync_body(self, node_id: str, nonce: str, view: RegionView | None, member: Member | None,
+                  since: int) -> tuple[bytes, bytes]:
+        """The signed answer: the node's full view, or ``unchanged`` (still signed, so that silence
+        from an impostor is never mistaken for contact)."""
+        keys = self.ctx.barrier.keys()
+        head = {"v": wire.PROTOCOL_VERSION, "node": node_id, "nonce": nonce, "issued_at": int(time.time())}
+        if view is None or member is None:
+            body = json.dumps({**head, "kind": "unchanged", "revision": since}, separators=(",", ":")).encode()
+        else:
+            revision = max(view.data_rev, member.node_rev)
+            prefix = json.dumps({**head, "kind": "sync", "region": view.region, "revision": revision},
+                                separators=(",", ":")).encode()
+            body = b"".join([prefix[:-1], b',"grants":', member.grants_json, b',"secrets":', view.secrets_json, b"}"])
+        return body, signing.sign(keys.signer, wire.response_message("sync", body))

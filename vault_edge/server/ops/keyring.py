@@ -1,0 +1,62 @@
+"""Region keys and data keys inside a transaction: unwrap, wrap, re-wrap."""
+
+from __future__ import annotations
+
+from vault_edge.crypto import aead, envelope
+from vault_edge.server.barrier import Barrier
+from vault_edge.server.errors import ApiError, bad_request
+from vault_edge.server.storage.records import Secret, Wrap
+from vault_edge.server.storage.repo import Tx
+
+
+def effective_regions(tx: Tx, secret: Secret) -> list[str]:
+    if secret.every_region:
+        return [r.name for r in tx.list_regions()]
+    return list(secret.regions)
+
+
+def region_key(tx: Tx, barrier: Barrier, region: str, version: int) -> bytes:
+    wrapped = tx.get_region_key(region, version)
+    if wrapped is None:
+        raise ApiError(500, "internal", f"region key {region} v{version} is missing")
+    return barrier.region_key(region, version, wrapped)
+
+
+def current_region_key(tx: Tx, barrier: Barrier, region: str) -> tuple[int, bytes]:
+    r = tx.get_region(region)
+    if r is None:
+        raise bad_request(f"no region {region!r}")
+    return r.key_version, region_key(tx, barrier, region, r.key_version)
+
+
+def new_region_key(tx: Tx, barrier: Barrier, region: str, version: int, at: float) -> bytes:
+    key = aead.new_key()
+    wrapped = envelope.wrap_region_key(barrier.keys().region_wrap.reveal(), region, version, key)
+    tx.insert_region_key(region, version, wrapped, at)
+    return key
+
+
+def data_key(tx: Tx, barrier: Barrier, name: str, wrap: Wrap) -> bytes:
+    rk = region_key(tx, barrier, wrap.region, wrap.key_version)
+    return envelope.unwrap_data_key(rk, name, wrap.version, wrap.region, wrap.key_version, wrap.wrapped)
+
+
+def data_key_of(tx: Tx, barrier: Barrier, secret: Secret, version: int) -> bytes:
+    """The data key of one version, through any region's wrap (the control plane holds them all)."""
+    wraps = tx.get_wraps(secret.id, version)
+    if not wraps:
+        raise ApiError(500, "internal", f"{secret.name} v{version} has no wrapped data key")
+    return data_key(tx, barrier, secret.name, wraps[0])
+
+
+def wrap_version(
+    tx: Tx, barrier: Barrier, secret: Secret, version: int, dek: bytes, regions: list[str]
+) -> None:
+    for region in regions:
+        kv, rk = current_region_key(tx, barrier, region)
+        tx.put_wrap(secret.id, version, region, kv, envelope.wrap_data_key(rk, secret.name, version, region, kv, dek))
+
+
+def live_versions(tx: Tx, secret: Secret) -> list[int]:
+    """Versions whose ciphertext still exists (every one but destroyed ones)."""
+    return [v.version for v in tx.list_versions(secret.id) if v.ciphertext is not None]

@@ -1,0 +1,166 @@
+"""Nodes: join tokens, enrolment, signed-request checks, listing, revocation."""
+
+from __future__ import annotations
+
+import json
+import secrets
+from collections.abc import Mapping
+from typing import Any
+
+from vault_edge import wire
+from vault_edge.crypto import signing
+from vault_edge.server.auth import Principal
+from vault_edge.server.context import Context
+from vault_edge.server.errors import ApiError, bad_request, forbidden, not_found, unauthorized
+from vault_edge.server.ops import keyring, regions
+from vault_edge.server.storage.records import JoinToken, Node
+
+MAX_TTL_S = 7 * 86400
+
+
+def create_join_token(ctx: Context, who: Principal, region: str, ttl_s: int | None = None) -> dict[str, Any]:
+    who.require("admin")
+    ttl = ttl_s if ttl_s is not None else ctx.settings.join_token_ttl_s
+    if not 60 <= ttl <= MAX_TTL_S:
+        raise bad_request("ttl: between 1 minute and 7 days")
+    keys = ctx.barrier.keys()
+    now = ctx.clock()
+    token_id, secret = secrets.token_hex(8), secrets.token_urlsafe(32)
+    with ctx.store.write() as tx:
+        if tx.get_region(region) is None:
+            raise not_found(f"no region {region!r}")
+        tx.insert_join_token(JoinToken(token_id, wire.token_digest(secret), region, now, now + ttl, None, None))
+        ctx.auditor.record(tx, who.actor, "node.token", region, token_id=token_id, ttl_s=ttl)
+    token = wire.make_join_token(token_id, secret, wire.server_pin(keys.server_public))
+    return {"token": token, "region": region, "expires_at": now + ttl}
+
+
+def _refuse(ctx: Context, action: str, target: str, exc: ApiError) -> ApiError:
+    ctx.auditor.record_alone("node", action, target, outcome="refused", reason=exc.message)
+    return exc
+
+
+def _check_signature(
+    ctx: Context, method: str, target: str, headers: Mapping[str, str], body: bytes, node_id: str,
+    public_key: bytes,
+) -> tuple[int, str]:
+    """Check the signed-request headers against ``public_key``; (timestamp, nonce) on success."""
+    try:
+        ts = int(headers.get(wire.H_TIMESTAMP, ""))
+        nonce = headers.get(wire.H_NONCE, "")
+        if len(wire.b64d(nonce, max_len=64)) != wire.NONCE_BYTES:
+            raise ValueError
+        signature = wire.b64d(headers.get(wire.H_SIGNATURE, ""), max_len=128)
+    except (ValueError, wire.WireError):
+        raise unauthorized("missing or malformed request signature headers") from None
+    if abs(ctx.clock() - ts) > wire.CLOCK_SKEW_S:
+        raise unauthorized(f"request timestamp outside the {wire.CLOCK_SKEW_S}s clock-skew window")
+    if not signing.verify(public_key, wire.request_message(method, target, node_id, ts, nonce, body), signature):
+        raise unauthorized("bad request signature")
+    return ts, nonce
+
+
+def authenticate_node(
+    ctx: Context, method: str, target: str, headers: Mapping[str, str], body: bytes, applied: int = 0
+) -> Node:
+    """A signed request from an enrolled, active node: verified, nonce spent, contact and applied
+    revision recorded, all in one transaction. Refusals are audited."""
+    node_id = headers.get(wire.H_NODE, "")
+    if not wire.valid_node_id(node_id):
+        raise unauthorized("missing or malformed node id")
+    now = ctx.clock()
+    try:
+        with ctx.store.write() as tx:
+            node = tx.get_node(node_id)
+            if node is None:
+                raise unauthorized("unknown node")
+            if node.status != "active":
+                raise forbidden("node revoked")
+            _, nonce = _check_signature(ctx, method, target, headers, body, node_id, node.sign_public)
+            if not tx.use_nonce(node_id, nonce, now + 2 * wire.CLOCK_SKEW_S):
+                raise unauthorized("replayed request (nonce already used)")
+            tx.touch_node(node_id, now, applied)
+    except ApiError as exc:
+        raise _refuse(ctx, "node.auth", node_id, exc) from None
+    return node
+
+
+def enroll(ctx: Context, target: str, headers: Mapping[str, str], body: bytes) -> tuple[bytes, bytes]:
+    """Enrol a node with a join token. Returns (signed JSON body, signature)."""
+    keys = ctx.barrier.keys()
+    try:
+        req = json.loads(body)
+        token_id, token_secret, _pin = wire.parse_join_token(req["token"])
+        box_public = wire.b64d(req["box_public"], max_len=64)
+        sign_public = wire.b64d(req["sign_public"], max_len=64)
+        hostname = str(req.get("hostname") or "")[:255]
+        if len(box_public) != 32 or len(sign_public) != 32:
+            raise ValueError
+    except (ValueError, KeyError, TypeError, wire.WireError):
+        raise bad_request("enrolment needs {token, box_public, sign_public, hostname}") from None
+    if headers.get(wire.H_NODE) != wire.ENROLL_NODE:
+        raise bad_request("enrolment is signed with node id '-'")
+    try:
+        _check_signature(ctx, "POST", target, headers, body, wire.ENROLL_NODE, sign_public)
+    except ApiError as exc:
+        raise _refuse(ctx, "node.enroll", token_id, exc) from None
+    now = ctx.clock()
+    node_id = "n-" + secrets.token_hex(8)
+    try:
+        with ctx.store.write() as tx:
+            token = tx.get_join_token(token_id)
+            if token is None or not secrets.compare_digest(token.digest, wire.token_digest(token_secret)):
+                raise unauthorized("invalid join token")
+            if token.used_at is not None:
+                raise unauthorized("join token already used: make a new one with `vault-edge node token`")
+            if token.expires_at <= now:
+                raise unauthorized("join token expired: make a new one with `vault-edge node token`")
+            if not tx.use_join_token(token_id, now, node_id):
+                raise unauthorized("join token already used: make a new one with `vault-edge node token`")
+            rev = tx.next_revision()
+            tx.insert_node(Node(node_id, token.region, box_public, sign_public, hostname, "active", now, now, 0, rev))
+            kv, region_key = keyring.current_region_key(tx, ctx.barrier, token.region)
+            tx.put_grant(node_id, token.region, kv, signing.seal_grant(box_public, node_id, token.region, kv,
+                                                                       region_key), rev)
+            tx.changed([token.region])
+            ctx.auditor.record(tx, "node:" + node_id, "node.enroll", token.region, hostname=hostname,
+                               token_id=token_id)
+    except ApiError as exc:
+        raise _refuse(ctx, "node.enroll", token_id, exc) from None
+    out = json.dumps({"v": wire.PROTOCOL_VERSION, "node": node_id, "region": token.region,
+                      "server_key": wire.b64e(keys.server_public), "revision": rev}).encode()
+    return out, signing.sign(keys.signer, wire.response_message("enroll", out))
+
+
+def list_nodes(ctx: Context, who: Principal, region: str | None = None) -> dict[str, Any]:
+    who.require("list")
+    now = ctx.clock()
+    with ctx.store.read() as tx:
+        nodes = tx.list_nodes(region=region)
+    return {"nodes": [node_json(ctx, n, now) for n in nodes]}
+
+
+def node_json(ctx: Context, n: Node, now: float) -> dict[str, Any]:
+    status = n.status
+    if status == "active" and (n.last_seen is None or now - n.last_seen > ctx.settings.node_down_after_s):
+        status = "down"
+    return {"id": n.id, "region": n.region, "status": status, "revision": n.applied_revision,
+            "last_seen": n.last_seen, "hostname": n.hostname, "enrolled_at": n.enrolled_at}
+
+
+def revoke(ctx: Context, who: Principal, node_id: str) -> dict[str, Any]:
+    """Refuse the node from now on, and re-key its region so its region key opens nothing new."""
+    who.require("admin")
+    ctx.barrier.keys()
+    with ctx.store.write() as tx:
+        node = tx.get_node(node_id) if wire.valid_node_id(node_id) else None
+        if node is None:
+            raise not_found(f"no node {node_id!r}")
+        if node.status == "revoked":
+            raise ApiError(409, "conflict", f"node {node_id} is already revoked")
+        rev = tx.next_revision()
+        tx.set_node_status(node_id, "revoked", rev)
+        tx.delete_grants(node.region, node_id=node_id)
+        _, key_version = regions.rekey_in(ctx, tx, node.region)
+        ctx.auditor.record(tx, who.actor, "node.revoke", node_id, region=node.region, key_version=key_version)
+    return {"id": node_id, "status": "revoked", "region": node.region, "key_version": key_version, "revision": rev}

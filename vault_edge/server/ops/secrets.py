@@ -1,0 +1,384 @@
+"""Secrets: put, get, list, history, rotate, promote, rollback, delete, and propagation status.
+
+Versions are append-only. Each version's value is encrypted once under a fresh data key, whose wraps
+(one per allowed region) are what nodes can open. Stages follow AWS Secrets Manager: ``current``,
+``previous`` (readable until its grace period ends), ``pending`` (staged, promoted later).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from vault_edge import wire
+from vault_edge.crypto import aead, envelope
+from vault_edge.server import generate as gen
+from vault_edge.server.auth import Principal
+from vault_edge.server.context import Context
+from vault_edge.server.errors import ApiError, bad_request, conflict, not_found
+from vault_edge.server.ops import keyring
+from vault_edge.server.storage.records import Secret, Stage
+from vault_edge.server.storage.repo import Tx
+
+
+def value_fields(value: bytes) -> dict[str, str]:
+    """A value as JSON: text when it is UTF-8, else base64 with ``"encoding": "base64"``."""
+    try:
+        return {"value": value.decode("utf-8"), "encoding": "utf-8"}
+    except UnicodeDecodeError:
+        return {"value": wire.b64e(value), "encoding": "base64"}
+
+
+def _check_name(name: str) -> str:
+    try:
+        return wire.check_name(name)
+    except wire.WireError as exc:
+        raise bad_request(str(exc)) from None
+
+
+def _check_value(ctx: Context, value: bytes) -> bytes:
+    if not value:
+        raise bad_request("a secret value cannot be empty")
+    if len(value) > ctx.settings.max_value_bytes:
+        raise ApiError(413, "too_large", f"a secret value is at most {ctx.settings.max_value_bytes} bytes")
+    return value
+
+
+def _check_spec(spec: str) -> str:
+    try:
+        gen.parse_spec(spec)
+    except ValueError as exc:
+        raise bad_request(str(exc)) from None
+    return spec
+
+
+def _live(tx: Tx, name: str) -> Secret:
+    secret = tx.get_secret(name)
+    if secret is None or secret.deleted_at is not None:
+        raise not_found(f"no secret {name!r}")
+    return secret
+
+
+def _parse_regions(tx: Tx, regions: list[str] | None) -> tuple[str, ...] | None:
+    if regions is None:
+        return None
+    names = tuple(dict.fromkeys(r.strip() for r in regions if r.strip()))
+    if names == ("*",):
+        return names
+    if not names or "*" in names:
+        raise bad_request("regions: a list of region names, or '*' alone for every region")
+    for r in names:
+        if not wire.valid_region(r) or tx.get_region(r) is None:
+            raise bad_request(f"no region {r!r}: create it with `vault-edge region create {r}`")
+    return names
+
+
+def _grace(ctx: Context, secret: Secret, grace_s: int | None) -> int:
+    if grace_s is not None:
+        return grace_s
+    return secret.grace_s if secret.grace_s is not None else ctx.settings.default_grace_s
+
+
+def _make_current(
+    tx: Tx, secret: Secret, version: int, stages: dict[str, Stage], grace_s: int, rev: int, now: float
+) -> None:
+    current = stages.get("current")
+    if current and current.version != version:
+        if grace_s > 0:
+            tx.set_stage(secret.id, "previous", current.version, rev, now, expires_at=now + grace_s)
+        elif "previous" in stages:
+            tx.set_stage(secret.id, "previous", None, rev, now)
+    tx.set_stage(secret.id, "current", version, rev, now)
+    pending = stages.get("pending")
+    if pending and pending.version == version:
+        tx.set_stage(secret.id, "pending", None, rev, now)
+
+
+def _add_version(
+    ctx: Context, tx: Tx, secret: Secret, value: bytes, origin: str, stage: str, grace_s: int
+) -> tuple[int, int]:
+    rev, now = tx.next_revision(), ctx.clock()
+    version = secret.latest_version + 1
+    regions = keyring.effective_regions(tx, secret)
+    if not regions:
+        raise bad_request("no region exists yet: create one with `vault-edge region create NAME`")
+    dek = aead.new_key()
+    tx.insert_version(secret.id, version, envelope.encrypt_value(dek, secret.name, version, value), now, rev, origin)
+    keyring.wrap_version(tx, ctx.barrier, secret, version, dek, regions)
+    stages = tx.get_stages(secret.id)
+    if stage == "current":
+        _make_current(tx, secret, version, stages, grace_s, rev, now)
+    else:
+        tx.set_stage(secret.id, "pending", version, rev, now)
+    fields: dict[str, Any] = {"latest_version": version, "updated_at": now, "revision": rev}
+    if secret.rotate_every_s and stage == "current":
+        fields["next_rotation_at"] = now + secret.rotate_every_s
+    tx.update_secret(secret.id, **fields)
+    tx.touch_regions(regions, rev)
+    return version, rev
+
+
+def _set_regions(ctx: Context, tx: Tx, secret: Secret, regions: tuple[str, ...]) -> Secret:
+    """Change where a secret may be decrypted: wrap its live versions for added regions, delete the
+    wraps of removed ones (nodes there drop it at their next sync)."""
+    rev = tx.next_revision()
+    tx.update_secret(secret.id, regions=regions)
+    updated = tx.get_secret(secret.name)
+    assert updated is not None
+    want = set(keyring.effective_regions(tx, updated))
+    have = tx.wrapped_regions(secret.id)
+    if have - want:
+        tx.delete_wraps(secret.id, have - want)
+    for version in keyring.live_versions(tx, secret):
+        if want - have:
+            dek = keyring.data_key_of(tx, ctx.barrier, secret, version)
+            keyring.wrap_version(tx, ctx.barrier, secret, version, dek, sorted(want - have))
+    tx.touch_regions(have ^ want, rev)
+    return updated
+
+
+def put(
+    ctx: Context, who: Principal, name: str, value: bytes | None, generate: str | None = None,
+    regions: list[str] | None = None, rotate_every_s: int | None = None, grace_s: int | None = None,
+) -> dict[str, Any]:
+    _check_name(name)
+    who.require("write", name)
+    if (value is None) == (generate is None):
+        raise bad_request("give exactly one of a value or a generate spec")
+    if generate is not None:
+        _check_spec(generate)
+    if rotate_every_s is not None and rotate_every_s < 60 and rotate_every_s != 0:
+        raise bad_request("rotate_every: at least 60 seconds (or 0 to stop scheduled rotation)")
+    ctx.barrier.keys()
+    now = ctx.clock()
+    with ctx.store.write() as tx:
+        wanted = _parse_regions(tx, regions)
+        secret = tx.get_secret(name)
+        schedule: dict[str, Any] = {}
+        if generate is not None:
+            schedule["generate"] = generate
+        if rotate_every_s is not None:
+            schedule["rotate_every_s"] = rotate_every_s or None
+            schedule["next_rotation_at"] = now + rotate_every_s if rotate_every_s else None
+        if grace_s is not None:
+            schedule["grace_s"] = grace_s
+        if secret is None:
+            secret = tx.insert_secret(name, wanted or ("*",), now, tx.next_revision(), **schedule)
+        else:
+            if schedule or secret.deleted_at is not None:
+                tx.update_secret(secret.id, deleted_at=None, destroyed=False, **schedule)
+            if wanted is not None and wanted != secret.regions:
+                secret = _set_regions(ctx, tx, secret, wanted)
+            secret = tx.get_secret(name) or secret
+        if (secret.rotate_every_s or 0) and not secret.generate:
+            raise bad_request("scheduled rotation needs a generate spec (--generate SPEC)")
+        data = _check_value(ctx, value) if value is not None else gen.generate(generate or "")
+        version, rev = _add_version(
+            ctx, tx, secret, data, "put" if value is not None else "generated", "current", _grace(ctx, secret, grace_s)
+        )
+        ctx.auditor.record(tx, who.actor, "secret.put", name, version=version, regions=list(secret.regions))
+    return {"name": name, "version": version, "revision": rev, "regions": list(secret.regions)}
+
+
+def rotate(
+    ctx: Context, who: Principal, name: str, value: bytes | None, generate: str | None = None,
+    grace_s: int | None = None, stage: str = "current", origin: str | None = None,
+) -> dict[str, Any]:
+    _check_name(name)
+    who.require("write", name)
+    if stage not in ("current", "pending"):
+        raise bad_request("stage: current or pending")
+    if value is not None and generate is not None:
+        raise bad_request("give a value or a generate spec, not both")
+    if generate is not None:
+        _check_spec(generate)
+    ctx.barrier.keys()
+    with ctx.store.write() as tx:
+        secret = _live(tx, name)
+        spec = generate or (secret.generate if value is None else None)
+        if value is None and spec is None:
+            raise bad_request(f"{name!r} has no generate spec: give a value, or --generate SPEC")
+        data = _check_value(ctx, value) if value is not None else gen.generate(spec or "")
+        version, rev = _add_version(
+            ctx, tx, secret, data, origin or ("rotate" if value is not None else "generated"), stage,
+            _grace(ctx, secret, grace_s),
+        )
+        ctx.auditor.record(tx, who.actor, "secret.rotate", name, version=version, stage=stage)
+    return {"name": name, "version": version, "revision": rev, "stage": stage}
+
+
+def promote(ctx: Context, who: Principal, name: str, grace_s: int | None = None) -> dict[str, Any]:
+    _check_name(name)
+    who.require("write", name)
+    ctx.barrier.keys()
+    with ctx.store.write() as tx:
+        secret = _live(tx, name)
+        stages = tx.get_stages(secret.id)
+        if "pending" not in stages:
+            raise conflict(f"{name!r} has no pending version to promote")
+        version, rev, now = stages["pending"].version, tx.next_revision(), ctx.clock()
+        _make_current(tx, secret, version, stages, _grace(ctx, secret, grace_s), rev, now)
+        tx.update_secret(secret.id, updated_at=now, revision=rev)
+        tx.touch_regions(keyring.effective_regions(tx, secret), rev)
+        ctx.auditor.record(tx, who.actor, "secret.promote", name, version=version)
+    return {"name": name, "version": version, "revision": rev, "stage": "current"}
+
+
+def rollback(ctx: Context, who: Principal, name: str, to: int, grace_s: int | None = None) -> dict[str, Any]:
+    _check_name(name)
+    who.require("write", name)
+    ctx.barrier.keys()
+    with ctx.store.write() as tx:
+        secret = _live(tx, name)
+        old = tx.get_version(secret.id, to)
+        if old is None:
+            raise not_found(f"{name!r} has no version {to}")
+        if old.ciphertext is None:
+            raise conflict(f"{name!r} version {to} was destroyed")
+        dek = keyring.data_key_of(tx, ctx.barrier, secret, to)
+        value = envelope.decrypt_value(dek, name, to, old.ciphertext)
+        version, rev = _add_version(ctx, tx, secret, value, f"rollback:{to}", "current", _grace(ctx, secret, grace_s))
+        ctx.auditor.record(tx, who.actor, "secret.rollback", name, version=version, to=to)
+    return {"name": name, "version": version, "revision": rev, "rolled_back_to": to}
+
+
+def delete(ctx: Context, who: Principal, name: str, destroy: bool = False) -> dict[str, Any]:
+    _check_name(name)
+    who.require("delete", name)
+    with ctx.store.write() as tx:
+        secret = tx.get_secret(name)
+        if secret is None or (secret.deleted_at is not None and (not destroy or secret.destroyed)):
+            raise not_found(f"no secret {name!r}")
+        rev, now = tx.next_revision(), ctx.clock()
+        regions = tx.wrapped_regions(secret.id)
+        if destroy:
+            tx.destroy_versions(secret.id)
+            tx.clear_stages(secret.id, rev, now)
+        tx.update_secret(secret.id, deleted_at=secret.deleted_at or now, destroyed=destroy, revision=rev,
+                         next_rotation_at=None)
+        tx.touch_regions(regions, rev)
+        ctx.auditor.record(tx, who.actor, "secret.destroy" if destroy else "secret.delete", name)
+    return {"name": name, "deleted": True, "destroyed": destroy, "revision": rev}
+
+
+def get(
+    ctx: Context, who: Principal, name: str, version: int | None = None, stage: str | None = None
+) -> dict[str, Any]:
+    _check_name(name)
+    who.require("read", name)
+    if version is not None and stage is not None:
+        raise bad_request("give a version or a stage, not both")
+    if stage is not None and stage not in wire.STAGES:
+        raise bad_request(f"stage: one of {', '.join(wire.STAGES)}")
+    ctx.barrier.keys()
+    now = ctx.clock()
+    with ctx.store.read() as tx:
+        secret = _live(tx, name)
+        stages = {k: s for k, s in tx.get_stages(secret.id).items() if s.expires_at is None or s.expires_at > now}
+        if version is None:
+            staged = stages.get(stage or "current")
+            if staged is None:
+                raise not_found(f"{name!r} has no {stage or 'current'} version")
+            version = staged.version
+        row = tx.get_version(secret.id, version)
+        if row is None:
+            raise not_found(f"{name!r} has no version {version}")
+        if row.ciphertext is None:
+            raise not_found(f"{name!r} version {version} was destroyed")
+        dek = keyring.data_key_of(tx, ctx.barrier, secret, version)
+        value = envelope.decrypt_value(dek, name, version, row.ciphertext)
+    with ctx.store.write() as tx:
+        ctx.auditor.record(tx, who.actor, "secret.read", name, version=version)
+    stage_of = next((k for k, s in stages.items() if s.version == version), None)
+    return {"name": name, **value_fields(value), "version": version, "stage": stage_of, "revision": secret.revision}
+
+
+def list_secrets(ctx: Context, who: Principal, prefix: str = "") -> dict[str, Any]:
+    who.require("list")
+    with ctx.store.read() as tx:
+        rows = tx.list_secrets(prefix)
+    return {
+        "secrets": [
+            {"name": s.name, "version": s.latest_version, "regions": list(s.regions), "updated_at": s.updated_at,
+             "rotate_every_s": s.rotate_every_s, "next_rotation_at": s.next_rotation_at}
+            for s in rows
+            if who.covers(s.name)
+        ]
+    }
+
+
+def history(ctx: Context, who: Principal, name: str) -> dict[str, Any]:
+    _check_name(name)
+    who.require("list", name)
+    now = ctx.clock()
+    with ctx.store.read() as tx:
+        secret = tx.get_secret(name)
+        if secret is None:
+            raise not_found(f"no secret {name!r}")
+        stages = tx.get_stages(secret.id)
+        versions = tx.list_versions(secret.id)
+    by_version: dict[int, list[dict[str, Any]]] = {}
+    for s in stages.values():
+        expired = s.expires_at is not None and s.expires_at <= now
+        by_version.setdefault(s.version, []).append(
+            {"stage": s.stage, "expires_at": s.expires_at, "expired": expired}
+        )
+    return {
+        "name": name,
+        "regions": list(secret.regions),
+        "deleted": secret.deleted_at is not None,
+        "rotate_every_s": secret.rotate_every_s,
+        "next_rotation_at": secret.next_rotation_at,
+        "generate": secret.generate,
+        "versions": [
+            {"version": v.version, "created_at": v.created_at, "revision": v.revision, "origin": v.origin,
+             "destroyed": v.ciphertext is None, "stages": by_version.get(v.version, [])}
+            for v in versions
+        ],
+    }
+
+
+def served_version(log: list[tuple[int, int | None]], applied: int) -> int | None:
+    """The ``current`` version a node that applied revision ``applied`` serves."""
+    served = None
+    for rev, version in log:
+        if rev > applied:
+            break
+        served = version
+    return served
+
+
+def propagation(ctx: Context, who: Principal, name: str, revision: int | None = None) -> dict[str, Any]:
+    """Per region and node: the version served, the lag, up or down. ``complete`` when every up node
+    of the secret's regions has applied ``revision`` (default: the secret's last change)."""
+    _check_name(name)
+    who.require("list", name)
+    now = ctx.clock()
+    with ctx.store.read() as tx:
+        secret = _live(tx, name)
+        stages = tx.get_stages(secret.id)
+        log = tx.stage_log(secret.id, "current")
+        regions = keyring.effective_regions(tx, secret)
+        nodes = tx.nodes_in_regions(regions)
+    target = revision if revision is not None else secret.revision
+    current = stages["current"].version if "current" in stages else None
+    down_after = ctx.settings.node_down_after_s
+    out_nodes, lagging, down = [], [], []
+    for n in nodes:
+        if n.status != "active":
+            continue
+        is_down = n.last_seen is None or now - n.last_seen > down_after
+        done = n.applied_revision >= target
+        entry = {
+            "id": n.id, "region": n.region, "hostname": n.hostname, "applied_revision": n.applied_revision,
+            "serving": served_version(log, n.applied_revision), "last_seen": n.last_seen,
+            "state": "down" if is_down else ("in_sync" if done else "lagging"), "done": done,
+        }
+        out_nodes.append(entry)
+        if is_down:
+            down.append(n.id)
+        elif not done:
+            lagging.append(n.id)
+    return {
+        "name": name, "current": current, "revision": target, "regions": regions, "nodes": out_nodes,
+        "complete": not lagging, "lagging": lagging, "down": down,
+    }

@@ -1,0 +1,104 @@
+"""init, unseal, seal, status."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from vault_edge import wire
+from vault_edge.crypto import aead, envelope, shares, signing
+from vault_edge.server import auth
+from vault_edge.server.auth import Principal
+from vault_edge.server.context import Context
+from vault_edge.server.errors import ApiError, bad_request, conflict, not_initialized
+
+
+def _meta(ctx: Context) -> dict[str, str]:
+    with ctx.store.read() as tx:
+        return tx.get_meta()
+
+
+def status(ctx: Context) -> dict[str, Any]:
+    with ctx.store.read() as tx:
+        meta = tx.get_meta()
+        revision = tx.current_revision()
+    initialized = "canary" in meta
+    out: dict[str, Any] = {
+        "initialized": initialized,
+        "sealed": ctx.barrier.sealed,
+        "progress": ctx.barrier.progress,
+        "threshold": 0,
+        "shares": 0,
+        "revision": revision,
+    }
+    if initialized:
+        raw = json.loads(meta["scheme"])
+        scheme = shares.ShareScheme(tuple(tuple(g) for g in raw["groups"]), raw["group_threshold"])
+        out.update(
+            threshold=scheme.min_shares,
+            shares=sum(c for _, c in scheme.groups),
+            groups=[{"threshold": t, "shares": c} for t, c in scheme.groups],
+            group_threshold=scheme.group_threshold,
+            passphrase=meta.get("passphrase") == "1",
+            server_key=meta["server_key"],
+            server_pin=wire.server_pin(wire.b64d(meta["server_key"])),
+        )
+    return out
+
+
+def initialize(
+    ctx: Context, scheme: shares.ShareScheme, passphrase: str = "", root_token: str | None = None
+) -> dict[str, Any]:
+    """Make the root key, split it, store only the canary; return the shares and the root token."""
+    root = aead.new_key()
+    groups = shares.split(root, scheme, passphrase)
+    server_public = signing.public_of(envelope.signing_seed(root))
+    now = ctx.clock()
+    with ctx.store.write() as tx:
+        if not tx.add_meta("initialized_at", repr(now)):
+            raise conflict("the vault is already initialized")
+        tx.add_meta("scheme", json.dumps({"groups": [list(g) for g in scheme.groups],
+                                          "group_threshold": scheme.group_threshold}))
+        tx.add_meta("share_identifier", str(shares.set_identifier(groups[0][0])))
+        tx.add_meta("canary", wire.b64e(envelope.make_canary(root)))
+        tx.add_meta("server_key", wire.b64e(server_public))
+        tx.add_meta("passphrase", "1" if passphrase else "0")
+        token, _ = auth.create_token(tx, "root", ("",), auth.VERBS, now, secret=root_token)
+        ctx.auditor.record(tx, "operator", "sys.init", outcome="ok",
+                           shares=sum(c for _, c in scheme.groups), threshold=scheme.min_shares)
+    del root
+    flat = [m for group in groups for m in group]
+    out: dict[str, Any] = {"shares": flat, "root_token": token, "threshold": scheme.min_shares}
+    if len(groups) > 1:
+        out["groups"] = groups
+    return out
+
+
+def unseal(ctx: Context, share: str | None, passphrase: str | None, reset: bool = False) -> dict[str, Any]:
+    meta = _meta(ctx)
+    if "canary" not in meta:
+        raise not_initialized()
+    if reset:
+        ctx.barrier.reset()
+        return status(ctx)
+    if not share and not passphrase:
+        raise bad_request("give a share (or, once all shares are in, the passphrase)")
+    try:
+        result = ctx.barrier.add_share(
+            share, passphrase, identifier=int(meta["share_identifier"]), canary=wire.b64d(meta["canary"])
+        )
+    except ApiError as exc:
+        ctx.auditor.record_alone("operator", "sys.unseal", outcome="refused", reason=exc.code)
+        raise
+    if not result.sealed and result.message == "unsealed":
+        with ctx.store.write() as tx:
+            ctx.auditor.record(tx, "operator", "sys.unseal", outcome="ok")
+    return {**status(ctx), "message": result.message}
+
+
+def seal(ctx: Context, who: Principal) -> dict[str, Any]:
+    who.require("admin")
+    with ctx.store.write() as tx:
+        ctx.auditor.record(tx, who.actor, "sys.seal")
+    ctx.barrier.seal()
+    return status(ctx)

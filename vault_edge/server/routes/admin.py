@@ -1,0 +1,109 @@
+"""/v1/regions, /v1/nodes, /v1/tokens, /v1/audit: the operator's administration."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Depends, Query
+
+from vault_edge.server import auth
+from vault_edge.server.auth import Principal
+from vault_edge.server.context import Context
+from vault_edge.server.deps import duration, get_ctx, principal
+from vault_edge.server.errors import not_found
+from vault_edge.server.ops import nodes, regions
+from vault_edge.server.schemas import JoinTokenRequest, RegionCreate, TokenCreate
+
+router = APIRouter(prefix="/v1", tags=["admin"])
+
+
+@router.get("/regions")
+def list_regions(who: Principal = Depends(principal), ctx: Context = Depends(get_ctx)) -> dict[str, Any]:
+    return regions.list_regions(ctx, who)
+
+
+@router.post("/regions")
+def create_region(body: RegionCreate, who: Principal = Depends(principal), ctx: Context = Depends(get_ctx)) -> dict[str, Any]:
+    return regions.create(ctx, who, body.name)
+
+
+@router.post("/regions/{name}/rekey")
+def rekey_region(name: str, who: Principal = Depends(principal), ctx: Context = Depends(get_ctx)) -> dict[str, Any]:
+    return regions.rekey(ctx, who, name)
+
+
+@router.post("/nodes/tokens")
+def join_token(body: JoinTokenRequest, who: Principal = Depends(principal), ctx: Context = Depends(get_ctx)) -> dict[str, Any]:
+    return nodes.create_join_token(ctx, who, body.region, duration(body.ttl, "ttl"))
+
+
+@router.get("/nodes")
+def list_nodes(
+    region: str | None = Query(None, max_length=63), who: Principal = Depends(principal),
+    ctx: Context = Depends(get_ctx),
+) -> dict[str, Any]:
+    return nodes.list_nodes(ctx, who, region)
+
+
+@router.post("/nodes/{node_id}/revoke")
+def revoke_node(node_id: str, who: Principal = Depends(principal), ctx: Context = Depends(get_ctx)) -> dict[str, Any]:
+    return nodes.revoke(ctx, who, node_id)
+
+
+@router.post("/tokens")
+def create_token(body: TokenCreate, who: Principal = Depends(principal), ctx: Context = Depends(get_ctx)) -> dict[str, Any]:
+    who.require("admin")
+    ttl = duration(body.ttl, "ttl")
+    with ctx.store.write() as tx:
+        secret, token = auth.create_token(
+            tx, body.name, tuple(body.prefixes), tuple(dict.fromkeys(body.verbs)), ctx.clock(), ttl
+        )
+        ctx.auditor.record(tx, who.actor, "token.create", body.name, token_id=token.id, verbs=list(token.verbs),
+                           prefixes=list(token.prefixes))
+    return {"token": secret, "id": token.id, "name": token.name, "expires_at": token.expires_at}
+
+
+@router.get("/tokens")
+def list_tokens(who: Principal = Depends(principal), ctx: Context = Depends(get_ctx)) -> dict[str, Any]:
+    who.require("admin")
+    with ctx.store.read() as tx:
+        tokens = tx.list_operator_tokens()
+    return {"tokens": [
+        {"id": t.id, "name": t.name, "prefixes": list(t.prefixes), "verbs": list(t.verbs),
+         "created_at": t.created_at, "expires_at": t.expires_at, "revoked": t.revoked_at is not None}
+        for t in tokens
+    ]}
+
+
+@router.delete("/tokens/{token_id}")
+def revoke_token(token_id: str, who: Principal = Depends(principal), ctx: Context = Depends(get_ctx)) -> dict[str, Any]:
+    who.require("admin")
+    with ctx.store.write() as tx:
+        if not tx.revoke_operator_token(token_id[:32], ctx.clock()):
+            raise not_found(f"no active token {token_id!r}")
+        ctx.auditor.record(tx, who.actor, "token.revoke", token_id)
+    return {"id": token_id, "revoked": True}
+
+
+@router.get("/audit")
+def audit_log(
+    after: int = Query(0, ge=0, le=2**62), limit: int = Query(100, ge=1, le=1000),
+    who: Principal = Depends(principal), ctx: Context = Depends(get_ctx),
+) -> dict[str, Any]:
+    who.require("admin")
+    with ctx.store.read() as tx:
+        entries = tx.list_audit(after, limit)
+    return {"entries": [
+        {"seq": e.seq, "at": e.at, "actor": e.actor, "action": e.action, "target": e.target,
+         "outcome": e.outcome, "detail": e.detail, "hash": e.hash.hex(), "mac": e.mac is not None}
+        for e in entries
+    ]}
+
+
+@router.get("/audit/verify")
+def audit_verify(who: Principal = Depends(principal), ctx: Context = Depends(get_ctx)) -> dict[str, Any]:
+    who.require("admin")
+    v = ctx.auditor.verify()
+    return {"ok": v.ok, "entries": v.entries, "unmacked": v.unmacked, "first_bad": v.first_bad, "reason": v.reason}
+
+

@@ -1,0 +1,54 @@
+"""/v1/agent: enrolment and the signed long-poll sync of node agents."""
+
+from __future__ import annotations
+
+import asyncio
+
+from fastapi import APIRouter, Depends, Query, Request
+from fastapi.responses import Response
+
+from vault_edge import wire
+from vault_edge.server.context import Context
+from vault_edge.server.deps import get_ctx, unsealed
+from vault_edge.server.errors import forbidden
+from vault_edge.server.ops import nodes
+
+router = APIRouter(prefix="/v1/agent", tags=["agent"])
+
+
+def _target(request: Request) -> str:
+    q = request.url.query
+    return request.url.path + ("?" + q if q else "")
+
+
+def _signed(body: bytes, signature: bytes) -> Response:
+    return Response(body, media_type="application/json", headers={wire.H_SERVER_SIGNATURE: wire.b64e(signature)})
+
+
+@router.post("/enroll")
+async def enroll(request: Request, ctx: Context = Depends(unsealed)) -> Response:
+    body = await request.body()
+    out, sig = await asyncio.to_thread(nodes.enroll, ctx, _target(request), request.headers, body)
+    return _signed(out, sig)
+
+
+@router.get("/sync")
+async def sync(
+    request: Request,
+    since: int = Query(0, ge=0, le=2**62),
+    wait: float = Query(30.0, ge=0, le=300),
+    ctx: Context = Depends(unsealed),
+) -> Response:
+    """Signed long-poll: answers at once when anything after ``since`` is visible to the node, else
+    holds up to ``wait`` seconds and answers ``unchanged``. ``since`` is the node's applied revision."""
+    body = await request.body()
+    node = await asyncio.to_thread(
+        nodes.authenticate_node, ctx, "GET", _target(request), request.headers, body, since
+    )
+    hub = request.app.state.hub
+    got = await hub.wait(node.id, node.region, node.node_rev, since, min(wait, ctx.settings.sync_max_wait_s))
+    if got is not None and not got[1].active:
+        raise forbidden("node revoked")
+    view, member = got if got is not None else (None, None)
+    out, sig = hub.sync_body(node.id, request.headers.get(wire.H_NONCE, ""), view, member, since)
+    return _signed(out, sig)

@@ -1,0 +1,81 @@
+"""Background duties of the control plane, in one thread, each safe with several replicas:
+
+- rotate secrets whose ``--rotate-every`` is due (a compare-and-set on ``next_rotation_at`` lets
+  exactly one replica win each due rotation; the schedule lives in the database, so it survives
+  restarts);
+- end the grace of ``previous`` versions whose time is up (a new revision, so nodes drop them);
+- forget spent request nonces once they are past the clock-skew window.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+from vault_edge.server.auth import VERBS, Principal
+from vault_edge.server.context import Context
+from vault_edge.server.ops import keyring, secrets
+
+log = logging.getLogger("vault_edge.scheduler")
+SCHEDULER = Principal("scheduler", "scheduler", ("",), VERBS)
+
+
+class Scheduler:
+    def __init__(self, ctx: Context) -> None:
+        self.ctx = ctx
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="vault-edge-scheduler", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread:
+            self._thread.join(timeout=10)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.ctx.settings.scheduler_interval_s):
+            if self.ctx.barrier.sealed:
+                continue
+            try:
+                self.tick()
+            except Exception:
+                log.exception("scheduler tick failed")
+
+    def tick(self) -> None:
+        self.rotate_due()
+        self.expire_stages()
+        with self.ctx.store.write() as tx:
+            tx.purge_nonces(self.ctx.clock())
+
+    def rotate_due(self) -> int:
+        now, done = self.ctx.clock(), 0
+        with self.ctx.store.read() as tx:
+            due = tx.secrets_due(now)
+        for s in due:
+            if not s.rotate_every_s or s.next_rotation_at is None:
+                continue
+            with self.ctx.store.write() as tx:
+                won = tx.claim_rotation(s.id, s.next_rotation_at, now + s.rotate_every_s)
+            if won:
+                secrets.rotate(self.ctx, SCHEDULER, s.name, None, origin="scheduled")
+                done += 1
+        return done
+
+    def expire_stages(self) -> int:
+        now = self.ctx.clock()
+        with self.ctx.store.read() as tx:
+            if not tx.expired_stages(now):
+                return 0
+        with self.ctx.store.write() as tx:
+            expired = tx.expired_stages(now)
+            if not expired:
+                return 0
+            rev = tx.next_revision()
+            for secret, stage in expired:
+                tx.set_stage(secret.id, stage, None, rev, now)
+                tx.touch_regions(keyring.effective_regions(tx, secret), rev)
+                self.ctx.auditor.record(tx, "scheduler", "secret.grace_end", secret.name, stage=stage)
+        return len(expired)

@@ -1,0 +1,25 @@
+"""Control-plane settings: flags of ``vault-edge server``, or ``VAULT_EDGE_*`` environment variables."""
+
+from __future__ import annotations
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="VAULT_EDGE_", extra="ignore")
+
+    db: str | None = Field(None, description="database URL or SQLite path (default: per-user SQLite file)")
+    host: str = "127.0.0.1"
+    port: int = 8420
+    dev: bool = False
+    dev_token: str | None = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    max_body_bytes: int = 1 << 20
+    max_value_bytes: int = 256 << 10
+    default_grace_s: int = 86400  # how long `previous` stays readable after a rotation
+    node_down_after_s: int = 90  # a node silent this long counts as down, not lagging
+    sync_max_wait_s: int = 60
+    join_token_ttl_s: int = 3600
+    scheduler_interval_s: float = 1.0

@@ -1,0 +1,199 @@
+"""The tables, as SQLAlchemy Core metadata. Migrations (``migrations/versions``) create them.
+
+Times are float unix seconds. Binary columns hold ciphertext, wrapped keys, public keys and digests:
+never a plaintext secret value, never a plaintext token.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import (
+    BigInteger,
+    Column,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    LargeBinary,
+    MetaData,
+    String,
+    Table,
+    Text,
+    UniqueConstraint,
+)
+
+metadata = MetaData()
+
+# Key/value facts about the vault: the share scheme, the canary, the control plane's public key.
+meta = Table(
+    "meta",
+    metadata,
+    Column("key", String(64), primary_key=True),
+    Column("value", Text, nullable=False),
+)
+
+# Row 1: the global revision; row 2: the audit log's sequence. Taking one is UPDATE ... RETURNING,
+# whose row lock is held until commit, so revisions become visible in the order they were taken.
+counter = Table(
+    "counter",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("revision", BigInteger, nullable=False),
+)
+
+regions = Table(
+    "regions",
+    metadata,
+    Column("name", String(63), primary_key=True),
+    Column("key_version", Integer, nullable=False),
+    Column("data_rev", BigInteger, nullable=False),  # last revision that changed what its nodes see
+    Column("created_at", Float, nullable=False),
+)
+
+region_keys = Table(
+    "region_keys",
+    metadata,
+    Column("region", String(63), ForeignKey("regions.name"), primary_key=True),
+    Column("version", Integer, primary_key=True),
+    Column("wrapped", LargeBinary, nullable=False),
+    Column("created_at", Float, nullable=False),
+)
+
+secrets = Table(
+    "secrets",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("name", String(256), nullable=False, unique=True),
+    Column("regions", Text, nullable=False),  # JSON list of region names, or ["*"] for every region
+    Column("latest_version", Integer, nullable=False),
+    Column("created_at", Float, nullable=False),
+    Column("updated_at", Float, nullable=False),
+    Column("revision", BigInteger, nullable=False),
+    Column("deleted_at", Float, nullable=True),
+    Column("destroyed", Integer, nullable=False, default=0),
+    Column("generate", String(64), nullable=True),  # SPEC for generated values
+    Column("rotate_every_s", Integer, nullable=True),
+    Column("next_rotation_at", Float, nullable=True),
+    Column("grace_s", Integer, nullable=True),  # default grace of `previous` for this secret
+)
+
+secret_versions = Table(
+    "secret_versions",
+    metadata,
+    Column("secret_id", Integer, ForeignKey("secrets.id"), primary_key=True),
+    Column("version", Integer, primary_key=True),
+    Column("ciphertext", LargeBinary, nullable=True),  # NULL once destroyed
+    Column("created_at", Float, nullable=False),
+    Column("revision", BigInteger, nullable=False),
+    Column("origin", String(32), nullable=False),  # put | rotate | generated | scheduled | rollback:V
+)
+
+data_key_wraps = Table(
+    "data_key_wraps",
+    metadata,
+    Column("secret_id", Integer, primary_key=True),
+    Column("version", Integer, primary_key=True),
+    Column("region", String(63), primary_key=True),
+    Column("key_version", Integer, nullable=False),
+    Column("wrapped", LargeBinary, nullable=False),
+)
+
+stages = Table(
+    "stages",
+    metadata,
+    Column("secret_id", Integer, ForeignKey("secrets.id"), primary_key=True),
+    Column("stage", String(16), primary_key=True),
+    Column("version", Integer, nullable=False),
+    Column("revision", BigInteger, nullable=False),
+    Column("expires_at", Float, nullable=True),  # `previous` is readable until then
+)
+
+# Every move of a stage, so "which version does a node at revision R serve" has an answer.
+stage_log = Table(
+    "stage_log",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("secret_id", Integer, nullable=False),
+    Column("stage", String(16), nullable=False),
+    Column("version", Integer, nullable=True),  # NULL: the stage was removed
+    Column("revision", BigInteger, nullable=False),
+    Column("at", Float, nullable=False),
+    Index("ix_stage_log_secret", "secret_id", "stage", "revision"),
+)
+
+nodes = Table(
+    "nodes",
+    metadata,
+    Column("id", String(32), primary_key=True),
+    Column("region", String(63), ForeignKey("regions.name"), nullable=False),
+    Column("box_public", LargeBinary, nullable=False),
+    Column("sign_public", LargeBinary, nullable=False),
+    Column("hostname", String(255), nullable=False),
+    Column("status", String(16), nullable=False),  # active | revoked
+    Column("enrolled_at", Float, nullable=False),
+    Column("last_seen", Float, nullable=True),
+    Column("applied_revision", BigInteger, nullable=False),
+    Column("node_rev", BigInteger, nullable=False),  # last revision that changed this node's grants/status
+    Index("ix_nodes_region", "region"),
+)
+
+grants = Table(
+    "grants",
+    metadata,
+    Column("node_id", String(32), ForeignKey("nodes.id"), primary_key=True),
+    Column("region", String(63), primary_key=True),
+    Column("key_version", Integer, primary_key=True),
+    Column("sealed", LargeBinary, nullable=False),
+    Column("revision", BigInteger, nullable=False),
+)
+
+join_tokens = Table(
+    "join_tokens",
+    metadata,
+    Column("id", String(32), primary_key=True),
+    Column("digest", LargeBinary, nullable=False),
+    Column("region", String(63), ForeignKey("regions.name"), nullable=False),
+    Column("created_at", Float, nullable=False),
+    Column("expires_at", Float, nullable=False),
+    Column("used_at", Float, nullable=True),
+    Column("used_by", String(32), nullable=True),
+)
+
+operator_tokens = Table(
+    "operator_tokens",
+    metadata,
+    Column("id", String(32), primary_key=True),
+    Column("digest", LargeBinary, nullable=False, unique=True),
+    Column("name", String(128), nullable=False),
+    Column("prefixes", Text, nullable=False),  # JSON list of name prefixes ("" = every name)
+    Column("verbs", Text, nullable=False),  # JSON list of verbs
+    Column("created_at", Float, nullable=False),
+    Column("expires_at", Float, nullable=True),
+    Column("revoked_at", Float, nullable=True),
+)
+
+# Nonces of signed node requests, kept for the clock-skew window, shared by every replica.
+nonces = Table(
+    "nonces",
+    metadata,
+    Column("node_id", String(32), primary_key=True),
+    Column("nonce", String(32), primary_key=True),
+    Column("expires_at", Float, nullable=False),
+    Index("ix_nonces_expires", "expires_at"),
+)
+
+# Hash-chained audit log. `hash` = SHA-256(prev hash || entry); `mac` = HMAC(audit key, hash)
+# when the vault was unsealed at the time (the audit key derives from the root key).
+audit = Table(
+    "audit",
+    metadata,
+    Column("seq", BigInteger, primary_key=True, autoincrement=False),
+    Column("at", Float, nullable=False),
+    Column("actor", String(128), nullable=False),
+    Column("action", String(64), nullable=False),
+    Column("target", String(300), nullable=False),
+    Column("outcome", String(16), nullable=False),
+    Column("detail", Text, nullable=False),
+    Column("hash", LargeBinary, nullable=False),
+    Column("mac", LargeBinary, nullable=True),
+    UniqueConstraint("hash", name="uq_audit_hash"),
+)
