@@ -124,3 +124,12 @@ def parse_join_token(token: str) -> tuple[str, str, str]:
 def token_digest(secret: str) -> bytes:
     """Tokens are stored as SHA-256 digests: they are 256-bit random, so no slow hash is needed."""
     return hashlib.sha256(secret.encode()).digest()
+
+
+def value_fields(value: bytes) -> dict[str, str]:
+    """A secret value in JSON, the same everywhere: ``{"value": text, "encoding": "utf-8"}`` when it is
+    UTF-8, else ``{"value": base64url, "encoding": "base64"}``."""
+    try:
+        return {"value": value.decode("utf-8"), "encoding": "utf-8"}
+    except UnicodeDecodeError:
+        return {"value": b64e(value), "encoding": "base64"}

@@ -28,6 +28,9 @@ SO_PEERPIDFD: Final = getattr(socket, "SO_PEERPIDFD", 77)  # Linux 6.5; Python 3
 class SocketLike(Protocol):
     """A socket, or the wrappers event loops hand out (asyncio's TransportSocket, uvloop's)."""
 
+    @property
+    def family(self) -> int: ...
+
     def getsockopt(self, level: int, option: int, buflen: int = ..., /) -> Any: ...
 
 
@@ -48,6 +51,8 @@ def peer_of(sock: SocketLike, *, with_exe: bool = False) -> Caller:
     """
     if sys.platform != "linux":
         raise OSError("SO_PEERCRED is only available on Linux")
+    if sock.family != socket.AF_UNIX:  # TCP would answer too, with pid 0 and uid -1
+        raise OSError("kernel credentials exist only for unix sockets")
     pid, uid, gid = _CRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _CRED.size))
     exe = exe_of(sock, pid) if with_exe and pid > 0 else None
     return Caller(pid=pid, uid=uid, gid=gid, exe=exe)

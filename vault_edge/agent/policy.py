@@ -129,6 +129,15 @@ class Policy:
             hit = self._memo[key] = self._decide(caller, token, name)
         return hit
 
+    def knows_token(self, token: str) -> bool:
+        """True when some rule names this token (checked against every rule, in constant time each)."""
+        digest = hashlib.sha256(token.encode("utf-8", "surrogateescape")).digest()
+        found = False
+        for r in self.rules or ():
+            if r.token_digest is not None:
+                found |= hmac.compare_digest(r.token_digest, digest)
+        return found
+
     def _decide(self, caller: Caller, token: str | None, name: str) -> bool:
         if self.rules is None:
             return token is None and caller.uid in (0, self.owner_uid)

@@ -47,7 +47,10 @@ class View:
     def lookup(self, name: str, version: int | None = None, stage: str | None = None,
                now: float | None = None) -> Entry | None:
         """The entry for ``name`` (current by default), or None if absent or past its grace."""
-        e = self.by_version.get((name, version)) if version is not None else self.by_stage.get((name, stage or "current"))
+        if version is not None:
+            e = self.by_version.get((name, version))
+        else:
+            e = self.by_stage.get((name, stage or "current"))
         if e is None or (e.expires_at is not None and not e.live(time.time() if now is None else now)):
             return None
         return e

@@ -1,10 +1,159 @@
-"""``vault-edge agent ...``: run the node agent, and local verbs against its socket."""
+"""``vault-edge agent ...``: run the node agent, and local verbs against its socket.
+
+Nothing here imports the server: the agent starts fast and stays small.
+"""
 
 from __future__ import annotations
 
+import logging
+import os
+import sys
+from pathlib import Path
+
 import click
+
+from vault_edge.cli.output import CliError, emit_json, output_option
 
 
 @click.group()
 def agent() -> None:
     """The node agent (one per PoP host) and local reads through its socket."""
+
+
+def _seconds(value: str | None, flag: str) -> float | None:
+    from vault_edge.durations import parse_duration
+
+    if value is None:
+        return None
+    try:
+        return float(parse_duration(value))
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint=flag) from None
+
+
+@agent.command("run")
+@click.option("--server", envvar="VAULT_EDGE_ADDR", help="control plane URL (default: the one it enrolled with)")
+@click.option("--state-dir", required=True, type=click.Path(file_okay=False), help="keys, enrolment, disk cache")
+@click.option("--socket", "socket_path", envvar="VAULT_EDGE_SOCKET", required=True, type=click.Path(dir_okay=False),
+              help="unix socket to serve workers on (created mode 0660)")
+@click.option("--join-token", envvar="VAULT_EDGE_JOIN_TOKEN", help="single-use token for the first start")
+@click.option("--join-token-file", type=click.Path(exists=True, dir_okay=False), help="read the join token from a file")
+@click.option("--policy", type=click.Path(exists=True, dir_okay=False), help="TOML policy: who may read what")
+@click.option("--max-stale", help="refuse reads (503 too_stale) when out of contact longer than this (default: never)")
+@click.option("--stale-after", default="75s", show_default=True, help="health says stale past this age")
+@click.option("--wait", "wait", default="30s", show_default=True, help="long-poll hold asked of the control plane")
+@click.option("--tls-ca", type=click.Path(exists=True, dir_okay=False), help="CA bundle for an https control plane")
+@click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info")
+def agent_run(server: str | None, state_dir: str, socket_path: str, join_token: str | None,
+              join_token_file: str | None, policy: str | None, max_stale: str | None, stale_after: str, wait: str,
+              tls_ca: str | None, log_level: str) -> None:
+    """Run the node agent: enrol once, sync, cache, serve the socket."""
+    from vault_edge.agent.run import AgentConfig, AgentError, main
+
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        stream=sys.stderr)
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per long-poll is noise
+    if join_token_file:
+        join_token = Path(join_token_file).read_text().strip()
+    cfg = AgentConfig(
+        server=server, state_dir=Path(state_dir), socket=Path(socket_path), join_token=join_token,
+        policy=Path(policy) if policy else None, max_stale=_seconds(max_stale, "--max-stale"),
+        stale_after=_seconds(stale_after, "--stale-after") or 75.0, wait=_seconds(wait, "--wait") or 30.0,
+        tls_ca=tls_ca,
+    )
+    try:
+        code = main(cfg)
+    except AgentError as exc:
+        raise CliError(str(exc)) from None
+    sys.exit(code)
+
+
+def _client(socket_path: str | None, token: str | None):  # type: ignore[no-untyped-def]
+    from vault_edge.client import AgentClient
+
+    return AgentClient(socket_path, token)
+
+
+def _agent_errors(fn):  # type: ignore[no-untyped-def]
+    import functools
+
+    from vault_edge.client import AgentError
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):  # type: ignore[no-untyped-def]
+        try:
+            return fn(*args, **kwargs)
+        except AgentError as exc:
+            raise CliError(exc.message) from None
+
+    return wrapper
+
+
+socket_option = click.option("--socket", "socket_path", envvar="VAULT_EDGE_SOCKET", help="the agent's socket")
+token_option = click.option("--token", envvar="VAULT_EDGE_AGENT_TOKEN", help="capability token (X-Vault-Edge-Token)")
+
+
+@agent.command("get")
+@click.argument("name")
+@click.option("--version", type=click.IntRange(min=1))
+@click.option("--stage", type=click.Choice(["current", "previous", "pending"]))
+@socket_option
+@token_option
+@output_option
+@_agent_errors
+def agent_get(name: str, version: int | None, stage: str | None, socket_path: str | None, token: str | None,
+              fmt: str) -> None:
+    """Read a secret from the local agent."""
+    with _client(socket_path, token) as c:
+        s = c.get(name, version, stage)
+    if fmt == "json":
+        from vault_edge.wire import value_fields
+
+        emit_json({"name": s.name, **value_fields(s.value), "version": s.version, "stage": s.stage,
+                   "revision": s.revision})
+    else:
+        sys.stdout.buffer.write(s.value + (b"\n" if sys.stdout.isatty() else b""))
+        sys.stdout.flush()
+
+
+@agent.command("exec", context_settings={"ignore_unknown_options": True})
+@click.option("--env", "pairs", multiple=True, metavar="VAR=NAME", help="put secret NAME in variable VAR (repeat)")
+@socket_option
+@token_option
+@click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
+@_agent_errors
+def agent_exec(pairs: tuple[str, ...], socket_path: str | None, token: str | None, command: tuple[str, ...]) -> None:
+    """Run COMMAND with secrets in its environment: agent exec --env DB_PASSWORD=db/password -- ./app"""
+    mapping: dict[str, str] = {}
+    for pair in pairs:
+        var, sep, name = pair.partition("=")
+        if not sep or not var or not name or not var.replace("_", "").isalnum():
+            raise click.BadParameter(f"{pair!r}: expected VAR=NAME", param_hint="--env")
+        mapping[var] = name
+    env = dict(os.environ)
+    if mapping:
+        with _client(socket_path, token) as c:
+            got = c.get_many(sorted(set(mapping.values())))
+        for var, name in mapping.items():
+            try:
+                env[var] = got[name].text
+            except UnicodeDecodeError:
+                raise CliError(f"{name} is binary; it cannot go into an environment variable") from None
+    try:
+        os.execvpe(command[0], list(command), env)
+    except OSError as exc:
+        raise CliError(f"cannot run {command[0]}: {exc.strerror}") from None
+
+
+@agent.command("token")
+@output_option
+def agent_token(fmt: str) -> None:
+    """A new capability token for a workerd binding, and the line for the policy file."""
+    from vault_edge.agent.policy import new_token
+
+    token, digest = new_token()
+    if fmt == "json":
+        emit_json({"token": token, "token_sha256": digest})
+    else:
+        click.echo(token)
+        click.echo(f'# policy.toml:\n[[rule]]\ntoken_sha256 = "{digest}"\nsecrets = ["..."]', err=True)

@@ -6,7 +6,6 @@ Server modules are imported inside the commands, so agent-side verbs never load 
 from __future__ import annotations
 
 import os
-import secrets
 import shutil
 import signal
 import subprocess
@@ -17,7 +16,7 @@ from typing import Any
 
 import click
 
-from vault_edge.cli.output import CliError, err, out
+from vault_edge.cli.output import CliError, err
 
 
 @click.command()
@@ -51,7 +50,10 @@ def server(dev: bool, dev_token: str | None, db: str | None, host: str | None, p
         try:
             app = create_app(settings, on_ready=_dev_bootstrap(settings) if settings.dev else None)
         except Exception as exc:  # a bad --db URL, an unreachable database, a failed migration
-            raise CliError(f"cannot open the database: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}") from None
+            first_line = (str(exc).splitlines() or [""])[0][:200]
+            raise CliError(f"cannot open the database: {type(exc).__name__}: {first_line}") from None
+        # uvicorn re-raises the signal it stopped on; turn it into SystemExit so `finally` runs
+        signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
         uvicorn.run(app, host=settings.host, port=settings.port, log_level=log_level,
                     ssl_certfile=settings.tls_cert, ssl_keyfile=settings.tls_key,
                     timeout_graceful_shutdown=3)

@@ -22,7 +22,7 @@ MAX_LENGTH = 4096
 
 
 def parse_spec(spec: str) -> tuple[int, str]:
-    length, sep, alphabet = str(spec).partition(":")
+    length, _, alphabet = str(spec).partition(":")
     alphabet = alphabet or "base64url"
     if not length.isdigit() or not 1 <= int(length) <= MAX_LENGTH or alphabet not in ALPHABETS:
         raise ValueError(

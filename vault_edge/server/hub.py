@@ -177,7 +177,9 @@ class Hub:
         return await asyncio.shield(pending)
 
     # -- long-poll -----------------------------------------------------------------------------
-    async def wait(self, node_id: str, region: str, node_rev: int, since: int, timeout: float) -> tuple[RegionView, Member] | None:
+    async def wait(
+        self, node_id: str, region: str, node_rev: int, since: int, timeout: float
+    ) -> tuple[RegionView, Member] | None:
         """Wait until something after ``since`` is visible to the node; None on timeout.
         ``node_rev`` is the node's revision as authentication read it: a view older than that is
         reloaded first (the node may have enrolled through another replica a moment ago)."""

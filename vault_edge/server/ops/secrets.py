@@ -20,14 +20,6 @@ from vault_edge.server.storage.records import Secret, Stage
 from vault_edge.server.storage.repo import Tx
 
 
-def value_fields(value: bytes) -> dict[str, str]:
-    """A value as JSON: text when it is UTF-8, else base64 with ``"encoding": "base64"``."""
-    try:
-        return {"value": value.decode("utf-8"), "encoding": "utf-8"}
-    except UnicodeDecodeError:
-        return {"value": wire.b64e(value), "encoding": "base64"}
-
-
 def _check_name(name: str) -> str:
     try:
         return wire.check_name(name)
@@ -289,7 +281,8 @@ def get(
     with ctx.store.write() as tx:
         ctx.auditor.record(tx, who.actor, "secret.read", name, version=version)
     stage_of = next((k for k, s in stages.items() if s.version == version), None)
-    return {"name": name, **value_fields(value), "version": version, "stage": stage_of, "revision": secret.revision}
+    return {"name": name, **wire.value_fields(value), "version": version, "stage": stage_of,
+            "revision": secret.revision}
 
 
 def list_secrets(ctx: Context, who: Principal, prefix: str = "") -> dict[str, Any]:

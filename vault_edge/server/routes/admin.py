@@ -23,7 +23,9 @@ def list_regions(who: Principal = Depends(principal), ctx: Context = Depends(get
 
 
 @router.post("/regions")
-def create_region(body: RegionCreate, who: Principal = Depends(principal), ctx: Context = Depends(get_ctx)) -> dict[str, Any]:
+def create_region(
+    body: RegionCreate, who: Principal = Depends(principal), ctx: Context = Depends(get_ctx)
+) -> dict[str, Any]:
     return regions.create(ctx, who, body.name)
 
 
@@ -33,7 +35,9 @@ def rekey_region(name: str, who: Principal = Depends(principal), ctx: Context = 
 
 
 @router.post("/nodes/tokens")
-def join_token(body: JoinTokenRequest, who: Principal = Depends(principal), ctx: Context = Depends(get_ctx)) -> dict[str, Any]:
+def join_token(
+    body: JoinTokenRequest, who: Principal = Depends(principal), ctx: Context = Depends(get_ctx)
+) -> dict[str, Any]:
     return nodes.create_join_token(ctx, who, body.region, duration(body.ttl, "ttl"))
 
 
@@ -51,7 +55,9 @@ def revoke_node(node_id: str, who: Principal = Depends(principal), ctx: Context 
 
 
 @router.post("/tokens")
-def create_token(body: TokenCreate, who: Principal = Depends(principal), ctx: Context = Depends(get_ctx)) -> dict[str, Any]:
+def create_token(
+    body: TokenCreate, who: Principal = Depends(principal), ctx: Context = Depends(get_ctx)
+) -> dict[str, Any]:
     who.require("admin")
     ttl = duration(body.ttl, "ttl")
     with ctx.store.write() as tx:

@@ -9,7 +9,7 @@ from fastapi.responses import Response
 
 from vault_edge import wire
 from vault_edge.server.context import Context
-from vault_edge.server.deps import get_ctx, unsealed
+from vault_edge.server.deps import unsealed
 from vault_edge.server.errors import forbidden
 from vault_edge.server.ops import nodes
 

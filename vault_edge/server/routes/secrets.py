@@ -31,7 +31,9 @@ def list_secrets(
 
 
 @router.put("/secrets/{name:path}")
-def put(name: str, body: PutSecret, who: Principal = Depends(principal), ctx: Context = Depends(get_ctx)) -> dict[str, Any]:
+def put(
+    name: str, body: PutSecret, who: Principal = Depends(principal), ctx: Context = Depends(get_ctx)
+) -> dict[str, Any]:
     return secrets.put(
         ctx, who, name, _value(body), body.generate, body.regions,
         duration(body.rotate_every, "rotate_every"), duration(body.grace, "grace"),

@@ -57,15 +57,14 @@ class Store:
 
     @contextmanager
     def write(self) -> Iterator[Tx]:
-        with self.engine.connect().execution_options(vault_edge_write=True) as conn:
-            with conn.begin():
-                tx = Tx(conn, self.dialect)
-                yield tx
-                if tx.changed_regions is not None and self.dialect == "postgresql":
-                    conn.execute(
-                        text("SELECT pg_notify(:ch, :payload)"),
-                        {"ch": NOTIFY_CHANNEL, "payload": encode_notice(tx.revision, tx.changed_regions)},
-                    )
+        with self.engine.connect().execution_options(vault_edge_write=True) as conn, conn.begin():
+            tx = Tx(conn, self.dialect)
+            yield tx
+            if tx.changed_regions is not None and self.dialect == "postgresql":
+                conn.execute(
+                    text("SELECT pg_notify(:ch, :payload)"),
+                    {"ch": NOTIFY_CHANNEL, "payload": encode_notice(tx.revision, tx.changed_regions)},
+                )
         if tx.changed_regions is not None:
             for listener in self._listeners:
                 listener(tx.revision, frozenset(tx.changed_regions))

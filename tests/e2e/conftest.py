@@ -1,0 +1,151 @@
+"""Real processes for end-to-end tests: a control plane, node agents on real unix sockets."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import ServerProcess, vault_edge_cmd
+from vault_edge.client import AgentClient, AgentError
+from vault_edge.operator import OperatorClient
+
+
+def wait_until(pred: Callable[[], Any], timeout: float = 15.0, what: str = "condition") -> Any:
+    deadline = time.monotonic() + timeout
+    last_exc: Exception | None = None
+    while time.monotonic() < deadline:
+        try:
+            value = pred()
+            if value:
+                return value
+        except (AgentError, OSError) as exc:
+            last_exc = exc
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}" + (f" (last error: {last_exc})" if last_exc else ""))
+
+
+class AgentProcess:
+    def __init__(self, workdir: Path, name: str, server: str, join_token: str | None,
+                 extra: list[str] | None = None) -> None:
+        self.name = name
+        self.state_dir = workdir / f"{name}-state"
+        self.socket = workdir / f"{name}.sock"
+        self.log_path = workdir / f"{name}.log"
+        self.server, self.join_token, self.extra = server, join_token, extra or []
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, wait_ready: bool = True) -> AgentProcess:
+        args = [*vault_edge_cmd(), "agent", "run", "--server", self.server, "--state-dir", str(self.state_dir),
+                "--socket", str(self.socket), "--wait", "2s", *self.extra]
+        if self.join_token:
+            args += ["--join-token", self.join_token]
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
+        wait_until(lambda: self.socket.exists() or self.proc.poll() is not None, 20, f"{self.name}'s socket")
+        assert self.proc.poll() is None, f"agent exited: {self.log()[-3000:]}"
+        if wait_ready:
+            wait_until(lambda: self.health()["status"] == "ok", 20, f"{self.name} in sync")
+        return self
+
+    def stop(self, sig: int = 15) -> int | None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode if self.proc else None
+
+    def client(self, token: str | None = None) -> AgentClient:
+        return AgentClient(str(self.socket), token)
+
+    def get(self, name: str, **kw: Any) -> str:
+        with self.client() as c:
+            return c.get(name, **kw).text
+
+    def health(self) -> dict[str, Any]:
+        with self.client() as c:
+            return c.health()
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    @property
+    def node_id(self) -> str:
+        return json.loads((self.state_dir / "node.json").read_text())["node"]
+
+
+class ControlPlane:
+    """A real `vault-edge server`, initialized and unsealed, with an operator client."""
+
+    def __init__(self, workdir: Path, db: str) -> None:
+        self.workdir, self.db = workdir, db
+        self.server = ServerProcess(db, workdir / "server.log").start()
+        self.addr = self.server.addr
+        with OperatorClient(self.addr, "") as c:
+            doc = c.init(shares=3, threshold=2)
+        self.shares, self.token = doc["shares"], doc["root_token"]
+        self.unseal()
+        self.op = OperatorClient(self.addr, self.token)
+
+    def unseal(self) -> None:
+        with OperatorClient(self.addr, "") as c:
+            for share in self.shares[:2]:
+                c.unseal(share)
+
+    def kill(self) -> None:
+        self.server.stop(9)
+
+    def restart(self) -> None:
+        self.server.stop()
+        self.server = ServerProcess(self.db, self.workdir / "server.log", port=self.server.port).start()
+        self.unseal()
+
+    def join_token(self, region: str) -> str:
+        return str(self.op.join_token(region)["token"])
+
+    def close(self) -> None:
+        self.op.close()
+        self.server.stop()
+
+
+@pytest.fixture
+def workdir(tmp_path: Path) -> Iterator[Path]:
+    # unix socket paths are limited to 108 bytes: keep them short
+    d = Path(tempfile.mkdtemp(prefix="ve-", dir=os.environ.get("VE_E2E_DIR", "/tmp")))
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture
+def control_plane(workdir: Path) -> Iterator[ControlPlane]:
+    cp = ControlPlane(workdir, str(workdir / "vault.db"))
+    for region in ("eu", "us"):
+        cp.op.create_region(region)
+    yield cp
+    cp.close()
+
+
+@pytest.fixture
+def start_agent(workdir: Path, control_plane: ControlPlane) -> Iterator[Callable[..., AgentProcess]]:
+    started: list[AgentProcess] = []
+
+    def start(name: str, region: str, *extra: str, server: str | None = None, wait_ready: bool = True,
+              ) -> AgentProcess:
+        a = AgentProcess(workdir, name, server or control_plane.addr, control_plane.join_token(region), list(extra))
+        started.append(a)
+        return a.start(wait_ready=wait_ready)
+
+    yield start
+    for a in started:
+        a.stop()

@@ -1,0 +1,79 @@
+"""A man in the middle between agents and the control plane, for tamper tests: real sockets, real
+HTTP. It forwards everything, records sync answers per node, and when armed rewrites them."""
+
+from __future__ import annotations
+
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import httpx
+
+from vault_edge import wire
+
+
+class Proxy:
+    def __init__(self, upstream: str) -> None:
+        self.upstream = upstream.rstrip("/")
+        self.mode = "pass"  # pass | tamper | other_node | replay
+        self.answers: dict[str, list[tuple[bytes, str]]] = {}  # node → [(body, signature)]
+        self.rewritten = 0
+        self.lock = threading.Lock()
+        proxy = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+            def do_GET(self) -> None:
+                proxy.forward(self, "GET")
+
+            def do_POST(self) -> None:
+                proxy.forward(self, "POST")
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.addr = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+    def forward(self, h: BaseHTTPRequestHandler, method: str) -> None:
+        length = int(h.headers.get("content-length") or 0)
+        body = h.rfile.read(length) if length else b""
+        headers = {k: v for k, v in h.headers.items() if k.lower() not in ("host", "content-length", "connection")}
+        with httpx.Client(timeout=120) as c:
+            resp = c.request(method, self.upstream + h.path, content=body, headers=headers)
+        out, sig = resp.content, resp.headers.get(wire.H_SERVER_SIGNATURE, "")
+        node = h.headers.get(wire.H_NODE, "")
+        if h.path.startswith("/v1/agent/sync") and resp.status_code == 200:
+            out, sig = self.rewrite(node, out, sig)
+        h.send_response(resp.status_code)
+        h.send_header("content-type", resp.headers.get("content-type", "application/json"))
+        if sig:
+            h.send_header(wire.H_SERVER_SIGNATURE, sig)
+        h.send_header("content-length", str(len(out)))
+        h.end_headers()
+        h.wfile.write(out)
+
+    def rewrite(self, node: str, body: bytes, sig: str) -> tuple[bytes, str]:
+        with self.lock:
+            mine = self.answers.setdefault(node, [])
+            if self.mode == "pass" or not mine:
+                mine.append((body, sig))
+                return body, sig
+            self.rewritten += 1
+            if self.mode == "tamper":  # one byte of the signed body changed
+                i = body.index(b'"revision":') + len(b'"revision":')
+                return body[:i] + (b"9" if body[i:i + 1] != b"9" else b"8") + body[i + 1:], sig
+            if self.mode == "other_node":  # a genuine answer, signed, but made for another node
+                other = next(v for k, v in self.answers.items() if k != node and v)
+                return other[-1]
+            if self.mode == "replay":  # this node's own genuine, older answer
+                return mine[0]
+            raise AssertionError(self.mode)

@@ -1,0 +1,72 @@
+"""Hostile sync answers and a hostile disk: refused, logged, and the good cached value still served."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from tests.e2e.conftest import ControlPlane, wait_until
+from tests.e2e.proxy import Proxy
+from vault_edge import wire
+
+
+@pytest.fixture
+def proxy(control_plane: ControlPlane) -> Iterator[Proxy]:
+    p = Proxy(control_plane.addr)
+    yield p
+    p.close()
+
+
+@pytest.mark.parametrize("mode,reason", [
+    ("tamper", "bad control-plane signature"),
+    ("other_node", "another node"),
+    ("replay", "does not match this request"),
+])
+def test_hostile_sync_answers_are_refused(control_plane: ControlPlane, start_agent: Any, proxy: Proxy,
+                                          mode: str, reason: str) -> None:
+    op = control_plane.op
+    op.put("eu/db", value="good-v1", regions=["eu"])
+    a = start_agent("eu1", "eu", server=proxy.addr)
+    start_agent("eu2", "eu", server=proxy.addr)  # its answers are what `other_node` hands to eu1
+    assert a.get("eu/db") == "good-v1"
+    held = a.health()["revision"]
+
+    proxy.mode = mode
+    op.rotate("eu/db", value="evil-or-new-v2")
+    wait_until(lambda: reason in a.log(), 20, f"the agent to refuse a {mode} answer")
+    assert proxy.rewritten >= 1
+    # refused and logged; the good value (and revision) still served
+    assert a.get("eu/db") == "good-v1"
+    assert a.health()["revision"] == held
+    assert "refused a sync answer" in a.log()
+    assert "evil-or-new-v2" not in a.log()
+
+    proxy.mode = "pass"  # the link heals: the agent catches up with the genuine answer
+    wait_until(lambda: a.get("eu/db") == "evil-or-new-v2", 20, "catch-up after the attack stops")
+
+
+def test_a_tampered_disk_cache_is_refused_on_start(control_plane: ControlPlane, start_agent: Any) -> None:
+    control_plane.op.put("eu/db", value="cached-v1", regions=["eu"])
+    a = start_agent("eu1", "eu")
+    assert a.get("eu/db") == "cached-v1"
+    a.stop()
+    cache = a.state_dir / "cache.json"
+    doc = json.loads(cache.read_text())
+    body = bytearray(wire.b64d(doc["body"]))
+    body[len(body) // 2] ^= 0x01
+    doc["body"] = wire.b64e(bytes(body))
+    cache.write_text(json.dumps(doc))
+    control_plane.kill()  # no control plane: the agent has only its (tampered) disk
+    a.join_token = None
+    a.start(wait_ready=False)
+    wait_until(lambda: "refused the disk cache" in a.log(), 15, "the cache to be refused")
+    assert a.health()["status"] == "starting"  # nothing trustworthy to serve
+    with a.client() as c:
+        from vault_edge.client import AgentError
+
+        with pytest.raises(AgentError) as e:
+            c.get("eu/db")
+    assert e.value.status == 503 and e.value.code == "not_ready"

@@ -1,0 +1,122 @@
+"""Verify and open a sync answer into a :class:`View`. Pure: bytes and keys in, a view out.
+
+A bundle is refused whole (``BundleError``), leaving the agent's view as it was, when: the control
+plane's signature does not verify; it names another node; it does not echo this request's nonce (a
+replayed answer); its revision is older than the one held; a secret's current version is older than
+the one held (anti-rollback); or any grant, data key or value fails to open (tampered or moved).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from vault_edge import wire
+from vault_edge.agent.identity import Identity
+from vault_edge.agent.view import Entry, View
+from vault_edge.crypto import envelope, signing
+from vault_edge.crypto.errors import DecryptionError
+
+MAX_BUNDLE = 64 << 20
+
+
+class BundleError(Exception):
+    """A sync answer refused; the message is safe to log (no values)."""
+
+
+@dataclass(frozen=True)
+class Opened:
+    kind: str  # "sync" or "unchanged"
+    revision: int
+    view: View | None  # None for "unchanged"
+    issued_at: int
+
+
+class GrantCache:
+    """Opened grants, keyed by their sealed bytes: a grant opens once, not on every sync."""
+
+    def __init__(self) -> None:
+        self._keys: dict[bytes, bytes] = {}
+
+    def open(self, identity: Identity, node: str, region: str, kv: int, sealed: bytes) -> bytes:
+        key = self._keys.get(sealed)
+        if key is None:
+            key = signing.open_grant(identity.keys.box_private.reveal(), sealed, node, region, kv)
+            if len(self._keys) > 64:
+                self._keys.clear()
+            self._keys[sealed] = key
+        return key
+
+
+def verify(identity: Identity, body: bytes, signature_b64: str | None) -> dict[str, Any]:
+    """The parsed body, if the control plane signed it for this node; else BundleError."""
+    enrolment = identity.enrolment
+    if enrolment is None:
+        raise BundleError("not enrolled")
+    if len(body) > MAX_BUNDLE:
+        raise BundleError("sync answer too large")
+    try:
+        signature = wire.b64d(signature_b64 or "", max_len=128)
+    except wire.WireError:
+        raise BundleError("sync answer without a valid signature header") from None
+    if not signing.verify(enrolment.server_key, wire.response_message("sync", body), signature):
+        raise BundleError("bad control-plane signature on the sync answer")
+    try:
+        doc = json.loads(body)
+    except ValueError:
+        raise BundleError("sync answer is not JSON") from None
+    if not isinstance(doc, dict) or doc.get("v") != wire.PROTOCOL_VERSION:
+        raise BundleError("unknown sync protocol version")
+    if doc.get("node") != enrolment.node:
+        raise BundleError("sync answer made for another node")
+    return doc
+
+
+def open_bundle(
+    identity: Identity, body: bytes, signature_b64: str | None, *, nonce: str | None, held: View,
+    grants: GrantCache | None = None,
+) -> Opened:
+    """Verify, check freshness against ``nonce`` (None when loading the disk cache) and ``held``
+    (anti-rollback), and decrypt everything. Nothing is installed here."""
+    doc = verify(identity, body, signature_b64)
+    assert identity.enrolment is not None
+    node, region = identity.enrolment.node, identity.enrolment.region
+    if nonce is not None and doc.get("nonce") != nonce:
+        raise BundleError("sync answer does not match this request (replayed?)")
+    revision = doc.get("revision")
+    if not isinstance(revision, int) or revision < 0:
+        raise BundleError("sync answer without a revision")
+    if revision < held.revision:
+        raise BundleError(f"sync answer at revision {revision} is older than the held {held.revision} (rollback)")
+    kind = doc.get("kind")
+    issued_at = int(doc.get("issued_at") or 0)
+    if kind == "unchanged":
+        return Opened("unchanged", revision, None, issued_at)
+    if kind != "sync" or doc.get("region") != region:
+        raise BundleError("sync answer for another region")
+    grants = grants or GrantCache()
+    try:
+        region_keys = {
+            int(g["kv"]): grants.open(identity, node, region, int(g["kv"]), wire.b64d(g["box"]))
+            for g in doc["grants"] if g.get("region") == region
+        }
+        entries = []
+        for s in doc["secrets"]:
+            name, version, kv = str(s["name"]), int(s["version"]), int(s["kv"])
+            if kv not in region_keys:
+                raise BundleError(f"no grant for region key version {kv}")
+            dek = envelope.unwrap_data_key(region_keys[kv], name, version, region, kv, wire.b64d(s["dek"]))
+            value = envelope.decrypt_value(dek, name, version, wire.b64d(s["ct"]))
+            exp = s.get("expires_at")
+            entries.append(Entry(name, version, str(s["stage"]), value, float(exp) if exp is not None else None))
+    except DecryptionError:
+        raise BundleError("a grant, data key or value in the sync answer did not open (tampered or moved)") from None
+    except (KeyError, TypeError, ValueError, wire.WireError):
+        raise BundleError("malformed sync answer") from None
+    view = View(node, region, revision, entries)
+    for name, version in held.current_versions().items():
+        new = view.by_stage.get((name, "current"))
+        if new is not None and new.version < version:
+            raise BundleError(f"sync answer would roll {name!r} back from version {version} to {new.version}")
+    return Opened("sync", revision, view, issued_at)

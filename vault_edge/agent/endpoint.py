@@ -1,0 +1,651 @@
+"""The agent's socket server: HTTP/1.1 on a unix socket, the product's hot path.
+
+Edge workers read secrets here on every request, so the path is built for that read:
+
+* ``asyncio.Protocol`` on the running loop (uvloop when installed: :func:`run`), not streams.
+* The caller is read from the kernel once per connection (``peercred``), never from the request.
+* Answers are cached per connection, keyed by the raw request head: a repeated request (the common
+  case: a worker reads the same few names) costs one dict lookup and one write. The cache is
+  dropped whenever an answer could change: a new view (``state.generation``), a new contact with the
+  control plane, the integer ``Age`` ticking over, ``--max-stale`` passing, and at least every second.
+  Answers about an entry with a grace-period end (``previous``) and health/watch are never cached.
+* The request head is parsed by hand: method, target, and only the headers the API reads (Accept,
+  X-Vault-Edge-Token, Connection, Content-Length, Transfer-Encoding). It measured faster than
+  httptools for these heads (bench/README.md), and it only runs on a cache miss.
+* Pipelined requests are answered in order; a long-poll (``/v1/watch``) holds the ones behind it.
+
+Headers on every answer: ``X-Vault-Edge-Revision`` (the view's revision) and ``Age`` (whole seconds
+since the agent last heard from the control plane; ``0`` when it has not in this process, e.g. when
+serving from the disk cache at start: ``/v1/health`` then says ``stale`` with ``last_sync_age_s``
+null), and ``Cache-Control: no-store``.
+
+Order of checks on a read: 400 (bad request) → 403 (policy: a name the caller may not read is
+forbidden whether or not it exists) → 503 (``not_ready``, ``too_stale``) → 404 (absent or past grace).
+
+Hostile input: heads over 8 KiB get 431, malformed ones 400, request bodies and Transfer-Encoding are
+refused (answer, then close), heads left unfinished for 10 s get 408; all close the connection, and
+a client that stops reading is paused at the transport's write-buffer limit. Nothing here logs or
+raises with a secret value in it.
+
+Imports nothing of the control plane, FastAPI, Starlette, SQLAlchemy or httpx: cold start matters.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import math
+import os
+import re
+import socket
+import stat
+from collections.abc import Coroutine
+from time import monotonic
+from typing import Any, Final, NamedTuple, TypeVar, cast
+from urllib.parse import unquote
+
+from vault_edge.agent.peercred import Caller, peer_of
+from vault_edge.agent.policy import Policy
+from vault_edge.agent.view import AgentState, Entry
+from vault_edge.wire import STAGES, b64e, valid_name
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+MAX_HEAD: Final = 8192  # bytes of request line + headers
+MAX_BATCH: Final = 256  # names in one ?names= read
+HEAD_TIMEOUT_S: Final = 10.0  # an unfinished head older than this is answered 408 and closed
+WATCH_DEFAULT_S: Final = 30.0
+WATCH_MAX_S: Final = 300.0
+_CACHE_MAX: Final = 64  # cached answers per connection
+_CACHE_BODY_MAX: Final = 65_536  # larger answers are rebuilt each time rather than held
+_SWEEP_S: Final = 5.0
+
+_REASONS: Final = {
+    200: "OK", 400: "Bad Request", 403: "Forbidden", 404: "Not Found", 405: "Method Not Allowed",
+    408: "Request Timeout", 413: "Content Too Large", 431: "Request Header Fields Too Large",
+    500: "Internal Server Error", 503: "Service Unavailable", 505: "HTTP Version Not Supported",
+}
+_STATUS_LINE: Final = {code: f"HTTP/1.1 {code} {reason}\r\n".encode() for code, reason in _REASONS.items()}
+_JSON: Final = b"application/json"
+_OCTETS: Final = b"application/octet-stream"
+_TOKEN_RE = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")  # RFC 9110 token (method, header name)
+_TARGET_RE = re.compile(rb"/[\x21-\x7e]*")  # origin-form, visible ASCII only
+_BAD_VALUE_RE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")  # controls other than HTAB
+
+
+class EndpointError(OSError):
+    """The socket cannot be served (path taken by a live agent or by a non-socket file)."""
+
+
+def run(main: Coroutine[Any, Any, T]) -> T:
+    """Run the agent's main coroutine on uvloop when installed (about 2x the reads/s), else asyncio."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(main)
+    return uvloop.run(main)
+
+
+async def serve(path: str, state: AgentState, policy: Policy, *, mode: int = 0o660) -> asyncio.AbstractServer:
+    """Create the unix socket at ``path`` (mode ``mode``, never world-accessible) and start serving.
+
+    A stale socket file left by a dead agent is removed; a live one, or any other kind of file, is
+    not (EndpointError). The caller owns the returned server: ``close()`` it and unlink ``path``.
+    """
+    if mode & 0o007 or mode & ~0o770:
+        raise ValueError(f"socket mode {mode:#o} must give nothing to others (e.g. 0o660 or 0o600)")
+    _remove_stale(path)
+    sock = _bind(path, mode)
+    core = _Server(state, policy)
+    loop = asyncio.get_running_loop()
+    try:
+        server = await loop.create_unix_server(lambda: _Conn(core), sock=sock, backlog=1024)
+    except BaseException:
+        sock.close()
+        raise
+    core.start_sweeper(loop, server)
+    return server
+
+
+def _remove_stale(path: str) -> None:
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(st.st_mode):
+        raise EndpointError(f"{path} exists and is not a socket; refusing to replace it")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.settimeout(1.0)
+    try:
+        probe.connect(path)
+    except (ConnectionRefusedError, FileNotFoundError):
+        os.unlink(path)  # nobody listens: a dead agent's socket
+        return
+    except OSError as exc:
+        raise EndpointError(f"{path}: cannot tell whether another agent serves it: {exc}") from exc
+    finally:
+        probe.close()
+    raise EndpointError(f"another process is already serving on {path}")
+
+
+def _bind(path: str, mode: int) -> socket.socket:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    # The socket file is created owner-only under a tight umask and widened to `mode` afterwards, so
+    # it is never connectable by others, even for an instant. (umask is process-wide; this runs once
+    # at start-up, before any thread that could create files.)
+    old = os.umask(0o177)
+    try:
+        sock.bind(path)
+    except BaseException:
+        sock.close()
+        raise
+    finally:
+        os.umask(old)
+    os.chmod(path, mode)
+    sock.setblocking(False)
+    return sock
+
+
+# ---------------------------------------------------------------------------------------- requests
+
+class Request(NamedTuple):
+    method: str
+    target: str
+    accept: str | None
+    token: str | None
+    keep_alive: bool
+    body_len: int
+
+
+class BadRequest(Exception):
+    """The head cannot be served; ``status`` and the message go back to the client, then close."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def parse_head(head: bytes) -> Request:
+    """Parse a request head (request line and headers, ending in CRLF CRLF). Raises BadRequest."""
+    lines = head[:-4].split(b"\r\n")
+    parts = lines[0].split(b" ")
+    if len(parts) != 3:
+        raise BadRequest(400, "malformed request line")
+    method, target, version = parts
+    if version == b"HTTP/1.1":
+        keep_alive = True
+    elif version == b"HTTP/1.0":
+        keep_alive = False
+    elif version.startswith(b"HTTP/"):
+        raise BadRequest(505, "only HTTP/1.1 and HTTP/1.0 are served")
+    else:
+        raise BadRequest(400, "malformed request line")
+    if _TOKEN_RE.fullmatch(method) is None:
+        raise BadRequest(400, "malformed method")
+    if _TARGET_RE.fullmatch(target) is None:
+        raise BadRequest(400, "the request target must be a path (origin-form, ASCII)")
+    accept: bytes | None = None
+    token: bytes | None = None
+    body_len: int | None = None
+    for line in lines[1:]:
+        name, sep, value = line.partition(b":")
+        if not sep or _TOKEN_RE.fullmatch(name) is None:
+            raise BadRequest(400, "malformed header line")
+        value = value.strip(b" \t")
+        if _BAD_VALUE_RE.search(value) is not None:
+            raise BadRequest(400, "control character in a header value")
+        lname = name.lower()
+        if lname == b"accept":
+            accept = value if accept is None else accept + b"," + value
+        elif lname == b"x-vault-edge-token":
+            if token is not None:
+                raise BadRequest(400, "more than one X-Vault-Edge-Token header")
+            token = value
+        elif lname == b"connection":
+            opts = {o.strip() for o in value.lower().split(b",")}
+            if b"close" in opts:
+                keep_alive = False
+            elif b"keep-alive" in opts:
+                keep_alive = True
+        elif lname == b"content-length":
+            if body_len is not None or not value.isdigit() or len(value) > 18:
+                raise BadRequest(400, "invalid Content-Length")
+            body_len = int(value)
+        elif lname == b"transfer-encoding":
+            raise BadRequest(400, "request bodies are not accepted (Transfer-Encoding)")
+    return Request(
+        method=method.decode("ascii"),
+        target=target.decode("ascii"),
+        accept=accept.decode("latin-1") if accept is not None else None,
+        token=token.decode("latin-1") if token is not None else None,
+        keep_alive=keep_alive,
+        body_len=body_len or 0,
+    )
+
+
+def wants_raw(accept: str | None) -> bool:
+    """True when Accept lists application/octet-stream before (or without) application/json."""
+    if accept is None:
+        return False
+    for item in accept.split(","):
+        media = item.split(";", 1)[0].strip().lower()
+        if media == "application/octet-stream":
+            return True
+        if media == "application/json":
+            return False
+    return False
+
+
+def parse_query(query: str, allowed: frozenset[str]) -> dict[str, str]:
+    params: dict[str, str] = {}
+    if not query:
+        return params
+    for part in query.split("&"):
+        if not part:
+            continue
+        key, _, value = part.partition("=")
+        key, value = unquote(key, errors="strict"), unquote(value, errors="strict")
+        if key not in allowed:
+            takes = f"allowed: {', '.join(sorted(allowed))}" if allowed else "this endpoint takes none"
+            raise BadRequest(400, f"unknown query parameter {key!r} ({takes})")
+        if key in params:
+            raise BadRequest(400, f"query parameter {key!r} given twice")
+        params[key] = value
+    return params
+
+
+def _int_param(params: dict[str, str], key: str, *, minimum: int = 0) -> int | None:
+    raw = params.get(key)
+    if raw is None:
+        return None
+    if not raw.isdigit() or len(raw) > 18 or int(raw) < minimum:
+        raise BadRequest(400, f"{key} must be an integer ≥ {minimum}")
+    return int(raw)
+
+
+def _stage_param(params: dict[str, str]) -> str | None:
+    stage = params.get("stage")
+    if stage is not None and stage not in STAGES:
+        raise BadRequest(400, f"stage must be one of {', '.join(STAGES)}")
+    return stage
+
+
+def _name(raw: str) -> str:
+    if not valid_name(raw):
+        raise BadRequest(400, "invalid secret name")
+    return raw
+
+
+_READ_PARAMS: Final = frozenset({"version", "stage"})
+_LIST_PARAMS: Final = frozenset({"names", "stage"})
+_WATCH_PARAMS: Final = frozenset({"since", "wait"})
+
+
+# ----------------------------------------------------------------------------------------- answers
+
+class _Answer(NamedTuple):
+    data: bytes
+    cacheable: bool
+
+
+class _Refusal(Exception):
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status, self.code = status, code
+
+
+class _Watch(NamedTuple):
+    since: int | None
+    wait: float
+
+
+class _Server:
+    """What all connections share: state, policy, the cache epoch and the headers every answer has."""
+
+    def __init__(self, state: AgentState, policy: Policy) -> None:
+        self.state, self.policy = state, policy
+        self.conns: set[_Conn] = set()
+        self.epoch = 0
+        self.gen = -1
+        self.contact: float | None = None
+        self.until = -math.inf  # monotonic time at which cached answers must be dropped
+        self.stale = False
+        self.common = b""
+        self._changed: asyncio.Future[None] | None = None
+        self.refresh()
+
+    def refresh(self) -> None:
+        """Start a new cache epoch: recompute what depends on the view, contact and clock."""
+        st, now = self.state, monotonic()
+        self.gen, self.contact = st.generation, st.last_contact
+        age = st.age(now)
+        age_s = 0 if age is None else max(0, int(age))
+        self.stale = st.too_stale(now)
+        until = now + 1.0
+        if age is not None:
+            until = min(until, now + (age_s + 1 - age))  # when the integer Age ticks over
+            if st.max_stale is not None and not self.stale:
+                until = min(until, math.nextafter(now + (st.max_stale - age), math.inf))
+        self.until = until
+        self.common = (
+            b"X-Vault-Edge-Revision: %d\r\nAge: %d\r\nCache-Control: no-store\r\n" % (st.view.revision, age_s)
+        )
+        self.epoch += 1
+
+    # -- answers
+
+    def build(self, status: int, body: bytes, ctype: bytes = _JSON, extra: bytes = b"",
+              close: bool = False) -> bytes:
+        return b"".join((
+            _STATUS_LINE[status], b"Content-Type: ", ctype, b"\r\nContent-Length: %d\r\n" % len(body),
+            self.common, extra, b"Connection: close\r\n" if close else b"", b"\r\n", body,
+        ))
+
+    def error(self, status: int, code: str, message: str, *, close: bool = False, extra: bytes = b"") -> bytes:
+        body = json.dumps({"error": {"code": code, "message": message}}, separators=(",", ":")).encode()
+        return self.build(status, body, extra=extra, close=close)
+
+    def answer(self, req: Request, caller: Caller) -> _Answer | _Watch:
+        """Route one parsed request to its answer (errors included), or to a long-poll."""
+        if req.method != "GET":
+            return _Answer(self.error(405, "method_not_allowed", "only GET is served", extra=b"Allow: GET\r\n"),
+                           True)
+        path, _, query = req.target.partition("?")
+        try:
+            if path.startswith("/v1/secrets/"):
+                return self._read(_name(unquote(path[12:], errors="strict")), parse_query(query, _READ_PARAMS),
+                                  req, caller)
+            if path == "/v1/secrets":
+                params = parse_query(query, _LIST_PARAMS)
+                if "names" in params:
+                    return self._batch(params, req, caller)
+                if "stage" in params:
+                    raise BadRequest(400, "stage applies to a read, not to the list of names")
+                return self._list(req, caller)
+            if path == "/v1/health":
+                parse_query(query, frozenset())
+                return _Answer(self._health(), False)
+            if path == "/v1/watch":
+                params = parse_query(query, _WATCH_PARAMS)
+                since = _int_param(params, "since")
+                wait = params.get("wait", str(WATCH_DEFAULT_S))
+                try:
+                    seconds = float(wait)
+                except ValueError:
+                    seconds = math.nan
+                if not 0 <= seconds <= math.inf:
+                    raise BadRequest(400, "wait must be a number of seconds ≥ 0")
+                return _Watch(since, min(seconds, WATCH_MAX_S))
+        except UnicodeDecodeError:
+            return _Answer(self.error(400, "bad_request", "invalid percent-encoding in the request target"), True)
+        except BadRequest as bad:  # well framed, so the connection stays open
+            return _Answer(self.error(bad.status, "bad_request", str(bad)), True)
+        except _Refusal as r:
+            return _Answer(self.error(r.status, r.code, str(r),
+                                      extra=b"Retry-After: 1\r\n" if r.status == 503 else b""), True)
+        return _Answer(self.error(404, "not_found", f"no such endpoint: {path[:100]}"), True)
+
+    def _ready(self) -> None:
+        if not self.state.loaded:
+            raise _Refusal(503, "not_ready", "the agent has no secrets yet (first sync or cache load pending)")
+        if self.stale:
+            raise _Refusal(503, "too_stale", "the agent has not heard from the control plane within --max-stale")
+
+    def _entry(self, name: str, version: int | None, stage: str | None, req: Request, caller: Caller) -> Entry:
+        if not self.policy.allows(caller, req.token, name):
+            raise _Refusal(403, "forbidden", f"the caller may not read {name!r}")
+        self._ready()
+        entry = self.state.view.lookup(name, version=version, stage=stage)
+        if entry is None:
+            what = f" version {version}" if version is not None else f" at stage {stage}" if stage else ""
+            raise _Refusal(404, "not_found", f"no secret {name!r}{what}")
+        return entry
+
+    def _doc(self, e: Entry) -> dict[str, Any]:
+        try:
+            value, encoding = e.value.decode("utf-8"), "utf-8"
+        except UnicodeDecodeError:
+            value, encoding = b64e(e.value), "base64"
+        return {"name": e.name, "value": value, "encoding": encoding, "version": e.version, "stage": e.stage,
+                "revision": self.state.view.revision}
+
+    def _read(self, name: str, params: dict[str, str], req: Request, caller: Caller) -> _Answer:
+        version, stage = _int_param(params, "version", minimum=1), _stage_param(params)
+        if version is not None and stage is not None:
+            raise BadRequest(400, "give version or stage, not both")
+        e = self._entry(name, version, stage, req, caller)
+        cacheable = e.expires_at is None  # a grace period's end is wall-clock; re-check it every time
+        if wants_raw(req.accept):
+            extra = b"X-Vault-Edge-Version: %d\r\nX-Vault-Edge-Stage: %s\r\n" % (e.version, e.stage.encode())
+            return _Answer(self.build(200, e.value, _OCTETS, extra), cacheable)
+        return _Answer(self.build(200, _dumps(self._doc(e))), cacheable)
+
+    def _batch(self, params: dict[str, str], req: Request, caller: Caller) -> _Answer:
+        names = [_name(n) for n in params["names"].split(",")]
+        if len(names) > MAX_BATCH:
+            raise BadRequest(400, f"at most {MAX_BATCH} names in one read")
+        stage = _stage_param(params)
+        entries = [self._entry(n, None, stage, req, caller) for n in names]
+        cacheable = all(e.expires_at is None for e in entries)
+        return _Answer(self.build(200, _dumps({"secrets": [self._doc(e) for e in entries]})), cacheable)
+
+    def _list(self, req: Request, caller: Caller) -> _Answer:
+        if req.token is not None and not self.policy.knows_token(req.token):
+            raise _Refusal(403, "forbidden", "the X-Vault-Edge-Token matches no policy rule")
+        self._ready()
+        names = [n for n in self.state.view.names if self.policy.allows(caller, req.token, n)]
+        return _Answer(self.build(200, _dumps({"names": names})), True)
+
+    def _health(self) -> bytes:
+        st = self.state
+        age = st.age()
+        view = st.view
+        return self.build(200, _dumps({
+            "status": st.status(), "node": view.node or st.node, "region": view.region or st.region,
+            "revision": view.revision, "last_sync_age_s": None if age is None else round(age, 3),
+            "secrets": len(view.names),
+        }))
+
+    async def watch(self, w: _Watch) -> bytes:
+        """Hold until the view's revision passes ``since`` (default: the current one) or ``wait`` ends."""
+        st = self.state
+        since = st.view.revision if w.since is None else w.since
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + w.wait
+        while st.view.revision <= since:
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                break
+            # One shared future per install, so timed-out watches leave nothing behind in the state.
+            if self._changed is None or self._changed.done():
+                self._changed = st.changed()
+            await asyncio.wait((self._changed,), timeout=remaining)
+        self.refresh_if_needed()
+        revision = st.view.revision
+        return self.build(200, _dumps({"revision": revision, "changed": revision > since}))
+
+    def refresh_if_needed(self) -> None:
+        st = self.state
+        if st.generation != self.gen or st.last_contact != self.contact or monotonic() >= self.until:
+            self.refresh()
+
+    # -- slow heads
+
+    def start_sweeper(self, loop: asyncio.AbstractEventLoop, server: asyncio.AbstractServer) -> None:
+        def sweep() -> None:
+            if not server.is_serving():
+                return
+            limit = monotonic() - HEAD_TIMEOUT_S
+            for conn in [c for c in self.conns if c.partial_since is not None and c.partial_since < limit]:
+                conn.refuse(408, "the request head was not finished in time")
+            loop.call_later(_SWEEP_S, sweep)
+
+        loop.call_later(_SWEEP_S, sweep)
+
+
+def _dumps(doc: Any) -> bytes:
+    return json.dumps(doc, separators=(",", ":")).encode()
+
+
+# -------------------------------------------------------------------------------------- connection
+
+class _Conn(asyncio.Protocol):
+    """One client connection: parse heads, answer in order, cache answers by head."""
+
+    def __init__(self, core: _Server) -> None:
+        self.core = core
+        self.transport: asyncio.Transport | None = None
+        self.caller = Caller(0, -1, -1)
+        self.buf = b""
+        self.cache: dict[bytes, bytes] = {}
+        self.epoch = -1
+        self.closing = False
+        self.partial_since: float | None = None
+        self.watch: asyncio.Task[None] | None = None
+        self.paused = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        transport = cast(asyncio.Transport, transport)  # uvloop's transports do not subclass asyncio's
+        self.transport = transport
+        try:
+            self.caller = peer_of(transport.get_extra_info("socket"), with_exe=self.core.policy.uses_exe)
+        except OSError as exc:
+            log.warning("refusing a connection without kernel credentials: %s", exc)
+            self.closing = True
+            transport.abort()
+            return
+        self.core.conns.add(self)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.core.conns.discard(self)
+        self.closing = True
+        if self.watch is not None:
+            self.watch.cancel()
+        self.buf = b""
+        self.cache.clear()
+
+    def pause_writing(self) -> None:  # the client is not reading its answers: stop reading its requests
+        assert self.transport is not None
+        self.paused = True
+        self.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        assert self.transport is not None
+        self.paused = False
+        if self.watch is None and not self.closing:
+            self.transport.resume_reading()
+
+    def data_received(self, data: bytes) -> None:
+        if self.closing:
+            return
+        core = self.core
+        st = core.state
+        if st.generation != core.gen or st.last_contact != core.contact or monotonic() >= core.until:
+            core.refresh()
+        if self.epoch != core.epoch:
+            self.cache.clear()
+            self.epoch = core.epoch
+        if not self.buf and self.watch is None:
+            hit = self.cache.get(data)  # only whole, bodiless heads are keys: data is exactly one request
+            if hit is not None:
+                self.transport.write(hit)  # type: ignore[union-attr]
+                return
+        self.buf += data
+        try:
+            self._process()
+        except Exception as exc:  # a bug must cost one connection, not the agent, and leak nothing
+            log.error("internal error answering a request on the agent socket (%s)", type(exc).__name__)
+            self.refuse(500, "internal error", code="internal")
+
+    def _process(self) -> None:
+        """Answer every complete request in the buffer, in order, until a watch or a close."""
+        out: list[bytes] = []
+        buf = self.buf
+        core, caller, transport = self.core, self.caller, self.transport
+        assert transport is not None
+        while buf and not self.closing and self.watch is None:
+            end = buf.find(b"\r\n\r\n", 0, MAX_HEAD + 4)
+            if end < 0:
+                if len(buf) > MAX_HEAD:
+                    self._finish(out, core.error(431, "bad_request", f"request head over {MAX_HEAD} bytes",
+                                                 close=True))
+                elif b"\n\n" in buf:
+                    self._finish(out, core.error(400, "bad_request", "request lines must end in CRLF", close=True))
+                break
+            head, buf = buf[: end + 4], buf[end + 4 :]
+            try:
+                req = parse_head(head)
+                if req.body_len:
+                    raise BadRequest(413, "requests to the agent carry no body")
+                ans = core.answer(req, caller)
+            except BadRequest as bad:
+                self._finish(out, core.error(bad.status, "bad_request", str(bad), close=True))
+                break
+            if isinstance(ans, _Watch):
+                self._start_watch(ans, req.keep_alive)
+                break
+            data = ans.data if req.method != "HEAD" else ans.data[: ans.data.index(b"\r\n\r\n") + 4]
+            if not req.keep_alive:
+                self._finish(out, _with_close(data))
+                break
+            if ans.cacheable and len(data) <= _CACHE_BODY_MAX:
+                if len(self.cache) >= _CACHE_MAX:
+                    self.cache.clear()
+                self.cache[head] = data
+            out.append(data)
+        self.buf = b"" if self.closing else buf
+        if out:
+            transport.write(b"".join(out))
+        if self.buf and self.watch is None and not self.closing:
+            if self.partial_since is None:
+                self.partial_since = monotonic()
+        else:
+            self.partial_since = None
+        if self.watch is not None and len(self.buf) > MAX_HEAD and not self.paused:
+            self.paused = True
+            transport.pause_reading()
+
+    def _finish(self, out: list[bytes], last: bytes) -> None:
+        """Write what is pending and ``last``, then close (the transport flushes before it closes)."""
+        assert self.transport is not None
+        out.append(last)
+        self.transport.write(b"".join(out))
+        out.clear()
+        self.closing = True
+        self.transport.close()
+
+    def refuse(self, status: int, message: str, code: str = "bad_request") -> None:
+        if self.closing or self.transport is None:
+            return
+        self.buf = b""
+        self._finish([], self.core.error(status, code, message, close=True))
+
+    def _start_watch(self, w: _Watch, keep_alive: bool) -> None:
+        async def hold() -> None:
+            data = await self.core.watch(w)
+            self.watch = None
+            if self.closing or self.transport is None:
+                return
+            if not keep_alive:
+                self._finish([], _with_close(data))
+                return
+            self.transport.write(data)
+            if self.paused:
+                self.paused = False
+                self.transport.resume_reading()
+            if self.buf:
+                try:
+                    self._process()
+                except Exception as exc:
+                    log.error("internal error answering a request on the agent socket (%s)", type(exc).__name__)
+                    self.refuse(500, "internal error", code="internal")
+
+        self.watch = asyncio.get_running_loop().create_task(hold())
+
+
+def _with_close(response: bytes) -> bytes:
+    """Add ``Connection: close`` to a built response (for HTTP/1.0 and ``Connection: close`` requests)."""
+    head_end = response.index(b"\r\n\r\n")
+    return response[:head_end] + b"\r\nConnection: close" + response[head_end:]

@@ -1,0 +1,110 @@
+"""``vault-edge agent run``: wire the identity, the disk cache, the socket server and the sync loop."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+from dataclasses import dataclass
+from pathlib import Path
+
+from vault_edge.agent import identity as ident
+from vault_edge.agent.cache import DiskCache
+from vault_edge.agent.endpoint import serve
+from vault_edge.agent.policy import Policy
+from vault_edge.agent.sync import EnrolError, Revoked, Syncer, load_cached
+from vault_edge.agent.view import AgentState
+
+log = logging.getLogger("vault_edge.agent")
+
+EXIT_REVOKED = 3  # systemd: RestartPreventExitStatus=3
+
+
+class AgentError(Exception):
+    """The agent cannot start or must stop; the message says why."""
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    server: str | None
+    state_dir: Path
+    socket: Path
+    join_token: str | None = None
+    policy: Path | None = None
+    max_stale: float | None = None
+    stale_after: float = 75.0
+    wait: float = 30.0
+    socket_mode: int = 0o660
+    tls_ca: str | None = None
+
+
+async def run(cfg: AgentConfig) -> int:
+    try:
+        identity = ident.load_or_create(cfg.state_dir)
+    except (ident.IdentityError, OSError) as exc:
+        raise AgentError(str(exc)) from None
+    server = cfg.server or (identity.enrolment.server if identity.enrolment else None)
+    if not server:
+        raise AgentError("give --server URL (the control plane)")
+    if not identity.enrolled and not cfg.join_token:
+        raise AgentError("this node is not enrolled: give --join-token (from `vault-edge node token --region R`)")
+    if identity.enrolled and cfg.join_token:
+        log.warning("already enrolled as %s; ignoring --join-token", identity.enrolment.node)  # type: ignore[union-attr]
+    try:
+        policy = Policy.load(cfg.policy)
+    except ValueError as exc:
+        raise AgentError(str(exc)) from None
+
+    enrolment = identity.enrolment
+    state = AgentState(enrolment.node if enrolment else "", enrolment.region if enrolment else "",
+                       max_stale=cfg.max_stale, stale_after=cfg.stale_after)
+    cache = DiskCache(cfg.state_dir)
+    load_cached(identity, state, cache)
+    try:
+        listener = await serve(str(cfg.socket), state, policy, mode=cfg.socket_mode)
+    except OSError as exc:
+        raise AgentError(f"cannot listen on {cfg.socket}: {exc.strerror or exc}") from None
+    log.info("serving on %s", cfg.socket)
+
+    syncer = Syncer(identity, state, cache, server, join_token=cfg.join_token, wait=cfg.wait,
+                    verify=cfg.tls_ca or True)
+    loop = asyncio.get_running_loop()
+    stop = loop.create_future()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, lambda: stop.done() or stop.set_result(None))
+    sync_task = asyncio.create_task(syncer.run(), name="sync")
+    code = 0
+    try:
+        done, _ = await asyncio.wait({sync_task, stop}, return_when=asyncio.FIRST_COMPLETED)
+        if sync_task in done:
+            exc = sync_task.exception()
+            if isinstance(exc, Revoked):
+                log.error("this node was revoked by the control plane (%s): cache wiped; enrol again with a new "
+                          "join token", exc)
+                ident.forget(cfg.state_dir)
+                code = EXIT_REVOKED
+            elif isinstance(exc, EnrolError):
+                raise AgentError(str(exc))
+            elif exc is not None:
+                raise exc
+    finally:
+        sync_task.cancel()
+        with contextlib.suppress(BaseException):
+            await sync_task
+        listener.close()
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(listener.wait_closed(), 2)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(cfg.socket)
+        await syncer.close()
+    return code
+
+
+def main(cfg: AgentConfig) -> int:
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
+        return asyncio.run(run(cfg))
+    return uvloop.run(run(cfg))

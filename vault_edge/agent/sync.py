@@ -1,0 +1,235 @@
+"""Enrolment and the long-poll sync loop with the control plane (httpx, signed requests).
+
+    GET /v1/agent/sync?since=R&wait=S   (signed by the node; ``since`` reports the applied revision)
+      → the node's whole view at a revision > R, or, after S seconds, a signed ``unchanged``
+
+Each answer is verified and decrypted off to the side, installed in one assignment, then written to
+the disk cache. When the control plane is away the agent keeps serving what it has and retries with
+jittered exponential back-off (full jitter, capped), so a fleet does not reconnect in lockstep.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import random
+import secrets
+import socket
+import time
+
+import httpx
+
+from vault_edge import wire
+from vault_edge.agent.bundle import BundleError, GrantCache, Opened, open_bundle
+from vault_edge.agent.cache import DiskCache
+from vault_edge.agent.identity import Enrolment, Identity, save_enrolment
+from vault_edge.agent.view import AgentState
+from vault_edge.crypto import signing
+
+log = logging.getLogger("vault_edge.agent.sync")
+
+
+class EnrolError(Exception):
+    """Enrolment refused (bad, used or expired token; wrong control plane): do not retry."""
+
+
+class Revoked(Exception):
+    """The control plane revoked this node."""
+
+
+class Backoff:
+    def __init__(self, base: float = 0.5, cap: float = 30.0, rng: random.Random | None = None) -> None:
+        self.base, self.cap, self.attempt = base, cap, 0
+        self.rng = rng or random.SystemRandom()
+
+    def next(self) -> float:
+        delay = self.rng.uniform(0, min(self.cap, self.base * 2 ** self.attempt))
+        self.attempt = min(self.attempt + 1, 30)
+        return delay
+
+    def reset(self) -> None:
+        self.attempt = 0
+
+
+def signed_headers(identity: Identity, method: str, target: str, body: bytes, node: str) -> dict[str, str]:
+    ts = int(time.time())
+    nonce = wire.b64e(secrets.token_bytes(wire.NONCE_BYTES))
+    sig = signing.sign(identity.keys.signer(), wire.request_message(method, target, node, ts, nonce, body))
+    return {wire.H_NODE: node, wire.H_TIMESTAMP: str(ts), wire.H_NONCE: nonce, wire.H_SIGNATURE: wire.b64e(sig)}
+
+
+def _error_message(resp: httpx.Response) -> str:
+    try:
+        return str(resp.json()["error"]["message"])
+    except (ValueError, KeyError, TypeError):
+        return f"HTTP {resp.status_code}"
+
+
+class Syncer:
+    def __init__(self, identity: Identity, state: AgentState, cache: DiskCache, server: str, *,
+                 join_token: str | None = None, wait: float = 30.0, verify: bool | str = True,
+                 http: httpx.AsyncClient | None = None) -> None:
+        self.identity, self.state, self.cache = identity, state, cache
+        self.server = server.rstrip("/")
+        self.join_token = join_token
+        self.wait = wait
+        self.http = http or httpx.AsyncClient(
+            base_url=self.server, verify=verify, timeout=httpx.Timeout(10.0, read=wait + 20.0),
+            limits=httpx.Limits(max_connections=2),
+        )
+        self.grants = GrantCache()
+        self.backoff = Backoff()
+        self.applied = 0  # bundles installed, for logs and tests
+
+    async def close(self) -> None:
+        await self.http.aclose()
+
+    # -- enrolment -----------------------------------------------------------------------------
+    async def enroll(self) -> Identity:
+        if not self.join_token:
+            raise EnrolError("this node is not enrolled: give --join-token (from `vault-edge node token`)")
+        try:
+            token_id, _secret, pin = wire.parse_join_token(self.join_token)
+        except wire.WireError as exc:
+            raise EnrolError(str(exc)) from None
+        # Check the control plane against the token's pin before sending it the token: a join token
+        # must never reach an impostor. (The enrolment answer is then checked against the same key.)
+        pinned = await self._pinned_server_key(pin)
+        keys = self.identity.keys
+        body = json.dumps({"token": self.join_token, "box_public": wire.b64e(keys.box_public),
+                           "sign_public": wire.b64e(keys.sign_public), "hostname": socket.gethostname()}).encode()
+        target = "/v1/agent/enroll"
+        while True:
+            try:
+                resp = await self.http.post(target, content=body, headers={
+                    **signed_headers(self.identity, "POST", target, body, wire.ENROLL_NODE),
+                    "content-type": "application/json"})
+            except httpx.TransportError as exc:
+                delay = self.backoff.next()
+                log.warning("enrolment: control plane unreachable (%s); retrying in %.1fs", type(exc).__name__, delay)
+                await asyncio.sleep(delay)
+                continue
+            if resp.status_code >= 500:
+                delay = self.backoff.next()
+                log.warning("enrolment: control plane answered %s (%s); retrying in %.1fs",
+                            resp.status_code, _error_message(resp), delay)
+                await asyncio.sleep(delay)
+                continue
+            break
+        if resp.status_code != 200:
+            raise EnrolError(f"enrolment refused: {_error_message(resp)}")
+        try:
+            doc = resp.json()
+            server_key = wire.b64d(doc["server_key"])
+            sig = wire.b64d(resp.headers.get(wire.H_SERVER_SIGNATURE, ""))
+        except (ValueError, KeyError, wire.WireError):
+            raise EnrolError("enrolment answer is malformed") from None
+        if server_key != pinned:
+            raise EnrolError("the enrolment answer names another control-plane key than the pinned one")
+        if not signing.verify(server_key, wire.response_message("enroll", resp.content), sig):
+            raise EnrolError("enrolment answer is not signed by the control plane")
+        enrolment = Enrolment(doc["node"], doc["region"], self.server, server_key, time.time())
+        self.identity = save_enrolment(self.identity, enrolment)
+        self.state.node, self.state.region = enrolment.node, enrolment.region
+        self.backoff.reset()
+        log.info("enrolled as %s in region %s (join token %s)", enrolment.node, enrolment.region, token_id)
+        return self.identity
+
+    async def _pinned_server_key(self, pin: str) -> bytes:
+        while True:
+            try:
+                resp = await self.http.get("/v1/sys/status")
+                if resp.status_code == 200 and resp.json().get("server_key"):
+                    key = wire.b64d(resp.json()["server_key"])
+                    break
+                reason = f"HTTP {resp.status_code}" if resp.status_code != 200 else "not initialized"
+            except httpx.TransportError as exc:
+                reason = type(exc).__name__
+            except (ValueError, wire.WireError):
+                raise EnrolError("the control plane's status answer is malformed") from None
+            delay = self.backoff.next()
+            log.warning("enrolment: control plane not ready (%s); retrying in %.1fs", reason, delay)
+            await asyncio.sleep(delay)
+        if wire.server_pin(key) != pin:
+            raise EnrolError("the control plane's key does not match the join token's pin: wrong control plane? "
+                             "(the token was not sent)")
+        return key
+
+    # -- sync ----------------------------------------------------------------------------------
+    async def poll_once(self) -> Opened:
+        """One signed long-poll; the answer verified and opened, not yet installed."""
+        enrolment = self.identity.enrolment
+        assert enrolment is not None
+        held = self.state.view
+        target = f"/v1/agent/sync?since={held.revision}&wait={self.wait:g}"
+        headers = signed_headers(self.identity, "GET", target, b"", enrolment.node)
+        resp = await self.http.get(target, headers=headers)
+        if resp.status_code == 403 and "revoked" in _error_message(resp):
+            raise Revoked(_error_message(resp))
+        if resp.status_code != 200:
+            raise httpx.HTTPStatusError(f"{resp.status_code}: {_error_message(resp)}", request=resp.request,
+                                        response=resp)
+        sig = resp.headers.get(wire.H_SERVER_SIGNATURE)
+        opened = open_bundle(self.identity, resp.content, sig, nonce=headers[wire.H_NONCE], held=held,
+                             grants=self.grants)
+        self._last = (resp.content, sig or "")
+        return opened
+
+    async def apply(self, opened: Opened) -> None:
+        now_wall = time.time()
+        self.state.contact()
+        if opened.view is not None:
+            self.state.install(opened.view)
+            self.applied += 1
+            body, sig = self._last
+            await asyncio.to_thread(self.cache.save, body, sig, now_wall)
+            log.info("applied revision %d (%d secrets)", opened.revision, len(opened.view.names))
+        else:
+            await asyncio.to_thread(self.cache.touch, now_wall)
+
+    async def run(self) -> None:
+        if not self.identity.enrolled:
+            await self.enroll()
+        while True:
+            try:
+                opened = await self.poll_once()
+            except Revoked:
+                raise
+            except (httpx.TransportError, httpx.HTTPStatusError) as exc:
+                self.state.lost_contact()
+                delay = self.backoff.next()
+                reason = str(exc) if isinstance(exc, httpx.HTTPStatusError) else type(exc).__name__
+                log.warning("sync failed (%s); serving what we hold; retrying in %.1fs", reason, delay)
+                await asyncio.sleep(delay)
+                continue
+            except BundleError as exc:
+                delay = max(1.0, self.backoff.next())
+                log.error("refused a sync answer: %s; keeping revision %d; retrying in %.1fs",
+                          exc, self.state.view.revision, delay)
+                await asyncio.sleep(delay)
+                continue
+            self.backoff.reset()
+            await self.apply(opened)
+
+
+def load_cached(identity: Identity, state: AgentState, cache: DiskCache) -> bool:
+    """Serve from the disk cache before (or without) any contact. True if a view was installed."""
+    cached = cache.load()
+    if cached is None or identity.enrolment is None:
+        return False
+    try:
+        opened = open_bundle(identity, cached.body, cached.signature, nonce=None, held=state.view)
+    except BundleError as exc:
+        log.error("refused the disk cache: %s", exc)
+        return False
+    if opened.view is None:
+        return False
+    state.install(opened.view)
+    # Age survives restarts: the last contact is when the cached answer (or a later `unchanged`) came.
+    state.contact(time.monotonic() - max(0.0, time.time() - cached.received_at))
+    state.lost_contact()
+    log.info("serving revision %d from the disk cache (%d secrets)", opened.revision, len(opened.view.names))
+    return True
+
+
