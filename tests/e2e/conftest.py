@@ -88,9 +88,11 @@ class AgentProcess:
 class ControlPlane:
     """A real `vault-edge server`, initialized and unsealed, with an operator client."""
 
-    def __init__(self, workdir: Path, db: str) -> None:
+    def __init__(self, workdir: Path, db: str, env: dict[str, str] | None = None) -> None:
         self.workdir, self.db = workdir, db
-        self.server = ServerProcess(db, workdir / "server.log").start()
+        self.env = {"VAULT_EDGE_MIN_ROTATE_EVERY_S": "1", **(env or {})}
+        self.server = ServerProcess(db, workdir / "server.log", env=self.env).start()
+        self.replicas: list[ServerProcess] = []
         self.addr = self.server.addr
         with OperatorClient(self.addr, "") as c:
             doc = c.init(shares=3, threshold=2)
@@ -98,17 +100,24 @@ class ControlPlane:
         self.unseal()
         self.op = OperatorClient(self.addr, self.token)
 
-    def unseal(self) -> None:
-        with OperatorClient(self.addr, "") as c:
+    def unseal(self, addr: str | None = None) -> None:
+        with OperatorClient(addr or self.addr, "") as c:
             for share in self.shares[:2]:
                 c.unseal(share)
+
+    def add_replica(self) -> ServerProcess:
+        """Another `vault-edge server` on the same database, unsealed with the same shares."""
+        r = ServerProcess(self.db, self.workdir / f"replica-{len(self.replicas)}.log", env=self.env).start()
+        self.replicas.append(r)
+        self.unseal(r.addr)
+        return r
 
     def kill(self) -> None:
         self.server.stop(9)
 
     def restart(self) -> None:
         self.server.stop()
-        self.server = ServerProcess(self.db, self.workdir / "server.log", port=self.server.port).start()
+        self.server = ServerProcess(self.db, self.workdir / "server.log", port=self.server.port, env=self.env).start()
         self.unseal()
 
     def join_token(self, region: str) -> str:
@@ -116,6 +125,8 @@ class ControlPlane:
 
     def close(self) -> None:
         self.op.close()
+        for r in self.replicas:
+            r.stop()
         self.server.stop()
 
 

@@ -20,7 +20,7 @@ def wait_for_propagation(
     Nodes silent past the control plane's down threshold count as down, not as lagging."""
     deadline = time.monotonic() + timeout
     with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  console=err, transient=True, disable=quiet) as bar:
+                  console=err, transient=True, disable=quiet or not err.is_terminal) as bar:
         task = bar.add_task(f"propagating {name}", total=None)
         while True:
             prop = c.propagation(name, revision)

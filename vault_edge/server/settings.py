@@ -23,3 +23,4 @@ class Settings(BaseSettings):
     sync_max_wait_s: int = 60
     join_token_ttl_s: int = 3600
     scheduler_interval_s: float = 1.0
+    min_rotate_every_s: int = 60  # the shortest --rotate-every accepted

@@ -138,8 +138,9 @@ def put(
         raise bad_request("give exactly one of a value or a generate spec")
     if generate is not None:
         _check_spec(generate)
-    if rotate_every_s is not None and rotate_every_s < 60 and rotate_every_s != 0:
-        raise bad_request("rotate_every: at least 60 seconds (or 0 to stop scheduled rotation)")
+    floor = ctx.settings.min_rotate_every_s
+    if rotate_every_s is not None and rotate_every_s != 0 and rotate_every_s < floor:
+        raise bad_request(f"rotate_every: at least {floor} seconds (or 0 to stop scheduled rotation)")
     ctx.barrier.keys()
     now = ctx.clock()
     with ctx.store.write() as tx:

@@ -38,6 +38,7 @@ _REVISION_ROW = 1
 _AUDIT_ROW = 2
 
 Listener = Callable[[int, frozenset[str]], None]
+_SECRET_FIELDS = frozenset(c.name for c in t.secrets.columns)
 
 
 class Store:
@@ -199,7 +200,7 @@ class Tx:
     # -- secrets -------------------------------------------------------------------------------
     @staticmethod
     def _secret(row: Any) -> Secret:
-        m = dict(row._mapping)
+        m = {k: v for k, v in row._mapping.items() if k in _SECRET_FIELDS}
         m["regions"] = _json_list(m["regions"])
         m["destroyed"] = bool(m["destroyed"])
         return Secret(**m)
