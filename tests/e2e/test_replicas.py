@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -57,7 +58,7 @@ def test_a_scheduled_rotation_runs_once_with_several_replicas(pg_plane: ControlP
     versions = op.history("gen/key")["versions"]
     scheduled = [v["created_at"] for v in versions if v["origin"] == "scheduled"]
     assert 2 <= len(scheduled) <= 5, versions
-    gaps = [b - a for a, b in zip(scheduled, scheduled[1:], strict=False)]
+    gaps = [b - a for a, b in itertools.pairwise(scheduled)]
     # three schedulers tick every second; were a due rotation run by two of them, two versions
     # would land within the same tick
     assert all(g > 1.0 for g in gaps), gaps
