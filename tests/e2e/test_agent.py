@@ -177,3 +177,31 @@ def test_the_agent_imports_nothing_of_the_server() -> None:
             " if m in sys.modules]; print(','.join(bad))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30)
     assert out.returncode == 0 and out.stdout.strip() == "", out.stdout + out.stderr
+
+
+def test_changing_regions_deleting_and_destroying_reach_the_agents(control_plane: ControlPlane,
+                                                                   start_agent: Any) -> None:
+    op = control_plane.op
+    op.put("moving", value="m1", regions=["eu", "us"])
+    op.put("doomed", value="d1", regions=["eu"])
+    eu, us = start_agent("eu1", "eu"), start_agent("us1", "us")
+    assert us.get("moving") == "m1" and eu.get("moving") == "m1"
+
+    def gone(agent: AgentProcess, name: str) -> bool:
+        try:
+            agent.get(name)
+        except AgentError as exc:
+            return exc.status == 404
+        return False
+
+    op.put("moving", value="m2", regions=["eu"])  # residency shrinks: us may no longer decrypt it
+    wait_until(lambda: gone(us, "moving"), 15, "the us agent to drop it")
+    wait_until(lambda: eu.get("moving") == "m2", 15, "the eu agent to get v2")
+    op.delete("doomed")
+    wait_until(lambda: gone(eu, "doomed"), 15, "a deleted secret to disappear")
+    op.put("doomed", value="d2")  # put brings it back, as a new version
+    wait_until(lambda: eu.get("doomed") == "d2", 15, "the re-created secret")
+    op.delete("doomed", destroy=True)
+    wait_until(lambda: gone(eu, "doomed"), 15, "a destroyed secret to disappear")
+    hist = op.history("doomed")
+    assert all(v["destroyed"] for v in hist["versions"])

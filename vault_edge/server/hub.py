@@ -16,7 +16,6 @@ import asyncio
 import json
 import logging
 import threading
-import time
 from dataclasses import dataclass
 
 from vault_edge import wire
@@ -214,7 +213,7 @@ class Hub:
         """The signed answer: the node's full view, or ``unchanged`` (still signed, so that silence
         from an impostor is never mistaken for contact)."""
         keys = self.ctx.barrier.keys()
-        head = {"v": wire.PROTOCOL_VERSION, "node": node_id, "nonce": nonce, "issued_at": int(time.time())}
+        head = {"v": wire.PROTOCOL_VERSION, "node": node_id, "nonce": nonce, "issued_at": int(self.ctx.clock())}
         if view is None or member is None:
             body = json.dumps({**head, "kind": "unchanged", "revision": since}, separators=(",", ":")).encode()
         else:
