@@ -5,14 +5,17 @@ from __future__ import annotations
 import re
 
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
-_PART = re.compile(r"(\d+)([smhdw])")
+_PART = re.compile(r"([0-9]{1,12})([smhdw])")
+_DIGITS = re.compile(r"[0-9]{1,12}")
 MAX_SECONDS = 10 * 365 * 86400
 
 
 def parse_duration(text: str) -> int:
     """Seconds in ``text``; ValueError with a clear message otherwise."""
     s = str(text).strip().lower()
-    if s.isdigit():
+    if len(s) > 64:
+        raise ValueError("invalid duration: too long")
+    if _DIGITS.fullmatch(s):
         seconds = int(s)
     else:
         parts = _PART.findall(s)

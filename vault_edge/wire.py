@@ -38,8 +38,12 @@ ENROLL_NODE: Final = "-"  # the node header while enrolling, before the node has
 
 NAME_MAX: Final = 256
 _NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\-]*(/[A-Za-z0-9_][A-Za-z0-9_.\-]*)*")
+_PREFIX_RE = re.compile(r"[A-Za-z0-9_.\-/]*")
 _REGION_RE = re.compile(r"[a-z0-9][a-z0-9\-]{0,62}")
 _NODE_RE = re.compile(r"n-[0-9a-f]{16}")
+_B64URL = re.compile(r"[A-Za-z0-9_-]*")
+_HEX16 = re.compile(r"[0-9a-f]{16}")
+_TIMESTAMP = re.compile(r"[0-9]{1,12}")
 STAGES: Final = ("current", "previous", "pending")
 
 
@@ -85,13 +89,17 @@ def b64e(raw: bytes) -> str:
 
 
 def b64d(text: str, *, max_len: int = 1 << 20) -> bytes:
-    """Strict unpadded base64url; WireError on anything else."""
-    if not isinstance(text, str) or len(text) > max_len:
+    """Strict, canonical, unpadded base64url; WireError on anything else (padding, the +/ alphabet,
+    whitespace, junk, a length no encoding has, non-zero trailing bits)."""
+    if not isinstance(text, str) or len(text) > max_len or len(text) % 4 == 1 or not _B64URL.fullmatch(text):
         raise WireError("invalid base64url field")
     try:
-        return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+        raw = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
     except (binascii.Error, ValueError) as exc:
         raise WireError("invalid base64url field") from exc
+    if b64e(raw) != text:
+        raise WireError("invalid base64url field")
+    return raw
 
 
 def request_message(method: str, target: str, node: str, timestamp: int, nonce: str, body: bytes) -> bytes:
@@ -115,10 +123,29 @@ def make_join_token(token_id: str, secret: str, pin: str) -> str:
 
 def parse_join_token(token: str) -> tuple[str, str, str]:
     """(id, secret, pin) of a join token; WireError when it is not one."""
-    parts = token.strip().split(".") if isinstance(token, str) else []
-    if len(parts) != 4 or parts[0] != "vej1" or not all(parts[1:]) or len(token) > 200:
+    parts = token.strip().split(".") if isinstance(token, str) and len(token) <= 200 else []
+    if (
+        len(parts) != 4 or parts[0] != "vej1" or not _HEX16.fullmatch(parts[1])
+        or not parts[2] or not _B64URL.fullmatch(parts[2]) or not parts[3] or not _B64URL.fullmatch(parts[3])
+    ):
         raise WireError("not a join token (expected vej1.<id>.<secret>.<pin>)")
     return parts[1], parts[2], parts[3]
+
+
+def parse_timestamp(text: str) -> int:
+    """A request timestamp: unix seconds, ASCII digits, at most 12 of them."""
+    if not isinstance(text, str) or not _TIMESTAMP.fullmatch(text):
+        raise WireError("invalid timestamp")
+    return int(text)
+
+
+def valid_token_id(token_id: str) -> bool:
+    return isinstance(token_id, str) and _HEX16.fullmatch(token_id) is not None
+
+
+def valid_prefix(prefix: str) -> bool:
+    """A name prefix: what a name may start with (any prefix of a valid name, or empty)."""
+    return isinstance(prefix, str) and len(prefix) <= NAME_MAX and _PREFIX_RE.fullmatch(prefix) is not None
 
 
 def token_digest(secret: str) -> bytes:

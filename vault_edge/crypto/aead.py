@@ -62,6 +62,8 @@ def ad(purpose: str, *fields: str | int | bytes) -> bytes:
     Unambiguous by construction: ("a/b", 1) and ("a", "b/1") never encode alike, nor do the
     string "1" and the integer 1.
     """
+    if "\x00" in purpose:
+        raise ValueError("an associated-data purpose cannot contain NUL")
     parts = [_AD_PREFIX, purpose.encode(), b"\x00"]
     for field in fields:
         if isinstance(field, bool):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -14,6 +15,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from sqlalchemy.exc import DataError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -36,8 +38,22 @@ _STATUS_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404:
                  422: "bad_request", 429: "too_many_requests"}
 
 
+class ErrorResponse(JSONResponse):
+    """Error bodies are ASCII JSON: a message that quotes hostile input (a lone surrogate, a control
+    character) still renders."""
+
+    def render(self, content: Any) -> bytes:
+        return json.dumps(content, ensure_ascii=True, separators=(",", ":")).encode()
+
+
+def error(status: int, code: str, message: str, headers: Any = None) -> ErrorResponse:
+    return ErrorResponse(body(status, code, message), status_code=status, headers=headers)
+
+
 class BodyLimit:
-    """413 for a body over ``limit`` bytes, by Content-Length or as it streams in."""
+    """413 for a body over ``limit`` bytes, by Content-Length up front or as a streamed body crosses
+    it. No exception crosses the app's task groups: past the limit the app is told the client left,
+    whatever it sends afterwards is dropped, and what it raises about it is swallowed."""
 
     def __init__(self, app: ASGIApp, limit: int) -> None:
         self.app, self.limit = app, limit
@@ -46,32 +62,38 @@ class BodyLimit:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         for k, v in scope["headers"]:
-            if k == b"content-length" and (not v.isdigit() or int(v) > self.limit):
-                return await _too_large(self.limit, send)
-        seen = 0
+            if k == b"content-length" and (not v.isdigit() or len(v) > 18 or int(v) > self.limit):
+                return await error(413, "too_large", f"request body over {self.limit} bytes")(scope, receive, send)
+        seen, refused, started = 0, False, False
 
         async def limited() -> Message:
-            nonlocal seen
+            nonlocal seen, refused, started
+            if refused:
+                return {"type": "http.disconnect"}
             msg = await receive()
-            seen += len(msg.get("body", b""))
-            if seen > self.limit:
-                raise _TooLarge()
+            if msg["type"] == "http.request":
+                seen += len(msg.get("body", b""))
+                if seen > self.limit:
+                    refused = True
+                    if not started:
+                        started = True
+                        await error(413, "too_large", f"request body over {self.limit} bytes")(scope, receive, send)
+                    return {"type": "http.disconnect"}
             return msg
 
+        async def guarded(msg: Message) -> None:
+            nonlocal started
+            if refused:
+                return
+            if msg["type"] == "http.response.start":
+                started = True
+            await send(msg)
+
         try:
-            await self.app(scope, limited, send)
-        except _TooLarge:
-            await _too_large(self.limit, send)
-
-
-class _TooLarge(Exception):
-    pass
-
-
-async def _too_large(limit: int, send: Send) -> None:
-    resp = JSONResponse(body(413, "too_large", f"request body over {limit} bytes"), status_code=413)
-    await send({"type": "http.response.start", "status": 413, "headers": resp.raw_headers})
-    await send({"type": "http.response.body", "body": resp.body})
+            await self.app(scope, limited, guarded)
+        except Exception:
+            if not refused:
+                raise
 
 
 def _validation_message(exc: RequestValidationError) -> str:
@@ -134,18 +156,17 @@ def create_app(settings: Settings | None = None, store: Store | None = None, bar
 
     @app.exception_handler(ApiError)
     async def api_error(_: Request, exc: ApiError) -> JSONResponse:
-        return JSONResponse(body(exc.status, exc.code, exc.message), status_code=exc.status)
+        return error(exc.status, exc.code, exc.message)
 
     @app.exception_handler(RequestValidationError)
     async def invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
-        return JSONResponse(body(400, "bad_request", _validation_message(exc)), status_code=400)
+        return error(400, "bad_request", _validation_message(exc))
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
         code = _STATUS_CODES.get(exc.status_code, "error")
         message = "no such route" if exc.status_code == 404 else str(exc.detail)
-        return JSONResponse(body(exc.status_code, code, message), status_code=exc.status_code,
-                            headers=getattr(exc, "headers", None))
+        return error(exc.status_code, code, message, getattr(exc, "headers", None))
 
     @app.exception_handler(DecryptionError)
     async def integrity(request: Request, exc: DecryptionError) -> JSONResponse:
@@ -153,13 +174,20 @@ def create_app(settings: Settings | None = None, store: Store | None = None, bar
         # another name, version or region): refused, logged, audited; nothing else is touched.
         log.error("integrity check failed on %s %s", request.method, request.url.path)
         await asyncio.to_thread(ctx.auditor.record_alone, "system", "integrity", request.url.path, "refused")
-        return JSONResponse(body(500, "integrity_error", "stored ciphertext failed its integrity check (tampered "
-                                 "or moved); it was not served"), status_code=500)
+        return error(500, "integrity_error", "stored ciphertext failed its integrity check (tampered or moved); "
+                     "it was not served")
 
     @app.exception_handler(Exception)
     async def internal(_: Request, exc: Exception) -> JSONResponse:
         log.error("internal error: %s", type(exc).__name__, exc_info=exc)
-        return JSONResponse(body(500, "internal", "internal error (see the server log)"), status_code=500)
+        return error(500, "internal", "internal error (see the server log)")
+
+    @app.exception_handler(DataError)
+    async def bad_data(_: Request, exc: DataError) -> JSONResponse:
+        # A backstop: input the edge should have refused and the database did (NUL in PostgreSQL text,
+        # a number out of a column's range). The database, not us, says it is bad input.
+        log.warning("database refused a value: %s", type(exc.orig).__name__)
+        return error(400, "bad_request", "a value in the request is not storable (out of range or invalid characters)")
 
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
     return app

@@ -5,6 +5,7 @@ Characters are drawn independently and uniformly with ``secrets.choice`` (the OS
 
 from __future__ import annotations
 
+import re
 import secrets
 import string
 from collections.abc import Callable, Sequence
@@ -24,7 +25,7 @@ MAX_LENGTH = 4096
 def parse_spec(spec: str) -> tuple[int, str]:
     length, _, alphabet = str(spec).partition(":")
     alphabet = alphabet or "base64url"
-    if not length.isdigit() or not 1 <= int(length) <= MAX_LENGTH or alphabet not in ALPHABETS:
+    if not re.fullmatch(r"[0-9]{1,4}", length) or not 1 <= int(length) <= MAX_LENGTH or alphabet not in ALPHABETS:
         raise ValueError(
             f"invalid --generate spec {spec!r}: LENGTH:ALPHABET with LENGTH 1..{MAX_LENGTH} and ALPHABET one of "
             + ", ".join(ALPHABETS)

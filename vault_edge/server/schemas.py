@@ -7,7 +7,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from vault_edge import wire
-from vault_edge.durations import parse_duration
+from vault_edge.durations import MAX_SECONDS, parse_duration
 
 Duration = str | int
 
@@ -15,9 +15,11 @@ Duration = str | int
 def seconds(value: Duration | None) -> int | None:
     if value is None:
         return None
+    if isinstance(value, bool):
+        raise ValueError("a duration is a number of seconds or a string like 15m")
     if isinstance(value, int):
-        if value < 0:
-            raise ValueError("a duration cannot be negative")
+        if not 0 <= value <= MAX_SECONDS:
+            raise ValueError(f"a duration is between 0 and {MAX_SECONDS} seconds (10 years)")
         return value
     return parse_duration(value)
 
@@ -47,6 +49,13 @@ class UnsealRequest(Strict):
 
 class RegionCreate(Strict):
     name: str = Field(max_length=63)
+
+
+def _regions_list(v: list[str] | None) -> list[str] | None:
+    for r in v or []:
+        if r != "*" and not wire.valid_region(r.strip()):
+            raise ValueError("regions: region names (lowercase letters, digits, '-'), or '*' alone")
+    return v
 
 
 class ValueFields(Strict):
@@ -79,6 +88,11 @@ class PutSecret(ValueFields):
         seconds(v)
         return v
 
+    @field_validator("regions")
+    @classmethod
+    def _regions(cls, v: list[str] | None) -> list[str] | None:
+        return _regions_list(v)
+
 
 class RotateRequest(ValueFields):
     stage: Literal["current", "pending"] = "current"
@@ -87,10 +101,15 @@ class RotateRequest(ValueFields):
 class PromoteRequest(Strict):
     grace: Duration | None = None
 
+    @field_validator("grace")
+    @classmethod
+    def _grace(cls, v: Duration | None) -> Duration | None:
+        seconds(v)
+        return v
 
-class RollbackRequest(Strict):
+
+class RollbackRequest(PromoteRequest):
     to: int = Field(ge=1, le=2**31)
-    grace: Duration | None = None
 
 
 class JoinTokenRequest(Strict):
@@ -105,7 +124,21 @@ class JoinTokenRequest(Strict):
 
 
 class TokenCreate(Strict):
-    name: str = Field(min_length=1, max_length=128)
+    name: str = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.@:\-]+$")
     prefixes: list[str] = Field(min_length=1, max_length=64)
     verbs: list[Literal["read", "list", "write", "delete", "admin"]] = Field(min_length=1)
     ttl: Duration | None = None
+
+    @field_validator("prefixes")
+    @classmethod
+    def _prefixes(cls, v: list[str]) -> list[str]:
+        for p in v:
+            if not wire.valid_prefix(p):
+                raise ValueError("a prefix is the start of a secret name: letters, digits, '_', '.', '-', '/'")
+        return v
+
+    @field_validator("ttl")
+    @classmethod
+    def _ttl(cls, v: Duration | None) -> Duration | None:
+        seconds(v)
+        return v

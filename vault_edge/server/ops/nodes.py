@@ -46,7 +46,7 @@ def _check_signature(
 ) -> tuple[int, str]:
     """Check the signed-request headers against ``public_key``; (timestamp, nonce) on success."""
     try:
-        ts = int(headers.get(wire.H_TIMESTAMP, ""))
+        ts = wire.parse_timestamp(headers.get(wire.H_TIMESTAMP, ""))
         nonce = headers.get(wire.H_NONCE, "")
         if len(wire.b64d(nonce, max_len=64)) != wire.NONCE_BYTES:
             raise ValueError
@@ -93,10 +93,10 @@ def enroll(ctx: Context, target: str, headers: Mapping[str, str], body: bytes) -
         token_id, token_secret, _pin = wire.parse_join_token(req["token"])
         box_public = wire.b64d(req["box_public"], max_len=64)
         sign_public = wire.b64d(req["sign_public"], max_len=64)
-        hostname = str(req.get("hostname") or "")[:255]
+        hostname = "".join(c for c in str(req.get("hostname") or "") if c.isprintable())[:255]
         if len(box_public) != 32 or len(sign_public) != 32:
             raise ValueError
-    except (ValueError, KeyError, TypeError, wire.WireError):
+    except (ValueError, KeyError, TypeError, RecursionError, wire.WireError):
         raise bad_request("enrolment needs {token, box_public, sign_public, hostname}") from None
     if headers.get(wire.H_NODE) != wire.ENROLL_NODE:
         raise bad_request("enrolment is signed with node id '-'")

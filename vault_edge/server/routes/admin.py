@@ -6,11 +6,12 @@ from typing import Any
 
 from fastapi import APIRouter, Depends, Query
 
+from vault_edge import wire
 from vault_edge.server import auth
 from vault_edge.server.auth import Principal
 from vault_edge.server.context import Context
 from vault_edge.server.deps import duration, get_ctx, principal
-from vault_edge.server.errors import not_found
+from vault_edge.server.errors import bad_request, not_found
 from vault_edge.server.ops import nodes, regions
 from vault_edge.server.schemas import JoinTokenRequest, RegionCreate, TokenCreate
 
@@ -31,6 +32,8 @@ def create_region(
 
 @router.post("/regions/{name}/rekey")
 def rekey_region(name: str, who: Principal = Depends(principal), ctx: Context = Depends(get_ctx)) -> dict[str, Any]:
+    if not wire.valid_region(name):
+        raise not_found(f"no region {name!r}")
     return regions.rekey(ctx, who, name)
 
 
@@ -38,6 +41,8 @@ def rekey_region(name: str, who: Principal = Depends(principal), ctx: Context = 
 def join_token(
     body: JoinTokenRequest, who: Principal = Depends(principal), ctx: Context = Depends(get_ctx)
 ) -> dict[str, Any]:
+    if not wire.valid_region(body.region):
+        raise not_found(f"no region {body.region!r}")
     return nodes.create_join_token(ctx, who, body.region, duration(body.ttl, "ttl"))
 
 
@@ -46,6 +51,8 @@ def list_nodes(
     region: str | None = Query(None, max_length=63), who: Principal = Depends(principal),
     ctx: Context = Depends(get_ctx),
 ) -> dict[str, Any]:
+    if region is not None and not wire.valid_region(region):
+        raise bad_request("region: lowercase letters, digits and '-'")
     return nodes.list_nodes(ctx, who, region)
 
 
@@ -84,8 +91,10 @@ def list_tokens(who: Principal = Depends(principal), ctx: Context = Depends(get_
 @router.delete("/tokens/{token_id}")
 def revoke_token(token_id: str, who: Principal = Depends(principal), ctx: Context = Depends(get_ctx)) -> dict[str, Any]:
     who.require("admin")
+    if not wire.valid_token_id(token_id):
+        raise not_found(f"no active token {token_id!r}")
     with ctx.store.write() as tx:
-        if not tx.revoke_operator_token(token_id[:32], ctx.clock()):
+        if not tx.revoke_operator_token(token_id, ctx.clock()):
             raise not_found(f"no active token {token_id!r}")
         ctx.auditor.record(tx, who.actor, "token.revoke", token_id)
     return {"id": token_id, "revoked": True}

@@ -6,6 +6,7 @@ from typing import Any
 
 from fastapi import APIRouter, Depends, Query
 
+from vault_edge import wire
 from vault_edge.server.auth import Principal
 from vault_edge.server.context import Context
 from vault_edge.server.deps import duration, get_ctx, principal
@@ -27,6 +28,8 @@ def _value(body: ValueFields) -> bytes | None:
 def list_secrets(
     prefix: str = Query("", max_length=256), who: Principal = Depends(principal), ctx: Context = Depends(get_ctx)
 ) -> dict[str, Any]:
+    if not wire.valid_prefix(prefix):
+        raise bad_request("prefix: the start of a secret name (letters, digits, '_', '.', '-', '/')")
     return secrets.list_secrets(ctx, who, prefix)
 
 
