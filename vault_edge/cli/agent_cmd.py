@@ -37,7 +37,8 @@ def _seconds(value: str | None, flag: str) -> float | None:
 @click.option("--socket", "socket_path", envvar="VAULT_EDGE_SOCKET", required=True, type=click.Path(dir_okay=False),
               help="unix socket to serve workers on (created mode 0660)")
 @click.option("--join-token", envvar="VAULT_EDGE_JOIN_TOKEN", help="single-use token for the first start")
-@click.option("--join-token-file", type=click.Path(exists=True, dir_okay=False), help="read the join token from a file")
+@click.option("--join-token-file", type=click.Path(dir_okay=False),
+              help="read the join token from a file (ignored once enrolled, or if the file is gone)")
 @click.option("--policy", type=click.Path(exists=True, dir_okay=False), help="TOML policy: who may read what")
 @click.option("--max-stale", help="refuse reads (503 too_stale) when out of contact longer than this (default: never)")
 @click.option("--stale-after", default="75s", show_default=True, help="health says stale past this age")
@@ -53,7 +54,7 @@ def agent_run(server: str | None, state_dir: str, socket_path: str, join_token: 
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         stream=sys.stderr)
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per long-poll is noise
-    if join_token_file:
+    if join_token_file and not join_token and Path(join_token_file).is_file():
         join_token = Path(join_token_file).read_text().strip()
     cfg = AgentConfig(
         server=server, state_dir=Path(state_dir), socket=Path(socket_path), join_token=join_token,
