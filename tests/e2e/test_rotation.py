@@ -129,3 +129,16 @@ def test_generated_rotation_on_a_schedule_survives_restart(control_plane: Contro
     assert all(v["origin"] in ("generated", "scheduled") for v in hist)
     wait_until(lambda: a.get("gen/token") != first, 20, "the agent to serve a rotated value")
     op.close()
+
+
+def test_a_rotation_wakes_every_held_long_poll_of_the_region(control_plane: ControlPlane, start_agent: Any) -> None:
+    """Regression: with several agents of one region holding long polls, a change must answer all of
+    them at once, not only the first to wake (the others once used to wait out their 30 s hold)."""
+    control_plane.op.put("fleet/key", value="v1", regions=["eu"])
+    agents = [start_agent(f"eu{i}", "eu", "--wait", "30s") for i in range(3)]
+    time.sleep(1.0)  # all three settle into held 30 s polls
+    t0 = time.monotonic()
+    control_plane.op.rotate("fleet/key", value="v2")
+    for a in agents:
+        wait_until(lambda a=a: a.get("fleet/key") == "v2", 10, f"{a.name} to serve the rotation")
+    assert time.monotonic() - t0 < 5.0  # far below the 30 s hold (the benchmark measures it exactly)

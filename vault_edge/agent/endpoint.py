@@ -16,15 +16,14 @@ Edge workers read secrets here on every request, so the path is built for that r
 * Pipelined requests are answered in order; a long-poll (``/v1/watch``) holds the ones behind it.
 
 Headers on every answer: ``X-Vault-Edge-Revision`` (the view's revision) and ``Age`` (whole seconds
-since the agent last heard from the control plane; ``0`` when it has not in this process, e.g. when
-serving from the disk cache at start: ``/v1/health`` then says ``stale`` with ``last_sync_age_s``
-null), and ``Cache-Control: no-store``.
+since the agent last heard from the control plane, carried over restarts by the disk cache; ``0``
+when it never has: ``/v1/health`` then says ``last_sync_age_s`` null), and ``Cache-Control: no-store``.
 
 Order of checks on a read: 400 (bad request) → 403 (policy: a name the caller may not read is
 forbidden whether or not it exists) → 503 (``not_ready``, ``too_stale``) → 404 (absent or past grace).
 
 Hostile input: heads over 8 KiB get 431, malformed ones 400, request bodies and Transfer-Encoding are
-refused (answer, then close), heads left unfinished for 10 s get 408; all close the connection, and
+refused (answer, then close), heads left unfinished for 10 s (``head_timeout``) get 408; all close the connection, and
 a client that stops reading is paused at the transport's write-buffer limit. Nothing here logs or
 raises with a secret value in it.
 
@@ -61,8 +60,9 @@ MAX_BATCH: Final = 256  # names in one ?names= read
 HEAD_TIMEOUT_S: Final = 10.0  # an unfinished head older than this is answered 408 and closed
 WATCH_DEFAULT_S: Final = 30.0
 WATCH_MAX_S: Final = 300.0
-_CACHE_MAX: Final = 64  # cached answers per connection
-_CACHE_BODY_MAX: Final = 65_536  # larger answers are rebuilt each time rather than held
+_CACHE_MAX: Final = 64  # cached answers per connection...
+_CACHE_BYTES: Final = 65_536  # ...and their bytes: bounded memory per connection, whatever the clients ask
+_CACHE_ANSWER_MAX: Final = 16_384  # larger answers are rebuilt each time rather than held
 _SWEEP_S: Final = 5.0
 
 _REASONS: Final = {
@@ -89,11 +89,13 @@ def run(main: Coroutine[Any, Any, T]) -> T:
     return uvloop.run(main)
 
 
-async def serve(path: str, state: AgentState, policy: Policy, *, mode: int = 0o660) -> asyncio.AbstractServer:
+async def serve(path: str, state: AgentState, policy: Policy, *, mode: int = 0o660,
+                head_timeout: float = HEAD_TIMEOUT_S) -> asyncio.AbstractServer:
     """Create the unix socket at ``path`` (mode ``mode``, never world-accessible) and start serving.
 
     A stale socket file left by a dead agent is removed; a live one, or any other kind of file, is
-    not (EndpointError). The caller owns the returned server: ``close()`` it and unlink ``path``.
+    not (EndpointError). A request head unfinished after ``head_timeout`` seconds is answered 408.
+    The caller owns the returned server: ``close()`` it and unlink ``path``.
     """
     if mode & 0o007 or mode & ~0o770:
         raise ValueError(f"socket mode {mode:#o} must give nothing to others (e.g. 0o660 or 0o600)")
@@ -106,7 +108,7 @@ async def serve(path: str, state: AgentState, policy: Policy, *, mode: int = 0o6
     except BaseException:
         sock.close()
         raise
-    core.start_sweeper(loop, server)
+    core.start_sweeper(loop, server, head_timeout)
     return server
 
 
@@ -489,16 +491,23 @@ class _Server:
 
     # -- slow heads
 
-    def start_sweeper(self, loop: asyncio.AbstractEventLoop, server: asyncio.AbstractServer) -> None:
+    def start_sweeper(self, loop: asyncio.AbstractEventLoop, server: asyncio.AbstractServer,
+                      head_timeout: float) -> None:
+        """Every few seconds, close connections whose unfinished head is older than ``head_timeout``.
+
+        One timer for the whole server rather than one per request: the hot path arms nothing.
+        """
+        every = min(_SWEEP_S, head_timeout / 2)
+
         def sweep() -> None:
             if not server.is_serving():
                 return
-            limit = monotonic() - HEAD_TIMEOUT_S
+            limit = monotonic() - head_timeout
             for conn in [c for c in self.conns if c.partial_since is not None and c.partial_since < limit]:
                 conn.refuse(408, "the request head was not finished in time")
-            loop.call_later(_SWEEP_S, sweep)
+            loop.call_later(every, sweep)
 
-        loop.call_later(_SWEEP_S, sweep)
+        loop.call_later(every, sweep)
 
 
 def _dumps(doc: Any) -> bytes:
@@ -516,6 +525,7 @@ class _Conn(asyncio.Protocol):
         self.caller = Caller(0, -1, -1)
         self.buf = b""
         self.cache: dict[bytes, bytes] = {}
+        self.cache_bytes = 0
         self.epoch = -1
         self.closing = False
         self.partial_since: float | None = None  # when an unfinished head started waiting (slow clients)
@@ -523,6 +533,7 @@ class _Conn(asyncio.Protocol):
         self.write_blocked = False  # the client is not reading its answers
         self.reading_paused = False
         self.heads: HeadParser | None = None  # made at the first cache miss
+        self.eof = False  # the client has finished sending (half-close) while a watch was pending
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         transport = cast(asyncio.Transport, transport)  # uvloop's transports do not subclass asyncio's
@@ -543,6 +554,13 @@ class _Conn(asyncio.Protocol):
             self.watch.cancel()
         self.buf = b""
         self.cache.clear()
+
+    def eof_received(self) -> bool:
+        """A half-close during a long-poll keeps the connection open for the answers still owed."""
+        if self.watch is not None and not self.closing:
+            self.eof = True
+            return True
+        return False
 
     # -- flow control: stop reading while answers pile up unread, or while a watch holds the line
 
@@ -575,8 +593,7 @@ class _Conn(asyncio.Protocol):
         if st.generation != core.gen or st.last_contact != core.contact or monotonic() >= core.until:
             core.refresh()
         if self.epoch != core.epoch:
-            self.cache.clear()
-            self.epoch = core.epoch
+            self._drop_cache()
         if not self.buf and self.watch is None and len(data) <= MAX_HEAD:
             hit = self.cache.get(data)  # keys are whole bodiless heads, so data is exactly one request
             if hit is not None:
@@ -621,14 +638,13 @@ class _Conn(asyncio.Protocol):
             if isinstance(ans, _Watch):
                 self._start_watch(ans, req.keep_alive)
                 break
+            # only GET is served; a HEAD's 405 must still carry no body, or the client would desync
             data = ans.data if req.method != "HEAD" else ans.data[: ans.data.index(b"\r\n\r\n") + 4]
             if not req.keep_alive:
                 self._finish(out, _with_close(data))
                 break
-            if ans.cacheable and len(data) <= _CACHE_BODY_MAX:
-                if len(self.cache) >= _CACHE_MAX:
-                    self.cache.clear()
-                self.cache[head] = data
+            if ans.cacheable and len(data) <= _CACHE_ANSWER_MAX:
+                self._remember(head, data)
             out.append(data)
         self.buf = b"" if self.closing else buf[pos:]
         if out:
@@ -639,6 +655,18 @@ class _Conn(asyncio.Protocol):
         else:
             self.partial_since = None
         self._flow()
+
+    def _drop_cache(self) -> None:
+        self.cache.clear()
+        self.cache_bytes = 0
+        self.epoch = self.core.epoch
+
+    def _remember(self, head: bytes, data: bytes) -> None:
+        size = len(head) + len(data)
+        if len(self.cache) >= _CACHE_MAX or self.cache_bytes + size > _CACHE_BYTES:
+            self._drop_cache()
+        self.cache[head] = data
+        self.cache_bytes += size
 
     def _finish(self, out: list[bytes], last: bytes) -> None:
         """Write what is pending and ``last``, then close (the transport flushes before it closes)."""
@@ -667,12 +695,14 @@ class _Conn(asyncio.Protocol):
                 return
             self.transport.write(data)
             if self.epoch != self.core.epoch:
-                self.cache.clear()
-                self.epoch = self.core.epoch
+                self._drop_cache()
             if self.buf:
                 self._process_safely()
             else:
                 self._flow()
+            if self.eof and self.watch is None and not self.closing:
+                self.closing = True
+                self.transport.close()  # everything owed is written; the client sends no more
 
         self.watch = asyncio.get_running_loop().create_task(hold())
 

@@ -43,7 +43,7 @@ from typing import Any, Final
 from vault_edge.agent.peercred import Caller
 
 TOKEN_HEADER: Final = "x-vault-edge-token"
-_MEMO_MAX: Final = 65_536  # decisions kept; the memo is dropped whole past this (hostile names)
+_MEMO_MAX: Final = 16_384  # decisions kept; the memo is dropped whole past this (hostile names)
 _RULE_KEYS: Final = frozenset({"uid", "gid", "exe", "token_sha256", "secrets"})
 _HEX64 = re.compile(r"[0-9a-fA-F]{64}")
 

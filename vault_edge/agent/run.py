@@ -62,18 +62,18 @@ async def run(cfg: AgentConfig) -> int:
                        max_stale=cfg.max_stale, stale_after=cfg.stale_after)
     cache = DiskCache(cfg.state_dir)
     load_cached(identity, state, cache)
+    loop = asyncio.get_running_loop()
+    stop = loop.create_future()
+    for sig in (signal.SIGTERM, signal.SIGINT):  # before serving: a SIGTERM from then on is graceful
+        loop.add_signal_handler(sig, lambda: stop.done() or stop.set_result(None))
     try:
         listener = await serve(str(cfg.socket), state, policy, mode=cfg.socket_mode)
-    except OSError as exc:
-        raise AgentError(f"cannot listen on {cfg.socket}: {exc.strerror or exc}") from None
+    except (OSError, ValueError) as exc:
+        raise AgentError(f"cannot listen on {cfg.socket}: {getattr(exc, 'strerror', None) or exc}") from None
     log.info("serving on %s", cfg.socket)
 
     syncer = Syncer(identity, state, cache, server, join_token=cfg.join_token, wait=cfg.wait,
                     verify=cfg.tls_ca or True)
-    loop = asyncio.get_running_loop()
-    stop = loop.create_future()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, lambda: stop.done() or stop.set_result(None))
     sync_task = asyncio.create_task(syncer.run(), name="sync")
     code = 0
     try:

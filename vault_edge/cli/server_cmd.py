@@ -54,12 +54,26 @@ def server(dev: bool, dev_token: str | None, db: str | None, host: str | None, p
             raise CliError(f"cannot open the database: {type(exc).__name__}: {first_line}") from None
         # uvicorn re-raises the signal it stopped on; turn it into SystemExit so `finally` runs
         signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
-        uvicorn.run(app, host=settings.host, port=settings.port, log_level=log_level,
-                    ssl_certfile=settings.tls_cert, ssl_keyfile=settings.tls_key,
-                    timeout_graceful_shutdown=3)
+        config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=log_level,
+                                ssl_certfile=settings.tls_cert, ssl_keyfile=settings.tls_key,
+                                timeout_graceful_shutdown=5)
+        _server_class()(config).run()
     finally:
         if tmpdir:
             shutil.rmtree(tmpdir, ignore_errors=True)
+
+
+def _server_class() -> Any:
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        """Releases the held long-polls first, so a graceful stop does not wait out their holds."""
+
+        async def shutdown(self, sockets: Any = None) -> None:
+            self.config.app.state.hub.release()
+            await super().shutdown(sockets)
+
+    return Server
 
 
 def _dev_bootstrap(settings: Any) -> Any:

@@ -64,14 +64,14 @@ def ad(purpose: str, *fields: str | int | bytes) -> bytes:
     """
     if "\x00" in purpose:
         raise ValueError("an associated-data purpose cannot contain NUL")
-    parts = [_AD_PREFIX, purpose.encode(), b"\x00"]
+    parts = [_AD_PREFIX, purpose.encode("utf-8", "surrogatepass"), b"\x00"]
     for field in fields:
         if isinstance(field, bool):
             raise TypeError("associated data fields are str, int or bytes")
         if isinstance(field, int):
             raw, tag = str(field).encode(), b"i"
         elif isinstance(field, str):
-            raw, tag = field.encode(), b"s"
+            raw, tag = field.encode("utf-8", "surrogatepass"), b"s"
         elif isinstance(field, bytes):
             raw, tag = field, b"b"
         else:

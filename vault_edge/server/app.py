@@ -96,6 +96,31 @@ class BodyLimit:
                 raise
 
 
+class Metrics:
+    """Request counts and latency per route template, as plain ASGI (no per-request task group)."""
+
+    def __init__(self, app: ASGIApp, requests: Counter, latency: Histogram) -> None:
+        self.app, self.requests, self.latency = app, requests, latency
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        t0, status = time.perf_counter(), 500
+
+        async def observed(msg: Message) -> None:
+            nonlocal status
+            if msg["type"] == "http.response.start":
+                status = msg["status"]
+            await send(msg)
+
+        try:
+            await self.app(scope, receive, observed)
+        finally:
+            path = getattr(scope.get("route"), "path", "unmatched")  # the router fills in the scope
+            self.requests.labels(scope["method"], path, str(status)).inc()
+            self.latency.labels(path).observe(time.perf_counter() - t0)
+
+
 def _validation_message(exc: RequestValidationError) -> str:
     """A clear message naming the field, never echoing the input (it may hold a secret)."""
     parts = []
@@ -144,16 +169,6 @@ def create_app(settings: Settings | None = None, store: Store | None = None, bar
     def metrics() -> Response:
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
-    @app.middleware("http")
-    async def measure(request: Request, call_next: Any) -> Response:
-        t0 = time.perf_counter()
-        response: Response = await call_next(request)
-        route = request.scope.get("route")
-        path = getattr(route, "path", "unmatched")
-        requests.labels(request.method, path, str(response.status_code)).inc()
-        latency.labels(path).observe(time.perf_counter() - t0)
-        return response
-
     @app.exception_handler(ApiError)
     async def api_error(_: Request, exc: ApiError) -> JSONResponse:
         return error(exc.status, exc.code, exc.message)
@@ -189,5 +204,6 @@ def create_app(settings: Settings | None = None, store: Store | None = None, bar
         log.warning("database refused a value: %s", type(exc.orig).__name__)
         return error(400, "bad_request", "a value in the request is not storable (out of range or invalid characters)")
 
+    app.add_middleware(Metrics, requests=requests, latency=latency)
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
     return app

@@ -45,12 +45,13 @@ class Hub:
     def __init__(self, ctx: Context) -> None:
         self.ctx = ctx
         self.loop: asyncio.AbstractEventLoop | None = None
-        self._views: dict[str, RegionView] = {}
-        self._stale: set[str] = set()
-        self._loading: dict[str, asyncio.Future[RegionView]] = {}
+        self._views: dict[str, tuple[int, RegionView]] = {}  # region -> (generation loaded at, view)
+        self._gen: dict[str, int] = {}  # region -> generation, bumped by every change notice
+        self._loading: dict[str, tuple[int, asyncio.Future[RegionView]]] = {}
         self._changed: asyncio.Future[None] | None = None
         self._seen_revision = 0
         self._stop = threading.Event()
+        self._closing = False
         self._threads: list[threading.Thread] = []
         self.waiting = 0
 
@@ -62,6 +63,14 @@ class Hub:
         if self.ctx.store.dialect == "postgresql":
             self._spawn(self._listen_postgres, "vault-edge-listen")
         self._spawn(self._poll_revision, "vault-edge-revision-poll")
+
+    def release(self) -> None:
+        """Shutting down: answer every held long-poll now (``unchanged``), so agents re-poll, perhaps
+        another replica, instead of holding this process up until their hold ends."""
+        self._closing = True
+        fut = self._changed
+        if fut is not None and not fut.done():
+            fut.set_result(None)
 
     def stop(self) -> None:
         self._stop.set()
@@ -81,11 +90,11 @@ class Hub:
 
     def on_change(self, revision: int, regions: frozenset[str]) -> None:
         self._seen_revision = max(self._seen_revision, revision)
-        if "*" in regions:
-            self._stale.update(self._views)
-        else:
-            self._stale.update(regions)
+        for region in (set(self._views) | set(self._loading)) if "*" in regions else regions:
+            self._gen[region] = self._gen.get(region, 0) + 1
         fut, self._changed = self._changed, asyncio.get_running_loop().create_future()
+        if self._closing:
+            self._changed.set_result(None)
         if fut is not None and not fut.done():
             fut.set_result(None)
 
@@ -149,31 +158,34 @@ class Hub:
         return RegionView(region, r.data_rev if r else 0, secrets_json, members)
 
     async def view(self, region: str, refresh: bool = False) -> RegionView:
-        """The region's view, reloaded (once, however many callers) if a notice made it stale."""
+        """The region's view as of the latest change notice for it: loaded once however many callers.
+        A cached view, or a load in flight, from before the latest notice is never handed out (a load
+        that started before a commit may not see it)."""
         if refresh:
-            self._stale.add(region)
-        current = self._views.get(region)
-        if current is not None and region not in self._stale:
-            return current
+            self._gen[region] = self._gen.get(region, 0) + 1
+        gen = self._gen.get(region, 0)
+        cached = self._views.get(region)
+        if cached is not None and cached[0] == gen:
+            return cached[1]
         pending = self._loading.get(region)
-        if pending is None:
-            self._stale.discard(region)
-            assert self.loop is not None
-            pending = self.loop.create_future()
-            self._loading[region] = pending
-            try:
-                loaded = await asyncio.to_thread(self._load, region)
-            except BaseException as exc:
-                self._stale.add(region)
-                pending.set_exception(exc)
-                pending.exception()  # retrieved: waiters re-raise it
-                raise
-            finally:
-                self._loading.pop(region, None)
-            self._views[region] = loaded
-            pending.set_result(loaded)
-            return loaded
-        return await asyncio.shield(pending)
+        if pending is not None and pending[0] == gen:
+            return await asyncio.shield(pending[1])
+        assert self.loop is not None
+        fut: asyncio.Future[RegionView] = self.loop.create_future()
+        self._loading[region] = (gen, fut)
+        try:
+            loaded = await asyncio.to_thread(self._load, region)
+        except BaseException as exc:
+            fut.set_exception(exc)
+            fut.exception()  # retrieved: waiters re-raise it
+            raise
+        finally:
+            if self._loading.get(region, (0, None))[1] is fut:
+                del self._loading[region]
+        if self._views.get(region, (-1, None))[0] <= gen:  # a slower, older load never overwrites a newer one
+            self._views[region] = (gen, loaded)
+        fut.set_result(loaded)
+        return loaded
 
     # -- long-poll -----------------------------------------------------------------------------
     async def wait(
@@ -184,6 +196,7 @@ class Hub:
         reloaded first (the node may have enrolled through another replica a moment ago)."""
         assert self.loop is not None
         deadline = self.loop.time() + timeout
+        changed = self._changed  # taken before reading the view: a notice during the read still wakes us
         view = await self.view(region)
         member = view.members.get(node_id)
         if member is None or member.node_rev < node_rev:
@@ -195,14 +208,14 @@ class Hub:
                 if member is not None and (not member.active or max(view.data_rev, member.node_rev) > since):
                     return view, member
                 remaining = deadline - self.loop.time()
-                if remaining <= 0:
+                if remaining <= 0 or self._closing:
                     return None
-                changed = self._changed
                 assert changed is not None
                 try:
                     await asyncio.wait_for(asyncio.shield(changed), remaining)
                 except TimeoutError:
                     return None
+                changed = self._changed
                 view = await self.view(region)
                 member = view.members.get(node_id)
         finally:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import random
 
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import Response
@@ -46,7 +47,9 @@ async def sync(
         nodes.authenticate_node, ctx, "GET", _target(request), request.headers, body, since
     )
     hub = request.app.state.hub
-    got = await hub.wait(node.id, node.region, node.node_rev, since, min(wait, ctx.settings.sync_max_wait_s))
+    hold = min(wait, ctx.settings.sync_max_wait_s)
+    hold += random.uniform(0, hold / 16)  # noqa: S311 - not crypto; spread the fleet's re-polls (as Consul's blocking queries do)
+    got = await hub.wait(node.id, node.region, node.node_rev, since, hold)
     if got is not None and not got[1].active:
         raise forbidden("node revoked")
     view, member = got if got is not None else (None, None)

@@ -1,0 +1,223 @@
+"""A fleet of simulated node agents in one process, driven by ``bench/propagation.py``.
+
+Each simulated agent is a real agent minus its unix socket: its own X25519/Ed25519 key pair and
+state dir, enrolled with its own join token (``Syncer.enroll``: pinned control-plane key, signed
+request, verified answer), then ``Syncer.run`` (signed long-poll, ``open_bundle``: signature check,
+nonce echo, anti-rollback, grant / data key / value decryption, ``AgentState.install``, disk cache).
+The only differences from ``vault-edge agent run``: no socket server, one event loop for all agents,
+and one shared SSL context (httpx builds a fresh one per client otherwise, 20 ms and ~1 MB each; the
+URLs are plain HTTP so it is never used). Each agent still has its own ``httpx.AsyncClient`` with
+the limits and timeouts ``Syncer`` gives itself, so every agent holds its own connection.
+
+"Serving" is measured where the socket server would read: :class:`TimedState` records
+``time.monotonic()`` right after ``install`` when the installed view's current value of the secret
+is the expected one. CLOCK_MONOTONIC is system-wide on Linux, so the controller compares it with its
+own ``time.monotonic()`` taken when ``rotate`` returned.
+
+Control is JSON lines: on stdin ``{"cmd": "expect", "trial": K, "value": V}`` (acknowledged with
+``{"event": "armed"}``), ``{"cmd": "report"}`` (the times so far) and ``{"cmd": "quit"}``; on stdout
+``ready``, ``armed``, ``done`` (all agents serve V) and ``report`` events.
+
+    python bench/sim_agents.py --server URL --secret NAME --tokens FILE [--wait 30] [--no-disk-cache]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import resource
+import shutil
+import ssl
+import sys
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import httpx
+import uvloop
+
+from vault_edge.agent.cache import DiskCache
+from vault_edge.agent.files import ensure_private_dir
+from vault_edge.agent.identity import Identity
+from vault_edge.agent.sync import Syncer
+from vault_edge.agent.view import AgentState, View
+from vault_edge.crypto.signing import KeyPair
+
+
+def emit(event: str, **fields: Any) -> None:
+    sys.stdout.write(json.dumps({"event": event, **fields}) + "\n")
+    sys.stdout.flush()
+
+
+class CountingHandler(logging.Handler):
+    """Counts the agents' warnings and errors (failed polls, refused answers) by message shape."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.counts: Counter[str] = Counter()
+        self.samples: dict[str, str] = {}
+
+    def emit(self, record: logging.LogRecord) -> None:
+        key = f"{record.levelname}:{record.msg[:60]}"
+        self.counts[key] += 1
+        self.samples.setdefault(key, record.getMessage()[:300])
+
+
+class NullCache(DiskCache):
+    """``--no-disk-cache``: skip the per-agent cache file (two fsyncs per applied answer)."""
+
+    def save(self, body: bytes, signature: str, received_at: float | None = None) -> None:
+        return None
+
+    def touch(self, received_at: float) -> None:
+        return None
+
+
+class Fleet:
+    def __init__(self, n: int, secret: str) -> None:
+        self.n, self.secret = n, secret
+        self.trial: int | None = None
+        self.expected: bytes | None = None
+        self.times: list[float | None] = [None] * n
+        self.served = 0
+        self.initial_served = 0
+        self.initial_done = asyncio.get_running_loop().create_future()
+
+    def arm(self, trial: int, value: bytes) -> None:
+        self.trial, self.expected = trial, value
+        self.times = [None] * self.n
+        self.served = 0
+
+    def on_install(self, idx: int, view: View, at: float) -> None:
+        entry = view.lookup(self.secret)
+        if entry is None:
+            return
+        if self.expected is None:
+            if self.times[idx] is None:
+                self.times[idx] = at
+                self.initial_served += 1
+                if self.initial_served == self.n and not self.initial_done.done():
+                    self.initial_done.set_result(None)
+            return
+        if self.times[idx] is None and entry.value == self.expected:
+            self.times[idx] = at
+            self.served += 1
+            if self.served == self.n:
+                emit("done", trial=self.trial, times=self.times)
+
+
+class TimedState(AgentState):
+    """The agent's state, noting the monotonic time each view is installed."""
+
+    def __init__(self, fleet: Fleet, idx: int) -> None:
+        super().__init__()
+        self.fleet, self.idx = fleet, idx
+
+    def install(self, view: View) -> None:
+        super().install(view)
+        self.fleet.on_install(self.idx, view, time.monotonic())
+
+
+async def stdin_lines() -> asyncio.StreamReader:
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader(limit=1 << 20)
+    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
+    return reader
+
+
+async def main(args: argparse.Namespace) -> int:
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    counting = CountingHandler()
+    logging.getLogger("vault_edge").addHandler(counting)
+    logging.getLogger("vault_edge").setLevel(logging.WARNING)
+
+    tokens = [t for t in Path(args.tokens).read_text().split() if t]
+    n = len(tokens)
+    fleet = Fleet(n, args.secret)
+    base = Path(tempfile.mkdtemp(prefix="ve-sim-", dir=args.state_root))
+    ssl_ctx = ssl.create_default_context()
+    syncers: list[Syncer] = []
+    for i, token in enumerate(tokens):
+        state_dir = ensure_private_dir(base / f"a{i:05d}")
+        identity = Identity(state_dir, KeyPair.generate(), None)
+        # The same client Syncer makes for itself, except for the shared (unused) SSL context.
+        http = httpx.AsyncClient(base_url=args.server.rstrip("/"), verify=ssl_ctx,
+                                 timeout=httpx.Timeout(10.0, read=args.wait + 20.0),
+                                 limits=httpx.Limits(max_connections=2))
+        cache = NullCache(state_dir) if args.no_disk_cache else DiskCache(state_dir)
+        syncers.append(Syncer(identity, TimedState(fleet, i), cache, args.server, join_token=token,
+                              wait=args.wait, http=http))
+
+    # Enrolment: every agent at once (as a fleet roll-out would), each its own connection.
+    sem = asyncio.Semaphore(args.enrol_concurrency or n)
+    lat: list[float] = []
+
+    async def enrol(s: Syncer) -> None:
+        async with sem:
+            t = time.monotonic()
+            await s.enroll()
+            lat.append(time.monotonic() - t)
+
+    t_enrol = time.monotonic()
+    await asyncio.gather(*(enrol(s) for s in syncers))
+    enrol_s = time.monotonic() - t_enrol
+    lat.sort()
+
+    t_sync = time.monotonic()
+    tasks = [asyncio.create_task(s.run(), name=f"agent-{i}") for i, s in enumerate(syncers)]
+    try:
+        await asyncio.wait_for(asyncio.shield(fleet.initial_done), args.ready_timeout)
+    except TimeoutError:
+        emit("error", message=f"only {fleet.initial_served}/{n} agents serve the secret after "
+                              f"{args.ready_timeout}s", log=dict(counting.counts), samples=counting.samples)
+        return 1
+    emit("ready", agents=n, enrol_s=enrol_s, enrol_p50_s=lat[len(lat) // 2], enrol_max_s=lat[-1],
+         first_sync_s=time.monotonic() - t_sync, log=dict(counting.counts))
+
+    reader = await stdin_lines()
+    code = 0
+    while True:
+        line = await reader.readline()
+        if not line:
+            break
+        cmd = json.loads(line)
+        if cmd["cmd"] == "expect":
+            fleet.arm(int(cmd["trial"]), cmd["value"].encode())
+            emit("armed", trial=fleet.trial)
+        elif cmd["cmd"] == "report":
+            emit("report", trial=fleet.trial, times=fleet.times, log=dict(counting.counts),
+                 samples=counting.samples)
+        elif cmd["cmd"] == "quit":
+            break
+    crashed = [t for t in tasks if t.done() and not t.cancelled() and t.exception() is not None]
+    if crashed:
+        emit("error", message=f"{len(crashed)} agent tasks ended: {crashed[0].exception()!r}")
+        code = 1
+    for t in tasks:
+        t.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    for s in syncers:
+        with contextlib.suppress(Exception):
+            await s.close()
+    shutil.rmtree(base, ignore_errors=True)
+    return code
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--server", required=True)
+    p.add_argument("--secret", required=True)
+    p.add_argument("--tokens", required=True, help="file with one join token per line")
+    p.add_argument("--wait", type=float, default=30.0, help="long-poll hold asked for (agent default: 30 s)")
+    p.add_argument("--no-disk-cache", action="store_true")
+    p.add_argument("--enrol-concurrency", type=int, default=0, help="0: all at once")
+    p.add_argument("--ready-timeout", type=float, default=300.0)
+    p.add_argument("--state-root", default=None, help="where the agents' state dirs go (default: $TMPDIR)")
+    uvloop.install()
+    sys.exit(asyncio.run(main(p.parse_args())))
