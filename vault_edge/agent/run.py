@@ -56,6 +56,10 @@ async def run(cfg: AgentConfig) -> int:
         policy = Policy.load(cfg.policy)
     except ValueError as exc:
         raise AgentError(str(exc)) from None
+    if policy.uses_exe and os.geteuid() != 0:
+        log.warning("the policy has exe conditions: the kernel lets an unprivileged agent read /proc/PID/exe only of "
+                    "callers running as its own uid, so exe rules for other uids never match (fail closed); run the "
+                    "agent as root or with CAP_SYS_PTRACE for them")
 
     enrolment = identity.enrolment
     state = AgentState(enrolment.node if enrolment else "", enrolment.region if enrolment else "",

@@ -22,6 +22,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from vault_edge import __version__
 from vault_edge.crypto.errors import DecryptionError
 from vault_edge.server.barrier import Barrier
+from vault_edge.server.contacts import ContactLog
 from vault_edge.server.context import Context
 from vault_edge.server.errors import ApiError, body
 from vault_edge.server.hub import Hub
@@ -141,6 +142,7 @@ def create_app(settings: Settings | None = None, store: Store | None = None, bar
         store = Store(engine)
     ctx = Context(store, barrier or Barrier(), settings)
     hub = Hub(ctx)
+    contacts = ContactLog(ctx)
     scheduler = Scheduler(ctx)
     registry = CollectorRegistry()
     requests = Counter("vault_edge_requests", "HTTP requests", ["method", "route", "status"], registry=registry)
@@ -161,7 +163,7 @@ def create_app(settings: Settings | None = None, store: Store | None = None, bar
             hub.stop()
 
     app = FastAPI(title="vault-edge control plane", version=__version__, lifespan=lifespan)
-    app.state.ctx, app.state.hub, app.state.scheduler = ctx, hub, scheduler
+    app.state.ctx, app.state.hub, app.state.scheduler, app.state.contacts = ctx, hub, scheduler, contacts
     for router in (sys.router, secrets.router, admin.router, agent.router):
         app.include_router(router)
 

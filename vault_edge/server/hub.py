@@ -31,6 +31,7 @@ class Member:
     node_rev: int
     active: bool
     grants_json: bytes
+    sign_public: bytes
 
 
 @dataclass(frozen=True)
@@ -47,6 +48,7 @@ class Hub:
         self.loop: asyncio.AbstractEventLoop | None = None
         self._views: dict[str, tuple[int, RegionView]] = {}  # region -> (generation loaded at, view)
         self._gen: dict[str, int] = {}  # region -> generation, bumped by every change notice
+        self._where: dict[str, str] = {}  # node -> its region, from the views loaded
         self._loading: dict[str, tuple[int, asyncio.Future[RegionView]]] = {}
         self._changed: asyncio.Future[None] | None = None
         self._seen_revision = 0
@@ -152,7 +154,7 @@ class Hub:
         ).encode()
         members = {
             n.id: Member(n.node_rev, n.status == "active",
-                         json.dumps(by_node.get(n.id, []), separators=(",", ":")).encode())
+                         json.dumps(by_node.get(n.id, []), separators=(",", ":")).encode(), n.sign_public)
             for n in nodes
         }
         return RegionView(region, r.data_rev if r else 0, secrets_json, members)
@@ -184,13 +186,36 @@ class Hub:
                 del self._loading[region]
         if self._views.get(region, (-1, None))[0] <= gen:  # a slower, older load never overwrites a newer one
             self._views[region] = (gen, loaded)
+            self._where.update(dict.fromkeys(loaded.members, region))
         fut.set_result(loaded)
         return loaded
+
+    async def member(self, node_id: str) -> tuple[str, Member] | None:
+        """A node's region and membership (signing key, status, revision) as of the latest notice,
+        from the cached view; the database is asked only about a node no loaded view knows."""
+        region = self._where.get(node_id)
+        if region is None:
+            node = await asyncio.to_thread(self._node_region, node_id)
+            if node is None:
+                return None
+            region = node
+        view = await self.view(region)
+        m = view.members.get(node_id)
+        if m is None:  # enrolled a moment ago, perhaps through another replica
+            view = await self.view(region, refresh=True)
+            m = view.members.get(node_id)
+        return (region, m) if m is not None else None
+
+    def _node_region(self, node_id: str) -> str | None:
+        with self.ctx.store.read() as tx:
+            node = tx.get_node(node_id)
+        return node.region if node else None
 
     # -- long-poll -----------------------------------------------------------------------------
     async def wait(
         self, node_id: str, region: str, node_rev: int, since: int, timeout: float
     ) -> tuple[RegionView, Member] | None:
+        # ``node_rev``: the membership the caller was authenticated against
         """Wait until something after ``since`` is visible to the node; None on timeout.
         ``node_rev`` is the node's revision as authentication read it: a view older than that is
         reloaded first (the node may have enrolled through another replica a moment ago)."""

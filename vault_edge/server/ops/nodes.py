@@ -11,7 +11,7 @@ from vault_edge import wire
 from vault_edge.crypto import signing
 from vault_edge.server.auth import Principal
 from vault_edge.server.context import Context
-from vault_edge.server.errors import ApiError, bad_request, forbidden, not_found, unauthorized
+from vault_edge.server.errors import ApiError, bad_request, not_found, unauthorized
 from vault_edge.server.ops import keyring, regions
 from vault_edge.server.storage.records import JoinToken, Node
 
@@ -35,12 +35,12 @@ def create_join_token(ctx: Context, who: Principal, region: str, ttl_s: int | No
     return {"token": token, "region": region, "expires_at": now + ttl}
 
 
-def _refuse(ctx: Context, action: str, target: str, exc: ApiError) -> ApiError:
+def refuse(ctx: Context, action: str, target: str, exc: ApiError) -> ApiError:
     ctx.auditor.record_alone("node", action, target, outcome="refused", reason=exc.message)
     return exc
 
 
-def _check_signature(
+def check_signature(
     ctx: Context, method: str, target: str, headers: Mapping[str, str], body: bytes, node_id: str,
     public_key: bytes,
 ) -> tuple[int, str]:
@@ -60,31 +60,6 @@ def _check_signature(
     return ts, nonce
 
 
-def authenticate_node(
-    ctx: Context, method: str, target: str, headers: Mapping[str, str], body: bytes, applied: int = 0
-) -> Node:
-    """A signed request from an enrolled, active node: verified, nonce spent, contact and applied
-    revision recorded, all in one transaction. Refusals are audited."""
-    node_id = headers.get(wire.H_NODE, "")
-    if not wire.valid_node_id(node_id):
-        raise unauthorized("missing or malformed node id")
-    now = ctx.clock()
-    try:
-        with ctx.store.write() as tx:
-            node = tx.get_node(node_id)
-            if node is None:
-                raise unauthorized("unknown node")
-            if node.status != "active":
-                raise forbidden("node revoked")
-            _, nonce = _check_signature(ctx, method, target, headers, body, node_id, node.sign_public)
-            if not tx.use_nonce(node_id, nonce, now + 2 * wire.CLOCK_SKEW_S):
-                raise unauthorized("replayed request (nonce already used)")
-            tx.touch_node(node_id, now, applied)
-    except ApiError as exc:
-        raise _refuse(ctx, "node.auth", node_id, exc) from None
-    return node
-
-
 def enroll(ctx: Context, target: str, headers: Mapping[str, str], body: bytes) -> tuple[bytes, bytes]:
     """Enrol a node with a join token. Returns (signed JSON body, signature)."""
     keys = ctx.barrier.keys()
@@ -101,9 +76,9 @@ def enroll(ctx: Context, target: str, headers: Mapping[str, str], body: bytes) -
     if headers.get(wire.H_NODE) != wire.ENROLL_NODE:
         raise bad_request("enrolment is signed with node id '-'")
     try:
-        _check_signature(ctx, "POST", target, headers, body, wire.ENROLL_NODE, sign_public)
+        check_signature(ctx, "POST", target, headers, body, wire.ENROLL_NODE, sign_public)
     except ApiError as exc:
-        raise _refuse(ctx, "node.enroll", token_id, exc) from None
+        raise refuse(ctx, "node.enroll", token_id, exc) from None
     now = ctx.clock()
     node_id = "n-" + secrets.token_hex(8)
     try:
@@ -126,7 +101,7 @@ def enroll(ctx: Context, target: str, headers: Mapping[str, str], body: bytes) -
             ctx.auditor.record(tx, "node:" + node_id, "node.enroll", token.region, hostname=hostname,
                                token_id=token_id)
     except ApiError as exc:
-        raise _refuse(ctx, "node.enroll", token_id, exc) from None
+        raise refuse(ctx, "node.enroll", token_id, exc) from None
     out = json.dumps({"v": wire.PROTOCOL_VERSION, "node": node_id, "region": token.region,
                       "server_key": wire.b64e(keys.server_public), "revision": rev}).encode()
     return out, signing.sign(keys.signer, wire.response_message("enroll", out))

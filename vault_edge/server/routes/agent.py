@@ -9,6 +9,7 @@ from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import Response
 
 from vault_edge import wire
+from vault_edge.server import nodeauth
 from vault_edge.server.context import Context
 from vault_edge.server.deps import unsealed
 from vault_edge.server.errors import forbidden
@@ -43,15 +44,15 @@ async def sync(
     """Signed long-poll: answers at once when anything after ``since`` is visible to the node, else
     holds up to ``wait`` seconds and answers ``unchanged``. ``since`` is the node's applied revision."""
     body = await request.body()
-    node = await asyncio.to_thread(
-        nodes.authenticate_node, ctx, "GET", _target(request), request.headers, body, since
-    )
     hub = request.app.state.hub
+    node_id, region, member = await nodeauth.authenticate(
+        ctx, hub, request.app.state.contacts, "GET", _target(request), request.headers, body, since
+    )
     hold = min(wait, ctx.settings.sync_max_wait_s)
-    hold += random.uniform(0, hold / 16)  # noqa: S311 - not crypto; spread the fleet's re-polls (as Consul's blocking queries do)
-    got = await hub.wait(node.id, node.region, node.node_rev, since, hold)
+    hold += random.uniform(0, hold / 16)  # noqa: S311 - not crypto: spreads the fleet's re-polls, as Consul does
+    got = await hub.wait(node_id, region, member.node_rev, since, hold)
     if got is not None and not got[1].active:
         raise forbidden("node revoked")
-    view, member = got if got is not None else (None, None)
-    out, sig = hub.sync_body(node.id, request.headers.get(wire.H_NONCE, ""), view, member, since)
+    view, current = got if got is not None else (None, None)
+    out, sig = hub.sync_body(node_id, request.headers.get(wire.H_NONCE, ""), view, current, since)
     return _signed(out, sig)

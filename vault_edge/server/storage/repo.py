@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
-from sqlalchemy import Connection, Engine, and_, delete, func, insert, or_, select, text, update
+from sqlalchemy import Connection, Engine, and_, bindparam, delete, func, insert, or_, select, text, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
@@ -523,6 +523,29 @@ class Tx:
     def use_nonce(self, node_id: str, nonce: str, expires_at: float) -> bool:
         """True the first time a node presents ``nonce``; False for a replay."""
         return self._insert_ignore(t.nonces, {"node_id": node_id, "nonce": nonce, "expires_at": expires_at})
+
+    def spend_nonces(self, rows: Sequence[tuple[str, str, float]]) -> set[tuple[str, str]]:
+        """Spend many (node, nonce, expires_at) at once; the (node, nonce) pairs that were fresh."""
+        fresh: set[tuple[str, str]] = set()
+        ins = pg_insert if self.dialect == "postgresql" else sqlite_insert
+        for i in range(0, len(rows), 500):
+            chunk = [{"node_id": n, "nonce": c, "expires_at": e} for n, c, e in rows[i:i + 500]]
+            stmt = ins(t.nonces).values(chunk).on_conflict_do_nothing().returning(t.nonces.c.node_id, t.nonces.c.nonce)
+            fresh.update((r.node_id, r.nonce) for r in self.conn.execute(stmt))
+        return fresh
+
+    def touch_nodes(self, rows: Sequence[tuple[str, float, int]]) -> None:
+        """Record contact for many (node, at, applied) in one statement (applied only moves forward)."""
+        if not rows:
+            return
+        biggest = func.max if self.dialect == "sqlite" else func.greatest
+        stmt = (
+            update(t.nodes)
+            .where(t.nodes.c.id == bindparam("nid"))
+            .values(last_seen=bindparam("at"),
+                    applied_revision=biggest(t.nodes.c.applied_revision, bindparam("applied")))
+        )
+        self.conn.execute(stmt, [{"nid": n, "at": at, "applied": a} for n, at, a in rows])
 
     def purge_nonces(self, now: float) -> int:
         return self.conn.execute(delete(t.nonces).where(t.nonces.c.expires_at < now)).rowcount
