@@ -156,6 +156,17 @@ def vault_edge_cmd() -> list[str]:
     return [sys.executable, "-m", "vault_edge"]
 
 
+def stop_process(proc: subprocess.Popen[bytes] | None, sig: int = 15) -> None:
+    """Signal ``proc`` and reap it; SIGKILL after 15 s."""
+    if proc and proc.poll() is None:
+        proc.send_signal(sig)
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
 class ServerProcess:
     def __init__(self, db: str, log_path: Path, port: int | None = None, extra: list[str] | None = None,
                  env: dict[str, str] | None = None) -> None:
@@ -182,13 +193,7 @@ class ServerProcess:
         raise AssertionError(f"server did not start: {self.log_path.read_text()[-2000:]}")
 
     def stop(self, sig: int = 15) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            try:
-                self.proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc, sig)
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")

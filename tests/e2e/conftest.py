@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import ServerProcess, vault_edge_cmd
+from tests.conftest import ServerProcess, stop_process, vault_edge_cmd
 from vault_edge.client import AgentClient, AgentError
 from vault_edge.operator import OperatorClient
 
@@ -57,13 +57,7 @@ class AgentProcess:
         return self
 
     def stop(self, sig: int = 15) -> int | None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            try:
-                self.proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc, sig)
         return self.proc.returncode if self.proc else None
 
     def client(self, token: str | None = None) -> AgentClient:

@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
 from vault_edge import wire
 from vault_edge.durations import MAX_SECONDS, parse_duration
 
-Duration = str | int
 
-
-def seconds(value: Duration | None) -> int | None:
+def seconds(value: str | int | None) -> int | None:
     if value is None:
         return None
     if isinstance(value, bool):
@@ -22,6 +20,15 @@ def seconds(value: Duration | None) -> int | None:
             raise ValueError(f"a duration is between 0 and {MAX_SECONDS} seconds (10 years)")
         return value
     return parse_duration(value)
+
+
+def _valid_duration(value: str | int) -> str | int:
+    seconds(value)
+    return value
+
+
+# A duration as operators type it ("15m", "1h30m") or a number of seconds; checked at the edge.
+Duration = Annotated[str | int, AfterValidator(_valid_duration)]
 
 
 class Strict(BaseModel):
@@ -71,22 +78,11 @@ class ValueFields(Strict):
             return wire.b64d(self.value_b64)
         return self.value.encode() if self.value is not None else None
 
-    @field_validator("grace")
-    @classmethod
-    def _grace(cls, v: Duration | None) -> Duration | None:
-        seconds(v)
-        return v
-
 
 class PutSecret(ValueFields):
     regions: list[str] | None = Field(None, max_length=256)
     rotate_every: Duration | None = None
 
-    @field_validator("rotate_every")
-    @classmethod
-    def _every(cls, v: Duration | None) -> Duration | None:
-        seconds(v)
-        return v
 
     @field_validator("regions")
     @classmethod
@@ -101,12 +97,6 @@ class RotateRequest(ValueFields):
 class PromoteRequest(Strict):
     grace: Duration | None = None
 
-    @field_validator("grace")
-    @classmethod
-    def _grace(cls, v: Duration | None) -> Duration | None:
-        seconds(v)
-        return v
-
 
 class RollbackRequest(PromoteRequest):
     to: int = Field(ge=1, le=2**31)
@@ -115,12 +105,6 @@ class RollbackRequest(PromoteRequest):
 class JoinTokenRequest(Strict):
     region: str = Field(max_length=63)
     ttl: Duration | None = None
-
-    @field_validator("ttl")
-    @classmethod
-    def _ttl(cls, v: Duration | None) -> Duration | None:
-        seconds(v)
-        return v
 
 
 class TokenCreate(Strict):
@@ -137,8 +121,3 @@ class TokenCreate(Strict):
                 raise ValueError("a prefix is the start of a secret name: letters, digits, '_', '.', '-', '/'")
         return v
 
-    @field_validator("ttl")
-    @classmethod
-    def _ttl(cls, v: Duration | None) -> Duration | None:
-        seconds(v)
-        return v
