@@ -101,6 +101,8 @@ def _demo_read(agents: list[dict[str, Any]]) -> None:
 
 def _print_next(addr: str, token: str, agents: list[dict[str, Any]]) -> None:
     out.print(f"\n[bold]vault-edge dev[/] is running: control plane at {addr}")
+    if not shutil.which("vault-edge"):
+        out.print(f"  . {os.path.dirname(sys.executable)}/activate      # puts vault-edge on PATH")
     out.print(f"  export VAULT_EDGE_ADDR={addr} VAULT_EDGE_TOKEN={token}")
     out.print(f"  vault-edge status            vault-edge list          vault-edge get {DEMO}")
     out.print(f"  vault-edge rotate {DEMO} --generate 32:base64url --wait")
