@@ -123,6 +123,67 @@ def make_app(db_url: str) -> Iterator[Any]:
         c.app.state.ctx.store.dispose()
 
 
+def signed_headers(pair: Any, method: str, target: str, node: str, body: bytes,
+                   timestamp: int | str | None = None) -> dict[str, str]:
+    """The headers of a node-signed request (``pair``: a signing.KeyPair), as the agent makes them."""
+    from vault_edge import wire
+    from vault_edge.crypto import signing
+
+    ts = int(time.time()) if timestamp is None else timestamp
+    nonce = wire.b64e(secrets.token_bytes(wire.NONCE_BYTES))
+    try:
+        ts_int = int(ts)
+    except ValueError:
+        ts_int = 0
+    sig = signing.sign(pair.signer(), wire.request_message(method, target, node, ts_int, nonce, body))
+    return {wire.H_NODE: node, wire.H_TIMESTAMP: str(ts), wire.H_NONCE: nonce, wire.H_SIGNATURE: wire.b64e(sig)}
+
+
+def server_key(api: Api) -> bytes:
+    from vault_edge import wire
+
+    return wire.b64d(api.call("GET", "/v1/sys/status")[1]["server_key"])
+
+
+def enroll_body(key: bytes, pair: Any, token: str) -> bytes:
+    """An enrolment request for ``pair`` with ``token``, sealed to the control plane's ``key``."""
+    from vault_edge.agent.sync import enrolment_body
+
+    return enrolment_body(key, token, pair.box_public, pair.sign_public, "pop-1")
+
+
+def enroll_node(api: Api, region: str = "eu") -> tuple[str, Any]:
+    """A real node enrolment through the API, as the agent does it: (node id, its signing.KeyPair)."""
+    from vault_edge import wire
+    from vault_edge.crypto import signing
+
+    st, doc = api.call("POST", "/v1/nodes/tokens", json={"region": region})
+    assert st == 200, doc
+    pair = signing.KeyPair.generate()
+    body = enroll_body(server_key(api), pair, doc["token"])
+    resp = api.client.post("/v1/agent/enroll", content=body,
+                           headers=signed_headers(pair, "POST", "/v1/agent/enroll", wire.ENROLL_NODE, body))
+    assert resp.status_code == 200, resp.text
+    return resp.json()["node"], pair
+
+
+def run_concurrently(fn: Any, n: int) -> None:
+    """``fn(i)`` for i in range(n), each in its own thread, all released at once; waits for all."""
+    import threading
+
+    start = threading.Barrier(n)
+
+    def run(i: int) -> None:
+        start.wait()
+        fn(i)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(n)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+
+
 def init_and_unseal(client: Any, shares: int = 3, threshold: int = 2, **extra: Any) -> tuple[list[str], str]:
     r = client.post("/v1/sys/init", json={"shares": shares, "threshold": threshold, **extra})
     assert r.status_code == 200, r.text

@@ -51,6 +51,14 @@ def _secret(doc: dict[str, Any], age: int | None) -> Secret:
     return Secret(doc["name"], raw, int(doc["version"]), str(doc.get("stage")), int(doc["revision"]), age)
 
 
+def _checked(name: str) -> str:
+    """A ``.``/``..`` segment would be collapsed by the URL layer into another name: refuse it here."""
+    try:
+        return wire.check_name(name)
+    except wire.WireError as exc:
+        raise AgentError(400, "bad_request", str(exc)) from None
+
+
 def socket_path(path: str | None = None) -> str:
     return path or os.environ.get("VAULT_EDGE_SOCKET") or DEFAULT_SOCKET
 
@@ -94,12 +102,12 @@ class AgentClient:
         return int(age) if age and age.isdigit() else None
 
     def get(self, name: str, version: int | None = None, stage: str | None = None) -> Secret:
-        resp = self._get(f"/v1/secrets/{quote(name, safe='/')}", {"version": version, "stage": stage})
+        resp = self._get(f"/v1/secrets/{quote(_checked(name), safe='/')}", {"version": version, "stage": stage})
         return _secret(resp.json(), self._age(resp))
 
     def get_many(self, names: list[str]) -> dict[str, Secret]:
         """All of ``names`` in one round trip, at one revision (all or nothing)."""
-        resp = self._get("/v1/secrets", {"names": ",".join(names)})
+        resp = self._get("/v1/secrets", {"names": ",".join(_checked(n) for n in names)})
         age = self._age(resp)
         return {d["name"]: _secret(d, age) for d in resp.json()["secrets"]}
 

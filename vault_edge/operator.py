@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from typing import Any
 from urllib.parse import quote
 
 import httpx
+
+from vault_edge import wire
 
 DEFAULT_ADDR = "http://127.0.0.1:8420"
 
@@ -25,7 +28,14 @@ class OperatorClient:
         self.addr = (addr or os.environ.get("VAULT_EDGE_ADDR") or DEFAULT_ADDR).rstrip("/")
         self.token = token if token is not None else os.environ.get("VAULT_EDGE_TOKEN")
         cacert = os.environ.get("VAULT_EDGE_CACERT")
-        self._http = httpx.Client(base_url=self.addr, timeout=timeout, verify=cacert or verify)
+        try:
+            url = httpx.URL(self.addr)
+            if url.scheme not in ("http", "https") or not url.host:
+                raise ValueError
+            self._http = httpx.Client(base_url=url, timeout=timeout, verify=cacert or verify)
+        except (httpx.InvalidURL, ValueError):
+            raise ClientError(0, "bad_address", f"not a control-plane address: {self.addr!r} "
+                                                "(e.g. http://127.0.0.1:8420)") from None
 
     def close(self) -> None:
         self._http.close()
@@ -49,9 +59,14 @@ class OperatorClient:
         except ValueError:
             data = None
         if resp.status_code >= 400:
-            err = (data or {}).get("error", {}) if isinstance(data, dict) else {}
-            raise ClientError(resp.status_code, err.get("code", "error"),
-                              err.get("message", f"HTTP {resp.status_code}"))
+            err = data.get("error") if isinstance(data, dict) else None
+            err = err if isinstance(err, dict) else {}
+            raise ClientError(resp.status_code, str(err.get("code", "error")),
+                              str(err.get("message", f"HTTP {resp.status_code}")))
+        if not isinstance(data, dict):
+            raise ClientError(resp.status_code, "bad_answer",
+                              f"{self.addr} answered HTTP {resp.status_code} without a JSON object: "
+                              "is it a vault-edge control plane?")
         return data
 
     # -- sys -----------------------------------------------------------------------------------
@@ -76,7 +91,7 @@ class OperatorClient:
         return self.request("GET", "/v1/regions")
 
     def rekey(self, name: str) -> dict[str, Any]:
-        return self.request("POST", f"/v1/regions/{_p(name)}/rekey")
+        return self.request("POST", f"/v1/regions/{_id('region', name, wire.valid_region)}/rekey")
 
     # -- secrets -------------------------------------------------------------------------------
     def put(self, name: str, **body: Any) -> dict[str, Any]:
@@ -118,7 +133,7 @@ class OperatorClient:
         return self.request("GET", "/v1/nodes", params={"region": region})
 
     def revoke_node(self, node_id: str) -> dict[str, Any]:
-        return self.request("POST", f"/v1/nodes/{_p(node_id)}/revoke")
+        return self.request("POST", f"/v1/nodes/{_id('node', node_id, wire.valid_node_id)}/revoke")
 
     def create_token(self, **body: Any) -> dict[str, Any]:
         return self.request("POST", "/v1/tokens", json=_clean(body))
@@ -127,7 +142,7 @@ class OperatorClient:
         return self.request("GET", "/v1/tokens")
 
     def revoke_token(self, token_id: str) -> dict[str, Any]:
-        return self.request("DELETE", f"/v1/tokens/{_p(token_id)}")
+        return self.request("DELETE", f"/v1/tokens/{_id('active token', token_id, wire.valid_token_id)}")
 
     def audit(self, after: int = 0, limit: int = 100) -> dict[str, Any]:
         return self.request("GET", "/v1/audit", params={"after": after, "limit": limit})
@@ -140,6 +155,16 @@ def _clean(body: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in body.items() if v is not None}
 
 
-def _p(segment: str) -> str:
-    """Percent-encode a name for a URL path (slashes kept: names are paths)."""
-    return quote(segment, safe="/")
+def _p(name: str) -> str:
+    """A secret name for a URL path, checked first: a ``.``/``..`` segment would be collapsed by the
+    URL layer into another name, so it is refused here as the server would refuse it."""
+    try:
+        return quote(wire.check_name(name), safe="/")
+    except wire.WireError as exc:
+        raise ClientError(400, "bad_request", str(exc)) from None
+
+
+def _id(kind: str, value: str, valid: Callable[[str], bool]) -> str:
+    if not valid(value):
+        raise ClientError(404, "not_found", f"no {kind} {value!r}")
+    return value

@@ -76,6 +76,22 @@ def test_errors_are_one_line_exit_1_and_usage_exit_2(vault: dict[str, Any]) -> N
     r = cli("status", env={"VAULT_EDGE_ADDR": "http://127.0.0.1:1"})
     assert r.returncode == 1 and b"cannot reach the control plane" in r.stderr
     assert r.stderr.decode().count("\n") == 1
+    for addr in ("http://[::1", "ftp://127.0.0.1:8420", "127.0.0.1 8420"):
+        r = cli("status", env={"VAULT_EDGE_ADDR": addr})
+        assert r.returncode == 1 and b"not a control-plane address" in r.stderr, (addr, r.stderr)
+        assert r.stderr.decode().count("\n") == 1 and b"Traceback" not in r.stderr
+    # a '.' or '..' segment would be collapsed into another name by the URL layer: refused before sending
+    cli("region", "create", "eu", env=env)
+    assert cli("put", "x/y", "kept", env=env).returncode == 0
+    for name in ("x/./y", "x/z/../y", "./x/y"):
+        r = cli("put", name, "overwritten", env=env)
+        assert r.returncode == 1 and b"invalid secret name" in r.stderr, name
+    assert cli("get", "x/y", env=env).stdout == b"kept"
+    r = cli("rotate", "x/y", "rotated", "--wait", "--timeout", "soon", env=env)
+    assert r.returncode == 2 and b"invalid duration" in r.stderr  # checked before anything is rotated
+    assert cli("get", "x/y", env=env).stdout == b"kept"
+    r = cli("token", "create", "--name", "eternal", "--prefix", "x/", "--verb", "read", "--ttl", "0s", env=env)
+    assert r.returncode == 1 and b"ttl" in r.stderr
 
 
 def test_unseal_refusals_through_the_cli(start_server: Any, sqlite_url: str) -> None:

@@ -217,3 +217,37 @@ def test_grant_binds_node_region_and_key_version(here: tuple[str, str, int], the
     else:
         with pytest.raises(DecryptionError):
             signing.open_grant(NODE.box_private.reveal(), sealed, *there)
+
+
+# -- enrolment requests sealed to the control plane's key ------------------------------------------
+SERVER = signing.signing_key_from_seed(bytes(range(32)))
+
+
+def test_sealed_enrolment_round_trip_opens_only_for_the_server() -> None:
+    sealed = signing.seal_to_server(bytes(SERVER.verify_key), b'{"token": "vej1.x"}')
+    assert b"vej1" not in sealed
+    assert signing.open_for_server(SERVER, sealed) == b'{"token": "vej1.x"}'
+    other = signing.signing_key_from_seed(bytes(32))
+    with pytest.raises(DecryptionError):
+        signing.open_for_server(other, sealed)
+
+
+@pytest.mark.parametrize("i", [0, 31, 32, 60, -1])
+def test_tampered_sealed_enrolment_is_refused(i: int) -> None:
+    sealed = bytearray(signing.seal_to_server(bytes(SERVER.verify_key), b"request"))
+    sealed[i] ^= 0x01
+    with pytest.raises(DecryptionError):
+        signing.open_for_server(SERVER, bytes(sealed))
+
+
+def test_a_sealed_box_to_the_server_without_the_enrolment_label_is_refused() -> None:
+    """A box sealed to the same key for any other purpose (no label) is not an enrolment request."""
+    plain = SealedBox(SERVER.verify_key.to_curve25519_public_key()).encrypt(b'{"token": "vej1.x"}')
+    with pytest.raises(DecryptionError):
+        signing.open_for_server(SERVER, plain)
+
+
+@pytest.mark.parametrize("size", [0, 31, 33])
+def test_seal_to_server_refuses_a_bad_public_key(size: int) -> None:
+    with pytest.raises(ValueError):
+        signing.seal_to_server(bytes(size), b"x")

@@ -3,6 +3,7 @@ HTTP. It forwards everything, records sync answers per node, and when armed rewr
 
 from __future__ import annotations
 
+import json
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -15,9 +16,10 @@ from vault_edge import wire
 class Proxy:
     def __init__(self, upstream: str) -> None:
         self.upstream = upstream.rstrip("/")
-        self.mode = "pass"  # pass | tamper | other_node | replay
+        self.mode = "pass"  # pass | tamper | other_node | replay | forge_revoked
         self.answers: dict[str, list[tuple[bytes, str]]] = {}  # node → [(body, signature)]
         self.rewritten = 0
+        self.wire = bytearray()  # every request and answer that crossed it, as bytes
         self.lock = threading.Lock()
         proxy = self
 
@@ -46,17 +48,41 @@ class Proxy:
     def forward(self, h: BaseHTTPRequestHandler, method: str) -> None:
         length = int(h.headers.get("content-length") or 0)
         body = h.rfile.read(length) if length else b""
+        with self.lock:
+            self.wire += h.requestline.encode() + str(h.headers).encode() + body
         headers = {k: v for k, v in h.headers.items() if k.lower() not in ("host", "content-length", "connection")}
+        if self.mode == "forge_revoked" and h.path.startswith("/v1/agent/sync"):
+            self.forge_revocation(h)
+            return
         with httpx.Client(timeout=120) as c:
             resp = c.request(method, self.upstream + h.path, content=body, headers=headers)
         out, sig = resp.content, resp.headers.get(wire.H_SERVER_SIGNATURE, "")
         node = h.headers.get(wire.H_NODE, "")
         if h.path.startswith("/v1/agent/sync") and resp.status_code == 200:
             out, sig = self.rewrite(node, out, sig)
+        with self.lock:
+            self.wire += out
         h.send_response(resp.status_code)
         h.send_header("content-type", resp.headers.get("content-type", "application/json"))
         if sig:
             h.send_header(wire.H_SERVER_SIGNATURE, sig)
+        h.send_header("content-length", str(len(out)))
+        h.end_headers()
+        h.wfile.write(out)
+
+    def forge_revocation(self, h: BaseHTTPRequestHandler) -> None:
+        """A 403 shaped like the control plane's revocation, naming the node and echoing its nonce,
+        but not signed by the control plane (signed by nobody, or with a made-up signature)."""
+        with self.lock:
+            self.rewritten += 1
+            signed = self.rewritten % 2 == 0
+        out = json.dumps({"error": {"code": "revoked", "message": "node revoked"}, "v": wire.PROTOCOL_VERSION,
+                          "kind": "revoked", "node": h.headers.get(wire.H_NODE, ""),
+                          "nonce": h.headers.get(wire.H_NONCE, "")}).encode()
+        h.send_response(403)
+        h.send_header("content-type", "application/json")
+        if signed:
+            h.send_header(wire.H_SERVER_SIGNATURE, wire.b64e(bytes(64)))
         h.send_header("content-length", str(len(out)))
         h.end_headers()
         h.wfile.write(out)

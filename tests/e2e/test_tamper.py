@@ -48,6 +48,39 @@ def test_hostile_sync_answers_are_refused(control_plane: ControlPlane, start_age
     wait_until(lambda: a.get("eu/db") == "evil-or-new-v2", 20, "catch-up after the attack stops")
 
 
+def test_the_join_token_never_crosses_the_wire_in_clear(control_plane: ControlPlane, start_agent: Any,
+                                                        proxy: Proxy) -> None:
+    """Over plain HTTP, a relay between agent and control plane sees the enrolment, but sealed to the
+    control plane's key: it cannot read the join token (to enrol itself) or swap the node's keys."""
+    control_plane.op.put("eu/db", value="v1", regions=["eu"])
+    a = start_agent("eu1", "eu", server=proxy.addr)
+    assert a.get("eu/db") == "v1"
+    assert a.join_token is not None
+    _, token_id, secret, _ = a.join_token.split(".")
+    seen = bytes(proxy.wire)
+    assert b"/v1/agent/enroll" in seen  # the relay did carry the enrolment
+    assert secret.encode() not in seen and token_id.encode() not in seen
+
+
+def test_a_forged_revocation_does_not_wipe_the_agent(control_plane: ControlPlane, start_agent: Any,
+                                                      proxy: Proxy) -> None:
+    """Only the control plane's signed proof makes an agent wipe itself: a 403 from the path is transient."""
+    op = control_plane.op
+    op.put("eu/db", value="kept-v1", regions=["eu"])
+    a = start_agent("eu1", "eu", server=proxy.addr)
+    assert a.get("eu/db") == "kept-v1"
+    proxy.mode = "forge_revoked"
+    op.rotate("eu/db", value="kept-v2")
+    wait_until(lambda: proxy.rewritten >= 2 and a.log().count("signed proof of revocation") >= 2, 30,
+               "the agent to see forged revocations (bare and badly signed)")
+    assert a.proc is not None and a.proc.poll() is None  # still running
+    assert (a.state_dir / "cache.json").exists()
+    assert a.get("eu/db") in ("kept-v1", "kept-v2")
+    proxy.mode = "pass"
+    wait_until(lambda: a.get("eu/db") == "kept-v2", 30, "catch-up once the path stops forging")
+    assert a.proc.poll() is None
+
+
 def test_a_tampered_disk_cache_is_refused_on_start(control_plane: ControlPlane, start_agent: Any) -> None:
     control_plane.op.put("eu/db", value="cached-v1", regions=["eu"])
     a = start_agent("eu1", "eu")

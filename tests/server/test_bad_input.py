@@ -15,8 +15,6 @@ from __future__ import annotations
 import inspect
 import json
 import re
-import secrets
-import time
 import types
 import typing
 from collections.abc import Callable, Iterator
@@ -27,7 +25,8 @@ import pytest
 from annotated_types import Ge, Gt, Le, Lt, MaxLen
 from pydantic import BaseModel
 
-from tests.conftest import Api, init_and_unseal
+from tests.conftest import Api, enroll_body, enroll_node, init_and_unseal, server_key
+from tests.conftest import signed_headers as _signed_headers
 from vault_edge import wire
 from vault_edge.crypto import signing
 from vault_edge.server import deps
@@ -670,33 +669,8 @@ def test_sealed_server_serves_only_status_unseal_init_health(make_app: Any) -> N
 
 
 # -- signed agent requests ------------------------------------------------------------------------
-def _signed_headers(pair: signing.KeyPair, method: str, target: str, node: str, body: bytes,
-                    timestamp: int | str | None = None) -> dict[str, str]:
-    ts = int(time.time()) if timestamp is None else timestamp
-    nonce = wire.b64e(secrets.token_bytes(wire.NONCE_BYTES))
-    try:
-        ts_int = int(ts)
-    except ValueError:
-        ts_int = 0
-    sig = signing.sign(pair.signer(), wire.request_message(method, target, node, ts_int, nonce, body))
-    return {wire.H_NODE: node, wire.H_TIMESTAMP: str(ts), wire.H_NONCE: nonce, wire.H_SIGNATURE: wire.b64e(sig)}
-
-
-def _enroll_body(pair: signing.KeyPair, token: str) -> bytes:
-    return json.dumps({"token": token, "box_public": wire.b64e(pair.box_public),
-                       "sign_public": wire.b64e(pair.sign_public), "hostname": "pop-1"}).encode()
-
-
 def enroll(vault: Vault) -> tuple[str, signing.KeyPair]:
-    """A real node enrolment through the API, as the agent does it."""
-    st, doc = vault.api.call("POST", "/v1/nodes/tokens", json={"region": "eu"})
-    assert st == 200, doc
-    pair = signing.KeyPair.generate()
-    body = _enroll_body(pair, doc["token"])
-    resp = vault.client.post("/v1/agent/enroll", content=body,
-                             headers=_signed_headers(pair, "POST", "/v1/agent/enroll", wire.ENROLL_NODE, body))
-    assert resp.status_code == 200, resp.text
-    return resp.json()["node"], pair
+    return enroll_node(vault.api)
 
 
 def test_signed_agent_requests_with_bad_headers(vault: Vault) -> None:
@@ -730,15 +704,29 @@ def test_signed_agent_requests_with_bad_headers(vault: Vault) -> None:
     assert first.status_code == 200, first.text
     vault.expect("sync replayed", refused(vault.send("GET", target, token=None, headers=good), status=401))
     vault.snapshot["nodes"] = snapshot(vault.api)["nodes"]  # the node's last contact moved on
+    key = server_key(vault.api)
+
+    def sealed(inner: Any, to: bytes = key) -> bytes:
+        raw = inner if isinstance(inner, bytes) else json.dumps(inner).encode()
+        return json.dumps({"sealed": wire.b64e(signing.seal_to_server(to, raw))}).encode()
+
     for case, body in [
         ("not an object", b"[1]"),
         ("missing fields", b"{}"),
-        ("token not a string", json.dumps({"token": 5, "box_public": "", "sign_public": ""}).encode()),
-        ("not a join token", _enroll_body(pair, "hello")),
-        ("short keys", json.dumps({"token": "vej1.a.b.c", "box_public": "AAAA", "sign_public": "AAAA"}).encode()),
-        ("unknown join token", _enroll_body(pair, "vej1.0123456789abcdef.secret.pin")),
-        ("long hostname", json.dumps({"token": "vej1.a.b.c", "box_public": wire.b64e(pair.box_public),
-                                      "sign_public": wire.b64e(pair.sign_public), "hostname": "h" * 10000}).encode()),
+        ("unsealed request", json.dumps({"token": "vej1.a.b.c", "box_public": wire.b64e(pair.box_public),
+                                         "sign_public": wire.b64e(pair.sign_public)}).encode()),
+        ("sealed not base64", b'{"sealed": "***"}'),
+        ("sealed garbage", json.dumps({"sealed": wire.b64e(bytes(100))}).encode()),
+        ("sealed to another key", enroll_body(signing.KeyPair.generate().sign_public, pair, "vej1.a.b.c")),
+        ("sealed, not JSON inside", sealed(b"\xff\xfe")),
+        ("sealed, inner not an object", sealed([1])),
+        ("sealed, inner missing fields", sealed({})),
+        ("token not a string", sealed({"token": 5, "box_public": "", "sign_public": ""})),
+        ("not a join token", enroll_body(key, pair, "hello")),
+        ("short keys", sealed({"token": "vej1.a.b.c", "box_public": "AAAA", "sign_public": "AAAA"})),
+        ("unknown join token", enroll_body(key, pair, "vej1.0123456789abcdef.secret.pin")),
+        ("long hostname", sealed({"token": "vej1.a.b.c", "box_public": wire.b64e(pair.box_public),
+                                  "sign_public": wire.b64e(pair.sign_public), "hostname": "h" * 10000})),
     ]:
         resp = vault.client.post("/v1/agent/enroll", content=body,
                                  headers=_signed_headers(pair, "POST", "/v1/agent/enroll", wire.ENROLL_NODE, body))
@@ -789,7 +777,7 @@ def test_absurd_timestamps_are_401(vault: Vault) -> None:
     for timestamp in ("1" + "0" * 400, "-" + "9" * 400):
         resp = vault.send("GET", target, token=None, headers=_signed_headers(pair, "GET", target, node, b"", timestamp))
         vault.expect(f"sync {timestamp[:5]}...", refused(resp, status=401))
-        body = _enroll_body(pair, "vej1.0123456789abcdef.secret.pin")
+        body = enroll_body(server_key(vault.api), pair, "vej1.0123456789abcdef.secret.pin")
         resp = vault.client.post("/v1/agent/enroll", content=body, headers=_signed_headers(
             pair, "POST", "/v1/agent/enroll", wire.ENROLL_NODE, body, timestamp))
         vault.expect(f"enroll {timestamp[:5]}...", refused(resp, status=401))
@@ -807,7 +795,7 @@ def test_enroll_deeply_nested_json_is_400(vault: Vault) -> None:
 def test_enroll_join_token_with_hostile_characters_is_4xx(vault: Vault) -> None:
     pair = signing.KeyPair.generate()
     for token_id in ("\ud800", "a\x00b"):
-        body = _enroll_body(pair, f"vej1.{token_id}.secret.pin")
+        body = enroll_body(server_key(vault.api), pair, f"vej1.{token_id}.secret.pin")
         resp = vault.client.post("/v1/agent/enroll", content=body,
                                  headers=_signed_headers(pair, "POST", "/v1/agent/enroll", wire.ENROLL_NODE, body))
         vault.expect(f"token id {token_id!r}", refused(resp))

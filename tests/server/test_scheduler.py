@@ -6,7 +6,7 @@ import threading
 import time
 from typing import Any
 
-from tests.conftest import Api, init_and_unseal
+from tests.conftest import Api, enroll_body, init_and_unseal, server_key, signed_headers
 
 
 def _two_replicas(make_app: Any) -> tuple[Api, Any, Any]:
@@ -47,6 +47,34 @@ def test_a_due_rotation_runs_exactly_once_across_replicas(make_app: Any) -> None
     assert app1.state.scheduler.rotate_due() == 0 and app2.state.scheduler.rotate_due() == 0
 
 
+def test_a_failed_scheduled_rotation_stays_due_and_spares_the_others(make_app: Any, monkeypatch: Any) -> None:
+    """The claim commits with the rotation: a rotation that fails leaves its secret due (retried at the
+    next tick), instead of silently skipping a period; and it does not stop the other due secrets."""
+    from vault_edge.server import generate
+
+    api, app1, _ = _two_replicas(make_app)
+    for name in ("a", "b"):
+        api.call("PUT", f"/v1/secrets/{name}", json={"generate": "32:hex", "rotate_every": "60s"})
+    later = time.time() + 61
+    app1.state.ctx.clock = lambda: later
+    real, calls = generate.generate, []
+
+    def failing_once(spec: str) -> bytes:
+        calls.append(spec)
+        if len(calls) == 1:
+            raise RuntimeError("entropy source hiccup")
+        return real(spec)
+
+    monkeypatch.setattr(generate, "generate", failing_once)
+    assert app1.state.scheduler.rotate_due() == 1  # one failed, the other rotated
+    versions = {n: api.call("GET", f"/v1/history/{n}")[1] for n in ("a", "b")}
+    failed = next(n for n, h in versions.items() if len(h["versions"]) == 1)
+    assert versions[failed]["next_rotation_at"] <= later  # not re-armed: still due
+    assert app1.state.scheduler.rotate_due() == 1  # retried at the next tick
+    assert [v["origin"] for v in api.call("GET", f"/v1/history/{failed}")[1]["versions"]] == ["generated", "scheduled"]
+    assert app1.state.scheduler.rotate_due() == 0
+
+
 def test_grace_ends_with_a_new_revision(make_app: Any) -> None:
     api, app1, _ = _two_replicas(make_app)
     api.call("PUT", "/v1/secrets/k", json={"value": "one"})
@@ -63,22 +91,14 @@ def test_grace_ends_with_a_new_revision(make_app: Any) -> None:
     assert api.call("GET", "/v1/secrets/k", params={"version": 1})[1]["value"] == "one"  # still in history
 
 
-def _enroll_request(token: str, at: float, keys: Any = None) -> tuple[bytes, dict[str, str]]:
+def _enroll_request(api: Api, token: str, at: float, keys: Any = None) -> tuple[bytes, dict[str, str]]:
     """A genuine enrolment request, signed by a fresh node key with timestamp ``at``."""
-    import json
-    import secrets
-
     from vault_edge import wire
-    from vault_edge.crypto import signing
     from vault_edge.crypto.signing import KeyPair
 
     keys = keys or KeyPair.generate()
-    body = json.dumps({"token": token, "box_public": wire.b64e(keys.box_public),
-                       "sign_public": wire.b64e(keys.sign_public), "hostname": "h"}).encode()
-    ts, nonce = int(at), wire.b64e(secrets.token_bytes(wire.NONCE_BYTES))
-    msg = wire.request_message("POST", "/v1/agent/enroll", wire.ENROLL_NODE, ts, nonce, body)
-    return body, {wire.H_NODE: wire.ENROLL_NODE, wire.H_TIMESTAMP: str(ts), wire.H_NONCE: nonce,
-                  wire.H_SIGNATURE: wire.b64e(signing.sign(keys.signer(), msg))}
+    body = enroll_body(server_key(api), keys, token)
+    return body, signed_headers(keys, "POST", "/v1/agent/enroll", wire.ENROLL_NODE, body, timestamp=int(at))
 
 
 def test_join_tokens_expire_and_are_single_use(make_app: Any) -> None:
@@ -86,15 +106,15 @@ def test_join_tokens_expire_and_are_single_use(make_app: Any) -> None:
     expiring = api.call("POST", "/v1/nodes/tokens", json={"region": "eu", "ttl": "5m"})[1]["token"]
     later = time.time() + 301
     app1.state.ctx.clock = lambda: later
-    body, headers = _enroll_request(expiring, later)
+    body, headers = _enroll_request(api, expiring, later)
     r = api.client.post("/v1/agent/enroll", content=body, headers=headers)
     assert r.status_code == 401 and "expired" in r.json()["error"]["message"]
     app1.state.ctx.clock = time.time
 
     once = api.call("POST", "/v1/nodes/tokens", json={"region": "eu"})[1]["token"]
-    body, headers = _enroll_request(once, time.time())
+    body, headers = _enroll_request(api, once, time.time())
     assert api.client.post("/v1/agent/enroll", content=body, headers=headers).status_code == 200
-    body, headers = _enroll_request(once, time.time())
+    body, headers = _enroll_request(api, once, time.time())
     r = api.client.post("/v1/agent/enroll", content=body, headers=headers)
     assert r.status_code == 401 and "already used" in r.json()["error"]["message"]
     nodes = api.call("GET", "/v1/nodes")[1]["nodes"]
@@ -111,7 +131,7 @@ def test_node_requests_replayed_or_badly_signed_are_refused(make_app: Any) -> No
     api.call("PUT", "/v1/secrets/k", json={"value": "v"})
     token = api.call("POST", "/v1/nodes/tokens", json={"region": "eu"})[1]["token"]
     keys = signing.KeyPair.generate()
-    body, headers = _enroll_request(token, time.time(), keys)
+    body, headers = _enroll_request(api, token, time.time(), keys)
     node = api.client.post("/v1/agent/enroll", content=body, headers=headers).json()["node"]
 
     def sync_headers(signer: Any, ts: int) -> dict[str, str]:

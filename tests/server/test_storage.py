@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import inspect, select, text, update
 
-from tests.conftest import Api
+from tests.conftest import Api, run_concurrently
 from vault_edge.server.storage import schema as t
 from vault_edge.server.storage.engine import make_engine, migrate
 from vault_edge.server.storage.repo import Store
@@ -52,11 +52,7 @@ def test_concurrent_writers_get_gapless_increasing_revisions(store: Store) -> No
             with lock:
                 seen.append(rev)
 
-    threads = [threading.Thread(target=writer, args=(i,)) for i in range(6)]
-    for th in threads:
-        th.start()
-    for th in threads:
-        th.join()
+    run_concurrently(writer, 6)
     assert sorted(seen) == list(range(1, 31))
     with store.read() as tx:
         assert tx.current_revision() == 30

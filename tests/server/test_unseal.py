@@ -95,6 +95,18 @@ def test_wrong_passphrase_leaves_it_sealed_and_the_right_one_unseals(make_app: A
     assert _unseal(client, doc["shares"][4], "correct horse")[1]["sealed"] is False
 
 
+def test_a_refused_share_does_not_change_the_passphrase(make_app: Any) -> None:
+    """A request whose share is refused changes nothing: not the progress, not the passphrase."""
+    client, _ = make_app()
+    doc = _init(client, passphrase="correct horse")
+    for share in doc["shares"][:2]:
+        assert _unseal(client, share, "correct horse")[0] == 200
+    status, _ = _unseal(client, doc["shares"][0], "wrong horse")  # a duplicate, with a bad passphrase
+    assert status == 400 and client.get("/v1/sys/status").json()["progress"] == 2
+    status, res = _unseal(client, doc["shares"][2])  # no passphrase: the accepted one still holds
+    assert status == 200 and res["sealed"] is False
+
+
 def test_grouped_shares_need_the_group_threshold(make_app: Any) -> None:
     client, _ = make_app()
     r = client.post("/v1/sys/init", json={"groups": [{"threshold": 2, "shares": 3}, {"threshold": 2, "shares": 3},

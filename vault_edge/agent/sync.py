@@ -66,6 +66,13 @@ def _error_message(resp: httpx.Response) -> str:
         return f"HTTP {resp.status_code}"
 
 
+def enrolment_body(server_key: bytes, token: str, box_public: bytes, sign_public: bytes, hostname: str) -> bytes:
+    """The enrolment request, sealed to the (pinned) control-plane key: the token is readable by it alone."""
+    inner = json.dumps({"token": token, "box_public": wire.b64e(box_public), "sign_public": wire.b64e(sign_public),
+                        "hostname": hostname}).encode()
+    return json.dumps({"sealed": wire.b64e(signing.seal_to_server(server_key, inner))}).encode()
+
+
 class Syncer:
     def __init__(self, identity: Identity, state: AgentState, cache: DiskCache, server: str, *,
                  join_token: str | None = None, wait: float = 30.0, verify: bool | str = True,
@@ -97,14 +104,13 @@ class Syncer:
         # must never reach an impostor. (The enrolment answer is then checked against the same key.)
         pinned = await self._pinned_server_key(pin)
         keys = self.identity.keys
-        body = json.dumps({"token": self.join_token, "box_public": wire.b64e(keys.box_public),
-                           "sign_public": wire.b64e(keys.sign_public), "hostname": socket.gethostname()}).encode()
+        body = enrolment_body(pinned, self.join_token, keys.box_public, keys.sign_public, socket.gethostname())
         target = "/v1/agent/enroll"
         while True:
+            headers = signed_headers(self.identity, "POST", target, body, wire.ENROLL_NODE)
             try:
-                resp = await self.http.post(target, content=body, headers={
-                    **signed_headers(self.identity, "POST", target, body, wire.ENROLL_NODE),
-                    "content-type": "application/json"})
+                resp = await self.http.post(target, content=body,
+                                            headers={**headers, "content-type": "application/json"})
             except httpx.TransportError as exc:
                 delay = self.backoff.next()
                 log.warning("enrolment: control plane unreachable (%s); retrying in %.1fs", type(exc).__name__, delay)
@@ -129,6 +135,8 @@ class Syncer:
             raise EnrolError("the enrolment answer names another control-plane key than the pinned one")
         if not signing.verify(server_key, wire.response_message("enroll", resp.content), sig):
             raise EnrolError("enrolment answer is not signed by the control plane")
+        if doc.get("nonce") != headers[wire.H_NONCE] or doc.get("sign_public") != wire.b64e(keys.sign_public):
+            raise EnrolError("the enrolment answer was made for another request")
         enrolment = Enrolment(doc["node"], doc["region"], self.server, server_key, time.time())
         self.identity = save_enrolment(self.identity, enrolment)
         self.state.node, self.state.region = enrolment.node, enrolment.region
@@ -165,7 +173,7 @@ class Syncer:
         target = f"/v1/agent/sync?since={held.revision}&wait={self.wait:g}"
         headers = signed_headers(self.identity, "GET", target, b"", enrolment.node)
         resp = await self.http.get(target, headers=headers)
-        if resp.status_code == 403 and "revoked" in _error_message(resp):
+        if resp.status_code == 403 and self._proves_revocation(resp, headers[wire.H_NONCE]):
             raise Revoked(_error_message(resp))
         if resp.status_code != 200:
             raise httpx.HTTPStatusError(f"{resp.status_code}: {_error_message(resp)}", request=resp.request,
@@ -175,6 +183,26 @@ class Syncer:
                              grants=self.grants)
         self._last = (resp.content, sig or "")
         return opened
+
+    def _proves_revocation(self, resp: httpx.Response, nonce: str) -> bool:
+        """True only for a refusal the control plane signed, naming this node and this request's nonce:
+        a bare 403 (from a proxy, an impostor, a replay) is a transient failure, never a reason to wipe."""
+        enrolment = self.identity.enrolment
+        assert enrolment is not None
+        try:
+            sig = wire.b64d(resp.headers.get(wire.H_SERVER_SIGNATURE, ""), max_len=128)
+            doc = json.loads(resp.content)
+        except (ValueError, wire.WireError):
+            doc, sig = None, b""
+        proven = (
+            isinstance(doc, dict) and doc.get("kind") == "revoked" and doc.get("node") == enrolment.node
+            and doc.get("nonce") == nonce
+            and signing.verify(enrolment.server_key, wire.response_message("revoked", resp.content), sig)
+        )
+        if not proven:
+            log.warning("a 403 without the control plane's signed proof of revocation (%s): ignored",
+                        _error_message(resp))
+        return proven
 
     async def apply(self, opened: Opened) -> None:
         now_wall = time.time()

@@ -12,7 +12,7 @@ from typing import Any, NoReturn
 import click
 
 from vault_edge import __version__
-from vault_edge.cli.output import CliError, ago, emit_json, err, out, output_option, table, when
+from vault_edge.cli.output import CliError, ago, duration_option, emit_json, err, out, output_option, table, when
 from vault_edge.operator import ClientError, OperatorClient
 
 
@@ -324,10 +324,10 @@ def history(name: str, fmt: str) -> None:
 @click.option("--stage", type=click.Choice(["current", "pending"]), default="current", show_default=True,
               help="pending: stage it for a two-phase rotation (then `vault-edge promote`)")
 @click.option("--wait", is_flag=True, help="return only when every live node of its regions serves it")
-@click.option("--timeout", default="60s", show_default=True, help="how long --wait waits")
+@click.option("--timeout", default="60s", show_default=True, callback=duration_option, help="how long --wait waits")
 @output_option
 def rotate(name: str, value: str | None, from_file: str | None, spec: str | None, grace: str | None, stage: str,
-           wait: bool, timeout: str, fmt: str) -> None:
+           wait: bool, timeout: int, fmt: str) -> None:
     """A new version of NAME: VALUE, - (stdin), --from-file, or generated."""
     data = read_value(value, from_file, prompt=False)
     with client() as c:
@@ -336,9 +336,8 @@ def rotate(name: str, value: str | None, from_file: str | None, spec: str | None
             emit_json(res) if fmt == "json" else out.print(f"{name}: version {res['version']} is {stage}.")
             return
         from vault_edge.cli.propagate import wait_for_propagation
-        from vault_edge.durations import parse_duration
 
-        ok, prop = wait_for_propagation(c, name, res["revision"], parse_duration(timeout), quiet=fmt == "json")
+        ok, prop = wait_for_propagation(c, name, res["revision"], timeout, quiet=fmt == "json")
     if fmt == "json":
         emit_json({**res, "propagated": ok, "lagging": prop["lagging"], "down": prop["down"]})
     if not ok:

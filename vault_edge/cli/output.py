@@ -55,3 +55,15 @@ def ago(ts: float | None, now: float | None = None) -> str:
         return "never"
     s = max(0, int((now or time.time()) - ts))
     return f"{s}s ago" if s < 120 else f"{s // 60}m ago" if s < 7200 else f"{s // 3600}h ago"
+
+
+def duration_option(_ctx: click.Context, param: click.Parameter, value: str | None) -> int | None:
+    """A click callback: a duration option checked (into seconds) before the command does anything."""
+    from vault_edge.durations import parse_duration
+
+    if value is None:
+        return None
+    try:
+        return parse_duration(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param=param) from None

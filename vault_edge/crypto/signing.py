@@ -5,6 +5,11 @@ as a SealedBox to the node's X25519 public key. A SealedBox carries no associate
 binding travels inside the box: the plaintext is ``ad("region-grant", node, region, key_version)``
 followed by the 32-byte key, and the opener recomputes the binding from what it expects and compares
 it in constant time. A grant moved to another node, region or key version does not open.
+
+Enrolment requests travel the other way, sealed to the control plane's Ed25519 key converted to
+X25519 (libsodium's ``crypto_sign_ed25519_pk_to_curve25519``): a join token read off the wire, or
+relayed by a man in the middle, is of no use to anyone else, and the node's public keys inside
+cannot be swapped.
 """
 
 from __future__ import annotations
@@ -97,3 +102,23 @@ def open_grant(
     ):
         raise DecryptionError()
     return key
+
+
+_ENROLMENT = aead.ad("enrolment-request")
+
+
+def seal_to_server(server_sign_public: bytes, plaintext: bytes) -> bytes:
+    if len(server_sign_public) != PUBLIC_KEY_SIZE:
+        raise ValueError("the control plane's Ed25519 public key is 32 bytes")
+    return SealedBox(VerifyKey(server_sign_public).to_curve25519_public_key()).encrypt(_ENROLMENT + plaintext)
+
+
+def open_for_server(server_signer: SigningKey, sealed: bytes) -> bytes:
+    """What a node sealed to this control plane's key, or DecryptionError."""
+    try:
+        plaintext = SealedBox(server_signer.to_curve25519_private_key()).decrypt(sealed)
+    except (CryptoError, ValueError, TypeError) as exc:
+        raise DecryptionError() from exc
+    if not hmac.compare_digest(plaintext[: len(_ENROLMENT)], _ENROLMENT):
+        raise DecryptionError()
+    return plaintext[len(_ENROLMENT):]

@@ -13,6 +13,7 @@ import hashlib
 import hmac
 import json
 import logging
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -23,6 +24,8 @@ from vault_edge.server.storage.records import AuditEntry
 from vault_edge.server.storage.repo import Store, Tx
 
 log = logging.getLogger("vault_edge.audit")
+REFUSALS_PER_WINDOW = 20
+REFUSAL_WINDOW_S = 60
 
 
 def _entry_bytes(seq: int, at: float, actor: str, action: str, target: str, outcome: str, detail: str) -> bytes:
@@ -43,6 +46,8 @@ class Auditor:
         self.store = store
         self.barrier = barrier
         self.clock = clock
+        self._lock = threading.Lock()
+        self._windows: dict[tuple[str, str, str], list[Any]] = {}  # kind → [start, written, suppressed]
 
     def record(
         self, tx: Tx, actor: str, action: str, target: str = "", outcome: str = "ok", **detail: Any
@@ -58,9 +63,33 @@ class Auditor:
         log.info("audit %s %s %s %s", actor, action, target, outcome)
 
     def record_alone(self, actor: str, action: str, target: str = "", outcome: str = "refused", **detail: Any) -> None:
-        """Append an entry in a transaction of its own (for refusals, whose request changed nothing)."""
+        """Append an entry in a transaction of its own (for refusals, whose request changed nothing).
+
+        Refusals come from callers not yet authenticated, so anyone could flood the log with them:
+        each kind (action and reason) is recorded at most ``REFUSALS_PER_WINDOW`` times a window; the
+        rest are counted, and the count is recorded with the next entry of that kind."""
+        key = (action, outcome, str(detail.get("reason", "")))
+        with self._lock:
+            now = self.clock()
+            window = self._windows.get(key)
+            if window is None or now - window[0] >= REFUSAL_WINDOW_S:
+                if len(self._windows) >= 1024:
+                    self._windows.clear()
+                carried = window[2] if window else 0
+                window = self._windows[key] = [now, 0, 0]
+            else:
+                carried = 0
+            if window[1] >= REFUSALS_PER_WINDOW:
+                window[2] += 1
+                if window[2] == 1:
+                    log.warning("audit: over %d %s refusals (%s) in %ds: counting the rest",
+                                REFUSALS_PER_WINDOW, action, key[2], REFUSAL_WINDOW_S)
+                return
+            window[1] += 1
+        if carried:
+            detail["suppressed_before"] = carried
         try:
-            with self.store.write() as tx:
+            with self.store.write(serialize=False) as tx:
                 self.record(tx, actor, action, target, outcome, **detail)
         except Exception:  # the refusal itself must still reach the caller
             log.exception("could not write an audit entry for %s %s", action, target)

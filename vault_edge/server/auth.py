@@ -2,7 +2,10 @@
 
 Tokens are 256-bit random strings (``vet_...``) stored only as SHA-256 digests. Verbs:
 ``read`` (secret values), ``list`` (names, history, status), ``write`` (put, rotate, promote,
-rollback), ``delete``, and ``admin`` (regions, nodes, tokens, seal, audit).
+rollback), ``delete``, and ``admin``. A token's rights never grow through the tokens it makes: a new
+token's prefixes must lie within its maker's, its verbs be a subset, and it expires no later. ``admin``
+over every name (the prefix ``""``, as the root token has) also covers what belongs to no name:
+regions, nodes, seal and the audit log; ``admin`` over some prefixes manages tokens within them.
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ import secrets
 from dataclasses import dataclass
 
 from vault_edge import wire
-from vault_edge.server.errors import forbidden, unauthorized
+from vault_edge.server.errors import bad_request, forbidden, unauthorized
 from vault_edge.server.storage.records import OperatorToken
 from vault_edge.server.storage.repo import Tx
 
@@ -25,10 +28,15 @@ class Principal:
     name: str
     prefixes: tuple[str, ...]
     verbs: tuple[str, ...]
+    expires_at: float | None = None
 
     @property
     def actor(self) -> str:
         return f"token:{self.name}"
+
+    @property
+    def unlimited(self) -> bool:
+        return "" in self.prefixes
 
     def covers(self, name: str) -> bool:
         return any(name.startswith(p) for p in self.prefixes)
@@ -39,6 +47,26 @@ class Principal:
         if name is not None and not self.covers(name):
             raise forbidden(f"this token may not {verb} {name!r}")
 
+    def require_global_admin(self) -> None:
+        """Regions, nodes, seal and audit belong to no name: they need ``admin`` over every name."""
+        self.require("admin")
+        if not self.unlimited:
+            raise forbidden("this token's admin rights cover only its prefixes; regions, nodes, seal and "
+                            "the audit log need an admin token over every name")
+
+    def may_grant(self, prefixes: tuple[str, ...], verbs: tuple[str, ...]) -> bool:
+        return all(self.covers(p) for p in prefixes) and set(verbs) <= set(self.verbs)
+
+    def require_grant(self, prefixes: tuple[str, ...], verbs: tuple[str, ...]) -> None:
+        """Making (or revoking) a token of this scope needs ``admin`` and every right it carries."""
+        self.require("admin")
+        outside = [p for p in prefixes if not self.covers(p)]
+        if outside:
+            raise forbidden(f"this token may not grant rights over {outside[0]!r}: outside its prefixes")
+        extra = [v for v in verbs if v not in self.verbs]
+        if extra:
+            raise forbidden(f"this token may not grant {', '.join(extra)}: it does not hold it")
+
 
 def new_token_secret() -> str:
     return TOKEN_PREFIX + secrets.token_urlsafe(32)
@@ -46,13 +74,19 @@ def new_token_secret() -> str:
 
 def create_token(
     tx: Tx, name: str, prefixes: tuple[str, ...], verbs: tuple[str, ...], now: float,
-    ttl: int | None = None, secret: str | None = None,
+    ttl: int | None = None, secret: str | None = None, not_after: float | None = None,
 ) -> tuple[str, OperatorToken]:
-    """Store a new token; return its secret (shown once) and its record."""
+    """Store a new token; return its secret (shown once) and its record. ``not_after`` caps its expiry
+    (the maker's own)."""
+    if ttl is not None and ttl <= 0:
+        raise bad_request("ttl: a positive duration (omit it for a token that does not expire)")
     secret = secret or new_token_secret()
+    expires_at = now + ttl if ttl is not None else None
+    if not_after is not None:
+        expires_at = min(expires_at, not_after) if expires_at is not None else not_after
     token = OperatorToken(
         id=secrets.token_hex(8), name=name, prefixes=prefixes, verbs=verbs, created_at=now,
-        expires_at=now + ttl if ttl else None, revoked_at=None,
+        expires_at=expires_at, revoked_at=None,
     )
     tx.insert_operator_token(token, wire.token_digest(secret))
     return secret, token
@@ -66,4 +100,4 @@ def authenticate(tx: Tx, secret: str | None, now: float) -> Principal:
         raise unauthorized("invalid or revoked token")
     if token.expires_at is not None and token.expires_at <= now:
         raise unauthorized("token expired")
-    return Principal(token.id, token.name, token.prefixes, token.verbs)
+    return Principal(token.id, token.name, token.prefixes, token.verbs, token.expires_at)

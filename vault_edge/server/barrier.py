@@ -86,14 +86,14 @@ class Barrier:
             if self._keys is not None:
                 return UnsealResult(False, 0, "already unsealed")
             progress = self._progress or UnsealProgress(identifier)
-            if passphrase:
-                self._passphrase = passphrase
             if share:
                 try:
                     progress.add(share)
-                except ShareError as exc:
+                except ShareError as exc:  # a refused request changes nothing, its passphrase included
                     raise bad_request(f"share refused: {exc}; progress unchanged") from None
                 self._progress = progress
+            if passphrase:
+                self._passphrase = passphrase
             if not progress.complete:
                 return UnsealResult(True, progress.entered, "share accepted")
             try:

@@ -57,7 +57,7 @@ class ContactLog:
         now = self.ctx.clock()
         expires = now + 2 * wire.CLOCK_SKEW_S
         unique = list(dict.fromkeys((n, c) for n, c, _ in batch))
-        with self.ctx.store.write() as tx:
+        with self.ctx.store.write(serialize=False) as tx:
             fresh = tx.spend_nonces([(n, c, expires) for n, c in unique])
             applied: dict[str, int] = {}
             first: set[tuple[str, str]] = set()

@@ -4,19 +4,40 @@ The node's signing key and status come from the sync hub's cached region view (k
 change notices), the signature is checked in memory, and the nonce is spent, with the contact and
 applied revision recorded, through the group-committed contact log. A sync request thus costs no
 database round trip of its own. Every refusal is audited.
+
+A revoked node that signs its request correctly gets a *signed* refusal naming it and echoing its
+nonce: the agent wipes its state only on that proof, never on a bare 403 that anyone on the path
+could forge.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Mapping
 
 from vault_edge import wire
+from vault_edge.crypto import signing
 from vault_edge.server.contacts import ContactLog
 from vault_edge.server.context import Context
-from vault_edge.server.errors import ApiError, forbidden, unauthorized
+from vault_edge.server.errors import ApiError, unauthorized
 from vault_edge.server.hub import Hub, Member
 from vault_edge.server.ops.nodes import check_signature, refuse
+
+
+class Revoked(ApiError):
+    """The caller proved it is ``node`` (a good signature), and ``node`` is revoked."""
+
+    def __init__(self, node: str, nonce: str) -> None:
+        super().__init__(403, "revoked", "node revoked")
+        self.node, self.nonce = node, nonce
+
+
+def revocation(ctx: Context, node_id: str, nonce: str) -> tuple[bytes, bytes]:
+    """The signed refusal for a revoked node: JSON error shape plus the node and its request's nonce."""
+    body = json.dumps({"error": {"code": "revoked", "message": "node revoked"}, "v": wire.PROTOCOL_VERSION,
+                       "kind": "revoked", "node": node_id, "nonce": nonce}, separators=(",", ":")).encode()
+    return body, signing.sign(ctx.barrier.keys().signer, wire.response_message("revoked", body))
 
 
 async def authenticate(
@@ -32,9 +53,9 @@ async def authenticate(
         if found is None:
             raise unauthorized("unknown node")
         region, member = found
-        if not member.active:
-            raise forbidden("node revoked")
         _, nonce = check_signature(ctx, method, target, headers, body, node_id, member.sign_public)
+        if not member.active:
+            raise Revoked(node_id, nonce)
         if not await contacts.record(node_id, nonce, applied):
             raise unauthorized("replayed request (nonce already used)")
     except ApiError as exc:

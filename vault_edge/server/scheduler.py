@@ -47,7 +47,7 @@ class Scheduler:
     def tick(self) -> None:
         self.rotate_due()
         self.expire_stages()
-        with self.ctx.store.write() as tx:
+        with self.ctx.store.write(serialize=False) as tx:
             tx.purge_nonces(self.ctx.clock())
 
     def rotate_due(self) -> int:
@@ -57,11 +57,13 @@ class Scheduler:
         for s in due:
             if not s.rotate_every_s or s.next_rotation_at is None:
                 continue
-            with self.ctx.store.write() as tx:
-                won = tx.claim_rotation(s.id, s.next_rotation_at, now + s.rotate_every_s)
-            if won:
-                secrets.rotate(self.ctx, SCHEDULER, s.name, None, origin="scheduled")
-                done += 1
+            try:  # the claim and the rotation commit together: a failed rotation is retried next tick
+                won = secrets.rotate(self.ctx, SCHEDULER, s.name, None, origin="scheduled",
+                                     claim=(s.id, s.next_rotation_at, now + s.rotate_every_s))
+            except Exception:  # one secret's failure must not stop the others' rotations
+                log.exception("scheduled rotation of %s failed; retrying at the next tick", s.name)
+                continue
+            done += won is not None
         return done
 
     def expire_stages(self) -> int:

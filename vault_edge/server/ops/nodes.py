@@ -9,6 +9,7 @@ from typing import Any
 
 from vault_edge import wire
 from vault_edge.crypto import signing
+from vault_edge.crypto.errors import DecryptionError
 from vault_edge.server.auth import Principal
 from vault_edge.server.context import Context
 from vault_edge.server.errors import ApiError, bad_request, not_found, unauthorized
@@ -19,7 +20,7 @@ MAX_TTL_S = 7 * 86400
 
 
 def create_join_token(ctx: Context, who: Principal, region: str, ttl_s: int | None = None) -> dict[str, Any]:
-    who.require("admin")
+    who.require_global_admin()
     ttl = ttl_s if ttl_s is not None else ctx.settings.join_token_ttl_s
     if not 60 <= ttl <= MAX_TTL_S:
         raise bad_request("ttl: between 1 minute and 7 days")
@@ -61,10 +62,21 @@ def check_signature(
 
 
 def enroll(ctx: Context, target: str, headers: Mapping[str, str], body: bytes) -> tuple[bytes, bytes]:
-    """Enrol a node with a join token. Returns (signed JSON body, signature)."""
+    """Enrol a node with a join token. The body is ``{"sealed": ...}``: the request
+    ``{token, box_public, sign_public, hostname}`` sealed to the control plane's key, so nobody on
+    the path can read the token or swap the keys. Returns (signed JSON body, signature); the body
+    echoes the node's signing key and the request's nonce, binding the answer to this request."""
     keys = ctx.barrier.keys()
     try:
-        req = json.loads(body)
+        sealed = wire.b64d(json.loads(body)["sealed"], max_len=8192)
+    except (ValueError, KeyError, TypeError, RecursionError, wire.WireError):
+        raise bad_request("enrolment needs {sealed}: the request sealed to the control plane's key") from None
+    try:
+        inner = signing.open_for_server(keys.signer, sealed)
+    except DecryptionError:
+        raise bad_request("the enrolment request is not sealed to this control plane's key") from None
+    try:
+        req = json.loads(inner)
         token_id, token_secret, _pin = wire.parse_join_token(req["token"])
         box_public = wire.b64d(req["box_public"], max_len=64)
         sign_public = wire.b64d(req["sign_public"], max_len=64)
@@ -103,7 +115,8 @@ def enroll(ctx: Context, target: str, headers: Mapping[str, str], body: bytes) -
     except ApiError as exc:
         raise refuse(ctx, "node.enroll", token_id, exc) from None
     out = json.dumps({"v": wire.PROTOCOL_VERSION, "node": node_id, "region": token.region,
-                      "server_key": wire.b64e(keys.server_public), "revision": rev}).encode()
+                      "server_key": wire.b64e(keys.server_public), "revision": rev,
+                      "sign_public": wire.b64e(sign_public), "nonce": headers.get(wire.H_NONCE, "")}).encode()
     return out, signing.sign(keys.signer, wire.response_message("enroll", out))
 
 
@@ -125,7 +138,7 @@ def node_json(ctx: Context, n: Node, now: float) -> dict[str, Any]:
 
 def revoke(ctx: Context, who: Principal, node_id: str) -> dict[str, Any]:
     """Refuse the node from now on, and re-key its region so its region key opens nothing new."""
-    who.require("admin")
+    who.require_global_admin()
     ctx.barrier.keys()
     with ctx.store.write() as tx:
         node = tx.get_node(node_id) if wire.valid_node_id(node_id) else None

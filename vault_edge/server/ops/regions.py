@@ -14,7 +14,7 @@ from vault_edge.server.storage.repo import Tx
 
 
 def create(ctx: Context, who: Principal, name: str) -> dict[str, Any]:
-    who.require("admin")
+    who.require_global_admin()
     try:
         wire.check_region(name)
     except wire.WireError as exc:
@@ -52,7 +52,7 @@ def list_regions(ctx: Context, who: Principal) -> dict[str, Any]:
 
 
 def rekey(ctx: Context, who: Principal, name: str) -> dict[str, Any]:
-    who.require("admin")
+    who.require_global_admin()
     ctx.barrier.keys()
     with ctx.store.write() as tx:
         if tx.get_region(name) is None:

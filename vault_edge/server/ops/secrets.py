@@ -7,6 +7,7 @@ Versions are append-only. Each version's value is encrypted once under a fresh d
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from vault_edge import wire
@@ -64,6 +65,18 @@ def _parse_regions(tx: Tx, regions: list[str] | None) -> tuple[str, ...] | None:
     return names
 
 
+def _value_of(
+    ctx: Context, tx: Tx, secret: Secret, version: int, destroyed: Callable[[str], ApiError] = conflict
+) -> bytes:
+    row = tx.get_version(secret.id, version)
+    if row is None:
+        raise not_found(f"{secret.name!r} has no version {version}")
+    if row.ciphertext is None:
+        raise destroyed(f"{secret.name!r} version {version} was destroyed")
+    dek = keyring.data_key_of(tx, ctx.barrier, secret, version)
+    return envelope.decrypt_value(dek, secret.name, version, row.ciphertext)
+
+
 def _grace(ctx: Context, secret: Secret, grace_s: int | None) -> int:
     if grace_s is not None:
         return grace_s
@@ -74,6 +87,8 @@ def _make_current(
     tx: Tx, secret: Secret, version: int, stages: dict[str, Stage], grace_s: int, rev: int, now: float
 ) -> None:
     current = stages.get("current")
+    if current and current.version > version:  # agents refuse to go back (anti-rollback): never do
+        raise conflict(f"{secret.name!r}: version {version} is older than the current {current.version}")
     if current and current.version != version:
         if grace_s > 0:
             tx.set_stage(secret.id, "previous", current.version, rev, now, expires_at=now + grace_s)
@@ -118,12 +133,12 @@ def _set_regions(ctx: Context, tx: Tx, secret: Secret, regions: tuple[str, ...])
     assert updated is not None
     want = set(keyring.effective_regions(tx, updated))
     have = tx.wrapped_regions(secret.id)
-    if have - want:
-        tx.delete_wraps(secret.id, have - want)
-    for version in keyring.live_versions(tx, secret):
-        if want - have:
+    if want - have:  # wrap for the new regions first: the old wraps are how the data keys open
+        for version in keyring.live_versions(tx, secret):
             dek = keyring.data_key_of(tx, ctx.barrier, secret, version)
             keyring.wrap_version(tx, ctx.barrier, secret, version, dek, sorted(want - have))
+    if have - want:
+        tx.delete_wraps(secret.id, have - want)
     tx.touch_regions(have ^ want, rev)
     return updated
 
@@ -157,6 +172,8 @@ def put(
         if secret is None:
             secret = tx.insert_secret(name, wanted or ("*",), now, tx.next_revision(), **schedule)
         else:
+            if secret.deleted_at is not None:  # a new life: nothing of the deleted one stays staged
+                tx.clear_stages(secret.id, tx.next_revision(), now)
             if schedule or secret.deleted_at is not None:
                 tx.update_secret(secret.id, deleted_at=None, destroyed=False, **schedule)
             if wanted is not None and wanted != secret.regions:
@@ -175,7 +192,10 @@ def put(
 def rotate(
     ctx: Context, who: Principal, name: str, value: bytes | None, generate: str | None = None,
     grace_s: int | None = None, stage: str = "current", origin: str | None = None,
-) -> dict[str, Any]:
+    claim: tuple[int, float, float] | None = None,
+) -> dict[str, Any] | None:
+    """A new version. ``claim`` (secret id, due at, next due at) makes it the scheduler's: the
+    rotation happens only if this replica wins the due slot, in the same transaction (else None)."""
     _check_name(name)
     who.require("write", name)
     if stage not in ("current", "pending"):
@@ -186,6 +206,8 @@ def rotate(
         _check_spec(generate)
     ctx.barrier.keys()
     with ctx.store.write() as tx:
+        if claim is not None and not tx.claim_rotation(*claim):
+            return None
         secret = _live(tx, name)
         spec = generate or (secret.generate if value is None else None)
         if value is None and spec is None:
@@ -208,11 +230,20 @@ def promote(ctx: Context, who: Principal, name: str, grace_s: int | None = None)
         stages = tx.get_stages(secret.id)
         if "pending" not in stages:
             raise conflict(f"{name!r} has no pending version to promote")
-        version, rev, now = stages["pending"].version, tx.next_revision(), ctx.clock()
-        _make_current(tx, secret, version, stages, _grace(ctx, secret, grace_s), rev, now)
-        tx.update_secret(secret.id, updated_at=now, revision=rev)
-        tx.touch_regions(keyring.effective_regions(tx, secret), rev)
-        ctx.auditor.record(tx, who.actor, "secret.promote", name, version=version)
+        pending, grace = stages["pending"].version, _grace(ctx, secret, grace_s)
+        current = stages.get("current")
+        if current is not None and current.version > pending:
+            # A newer version became current after this one was staged. Versions only move forward
+            # (agents refuse to go back), so the staged value becomes current as a new version.
+            tx.set_stage(secret.id, "pending", None, tx.next_revision(), ctx.clock())
+            version, rev = _add_version(ctx, tx, secret, _value_of(ctx, tx, secret, pending),
+                                        f"promote:{pending}", "current", grace)
+        else:
+            version, rev, now = pending, tx.next_revision(), ctx.clock()
+            _make_current(tx, secret, version, stages, grace, rev, now)
+            tx.update_secret(secret.id, updated_at=now, revision=rev)
+            tx.touch_regions(keyring.effective_regions(tx, secret), rev)
+        ctx.auditor.record(tx, who.actor, "secret.promote", name, version=version, pending=pending)
     return {"name": name, "version": version, "revision": rev, "stage": "current"}
 
 
@@ -222,13 +253,7 @@ def rollback(ctx: Context, who: Principal, name: str, to: int, grace_s: int | No
     ctx.barrier.keys()
     with ctx.store.write() as tx:
         secret = _live(tx, name)
-        old = tx.get_version(secret.id, to)
-        if old is None:
-            raise not_found(f"{name!r} has no version {to}")
-        if old.ciphertext is None:
-            raise conflict(f"{name!r} version {to} was destroyed")
-        dek = keyring.data_key_of(tx, ctx.barrier, secret, to)
-        value = envelope.decrypt_value(dek, name, to, old.ciphertext)
+        value = _value_of(ctx, tx, secret, to)
         version, rev = _add_version(ctx, tx, secret, value, f"rollback:{to}", "current", _grace(ctx, secret, grace_s))
         ctx.auditor.record(tx, who.actor, "secret.rollback", name, version=version, to=to)
     return {"name": name, "version": version, "revision": rev, "rolled_back_to": to}
@@ -272,14 +297,8 @@ def get(
             if staged is None:
                 raise not_found(f"{name!r} has no {stage or 'current'} version")
             version = staged.version
-        row = tx.get_version(secret.id, version)
-        if row is None:
-            raise not_found(f"{name!r} has no version {version}")
-        if row.ciphertext is None:
-            raise not_found(f"{name!r} version {version} was destroyed")
-        dek = keyring.data_key_of(tx, ctx.barrier, secret, version)
-        value = envelope.decrypt_value(dek, name, version, row.ciphertext)
-    with ctx.store.write() as tx:
+        value = _value_of(ctx, tx, secret, version, destroyed=not_found)
+    with ctx.store.write(serialize=False) as tx:
         ctx.auditor.record(tx, who.actor, "secret.read", name, version=version)
     stage_of = next((k for k, s in stages.items() if s.version == version), None)
     return {"name": name, **wire.value_fields(value), "version": version, "stage": stage_of,

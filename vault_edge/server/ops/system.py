@@ -97,7 +97,7 @@ def unseal(ctx: Context, share: str | None, passphrase: str | None, reset: bool 
 
 
 def seal(ctx: Context, who: Principal) -> dict[str, Any]:
-    who.require("admin")
+    who.require_global_admin()
     with ctx.store.write() as tx:
         ctx.auditor.record(tx, who.actor, "sys.seal")
     ctx.barrier.seal()

@@ -65,12 +65,11 @@ def revoke_node(node_id: str, who: Principal = Depends(principal), ctx: Context 
 def create_token(
     body: TokenCreate, who: Principal = Depends(principal), ctx: Context = Depends(get_ctx)
 ) -> dict[str, Any]:
-    who.require("admin")
+    prefixes, verbs = tuple(dict.fromkeys(body.prefixes)), tuple(dict.fromkeys(body.verbs))
+    who.require_grant(prefixes, verbs)
     ttl = duration(body.ttl, "ttl")
     with ctx.store.write() as tx:
-        secret, token = auth.create_token(
-            tx, body.name, tuple(body.prefixes), tuple(dict.fromkeys(body.verbs)), ctx.clock(), ttl
-        )
+        secret, token = auth.create_token(tx, body.name, prefixes, verbs, ctx.clock(), ttl, not_after=who.expires_at)
         ctx.auditor.record(tx, who.actor, "token.create", body.name, token_id=token.id, verbs=list(token.verbs),
                            prefixes=list(token.prefixes))
     return {"token": secret, "id": token.id, "name": token.name, "expires_at": token.expires_at}
@@ -78,6 +77,7 @@ def create_token(
 
 @router.get("/tokens")
 def list_tokens(who: Principal = Depends(principal), ctx: Context = Depends(get_ctx)) -> dict[str, Any]:
+    """The tokens this one could have made (every token, for an admin over every name)."""
     who.require("admin")
     with ctx.store.read() as tx:
         tokens = tx.list_operator_tokens()
@@ -85,6 +85,7 @@ def list_tokens(who: Principal = Depends(principal), ctx: Context = Depends(get_
         {"id": t.id, "name": t.name, "prefixes": list(t.prefixes), "verbs": list(t.verbs),
          "created_at": t.created_at, "expires_at": t.expires_at, "revoked": t.revoked_at is not None}
         for t in tokens
+        if who.may_grant(t.prefixes, t.verbs)
     ]}
 
 
@@ -94,6 +95,10 @@ def revoke_token(token_id: str, who: Principal = Depends(principal), ctx: Contex
     if not wire.valid_token_id(token_id):
         raise not_found(f"no active token {token_id!r}")
     with ctx.store.write() as tx:
+        target = tx.get_operator_token_by_id(token_id)
+        if target is None or target.revoked_at is not None:
+            raise not_found(f"no active token {token_id!r}")
+        who.require_grant(target.prefixes, target.verbs)  # a scoped admin cannot revoke a broader token
         if not tx.revoke_operator_token(token_id, ctx.clock()):
             raise not_found(f"no active token {token_id!r}")
         ctx.auditor.record(tx, who.actor, "token.revoke", token_id)
@@ -105,7 +110,7 @@ def audit_log(
     after: int = Query(0, ge=0, le=2**62), limit: int = Query(100, ge=1, le=1000),
     who: Principal = Depends(principal), ctx: Context = Depends(get_ctx),
 ) -> dict[str, Any]:
-    who.require("admin")
+    who.require_global_admin()
     with ctx.store.read() as tx:
         entries = tx.list_audit(after, limit)
     return {"entries": [
@@ -117,7 +122,7 @@ def audit_log(
 
 @router.get("/audit/verify")
 def audit_verify(who: Principal = Depends(principal), ctx: Context = Depends(get_ctx)) -> dict[str, Any]:
-    who.require("admin")
+    who.require_global_admin()
     v = ctx.auditor.verify()
     return {"ok": v.ok, "entries": v.entries, "unmacked": v.unmacked, "first_bad": v.first_bad, "reason": v.reason}
 

@@ -12,7 +12,6 @@ from vault_edge import wire
 from vault_edge.server import nodeauth
 from vault_edge.server.context import Context
 from vault_edge.server.deps import unsealed
-from vault_edge.server.errors import forbidden
 from vault_edge.server.ops import nodes
 
 router = APIRouter(prefix="/v1/agent", tags=["agent"])
@@ -23,8 +22,13 @@ def _target(request: Request) -> str:
     return request.url.path + ("?" + q if q else "")
 
 
-def _signed(body: bytes, signature: bytes) -> Response:
-    return Response(body, media_type="application/json", headers={wire.H_SERVER_SIGNATURE: wire.b64e(signature)})
+def _signed(body: bytes, signature: bytes, status: int = 200) -> Response:
+    return Response(body, status, media_type="application/json",
+                    headers={wire.H_SERVER_SIGNATURE: wire.b64e(signature)})
+
+
+def _revoked(ctx: Context, node_id: str, nonce: str) -> Response:
+    return _signed(*nodeauth.revocation(ctx, node_id, nonce), status=403)
 
 
 @router.post("/enroll")
@@ -45,14 +49,18 @@ async def sync(
     holds up to ``wait`` seconds and answers ``unchanged``. ``since`` is the node's applied revision."""
     body = await request.body()
     hub = request.app.state.hub
-    node_id, region, member = await nodeauth.authenticate(
-        ctx, hub, request.app.state.contacts, "GET", _target(request), request.headers, body, since
-    )
+    try:
+        node_id, region, member = await nodeauth.authenticate(
+            ctx, hub, request.app.state.contacts, "GET", _target(request), request.headers, body, since
+        )
+    except nodeauth.Revoked as exc:
+        return _revoked(ctx, exc.node, exc.nonce)
     hold = min(wait, ctx.settings.sync_max_wait_s)
     hold += random.uniform(0, hold / 16)  # noqa: S311 - not crypto: spreads the fleet's re-polls, as Consul does
     got = await hub.wait(node_id, region, member.node_rev, since, hold)
+    nonce = request.headers.get(wire.H_NONCE, "")
     if got is not None and not got[1].active:
-        raise forbidden("node revoked")
+        return _revoked(ctx, node_id, nonce)
     view, current = got if got is not None else (None, None)
-    out, sig = hub.sync_body(node_id, request.headers.get(wire.H_NONCE, ""), view, current, since)
+    out, sig = hub.sync_body(node_id, nonce, view, current, since)
     return _signed(out, sig)

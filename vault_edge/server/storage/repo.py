@@ -57,9 +57,15 @@ class Store:
             yield Tx(conn, self.dialect)
 
     @contextmanager
-    def write(self) -> Iterator[Tx]:
+    def write(self, serialize: bool = True) -> Iterator[Tx]:
+        """A change. Writers run one at a time, as on SQLite (BEGIN IMMEDIATE): on PostgreSQL the
+        first statement locks the revision counter, so what a writer reads (a secret's latest
+        version, its stages) cannot change under it before it commits, on any replica.
+        ``serialize=False`` is for writes that need no such reads (contacts, refusals' audit)."""
         with self.engine.connect().execution_options(vault_edge_write=True) as conn, conn.begin():
             tx = Tx(conn, self.dialect)
+            if serialize and self.dialect == "postgresql":
+                tx.lock_writers()
             yield tx
             if tx.changed_regions is not None and self.dialect == "postgresql":
                 conn.execute(
@@ -128,6 +134,9 @@ class Tx:
                 .returning(t.counter.c.revision)
             ).scalar_one()
         )
+
+    def lock_writers(self) -> None:
+        self.conn.execute(select(t.counter.c.revision).where(t.counter.c.id == _REVISION_ROW).with_for_update())
 
     def next_revision(self) -> int:
         """Take the next global revision (once per transaction; later calls return the same)."""
@@ -503,6 +512,10 @@ class Tx:
 
     def get_operator_token(self, digest: bytes) -> OperatorToken | None:
         row = self.conn.execute(select(t.operator_tokens).where(t.operator_tokens.c.digest == digest)).first()
+        return self._op_token(row) if row else None
+
+    def get_operator_token_by_id(self, token_id: str) -> OperatorToken | None:
+        row = self.conn.execute(select(t.operator_tokens).where(t.operator_tokens.c.id == token_id)).first()
         return self._op_token(row) if row else None
 
     def list_operator_tokens(self) -> list[OperatorToken]:

@@ -1,0 +1,197 @@
+"""Rights that cannot grow, stages that only move forward, changes that stay whole under concurrency,
+and a revocation an agent can prove. On SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+import json
+import threading
+from typing import Any
+
+from tests.conftest import Api, enroll_node, run_concurrently, signed_headers
+from vault_edge import wire
+from vault_edge.crypto import signing
+
+
+def _stages(api: Api, name: str) -> dict[str, int]:
+    hist = api.call("GET", f"/v1/history/{name}")[1]
+    return {s["stage"]: v["version"] for v in hist["versions"] for s in v["stages"] if not s["expired"]}
+
+
+# -- stages only move forward ------------------------------------------------------------------
+def test_promoting_a_pending_version_older_than_current_makes_it_a_new_version(api: Api) -> None:
+    """Agents refuse to go back a version (anti-rollback), so promote never moves `current` backwards:
+    a pending v2 promoted after v3 became current is issued as v4, holding v2's value."""
+    api.call("PUT", "/v1/secrets/app/key", json={"value": "one", "regions": ["eu"]})
+    assert api.call("POST", "/v1/rotate/app/key", json={"value": "staged", "stage": "pending"})[1]["version"] == 2
+    assert api.call("POST", "/v1/rotate/app/key", json={"value": "three"})[1]["version"] == 3
+    st, doc = api.call("POST", "/v1/promote/app/key", json={})
+    assert (st, doc["version"]) == (200, 4), doc
+    cur = api.call("GET", "/v1/secrets/app/key")[1]
+    assert (cur["value"], cur["version"]) == ("staged", 4)
+    assert _stages(api, "app/key") == {"current": 4, "previous": 3}
+    origins = [v["origin"] for v in api.call("GET", "/v1/history/app/key")[1]["versions"]]
+    assert origins == ["put", "rotate", "rotate", "promote:2"]
+    assert api.call("POST", "/v1/promote/app/key", json={})[0] == 409  # nothing pending any more
+
+
+def test_promoting_a_pending_version_newer_than_current_moves_the_stage(api: Api) -> None:
+    api.call("PUT", "/v1/secrets/app/key", json={"value": "one", "regions": ["eu"]})
+    api.call("POST", "/v1/rotate/app/key", json={"value": "two", "stage": "pending"})
+    assert api.call("GET", "/v1/secrets/app/key")[1]["value"] == "one"  # staged, not served
+    st, doc = api.call("POST", "/v1/promote/app/key", json={})
+    assert (st, doc["version"]) == (200, 2)
+    assert _stages(api, "app/key") == {"current": 2, "previous": 1}
+
+
+def test_a_deleted_secret_created_again_starts_with_nothing_staged(api: Api) -> None:
+    api.call("PUT", "/v1/secrets/app/key", json={"value": "old-one", "regions": ["eu"], "grace": "1h"})
+    api.call("POST", "/v1/rotate/app/key", json={"value": "old-two"})
+    api.call("POST", "/v1/rotate/app/key", json={"value": "old-pending", "stage": "pending"})
+    assert api.call("DELETE", "/v1/secrets/app/key")[0] == 200
+    st, doc = api.call("PUT", "/v1/secrets/app/key", json={"value": "new-life"})
+    assert (st, doc["version"]) == (200, 4)
+    assert _stages(api, "app/key") == {"current": 4}
+    assert api.call("GET", "/v1/secrets/app/key", params={"stage": "previous"})[0] == 404
+    assert api.call("GET", "/v1/secrets/app/key", params={"stage": "pending"})[0] == 404
+    assert api.call("GET", "/v1/secrets/app/key")[1]["value"] == "new-life"
+
+
+def test_moving_a_secret_to_other_regions_only_keeps_every_version_readable(api: Api) -> None:
+    api.call("PUT", "/v1/secrets/app/key", json={"value": "v1", "regions": ["eu"]})
+    api.call("POST", "/v1/rotate/app/key", json={"value": "v2", "grace": "1h"})
+    st, doc = api.call("PUT", "/v1/secrets/app/key", json={"value": "v3", "regions": ["us"]})
+    assert (st, doc["regions"]) == (200, ["us"]), doc
+    for version, value in ((1, "v1"), (2, "v2"), (3, "v3")):
+        got = api.call("GET", "/v1/secrets/app/key", params={"version": version})[1]
+        assert got["value"] == value
+    assert api.call("GET", "/v1/history/app/key")[1]["regions"] == ["us"]
+
+
+def test_concurrent_changes_to_one_secret_each_get_their_own_version(api: Api) -> None:
+    """On PostgreSQL, writers are serialized like SQLite's: none reads a latest version that another
+    is about to replace, so none fails on a duplicate version (a 500)."""
+    api.call("PUT", "/v1/secrets/app/key", json={"value": "v0", "regions": ["eu"]})
+    results: list[tuple[int, Any]] = []
+    lock = threading.Lock()
+
+    def writer(i: int) -> None:
+        for j in range(3):
+            out = api.call("POST", "/v1/rotate/app/key", json={"value": f"w{i}-{j}"})
+            with lock:
+                results.append(out)
+
+    run_concurrently(writer, 8)
+    assert [st for st, _ in results] == [200] * 24, [doc for st, doc in results if st != 200][:3]
+    assert sorted(doc["version"] for _, doc in results) == list(range(2, 26))
+    assert len({doc["revision"] for _, doc in results}) == 24
+    assert api.call("GET", "/v1/secrets/app/key")[1]["version"] == 25
+
+
+# -- rights never grow -------------------------------------------------------------------------
+def _token(api: Api, **body: Any) -> tuple[int, Any]:
+    return api.call("POST", "/v1/tokens", json={"name": "t", **body})
+
+
+def test_a_scoped_admin_cannot_mint_broader_tokens_or_touch_what_is_global(api: Api) -> None:
+    st, doc = _token(api, prefixes=["team-a/"], verbs=["read", "write", "admin"], ttl="1h")
+    assert st == 200
+    scoped = Api(api.client, doc["token"])
+    scoped_id, scoped_expiry = doc["id"], doc["expires_at"]
+
+    for body, why in [
+        ({"prefixes": [""], "verbs": ["read"]}, "outside its prefixes"),
+        ({"prefixes": ["team-b/"], "verbs": ["read"]}, "outside its prefixes"),
+        ({"prefixes": ["team-"], "verbs": ["read"]}, "outside its prefixes"),
+        ({"prefixes": ["team-a/x/"], "verbs": ["delete"]}, "does not hold"),
+    ]:
+        st, err = _token(scoped, **body)
+        assert st == 403 and why in err["error"]["message"], (body, err)
+
+    st, child = _token(scoped, prefixes=["team-a/ci/"], verbs=["read"], ttl="30d")
+    assert st == 200
+    assert child["expires_at"] <= scoped_expiry  # never outlives its maker
+
+    root_id = next(t["id"] for t in api.call("GET", "/v1/tokens")[1]["tokens"] if t["name"] == "root")
+    assert scoped.call("DELETE", f"/v1/tokens/{root_id}")[0] == 403
+    assert {t["id"] for t in scoped.call("GET", "/v1/tokens")[1]["tokens"]} == {scoped_id, child["id"]}
+    assert scoped.call("DELETE", f"/v1/tokens/{child['id']}")[0] == 200
+
+    for method, path, body in [
+        ("POST", "/v1/regions", {"name": "ap"}),
+        ("POST", "/v1/regions/eu/rekey", None),
+        ("POST", "/v1/nodes/tokens", {"region": "eu"}),
+        ("POST", "/v1/sys/seal", None),
+        ("GET", "/v1/audit", None),
+        ("GET", "/v1/audit/verify", None),
+    ]:
+        st, err = scoped.call(method, path, json=body)
+        assert st == 403 and "every name" in err["error"]["message"], (path, err)
+    assert api.call("GET", "/v1/sys/status")[1]["sealed"] is False
+    assert [r["name"] for r in api.call("GET", "/v1/regions")[1]["regions"]] == ["eu", "us"]
+
+
+def test_a_token_ttl_of_zero_is_refused_not_made_eternal(api: Api) -> None:
+    for ttl in ("0s", 0):
+        st, err = _token(api, prefixes=["x/"], verbs=["read"], ttl=ttl)
+        assert st == 400 and "ttl" in err["error"]["message"]
+    assert [t["name"] for t in api.call("GET", "/v1/tokens")[1]["tokens"]] == ["root"]
+
+
+# -- revocation the agent can prove --------------------------------------------------------------
+def _sync(api: Api, node: str, pair: Any) -> tuple[Any, str]:
+    target = "/v1/agent/sync?since=0&wait=0"
+    headers = signed_headers(pair, "GET", target, node, b"")
+    return api.client.get(target, headers=headers), headers[wire.H_NONCE]
+
+
+def test_a_revoked_node_gets_a_signed_refusal_naming_it_and_its_request(api: Api) -> None:
+    node, pair = enroll_node(api)
+    resp, _ = _sync(api, node, pair)
+    assert resp.status_code == 200
+    assert api.call("POST", f"/v1/nodes/{node}/revoke")[0] == 200
+
+    resp, nonce = _sync(api, node, pair)
+    assert resp.status_code == 403
+    doc = json.loads(resp.content)
+    assert doc["error"]["code"] == "revoked"
+    assert (doc["kind"], doc["node"], doc["nonce"]) == ("revoked", node, nonce)
+    server_key = wire.b64d(api.call("GET", "/v1/sys/status")[1]["server_key"])
+    sig = wire.b64d(resp.headers[wire.H_SERVER_SIGNATURE])
+    assert signing.verify(server_key, wire.response_message("revoked", resp.content), sig)
+    assert not signing.verify(server_key, wire.response_message("sync", resp.content), sig)  # domain-separated
+
+    # Without the node's own signature there is no proof to be had: whoever asks gets a plain 401.
+    target = "/v1/agent/sync?since=0&wait=0"
+    forged = signed_headers(signing.KeyPair.generate(), "GET", target, node, b"")
+    resp = api.client.get(target, headers=forged)
+    assert resp.status_code == 401 and wire.H_SERVER_SIGNATURE not in resp.headers
+
+
+def test_unauthenticated_refusals_cannot_flood_the_audit_log(api: Api) -> None:
+    """Anyone can send a bad sync request: each kind of refusal is audited at most 20 times a minute,
+    the rest counted and the count recorded with the next entry of that kind."""
+    from vault_edge.server.audit import REFUSAL_WINDOW_S, REFUSALS_PER_WINDOW
+
+    target = "/v1/agent/sync?since=0&wait=0"
+    pair = signing.KeyPair.generate()
+
+    def flood(n: int) -> None:
+        for i in range(n):
+            node = f"n-{i:016x}"
+            resp = api.client.get(target, headers=signed_headers(pair, "GET", target, node, b""))
+            assert resp.status_code == 401
+
+    def refusals() -> list[dict[str, Any]]:
+        entries = api.call("GET", "/v1/audit", params={"limit": 1000})[1]["entries"]
+        return [e for e in entries if e["action"] == "node.auth"]
+
+    flood(REFUSALS_PER_WINDOW + 30)
+    assert len(refusals()) == REFUSALS_PER_WINDOW
+    auditor = api.client.app.state.ctx.auditor
+    later = auditor.clock() + REFUSAL_WINDOW_S + 1
+    auditor.clock = lambda: later
+    flood(1)
+    last = refusals()
+    assert len(last) == REFUSALS_PER_WINDOW + 1
+    assert json.loads(last[-1]["detail"])["suppressed_before"] == 30
+    assert api.call("GET", "/v1/audit/verify")[1]["ok"] is True
