@@ -56,7 +56,7 @@ class OperatorClient:
                                                 f"({type(exc).__name__}); is `vault-edge server` running?") from None
         try:
             data = resp.json()
-        except ValueError:
+        except (ValueError, RecursionError):
             data = None
         if resp.status_code >= 400:
             err = data.get("error") if isinstance(data, dict) else None

@@ -72,16 +72,19 @@ class Proxy:
 
     def forge_revocation(self, h: BaseHTTPRequestHandler) -> None:
         """A 403 shaped like the control plane's revocation, naming the node and echoing its nonce,
-        but not signed by the control plane (signed by nobody, or with a made-up signature)."""
+        but not signed by the control plane (signed by nobody, or with a made-up signature); or a
+        403 whose body is JSON nested deep enough to overflow a recursive parser."""
         with self.lock:
             self.rewritten += 1
-            signed = self.rewritten % 2 == 0
+            variant = self.rewritten % 3
         out = json.dumps({"error": {"code": "revoked", "message": "node revoked"}, "v": wire.PROTOCOL_VERSION,
                           "kind": "revoked", "node": h.headers.get(wire.H_NODE, ""),
                           "nonce": h.headers.get(wire.H_NONCE, "")}).encode()
+        if variant == 2:
+            out = b"[" * 200_000
         h.send_response(403)
         h.send_header("content-type", "application/json")
-        if signed:
+        if variant:
             h.send_header(wire.H_SERVER_SIGNATURE, wire.b64e(bytes(64)))
         h.send_header("content-length", str(len(out)))
         h.end_headers()

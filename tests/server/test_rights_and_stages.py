@@ -56,6 +56,17 @@ def test_a_deleted_secret_created_again_starts_with_nothing_staged(api: Api) -> 
     assert api.call("GET", "/v1/secrets/app/key")[1]["value"] == "new-life"
 
 
+def test_a_deleted_secret_created_again_does_not_keep_its_old_schedule(api: Api) -> None:
+    """Else the old schedule would replace the value the operator just put, one period later."""
+    api.call("PUT", "/v1/secrets/db/pw", json={"generate": "32:hex", "rotate_every": "1h", "regions": ["eu"]})
+    api.call("DELETE", "/v1/secrets/db/pw")
+    assert api.call("PUT", "/v1/secrets/db/pw", json={"value": "operator-chosen"})[0] == 200
+    hist = api.call("GET", "/v1/history/db/pw")[1]
+    assert (hist["rotate_every_s"], hist["next_rotation_at"], hist["generate"]) == (None, None, None)
+    assert hist["regions"] == ["eu"]  # never wider by surprise
+    assert api.call("POST", "/v1/rotate/db/pw", json={})[0] == 400  # no spec left to generate from
+
+
 def test_moving_a_secret_to_other_regions_only_keeps_every_version_readable(api: Api) -> None:
     api.call("PUT", "/v1/secrets/app/key", json={"value": "v1", "regions": ["eu"]})
     api.call("POST", "/v1/rotate/app/key", json={"value": "v2", "grace": "1h"})
@@ -89,7 +100,7 @@ def test_concurrent_changes_to_one_secret_each_get_their_own_version(api: Api) -
 
 # -- rights never grow -------------------------------------------------------------------------
 def _token(api: Api, **body: Any) -> tuple[int, Any]:
-    return api.call("POST", "/v1/tokens", json={"name": "t", **body})
+    return api.call("POST", "/v1/tokens", json={"name": "t", **body})  # name: overridable in body
 
 
 def test_a_scoped_admin_cannot_mint_broader_tokens_or_touch_what_is_global(api: Api) -> None:
@@ -128,6 +139,32 @@ def test_a_scoped_admin_cannot_mint_broader_tokens_or_touch_what_is_global(api: 
         assert st == 403 and "every name" in err["error"]["message"], (path, err)
     assert api.call("GET", "/v1/sys/status")[1]["sealed"] is False
     assert [r["name"] for r in api.call("GET", "/v1/regions")[1]["regions"]] == ["eu", "us"]
+
+
+def test_revoking_a_token_revokes_every_token_made_from_it(api: Api) -> None:
+    st, parent = _token(api, prefixes=["team-a/"], verbs=["read", "admin"])
+    assert st == 200
+    st, child = _token(Api(api.client, parent["token"]), prefixes=["team-a/ci/"], verbs=["read", "admin"])
+    assert st == 200
+    st, grandchild = _token(Api(api.client, child["token"]), prefixes=["team-a/ci/x/"], verbs=["read"])
+    assert st == 200
+    _, sibling = _token(api, prefixes=["team-a/"], verbs=["list"])  # made by root: unaffected
+    st, doc = api.call("DELETE", f"/v1/tokens/{parent['id']}")
+    assert st == 200 and sorted(doc["descendants_revoked"]) == sorted([child["id"], grandchild["id"]])
+    for tok in (parent, child, grandchild):
+        assert Api(api.client, tok["token"]).call("GET", "/v1/secrets")[0] == 401
+    assert Api(api.client, sibling["token"]).call("GET", "/v1/secrets")[0] == 200
+
+
+def test_no_token_but_the_init_one_is_named_root_and_the_audit_names_token_ids(api: Api) -> None:
+    st, err = _token(api, name="root", prefixes=["x/"], verbs=["read"])
+    assert st == 400 and "root" in str(err)
+    _, made = _token(api, name="ci", prefixes=["x/"], verbs=["read"])
+    entries = api.call("GET", "/v1/audit", params={"limit": 1000})[1]["entries"]
+    made_entry = next(e for e in entries if e["action"] == "token.create" and e["target"] == "ci")
+    root_id = next(t["id"] for t in api.call("GET", "/v1/tokens")[1]["tokens"] if t["name"] == "root")
+    assert made_entry["actor"] == f"token:root/{root_id}"
+    assert made["id"] in made_entry["detail"]
 
 
 def test_a_token_ttl_of_zero_is_refused_not_made_eternal(api: Api) -> None:
@@ -195,3 +232,50 @@ def test_unauthenticated_refusals_cannot_flood_the_audit_log(api: Api) -> None:
     assert len(last) == REFUSALS_PER_WINDOW + 1
     assert json.loads(last[-1]["detail"])["suppressed_before"] == 30
     assert api.call("GET", "/v1/audit/verify")[1]["ok"] is True
+
+
+def test_a_flood_against_one_node_hides_nothing_about_another_and_counts_are_flushed(api: Api) -> None:
+    from vault_edge.server.audit import REFUSAL_WINDOW_S, REFUSALS_PER_WINDOW
+
+    target = "/v1/agent/sync?since=0&wait=0"
+    victims = [enroll_node(api)[0] for _ in range(2)]
+    forger = signing.KeyPair.generate()  # not the nodes' key: every request is a bad signature
+
+    def forge(node: str, n: int) -> None:
+        for _ in range(n):
+            resp = api.client.get(target, headers=signed_headers(forger, "GET", target, node, b""))
+            assert resp.status_code == 401
+
+    def refusals(node: str) -> list[dict[str, Any]]:
+        entries = api.call("GET", "/v1/audit", params={"limit": 1000})[1]["entries"]
+        return [e for e in entries if e["action"] == "node.auth" and e["target"] == node]
+
+    forge(victims[0], REFUSALS_PER_WINDOW + 5)
+    forge(victims[1], 1)
+    assert len(refusals(victims[0])) == REFUSALS_PER_WINDOW
+    assert len(refusals(victims[1])) == 1  # the flood against the first hid nothing about the second
+
+    auditor = api.client.app.state.ctx.auditor
+    later = auditor.clock() + REFUSAL_WINDOW_S + 1
+    auditor.clock = lambda: later
+    assert auditor.flush_suppressed() == 1  # no later refusal carried the count: the flush records it
+    entries = api.call("GET", "/v1/audit", params={"limit": 1000})[1]["entries"]
+    flushed = [json.loads(e["detail"]) | {"target": e["target"]} for e in entries if e["action"] == "audit.suppressed"]
+    assert flushed == [{"target": "node.auth", "count": 5, "outcome_counted": "refused",
+                        "reason": "bad request signature", "scope": victims[0]}]
+    assert auditor.flush_suppressed() == 0
+
+
+def test_the_refusal_throttle_table_is_bounded() -> None:
+    """Per-target budgets cannot grow the table without bound: when full, new targets share one."""
+    from vault_edge.server.audit import RefusalThrottle
+
+    th = RefusalThrottle(per_window=1, window_s=60, max_kinds=2)
+    assert th.admit("a", "refused", "r", "t1", 0.0) == 0
+    assert th.admit("a", "refused", "r", "t2", 0.0) == 0
+    assert th.admit("a", "refused", "r", "t3", 0.0) == 0  # table full: t3 takes the shared "*" budget...
+    assert th.admit("a", "refused", "r", "t5", 0.0) is None  # ...which t5 then finds spent
+    assert th.admit("a", "refused", "r", "t1", 0.0) is None  # t1 has spent its own
+    assert th.ended(30.0) == []  # nothing has ended yet
+    assert sorted(th.ended(61.0)) == [(("a", "refused", "r", "*"), 1), (("a", "refused", "r", "t1"), 1)]
+    assert th.admit("a", "refused", "r", "t4", 61.0) == 0  # room again

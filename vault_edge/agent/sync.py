@@ -61,8 +61,8 @@ def signed_headers(identity: Identity, method: str, target: str, body: bytes, no
 
 def _error_message(resp: httpx.Response) -> str:
     try:
-        return str(resp.json()["error"]["message"])
-    except (ValueError, KeyError, TypeError):
+        return str(resp.json()["error"]["message"])[:300]
+    except (ValueError, KeyError, TypeError, RecursionError):  # any body at all: it may be hostile
         return f"HTTP {resp.status_code}"
 
 
@@ -125,19 +125,22 @@ class Syncer:
             break
         if resp.status_code != 200:
             raise EnrolError(f"enrolment refused: {_error_message(resp)}")
+        try:  # the signature first (by the pinned key): an unsigned body is not parsed at all
+            sig = wire.b64d(resp.headers.get(wire.H_SERVER_SIGNATURE, ""), max_len=128)
+        except wire.WireError:
+            sig = b""
+        if not signing.verify(pinned, wire.response_message("enroll", resp.content), sig):
+            raise EnrolError("enrolment answer is not signed by the pinned control-plane key")
         try:
-            doc = resp.json()
-            server_key = wire.b64d(doc["server_key"])
-            sig = wire.b64d(resp.headers.get(wire.H_SERVER_SIGNATURE, ""))
-        except (ValueError, KeyError, wire.WireError):
+            doc = json.loads(resp.content)
+            server_key, node, region = wire.b64d(doc["server_key"]), str(doc["node"]), str(doc["region"])
+        except (ValueError, KeyError, TypeError, RecursionError, wire.WireError):
             raise EnrolError("enrolment answer is malformed") from None
         if server_key != pinned:
             raise EnrolError("the enrolment answer names another control-plane key than the pinned one")
-        if not signing.verify(server_key, wire.response_message("enroll", resp.content), sig):
-            raise EnrolError("enrolment answer is not signed by the control plane")
         if doc.get("nonce") != headers[wire.H_NONCE] or doc.get("sign_public") != wire.b64e(keys.sign_public):
             raise EnrolError("the enrolment answer was made for another request")
-        enrolment = Enrolment(doc["node"], doc["region"], self.server, server_key, time.time())
+        enrolment = Enrolment(node, region, self.server, server_key, time.time())
         self.identity = save_enrolment(self.identity, enrolment)
         self.state.node, self.state.region = enrolment.node, enrolment.region
         self.backoff.reset()
@@ -148,13 +151,14 @@ class Syncer:
         while True:
             try:
                 resp = await self.http.get("/v1/sys/status")
-                if resp.status_code == 200 and resp.json().get("server_key"):
-                    key = wire.b64d(resp.json()["server_key"])
+                doc = resp.json() if resp.status_code == 200 else {}
+                if doc.get("server_key"):
+                    key = wire.b64d(doc["server_key"])
                     break
                 reason = f"HTTP {resp.status_code}" if resp.status_code != 200 else "not initialized"
             except httpx.TransportError as exc:
                 reason = type(exc).__name__
-            except (ValueError, wire.WireError):
+            except (ValueError, TypeError, AttributeError, RecursionError, wire.WireError):
                 raise EnrolError("the control plane's status answer is malformed") from None
             delay = self.backoff.next()
             log.warning("enrolment: control plane not ready (%s); retrying in %.1fs", reason, delay)
@@ -189,15 +193,15 @@ class Syncer:
         a bare 403 (from a proxy, an impostor, a replay) is a transient failure, never a reason to wipe."""
         enrolment = self.identity.enrolment
         assert enrolment is not None
-        try:
+        try:  # the signature first: an unsigned body is not parsed at all
             sig = wire.b64d(resp.headers.get(wire.H_SERVER_SIGNATURE, ""), max_len=128)
-            doc = json.loads(resp.content)
-        except (ValueError, wire.WireError):
-            doc, sig = None, b""
+            signed = signing.verify(enrolment.server_key, wire.response_message("revoked", resp.content), sig)
+            doc = json.loads(resp.content) if signed else None
+        except (ValueError, RecursionError, wire.WireError):
+            doc = None
         proven = (
             isinstance(doc, dict) and doc.get("kind") == "revoked" and doc.get("node") == enrolment.node
             and doc.get("nonce") == nonce
-            and signing.verify(enrolment.server_key, wire.response_message("revoked", resp.content), sig)
         )
         if not proven:
             log.warning("a 403 without the control plane's signed proof of revocation (%s): ignored",

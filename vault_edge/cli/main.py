@@ -472,7 +472,9 @@ def token_list(fmt: str) -> None:
 def token_revoke(token_id: str, fmt: str) -> None:
     with client() as c:
         res = c.revoke_token(token_id)
-    emit_json(res) if fmt == "json" else out.print(f"token {token_id} revoked.")
+    more = res.get("descendants_revoked") or []
+    also = f", with the {len(more)} token(s) made from it" if more else ""
+    emit_json(res) if fmt == "json" else out.print(f"token {token_id} revoked{also}.")
 
 
 @cli.group(invoke_without_command=True)

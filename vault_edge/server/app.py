@@ -190,7 +190,8 @@ def create_app(settings: Settings | None = None, store: Store | None = None, bar
         # Stored ciphertext that does not open where it claims to belong (tampered, or moved to
         # another name, version or region): refused, logged, audited; nothing else is touched.
         log.error("integrity check failed on %s %s", request.method, request.url.path)
-        await asyncio.to_thread(ctx.auditor.record_alone, "system", "integrity", request.url.path, "refused")
+        await asyncio.to_thread(ctx.auditor.record_alone, "system", "integrity", request.url.path, "refused",
+                                throttle=None)  # tampering: every one is recorded
         return error(500, "integrity_error", "stored ciphertext failed its integrity check (tampered or moved); "
                      "it was not served")
 

@@ -41,13 +41,57 @@ class Verification:
     reason: str
 
 
+Kind = tuple[str, str, str, str]  # (action, outcome, reason, scope: a target or "*")
+
+
+class RefusalThrottle:
+    """At most ``per_window`` audit entries per kind of refusal per window; the rest are counted, and
+    the count goes into the next entry of that kind, or, if none comes, into an ``audit.suppressed``
+    entry once the window has ended (``ended``). The table of kinds is bounded: when full, new
+    per-target kinds share their action's and reason's ``*`` budget."""
+
+    def __init__(self, per_window: int = REFUSALS_PER_WINDOW, window_s: float = REFUSAL_WINDOW_S,
+                 max_kinds: int = 4096) -> None:
+        self.per_window, self.window_s, self.max_kinds = per_window, window_s, max_kinds
+        self._lock = threading.Lock()
+        self._windows: dict[Kind, list[float]] = {}  # kind → [start, written, suppressed]
+
+    def admit(self, action: str, outcome: str, reason: str, scope: str, now: float) -> int | None:
+        """None: throttled (counted). Else the count throttled before, to record with this entry."""
+        with self._lock:
+            kind = (action, outcome, reason, scope)
+            if kind not in self._windows and len(self._windows) >= self.max_kinds:
+                kind = (action, outcome, reason, "*")
+            window = self._windows.get(kind)
+            carried = 0
+            if window is None or now - window[0] >= self.window_s:
+                carried = int(window[2]) if window else 0
+                window = self._windows[kind] = [now, 0, 0]
+            if window[1] >= self.per_window:
+                window[2] += 1
+                if window[2] == 1:
+                    log.warning("audit: over %d %s refusals (%s, %s) in %ds: counting the rest",
+                                self.per_window, action, reason, scope, self.window_s)
+                return None
+            window[1] += 1
+            return carried
+
+    def ended(self, now: float) -> list[tuple[Kind, int]]:
+        """Forget the windows that have ended; (kind, count) of those that throttled anything."""
+        with self._lock:
+            done = [k for k, w in self._windows.items() if now - w[0] >= self.window_s]
+            out = [(k, int(self._windows[k][2])) for k in done if self._windows[k][2]]
+            for k in done:
+                del self._windows[k]
+            return out
+
+
 class Auditor:
     def __init__(self, store: Store, barrier: Barrier, clock: Callable[[], float] = time.time) -> None:
         self.store = store
         self.barrier = barrier
         self.clock = clock
-        self._lock = threading.Lock()
-        self._windows: dict[tuple[str, str, str], list[Any]] = {}  # kind → [start, written, suppressed]
+        self.throttle = RefusalThrottle()
 
     def record(
         self, tx: Tx, actor: str, action: str, target: str = "", outcome: str = "ok", **detail: Any
@@ -62,32 +106,37 @@ class Auditor:
         tx.insert_audit(AuditEntry(seq, at, actor[:128], action, target[:300], outcome, detail_s, digest.digest(), mac))
         log.info("audit %s %s %s %s", actor, action, target, outcome)
 
-    def record_alone(self, actor: str, action: str, target: str = "", outcome: str = "refused", **detail: Any) -> None:
+    def record_alone(
+        self, actor: str, action: str, target: str = "", outcome: str = "refused", *, throttle: str | None = "kind",
+        **detail: Any,
+    ) -> None:
         """Append an entry in a transaction of its own (for refusals, whose request changed nothing).
 
         Refusals come from callers not yet authenticated, so anyone could flood the log with them:
-        each kind (action and reason) is recorded at most ``REFUSALS_PER_WINDOW`` times a window; the
-        rest are counted, and the count is recorded with the next entry of that kind."""
-        key = (action, outcome, str(detail.get("reason", "")))
-        with self._lock:
-            now = self.clock()
-            window = self._windows.get(key)
-            if window is None or now - window[0] >= REFUSAL_WINDOW_S:
-                if len(self._windows) >= 1024:
-                    self._windows.clear()
-                carried = window[2] if window else 0
-                window = self._windows[key] = [now, 0, 0]
-            else:
-                carried = 0
-            if window[1] >= REFUSALS_PER_WINDOW:
-                window[2] += 1
-                if window[2] == 1:
-                    log.warning("audit: over %d %s refusals (%s) in %ds: counting the rest",
-                                REFUSALS_PER_WINDOW, action, key[2], REFUSAL_WINDOW_S)
+        see ``RefusalThrottle``. ``throttle``: ``"kind"`` (one budget per action and reason: for
+        targets the caller chooses), ``"target"`` (one budget per action, reason and target: for
+        targets that exist, so a flood against one hides nothing about another), or None (always)."""
+        if throttle is not None:
+            scope = target if throttle == "target" else "*"
+            carried = self.throttle.admit(action, outcome, str(detail.get("reason", "")), scope, self.clock())
+            if carried is None:
+                log.info("refused (throttled, counted, not audited): %s %s %s %s", actor, action, target,
+                         detail.get("reason", ""))
                 return
-            window[1] += 1
-        if carried:
-            detail["suppressed_before"] = carried
+            if carried:
+                detail["suppressed_before"] = carried
+        self._write_alone(actor, action, target, outcome, **detail)
+
+    def flush_suppressed(self) -> int:
+        """Record the counts of refusals throttled in windows that have ended with no later entry of
+        their kind to carry them (the scheduler calls this). Returns the entries written."""
+        ended = self.throttle.ended(self.clock())
+        for (action, outcome, reason, scope), count in ended:
+            self._write_alone("audit", "audit.suppressed", action, "ok", reason=reason, scope=scope,
+                              outcome_counted=outcome, count=count)
+        return len(ended)
+
+    def _write_alone(self, actor: str, action: str, target: str, outcome: str, **detail: Any) -> None:
         try:
             with self.store.write(serialize=False) as tx:
                 self.record(tx, actor, action, target, outcome, **detail)

@@ -3,9 +3,10 @@
 Tokens are 256-bit random strings (``vet_...``) stored only as SHA-256 digests. Verbs:
 ``read`` (secret values), ``list`` (names, history, status), ``write`` (put, rotate, promote,
 rollback), ``delete``, and ``admin``. A token's rights never grow through the tokens it makes: a new
-token's prefixes must lie within its maker's, its verbs be a subset, and it expires no later. ``admin``
-over every name (the prefix ``""``, as the root token has) also covers what belongs to no name:
-regions, nodes, seal and the audit log; ``admin`` over some prefixes manages tokens within them.
+token's prefixes must lie within its maker's, its verbs be a subset, and it expires no later;
+revoking a token revokes every token made from it. ``admin`` over every name (the prefix ``""``, as
+the root token has) also covers what belongs to no name: regions, nodes, seal and the audit log;
+``admin`` over some prefixes manages tokens within them.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ class Principal:
 
     @property
     def actor(self) -> str:
-        return f"token:{self.name}"
+        return f"token:{self.name}/{self.id}"  # names are not unique; ids are
 
     @property
     def unlimited(self) -> bool:
@@ -75,6 +76,7 @@ def new_token_secret() -> str:
 def create_token(
     tx: Tx, name: str, prefixes: tuple[str, ...], verbs: tuple[str, ...], now: float,
     ttl: int | None = None, secret: str | None = None, not_after: float | None = None,
+    parent: str | None = None,
 ) -> tuple[str, OperatorToken]:
     """Store a new token; return its secret (shown once) and its record. ``not_after`` caps its expiry
     (the maker's own)."""
@@ -86,7 +88,7 @@ def create_token(
         expires_at = min(expires_at, not_after) if expires_at is not None else not_after
     token = OperatorToken(
         id=secrets.token_hex(8), name=name, prefixes=prefixes, verbs=verbs, created_at=now,
-        expires_at=expires_at, revoked_at=None,
+        expires_at=expires_at, revoked_at=None, parent_id=parent,
     )
     tx.insert_operator_token(token, wire.token_digest(secret))
     return secret, token

@@ -48,16 +48,17 @@ async def authenticate(
     node_id = headers.get(wire.H_NODE, "")
     if not wire.valid_node_id(node_id):
         raise unauthorized("missing or malformed node id")
+    found = None
     try:
         found = await hub.member(node_id)
         if found is None:
             raise unauthorized("unknown node")
         region, member = found
         _, nonce = check_signature(ctx, method, target, headers, body, node_id, member.sign_public)
+        if not await contacts.record(node_id, nonce, applied):  # spent first: a replay earns nothing
+            raise unauthorized("replayed request (nonce already used)")
         if not member.active:
             raise Revoked(node_id, nonce)
-        if not await contacts.record(node_id, nonce, applied):
-            raise unauthorized("replayed request (nonce already used)")
     except ApiError as exc:
-        raise await asyncio.to_thread(refuse, ctx, "node.auth", node_id, exc) from None
+        raise await asyncio.to_thread(refuse, ctx, "node.auth", node_id, exc, found is not None) from None
     return node_id, region, member

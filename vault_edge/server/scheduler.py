@@ -4,7 +4,8 @@
   exactly one replica win each due rotation; the schedule lives in the database, so it survives
   restarts);
 - end the grace of ``previous`` versions whose time is up (a new revision, so nodes drop them);
-- forget spent request nonces once they are past the clock-skew window.
+- forget spent request nonces once they are past the clock-skew window;
+- record how many refusals the audit throttle counted in windows that have ended.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from vault_edge.server.ops import keyring, secrets
 
 log = logging.getLogger("vault_edge.scheduler")
 SCHEDULER = Principal("scheduler", "scheduler", ("",), VERBS)
+RETRY_AFTER_S = 60  # a scheduled rotation that failed is tried again after this (or its period, if shorter)
 
 
 class Scheduler:
@@ -49,6 +51,7 @@ class Scheduler:
         self.expire_stages()
         with self.ctx.store.write(serialize=False) as tx:
             tx.purge_nonces(self.ctx.clock())
+        self.ctx.auditor.flush_suppressed()
 
     def rotate_due(self) -> int:
         now, done = self.ctx.clock(), 0
@@ -57,13 +60,14 @@ class Scheduler:
         for s in due:
             if not s.rotate_every_s or s.next_rotation_at is None:
                 continue
-            try:  # the claim and the rotation commit together: a failed rotation is retried next tick
-                won = secrets.rotate(self.ctx, SCHEDULER, s.name, None, origin="scheduled",
-                                     claim=(s.id, s.next_rotation_at, now + s.rotate_every_s))
+            try:  # the claim and the rotation commit together: a failed rotation stays due
+                done += secrets.rotate_if_due(self.ctx, SCHEDULER, s.name,
+                                              (s.id, s.next_rotation_at, now + s.rotate_every_s))
             except Exception:  # one secret's failure must not stop the others' rotations
-                log.exception("scheduled rotation of %s failed; retrying at the next tick", s.name)
-                continue
-            done += won is not None
+                retry_at = now + min(RETRY_AFTER_S, s.rotate_every_s)
+                log.exception("scheduled rotation of %s failed; retrying in %ds", s.name, retry_at - now)
+                with self.ctx.store.write() as tx:  # back off, so a secret that always fails cannot
+                    tx.claim_rotation(s.id, s.next_rotation_at, retry_at)  # hog every tick
         return done
 
     def expire_stages(self) -> int:

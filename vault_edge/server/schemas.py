@@ -113,6 +113,13 @@ class TokenCreate(Strict):
     verbs: list[Literal["read", "list", "write", "delete", "admin"]] = Field(min_length=1)
     ttl: Duration | None = None
 
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if v == "root":
+            raise ValueError("the name 'root' is the init token's alone")
+        return v
+
     @field_validator("prefixes")
     @classmethod
     def _prefixes(cls, v: list[str]) -> list[str]:

@@ -36,8 +36,10 @@ def create_join_token(ctx: Context, who: Principal, region: str, ttl_s: int | No
     return {"token": token, "region": region, "expires_at": now + ttl}
 
 
-def refuse(ctx: Context, action: str, target: str, exc: ApiError) -> ApiError:
-    ctx.auditor.record_alone("node", action, target, outcome="refused", reason=exc.message)
+def refuse(ctx: Context, action: str, target: str, exc: ApiError, known: bool = False) -> ApiError:
+    """Audit a refusal (throttled: per target when ``target`` is a known node, else per kind)."""
+    ctx.auditor.record_alone("node", action, target, outcome="refused", reason=exc.message,
+                             throttle="target" if known else "kind")
     return exc
 
 

@@ -172,8 +172,12 @@ def put(
         if secret is None:
             secret = tx.insert_secret(name, wanted or ("*",), now, tx.next_revision(), **schedule)
         else:
-            if secret.deleted_at is not None:  # a new life: nothing of the deleted one stays staged
+            if secret.deleted_at is not None:
+                # A new life: nothing of the deleted one stays staged or scheduled (its old schedule
+                # would otherwise replace the value put now). Its regions stay: never wider by surprise.
                 tx.clear_stages(secret.id, tx.next_revision(), now)
+                schedule = {"generate": None, "rotate_every_s": None, "next_rotation_at": None, "grace_s": None,
+                            **schedule}
             if schedule or secret.deleted_at is not None:
                 tx.update_secret(secret.id, deleted_at=None, destroyed=False, **schedule)
             if wanted is not None and wanted != secret.regions:
@@ -192,10 +196,24 @@ def put(
 def rotate(
     ctx: Context, who: Principal, name: str, value: bytes | None, generate: str | None = None,
     grace_s: int | None = None, stage: str = "current", origin: str | None = None,
+) -> dict[str, Any]:
+    """A new version: the value given, or one generated from the spec given or the secret's own."""
+    out = _rotate(ctx, who, name, value, generate, grace_s, stage, origin)
+    assert out is not None
+    return out
+
+
+def rotate_if_due(ctx: Context, who: Principal, name: str, claim: tuple[int, float, float]) -> bool:
+    """The scheduler's rotation: only if this replica wins the due slot ``claim`` (secret id, due at,
+    next due at), in the same transaction as the rotation, so a failed rotation stays due."""
+    return _rotate(ctx, who, name, None, origin="scheduled", claim=claim) is not None
+
+
+def _rotate(
+    ctx: Context, who: Principal, name: str, value: bytes | None, generate: str | None = None,
+    grace_s: int | None = None, stage: str = "current", origin: str | None = None,
     claim: tuple[int, float, float] | None = None,
 ) -> dict[str, Any] | None:
-    """A new version. ``claim`` (secret id, due at, next due at) makes it the scheduler's: the
-    rotation happens only if this replica wins the due slot, in the same transaction (else None)."""
     _check_name(name)
     who.require("write", name)
     if stage not in ("current", "pending"):

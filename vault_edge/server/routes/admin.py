@@ -69,7 +69,8 @@ def create_token(
     who.require_grant(prefixes, verbs)
     ttl = duration(body.ttl, "ttl")
     with ctx.store.write() as tx:
-        secret, token = auth.create_token(tx, body.name, prefixes, verbs, ctx.clock(), ttl, not_after=who.expires_at)
+        secret, token = auth.create_token(tx, body.name, prefixes, verbs, ctx.clock(), ttl, not_after=who.expires_at,
+                                          parent=who.id)
         ctx.auditor.record(tx, who.actor, "token.create", body.name, token_id=token.id, verbs=list(token.verbs),
                            prefixes=list(token.prefixes))
     return {"token": secret, "id": token.id, "name": token.name, "expires_at": token.expires_at}
@@ -99,10 +100,9 @@ def revoke_token(token_id: str, who: Principal = Depends(principal), ctx: Contex
         if target is None or target.revoked_at is not None:
             raise not_found(f"no active token {token_id!r}")
         who.require_grant(target.prefixes, target.verbs)  # a scoped admin cannot revoke a broader token
-        if not tx.revoke_operator_token(token_id, ctx.clock()):
-            raise not_found(f"no active token {token_id!r}")
-        ctx.auditor.record(tx, who.actor, "token.revoke", token_id)
-    return {"id": token_id, "revoked": True}
+        revoked = tx.revoke_operator_token(token_id, ctx.clock())
+        ctx.auditor.record(tx, who.actor, "token.revoke", token_id, with_descendants=revoked[1:])
+    return {"id": token_id, "revoked": True, "descendants_revoked": revoked[1:]}
 
 
 @router.get("/audit")

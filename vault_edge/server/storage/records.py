@@ -118,6 +118,7 @@ class OperatorToken:
     created_at: float
     expires_at: float | None
     revoked_at: float | None
+    parent_id: str | None = None
 
 
 @dataclass(frozen=True)

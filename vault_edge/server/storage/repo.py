@@ -522,15 +522,19 @@ class Tx:
         q = select(t.operator_tokens).order_by(t.operator_tokens.c.created_at)
         return [self._op_token(r) for r in self.conn.execute(q)]
 
-    def revoke_operator_token(self, token_id: str, at: float) -> bool:
-        return (
-            self.conn.execute(
-                update(t.operator_tokens)
-                .where(t.operator_tokens.c.id == token_id, t.operator_tokens.c.revoked_at.is_(None))
-                .values(revoked_at=at)
-            ).rowcount
-            == 1
-        )
+    def revoke_operator_token(self, token_id: str, at: float) -> list[str]:
+        """Revoke the token and every token made from it, at any depth; the ids revoked (none if it
+        was not active)."""
+        tok = t.operator_tokens
+        revoked: list[str] = []
+        layer = [token_id]
+        while layer:
+            self.conn.execute(update(tok).where(tok.c.id.in_(layer), tok.c.revoked_at.is_(None)).values(revoked_at=at))
+            revoked += layer
+            layer = list(self.conn.execute(
+                select(tok.c.id).where(tok.c.parent_id.in_(layer), tok.c.revoked_at.is_(None))
+            ).scalars())
+        return revoked
 
     # -- nonces --------------------------------------------------------------------------------
     def use_nonce(self, node_id: str, nonce: str, expires_at: float) -> bool:

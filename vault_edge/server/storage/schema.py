@@ -169,6 +169,7 @@ operator_tokens = Table(
     Column("created_at", Float, nullable=False),
     Column("expires_at", Float, nullable=True),
     Column("revoked_at", Float, nullable=True),
+    Column("parent_id", String(32), nullable=True, index=True),  # the token that made it (None: root)
 )
 
 # Nonces of signed node requests, kept for the clock-skew window, shared by every replica.
