@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from typing import Any
 
 from tests.conftest import Api, enroll_node, run_concurrently, signed_headers
@@ -156,6 +157,41 @@ def test_revoking_a_token_revokes_every_token_made_from_it(api: Api) -> None:
     assert Api(api.client, sibling["token"]).call("GET", "/v1/secrets")[0] == 200
 
 
+def test_a_token_revoked_while_its_request_is_in_flight_makes_nothing(api: Api, monkeypatch: Any) -> None:
+    """The maker is checked again inside the write: a child made by a token revoked between its
+    authentication and the write would escape the cascade."""
+    from vault_edge.server.routes import admin
+
+    _, parent = _token(api, prefixes=["team-a/"], verbs=["read", "admin"])
+    real = admin.duration
+
+    def revoke_meanwhile(value: Any, field: str) -> Any:
+        assert api.call("DELETE", f"/v1/tokens/{parent['id']}")[0] == 200
+        return real(value, field)
+
+    monkeypatch.setattr(admin, "duration", revoke_meanwhile)
+    st, err = _token(Api(api.client, parent["token"]), name="late", prefixes=["team-a/x/"], verbs=["read"])
+    assert st == 401, err
+    assert "late" not in [t["name"] for t in api.call("GET", "/v1/tokens")[1]["tokens"]]
+
+
+def test_the_cascade_goes_through_tokens_revoked_before(api: Api) -> None:
+    """A live token under a revoked one (made before lineage was kept, or by any path) is still reached
+    by revoking an ancestor."""
+    from vault_edge.server import auth
+
+    _, top = _token(api, prefixes=["team-a/"], verbs=["read", "admin"])
+    _, mid = _token(Api(api.client, top["token"]), prefixes=["team-a/"], verbs=["read", "admin"])
+    assert api.call("DELETE", f"/v1/tokens/{mid['id']}")[0] == 200
+    ctx = api.client.app.state.ctx
+    with ctx.store.write() as tx:
+        secret, orphan = auth.create_token(tx, "orphan", ("team-a/",), ("list",), ctx.clock(), parent=mid["id"])
+    assert Api(api.client, secret).call("GET", "/v1/secrets")[0] == 200
+    st, doc = api.call("DELETE", f"/v1/tokens/{top['id']}")
+    assert st == 200 and doc["descendants_revoked"] == [orphan.id]
+    assert Api(api.client, secret).call("GET", "/v1/secrets")[0] == 401
+
+
 def test_no_token_but_the_init_one_is_named_root_and_the_audit_names_token_ids(api: Api) -> None:
     st, err = _token(api, name="root", prefixes=["x/"], verbs=["read"])
     assert st == 400 and "root" in str(err)
@@ -165,6 +201,11 @@ def test_no_token_but_the_init_one_is_named_root_and_the_audit_names_token_ids(a
     root_id = next(t["id"] for t in api.call("GET", "/v1/tokens")[1]["tokens"] if t["name"] == "root")
     assert made_entry["actor"] == f"token:root/{root_id}"
     assert made["id"] in made_entry["detail"]
+    long = "n" * 128  # the longest name: the actor keeps the id whole
+    _, made = _token(api, name=long, prefixes=["x/"], verbs=["read", "admin"])
+    assert _token(Api(api.client, made["token"]), name="c", prefixes=["x/"], verbs=["read"])[0] == 200
+    entries = api.call("GET", "/v1/audit", params={"limit": 1000})[1]["entries"]
+    assert next(e for e in entries if e["target"] == "c")["actor"].endswith("/" + made["id"])
 
 
 def test_a_token_ttl_of_zero_is_refused_not_made_eternal(api: Api) -> None:
@@ -186,9 +227,12 @@ def test_a_revoked_node_gets_a_signed_refusal_naming_it_and_its_request(api: Api
     resp, _ = _sync(api, node, pair)
     assert resp.status_code == 200
     assert api.call("POST", f"/v1/nodes/{node}/revoke")[0] == 200
+    seen = [n["last_seen"] for n in api.call("GET", "/v1/nodes")[1]["nodes"] if n["id"] == node]
 
+    time.sleep(0.01)
     resp, nonce = _sync(api, node, pair)
     assert resp.status_code == 403
+    assert [n["last_seen"] for n in api.call("GET", "/v1/nodes")[1]["nodes"] if n["id"] == node] == seen
     doc = json.loads(resp.content)
     assert doc["error"]["code"] == "revoked"
     assert (doc["kind"], doc["node"], doc["nonce"]) == ("revoked", node, nonce)
@@ -197,6 +241,8 @@ def test_a_revoked_node_gets_a_signed_refusal_naming_it_and_its_request(api: Api
     assert signing.verify(server_key, wire.response_message("revoked", resp.content), sig)
     assert not signing.verify(server_key, wire.response_message("sync", resp.content), sig)  # domain-separated
 
+    replayed = api.client.get("/v1/agent/sync?since=0&wait=0", headers=resp.request.headers)
+    assert replayed.status_code == 401 and "replayed" in replayed.text  # its nonce was spent
     # Without the node's own signature there is no proof to be had: whoever asks gets a plain 401.
     target = "/v1/agent/sync?since=0&wait=0"
     forged = signed_headers(signing.KeyPair.generate(), "GET", target, node, b"")
@@ -279,3 +325,7 @@ def test_the_refusal_throttle_table_is_bounded() -> None:
     assert th.ended(30.0) == []  # nothing has ended yet
     assert sorted(th.ended(61.0)) == [(("a", "refused", "r", "*"), 1), (("a", "refused", "r", "t1"), 1)]
     assert th.admit("a", "refused", "r", "t4", 61.0) == 0  # room again
+    th2 = RefusalThrottle(per_window=1, window_s=60, max_kinds=1)
+    assert th2.admit("a", "refused", "r", "t1", 0.0) == 0
+    assert th2.admit("a", "refused", "r", "t2", 61.0) == 0  # t1's window ended with nothing to report:
+    assert list(th2._windows) == [("a", "refused", "r", "t2")]  # pruned to make room, no flush needed

@@ -75,6 +75,7 @@ def test_a_failed_scheduled_rotation_is_retried_and_spares_the_others(make_app: 
     app1.state.ctx.clock = lambda: later + RETRY_AFTER_S + 1
     assert app1.state.scheduler.rotate_due() == 1  # retried
     assert [v["origin"] for v in api.call("GET", f"/v1/history/{failed}")[1]["versions"]] == ["generated", "scheduled"]
+    assert app1.state.scheduler.rotate_due() == 0  # and re-armed for a full period
 
 
 def test_grace_ends_with_a_new_revision(make_app: Any) -> None:

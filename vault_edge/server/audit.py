@@ -47,8 +47,9 @@ Kind = tuple[str, str, str, str]  # (action, outcome, reason, scope: a target or
 class RefusalThrottle:
     """At most ``per_window`` audit entries per kind of refusal per window; the rest are counted, and
     the count goes into the next entry of that kind, or, if none comes, into an ``audit.suppressed``
-    entry once the window has ended (``ended``). The table of kinds is bounded: when full, new
-    per-target kinds share their action's and reason's ``*`` budget."""
+    entry once the window has ended (``ended``). The table of per-target kinds is bounded: when
+    full, new targets share their action's and reason's ``*`` budget (those few shared kinds are
+    always admitted)."""
 
     def __init__(self, per_window: int = REFUSALS_PER_WINDOW, window_s: float = REFUSAL_WINDOW_S,
                  max_kinds: int = 4096) -> None:
@@ -61,7 +62,10 @@ class RefusalThrottle:
         with self._lock:
             kind = (action, outcome, reason, scope)
             if kind not in self._windows and len(self._windows) >= self.max_kinds:
-                kind = (action, outcome, reason, "*")
+                for k in [k for k, w in self._windows.items() if now - w[0] >= self.window_s and not w[2]]:
+                    del self._windows[k]  # ended, nothing to report: room without waiting for a flush
+                if len(self._windows) >= self.max_kinds:
+                    kind = (action, outcome, reason, "*")
             window = self._windows.get(kind)
             carried = 0
             if window is None or now - window[0] >= self.window_s:

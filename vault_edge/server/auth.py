@@ -30,10 +30,13 @@ class Principal:
     prefixes: tuple[str, ...]
     verbs: tuple[str, ...]
     expires_at: float | None = None
+    kind: str = "token"  # or "system" (the scheduler), which is no token
 
     @property
     def actor(self) -> str:
-        return f"token:{self.name}/{self.id}"  # names are not unique; ids are
+        if self.kind != "token":
+            return self.name
+        return f"token:{self.name[:80]}/{self.id}"  # names are not unique; ids are (never cut off)
 
     @property
     def unlimited(self) -> bool:
@@ -92,6 +95,18 @@ def create_token(
     )
     tx.insert_operator_token(token, wire.token_digest(secret))
     return secret, token
+
+
+def still_valid(tx: Tx, who: Principal, now: float) -> None:
+    """Check again, inside a write, that ``who``'s token is neither revoked nor expired: a token made
+    by a token revoked meanwhile would escape the revocation's cascade."""
+    if who.kind != "token":
+        return
+    token = tx.get_operator_token_by_id(who.id)
+    if token is None or token.revoked_at is not None:
+        raise unauthorized("invalid or revoked token")
+    if token.expires_at is not None and token.expires_at <= now:
+        raise unauthorized("token expired")
 
 
 def authenticate(tx: Tx, secret: str | None, now: float) -> Principal:

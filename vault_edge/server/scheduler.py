@@ -18,7 +18,7 @@ from vault_edge.server.context import Context
 from vault_edge.server.ops import keyring, secrets
 
 log = logging.getLogger("vault_edge.scheduler")
-SCHEDULER = Principal("scheduler", "scheduler", ("",), VERBS)
+SCHEDULER = Principal("scheduler", "scheduler", ("",), VERBS, kind="system")
 RETRY_AFTER_S = 60  # a scheduled rotation that failed is tried again after this (or its period, if shorter)
 
 
@@ -66,8 +66,11 @@ class Scheduler:
             except Exception:  # one secret's failure must not stop the others' rotations
                 retry_at = now + min(RETRY_AFTER_S, s.rotate_every_s)
                 log.exception("scheduled rotation of %s failed; retrying in %ds", s.name, retry_at - now)
-                with self.ctx.store.write() as tx:  # back off, so a secret that always fails cannot
-                    tx.claim_rotation(s.id, s.next_rotation_at, retry_at)  # hog every tick
+                try:  # back off, so a secret that always fails cannot hog every tick
+                    with self.ctx.store.write() as tx:
+                        tx.claim_rotation(s.id, s.next_rotation_at, retry_at)
+                except Exception:  # the database itself failing: the next tick tries again
+                    log.exception("could not defer the rotation of %s", s.name)
         return done
 
     def expire_stages(self) -> int:

@@ -69,6 +69,7 @@ def create_token(
     who.require_grant(prefixes, verbs)
     ttl = duration(body.ttl, "ttl")
     with ctx.store.write() as tx:
+        auth.still_valid(tx, who, ctx.clock())  # not revoked since it was authenticated (writers are serialized)
         secret, token = auth.create_token(tx, body.name, prefixes, verbs, ctx.clock(), ttl, not_after=who.expires_at,
                                           parent=who.id)
         ctx.auditor.record(tx, who.actor, "token.create", body.name, token_id=token.id, verbs=list(token.verbs),
@@ -96,6 +97,7 @@ def revoke_token(token_id: str, who: Principal = Depends(principal), ctx: Contex
     if not wire.valid_token_id(token_id):
         raise not_found(f"no active token {token_id!r}")
     with ctx.store.write() as tx:
+        auth.still_valid(tx, who, ctx.clock())
         target = tx.get_operator_token_by_id(token_id)
         if target is None or target.revoked_at is not None:
             raise not_found(f"no active token {token_id!r}")

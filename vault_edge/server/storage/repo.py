@@ -523,17 +523,20 @@ class Tx:
         return [self._op_token(r) for r in self.conn.execute(q)]
 
     def revoke_operator_token(self, token_id: str, at: float) -> list[str]:
-        """Revoke the token and every token made from it, at any depth; the ids revoked (none if it
-        was not active)."""
+        """Revoke the token and every token made from it, at any depth (through tokens revoked before,
+        too); the ids newly revoked, ``token_id`` first."""
         tok = t.operator_tokens
-        revoked: list[str] = []
-        layer = [token_id]
+        seen, revoked, layer = {token_id}, [], [token_id]
         while layer:
-            self.conn.execute(update(tok).where(tok.c.id.in_(layer), tok.c.revoked_at.is_(None)).values(revoked_at=at))
-            revoked += layer
-            layer = list(self.conn.execute(
-                select(tok.c.id).where(tok.c.parent_id.in_(layer), tok.c.revoked_at.is_(None))
+            active = set(self.conn.execute(
+                select(tok.c.id).where(tok.c.id.in_(layer), tok.c.revoked_at.is_(None))
             ).scalars())
+            if active:
+                self.conn.execute(update(tok).where(tok.c.id.in_(active)).values(revoked_at=at))
+            revoked += [i for i in layer if i in active]
+            children = self.conn.execute(select(tok.c.id).where(tok.c.parent_id.in_(layer))).scalars()
+            layer = [c for c in children if c not in seen]
+            seen.update(layer)
         return revoked
 
     # -- nonces --------------------------------------------------------------------------------
@@ -558,7 +561,7 @@ class Tx:
         biggest = func.max if self.dialect == "sqlite" else func.greatest
         stmt = (
             update(t.nodes)
-            .where(t.nodes.c.id == bindparam("nid"))
+            .where(t.nodes.c.id == bindparam("nid"), t.nodes.c.status == "active")  # a revoked node is not "seen"
             .values(last_seen=bindparam("at"),
                     applied_revision=biggest(t.nodes.c.applied_revision, bindparam("applied")))
         )
