@@ -673,6 +673,12 @@ def enroll(vault: Vault) -> tuple[str, signing.KeyPair]:
     return enroll_node(vault.api)
 
 
+def post_enrolment(vault: Vault, pair: signing.KeyPair, body: bytes) -> Any:
+    """``body`` posted as an enrolment, signed by ``pair`` as the agent signs it."""
+    return vault.client.post("/v1/agent/enroll", content=body,
+                             headers=_signed_headers(pair, "POST", "/v1/agent/enroll", wire.ENROLL_NODE, body))
+
+
 def test_signed_agent_requests_with_bad_headers(vault: Vault) -> None:
     node, pair = enroll(vault)
     target = "/v1/agent/sync?since=0&wait=0"
@@ -728,8 +734,7 @@ def test_signed_agent_requests_with_bad_headers(vault: Vault) -> None:
         ("long hostname", sealed({"token": "vej1.a.b.c", "box_public": wire.b64e(pair.box_public),
                                   "sign_public": wire.b64e(pair.sign_public), "hostname": "h" * 10000})),
     ]:
-        resp = vault.client.post("/v1/agent/enroll", content=body,
-                                 headers=_signed_headers(pair, "POST", "/v1/agent/enroll", wire.ENROLL_NODE, body))
+        resp = post_enrolment(vault, pair, body)
         vault.expect(f"enroll {case}", refused(resp))
     vault.assert_no_failures()
     assert_intact(vault)
@@ -796,8 +801,7 @@ def test_enroll_join_token_with_hostile_characters_is_4xx(vault: Vault) -> None:
     pair = signing.KeyPair.generate()
     for token_id in ("\ud800", "a\x00b"):
         body = enroll_body(server_key(vault.api), pair, f"vej1.{token_id}.secret.pin")
-        resp = vault.client.post("/v1/agent/enroll", content=body,
-                                 headers=_signed_headers(pair, "POST", "/v1/agent/enroll", wire.ENROLL_NODE, body))
+        resp = post_enrolment(vault, pair, body)
         vault.expect(f"token id {token_id!r}", refused(resp))
     vault.assert_no_failures()
     assert_intact(vault)

@@ -66,6 +66,15 @@ def _error_message(resp: httpx.Response) -> str:
         return f"HTTP {resp.status_code}"
 
 
+def _server_signed(key: bytes, kind: str, resp: httpx.Response) -> bool:
+    """True if ``key`` signed ``resp``'s body as a ``kind`` answer: checked before the body is parsed."""
+    try:
+        sig = wire.b64d(resp.headers.get(wire.H_SERVER_SIGNATURE, ""), max_len=128)
+    except wire.WireError:
+        return False
+    return signing.verify(key, wire.response_message(kind, resp.content), sig)
+
+
 def enrolment_body(server_key: bytes, token: str, box_public: bytes, sign_public: bytes, hostname: str) -> bytes:
     """The enrolment request, sealed to the (pinned) control-plane key: the token is readable by it alone."""
     inner = json.dumps({"token": token, "box_public": wire.b64e(box_public), "sign_public": wire.b64e(sign_public),
@@ -125,11 +134,7 @@ class Syncer:
             break
         if resp.status_code != 200:
             raise EnrolError(f"enrolment refused: {_error_message(resp)}")
-        try:  # the signature first (by the pinned key): an unsigned body is not parsed at all
-            sig = wire.b64d(resp.headers.get(wire.H_SERVER_SIGNATURE, ""), max_len=128)
-        except wire.WireError:
-            sig = b""
-        if not signing.verify(pinned, wire.response_message("enroll", resp.content), sig):
+        if not _server_signed(pinned, "enroll", resp):
             raise EnrolError("enrolment answer is not signed by the pinned control-plane key")
         try:
             doc = json.loads(resp.content)
@@ -193,11 +198,9 @@ class Syncer:
         a bare 403 (from a proxy, an impostor, a replay) is a transient failure, never a reason to wipe."""
         enrolment = self.identity.enrolment
         assert enrolment is not None
-        try:  # the signature first: an unsigned body is not parsed at all
-            sig = wire.b64d(resp.headers.get(wire.H_SERVER_SIGNATURE, ""), max_len=128)
-            signed = signing.verify(enrolment.server_key, wire.response_message("revoked", resp.content), sig)
-            doc = json.loads(resp.content) if signed else None
-        except (ValueError, RecursionError, wire.WireError):
+        try:
+            doc = json.loads(resp.content) if _server_signed(enrolment.server_key, "revoked", resp) else None
+        except (ValueError, RecursionError):
             doc = None
         proven = (
             isinstance(doc, dict) and doc.get("kind") == "revoked" and doc.get("node") == enrolment.node

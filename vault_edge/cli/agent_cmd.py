@@ -12,23 +12,12 @@ from pathlib import Path
 
 import click
 
-from vault_edge.cli.output import CliError, emit_json, output_option
+from vault_edge.cli.output import CliError, duration_option, emit_json, output_option
 
 
 @click.group()
 def agent() -> None:
     """The node agent (one per PoP host) and local reads through its socket."""
-
-
-def _seconds(value: str | None, flag: str) -> float | None:
-    from vault_edge.durations import parse_duration
-
-    if value is None:
-        return None
-    try:
-        return float(parse_duration(value))
-    except ValueError as exc:
-        raise click.BadParameter(str(exc), param_hint=flag) from None
 
 
 @agent.command("run")
@@ -40,13 +29,16 @@ def _seconds(value: str | None, flag: str) -> float | None:
 @click.option("--join-token-file", type=click.Path(dir_okay=False),
               help="read the join token from a file (ignored once enrolled, or if the file is gone)")
 @click.option("--policy", type=click.Path(exists=True, dir_okay=False), help="TOML policy: who may read what")
-@click.option("--max-stale", help="refuse reads (503 too_stale) when out of contact longer than this (default: never)")
-@click.option("--stale-after", default="75s", show_default=True, help="health says stale past this age")
-@click.option("--wait", "wait", default="30s", show_default=True, help="long-poll hold asked of the control plane")
+@click.option("--max-stale", callback=duration_option,
+              help="refuse reads (503 too_stale) when out of contact longer than this (default: never)")
+@click.option("--stale-after", default="75s", show_default=True, callback=duration_option,
+              help="health says stale past this age")
+@click.option("--wait", "wait", default="30s", show_default=True, callback=duration_option,
+              help="long-poll hold asked of the control plane")
 @click.option("--tls-ca", type=click.Path(exists=True, dir_okay=False), help="CA bundle for an https control plane")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info")
 def agent_run(server: str | None, state_dir: str, socket_path: str, join_token: str | None,
-              join_token_file: str | None, policy: str | None, max_stale: str | None, stale_after: str, wait: str,
+              join_token_file: str | None, policy: str | None, max_stale: int | None, stale_after: int, wait: int,
               tls_ca: str | None, log_level: str) -> None:
     """Run the node agent: enrol once, sync, cache, serve the socket."""
     from vault_edge.agent.run import AgentConfig, AgentError, main
@@ -58,8 +50,8 @@ def agent_run(server: str | None, state_dir: str, socket_path: str, join_token: 
         join_token = Path(join_token_file).read_text().strip()
     cfg = AgentConfig(
         server=server, state_dir=Path(state_dir), socket=Path(socket_path), join_token=join_token,
-        policy=Path(policy) if policy else None, max_stale=_seconds(max_stale, "--max-stale"),
-        stale_after=_seconds(stale_after, "--stale-after") or 75.0, wait=_seconds(wait, "--wait") or 30.0,
+        policy=Path(policy) if policy else None, max_stale=float(max_stale) if max_stale is not None else None,
+        stale_after=float(stale_after or 75), wait=float(wait or 30),
         tls_ca=tls_ca,
     )
     try:

@@ -97,24 +97,23 @@ def create_token(
     return secret, token
 
 
-def still_valid(tx: Tx, who: Principal, now: float) -> None:
-    """Check again, inside a write, that ``who``'s token is neither revoked nor expired: a token made
-    by a token revoked meanwhile would escape the revocation's cascade."""
-    if who.kind != "token":
-        return
-    token = tx.get_operator_token_by_id(who.id)
+def _live(token: OperatorToken | None, now: float) -> OperatorToken:
     if token is None or token.revoked_at is not None:
         raise unauthorized("invalid or revoked token")
     if token.expires_at is not None and token.expires_at <= now:
         raise unauthorized("token expired")
+    return token
+
+
+def still_valid(tx: Tx, who: Principal, now: float) -> None:
+    """Check again, inside a write, that ``who``'s token is neither revoked nor expired: a token made
+    by a token revoked meanwhile would escape the revocation's cascade."""
+    if who.kind == "token":
+        _live(tx.get_operator_token_by_id(who.id), now)
 
 
 def authenticate(tx: Tx, secret: str | None, now: float) -> Principal:
     if not secret:
         raise unauthorized("missing token: set VAULT_EDGE_TOKEN (Authorization: Bearer ...)")
-    token = tx.get_operator_token(wire.token_digest(secret))
-    if token is None or token.revoked_at is not None:
-        raise unauthorized("invalid or revoked token")
-    if token.expires_at is not None and token.expires_at <= now:
-        raise unauthorized("token expired")
+    token = _live(tx.get_operator_token(wire.token_digest(secret)), now)
     return Principal(token.id, token.name, token.prefixes, token.verbs, token.expires_at)

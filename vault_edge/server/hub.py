@@ -193,12 +193,9 @@ class Hub:
     async def member(self, node_id: str) -> tuple[str, Member] | None:
         """A node's region and membership (signing key, status, revision) as of the latest notice,
         from the cached view; the database is asked only about a node no loaded view knows."""
-        region = self._where.get(node_id)
+        region = self._where.get(node_id) or await asyncio.to_thread(self._node_region, node_id)
         if region is None:
-            node = await asyncio.to_thread(self._node_region, node_id)
-            if node is None:
-                return None
-            region = node
+            return None
         view = await self.view(region)
         m = view.members.get(node_id)
         if m is None:  # enrolled a moment ago, perhaps through another replica
@@ -215,7 +212,6 @@ class Hub:
     async def wait(
         self, node_id: str, region: str, node_rev: int, since: int, timeout: float
     ) -> tuple[RegionView, Member] | None:
-        # ``node_rev``: the membership the caller was authenticated against
         """Wait until something after ``since`` is visible to the node; None on timeout.
         ``node_rev`` is the node's revision as authentication read it: a view older than that is
         reloaded first (the node may have enrolled through another replica a moment ago)."""

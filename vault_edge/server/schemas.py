@@ -58,13 +58,6 @@ class RegionCreate(Strict):
     name: str = Field(max_length=63)
 
 
-def _regions_list(v: list[str] | None) -> list[str] | None:
-    for r in v or []:
-        if r != "*" and not wire.valid_region(r.strip()):
-            raise ValueError("regions: region names (lowercase letters, digits, '-'), or '*' alone")
-    return v
-
-
 class ValueFields(Strict):
     value: str | None = Field(None, description="the value, as UTF-8 text")
     value_b64: str | None = Field(None, description="the value, base64url (for binary values)")
@@ -87,7 +80,10 @@ class PutSecret(ValueFields):
     @field_validator("regions")
     @classmethod
     def _regions(cls, v: list[str] | None) -> list[str] | None:
-        return _regions_list(v)
+        for r in v or []:
+            if r != "*" and not wire.valid_region(r.strip()):
+                raise ValueError("regions: region names (lowercase letters, digits, '-'), or '*' alone")
+        return v
 
 
 class RotateRequest(ValueFields):

@@ -434,19 +434,6 @@ class Tx:
     def set_node_status(self, node_id: str, status: str, rev: int) -> None:
         self.conn.execute(update(t.nodes).where(t.nodes.c.id == node_id).values(status=status, node_rev=rev))
 
-    def touch_node(self, node_id: str, at: float, applied: int) -> None:
-        """Record contact, and the node's applied revision (which only moves forward)."""
-        self.conn.execute(
-            update(t.nodes)
-            .where(t.nodes.c.id == node_id)
-            .values(
-                last_seen=at,
-                applied_revision=func.max(t.nodes.c.applied_revision, applied)
-                if self.dialect == "sqlite"
-                else func.greatest(t.nodes.c.applied_revision, applied),
-            )
-        )
-
     def put_grant(self, node_id: str, region: str, key_version: int, sealed: bytes, rev: int) -> None:
         self.conn.execute(
             insert(t.grants).values(
@@ -540,10 +527,6 @@ class Tx:
         return revoked
 
     # -- nonces --------------------------------------------------------------------------------
-    def use_nonce(self, node_id: str, nonce: str, expires_at: float) -> bool:
-        """True the first time a node presents ``nonce``; False for a replay."""
-        return self._insert_ignore(t.nonces, {"node_id": node_id, "nonce": nonce, "expires_at": expires_at})
-
     def spend_nonces(self, rows: Sequence[tuple[str, str, float]]) -> set[tuple[str, str]]:
         """Spend many (node, nonce, expires_at) at once; the (node, nonce) pairs that were fresh."""
         fresh: set[tuple[str, str]] = set()
