@@ -149,7 +149,10 @@ def valid_prefix(prefix: str) -> bool:
 
 
 def token_digest(secret: str) -> bytes:
-    """Tokens are stored as SHA-256 digests: they are 256-bit random, so no slow hash is needed."""
+    """The plain SHA-256 of a token: how tokens were stored before keyed digests (migration 0003). The
+    control plane now stores keyed digests (``crypto/rowmac.token_digest``); this one finds only
+    tokens adopted from an older database, whose row MAC says so. Tokens are 256-bit random, so no
+    slow hash is needed either way."""
     return hashlib.sha256(secret.encode()).digest()
 
 

@@ -103,3 +103,27 @@ def test_a_tampered_disk_cache_is_refused_on_start(control_plane: ControlPlane, 
         with pytest.raises(AgentError) as e:
             c.get("eu/db")
     assert e.value.status == 503 and e.value.code == "not_ready"
+
+
+def test_a_secret_rolled_back_in_the_database_is_refused_alone(control_plane: ControlPlane, start_agent: Any) -> None:
+    """A database writer copies back an old (validly MAC'd) stage pointer of one secret: the agent keeps
+    serving the newer version it holds of that secret, and still takes every other secret's changes."""
+    import sqlite3
+
+    op = control_plane.op
+    op.put("eu/a", value="a-v1", regions=["eu"])
+    db = sqlite3.connect(control_plane.db)
+    old = db.execute("SELECT s.* FROM stages s JOIN secrets x ON x.id = s.secret_id "
+                     "WHERE x.name = 'eu/a' AND s.stage = 'current'").fetchone()
+    op.rotate("eu/a", value="a-v2")
+    op.put("eu/b", value="b-v1", regions=["eu"])
+    a = start_agent("eu1", "eu")
+    assert a.get("eu/a") == "a-v2"
+    with db:  # the writer's replay: `current` back at v1, with the row's old, valid MAC
+        db.execute("DELETE FROM stages WHERE secret_id = ? AND stage = 'current'", (old[0],))
+        db.execute("INSERT INTO stages VALUES (?, ?, ?, ?, ?, ?)", old)
+    db.close()
+    op.rotate("eu/b", value="b-v2")  # a legitimate change elsewhere in the region
+    wait_until(lambda: a.get("eu/b") == "b-v2", 20, "the other secret's change to arrive")
+    assert a.get("eu/a") == "a-v2"  # never back to v1
+    wait_until(lambda: "refused a rollback of 'eu/a'" in a.log(), 10, "the rollback to be logged")

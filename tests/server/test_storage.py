@@ -7,6 +7,8 @@ import threading
 from pathlib import Path
 
 import pytest
+from alembic.autogenerate import compare_metadata
+from alembic.migration import MigrationContext
 from sqlalchemy import inspect, select, text, update
 
 from tests.conftest import Api, run_concurrently
@@ -63,8 +65,10 @@ def test_migrations_are_idempotent(db_url: str) -> None:
     migrate(engine)
     migrate(engine)
     with engine.connect() as conn:
-        assert conn.execute(text("SELECT version_num FROM alembic_version")).scalar_one() == "0002"
+        assert conn.execute(text("SELECT version_num FROM alembic_version")).scalar_one() == "0003"
         assert set(inspect(conn).get_table_names()) >= {tbl.name for tbl in t.metadata.sorted_tables}
+        # The migrations build exactly the schema the code declares (columns, types, indexes).
+        assert compare_metadata(MigrationContext.configure(conn), t.metadata) == []
     engine.dispose()
 
 

@@ -2,8 +2,11 @@
 
 A bundle is refused whole (``BundleError``), leaving the agent's view as it was, when: the control
 plane's signature does not verify; it names another node; it does not echo this request's nonce (a
-replayed answer); its revision is older than the one held; a secret's current version is older than
-the one held (anti-rollback); or any grant, data key or value fails to open (tampered or moved).
+replayed answer); its revision is older than the one held; or any grant, data key or value fails to
+open (tampered or moved). A secret whose current version in the answer is older than the one held
+(a rollback: a database restored from an old copy, or rows copied back) is refused alone: the agent
+keeps serving what it holds of that secret, and takes the rest of the answer (``Opened.refused``
+names it), so one rolled-back secret never stops every other secret's changes.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ class Opened:
     revision: int
     view: View | None  # None for "unchanged"
     issued_at: int
+    refused: tuple[str, ...] = ()  # secrets the answer would have rolled back: kept as held
 
 
 class GrantCache:
@@ -114,9 +118,13 @@ def open_bundle(
         raise BundleError("a grant, data key or value in the sync answer did not open (tampered or moved)") from None
     except (KeyError, TypeError, ValueError, wire.WireError):
         raise BundleError("malformed sync answer") from None
-    view = View(node, region, revision, entries)
-    for name, version in held.current_versions().items():
-        new = view.by_stage.get((name, "current"))
-        if new is not None and new.version < version:
-            raise BundleError(f"sync answer would roll {name!r} back from version {version} to {new.version}")
-    return Opened("sync", revision, view, issued_at)
+    held_current = held.current_versions()
+    rolled_back = sorted({
+        e.name for e in entries
+        if e.stage == "current" and e.name in held_current and e.version < held_current[e.name]
+    })
+    if rolled_back:
+        keep = set(rolled_back)
+        entries = [e for e in entries if e.name not in keep]
+        entries += [e for e in held.by_stage.values() if e.name in keep]
+    return Opened("sync", revision, View(node, region, revision, entries), issued_at, tuple(rolled_back))

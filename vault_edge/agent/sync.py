@@ -220,6 +220,9 @@ class Syncer:
             body, sig = self._last
             await asyncio.to_thread(self.cache.save, body, sig, now_wall)
             log.info("applied revision %d (%d secrets)", opened.revision, len(opened.view.names))
+            for name in opened.refused:
+                log.error("refused a rollback of %r (the answer's current version is older than the one held); "
+                          "keeping the held one", name)
         else:
             await asyncio.to_thread(self.cache.touch, now_wall)
 

@@ -506,7 +506,8 @@ def audit_verify(fmt: str) -> None:
         emit_json(res)
     else:
         out.print(f"{res['entries']} entries: {res['reason']}"
-                  + (f" ({res['unmacked']} written while sealed, without MAC)" if res["unmacked"] else ""))
+                  + (f" ({res['sealed_events']} events while sealed, kept outside the chain)"
+                     if res.get("sealed_events") else ""))
     if not res["ok"]:
         fail(f"audit chain broken at entry {res['first_bad']}: {res['reason']}")
 

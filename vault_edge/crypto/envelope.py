@@ -48,16 +48,36 @@ def signing_seed(root_key: bytes) -> bytes:
     return derive(root_key, "server-signing-ed25519")
 
 
-def make_canary(root_key: bytes) -> bytes:
-    return aead.encrypt(derive(root_key, "canary"), _CANARY_PLAINTEXT, aead.ad("canary"))
+# The canary's format says what the database's rows are: format 2 (this one) for a vault whose
+# authority rows carry MACs from the start; format 1 for a vault made before row MACs, whose rows
+# are adopted once at unseal. Only the root key can make either, so a database writer can neither
+# fake an old vault (to have forged rows adopted) nor undo an adoption.
+CANARY_FORMAT = 2
+
+
+def _canary_ad(fmt: int) -> bytes:
+    return aead.ad("canary") if fmt == 1 else aead.ad("canary", fmt)
+
+
+def make_canary(root_key: bytes, fmt: int = CANARY_FORMAT) -> bytes:
+    return aead.encrypt(derive(root_key, "canary"), _CANARY_PLAINTEXT, _canary_ad(fmt))
+
+
+def canary_format(root_key: bytes, canary: bytes) -> int | None:
+    """The format the canary was made in with ``root_key`` (2, or 1 for a pre-row-MAC vault), or None
+    when ``root_key`` is not the key the canary was made with."""
+    for fmt in (CANARY_FORMAT, 1):
+        try:
+            if aead.decrypt(derive(root_key, "canary"), canary, _canary_ad(fmt)) == _CANARY_PLAINTEXT:
+                return fmt
+        except DecryptionError:
+            continue
+    return None
 
 
 def check_canary(root_key: bytes, canary: bytes) -> bool:
     """True when ``root_key`` is the key the canary was made with."""
-    try:
-        return aead.decrypt(derive(root_key, "canary"), canary, aead.ad("canary")) == _CANARY_PLAINTEXT
-    except DecryptionError:
-        return False
+    return canary_format(root_key, canary) is not None
 
 
 def wrap_region_key(wrap_key: bytes, region: str, key_version: int, region_key: bytes) -> bytes:

@@ -30,7 +30,7 @@ from vault_edge.server.routes import admin, agent, secrets, sys
 from vault_edge.server.scheduler import Scheduler
 from vault_edge.server.settings import Settings
 from vault_edge.server.storage.engine import make_engine, migrate
-from vault_edge.server.storage.repo import Store
+from vault_edge.server.storage.repo import Store, TamperedRow
 
 log = logging.getLogger("vault_edge.server")
 
@@ -194,6 +194,15 @@ def create_app(settings: Settings | None = None, store: Store | None = None, bar
                                 throttle=None)  # tampering: every one is recorded
         return error(500, "integrity_error", "stored ciphertext failed its integrity check (tampered or moved); "
                      "it was not served")
+
+    @app.exception_handler(TamperedRow)
+    async def tampered(request: Request, exc: TamperedRow) -> JSONResponse:
+        # A row that grants authority or sets order, written without the root key: refused, logged,
+        # audited (every one); the request changed nothing (its transaction rolled back).
+        log.error("integrity check failed on %s %s: %s", request.method, request.url.path, exc)
+        await asyncio.to_thread(ctx.auditor.record_alone, "system", "integrity", f"{exc.table}:{exc.key}"[:300],
+                                "refused", throttle=None, path=request.url.path)
+        return error(500, "integrity_error", f"{exc}; it was not used")
 
     @app.exception_handler(Exception)
     async def internal(_: Request, exc: Exception) -> JSONResponse:

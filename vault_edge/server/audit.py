@@ -2,9 +2,11 @@
 
 Entries never carry a secret value: only names, versions, regions, node ids and outcomes.
 Each entry's hash covers the previous hash, so no entry can be edited, removed or reordered without
-breaking every later hash. While unsealed, each hash is also MAC'd with a key derived from the root
-key, so someone with write access to the database alone cannot forge a consistent chain; entries
-written while sealed (unseal attempts) carry no MAC, and ``verify`` reports them.
+breaking every later hash, and each hash is MAC'd with a key derived from the root key, so someone
+with write access to the database alone cannot forge a consistent chain. Every entry of the chain
+must carry a valid MAC (``verify`` refuses one without), and a new entry is chained only onto a head
+whose MAC verifies: nothing is ever MAC'd onto a forged tail. Events while sealed (refused unseal
+attempts), which nothing can MAC, go to a table of their own, outside the chain.
 """
 
 from __future__ import annotations
@@ -19,13 +21,26 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives import hmac as crypto_hmac
+
 from vault_edge.server.barrier import Barrier
 from vault_edge.server.storage.records import AuditEntry
-from vault_edge.server.storage.repo import Store, Tx
+from vault_edge.server.storage.repo import Store, TamperedRow, Tx
 
 log = logging.getLogger("vault_edge.audit")
 REFUSALS_PER_WINDOW = 20
 REFUSAL_WINDOW_S = 60
+
+
+def entry_mac(key: bytes, digest: bytes) -> bytes:
+    h = crypto_hmac.HMAC(key, hashes.SHA256())
+    h.update(digest)
+    return h.finalize()
+
+
+def _mac_ok(key: bytes, entry: AuditEntry) -> bool:
+    return entry.mac is not None and hmac.compare_digest(entry_mac(key, bytes(entry.hash)), bytes(entry.mac))
 
 
 def _entry_bytes(seq: int, at: float, actor: str, action: str, target: str, outcome: str, detail: str) -> bytes:
@@ -36,7 +51,7 @@ def _entry_bytes(seq: int, at: float, actor: str, action: str, target: str, outc
 class Verification:
     entries: int
     ok: bool
-    unmacked: int
+    sealed_events: int  # events while sealed: outside the chain, never counted as entries
     first_bad: int | None
     reason: str
 
@@ -101,13 +116,21 @@ class Auditor:
         self, tx: Tx, actor: str, action: str, target: str = "", outcome: str = "ok", **detail: Any
     ) -> None:
         """Append an entry in ``tx``: it commits, or rolls back, with the change it describes."""
-        seq, prev = tx.next_audit_seq()
         at = self.clock()
         detail_s = json.dumps(detail, sort_keys=True, separators=(",", ":"), default=str)
-        digest = hashlib.sha256((prev or b"") + _entry_bytes(seq, at, actor, action, target, outcome, detail_s))
         keys = self.barrier.keys_or_none()
-        mac = hmac.new(keys.audit.reveal(), digest.digest(), hashlib.sha256).digest() if keys else None
-        tx.insert_audit(AuditEntry(seq, at, actor[:128], action, target[:300], outcome, detail_s, digest.digest(), mac))
+        if keys is None:  # sealed: nothing can MAC it, so it stays out of the chain
+            tx.insert_sealed_event(at, actor[:128], action, outcome, detail_s)
+            log.info("audit (sealed) %s %s %s", actor, action, outcome)
+            return
+        seq, prev = tx.next_audit_seq()
+        if (prev is None and seq > 1) or (prev is not None and not _mac_ok(keys.audit.reveal(), prev)):
+            raise TamperedRow("audit", str(seq - 1))
+        actor, target = actor[:128], target[:300]
+        entry = _entry_bytes(seq, at, actor, action, target, outcome, detail_s)
+        digest = hashlib.sha256((bytes(prev.hash) if prev else b"") + entry).digest()
+        mac = entry_mac(keys.audit.reveal(), digest)
+        tx.insert_audit(AuditEntry(seq, at, actor, action, target, outcome, detail_s, digest, mac))
         log.info("audit %s %s %s %s", actor, action, target, outcome)
 
     def record_alone(
@@ -150,7 +173,9 @@ class Auditor:
     def verify(self) -> Verification:
         keys = self.barrier.keys()
         prev: bytes | None = None
-        count = unmacked = 0
+        count = 0
+        with self.store.read() as tx:
+            sealed_events = tx.count_sealed_events()
         after = 0
         expected_seq = 1
         while True:
@@ -159,18 +184,18 @@ class Auditor:
                 last = tx.last_audit_seq() if not batch else None
             if not batch:
                 if last is not None and last != expected_seq - 1:
-                    return Verification(count, False, unmacked, expected_seq, "entries missing at the end")
-                return Verification(count, True, unmacked, None, "chain intact")
+                    return Verification(count, False, sealed_events, expected_seq, "entries missing at the end")
+                return Verification(count, True, sealed_events, None, "chain intact")
             for e in batch:
                 if e.seq != expected_seq:
-                    return Verification(count, False, unmacked, expected_seq, "entry missing")
+                    return Verification(count, False, sealed_events, expected_seq, "entry missing")
                 want = hashlib.sha256(
                     (prev or b"") + _entry_bytes(e.seq, e.at, e.actor, e.action, e.target, e.outcome, e.detail)
                 ).digest()
-                if not hmac.compare_digest(want, e.hash):
-                    return Verification(count, False, unmacked, e.seq, "hash mismatch (entry altered)")
+                if not hmac.compare_digest(want, bytes(e.hash)):
+                    return Verification(count, False, sealed_events, e.seq, "hash mismatch (entry altered)")
                 if e.mac is None:
-                    unmacked += 1
-                elif not hmac.compare_digest(hmac.new(keys.audit.reveal(), e.hash, hashlib.sha256).digest(), e.mac):
-                    return Verification(count, False, unmacked, e.seq, "MAC mismatch (entry forged)")
-                prev, count, expected_seq, after = e.hash, count + 1, e.seq + 1, e.seq
+                    return Verification(count, False, sealed_events, e.seq, "entry without a MAC (forged)")
+                if not _mac_ok(keys.audit.reveal(), e):
+                    return Verification(count, False, sealed_events, e.seq, "MAC mismatch (entry forged)")
+                prev, count, expected_seq, after = bytes(e.hash), count + 1, e.seq + 1, e.seq

@@ -1,6 +1,8 @@
 """Operator tokens: the root token from ``init``, and tokens scoped to name prefixes and verbs.
 
-Tokens are 256-bit random strings (``vet_...``) stored only as SHA-256 digests. Verbs:
+Tokens are 256-bit random strings (``vet_...``) stored only as keyed digests (HMAC-SHA256 under a key
+derived from the root key), in rows whose MAC the repository checks on every read, and revoked
+through the revocation chain: a database writer can neither add a token nor widen or revive one. Verbs:
 ``read`` (secret values), ``list`` (names, history, status), ``write`` (put, rotate, promote,
 rollback), ``delete``, and ``admin``. A token's rights never grow through the tokens it makes: a new
 token's prefixes must lie within its maker's, its verbs be a subset, and it expires no later;
@@ -93,7 +95,7 @@ def create_token(
         id=secrets.token_hex(8), name=name, prefixes=prefixes, verbs=verbs, created_at=now,
         expires_at=expires_at, revoked_at=None, parent_id=parent,
     )
-    tx.insert_operator_token(token, wire.token_digest(secret))
+    tx.insert_operator_token(token, tx.keys().token_digest(secret))
     return secret, token
 
 
@@ -115,5 +117,5 @@ def still_valid(tx: Tx, who: Principal, now: float) -> None:
 def authenticate(tx: Tx, secret: str | None, now: float) -> Principal:
     if not secret:
         raise unauthorized("missing token: set VAULT_EDGE_TOKEN (Authorization: Bearer ...)")
-    token = _live(tx.get_operator_token(wire.token_digest(secret)), now)
+    token = _live(tx.find_operator_token(tx.keys().token_digest(secret), wire.token_digest(secret)), now)
     return Principal(token.id, token.name, token.prefixes, token.verbs, token.expires_at)

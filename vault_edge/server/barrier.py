@@ -9,12 +9,13 @@ as Vault does, because the set as a whole is wrong and cannot tell which share.
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from nacl.signing import SigningKey
 
 from vault_edge.crypto import envelope, signing
 from vault_edge.crypto.errors import ShareError
+from vault_edge.crypto.rowmac import RowKeys
 from vault_edge.crypto.secret import SecretBytes
 from vault_edge.crypto.shares import UnsealProgress
 from vault_edge.server.errors import ApiError, bad_request, sealed
@@ -29,9 +30,11 @@ class Keys:
     audit: SecretBytes = field(repr=False)
     signer: SigningKey = field(repr=False)
     server_public: bytes
+    rows: RowKeys = field(repr=False)  # MACs of the database's authority rows, keyed token digests
+    canary_format: int = envelope.CANARY_FORMAT  # 1: a vault made before row MACs, adopted at unseal
 
     @classmethod
-    def from_root(cls, root_key: bytes) -> Keys:
+    def from_root(cls, root_key: bytes, canary_format: int = envelope.CANARY_FORMAT) -> Keys:
         signer = signing.signing_key_from_seed(envelope.signing_seed(root_key))
         return cls(
             root=SecretBytes(root_key),
@@ -39,6 +42,8 @@ class Keys:
             audit=SecretBytes(envelope.audit_key(root_key)),
             signer=signer,
             server_public=bytes(signer.verify_key),
+            rows=RowKeys(root_key),
+            canary_format=canary_format,
         )
 
     def __reduce__(self) -> None:
@@ -79,6 +84,10 @@ class Barrier:
     def keys_or_none(self) -> Keys | None:
         return self._keys
 
+    def row_keys(self) -> RowKeys:
+        """The row-MAC keys, or a 503 ``sealed`` error (the storage layer asks for them)."""
+        return self.keys().rows
+
     def add_share(
         self, share: str | None, passphrase: str | None, *, identifier: int | None, canary: bytes
     ) -> UnsealResult:
@@ -101,7 +110,8 @@ class Barrier:
             except ShareError as exc:
                 self._reset()
                 raise bad_request(f"unseal failed: {exc}; progress was reset") from None
-            if not envelope.check_canary(root, canary):
+            fmt = envelope.canary_format(root, canary)
+            if fmt is None:
                 self._reset()
                 raise ApiError(
                     400,
@@ -109,9 +119,15 @@ class Barrier:
                     "the shares and passphrase do not open this vault (wrong passphrase, or shares of "
                     "another vault); progress was reset: enter the shares again",
                 )
-            self._keys = Keys.from_root(root)
+            self._keys = Keys.from_root(root, fmt)
             self._progress, self._passphrase = None, ""
             return UnsealResult(False, 0, "unsealed")
+
+    def adopted(self) -> None:
+        """The legacy rows were adopted and the canary re-made in the current format."""
+        with self._lock:
+            if self._keys is not None:
+                self._keys = replace(self._keys, canary_format=envelope.CANARY_FORMAT)
 
     def reset(self) -> None:
         with self._lock:

@@ -21,4 +21,5 @@ class Context:
     auditor: Auditor = field(init=False)
 
     def __post_init__(self) -> None:
+        self.store.bind_keys(self.barrier.row_keys)  # the repository MACs and checks rows with them
         self.auditor = Auditor(self.store, self.barrier, self.clock)

@@ -56,6 +56,7 @@ class Hub:
         self._closing = False
         self._threads: list[threading.Thread] = []
         self.waiting = 0
+        self._reported: set[tuple[str, str]] = set()
 
     # -- lifecycle -----------------------------------------------------------------------------
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -138,6 +139,13 @@ class Hub:
             r = tx.get_region(region)
             rows = tx.region_snapshot(region, self.ctx.clock())
             nodes, grants = tx.region_members(region)
+            tampered = list(tx.tampered)
+        for table, key in tampered:  # left out of the view; reported once per row per process
+            if (table, key) not in self._reported:
+                self._reported.add((table, key))
+                log.error("integrity: %s row %r failed its MAC; left out of region %s's view", table, key, region)
+                self.ctx.auditor.record_alone("system", "integrity", f"{table}:{key}", "refused", throttle=None,
+                                              region=region, reason="row MAC failed (written without the root key)")
         by_node: dict[str, list[dict[str, object]]] = {}
         for g in grants:
             by_node.setdefault(g.node_id, []).append(
@@ -205,8 +213,8 @@ class Hub:
 
     def _node_region(self, node_id: str) -> str | None:
         with self.ctx.store.read() as tx:
-            node = tx.get_node(node_id)
-        return node.region if node else None
+            nodes = tx.list_nodes_by_id(node_id)
+        return nodes[0].region if nodes else None  # a tampered row is no node
 
     # -- long-poll -----------------------------------------------------------------------------
     async def wait(

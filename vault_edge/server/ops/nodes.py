@@ -15,6 +15,7 @@ from vault_edge.server.context import Context
 from vault_edge.server.errors import ApiError, bad_request, not_found, unauthorized
 from vault_edge.server.ops import keyring, regions
 from vault_edge.server.storage.records import JoinToken, Node
+from vault_edge.server.storage.repo import TamperedRow
 
 MAX_TTL_S = 7 * 86400
 
@@ -30,7 +31,7 @@ def create_join_token(ctx: Context, who: Principal, region: str, ttl_s: int | No
     with ctx.store.write() as tx:
         if tx.get_region(region) is None:
             raise not_found(f"no region {region!r}")
-        tx.insert_join_token(JoinToken(token_id, wire.token_digest(secret), region, now, now + ttl, None, None))
+        tx.insert_join_token(JoinToken(token_id, tx.keys().token_digest(secret), region, now, now + ttl, None, None))
         ctx.auditor.record(tx, who.actor, "node.token", region, token_id=token_id, ttl_s=ttl)
     token = wire.make_join_token(token_id, secret, wire.server_pin(keys.server_public))
     return {"token": token, "region": region, "expires_at": now + ttl}
@@ -98,7 +99,7 @@ def enroll(ctx: Context, target: str, headers: Mapping[str, str], body: bytes) -
     try:
         with ctx.store.write() as tx:
             token = tx.get_join_token(token_id)
-            if token is None or not secrets.compare_digest(token.digest, wire.token_digest(token_secret)):
+            if token is None or not secrets.compare_digest(token.digest, tx.keys().token_digest(token_secret)):
                 raise unauthorized("invalid join token")
             if token.used_at is not None:
                 raise unauthorized("join token already used: make a new one with `vault-edge node token`")
@@ -127,6 +128,8 @@ def list_nodes(ctx: Context, who: Principal, region: str | None = None) -> dict[
     now = ctx.clock()
     with ctx.store.read() as tx:
         nodes = tx.list_nodes(region=region)
+        if tx.tampered:  # a node row written without the root key: refuse, do not hide it
+            raise TamperedRow(*tx.tampered[0])
     return {"nodes": [node_json(ctx, n, now) for n in nodes]}
 
 
@@ -150,6 +153,7 @@ def revoke(ctx: Context, who: Principal, node_id: str) -> dict[str, Any]:
             raise ApiError(409, "conflict", f"node {node_id} is already revoked")
         rev = tx.next_revision()
         tx.set_node_status(node_id, "revoked", rev)
+        tx.append_revocation("node", node_id, ctx.clock())
         tx.delete_grants(node.region, node_id=node_id)
         _, key_version = regions.rekey_in(ctx, tx, node.region)
         ctx.auditor.record(tx, who.actor, "node.revoke", node_id, region=node.region, key_version=key_version)

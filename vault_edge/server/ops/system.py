@@ -7,7 +7,9 @@ from typing import Any
 
 from vault_edge import wire
 from vault_edge.crypto import aead, envelope, shares, signing
+from vault_edge.crypto.rowmac import RowKeys
 from vault_edge.server import auth
+from vault_edge.server.audit import entry_mac
 from vault_edge.server.auth import Principal
 from vault_edge.server.context import Context
 from vault_edge.server.errors import ApiError, bad_request, conflict, not_initialized
@@ -55,6 +57,7 @@ def initialize(
     server_public = signing.public_of(envelope.signing_seed(root))
     now = ctx.clock()
     with ctx.store.write() as tx:
+        tx.use_keys(RowKeys(root))  # the root token's digest and row MAC, before any unseal
         if not tx.add_meta("initialized_at", repr(now)):
             raise conflict("the vault is already initialized")
         tx.add_meta("scheme", json.dumps({"groups": [list(g) for g in scheme.groups],
@@ -91,9 +94,24 @@ def unseal(ctx: Context, share: str | None, passphrase: str | None, reset: bool 
         ctx.auditor.record_alone("operator", "sys.unseal", outcome="refused", reason=exc.code)
         raise
     if not result.sealed and result.message == "unsealed":
+        _adopt_legacy(ctx)  # first: nothing is chained onto the log before its old entries are MAC'd
         with ctx.store.write() as tx:
             ctx.auditor.record(tx, "operator", "sys.unseal", outcome="ok")
     return {**status(ctx), "message": result.message}
+
+
+def _adopt_legacy(ctx: Context) -> None:
+    """A vault made before row MACs (its canary in the old format, which only the root key can make):
+    MAC its rows once, then re-make the canary in the new format, in one transaction."""
+    keys = ctx.barrier.keys()
+    if keys.canary_format == envelope.CANARY_FORMAT:
+        return
+    audit_key = keys.audit.reveal()
+    with ctx.store.write() as tx:
+        counts = tx.adopt_legacy_rows(lambda digest: entry_mac(audit_key, digest), ctx.clock())
+        tx.set_meta("canary", wire.b64e(envelope.make_canary(keys.root.reveal())))
+        ctx.auditor.record(tx, "operator", "sys.adopt_rows", outcome="ok", **counts)
+    ctx.barrier.adopted()
 
 
 def seal(ctx: Context, who: Principal) -> dict[str, Any]:

@@ -126,6 +126,7 @@ def audit_log(
 def audit_verify(who: Principal = Depends(principal), ctx: Context = Depends(get_ctx)) -> dict[str, Any]:
     who.require_global_admin()
     v = ctx.auditor.verify()
-    return {"ok": v.ok, "entries": v.entries, "unmacked": v.unmacked, "first_bad": v.first_bad, "reason": v.reason}
+    return {"ok": v.ok, "entries": v.entries, "sealed_events": v.sealed_events, "first_bad": v.first_bad,
+            "reason": v.reason}
 
 

@@ -1,5 +1,15 @@
 """The repository: the only module that issues SQL. Everything it returns is a plain record.
 
+Storage is untrusted. Rows that grant authority or set order (operator and join tokens, nodes, stage
+pointers, secrets' own records, revocations) carry a MAC under a key derived from the root key
+(``crypto/rowmac.py``): this module computes it on every write and checks it on every read, so no
+caller can forget. A row that fails its check raises :class:`TamperedRow` (the API answers
+``integrity_error`` and audits it); list reads used to serve many (a region's nodes, its snapshot)
+leave such rows out and name them in ``tx.tampered``. Revocations (tokens, nodes, used join tokens)
+are an append-only MAC chain, cached per process and re-read incrementally: a revoked row copied
+back from an old backup stays revoked, and a chain that shrinks while a process watches it is
+refused.
+
 Use ``with store.write() as tx:`` for a change (one transaction, committed at the end of the block,
 rolled back on any exception, so a failed request never leaves half a change) and
 ``with store.read() as tx:`` for a consistent read. ``tx.changed(regions)`` announces, at commit,
@@ -10,14 +20,17 @@ if the transaction commits), and to this process's listeners right after the com
 from __future__ import annotations
 
 import json
+import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import replace
 from typing import Any
 
 from sqlalchemy import Connection, Engine, and_, bindparam, delete, func, insert, or_, select, text, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
+from vault_edge.crypto.rowmac import RowKeys
 from vault_edge.server.storage import schema as t
 from vault_edge.server.storage.records import (
     AuditEntry,
@@ -36,9 +49,35 @@ from vault_edge.server.storage.records import (
 NOTIFY_CHANNEL = "vault_edge_changes"
 _REVISION_ROW = 1
 _AUDIT_ROW = 2
+_REVOCATION_ROW = 3
 
 Listener = Callable[[int, frozenset[str]], None]
 _SECRET_FIELDS = frozenset(c.name for c in t.secrets.columns)
+_NODE_FIELDS = frozenset(c.name for c in t.nodes.columns) - {"mac"}
+
+
+class TamperedRow(Exception):
+    """A row failed its MAC: written by someone without the root key. The message names the table and
+    the row's key, never a value."""
+
+    def __init__(self, table: str, key: str) -> None:
+        super().__init__(f"{table} row {key!r} failed its integrity check (written without the root key)")
+        self.table, self.key = table, key
+
+
+def _unavailable() -> RowKeys:
+    raise RuntimeError("the store has no row keys: bind it to the barrier (Store.bind_keys)")
+
+
+class Revocations:
+    """The revocation chain as this process has verified it: (kind, target) pairs, its length and last
+    MAC. Shared by every transaction of a store; extended, never rebuilt, as the chain grows."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.count = 0
+        self.last_mac = b""
+        self.revoked: frozenset[tuple[str, str]] = frozenset()
 
 
 class Store:
@@ -46,6 +85,12 @@ class Store:
         self.engine = engine
         self.dialect = engine.dialect.name
         self._listeners: list[Listener] = []
+        self.row_keys: Callable[[], RowKeys] = _unavailable
+        self.revocations = Revocations()
+
+    def bind_keys(self, row_keys: Callable[[], RowKeys]) -> None:
+        """``row_keys()`` gives the row-MAC keys (the barrier's; it raises while sealed)."""
+        self.row_keys = row_keys
 
     def add_listener(self, listener: Listener) -> None:
         """``listener(revision, regions)`` runs after each local commit that called ``changed``."""
@@ -54,7 +99,7 @@ class Store:
     @contextmanager
     def read(self) -> Iterator[Tx]:
         with self.engine.connect() as conn, conn.begin():
-            yield Tx(conn, self.dialect)
+            yield Tx(conn, self.dialect, self)
 
     @contextmanager
     def write(self, serialize: bool = True) -> Iterator[Tx]:
@@ -63,7 +108,7 @@ class Store:
         version, its stages) cannot change under it before it commits, on any replica.
         ``serialize=False`` is for writes that need no such reads (contacts, refusals' audit)."""
         with self.engine.connect().execution_options(vault_edge_write=True) as conn, conn.begin():
-            tx = Tx(conn, self.dialect)
+            tx = Tx(conn, self.dialect, self)
             if serialize and self.dialect == "postgresql":
                 tx.lock_writers()
             yield tx
@@ -98,11 +143,23 @@ def _json_list(value: str) -> tuple[str, ...]:
 class Tx:
     """One transaction. Methods are grouped by table; each returns records or plain values."""
 
-    def __init__(self, conn: Connection, dialect: str) -> None:
+    def __init__(self, conn: Connection, dialect: str, store: Store) -> None:
         self.conn = conn
         self.dialect = dialect
+        self.store = store
         self.revision = 0
         self.changed_regions: set[str] | None = None
+        self.tampered: list[tuple[str, str]] = []  # (table, key) of rows a list read left out
+        self._names: dict[int, str] = {}
+        self._keys: RowKeys | None = None
+        self._appended: list[tuple[int, bytes, tuple[str, str]]] = []  # revocations this tx added
+
+    def keys(self) -> RowKeys:
+        return self._keys or self.store.row_keys()
+
+    def use_keys(self, keys: RowKeys) -> None:
+        """Use these row keys in this transaction (``init``, which holds the root key before any unseal)."""
+        self._keys = keys
 
     # -- change notices ------------------------------------------------------------------------
     def changed(self, regions: Iterable[str]) -> None:
@@ -124,6 +181,9 @@ class Tx:
 
     def add_meta(self, key: str, value: str) -> bool:
         return self._insert_ignore(t.meta, {"key": key, "value": value})
+
+    def set_meta(self, key: str, value: str) -> None:
+        self.conn.execute(update(t.meta).where(t.meta.c.key == key).values(value=value))
 
     def _bump(self, row: int) -> int:
         return int(
@@ -208,11 +268,26 @@ class Tx:
 
     # -- secrets -------------------------------------------------------------------------------
     @staticmethod
-    def _secret(row: Any) -> Secret:
+    def _secret_fields(m: Any) -> tuple[Any, ...]:
+        """What a secret's MAC covers: its identity, where it may be decrypted, how far its versions
+        go, whether it is deleted, and its schedule (not the scheduler's next due time)."""
+        return (m["id"], m["name"], _json_list(m["regions"]) if isinstance(m["regions"], str) else m["regions"],
+                m["latest_version"], m["deleted_at"], int(m["destroyed"]), m["generate"], m["rotate_every_s"],
+                m["grace_s"])
+
+    def _secret(self, row: Any) -> Secret:
         m = {k: v for k, v in row._mapping.items() if k in _SECRET_FIELDS}
+        if not self.keys().check("secret", m.pop("mac"), *self._secret_fields(m)):
+            raise TamperedRow("secrets", str(m["name"]))
         m["regions"] = _json_list(m["regions"])
         m["destroyed"] = bool(m["destroyed"])
+        self._names[m["id"]] = m["name"]
         return Secret(**m)
+
+    def _reseal_secret(self, secret_id: int) -> None:
+        row = self.conn.execute(select(t.secrets).where(t.secrets.c.id == secret_id)).one()
+        tag = self.keys().mac("secret", *self._secret_fields(row._mapping))
+        self.conn.execute(update(t.secrets).where(t.secrets.c.id == secret_id).values(mac=tag))
 
     def get_secret(self, name: str) -> Secret | None:
         row = self.conn.execute(select(t.secrets).where(t.secrets.c.name == name)).first()
@@ -227,6 +302,7 @@ class Tx:
             )
             .returning(t.secrets.c.id)
         ).scalar_one()
+        self._reseal_secret(sid)
         row = self.conn.execute(select(t.secrets).where(t.secrets.c.id == sid)).one()
         return self._secret(row)
 
@@ -236,6 +312,8 @@ class Tx:
         if "destroyed" in values:
             values["destroyed"] = int(values["destroyed"])
         self.conn.execute(update(t.secrets).where(t.secrets.c.id == secret_id).values(**values))
+        if not set(values) <= {"updated_at", "revision", "next_rotation_at"}:
+            self._reseal_secret(secret_id)
 
     def list_secrets(self, prefix: str = "", include_deleted: bool = False) -> list[Secret]:
         q = select(t.secrets).order_by(t.secrets.c.name)
@@ -345,11 +423,28 @@ class Tx:
         return set(self.conn.execute(q).scalars())
 
     # -- stages --------------------------------------------------------------------------------
+    def _name_of(self, secret_id: int) -> str:
+        name = self._names.get(secret_id)
+        if name is None:
+            name = self._names[secret_id] = self.conn.execute(
+                select(t.secrets.c.name).where(t.secrets.c.id == secret_id)
+            ).scalar_one()
+        return name
+
+    @staticmethod
+    def _stage_fields(name: str, stage: str, version: int, revision: int, expires_at: float | None) -> tuple[Any, ...]:
+        """A stage pointer's MAC binds the secret's name (not its row id), the stage, the version, the
+        revision it was set at and the end of its grace: one UPDATE cannot point it elsewhere."""
+        return (name, stage, version, revision, expires_at)
+
     def get_stages(self, secret_id: int) -> dict[str, Stage]:
         q = select(t.stages).where(t.stages.c.secret_id == secret_id)
-        return {
-            r.stage: Stage(r.stage, r.version, r.revision, r.expires_at) for r in self.conn.execute(q)
-        }
+        name, keys, out = self._name_of(secret_id), self.keys(), {}
+        for r in self.conn.execute(q):
+            if not keys.check("stage", r.mac, *self._stage_fields(name, r.stage, r.version, r.revision, r.expires_at)):
+                raise TamperedRow("stages", f"{name}:{r.stage}")
+            out[r.stage] = Stage(r.stage, r.version, r.revision, r.expires_at)
+        return out
 
     def set_stage(
         self, secret_id: int, stage: str, version: int | None, rev: int, at: float, expires_at: float | None = None
@@ -357,9 +452,11 @@ class Tx:
         """Point ``stage`` at ``version`` (None removes it), and log the move."""
         self.conn.execute(delete(t.stages).where(t.stages.c.secret_id == secret_id, t.stages.c.stage == stage))
         if version is not None:
+            tag = self.keys().mac("stage", *self._stage_fields(self._name_of(secret_id), stage, version, rev,
+                                                              expires_at))
             self.conn.execute(
                 insert(t.stages).values(
-                    secret_id=secret_id, stage=stage, version=version, revision=rev, expires_at=expires_at
+                    secret_id=secret_id, stage=stage, version=version, revision=rev, expires_at=expires_at, mac=tag
                 )
             )
         self.conn.execute(
@@ -367,7 +464,9 @@ class Tx:
         )
 
     def clear_stages(self, secret_id: int, rev: int, at: float) -> None:
-        for stage in self.get_stages(secret_id):
+        """Remove every stage of a secret (tampered ones too: removing is never a gain)."""
+        q = select(t.stages.c.stage).where(t.stages.c.secret_id == secret_id)
+        for stage in list(self.conn.execute(q).scalars()):
             self.set_stage(secret_id, stage, None, rev, at)
 
     def expired_stages(self, now: float) -> list[tuple[Secret, str]]:
@@ -390,11 +489,14 @@ class Tx:
 
     def region_snapshot(self, region: str, now: float) -> list[SnapshotRow]:
         """Every staged, unexpired, undestroyed version a node of ``region`` may decrypt. Residency is
-        by construction: a secret has a wrap for a region only if it is allowed there."""
+        by construction: a secret has a wrap for a region only if it is allowed there. Rows whose
+        secret or stage MAC fails are left out (named in ``self.tampered``): the rest still syncs."""
         s, st, v, w = t.secrets, t.stages, t.secret_versions, t.data_key_wraps
         q = (
-            select(s.c.name, st.c.version, st.c.stage, st.c.expires_at, v.c.created_at, v.c.ciphertext,
-                   w.c.key_version, w.c.wrapped)
+            select(s.c.id, s.c.name, s.c.regions, s.c.latest_version, s.c.deleted_at, s.c.destroyed, s.c.generate,
+                   s.c.rotate_every_s, s.c.grace_s, s.c.mac.label("secret_mac"),
+                   st.c.version, st.c.stage, st.c.revision.label("stage_revision"), st.c.expires_at,
+                   st.c.mac.label("stage_mac"), v.c.created_at, v.c.ciphertext, w.c.key_version, w.c.wrapped)
             .join(st, st.c.secret_id == s.c.id)
             .join(v, and_(v.c.secret_id == s.c.id, v.c.version == st.c.version))
             .join(w, and_(w.c.secret_id == s.c.id, w.c.version == st.c.version, w.c.region == region))
@@ -405,34 +507,81 @@ class Tx:
             )
             .order_by(s.c.name, st.c.version)
         )
-        return [
-            SnapshotRow(r.name, r.version, r.stage, r.expires_at, r.created_at, r.ciphertext, r.key_version,
-                        r.wrapped)
-            for r in self.conn.execute(q)
-        ]
+        keys, out, checked = self.keys(), [], {}
+        for r in self.conn.execute(q):
+            ok = checked.get(r.id)
+            if ok is None:
+                ok = checked[r.id] = keys.check("secret", r.secret_mac, *self._secret_fields(r._mapping))
+                if not ok:
+                    self.tampered.append(("secrets", r.name))
+            if not ok:
+                continue
+            if not keys.check("stage", r.stage_mac,
+                              *self._stage_fields(r.name, r.stage, r.version, r.stage_revision, r.expires_at)):
+                self.tampered.append(("stages", f"{r.name}:{r.stage}"))
+                continue
+            out.append(SnapshotRow(r.name, r.version, r.stage, r.expires_at, r.created_at, r.ciphertext,
+                                   r.key_version, r.wrapped))
+        return out
 
     # -- nodes and grants ----------------------------------------------------------------------
+    @staticmethod
+    def _node_fields(n: Any) -> tuple[Any, ...]:
+        """A node's MAC binds who it is: id, region, both public keys, hostname, status, enrolment time.
+        (Its contact times and revisions are reports, not authority, and change on every poll.)"""
+        return (n.id, n.region, bytes(n.box_public), bytes(n.sign_public), n.hostname, n.status, n.enrolled_at)
+
+    def _node(self, row: Any) -> Node | None:
+        """The node, with status ``revoked`` when the revocation chain says so; None if tampered."""
+        if not self.keys().check("node", row.mac, *self._node_fields(row)):
+            self.tampered.append(("nodes", row.id))
+            return None
+        m = {k: v for k, v in row._mapping.items() if k in _NODE_FIELDS}
+        m["box_public"], m["sign_public"] = bytes(m["box_public"]), bytes(m["sign_public"])
+        if self.is_revoked("node", row.id) and m["status"] == "active":
+            m["status"] = "revoked"
+        return Node(**m)
+
+    def _nodes(self, q: Any) -> list[Node]:
+        return [n for n in (self._node(r) for r in self.conn.execute(q)) if n is not None]
+
     def insert_node(self, node: Node) -> None:
-        self.conn.execute(insert(t.nodes).values(**node.__dict__))
+        tag = self.keys().mac("node", *self._node_fields(node))
+        self.conn.execute(insert(t.nodes).values(**node.__dict__, mac=tag))
 
     def get_node(self, node_id: str) -> Node | None:
+        """The node, or None if absent; TamperedRow if its row fails its MAC."""
         row = self.conn.execute(select(t.nodes).where(t.nodes.c.id == node_id)).first()
-        return Node(**row._mapping) if row else None
+        if row is None:
+            return None
+        node = self._node(row)
+        if node is None:
+            raise TamperedRow("nodes", node_id)
+        return node
 
     def list_nodes(self, region: str | None = None, status: str | None = None) -> list[Node]:
+        """Intact nodes (tampered rows are left out and named in ``self.tampered``)."""
         q = select(t.nodes).order_by(t.nodes.c.region, t.nodes.c.id)
         if region is not None:
             q = q.where(t.nodes.c.region == region)
-        if status is not None:
-            q = q.where(t.nodes.c.status == status)
-        return [Node(**r._mapping) for r in self.conn.execute(q)]
+        nodes = self._nodes(q)
+        return [n for n in nodes if n.status == status] if status is not None else nodes
+
+    def list_nodes_by_id(self, node_id: str) -> list[Node]:
+        """The node with this id if its row is intact (else [], the row named in ``self.tampered``)."""
+        return self._nodes(select(t.nodes).where(t.nodes.c.id == node_id))
 
     def nodes_in_regions(self, regions: Iterable[str]) -> list[Node]:
         q = select(t.nodes).where(t.nodes.c.region.in_(set(regions))).order_by(t.nodes.c.region, t.nodes.c.id)
-        return [Node(**r._mapping) for r in self.conn.execute(q)]
+        return self._nodes(q)
 
     def set_node_status(self, node_id: str, status: str, rev: int) -> None:
-        self.conn.execute(update(t.nodes).where(t.nodes.c.id == node_id).values(status=status, node_rev=rev))
+        node = self.get_node(node_id)
+        assert node is not None
+        tag = self.keys().mac("node", *self._node_fields(replace(node, status=status)))
+        self.conn.execute(
+            update(t.nodes).where(t.nodes.c.id == node_id).values(status=status, node_rev=rev, mac=tag)
+        )
 
     def put_grant(self, node_id: str, region: str, key_version: int, sealed: bytes, rev: int) -> None:
         self.conn.execute(
@@ -451,8 +600,9 @@ class Tx:
         self.conn.execute(q)
 
     def region_members(self, region: str) -> tuple[list[Node], list[Grant]]:
-        """Every node of ``region`` and their grants, for the sync hub's per-region view."""
-        nodes = [Node(**r._mapping) for r in self.conn.execute(select(t.nodes).where(t.nodes.c.region == region))]
+        """Every intact node of ``region`` and their grants, for the sync hub's per-region view."""
+        nodes = self._nodes(select(t.nodes).where(t.nodes.c.region == region))
+        intact = {n.id for n in nodes}
         grants = [
             Grant(**r._mapping)
             for r in self.conn.execute(
@@ -461,20 +611,38 @@ class Tx:
                 .where(t.nodes.c.region == region)
                 .order_by(t.grants.c.node_id, t.grants.c.key_version)
             )
+            if r.node_id in intact
         ]
         return nodes, grants
 
     # -- join tokens ---------------------------------------------------------------------------
+    @staticmethod
+    def _join_fields(j: JoinToken) -> tuple[Any, ...]:
+        return (j.id, bytes(j.digest), j.region, j.created_at, j.expires_at)
+
     def insert_join_token(self, token: JoinToken) -> None:
-        self.conn.execute(insert(t.join_tokens).values(**token.__dict__))
+        tag = self.keys().mac("join-token", *self._join_fields(token))
+        self.conn.execute(insert(t.join_tokens).values(**token.__dict__, mac=tag))
 
     def get_join_token(self, token_id: str) -> JoinToken | None:
+        """The join token, its ``used_at`` set when the revocation chain records it used (whatever its
+        row says); TamperedRow if its row fails its MAC."""
         row = self.conn.execute(select(t.join_tokens).where(t.join_tokens.c.id == token_id)).first()
-        return JoinToken(**row._mapping) if row else None
+        if row is None:
+            return None
+        m = dict(row._mapping)
+        tag = m.pop("mac")
+        token = JoinToken(**{**m, "digest": bytes(m["digest"])})
+        if not self.keys().check("join-token", tag, *self._join_fields(token)):
+            raise TamperedRow("join_tokens", token_id)
+        if self.is_revoked("join", token_id) and token.used_at is None:
+            token = replace(token, used_at=token.created_at)
+        return token
 
     def use_join_token(self, token_id: str, at: float, node_id: str) -> bool:
-        """Mark used, once: False if another enrolment used it first."""
-        return (
+        """Mark used, once: False if another enrolment used it first. The use is also appended to the
+        revocation chain, so copying back the unused row does not make it usable again."""
+        used = (
             self.conn.execute(
                 update(t.join_tokens)
                 .where(t.join_tokens.c.id == token_id, t.join_tokens.c.used_at.is_(None))
@@ -482,23 +650,43 @@ class Tx:
             ).rowcount
             == 1
         )
+        if used:
+            self.append_revocation("join", token_id, at)
+        return used
 
     # -- operator tokens -----------------------------------------------------------------------
+    @staticmethod
+    def _op_fields(tok: OperatorToken, digest: bytes, legacy: int) -> tuple[Any, ...]:
+        """Everything but ``revoked_at``, which the revocation chain decides."""
+        return (tok.id, bytes(digest), tok.name, tuple(tok.prefixes), tuple(tok.verbs), tok.created_at,
+                tok.expires_at, tok.parent_id, legacy)
+
     def insert_operator_token(self, token: OperatorToken, digest: bytes) -> None:
-        values = dict(token.__dict__, digest=digest)
+        values = dict(token.__dict__, digest=digest, legacy_digest=0)
         values["prefixes"] = json.dumps(list(token.prefixes))
         values["verbs"] = json.dumps(list(token.verbs))
+        values["mac"] = self.keys().mac("operator-token", *self._op_fields(token, digest, 0))
         self.conn.execute(insert(t.operator_tokens).values(**values))
 
-    @staticmethod
-    def _op_token(row: Any) -> OperatorToken:
+    def _op_token(self, row: Any) -> OperatorToken:
         m = dict(row._mapping)
-        m.pop("digest", None)
+        digest, tag, legacy = bytes(m.pop("digest")), m.pop("mac"), int(m.pop("legacy_digest"))
         m["prefixes"], m["verbs"] = _json_list(m["prefixes"]), _json_list(m["verbs"])
-        return OperatorToken(**m)
+        token = OperatorToken(**m)
+        if not self.keys().check("operator-token", tag, *self._op_fields(token, digest, legacy)):
+            raise TamperedRow("operator_tokens", token.id)
+        if self.is_revoked("token", token.id) and token.revoked_at is None:
+            token = replace(token, revoked_at=token.created_at)
+        return token
 
-    def get_operator_token(self, digest: bytes) -> OperatorToken | None:
-        row = self.conn.execute(select(t.operator_tokens).where(t.operator_tokens.c.digest == digest)).first()
+    def find_operator_token(self, digest: bytes, legacy_digest: bytes) -> OperatorToken | None:
+        """The token whose keyed digest is ``digest`` (or, for a token adopted from before keyed digests,
+        whose plain SHA-256 is ``legacy_digest``: its MAC says which it is)."""
+        tok = t.operator_tokens
+        row = self.conn.execute(
+            select(tok).where(or_(and_(tok.c.digest == digest, tok.c.legacy_digest == 0),
+                                  and_(tok.c.digest == legacy_digest, tok.c.legacy_digest == 1)))
+        ).first()
         return self._op_token(row) if row else None
 
     def get_operator_token_by_id(self, token_id: str) -> OperatorToken | None:
@@ -511,20 +699,118 @@ class Tx:
 
     def revoke_operator_token(self, token_id: str, at: float) -> list[str]:
         """Revoke the token and every token made from it, at any depth (through tokens revoked before,
-        too); the ids newly revoked, ``token_id`` first."""
+        too); the ids newly revoked, ``token_id`` first. Each goes into the revocation chain."""
         tok = t.operator_tokens
         seen, revoked, layer = {token_id}, [], [token_id]
         while layer:
-            active = set(self.conn.execute(
+            active = {i for i in self.conn.execute(
                 select(tok.c.id).where(tok.c.id.in_(layer), tok.c.revoked_at.is_(None))
-            ).scalars())
+            ).scalars() if not self.is_revoked("token", i)}
             if active:
                 self.conn.execute(update(tok).where(tok.c.id.in_(active)).values(revoked_at=at))
             revoked += [i for i in layer if i in active]
             children = self.conn.execute(select(tok.c.id).where(tok.c.parent_id.in_(layer))).scalars()
             layer = [c for c in children if c not in seen]
             seen.update(layer)
+        for i in revoked:
+            self.append_revocation("token", i, at)
         return revoked
+
+    # -- revocations ---------------------------------------------------------------------------
+    def revoked(self) -> frozenset[tuple[str, str]]:
+        """Every (kind, target) in the revocation chain, verified. The chain is read once per process
+        and then only its new records; a chain shorter than one this process has verified, a gap or
+        a record that fails its MAC raises TamperedRow."""
+        cache = self.store.revocations
+        if self._appended:  # this transaction's own, uncommitted records: not for the shared cache
+            return cache.revoked | {a for _, _, a in self._appended}
+        head = int(self.conn.execute(
+            select(t.counter.c.revision).where(t.counter.c.id == _REVOCATION_ROW)).scalar_one())
+        if head == cache.count:
+            return cache.revoked
+        with cache.lock:
+            if head < cache.count:
+                raise TamperedRow("revocations", f"shorter ({head}) than this process has seen ({cache.count})")
+            rows = self.conn.execute(
+                select(t.revocations).where(t.revocations.c.seq > cache.count, t.revocations.c.seq <= head)
+                .order_by(t.revocations.c.seq)
+            ).all()
+            keys, count, last, added = self.keys(), cache.count, cache.last_mac, set()
+            for r in rows:
+                if r.seq != count + 1 or not keys.check("revocation", r.mac, r.seq, r.kind, r.target, r.at, last):
+                    raise TamperedRow("revocations", str(count + 1))
+                count, last = r.seq, bytes(r.mac)
+                added.add((r.kind, r.target))
+            if count != head:
+                raise TamperedRow("revocations", str(count + 1))
+            cache.count, cache.last_mac, cache.revoked = count, last, cache.revoked | added
+            return cache.revoked
+
+    def is_revoked(self, kind: str, target: str) -> bool:
+        return (kind, target) in self.revoked()
+
+    def append_revocation(self, kind: str, target: str, at: float) -> int:
+        """Append to the chain (verified first: nothing is chained onto a forged tail). The process's
+        cache learns of it only by reading it back once committed, so a rolled-back append is never
+        taken for a shortened chain."""
+        self.revoked()
+        cache = self.store.revocations
+        seq = self._bump(_REVOCATION_ROW)
+        prev = self._appended[-1][1] if self._appended else cache.last_mac
+        if seq != (self._appended[-1][0] if self._appended else cache.count) + 1:
+            raise TamperedRow("revocations", str(seq))
+        tag = self.keys().mac("revocation", seq, kind, target, at, prev)
+        self.conn.execute(insert(t.revocations).values(seq=seq, kind=kind, target=target, at=at, mac=tag))
+        self._appended.append((seq, tag, (kind, target)))
+        return seq
+
+    # -- adoption of a database made before row MACs (migration 0003) ------------------------------
+    def adopt_legacy_rows(self, audit_mac: Callable[[bytes], bytes], at: float) -> dict[str, int]:
+        """MAC every row that has no MAC yet: run once, at the first unseal of a vault whose canary is
+        in the old format (only the root key can make a canary, so a database writer cannot ask for
+        this). Operator tokens keep their plain SHA-256 digests, marked legacy in their MAC; join
+        tokens made before are spent (they are short-lived: make new ones). Returns counts."""
+        keys, counts = self.keys(), {}
+        s, st, n, j, o, a = t.secrets, t.stages, t.nodes, t.join_tokens, t.operator_tokens, t.audit
+        rows = self.conn.execute(select(s).where(s.c.mac.is_(None))).all()
+        for r in rows:
+            tag = keys.mac("secret", *self._secret_fields(r._mapping))
+            self.conn.execute(update(s).where(s.c.id == r.id).values(mac=tag))
+        counts["secrets"] = len(rows)
+        rows = self.conn.execute(select(st).where(st.c.mac.is_(None))).all()
+        for r in rows:
+            tag = keys.mac("stage", *self._stage_fields(self._name_of(r.secret_id), r.stage, r.version, r.revision,
+                                                        r.expires_at))
+            self.conn.execute(update(st).where(st.c.secret_id == r.secret_id, st.c.stage == r.stage).values(mac=tag))
+        counts["stages"] = len(rows)
+        rows = self.conn.execute(select(n).where(n.c.mac.is_(None))).all()
+        for r in rows:
+            self.conn.execute(update(n).where(n.c.id == r.id).values(mac=keys.mac("node", *self._node_fields(r))))
+            if r.status != "active":
+                self.append_revocation("node", r.id, at)
+        counts["nodes"] = len(rows)
+        rows = self.conn.execute(select(j).where(j.c.mac.is_(None))).all()
+        for r in rows:
+            tok = JoinToken(**{k: v for k, v in r._mapping.items() if k != "mac"})
+            tag = keys.mac("join-token", *self._join_fields(tok))
+            self.conn.execute(update(j).where(j.c.id == r.id).values(mac=tag))
+            self.append_revocation("join", r.id, at)
+        counts["join_tokens"] = len(rows)
+        rows = self.conn.execute(select(o).where(o.c.mac.is_(None))).all()
+        for r in rows:
+            m = {k: v for k, v in r._mapping.items() if k not in ("mac", "digest", "legacy_digest")}
+            m["prefixes"], m["verbs"] = _json_list(m["prefixes"]), _json_list(m["verbs"])
+            tok = OperatorToken(**m)
+            tag = keys.mac("operator-token", *self._op_fields(tok, bytes(r.digest), 1))
+            self.conn.execute(update(o).where(o.c.id == r.id).values(mac=tag, legacy_digest=1))
+            if r.revoked_at is not None:
+                self.append_revocation("token", r.id, at)
+        counts["operator_tokens"] = len(rows)
+        rows = self.conn.execute(select(a.c.seq, a.c.hash).where(a.c.mac.is_(None))).all()
+        for r in rows:
+            self.conn.execute(update(a).where(a.c.seq == r.seq).values(mac=audit_mac(bytes(r.hash))))
+        counts["audit"] = len(rows)
+        return counts
 
     # -- nonces --------------------------------------------------------------------------------
     def spend_nonces(self, rows: Sequence[tuple[str, str, float]]) -> set[tuple[str, str]]:
@@ -554,11 +840,11 @@ class Tx:
         return self.conn.execute(delete(t.nonces).where(t.nonces.c.expires_at < now)).rowcount
 
     # -- audit ---------------------------------------------------------------------------------
-    def next_audit_seq(self) -> tuple[int, bytes | None]:
-        """Take the next audit sequence number (locking the log's head) and the previous hash."""
+    def next_audit_seq(self) -> tuple[int, AuditEntry | None]:
+        """Take the next audit sequence number (locking the log's head) and the previous entry."""
         seq = self._bump(_AUDIT_ROW)
-        prev = self.conn.execute(select(t.audit.c.hash).where(t.audit.c.seq == seq - 1)).scalar_one_or_none()
-        return seq, prev
+        prev = self.conn.execute(select(t.audit).where(t.audit.c.seq == seq - 1)).first()
+        return seq, AuditEntry(**prev._mapping) if prev else None
 
     def insert_audit(self, entry: AuditEntry) -> None:
         self.conn.execute(insert(t.audit).values(**entry.__dict__))
@@ -566,6 +852,17 @@ class Tx:
     def list_audit(self, after: int = 0, limit: int = 1000) -> list[AuditEntry]:
         q = select(t.audit).where(t.audit.c.seq > after).order_by(t.audit.c.seq).limit(limit)
         return [AuditEntry(**r._mapping) for r in self.conn.execute(q)]
+
+    def insert_sealed_event(self, at: float, actor: str, action: str, outcome: str, detail: str) -> None:
+        self.conn.execute(insert(t.sealed_events).values(at=at, actor=actor, action=action, outcome=outcome,
+                                                         detail=detail))
+
+    def count_sealed_events(self) -> int:
+        return int(self.conn.execute(select(func.count()).select_from(t.sealed_events)).scalar_one())
+
+    def list_sealed_events(self, limit: int = 100) -> list[dict[str, Any]]:
+        q = select(t.sealed_events).order_by(t.sealed_events.c.id.desc()).limit(limit)
+        return [dict(r._mapping) for r in self.conn.execute(q)][::-1]
 
     def last_audit_seq(self) -> int:
         return int(

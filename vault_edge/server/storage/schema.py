@@ -31,8 +31,9 @@ meta = Table(
     Column("value", Text, nullable=False),
 )
 
-# Row 1: the global revision; row 2: the audit log's sequence. Taking one is UPDATE ... RETURNING,
-# whose row lock is held until commit, so revisions become visible in the order they were taken.
+# Row 1: the global revision; row 2: the audit log's sequence; row 3: the revocation list's length.
+# Taking one is UPDATE ... RETURNING, whose row lock is held until commit, so revisions become
+# visible in the order they were taken.
 counter = Table(
     "counter",
     metadata,
@@ -74,6 +75,7 @@ secrets = Table(
     Column("rotate_every_s", Integer, nullable=True),
     Column("next_rotation_at", Float, nullable=True),
     Column("grace_s", Integer, nullable=True),  # default grace of `previous` for this secret
+    Column("mac", LargeBinary, nullable=True),  # row MAC (crypto/rowmac.py): name, regions, state, schedule
 )
 
 secret_versions = Table(
@@ -105,6 +107,7 @@ stages = Table(
     Column("version", Integer, nullable=False),
     Column("revision", BigInteger, nullable=False),
     Column("expires_at", Float, nullable=True),  # `previous` is readable until then
+    Column("mac", LargeBinary, nullable=True),  # row MAC: secret name, stage, version, revision, expiry
 )
 
 # Every move of a stage, so "which version does a node at revision R serve" has an answer.
@@ -133,6 +136,7 @@ nodes = Table(
     Column("last_seen", Float, nullable=True),
     Column("applied_revision", BigInteger, nullable=False),
     Column("node_rev", BigInteger, nullable=False),  # last revision that changed this node's grants/status
+    Column("mac", LargeBinary, nullable=True),  # row MAC: id, region, keys, hostname, status, enrolment
     Index("ix_nodes_region", "region"),
 )
 
@@ -156,6 +160,7 @@ join_tokens = Table(
     Column("expires_at", Float, nullable=False),
     Column("used_at", Float, nullable=True),
     Column("used_by", String(32), nullable=True),
+    Column("mac", LargeBinary, nullable=True),  # row MAC: id, digest, region, created, expiry
 )
 
 operator_tokens = Table(
@@ -170,6 +175,36 @@ operator_tokens = Table(
     Column("expires_at", Float, nullable=True),
     Column("revoked_at", Float, nullable=True),
     Column("parent_id", String(32), nullable=True, index=True),  # the token that made it (None: root)
+    Column("mac", LargeBinary, nullable=True),  # row MAC: every column but revoked_at (see revocations)
+    # 1: a plain SHA-256 digest, adopted from before keyed digests (migration 0003)
+    Column("legacy_digest", Integer, nullable=False, default=0, server_default="0"),
+)
+
+# What was revoked or spent, for good: operator tokens, nodes, used join tokens. Append-only; each
+# record's MAC covers its sequence number and the previous record's MAC, so the list is a MAC chain
+# (counter row 3 holds its length): a record cannot be removed from the middle, nor a revoked row
+# made valid again by copying back an older version of it.
+revocations = Table(
+    "revocations",
+    metadata,
+    Column("seq", BigInteger, primary_key=True, autoincrement=False),
+    Column("kind", String(8), nullable=False),  # token | node | join
+    Column("target", String(32), nullable=False),
+    Column("at", Float, nullable=False),
+    Column("mac", LargeBinary, nullable=False),
+)
+
+# Events while sealed (refused unseal attempts): kept out of the MAC'd audit chain, since nothing
+# can MAC them then; `audit` lists them apart and `audit verify` never counts them as entries.
+sealed_events = Table(
+    "sealed_events",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("at", Float, nullable=False),
+    Column("actor", String(128), nullable=False),
+    Column("action", String(64), nullable=False),
+    Column("outcome", String(16), nullable=False),
+    Column("detail", Text, nullable=False),
 )
 
 # Nonces of signed node requests, kept for the clock-skew window, shared by every replica.
