@@ -107,6 +107,51 @@ def test_unseal_refusals_through_the_cli(start_server: Any, sqlite_url: str) -> 
     assert st["sealed"] is True and st["progress"] == 1
 
 
+def test_unseal_sends_the_passphrase_only_with_the_final_share(start_server: Any, sqlite_url: str) -> None:
+    """The control plane takes the passphrase only with the share that completes the unseal: the CLI
+    asks for it (the next stdin line, when stdin is no terminal) or takes VAULT_EDGE_PASSPHRASE then
+    only, and never sends it before."""
+    import httpx
+
+    server = start_server(sqlite_url)
+    env = {"VAULT_EDGE_ADDR": server.addr}
+    doc = httpx.post(server.addr + "/v1/sys/init", json={"shares": 3, "threshold": 2, "passphrase": "correct horse"})
+    shares, token = doc.json()["shares"], doc.json()["root_token"]
+    r = cli("unseal", "-", env=env, input=(shares[0] + "\n").encode())  # not the last: no passphrase asked
+    assert r.returncode == 0 and b"1 of 2" in r.stdout and b"assphrase" not in r.stderr, r.stderr
+    r = cli("unseal", "-", env=env, input=(shares[1] + "\n").encode())  # the last, and no passphrase to give
+    assert r.returncode == 1 and b"passphrase" in r.stderr and b"correct horse" not in r.stderr
+    assert json.loads(cli("status", "-o", "json", env=env).stdout)["progress"] == 1  # nothing lost
+    r = cli("unseal", "-", env=env, input=(shares[1] + "\ncorrect horse\n").encode())
+    assert r.returncode == 0 and b"Unsealed" in r.stdout, r.stderr
+
+    env["VAULT_EDGE_TOKEN"] = token
+    assert cli("seal", env=env).returncode == 0
+    env["VAULT_EDGE_PASSPHRASE"] = "correct horse"  # set for every share: sent with the last one only
+    r = cli("unseal", shares[2], env=env)
+    assert r.returncode == 0 and b"1 of 2" in r.stdout, r.stderr
+    r = cli("unseal", shares[0], env=env)
+    assert r.returncode == 0 and b"Unsealed" in r.stdout, r.stderr
+    assert "correct horse" not in server.log()
+
+
+def test_unseal_with_groups_sends_the_passphrase_with_the_share_that_completes_them(
+    start_server: Any, sqlite_url: str
+) -> None:
+    """With groups the share count can say "last" too early: the control plane refuses the passphrase
+    then, changing nothing, and the CLI sends the share again without it."""
+    import httpx
+
+    server = start_server(sqlite_url)
+    env = {"VAULT_EDGE_ADDR": server.addr, "VAULT_EDGE_PASSPHRASE": "correct horse"}
+    doc = httpx.post(server.addr + "/v1/sys/init", json={
+        "groups": [{"threshold": 2, "shares": 3}, {"threshold": 2, "shares": 3}], "group_threshold": 2,
+        "passphrase": "correct horse"}).json()
+    for share, shown in zip(doc["shares"][:5], [b"1 of 4", b"2 of 4", b"3 of 4", b"4 of 4", b"Unsealed"], strict=True):
+        r = cli("unseal", share, env=env)  # group 1 whole (one share more than needed), then group 2
+        assert r.returncode == 0 and shown in r.stdout, (shown, r.stdout, r.stderr)
+
+
 def test_rotate_history_rollback_delete(vault: dict[str, Any]) -> None:
     env = vault["env"]
     cli("region", "create", "eu", env=env)

@@ -417,3 +417,27 @@ def test_progress_repr_and_pickling() -> None:
     assert not set(re.findall(r"[a-z]+", repr(progress).lower())) & set(SIMPLE_SHARES[0].split())
     with pytest.raises(TypeError):
         pickle.dumps(progress)
+
+
+# -- which share completes the set (the passphrase comes with that one only) ---------------------
+def test_completes_tells_the_last_share_and_changes_nothing() -> None:
+    progress = UnsealProgress()
+    assert progress.completes(SIMPLE_SHARES[0]) is False and progress.entered == 0
+    progress.add(SIMPLE_SHARES[0])
+    progress.add(SIMPLE_SHARES[1])
+    assert progress.completes(SIMPLE_SHARES[2]) is True
+    assert progress.entered == 2 and not progress.complete  # asked, not added
+    with pytest.raises(ShareError, match="duplicate"):
+        progress.completes(SIMPLE_SHARES[0])  # refused as ``add`` refuses it
+    progress.add(SIMPLE_SHARES[2])
+    assert progress.recover() == KEY
+
+
+def test_completes_with_groups_counts_groups_not_shares() -> None:
+    groups = shares.split(KEY, ShareScheme(((2, 3), (2, 3)), 2))
+    progress = UnsealProgress()
+    for m in groups[0]:  # the whole first group: one share more than it needs
+        progress.add(m)
+    assert progress.completes(groups[1][0]) is False  # four shares, the threshold's count, one group
+    progress.add(groups[1][0])
+    assert progress.completes(groups[1][1]) is True

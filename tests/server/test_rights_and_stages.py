@@ -329,3 +329,29 @@ def test_the_refusal_throttle_table_is_bounded() -> None:
     assert th2.admit("a", "refused", "r", "t1", 0.0) == 0
     assert th2.admit("a", "refused", "r", "t2", 61.0) == 0  # t1's window ended with nothing to report:
     assert list(th2._windows) == [("a", "refused", "r", "t2")]  # pruned to make room, no flush needed
+
+
+# -- the fleet belongs to no name ----------------------------------------------------------------
+def test_a_token_scoped_to_a_prefix_cannot_list_the_fleet(api: Api) -> None:
+    """Nodes (with their hostnames) and regions belong to no name: listing them needs `list` over every
+    name. The propagation of a secret the token may list stays open to it, without hostnames."""
+    node, pair = enroll_node(api)
+    assert _sync(api, node, pair)[0].status_code == 200
+    api.call("PUT", "/v1/secrets/team-a/key", json={"value": "v1", "regions": ["eu"]})
+    _, doc = _token(api, name="team-a", prefixes=["team-a/"], verbs=["list"])
+    scoped = Api(api.client, doc["token"])
+    for path in ("/v1/nodes", "/v1/nodes?region=eu", "/v1/regions"):
+        st, err = scoped.call("GET", path)
+        assert st == 403 and "every name" in err["error"]["message"], (path, err)
+        assert "pop-1" not in json.dumps(err)
+
+    st, prop = scoped.call("GET", "/v1/propagation/team-a/key")
+    assert st == 200 and [n["id"] for n in prop["nodes"]] == [node]
+    assert "hostname" not in prop["nodes"][0] and "pop-1" not in json.dumps(prop)
+    assert scoped.call("GET", "/v1/propagation/team-b/key")[0] == 403
+
+    _, doc = _token(api, name="fleet", prefixes=[""], verbs=["list"])  # list over every name: the fleet too
+    fleet = Api(api.client, doc["token"])
+    assert [n["hostname"] for n in fleet.call("GET", "/v1/nodes")[1]["nodes"]] == ["pop-1"]
+    assert [r["name"] for r in fleet.call("GET", "/v1/regions")[1]["regions"]] == ["eu", "us"]
+    assert fleet.call("GET", "/v1/propagation/team-a/key")[1]["nodes"][0]["hostname"] == "pop-1"

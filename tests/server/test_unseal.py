@@ -85,26 +85,77 @@ def test_wrong_passphrase_leaves_it_sealed_and_the_right_one_unseals(make_app: A
     doc = _init(client, passphrase="correct horse")
     assert client.get("/v1/sys/status").json()["passphrase"] is True
     for share in doc["shares"][:2]:
-        _unseal(client, share, "wrong horse")
-    status, res = _unseal(client, doc["shares"][2], "wrong horse")
+        assert _unseal(client, share)[0] == 200
+    status, res = _unseal(client, doc["shares"][2], "wrong horse")  # the passphrase comes with the last share
     assert status == 400 and res["error"]["code"] == "unseal_failed"
     assert "passphrase" in res["error"]["message"] and "reset" in res["error"]["message"]
     assert _sealed(client) and client.get("/v1/sys/status").json()["progress"] == 0
     for share in doc["shares"][2:4]:
-        _unseal(client, share, "correct horse")
+        _unseal(client, share)
     assert _unseal(client, doc["shares"][4], "correct horse")[1]["sealed"] is False
 
 
-def test_a_refused_share_does_not_change_the_passphrase(make_app: Any) -> None:
-    """A request whose share is refused changes nothing: not the progress, not the passphrase."""
+def test_a_passphrase_alone_does_not_disturb_an_unseal_in_progress(make_app: Any) -> None:
+    """Anyone can call unseal. A passphrase sent alone while the operators are mid-way is refused
+    and changes nothing: their shares still unseal with their passphrase."""
     client, _ = make_app()
     doc = _init(client, passphrase="correct horse")
     for share in doc["shares"][:2]:
-        assert _unseal(client, share, "correct horse")[0] == 200
-    status, _ = _unseal(client, doc["shares"][0], "wrong horse")  # a duplicate, with a bad passphrase
-    assert status == 400 and client.get("/v1/sys/status").json()["progress"] == 2
-    status, res = _unseal(client, doc["shares"][2])  # no passphrase: the accepted one still holds
+        assert _unseal(client, share)[0] == 200
+    for attempt in ("evil horse", "correct horse"):
+        status, res = _unseal(client, None, attempt)
+        assert status == 400 and res["error"]["code"] == "passphrase_not_final"
+        assert "only with the share that completes" in res["error"]["message"]
+        assert attempt not in res["error"]["message"]
+        assert client.get("/v1/sys/status").json()["progress"] == 2 and _sealed(client)
+    status, res = _unseal(client, doc["shares"][2], "correct horse")
     assert status == 200 and res["sealed"] is False
+
+
+def test_a_passphrase_comes_only_with_the_share_that_completes_the_unseal(make_app: Any) -> None:
+    client, _ = make_app()
+    doc = _init(client, passphrase="correct horse")
+    status, res = _unseal(client, doc["shares"][0], "correct horse")  # too early: not the last share
+    assert status == 400 and res["error"]["code"] == "passphrase_not_final"
+    assert client.get("/v1/sys/status").json()["progress"] == 0  # the share was not taken either
+    for share in doc["shares"][:2]:
+        assert _unseal(client, share)[0] == 200
+    status, res = _unseal(client, doc["shares"][2])  # the last share without the passphrase
+    assert status == 400 and res["error"]["code"] == "passphrase_required"
+    assert client.get("/v1/sys/status").json()["progress"] == 2 and _sealed(client)
+    status, res = _unseal(client, doc["shares"][2], "non-ascii-\u00e9")
+    assert status == 400 and client.get("/v1/sys/status").json()["progress"] == 2
+    status, res = _unseal(client, doc["shares"][0], "correct horse")  # a duplicate: refused, nothing reset
+    assert status == 400 and "duplicate" in res["error"]["message"]
+    assert client.get("/v1/sys/status").json()["progress"] == 2
+    assert _unseal(client, doc["shares"][2], "correct horse")[1]["sealed"] is False
+
+
+def test_a_passphrase_for_a_vault_without_one_is_refused_and_changes_nothing(make_app: Any) -> None:
+    client, _ = make_app()
+    doc = _init(client)
+    for share in doc["shares"][:2]:
+        assert _unseal(client, share)[0] == 200
+    status, res = _unseal(client, doc["shares"][2], "some horse")
+    assert status == 400 and "no passphrase" in res["error"]["message"]
+    assert client.get("/v1/sys/status").json()["progress"] == 2
+    assert _unseal(client, doc["shares"][2])[1]["sealed"] is False
+
+
+def test_grouped_shares_take_the_passphrase_with_the_share_that_completes_the_groups(make_app: Any) -> None:
+    """With groups, the share count alone does not tell the last share: the server does."""
+    client, _ = make_app()
+    r = client.post("/v1/sys/init", json={"groups": [{"threshold": 2, "shares": 3}, {"threshold": 2, "shares": 3}],
+                                          "group_threshold": 2, "passphrase": "correct horse"})
+    shares = r.json()["shares"]  # flat: group 1 (3), group 2 (3); the threshold is 4 shares
+    for share in shares[:3]:  # all of group 1: three shares in, only one group complete
+        assert _unseal(client, share)[0] == 200
+    status, res = _unseal(client, shares[3], "correct horse")
+    assert status == 400 and res["error"]["code"] == "passphrase_not_final"
+    assert _unseal(client, shares[3])[0] == 200
+    status, res = _unseal(client, shares[4])
+    assert status == 400 and res["error"]["code"] == "passphrase_required"
+    assert _unseal(client, shares[4], "correct horse")[1]["sealed"] is False
 
 
 def test_grouped_shares_need_the_group_threshold(make_app: Any) -> None:

@@ -121,14 +121,32 @@ def init(shares: int, threshold: int, groups: tuple[str, ...], group_threshold: 
     err.print(f"\nThe vault is sealed. Unseal it with {res['threshold']} shares: vault-edge unseal")
 
 
+def _passphrase() -> str:
+    """The passphrase, asked only for the share that completes the unseal: VAULT_EDGE_PASSPHRASE, else
+    a hidden prompt on a terminal, else the next line of stdin (after the share, with ``unseal -``)."""
+    import os
+
+    passphrase = os.environ.get("VAULT_EDGE_PASSPHRASE")
+    if passphrase is None:
+        if sys.stdin.isatty():
+            passphrase = click.prompt("Passphrase (this share completes the unseal)", hide_input=True, err=True)
+        else:
+            passphrase = sys.stdin.readline().rstrip("\r\n")
+    if not passphrase:
+        fail("this share completes the unseal and the vault has a passphrase: enter it at the prompt, on the "
+             "line after the share on stdin, or in VAULT_EDGE_PASSPHRASE")
+    return passphrase
+
+
 @cli.command()
 @click.argument("share", required=False)
 @click.option("--reset", is_flag=True, help="forget the shares entered so far")
 @output_option
 def unseal(share: str | None, reset: bool, fmt: str) -> None:
-    """Enter one unseal share (SHARE, - for stdin, or a hidden prompt)."""
-    import os
+    """Enter one unseal share (SHARE, - for stdin, or a hidden prompt).
 
+    The control plane takes the vault's passphrase only with the share that completes the unseal (so
+    nobody can change it while operators are mid-way): it is asked for with that share only."""
     with client() as c:
         if reset:
             res = c.unseal(reset=True)
@@ -145,12 +163,19 @@ def unseal(share: str | None, reset: bool, fmt: str) -> None:
                     share = click.prompt(
                         f"Unseal share ({status['progress'] + 1} of {status['threshold']})", hide_input=True, err=True
                     )
-                passphrase = None
-                if status.get("passphrase"):
-                    passphrase = os.environ.get("VAULT_EDGE_PASSPHRASE")
-                    if passphrase is None and sys.stdin.isatty():
-                        passphrase = click.prompt("Passphrase", hide_input=True, err=True)
-                res = c.unseal(share=share, passphrase=passphrase)
+                # The last share by count; with groups the count can say "last" too early, and another
+                # operator's share may come in meanwhile: the control plane says which, changing nothing.
+                last = status.get("passphrase") and status["progress"] + 1 >= status["threshold"]
+                passphrase = _passphrase() if last else None
+                try:
+                    res = c.unseal(share=share, passphrase=passphrase)
+                except ClientError as exc:
+                    if exc.code == "passphrase_not_final" and passphrase is not None:
+                        res = c.unseal(share=share)
+                    elif exc.code == "passphrase_required" and passphrase is None:
+                        res = c.unseal(share=share, passphrase=_passphrase())
+                    else:
+                        raise
     if fmt == "json":
         emit_json(res)
     elif res["sealed"]:

@@ -55,7 +55,7 @@ class ShareScheme:
 
 def split(root_key: bytes, scheme: ShareScheme, passphrase: str = "") -> list[list[str]]:
     """Split ``root_key`` into mnemonic shares, one list per group."""
-    _check_passphrase(passphrase)
+    check_passphrase(passphrase)
     return generate_mnemonics(
         group_threshold=scheme.group_threshold,
         groups=list(scheme.groups),
@@ -69,7 +69,7 @@ def set_identifier(mnemonic: str) -> int:
     return _parse(mnemonic).identifier
 
 
-def _check_passphrase(passphrase: str) -> None:
+def check_passphrase(passphrase: str) -> None:
     if not all(32 <= ord(c) <= 126 for c in passphrase):
         raise ShareError("the passphrase must be printable ASCII")
 
@@ -106,8 +106,7 @@ class UnsealProgress:
     def complete(self) -> bool:
         return self._state.is_complete()
 
-    def add(self, mnemonic: str) -> bool:
-        """Add one share; True once enough shares are in. A refused share changes nothing."""
+    def _check(self, mnemonic: str) -> Share:
         share = _parse(mnemonic)
         if self._expected is not None and share.identifier != self._expected:
             raise ShareError("this share belongs to another vault (its set identifier differs)")
@@ -118,6 +117,22 @@ class UnsealProgress:
         group = self._state.groups.get(share.group_index)
         if group and group.group_parameters() != share.group_parameters():
             raise ShareError("this share's group parameters differ from the shares already entered")
+        return share
+
+    def completes(self, mnemonic: str) -> bool:
+        """Whether adding this share would complete the set. Checked as ``add`` checks it (a refused
+        share raises); nothing changes. With groups, the count of shares alone cannot tell."""
+        share = self._check(mnemonic)
+        trial = RecoveryState()
+        for group in self._state.groups.values():
+            for s in group:
+                trial.add_share(s)
+        trial.add_share(share)
+        return trial.is_complete()
+
+    def add(self, mnemonic: str) -> bool:
+        """Add one share; True once enough shares are in. A refused share changes nothing."""
+        share = self._check(mnemonic)
         self._state.add_share(share)
         self._seen.add((share.group_index, share.index))
         return self.complete
@@ -127,7 +142,7 @@ class UnsealProgress:
         error (SLIP-39 has no passphrase check): the caller must check it against the canary."""
         if not self.complete:
             raise ShareError("not enough shares yet")
-        _check_passphrase(passphrase)
+        check_passphrase(passphrase)
         try:
             return self._state.recover(passphrase.encode())
         except (MnemonicError, ValueError) as exc:

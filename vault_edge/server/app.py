@@ -133,6 +133,27 @@ def _validation_message(exc: RequestValidationError) -> str:
     return "invalid request: " + "; ".join(parts)
 
 
+def _audit_refusal(ctx: Context, request: Request, exc: ApiError) -> None:
+    """Audit a 401 or 403 of the operator API: every refusal is audited, in this one place.
+
+    Throttled per kind (``Auditor.record_alone``): anyone can send a request without a token. The kind
+    is the route's operation (``api.auth`` for a 401) and the error code, never the message, which may
+    quote a name the caller chose and so would make kinds without bound. The detail names the remote
+    address, the method and the path: never the query string, the body or the token. The actor is the
+    token that authenticated (a 403 for lacking a right), else ``anonymous``."""
+    route = request.scope.get("route")
+    if getattr(route, "path", "").startswith("/v1/agent/"):
+        return  # node refusals are audited where they are judged (ops.nodes.refuse), target per node
+    who = getattr(request.state, "principal", None)
+    tags = getattr(route, "tags", None) or ["api"]
+    action = "api.auth" if exc.status == 401 else f"{tags[0]}.{getattr(route, 'name', 'unknown')}"
+    ctx.auditor.record_alone(
+        who.actor if who is not None else "anonymous", action, outcome="refused", reason=exc.code,
+        status=exc.status, message=exc.message[:300], remote=request.client.host if request.client else "",
+        method=request.method, path=request.url.path[:512],
+    )
+
+
 def create_app(settings: Settings | None = None, store: Store | None = None, barrier: Barrier | None = None,
                on_ready: Any = None) -> FastAPI:
     settings = settings or Settings()
@@ -172,7 +193,9 @@ def create_app(settings: Settings | None = None, store: Store | None = None, bar
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.exception_handler(ApiError)
-    async def api_error(_: Request, exc: ApiError) -> JSONResponse:
+    async def api_error(request: Request, exc: ApiError) -> JSONResponse:
+        if exc.status in (401, 403):
+            await asyncio.to_thread(_audit_refusal, ctx, request, exc)
         return error(exc.status, exc.code, exc.message)
 
     @app.exception_handler(RequestValidationError)

@@ -53,6 +53,14 @@ class Principal:
         if name is not None and not self.covers(name):
             raise forbidden(f"this token may not {verb} {name!r}")
 
+    def require_global(self, verb: str) -> None:
+        """The fleet (nodes, their hostnames, regions) belongs to no name: listing it needs ``verb``
+        over every name, as ``require_global_admin`` does for changing it."""
+        self.require(verb)
+        if not self.unlimited:
+            raise forbidden(f"this token's {verb} rights cover only its prefixes; nodes and regions belong to "
+                            f"no name and need {verb} over every name (the prefix \"\")")
+
     def require_global_admin(self) -> None:
         """Regions, nodes, seal and audit belong to no name: they need ``admin`` over every name."""
         self.require("admin")

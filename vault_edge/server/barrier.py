@@ -4,6 +4,11 @@ The root key is never written anywhere. Unseal collects SLIP-39 shares one at a 
 in, the reconstructed key must open the stored canary before anything is served. A refused share
 changes nothing; a complete set that fails the canary (wrong passphrase, mixed sets) resets progress,
 as Vault does, because the set as a whole is wrong and cannot tell which share.
+
+Anyone may call unseal, so nothing an unauthenticated caller sends alone may change what the
+operators have entered. The passphrase is therefore accepted only together with the share that
+completes the set, and is never held between requests: a passphrase alone, or with a share that does
+not complete the set, is refused and changes nothing (there is no passphrase held to replace).
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ from dataclasses import dataclass, field, replace
 
 from nacl.signing import SigningKey
 
-from vault_edge.crypto import envelope, signing
+from vault_edge.crypto import envelope, shares, signing
 from vault_edge.crypto.errors import ShareError
 from vault_edge.crypto.rowmac import RowKeys
 from vault_edge.crypto.secret import SecretBytes
@@ -62,7 +67,6 @@ class Barrier:
         self._lock = threading.Lock()
         self._keys: Keys | None = None
         self._progress: UnsealProgress | None = None
-        self._passphrase = ""
         self._region_keys: dict[tuple[str, int], SecretBytes] = {}
 
     @property
@@ -89,24 +93,39 @@ class Barrier:
         return self.keys().rows
 
     def add_share(
-        self, share: str | None, passphrase: str | None, *, identifier: int | None, canary: bytes
+        self, share: str | None, passphrase: str | None, *, identifier: int | None, canary: bytes,
+        has_passphrase: bool,
     ) -> UnsealResult:
+        """Add one share; with the share that completes the set (only then), the passphrase, if the vault
+        has one (``has_passphrase``, from init). Every refusal before the canary changes nothing."""
         with self._lock:
             if self._keys is not None:
                 return UnsealResult(False, 0, "already unsealed")
+            if not share:
+                raise ApiError(400, "passphrase_not_final", "the passphrase is accepted only with the share that "
+                               "completes the unseal: send it with that share; progress unchanged")
             progress = self._progress or UnsealProgress(identifier)
-            if share:
-                try:
-                    progress.add(share)
-                except ShareError as exc:  # a refused request changes nothing, its passphrase included
-                    raise bad_request(f"share refused: {exc}; progress unchanged") from None
-                self._progress = progress
-            if passphrase:
-                self._passphrase = passphrase
-            if not progress.complete:
+            try:
+                completes = progress.completes(share)
+                if passphrase:
+                    shares.check_passphrase(passphrase)
+            except ShareError as exc:  # never quotes the share or the passphrase
+                raise bad_request(f"share refused: {exc}; progress unchanged") from None
+            if passphrase and not completes:
+                raise ApiError(400, "passphrase_not_final", "the passphrase is accepted only with the share that "
+                               "completes the unseal, and this one does not: send it without the passphrase; "
+                               "progress unchanged")
+            if passphrase and not has_passphrase:
+                raise bad_request("this vault has no passphrase: send the share without one; progress unchanged")
+            if completes and has_passphrase and not passphrase:
+                raise ApiError(400, "passphrase_required", "this share completes the unseal and the vault has a "
+                               "passphrase: send the passphrase with it; progress unchanged")
+            progress.add(share)
+            self._progress = progress
+            if not completes:
                 return UnsealResult(True, progress.entered, "share accepted")
             try:
-                root = progress.recover(self._passphrase)
+                root = progress.recover(passphrase or "")
             except ShareError as exc:
                 self._reset()
                 raise bad_request(f"unseal failed: {exc}; progress was reset") from None
@@ -120,7 +139,7 @@ class Barrier:
                     "another vault); progress was reset: enter the shares again",
                 )
             self._keys = Keys.from_root(root, fmt)
-            self._progress, self._passphrase = None, ""
+            self._progress = None
             return UnsealResult(False, 0, "unsealed")
 
     def adopted(self) -> None:
@@ -134,7 +153,7 @@ class Barrier:
             self._reset()
 
     def _reset(self) -> None:
-        self._progress, self._passphrase = None, ""
+        self._progress = None
 
     def seal(self) -> None:
         with self._lock:

@@ -35,7 +35,9 @@ def token_of(request: Request) -> str | None:
 
 def principal(request: Request, ctx: Context = Depends(unsealed)) -> Principal:
     with ctx.store.read() as tx:
-        return auth.authenticate(tx, token_of(request), ctx.clock())
+        who = auth.authenticate(tx, token_of(request), ctx.clock())
+    request.state.principal = who  # names the actor if the request is refused later (a 403)
+    return who
 
 
 def duration(value: str | int | None, field: str) -> int | None:

@@ -38,7 +38,7 @@ def create(ctx: Context, who: Principal, name: str) -> dict[str, Any]:
 
 
 def list_regions(ctx: Context, who: Principal) -> dict[str, Any]:
-    who.require("list")
+    who.require_global("list")  # every region, with node and secret counts: belongs to no name
     with ctx.store.read() as tx:
         regions = tx.list_regions()
         counts = tx.region_counts()

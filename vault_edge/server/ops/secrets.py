@@ -393,6 +393,10 @@ def propagation(ctx: Context, who: Principal, name: str, revision: int | None = 
     target = revision if revision is not None else secret.revision
     current = stages["current"].version if "current" in stages else None
     down_after = ctx.settings.node_down_after_s
+    # Hostnames name the fleet's machines, which belong to no name: a token scoped to prefixes may
+    # follow its secret's propagation (node ids, regions, versions served) but not map the hosts
+    # behind it, which `node list` keeps for tokens that may list every name.
+    fleet = who.unlimited
     out_nodes, lagging, down = [], [], []
     for n in nodes:
         if n.status != "active":
@@ -400,10 +404,12 @@ def propagation(ctx: Context, who: Principal, name: str, revision: int | None = 
         is_down = n.last_seen is None or now - n.last_seen > down_after
         done = n.applied_revision >= target
         entry = {
-            "id": n.id, "region": n.region, "hostname": n.hostname, "applied_revision": n.applied_revision,
+            "id": n.id, "region": n.region, "applied_revision": n.applied_revision,
             "serving": served_version(log, n.applied_revision), "last_seen": n.last_seen,
             "state": "down" if is_down else ("in_sync" if done else "lagging"), "done": done,
         }
+        if fleet:
+            entry["hostname"] = n.hostname
         out_nodes.append(entry)
         if is_down:
             down.append(n.id)

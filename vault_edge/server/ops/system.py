@@ -85,10 +85,11 @@ def unseal(ctx: Context, share: str | None, passphrase: str | None, reset: bool 
         ctx.barrier.reset()
         return status(ctx)
     if not share and not passphrase:
-        raise bad_request("give a share (or, once all shares are in, the passphrase)")
+        raise bad_request("give a share (and, with the share that completes the unseal, the passphrase)")
     try:
         result = ctx.barrier.add_share(
-            share, passphrase, identifier=int(meta["share_identifier"]), canary=wire.b64d(meta["canary"])
+            share, passphrase, identifier=int(meta["share_identifier"]), canary=wire.b64d(meta["canary"]),
+            has_passphrase=meta.get("passphrase") == "1",
         )
     except ApiError as exc:
         ctx.auditor.record_alone("operator", "sys.unseal", outcome="refused", reason=exc.code)
