@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 from collections.abc import Iterator
 from typing import Any
 
@@ -105,25 +107,40 @@ def test_a_tampered_disk_cache_is_refused_on_start(control_plane: ControlPlane, 
     assert e.value.status == 503 and e.value.code == "not_ready"
 
 
-def test_a_secret_rolled_back_in_the_database_is_refused_alone(control_plane: ControlPlane, start_agent: Any) -> None:
-    """A database writer copies back an old (validly MAC'd) stage pointer of one secret: the agent keeps
-    serving the newer version it holds of that secret, and still takes every other secret's changes."""
-    import sqlite3
+def test_a_database_restored_from_an_old_copy_moves_no_secret_back(control_plane: ControlPlane,
+                                                                   start_agent: Any) -> None:
+    """The whole database restored from a backup (the one rollback a database writer can still make):
+    the agent refuses to move `eu/a` back to the version of the backup, keeps serving the one it holds,
+    and still takes the changes made afterwards to `eu/b` (only the rolled-back secret is refused)."""
+    import shutil
 
     op = control_plane.op
     op.put("eu/a", value="a-v1", regions=["eu"])
-    db = sqlite3.connect(control_plane.db)
-    old = db.execute("SELECT s.* FROM stages s JOIN secrets x ON x.id = s.secret_id "
-                     "WHERE x.name = 'eu/a' AND s.stage = 'current'").fetchone()
-    op.rotate("eu/a", value="a-v2")
     op.put("eu/b", value="b-v1", regions=["eu"])
     a = start_agent("eu1", "eu")
-    assert a.get("eu/a") == "a-v2"
-    with db:  # the writer's replay: `current` back at v1, with the row's old, valid MAC
-        db.execute("DELETE FROM stages WHERE secret_id = ? AND stage = 'current'", (old[0],))
-        db.execute("INSERT INTO stages VALUES (?, ?, ?, ?, ?, ?)", old)
-    db.close()
-    op.rotate("eu/b", value="b-v2")  # a legitimate change elsewhere in the region
-    wait_until(lambda: a.get("eu/b") == "b-v2", 20, "the other secret's change to arrive")
-    assert a.get("eu/a") == "a-v2"  # never back to v1
+    assert a.get("eu/a") == "a-v1"
+    db = control_plane.db
+    control_plane.server.stop()  # a consistent copy: the database file and its write-ahead log
+    backup = db + ".backup"
+    shutil.copyfile(db, backup)
+    if os.path.exists(db + "-wal"):
+        shutil.copyfile(db + "-wal", backup + "-wal")
+    control_plane.restart()
+    for i in range(2, 5):
+        op.rotate("eu/a", value=f"a-v{i}")
+    wait_until(lambda: a.get("eu/a") == "a-v4", 20, "a-v4 to reach the agent")
+    held = a.health()["revision"]
+    control_plane.server.stop()
+    for suffix in ("-wal", "-shm"):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(db + suffix)
+    shutil.copyfile(backup, db)  # the restore: eu/a back at v1, the revision counter back too
+    if os.path.exists(backup + "-wal"):
+        shutil.copyfile(backup + "-wal", db + "-wal")
+    control_plane.restart()
+    while op.rotate("eu/b", value="b-next")["revision"] <= held:  # until the counter passes the agent's
+        pass
+    op.rotate("eu/b", value="b-last")
+    wait_until(lambda: a.get("eu/b") == "b-last", 30, "the changes after the restore to reach the agent")
+    assert a.get("eu/a") == "a-v4"  # never back to the backup's a-v1
     wait_until(lambda: "refused a rollback of 'eu/a'" in a.log(), 10, "the rollback to be logged")

@@ -12,6 +12,7 @@ from alembic.migration import MigrationContext
 from sqlalchemy import inspect, select, text, update
 
 from tests.conftest import Api, run_concurrently
+from vault_edge.crypto.rowmac import RowKeys
 from vault_edge.server.storage import schema as t
 from vault_edge.server.storage.engine import make_engine, migrate
 from vault_edge.server.storage.repo import Store
@@ -24,6 +25,7 @@ def store(db_url: str) -> Store:
     engine = make_engine(db_url)
     migrate(engine)
     s = Store(engine)
+    s.bind_keys(lambda: RowKeys(bytes(32)))  # what the barrier gives once unsealed
     yield s
     s.dispose()
 

@@ -248,6 +248,10 @@ def test_a_stage_pointer_moved_by_the_writer_is_refused_and_left_out_of_sync(api
     api.call("POST", "/v1/rotate/app/key", json={"value": "new-value"})
     api.call("PUT", "/v1/secrets/app/other", json={"value": "other-value", "regions": ["eu"]})
     node, pair = enroll_node(api, "eu")
+    other_node, other_pair = enroll_node(api, "eu")
+    target = "/v1/agent/sync?since=0&wait=0"
+    first = api.client.get(target, headers=signed_headers(other_pair, "GET", target, other_node, b""))
+    assert {(s["name"], s["stage"]) for s in first.json()["secrets"]} >= {("app/key", "current")}
     engine = _db(api)
     with engine.begin() as c:
         sid = c.execute(select(t.secrets.c.id).where(t.secrets.c.name == "app/key")).scalar_one()
@@ -256,14 +260,15 @@ def test_a_stage_pointer_moved_by_the_writer_is_refused_and_left_out_of_sync(api
     resp = api.call("GET", "/v1/secrets/app/key")
     assert "old-value" not in json.dumps(resp[1])
     _integrity_refusal(api, resp, "stages")
+    assert api.call("GET", "/v1/secrets/app/other")[1]["value"] == "other-value"  # the rest is served
     api.call("POST", "/v1/rotate/app/other", json={"value": "other-2"})  # a change: the hub reloads eu
     target = "/v1/agent/sync?since=0&wait=0"
     resp2 = api.client.get(target, headers=signed_headers(pair, "GET", target, node, b""))
     assert resp2.status_code == 200
     served = {(s["name"], s["stage"]): s["version"] for s in resp2.json()["secrets"]}
     assert served[("app/other", "current")] == 2  # the rest of the region still syncs
-    assert ("app/key", "current") not in served  # the tampered pointer is not served
-    assert served[("app/key", "previous")] == 1  # (v1 as previous, its own pointer intact)
+    # The region's last good state of the tampered secret is kept (the hub had served it): v2, never v1.
+    assert served[("app/key", "current")] == 2
     assert any(e["target"].startswith("stages:app/key") for e in _audit(api, "integrity"))
 
 
@@ -297,6 +302,8 @@ def test_a_vault_from_before_row_macs_is_adopted_once_at_unseal(make_app: Any) -
         for table in (t.secrets, t.stages, t.nodes, t.join_tokens, t.operator_tokens, t.audit):
             c.execute(update(table).values(mac=None))
         c.execute(update(t.operator_tokens).values(digest=hashlib.sha256(token.encode()).digest()))
+        c.execute(delete(t.changes))
+        c.execute(delete(t.revocations))
         c.execute(update(t.meta).where(t.meta.c.key == "canary")
                   .values(value=wire.b64e(envelope.make_canary(root, fmt=1))))
     client2, _ = make_app()  # a restart onto the upgraded database
@@ -311,3 +318,94 @@ def test_a_vault_from_before_row_macs_is_adopted_once_at_unseal(make_app: Any) -
     assert envelope.canary_format(root, wire.b64d(canary)) == envelope.CANARY_FORMAT
     _exec(engine, update(t.stages).values(mac=None))  # a writer "un-MACing" rows after the adoption
     _integrity_refusal(api2, api2.call("GET", "/v1/secrets/app/key"), "stages")
+
+
+def _secret_rows(engine: Engine, name: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    with engine.connect() as c:
+        record = dict(c.execute(select(t.secrets).where(t.secrets.c.name == name)).one()._mapping)
+        pointers = [dict(r._mapping) for r in c.execute(select(t.stages).where(t.stages.c.secret_id == record["id"]))]
+    return record, pointers
+
+
+def _copy_back(engine: Engine, record: dict[str, Any], pointers: list[dict[str, Any]]) -> None:
+    with engine.begin() as c:
+        c.execute(delete(t.stages).where(t.stages.c.secret_id == record["id"]))
+        c.execute(update(t.secrets).where(t.secrets.c.id == record["id"]).values(**record))
+        for p in pointers:
+            c.execute(insert(t.stages).values(**p))
+
+
+def test_one_secret_rolled_back_by_copying_back_its_old_rows_is_refused(api: Api) -> None:
+    """Selective rollback with rows that were once valid: the writer kept a copy of app/key's record and
+    stage pointers from v1 and copies them back after the rotation to v2. Each row carries a valid MAC,
+    but the secret's record is older than its last change in the change log."""
+    api.call("PUT", "/v1/secrets/app/key", json={"value": "old-value", "regions": ["eu"]})
+    api.call("PUT", "/v1/secrets/app/other", json={"value": "other-value", "regions": ["eu"]})
+    engine = _db(api)
+    old = _secret_rows(engine, "app/key")
+    api.call("POST", "/v1/rotate/app/key", json={"value": "new-value"})
+    node, pair = enroll_node(api, "eu")
+    _copy_back(engine, *old)
+    resp = api.call("GET", "/v1/secrets/app/key")
+    assert "old-value" not in json.dumps(resp[1])
+    _integrity_refusal(api, resp, "secrets")
+    api.call("POST", "/v1/rotate/app/other", json={"value": "other-2"})  # the hub reloads eu
+    target = "/v1/agent/sync?since=0&wait=0"
+    resp2 = api.client.get(target, headers=signed_headers(pair, "GET", target, node, b""))
+    served = {(s["name"], s["stage"]): s["version"] for s in resp2.json()["secrets"]}
+    assert served[("app/other", "current")] == 2
+    assert not any(name == "app/key" for name, _ in served)  # never the rolled-back v1
+    # Only the pointers copied back (the record left as it is): they no longer match its digest.
+    api.call("PUT", "/v1/secrets/app/third", json={"value": "third-1", "regions": ["eu"]})
+    old3 = _secret_rows(engine, "app/third")
+    api.call("POST", "/v1/rotate/app/third", json={"value": "third-2"})
+    record_now, _ = _secret_rows(engine, "app/third")
+    _copy_back(engine, record_now, old3[1])
+    _integrity_refusal(api, api.call("GET", "/v1/secrets/app/third"), "stages")
+
+
+def test_removing_a_secrets_changes_from_the_log_is_a_gap_that_stops_serving(api: Api) -> None:
+    """To hide the rollback the writer also deletes app/key's later rows from the change log. The log
+    is dense, so that is a gap: at the next check (every minute, and at unseal) the control plane
+    stops serving secrets, audited, rather than serve what may be a rollback."""
+    from vault_edge.server.ops.system import check_change_log
+
+    api.call("PUT", "/v1/secrets/app/key", json={"value": "old-value", "regions": ["eu"]})
+    engine = _db(api)
+    old = _secret_rows(engine, "app/key")
+    api.call("POST", "/v1/rotate/app/key", json={"value": "new-value"})
+    _copy_back(engine, *old)
+    with engine.begin() as c:
+        c.execute(delete(t.changes).where(t.changes.c.target == "app/key",
+                                          t.changes.c.revision > old[0]["revision"]))
+    ctx = api.client.app.state.ctx
+    assert check_change_log(ctx) is False
+    resp = api.call("GET", "/v1/secrets/app/key")
+    assert "old-value" not in json.dumps(resp[1])
+    assert resp[0] == 500 and resp[1]["error"]["code"] == "integrity_error"
+    assert any(e["target"] == "changes:log" for e in _audit(api, "integrity"))
+
+
+def test_a_restarted_control_plane_finds_the_gap_at_unseal(make_app: Any) -> None:
+    """The same attack, then a restart (a fresh process remembers nothing): the check at unseal finds
+    the gap before any secret is served."""
+    from tests.conftest import init_and_unseal
+
+    client, _ = make_app()
+    all_shares, token = init_and_unseal(client)
+    api = Api(client, token)
+    api.call("POST", "/v1/regions", json={"name": "eu"})
+    api.call("PUT", "/v1/secrets/app/key", json={"value": "old-value", "regions": ["eu"]})
+    engine = _db(api)
+    old = _secret_rows(engine, "app/key")
+    api.call("POST", "/v1/rotate/app/key", json={"value": "new-value"})
+    _copy_back(engine, *old)
+    with engine.begin() as c:
+        c.execute(delete(t.changes).where(t.changes.c.target == "app/key",
+                                          t.changes.c.revision > old[0]["revision"]))
+    client2, _ = make_app()
+    for share in all_shares[:2]:
+        assert client2.post("/v1/sys/unseal", json={"share": share}).status_code == 200
+    resp = Api(client2, token).call("GET", "/v1/secrets/app/key")
+    assert "old-value" not in json.dumps(resp[1])
+    assert resp[0] == 500 and resp[1]["error"]["code"] == "integrity_error", resp

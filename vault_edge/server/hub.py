@@ -40,6 +40,7 @@ class RegionView:
     data_rev: int
     secrets_json: bytes
     members: dict[str, Member]
+    entries: dict[str, list[dict[str, object]]]  # per secret, what secrets_json holds of it
 
 
 class Hub:
@@ -143,29 +144,36 @@ class Hub:
         for table, key in tampered:  # left out of the view; reported once per row per process
             if (table, key) not in self._reported:
                 self._reported.add((table, key))
-                log.error("integrity: %s row %r failed its MAC; left out of region %s's view", table, key, region)
+                log.error("integrity: %s row %r failed its check; left out of region %s's view", table, key, region)
                 self.ctx.auditor.record_alone("system", "integrity", f"{table}:{key}", "refused", throttle=None,
-                                              region=region, reason="row MAC failed (written without the root key)")
+                                              region=region, reason="failed its integrity check")
         by_node: dict[str, list[dict[str, object]]] = {}
         for g in grants:
             by_node.setdefault(g.node_id, []).append(
                 {"region": g.region, "kv": g.key_version, "box": wire.b64e(g.sealed)}
             )
-        secrets_json = json.dumps(
-            [
+        entries: dict[str, list[dict[str, object]]] = {}
+        for s in rows:
+            entries.setdefault(s.name, []).append(
                 {"name": s.name, "version": s.version, "stage": s.stage, "expires_at": s.expires_at,
                  "created_at": s.created_at, "ct": wire.b64e(s.ciphertext), "kv": s.key_version,
-                 "dek": wire.b64e(s.wrapped_dek)}
-                for s in rows
-            ],
-            separators=(",", ":"),
-        ).encode()
+                 "dek": wire.b64e(s.wrapped_dek)})
+        # A secret whose rows failed their checks keeps what this region's nodes were last given of it
+        # (checked then), so a database writer cannot make the fleet drop it; until a restart.
+        previous = self._views.get(region)
+        if previous is not None:
+            for table, key in tampered:
+                name = key.rsplit(":", 1)[0] if table == "stages" and ":" in key else key
+                if table in ("secrets", "stages") and name in previous[1].entries and name not in entries:
+                    entries[name] = previous[1].entries[name]
+        secrets_json = json.dumps([e for name in sorted(entries) for e in entries[name]],
+                                  separators=(",", ":")).encode()
         members = {
             n.id: Member(n.node_rev, n.status == "active",
                          json.dumps(by_node.get(n.id, []), separators=(",", ":")).encode(), n.sign_public)
             for n in nodes
         }
-        return RegionView(region, r.data_rev if r else 0, secrets_json, members)
+        return RegionView(region, r.data_rev if r else 0, secrets_json, members, entries)
 
     async def view(self, region: str, refresh: bool = False) -> RegionView:
         """The region's view as of the latest change notice for it: loaded once however many callers.

@@ -5,7 +5,8 @@
   restarts);
 - end the grace of ``previous`` versions whose time is up (a new revision, so nodes drop them);
 - forget spent request nonces once they are past the clock-skew window;
-- record how many refusals the audit throttle counted in windows that have ended.
+- record how many refusals the audit throttle counted in windows that have ended;
+- check, once a minute, that the change log has no gap (see ``ops.system.check_change_log``).
 """
 
 from __future__ import annotations
@@ -15,10 +16,11 @@ import threading
 
 from vault_edge.server.auth import VERBS, Principal
 from vault_edge.server.context import Context
-from vault_edge.server.ops import keyring, secrets
+from vault_edge.server.ops import keyring, secrets, system
 
 log = logging.getLogger("vault_edge.scheduler")
 SCHEDULER = Principal("scheduler", "scheduler", ("",), VERBS, kind="system")
+CHANGE_LOG_CHECK_S = 60  # how often the change log is checked for gaps (and at every unseal)
 RETRY_AFTER_S = 60  # a scheduled rotation that failed is tried again after this (or its period, if shorter)
 
 
@@ -27,6 +29,7 @@ class Scheduler:
         self.ctx = ctx
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._next_log_check = 0.0
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="vault-edge-scheduler", daemon=True)
@@ -47,6 +50,10 @@ class Scheduler:
                 log.exception("scheduler tick failed")
 
     def tick(self) -> None:
+        now = self.ctx.clock()
+        if now >= self._next_log_check:  # a whole-log count: once a minute is enough
+            self._next_log_check = now + CHANGE_LOG_CHECK_S
+            system.check_change_log(self.ctx)
         self.rotate_due()
         self.expire_stages()
         with self.ctx.store.write(serialize=False) as tx:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from typing import Any
 
 from vault_edge import wire
@@ -13,6 +14,9 @@ from vault_edge.server.audit import entry_mac
 from vault_edge.server.auth import Principal
 from vault_edge.server.context import Context
 from vault_edge.server.errors import ApiError, bad_request, conflict, not_initialized
+from vault_edge.server.storage.repo import BASE_TARGET
+
+log = logging.getLogger("vault_edge.system")
 
 
 def _meta(ctx: Context) -> dict[str, str]:
@@ -67,6 +71,7 @@ def initialize(
         tx.add_meta("server_key", wire.b64e(server_public))
         tx.add_meta("passphrase", "1" if passphrase else "0")
         token, _ = auth.create_token(tx, "root", ("",), auth.VERBS, now, secret=root_token)
+        tx.record_change(0, BASE_TARGET)  # the change log is whole from the start
         ctx.auditor.record(tx, "operator", "sys.init", outcome="ok",
                            shares=sum(c for _, c in scheme.groups), threshold=scheme.min_shares)
     del root
@@ -98,7 +103,23 @@ def unseal(ctx: Context, share: str | None, passphrase: str | None, reset: bool 
         _adopt_legacy(ctx)  # first: nothing is chained onto the log before its old entries are MAC'd
         with ctx.store.write() as tx:
             ctx.auditor.record(tx, "operator", "sys.unseal", outcome="ok")
+        check_change_log(ctx)
     return {**status(ctx), "message": result.message}
+
+
+def check_change_log(ctx: Context) -> bool:
+    """Is the change log whole (no revision missing)? If not, a database writer removed rows from it
+    (perhaps to hide one secret's rollback): serve no secret from now on (fail closed), log and audit
+    it; agents keep serving what they hold. True when whole. Runs at unseal and every minute."""
+    with ctx.store.read() as tx:
+        gap = tx.change_log_gap()
+    if gap is None:
+        return True
+    if ctx.store.integrity_failure is None:
+        ctx.store.integrity_failure = gap
+        log.error("integrity: %s; serving no secret until the database is restored", gap)
+        ctx.auditor.record_alone("system", "integrity", "changes:log", "refused", throttle=None, reason=gap)
+    return False
 
 
 def _adopt_legacy(ctx: Context) -> None:

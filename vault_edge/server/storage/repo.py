@@ -19,6 +19,7 @@ if the transaction commits), and to this process's listeners right after the com
 
 from __future__ import annotations
 
+import hashlib
 import json
 import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -30,6 +31,7 @@ from sqlalchemy import Connection, Engine, and_, bindparam, delete, func, insert
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
+from vault_edge.crypto import rowmac
 from vault_edge.crypto.rowmac import RowKeys
 from vault_edge.server.storage import schema as t
 from vault_edge.server.storage.records import (
@@ -50,6 +52,7 @@ NOTIFY_CHANNEL = "vault_edge_changes"
 _REVISION_ROW = 1
 _AUDIT_ROW = 2
 _REVOCATION_ROW = 3
+BASE_TARGET = "*base*"  # the change log's base row (secret names cannot contain "*")
 
 Listener = Callable[[int, frozenset[str]], None]
 _SECRET_FIELDS = frozenset(c.name for c in t.secrets.columns)
@@ -60,8 +63,9 @@ class TamperedRow(Exception):
     """A row failed its MAC: written by someone without the root key. The message names the table and
     the row's key, never a value."""
 
-    def __init__(self, table: str, key: str) -> None:
-        super().__init__(f"{table} row {key!r} failed its integrity check (written without the root key)")
+    def __init__(self, table: str, key: str, what: str = "failed its integrity check (written without the root key)",
+                 ) -> None:
+        super().__init__(f"{table} row {key!r} {what}")
         self.table, self.key = table, key
 
 
@@ -80,6 +84,17 @@ class Revocations:
         self.revoked: frozenset[tuple[str, str]] = frozenset()
 
 
+class ChangeIndex:
+    """The change log as this process has read it (committed rows only, MACs verified): each secret's
+    last change, and how far the log has been read. It can lag the database, never lead it, so it
+    never mistakes a fresh change for a rollback; and it keeps a change whose row was later removed."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.read_to = 0
+        self.last: dict[str, int] = {}
+
+
 class Store:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
@@ -87,6 +102,8 @@ class Store:
         self._listeners: list[Listener] = []
         self.row_keys: Callable[[], RowKeys] = _unavailable
         self.revocations = Revocations()
+        self.changes = ChangeIndex()
+        self.integrity_failure: str | None = None  # set when the change log has a gap: serve no secret
 
     def bind_keys(self, row_keys: Callable[[], RowKeys]) -> None:
         """``row_keys()`` gives the row-MAC keys (the barrier's; it raises while sealed)."""
@@ -108,10 +125,11 @@ class Store:
         version, its stages) cannot change under it before it commits, on any replica.
         ``serialize=False`` is for writes that need no such reads (contacts, refusals' audit)."""
         with self.engine.connect().execution_options(vault_edge_write=True) as conn, conn.begin():
-            tx = Tx(conn, self.dialect, self)
+            tx = Tx(conn, self.dialect, self, writing=True)
             if serialize and self.dialect == "postgresql":
                 tx.lock_writers()
             yield tx
+            tx.close_revision()
             if tx.changed_regions is not None and self.dialect == "postgresql":
                 conn.execute(
                     text("SELECT pg_notify(:ch, :payload)"),
@@ -136,6 +154,15 @@ def decode_notice(payload: str) -> tuple[int, frozenset[str]]:
     return int(rev), frozenset(r for r in regions.split(",") if r)
 
 
+def stages_digest(rows: Iterable[Any]) -> bytes:
+    """SHA-256 over a secret's stage pointers (stage, version, revision, expiry), in stage order: the
+    secret's MAC covers it, so a pointer copied back from an older copy no longer matches."""
+    h = hashlib.sha256()
+    for r in sorted(rows, key=lambda r: r.stage):
+        h.update(rowmac.encode("stage-pointer", (r.stage, r.version, r.revision, r.expires_at)))
+    return h.digest()
+
+
 def _json_list(value: str) -> tuple[str, ...]:
     return tuple(json.loads(value))
 
@@ -143,16 +170,20 @@ def _json_list(value: str) -> tuple[str, ...]:
 class Tx:
     """One transaction. Methods are grouped by table; each returns records or plain values."""
 
-    def __init__(self, conn: Connection, dialect: str, store: Store) -> None:
+    def __init__(self, conn: Connection, dialect: str, store: Store, writing: bool = False) -> None:
         self.conn = conn
         self.dialect = dialect
         self.store = store
+        self.writing = writing
         self.revision = 0
         self.changed_regions: set[str] | None = None
         self.tampered: list[tuple[str, str]] = []  # (table, key) of rows a list read left out
         self._names: dict[int, str] = {}
+        self._digests: dict[int, bytes | None] = {}  # secret id → the stages digest its checked record holds
         self._keys: RowKeys | None = None
         self._appended: list[tuple[int, bytes, tuple[str, str]]] = []  # revocations this tx added
+        self._recorded: set[tuple[int, str]] = set()  # change-log rows this tx wrote
+        self._changes_read = False
 
     def keys(self) -> RowKeys:
         return self._keys or self.store.row_keys()
@@ -270,24 +301,34 @@ class Tx:
     @staticmethod
     def _secret_fields(m: Any) -> tuple[Any, ...]:
         """What a secret's MAC covers: its identity, where it may be decrypted, how far its versions
-        go, whether it is deleted, and its schedule (not the scheduler's next due time)."""
+        go, the revision of its last change (checked against the change log), whether it is deleted,
+        and its schedule (not the scheduler's next due time)."""
         return (m["id"], m["name"], _json_list(m["regions"]) if isinstance(m["regions"], str) else m["regions"],
-                m["latest_version"], m["deleted_at"], int(m["destroyed"]), m["generate"], m["rotate_every_s"],
-                m["grace_s"])
+                m["latest_version"], m["revision"], m["deleted_at"], int(m["destroyed"]), m["generate"],
+                m["rotate_every_s"], m["grace_s"], None if m["stages_digest"] is None else bytes(m["stages_digest"]))
 
     def _secret(self, row: Any) -> Secret:
+        self.require_whole_change_log()
         m = {k: v for k, v in row._mapping.items() if k in _SECRET_FIELDS}
-        if not self.keys().check("secret", m.pop("mac"), *self._secret_fields(m)):
+        digest = m.pop("stages_digest")
+        self._digests[m["id"]] = None if digest is None else bytes(digest)
+        if not self.keys().check("secret", m.pop("mac"), *self._secret_fields(row._mapping)):
             raise TamperedRow("secrets", str(m["name"]))
+        if m["revision"] < self.last_change(m["name"]):
+            raise TamperedRow("secrets", str(m["name"]), "is older than its last change in the change log "
+                              "(rows copied back from an older copy)")
         m["regions"] = _json_list(m["regions"])
         m["destroyed"] = bool(m["destroyed"])
         self._names[m["id"]] = m["name"]
         return Secret(**m)
 
     def _reseal_secret(self, secret_id: int) -> None:
+        """Re-make a secret's MAC, binding its current stage pointers through their digest."""
+        stages = self.conn.execute(select(t.stages).where(t.stages.c.secret_id == secret_id)).all()
+        digest = stages_digest(stages)
         row = self.conn.execute(select(t.secrets).where(t.secrets.c.id == secret_id)).one()
-        tag = self.keys().mac("secret", *self._secret_fields(row._mapping))
-        self.conn.execute(update(t.secrets).where(t.secrets.c.id == secret_id).values(mac=tag))
+        tag = self.keys().mac("secret", *self._secret_fields({**row._mapping, "stages_digest": digest}))
+        self.conn.execute(update(t.secrets).where(t.secrets.c.id == secret_id).values(stages_digest=digest, mac=tag))
 
     def get_secret(self, name: str) -> Secret | None:
         row = self.conn.execute(select(t.secrets).where(t.secrets.c.name == name)).first()
@@ -302,6 +343,7 @@ class Tx:
             )
             .returning(t.secrets.c.id)
         ).scalar_one()
+        self.record_change(rev, name)
         self._reseal_secret(sid)
         row = self.conn.execute(select(t.secrets).where(t.secrets.c.id == sid)).one()
         return self._secret(row)
@@ -312,7 +354,9 @@ class Tx:
         if "destroyed" in values:
             values["destroyed"] = int(values["destroyed"])
         self.conn.execute(update(t.secrets).where(t.secrets.c.id == secret_id).values(**values))
-        if not set(values) <= {"updated_at", "revision", "next_rotation_at"}:
+        if "revision" in values:
+            self.record_change(values["revision"], self._name_of(secret_id))
+        if not set(values) <= {"updated_at", "next_rotation_at"}:
             self._reseal_secret(secret_id)
 
     def list_secrets(self, prefix: str = "", include_deleted: bool = False) -> list[Secret]:
@@ -438,12 +482,17 @@ class Tx:
         return (name, stage, version, revision, expires_at)
 
     def get_stages(self, secret_id: int) -> dict[str, Stage]:
-        q = select(t.stages).where(t.stages.c.secret_id == secret_id)
-        name, keys, out = self._name_of(secret_id), self.keys(), {}
-        for r in self.conn.execute(q):
+        """A secret's stage pointers, each checked, and all of them together checked against the
+        digest its (checked) record holds: a pointer edited, removed or copied back raises TamperedRow."""
+        record = self._secret(self.conn.execute(select(t.secrets).where(t.secrets.c.id == secret_id)).one())
+        rows = self.conn.execute(select(t.stages).where(t.stages.c.secret_id == secret_id)).all()
+        keys, out, name = self.keys(), {}, record.name
+        for r in rows:
             if not keys.check("stage", r.mac, *self._stage_fields(name, r.stage, r.version, r.revision, r.expires_at)):
                 raise TamperedRow("stages", f"{name}:{r.stage}")
             out[r.stage] = Stage(r.stage, r.version, r.revision, r.expires_at)
+        if stages_digest(rows) != self._digests[secret_id]:
+            raise TamperedRow("stages", name, "do not match the secret's record (edited, removed or copied back)")
         return out
 
     def set_stage(
@@ -462,6 +511,7 @@ class Tx:
         self.conn.execute(
             insert(t.stage_log).values(secret_id=secret_id, stage=stage, version=version, revision=rev, at=at)
         )
+        self.update_secret(secret_id, revision=rev)  # a change of the secret: logged, and its record re-MAC'd
 
     def clear_stages(self, secret_id: int, rev: int, at: float) -> None:
         """Remove every stage of a secret (tampered ones too: removing is never a gain)."""
@@ -489,12 +539,13 @@ class Tx:
 
     def region_snapshot(self, region: str, now: float) -> list[SnapshotRow]:
         """Every staged, unexpired, undestroyed version a node of ``region`` may decrypt. Residency is
-        by construction: a secret has a wrap for a region only if it is allowed there. Rows whose
-        secret or stage MAC fails are left out (named in ``self.tampered``): the rest still syncs."""
+        by construction: a secret has a wrap for a region only if it is allowed there. A secret whose
+        record, stage pointers or place in the change log fails its check is left out (named in
+        ``self.tampered``): the rest still syncs."""
         s, st, v, w = t.secrets, t.stages, t.secret_versions, t.data_key_wraps
         q = (
-            select(s.c.id, s.c.name, s.c.regions, s.c.latest_version, s.c.deleted_at, s.c.destroyed, s.c.generate,
-                   s.c.rotate_every_s, s.c.grace_s, s.c.mac.label("secret_mac"),
+            select(s.c.id, s.c.name, s.c.regions, s.c.latest_version, s.c.revision, s.c.deleted_at, s.c.destroyed,
+                   s.c.generate, s.c.rotate_every_s, s.c.grace_s, s.c.stages_digest, s.c.mac.label("secret_mac"),
                    st.c.version, st.c.stage, st.c.revision.label("stage_revision"), st.c.expires_at,
                    st.c.mac.label("stage_mac"), v.c.created_at, v.c.ciphertext, w.c.key_version, w.c.wrapped)
             .join(st, st.c.secret_id == s.c.id)
@@ -507,14 +558,27 @@ class Tx:
             )
             .order_by(s.c.name, st.c.version)
         )
-        keys, out, checked = self.keys(), [], {}
-        for r in self.conn.execute(q):
-            ok = checked.get(r.id)
-            if ok is None:
-                ok = checked[r.id] = keys.check("secret", r.secret_mac, *self._secret_fields(r._mapping))
-                if not ok:
-                    self.tampered.append(("secrets", r.name))
-            if not ok:
+        self.require_whole_change_log()
+        self.refresh_changes()  # before the rows: a change committed meanwhile is never taken for a rollback
+        rows = self.conn.execute(q).all()
+        keys, bad = self.keys(), set()
+        for r in {r.id: r for r in rows}.values():  # each secret's record once
+            if not (keys.check("secret", r.secret_mac, *self._secret_fields(r._mapping))
+                    and r.revision >= self.last_change(r.name)):
+                bad.add(r.id)
+                self.tampered.append(("secrets", r.name))
+        pointers: dict[int, list[Any]] = {}
+        ids = sorted({r.id for r in rows} - bad)
+        for i in range(0, len(ids), 500):  # every pointer, expired ones too: the digest covers them all
+            for p in self.conn.execute(select(st).where(st.c.secret_id.in_(ids[i:i + 500]))):
+                pointers.setdefault(p.secret_id, []).append(p)
+        for r in {r.id: r for r in rows if r.id not in bad}.values():
+            if stages_digest(pointers.get(r.id, [])) != bytes(r.stages_digest or b""):
+                bad.add(r.id)
+                self.tampered.append(("stages", r.name))
+        out = []
+        for r in rows:
+            if r.id in bad:
                 continue
             if not keys.check("stage", r.stage_mac,
                               *self._stage_fields(r.name, r.stage, r.version, r.stage_revision, r.expires_at)):
@@ -716,6 +780,63 @@ class Tx:
             self.append_revocation("token", i, at)
         return revoked
 
+    # -- the change log --------------------------------------------------------------------------
+    def record_change(self, revision: int, target: str) -> None:
+        """Write (once) the change-log row saying ``revision`` changed ``target`` (a secret's name, "" for
+        none, BASE_TARGET for the base)."""
+        if (revision, target) in self._recorded:
+            return
+        tag = self.keys().mac("change", revision, target)
+        self.conn.execute(insert(t.changes).values(revision=revision, target=target, mac=tag))
+        self._recorded.add((revision, target))
+
+    def close_revision(self) -> None:
+        """At commit: a revision taken that changed no secret still gets its row, so the log stays dense."""
+        if self.revision and not any(r == self.revision for r, _ in self._recorded):
+            self.record_change(self.revision, "")
+
+    def refresh_changes(self) -> None:
+        """Read the change-log rows committed since this process last looked (read transactions only:
+        they see committed rows alone). A row that fails its MAC raises TamperedRow."""
+        if self.writing or self._changes_read:
+            return
+        self._changes_read = True
+        cache = self.store.changes
+        with cache.lock:
+            rows = self.conn.execute(
+                select(t.changes).where(t.changes.c.revision > cache.read_to).order_by(t.changes.c.revision)
+            ).all()
+            keys = self.keys()
+            for r in rows:
+                if not keys.check("change", r.mac, r.revision, r.target):
+                    raise TamperedRow("changes", str(r.revision))
+                if r.target and cache.last.get(r.target, 0) < r.revision:
+                    cache.last[r.target] = r.revision
+                cache.read_to = max(cache.read_to, r.revision)
+
+    def last_change(self, name: str) -> int:
+        """The revision of ``name``'s last change as the change log says (0 if it says nothing)."""
+        self.refresh_changes()
+        return self.store.changes.last.get(name, 0)
+
+    def change_log_gap(self) -> str | None:
+        """None when the log is whole from its base to the current revision; else what is wrong."""
+        current = self.current_revision()
+        base = self.conn.execute(select(t.changes).where(t.changes.c.target == BASE_TARGET)).first()
+        if base is None or not self.keys().check("change", base.mac, base.revision, BASE_TARGET):
+            return "the change log has no valid base"
+        have = int(self.conn.execute(
+            select(func.count(func.distinct(t.changes.c.revision)))
+            .where(t.changes.c.revision > base.revision, t.changes.c.revision <= current)
+        ).scalar_one())
+        missing = current - base.revision - have
+        return f"{missing} revision(s) missing from the change log" if missing > 0 else None
+
+    def require_whole_change_log(self) -> None:
+        failure = self.store.integrity_failure
+        if failure is not None:
+            raise TamperedRow("changes", "log", failure)
+
     # -- revocations ---------------------------------------------------------------------------
     def revoked(self) -> frozenset[tuple[str, str]]:
         """Every (kind, target) in the revocation chain, verified. The chain is read once per process
@@ -810,6 +931,10 @@ class Tx:
         for r in rows:
             self.conn.execute(update(a).where(a.c.seq == r.seq).values(mac=audit_mac(bytes(r.hash))))
         counts["audit"] = len(rows)
+        # The change log starts here: whole from this revision on; each secret's last change as it is.
+        self.record_change(self.current_revision(), BASE_TARGET)
+        for r in self.conn.execute(select(s.c.name, s.c.revision)).all():
+            self.record_change(r.revision, r.name)
         return counts
 
     # -- nonces --------------------------------------------------------------------------------

@@ -75,6 +75,7 @@ secrets = Table(
     Column("rotate_every_s", Integer, nullable=True),
     Column("next_rotation_at", Float, nullable=True),
     Column("grace_s", Integer, nullable=True),  # default grace of `previous` for this secret
+    Column("stages_digest", LargeBinary, nullable=True),  # SHA-256 of its stage pointers: binds them here
     Column("mac", LargeBinary, nullable=True),  # row MAC (crypto/rowmac.py): name, regions, state, schedule
 )
 
@@ -192,6 +193,21 @@ revocations = Table(
     Column("target", String(32), nullable=False),
     Column("at", Float, nullable=False),
     Column("mac", LargeBinary, nullable=False),
+)
+
+# The change log: one row for each secret a revision changed (target: its name), or one row with
+# target "" for a revision that changed no secret; the row with target "*base*" says from which
+# revision on the log is whole (0 for a vault made with it; the revision of adoption otherwise).
+# Each row carries a MAC. Dense by construction (every committed revision writes its row), so a
+# secret whose record is older than its last change here was rolled back, and a revision missing
+# from it is a removed row.
+changes = Table(
+    "changes",
+    metadata,
+    Column("revision", BigInteger, primary_key=True, autoincrement=False),
+    Column("target", String(300), primary_key=True),
+    Column("mac", LargeBinary, nullable=False),
+    Index("ix_changes_target", "target", "revision"),
 )
 
 # Events while sealed (refused unseal attempts): kept out of the MAC'd audit chain, since nothing
