@@ -23,7 +23,7 @@ from typing import Any
 
 import pytest
 
-from tests.agent.support import NOBODY_ID, RawConn, get
+from tests.agent.support import NOBODY_ID, RawConn, get, wait_for_socket
 from tests.e2e.conftest import AgentProcess, ControlPlane, wait_until
 from tests.e2e.proxy import Proxy
 from vault_edge import wire
@@ -301,6 +301,11 @@ def test_a_killed_agent_never_serves_older_than_it_served(control_plane: Control
     deadline = time.monotonic() + 30
     try:
         while time.monotonic() < deadline and restarts < 25:
+            # The killed agent's socket file stays behind: wait for the new agent to listen (a probe
+            # that closes its socket; httpx would leak one connecting to the dead file), then read.
+            wait_for_socket(str(a.socket), a.proc, a.log_path)
+            if restarts:
+                planted_left += stale.exists()  # cleaned before the new agent serves
             with a.client() as c:
                 first = wait_until(lambda c=c: c.get("eu/k"), 10, "a read after the restart")
                 if first.version < highest:
@@ -315,7 +320,6 @@ def test_a_killed_agent_never_serves_older_than_it_served(control_plane: Control
             stale.write_bytes(b"half a cache")
             a.start(wait_ready=False)
             restarts += 1
-            planted_left += stale.exists()
     finally:
         stop.set()
         rotator.join(10)
