@@ -190,3 +190,54 @@ def test_repr_shows_no_token_digest(tmp_path: Path) -> None:
     _, sha = new_token()
     p = load(tmp_path, f'[[rule]]\ntoken_sha256 = "{sha}"\nsecrets = ["*"]\n')
     assert sha not in repr(p)
+
+
+def test_the_memo_is_keyed_by_token_digest_and_bounded_in_bytes(tmp_path: Path) -> None:
+    """A caller sending many distinct long tokens (all refused) cannot grow the memo past its bounds,
+    and no raw token is kept in it."""
+    import tracemalloc
+
+    p = load(tmp_path, f'[[rule]]\ntoken_sha256 = "{"ab" * 32}"\nsecrets = ["a/*"]\n')
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for i in range(6000):
+            assert not p.allows(OWNER, f"{i:08d}" + "t" * 8000, "a/b")
+        grown = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    print(f"\n[policy memo] 6,000 distinct 8 KB tokens: memo {len(p._memo)} entries, {p.memo_bytes} bytes "
+          f"accounted; traced growth {grown / 2**20:.1f} MiB")
+    assert p.memo_bytes <= policy_mod._MEMO_BYTES
+    assert grown < 8 << 20  # raw tokens kept would be 48 MB
+    assert all(not (isinstance(part, str) and "tttt" in part) for key in p._memo for part in key)
+
+
+def test_the_memo_byte_bound_holds_for_long_names_and_paths(tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(policy_mod, "_MEMO_BYTES", 50_000)
+    p = load(tmp_path, '[[rule]]\nuid = 1000\nsecrets = ["a/*"]\n')
+    caller = Caller(1, 1000, 1000, "/x" * 2000)
+    for i in range(500):
+        p.allows(caller, None, f"a/{i:04d}" + "n" * 200)
+        assert p.memo_bytes <= 50_000
+    assert p.allows(caller, None, "a/b") and not p.allows(caller, None, "b")
+
+
+def test_exe_only_rules_are_named_with_a_warning(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """`exe` is advisory (read once per connection; a forked child can exec the allowed binary on a
+    connection its parent opened): a rule relying on it alone is warned about at start."""
+    from vault_edge.agent.run import warn_about_policy
+
+    p = load(tmp_path, '[[rule]]\nexe = "/usr/bin/env"\nsecrets = ["a/*"]\n\n'
+                       '[[rule]]\nuid = 1000\nexe = "/usr/bin/env"\nsecrets = ["b/*"]\n\n'
+                       '[[rule]]\nuid = 1000\nsecrets = ["c/*"]\n')
+    assert p.exe_only_rules == (1,)
+    with caplog.at_level("WARNING", logger="vault_edge.agent"):
+        warn_about_policy(p)
+    exe_warnings = [r.getMessage() for r in caplog.records if "advisory" in r.getMessage()]
+    assert len(exe_warnings) == 1 and "rule 1" in exe_warnings[0] and "rule 2" not in exe_warnings[0]
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="vault_edge.agent"):
+        warn_about_policy(load(tmp_path, '[[rule]]\nuid = 1000\nsecrets = ["c/*"]\n'))
+    assert not [r for r in caplog.records if "advisory" in r.getMessage()]

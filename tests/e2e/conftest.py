@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import shutil
 import subprocess
 import tempfile
@@ -35,8 +36,9 @@ def wait_until(pred: Callable[[], Any], timeout: float = 15.0, what: str = "cond
 
 class AgentProcess:
     def __init__(self, workdir: Path, name: str, server: str, join_token: str | None,
-                 extra: list[str] | None = None) -> None:
+                 extra: list[str] | None = None, nofile: tuple[int, int] | None = None) -> None:
         self.name = name
+        self.nofile = nofile  # (soft, hard) RLIMIT_NOFILE to start the agent under
         self.state_dir = workdir / f"{name}-state"
         self.socket = workdir / f"{name}.sock"
         self.log_path = workdir / f"{name}.log"
@@ -49,12 +51,27 @@ class AgentProcess:
         if self.join_token:
             args += ["--join-token", self.join_token]
         with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
+            self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, preexec_fn=self._limits)
         wait_until(lambda: self.socket.exists() or self.proc.poll() is not None, 20, f"{self.name}'s socket")
         assert self.proc.poll() is None, f"agent exited: {self.log()[-3000:]}"
         if wait_ready:
             wait_until(lambda: self.health()["status"] == "ok", 20, f"{self.name} in sync")
         return self
+
+    def _limits(self) -> None:
+        if self.nofile is not None:
+            resource.setrlimit(resource.RLIMIT_NOFILE, self.nofile)
+
+    def status(self, key: str) -> int:
+        """A field of /proc/PID/status in KiB (VmRSS, VmHWM: the peak resident set)."""
+        assert self.proc is not None
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+        raise AssertionError(f"no {key}")
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
 
     def stop(self, sig: int = 15) -> int | None:
         stop_process(self.proc, sig)
@@ -146,8 +163,9 @@ def start_agent(workdir: Path, control_plane: ControlPlane) -> Iterator[Callable
     started: list[AgentProcess] = []
 
     def start(name: str, region: str, *extra: str, server: str | None = None, wait_ready: bool = True,
-              ) -> AgentProcess:
-        a = AgentProcess(workdir, name, server or control_plane.addr, control_plane.join_token(region), list(extra))
+              nofile: tuple[int, int] | None = None) -> AgentProcess:
+        a = AgentProcess(workdir, name, server or control_plane.addr, control_plane.join_token(region), list(extra),
+                         nofile=nofile)
         started.append(a)
         return a.start(wait_ready=wait_ready)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import threading
+import zlib
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
@@ -17,6 +18,12 @@ class Proxy:
     def __init__(self, upstream: str) -> None:
         self.upstream = upstream.rstrip("/")
         self.mode = "pass"  # pass | tamper | other_node | replay | forge_revoked
+        # A hostile path, apart from `mode`: every answer to a request under one of `hostile_paths` is
+        # replaced by `hostile` (bad_gzip | gzip_bomb | oversized) without asking the control plane.
+        self.hostile: str | None = None
+        self.hostile_paths: tuple[str, ...] = ("/v1/agent/sync",)
+        self.hostile_sent = 0
+        self._bomb: bytes | None = None
         self.answers: dict[str, list[tuple[bytes, str]]] = {}  # node → [(body, signature)]
         self.rewritten = 0
         self.wire = bytearray()  # every request and answer that crossed it, as bytes
@@ -51,6 +58,9 @@ class Proxy:
         with self.lock:
             self.wire += h.requestline.encode() + str(h.headers).encode() + body
         headers = {k: v for k, v in h.headers.items() if k.lower() not in ("host", "content-length", "connection")}
+        if self.hostile and h.path.startswith(self.hostile_paths):
+            self.hostile_answer(h, self.hostile)
+            return
         if self.mode == "forge_revoked" and h.path.startswith("/v1/agent/sync"):
             self.forge_revocation(h)
             return
@@ -69,6 +79,37 @@ class Proxy:
         h.send_header("content-length", str(len(out)))
         h.end_headers()
         h.wfile.write(out)
+
+    BOMB_DECODED = 256 << 20  # what the gzip bomb inflates to (about 250 KiB on the wire)
+    OVERSIZED = 160 << 20  # an identity body this long, chunked (no Content-Length to refuse it by)
+
+    def bomb(self) -> bytes:
+        if self._bomb is None:
+            z, zeros = zlib.compressobj(9, zlib.DEFLATED, 31), bytes(1 << 20)  # wbits 31: a gzip stream
+            self._bomb = b"".join(z.compress(zeros) for _ in range(self.BOMB_DECODED >> 20)) + z.flush()
+        return self._bomb
+
+    def hostile_answer(self, h: BaseHTTPRequestHandler, kind: str) -> None:
+        with self.lock:
+            self.hostile_sent += 1
+        h.send_response(200)
+        h.send_header("content-type", "application/json")
+        try:
+            if kind == "oversized":
+                h.send_header("transfer-encoding", "chunked")
+                h.end_headers()
+                chunk = b"0" * (1 << 20)
+                for _ in range(self.OVERSIZED >> 20):
+                    h.wfile.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+                h.wfile.write(b"0\r\n\r\n")
+                return
+            out = {"bad_gzip": b"this is not a gzip stream" * 8, "gzip_bomb": self.bomb()}[kind]
+            h.send_header("content-encoding", "gzip")
+            h.send_header("content-length", str(len(out)))
+            h.end_headers()
+            h.wfile.write(out)
+        except (BrokenPipeError, ConnectionResetError):  # the agent stopped reading: what it should do
+            h.close_connection = True
 
     def forge_revocation(self, h: BaseHTTPRequestHandler) -> None:
         """A 403 shaped like the control plane's revocation, naming the node and echoing its nonce,

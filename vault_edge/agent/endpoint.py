@@ -22,6 +22,16 @@ when it never has: ``/v1/health`` then says ``last_sync_age_s`` null), and ``Cac
 Order of checks on a read: 400 (bad request) → 403 (policy: a name the caller may not read is
 forbidden whether or not it exists) → 503 (``not_ready``, ``too_stale``) → 404 (absent or past grace).
 
+Local callers cannot exhaust the agent's descriptors (``Listener``): the listener accepts connections
+itself, holds each uid to ``max_conns_per_uid`` (more are closed at once, logged once a minute per
+uid), and stops accepting while the open connections would leave fewer than ``FD_RESERVE``
+descriptors under the soft limit for the agent's own work (the sync, the disk cache), resuming as
+connections close. Keep-alive connections with no request in flight and nothing pending are closed
+after ``idle_timeout`` by the sweeper that also times out slow heads. The sweeper tells idle from busy
+without touching the hot path: it starts a new cache epoch on every pass, and any request brings its
+connection's epoch up to date, so a connection whose epoch is older than the previous pass has sent
+nothing since.
+
 Hostile input: heads over 8 KiB get 431, malformed ones 400, request bodies and Transfer-Encoding are
 refused (answer, then close), heads left unfinished for 10 s (``head_timeout``) get 408; all close the connection, and
 a client that stops reading is paused at the transport's write-buffer limit. Nothing here logs or
@@ -33,11 +43,13 @@ Imports nothing of the control plane, FastAPI, Starlette, SQLAlchemy or httpx: c
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
 import logging
 import math
 import os
 import re
+import resource
 import socket
 import stat
 from collections.abc import Coroutine
@@ -64,6 +76,10 @@ _CACHE_MAX: Final = 64  # cached answers per connection...
 _CACHE_BYTES: Final = 65_536  # ...and their bytes: bounded memory per connection, whatever the clients ask
 _CACHE_ANSWER_MAX: Final = 16_384  # larger answers are rebuilt each time rather than held
 _SWEEP_S: Final = 5.0
+IDLE_TIMEOUT_S: Final = 60.0  # a keep-alive connection with nothing in flight is closed after this
+MAX_CONNS_PER_UID: Final = 256  # connections one uid may hold; more are closed at accept
+FD_RESERVE: Final = 64  # descriptors kept free under the soft limit for the agent's own work
+_REFUSAL_LOG_S: Final = 60.0  # refusals of one kind are logged once per this window
 
 _REASONS: Final = {
     200: "OK", 400: "Bad Request", 403: "Forbidden", 404: "Not Found", 405: "Method Not Allowed",
@@ -90,26 +106,166 @@ def run(main: Coroutine[Any, Any, T]) -> T:
 
 
 async def serve(path: str, state: AgentState, policy: Policy, *, mode: int = 0o660,
-                head_timeout: float = HEAD_TIMEOUT_S) -> asyncio.AbstractServer:
+                head_timeout: float = HEAD_TIMEOUT_S, idle_timeout: float = IDLE_TIMEOUT_S,
+                max_conns_per_uid: int = MAX_CONNS_PER_UID, fd_reserve: int = FD_RESERVE) -> Listener:
     """Create the unix socket at ``path`` (mode ``mode``, never world-accessible) and start serving.
 
     A stale socket file left by a dead agent is removed; a live one, or any other kind of file, is
-    not (EndpointError). A request head unfinished after ``head_timeout`` seconds is answered 408.
-    The caller owns the returned server: ``close()`` it and unlink ``path``.
+    not (EndpointError). A request head unfinished after ``head_timeout`` seconds is answered 408; a
+    connection idle for ``idle_timeout`` seconds is closed. The caller owns the returned listener:
+    ``close()`` it and unlink ``path``.
     """
     if mode & 0o007 or mode & ~0o770:
         raise ValueError(f"socket mode {mode:#o} must give nothing to others (e.g. 0o660 or 0o600)")
+    if max_conns_per_uid < 1 or idle_timeout <= 0:
+        raise ValueError("max_conns_per_uid must be ≥ 1 and idle_timeout > 0")
     _remove_stale(path)
     sock = _bind(path, mode)
     core = _Server(state, policy)
     loop = asyncio.get_running_loop()
     try:
-        server = await loop.create_unix_server(lambda: _Conn(core), sock=sock, backlog=1024)
+        sock.listen(1024)
+        listener = Listener(sock, core, loop, max_conns_per_uid=max_conns_per_uid, fd_reserve=fd_reserve)
     except BaseException:
         sock.close()
         raise
-    core.start_sweeper(loop, server, head_timeout)
-    return server
+    core.start_sweeper(loop, listener, head_timeout, idle_timeout)
+    return listener
+
+
+def _open_fds() -> int:
+    try:
+        return len(os.listdir("/proc/self/fd"))
+    except OSError:
+        return 64
+
+
+class Listener:
+    """Accepts connections on the listening socket, admitting each to a ``_Conn`` or closing it.
+
+    Accepting here rather than through ``loop.create_unix_server`` lets the agent stop accepting
+    (the kernel's backlog holds what comes meanwhile) and resume, which event loops' servers do not
+    offer. Each connection's caller is read from the kernel once, here; a uid holding
+    ``max_conns_per_uid`` connections has its next ones closed at once. The connection budget is the
+    soft RLIMIT_NOFILE less ``fd_reserve`` less the descriptors open when serving starts.
+    """
+
+    def __init__(self, sock: socket.socket, core: _Server, loop: asyncio.AbstractEventLoop, *,
+                 max_conns_per_uid: int, fd_reserve: int) -> None:
+        self.sock, self.core, self.loop = sock, core, loop
+        self.max_conns_per_uid = max_conns_per_uid
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        self.max_conns = (1 << 30) if soft == resource.RLIM_INFINITY else max(1, soft - fd_reserve - _open_fds())
+        self.soft_limit, self.fd_reserve = soft, fd_reserve
+        self.per_uid: dict[int, int] = {}
+        self.pending = 0  # accepted, protocol not yet attached
+        self.accepting = False
+        self.serving = True
+        self._logged: dict[object, float] = {}  # refusal kind → when last logged
+        self._refused: dict[object, int] = {}  # refusal kind → refusals since
+        self._fd = sock.fileno()
+        self._resume()
+
+    # the AbstractServer methods the agent uses
+    def is_serving(self) -> bool:
+        return self.serving
+
+    def close(self) -> None:
+        if self.serving:
+            self.serving = False
+            self._pause()
+            self.sock.close()
+
+    async def wait_closed(self) -> None:
+        return None
+
+    # accepting
+
+    def _resume(self) -> None:
+        if self.serving and not self.accepting:
+            self.loop.add_reader(self._fd, self._accept)
+            self.accepting = True
+
+    def _pause(self) -> None:
+        if self.accepting:
+            self.loop.remove_reader(self._fd)
+            self.accepting = False
+
+    def _full(self) -> bool:
+        return len(self.core.conns) + self.pending >= self.max_conns
+
+    def _accept(self) -> None:
+        for _ in range(128):  # a batch per wake-up, then let the loop serve requests
+            if self._full():
+                self._pause()
+                self._note("budget", "stop accepting connections: %d open, the open-files limit is %d and %d are "
+                           "kept for the agent's own work; accepting again as connections close",
+                           len(self.core.conns) + self.pending, self.soft_limit, self.fd_reserve)
+                return
+            try:
+                conn, _ = self.sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                if exc.errno in (errno.ECONNABORTED, errno.EPROTO):
+                    continue
+                # EMFILE, ENFILE, ENOBUFS, ENOMEM: out of something; the backlog waits a second
+                self._pause()
+                self.loop.call_later(1.0, self._resume)
+                self._note("accept", "cannot accept connections (%s); retrying in 1s", exc.strerror or exc)
+                return
+            self._admit(conn)
+
+    def _admit(self, conn: socket.socket) -> None:
+        try:
+            conn.setblocking(False)
+            caller = peer_of(conn, with_exe=self.core.policy.uses_exe)
+        except OSError as exc:
+            conn.close()
+            self._note("cred", "refusing a connection without kernel credentials: %s", exc)
+            return
+        held = self.per_uid.get(caller.uid, 0)
+        if held >= self.max_conns_per_uid:
+            conn.close()
+            self._note(("uid", caller.uid), "uid %d holds %d connections per uid (--max-conns-per-uid): its new "
+                       "connections are closed at once", caller.uid, held)
+            return
+        self.per_uid[caller.uid] = held + 1
+        self.pending += 1
+        self.loop.create_task(self._attach(conn, caller))
+
+    async def _attach(self, conn: socket.socket, caller: Caller) -> None:
+        try:
+            await self.loop.connect_accepted_socket(lambda: _Conn(self.core, self, caller), conn)
+        except Exception as exc:  # the connection is lost; the listener is not
+            conn.close()
+            self.release(caller.uid)
+            log.warning("could not set up an accepted connection (%s)", type(exc).__name__)
+        finally:
+            self.pending -= 1
+
+    def release(self, uid: int) -> None:
+        """A connection of ``uid`` closed: its slot is free again, and accepting resumes if it stopped."""
+        held = self.per_uid.get(uid, 0) - 1
+        if held > 0:
+            self.per_uid[uid] = held
+        else:
+            self.per_uid.pop(uid, None)
+        if not self.accepting and not self._full():
+            self._resume()
+
+    def _note(self, kind: object, msg: str, *args: object) -> None:
+        """Log a refusal at most once per window per kind, with how many happened since."""
+        now = monotonic()
+        count = self._refused[kind] = self._refused.get(kind, 0) + 1
+        if now - self._logged.get(kind, -math.inf) >= _REFUSAL_LOG_S:
+            self._logged[kind] = now
+            self._refused[kind] = 0
+            log.warning(msg + " (%d in this window; next report in %.0fs at the earliest)", *args, count,
+                        _REFUSAL_LOG_S)
+            if len(self._logged) > 4096:  # one entry per uid seen refusing: bounded anyway
+                self._logged.clear()
+                self._refused.clear()
 
 
 def _remove_stale(path: str) -> None:
@@ -491,20 +647,35 @@ class _Server:
 
     # -- slow heads
 
-    def start_sweeper(self, loop: asyncio.AbstractEventLoop, server: asyncio.AbstractServer,
-                      head_timeout: float) -> None:
-        """Every few seconds, close connections whose unfinished head is older than ``head_timeout``.
+    def start_sweeper(self, loop: asyncio.AbstractEventLoop, server: Listener, head_timeout: float,
+                      idle_timeout: float = IDLE_TIMEOUT_S) -> None:
+        """Every few seconds, close connections whose unfinished head is older than ``head_timeout`` and
+        connections idle (nothing in flight, nothing pending) for ``idle_timeout``.
 
-        One timer for the whole server rather than one per request: the hot path arms nothing.
+        One timer for the whole server rather than one per request: the hot path arms nothing. Each
+        pass starts a new cache epoch; a request brings its connection's epoch up to date (the hot
+        path already compares the two), so a connection still behind the previous pass's epoch has
+        sent nothing since then.
         """
-        every = min(_SWEEP_S, head_timeout / 2)
+        every = min(_SWEEP_S, head_timeout / 2, idle_timeout / 2)
+        mark = self.epoch
 
         def sweep() -> None:
+            nonlocal mark
             if not server.is_serving():
                 return
-            limit = monotonic() - head_timeout
-            for conn in [c for c in self.conns if c.partial_since is not None and c.partial_since < limit]:
-                conn.refuse(408, "the request head was not finished in time")
+            now = monotonic()
+            limit, idle_limit = now - head_timeout, now - idle_timeout
+            for conn in list(self.conns):
+                if conn.partial_since is not None:
+                    if conn.partial_since < limit:
+                        conn.refuse(408, "the request head was not finished in time")
+                elif conn.epoch >= mark or conn.busy():
+                    conn.active_at = now
+                elif conn.active_at < idle_limit:
+                    conn.close_idle()
+            self.refresh()
+            mark = self.epoch
             loop.call_later(every, sweep)
 
         loop.call_later(every, sweep)
@@ -519,10 +690,13 @@ def _dumps(doc: Any) -> bytes:
 class _Conn(asyncio.Protocol):
     """One client connection: frame heads, answer them in order, cache answers by head."""
 
-    def __init__(self, core: _Server) -> None:
+    def __init__(self, core: _Server, listener: Listener | None = None, caller: Caller | None = None) -> None:
         self.core = core
+        self.listener = listener  # told when the connection ends (per-uid count, accept budget)
         self.transport: asyncio.Transport | None = None
-        self.caller = Caller(0, -1, -1)
+        self.caller = caller or Caller(0, -1, -1)
+        self.known = caller is not None  # the listener read the kernel's credentials already
+        self.active_at = monotonic()  # last sweep that saw it busy (or when it was accepted)
         self.buf = b""
         self.cache: dict[bytes, bytes] = {}
         self.cache_bytes = 0
@@ -538,17 +712,33 @@ class _Conn(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         transport = cast(asyncio.Transport, transport)  # uvloop's transports do not subclass asyncio's
         self.transport = transport
-        try:
-            self.caller = peer_of(transport.get_extra_info("socket"), with_exe=self.core.policy.uses_exe)
-        except OSError as exc:
-            log.warning("refusing a connection without kernel credentials: %s", exc)
-            self.closing = True
-            transport.abort()
-            return
+        if not self.known:
+            try:
+                self.caller = peer_of(transport.get_extra_info("socket"), with_exe=self.core.policy.uses_exe)
+            except OSError as exc:
+                log.warning("refusing a connection without kernel credentials: %s", exc)
+                self.closing = True
+                transport.abort()
+                return
         self.core.conns.add(self)
 
+    def busy(self) -> bool:
+        """A request in flight or an answer not yet taken by the client."""
+        return (self.watch is not None or bool(self.buf) or self.write_blocked
+                or (self.transport is not None and self.transport.get_write_buffer_size() > 0))
+
+    def close_idle(self) -> None:
+        """Close a keep-alive connection with nothing in flight (clients reconnect, as with any server)."""
+        if not self.closing and self.transport is not None:
+            self.closing = True
+            self.transport.close()
+
     def connection_lost(self, exc: Exception | None) -> None:
-        self.core.conns.discard(self)
+        if self in self.core.conns:
+            self.core.conns.discard(self)
+        if self.listener is not None:
+            self.listener.release(self.caller.uid)
+            self.listener = None
         self.closing = True
         if self.watch is not None:
             self.watch.cancel()

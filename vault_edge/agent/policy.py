@@ -22,6 +22,17 @@ and nothing the host process happens to hold. Rules without a token apply to req
 No policy file: the agent's own uid and root may read everything, everyone else nothing (a token is
 then refused, since no rule names it).
 
+``exe`` is advisory, not a security boundary. The executable is read once, when the connection is
+accepted, and a connection outlives the process image that opened it: a process may connect, fork,
+and have the connecting process (or a child holding the descriptor) exec the allowed binary, or
+hand the descriptor to another program. Linux offers no sound way to bind a unix-socket connection
+to the binary that uses it, so an ``exe`` condition only narrows rules already bounded by ``uid``,
+``gid`` or a token; rely on those (the kernel's uid/gid, a token the process must hold). The agent
+warns at start about any rule whose only condition is ``exe`` (:attr:`Policy.exe_only_rules`).
+
+The memo of decisions is keyed by the token's SHA-256 (never the raw token) and bounded in
+entries and in bytes, so its memory stays bounded whatever callers send.
+
 A rule must give at least one condition; a file that would let every local user read everything
 is more likely a mistake than an intent, and the socket's file mode is the place for "everyone".
 Symlinks in ``exe`` are resolved when the file is loaded, since the kernel reports resolved paths.
@@ -43,7 +54,9 @@ from typing import Any, Final
 from vault_edge.agent.peercred import Caller
 
 TOKEN_HEADER: Final = "x-vault-edge-token"
-_MEMO_MAX: Final = 16_384  # decisions kept; the memo is dropped whole past this (hostile names)
+_MEMO_MAX: Final = 16_384  # decisions kept; the memo is dropped whole past this (hostile names)...
+_MEMO_BYTES: Final = 4 << 20  # ...or past this many bytes of keys (exe paths and names are the variable part)
+_MEMO_ENTRY: Final = 200  # bytes an entry costs besides its strings (tuple, dict slot, digest, ints)
 _RULE_KEYS: Final = frozenset({"uid", "gid", "exe", "token_sha256", "secrets"})
 _HEX64 = re.compile(r"[0-9a-fA-F]{64}")
 
@@ -59,7 +72,11 @@ def new_token() -> tuple[str, str]:
 
 
 def token_sha256(token: str) -> str:
-    return hashlib.sha256(token.encode("utf-8", "surrogateescape")).hexdigest()
+    return _digest(token).hex()
+
+
+def _digest(token: str) -> bytes:
+    return hashlib.sha256(token.encode("utf-8", "surrogateescape")).digest()
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,7 +116,12 @@ class Policy:
         self.owner_uid = os.getuid() if owner_uid is None else owner_uid
         self.source = source
         self.uses_exe = any(r.exe is not None for r in self.rules or ())
-        self._memo: dict[tuple[int, int, str | None, str | None, str], bool] = {}
+        # 1-based indices of rules whose only condition is exe (advisory: see the module docstring)
+        self.exe_only_rules: tuple[int, ...] = tuple(
+            i for i, r in enumerate(self.rules or (), start=1)
+            if r.exe is not None and r.uid is None and r.gid is None and r.token_digest is None)
+        self._memo: dict[tuple[int, int, str | None, bytes | None, str], bool] = {}
+        self.memo_bytes = 0
 
     def __repr__(self) -> str:
         where = self.source or ("<default: owner and root>" if self.rules is None else "<rules>")
@@ -121,30 +143,36 @@ class Policy:
         return cls(parse_rules(doc, where), source=where)
 
     def allows(self, caller: Caller, token: str | None, name: str) -> bool:
-        key = (caller.uid, caller.gid, caller.exe, token, name)
+        digest = None if token is None else _digest(token)
+        key = (caller.uid, caller.gid, caller.exe, digest, name)
         hit = self._memo.get(key)
         if hit is None:
-            if len(self._memo) >= _MEMO_MAX:
+            size = _MEMO_ENTRY + len(name) + len(caller.exe or "")
+            if len(self._memo) >= _MEMO_MAX or self.memo_bytes + size > _MEMO_BYTES:
                 self._memo.clear()
-            hit = self._memo[key] = self._decide(caller, token, name)
+                self.memo_bytes = 0
+            hit = self._decide(caller, digest, name)
+            if size <= _MEMO_BYTES:
+                self._memo[key] = hit
+                self.memo_bytes += size
         return hit
 
     def knows_token(self, token: str) -> bool:
         """True when some rule names this token (checked against every rule, in constant time each)."""
-        digest = hashlib.sha256(token.encode("utf-8", "surrogateescape")).digest()
+        digest = _digest(token)
         found = False
         for r in self.rules or ():
             if r.token_digest is not None:
                 found |= hmac.compare_digest(r.token_digest, digest)
         return found
 
-    def _decide(self, caller: Caller, token: str | None, name: str) -> bool:
+    def _decide(self, caller: Caller, digest: bytes | None, name: str) -> bool:
+        """``digest``: the SHA-256 of the request's token, None without one."""
         if self.rules is None:
-            return token is None and caller.uid in (0, self.owner_uid)
-        if token is None:
+            return digest is None and caller.uid in (0, self.owner_uid)
+        if digest is None:
             candidates = [r for r in self.rules if r.token_digest is None]
         else:
-            digest = hashlib.sha256(token.encode("utf-8", "surrogateescape")).digest()
             # Compare against every token rule, in constant time each; no early exit on a hit.
             candidates = [
                 r for r in self.rules

@@ -6,13 +6,14 @@ import asyncio
 import contextlib
 import logging
 import os
+import resource
 import signal
 from dataclasses import dataclass
 from pathlib import Path
 
 from vault_edge.agent import identity as ident
 from vault_edge.agent.cache import DiskCache
-from vault_edge.agent.endpoint import serve
+from vault_edge.agent.endpoint import IDLE_TIMEOUT_S, MAX_CONNS_PER_UID, serve
 from vault_edge.agent.policy import Policy
 from vault_edge.agent.sync import EnrolError, Revoked, Syncer, load_cached
 from vault_edge.agent.view import AgentState
@@ -38,6 +39,47 @@ class AgentConfig:
     wait: float = 30.0
     socket_mode: int = 0o660
     tls_ca: str | None = None
+    idle_timeout: float = IDLE_TIMEOUT_S
+    max_conns_per_uid: int = MAX_CONNS_PER_UID
+
+
+def warn_about_policy(policy: Policy) -> None:
+    """Warnings about a policy that may not mean what it seems to (logged at start)."""
+    if policy.exe_only_rules:
+        rules = ", ".join(f"rule {i}" for i in policy.exe_only_rules)
+        log.warning("policy %s: %s rel%s on exe alone; exe is advisory (read once per connection, a process can "
+                    "connect and then exec the allowed binary), not a security boundary: add a uid, gid or "
+                    "token_sha256 condition", policy.source or "", rules,
+                    "ies" if len(policy.exe_only_rules) == 1 else "y")
+    if policy.uses_exe and os.geteuid() != 0:
+        log.warning("the policy has exe conditions: the kernel lets an unprivileged agent read /proc/PID/exe only of "
+                    "callers running as its own uid, so exe rules for other uids never match (fail closed); run the "
+                    "agent as root or with CAP_SYS_PTRACE for them")
+
+
+def raise_fd_limit() -> int:
+    """Raise the soft RLIMIT_NOFILE to the hard one (idle clients cost a descriptor each); the new soft."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError) as exc:
+            log.warning("cannot raise the open-files limit from %d to %d (%s)", soft, hard, exc)
+    return soft
+
+
+def clean_stale_temp_files(state_dir: Path) -> int:
+    """Remove ``.*.tmp`` files a killed agent left mid-write in its state dir (never the files they
+    were to replace: those are renamed over whole or not at all). The number removed."""
+    removed = 0
+    for tmp in Path(state_dir).glob(".*.tmp"):
+        with contextlib.suppress(FileNotFoundError, IsADirectoryError):
+            tmp.unlink()
+            removed += 1
+    if removed:
+        log.info("removed %d temporary file(s) left by an interrupted write in %s", removed, state_dir)
+    return removed
 
 
 async def run(cfg: AgentConfig) -> int:
@@ -56,25 +98,26 @@ async def run(cfg: AgentConfig) -> int:
         policy = Policy.load(cfg.policy)
     except ValueError as exc:
         raise AgentError(str(exc)) from None
-    if policy.uses_exe and os.geteuid() != 0:
-        log.warning("the policy has exe conditions: the kernel lets an unprivileged agent read /proc/PID/exe only of "
-                    "callers running as its own uid, so exe rules for other uids never match (fail closed); run the "
-                    "agent as root or with CAP_SYS_PTRACE for them")
+    warn_about_policy(policy)
+    nofile = raise_fd_limit()
 
     enrolment = identity.enrolment
     state = AgentState(enrolment.node if enrolment else "", enrolment.region if enrolment else "",
                        max_stale=cfg.max_stale, stale_after=cfg.stale_after)
     cache = DiskCache(cfg.state_dir)
+    clean_stale_temp_files(cfg.state_dir)
     load_cached(identity, state, cache)
     loop = asyncio.get_running_loop()
     stop = loop.create_future()
     for sig in (signal.SIGTERM, signal.SIGINT):  # before serving: a SIGTERM from then on is graceful
         loop.add_signal_handler(sig, lambda: stop.done() or stop.set_result(None))
     try:
-        listener = await serve(str(cfg.socket), state, policy, mode=cfg.socket_mode)
+        listener = await serve(str(cfg.socket), state, policy, mode=cfg.socket_mode, idle_timeout=cfg.idle_timeout,
+                               max_conns_per_uid=cfg.max_conns_per_uid)
     except (OSError, ValueError) as exc:
         raise AgentError(f"cannot listen on {cfg.socket}: {getattr(exc, 'strerror', None) or exc}") from None
-    log.info("serving on %s", cfg.socket)
+    log.info("serving on %s (open-files limit %d, per-uid connection cap %d, idle connections closed after %gs)",
+             cfg.socket, nofile, cfg.max_conns_per_uid, cfg.idle_timeout)
 
     syncer = Syncer(identity, state, cache, server, join_token=cfg.join_token, wait=cfg.wait,
                     verify=cfg.tls_ca or True)

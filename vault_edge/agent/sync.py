@@ -3,9 +3,16 @@
     GET /v1/agent/sync?since=R&wait=S   (signed by the node; ``since`` reports the applied revision)
       → the node's whole view at a revision > R, or, after S seconds, a signed ``unchanged``
 
-Each answer is verified and decrypted off to the side, installed in one assignment, then written to
-the disk cache. When the control plane is away the agent keeps serving what it has and retries with
-jittered exponential back-off (full jitter, capped), so a fleet does not reconnect in lockstep.
+Each answer is verified and decrypted off to the side, written to the disk cache, then installed in
+one assignment (persisted before it is served: see :meth:`Syncer.apply`). When the control plane is
+away the agent keeps serving what it has and retries with jittered exponential back-off (full
+jitter, capped), so a fleet does not reconnect in lockstep.
+
+Anything on the path is a transient failure, never a reason to exit: every exchange goes through
+:func:`fetch`, which turns whatever the exchange raises (any ``httpx.HTTPError``: transport,
+protocol, decoding, timeouts) into :class:`PathFailure`. It asks for ``Accept-Encoding: identity``,
+refuses any other ``Content-Encoding`` without reading the body (a relay's gzip bomb is never
+inflated), and reads the body raw, in chunks, stopping past a limit (``MAX_BUNDLE``).
 """
 
 from __future__ import annotations
@@ -17,11 +24,12 @@ import random
 import secrets
 import socket
 import time
+from dataclasses import dataclass
 
 import httpx
 
 from vault_edge import wire
-from vault_edge.agent.bundle import BundleError, GrantCache, Opened, open_bundle
+from vault_edge.agent.bundle import MAX_BUNDLE, BundleError, GrantCache, Opened, open_bundle
 from vault_edge.agent.cache import DiskCache
 from vault_edge.agent.identity import Enrolment, Identity, save_enrolment
 from vault_edge.agent.view import AgentState
@@ -36,6 +44,53 @@ class EnrolError(Exception):
 
 class Revoked(Exception):
     """The control plane revoked this node."""
+
+
+class PathFailure(Exception):
+    """The exchange with the control plane failed on the path (transport, protocol, encoding, size):
+    transient. The message names the exception class or the limit, never the body."""
+
+
+MAX_ERROR_BODY = 64 * 1024  # refusals are small JSON documents
+
+
+@dataclass(frozen=True)
+class Answer:
+    status_code: int
+    headers: httpx.Headers
+    content: bytes
+
+
+async def fetch(http: httpx.AsyncClient, method: str, target: str, *, headers: dict[str, str],
+                content: bytes | None = None, limit: int = MAX_BUNDLE) -> Answer:
+    """One HTTP exchange, its body read raw and at most ``limit`` bytes; PathFailure on anything else.
+
+    The body is never decoded: identity is asked for and any other ``Content-Encoding`` refused
+    unread, so no compressed stream is ever inflated. Error answers are held to ``MAX_ERROR_BODY``.
+    """
+    try:
+        async with http.stream(method, target, content=content,
+                               headers={**headers, "accept-encoding": "identity"}) as resp:
+            encoding = resp.headers.get("content-encoding", "identity").strip().lower()
+            if encoding not in ("", "identity"):
+                raise PathFailure(f"an answer with Content-Encoding {encoding[:40]!r} (only identity is accepted)")
+            cap = limit if resp.status_code == 200 else min(limit, MAX_ERROR_BODY)
+            declared = resp.headers.get("content-length", "")
+            if declared.isdigit() and int(declared) > cap:
+                raise PathFailure(f"an answer of {int(declared)} bytes, over the {cap} accepted")
+            chunks, size = [], 0
+            async for chunk in resp.aiter_raw():
+                size += len(chunk)
+                if size > cap:
+                    raise PathFailure(f"an answer over the {cap} bytes accepted (reading stopped)")
+                chunks.append(chunk)
+            return Answer(resp.status_code, resp.headers, b"".join(chunks))
+    except PathFailure:
+        raise
+    except (httpx.HTTPError, httpx.StreamError, OSError, ValueError) as exc:
+        # httpx.HTTPError: every transport, protocol, timeout and decoding error httpx raises;
+        # StreamError, OSError, ValueError: what a broken stream or malformed framing can raise besides.
+        raise PathFailure(type(exc).__name__) from None
 
 
 class Backoff:
@@ -59,14 +114,14 @@ def signed_headers(identity: Identity, method: str, target: str, body: bytes, no
     return {wire.H_NODE: node, wire.H_TIMESTAMP: str(ts), wire.H_NONCE: nonce, wire.H_SIGNATURE: wire.b64e(sig)}
 
 
-def _error_message(resp: httpx.Response) -> str:
+def _error_message(resp: Answer) -> str:
     try:
-        return str(resp.json()["error"]["message"])[:300]
+        return str(json.loads(resp.content)["error"]["message"])[:300]
     except (ValueError, KeyError, TypeError, RecursionError):  # any body at all: it may be hostile
         return f"HTTP {resp.status_code}"
 
 
-def _server_signed(key: bytes, kind: str, resp: httpx.Response) -> bool:
+def _server_signed(key: bytes, kind: str, resp: Answer) -> bool:
     """True if ``key`` signed ``resp``'s body as a ``kind`` answer: checked before the body is parsed."""
     try:
         sig = wire.b64d(resp.headers.get(wire.H_SERVER_SIGNATURE, ""), max_len=128)
@@ -97,6 +152,7 @@ class Syncer:
         self.grants = GrantCache()
         self.backoff = Backoff()
         self.applied = 0  # bundles installed, for logs and tests
+        self.cache_behind: tuple[bytes, str, float] | None = None  # an installed answer not yet on disk
 
     async def close(self) -> None:
         await self.http.aclose()
@@ -118,11 +174,11 @@ class Syncer:
         while True:
             headers = signed_headers(self.identity, "POST", target, body, wire.ENROLL_NODE)
             try:
-                resp = await self.http.post(target, content=body,
-                                            headers={**headers, "content-type": "application/json"})
-            except httpx.TransportError as exc:
+                resp = await fetch(self.http, "POST", target, content=body,
+                                   headers={**headers, "content-type": "application/json"}, limit=MAX_ERROR_BODY)
+            except PathFailure as exc:
                 delay = self.backoff.next()
-                log.warning("enrolment: control plane unreachable (%s); retrying in %.1fs", type(exc).__name__, delay)
+                log.warning("enrolment: control plane unreachable (%s); retrying in %.1fs", exc, delay)
                 await asyncio.sleep(delay)
                 continue
             if resp.status_code >= 500:
@@ -154,17 +210,19 @@ class Syncer:
 
     async def _pinned_server_key(self, pin: str) -> bytes:
         while True:
+            # Nothing here is trusted yet (the pin is checked below): an answer that cannot be used, from
+            # the control plane or from anything on the path, is retried like an unreachable one.
             try:
-                resp = await self.http.get("/v1/sys/status")
-                doc = resp.json() if resp.status_code == 200 else {}
+                resp = await fetch(self.http, "GET", "/v1/sys/status", headers={}, limit=MAX_ERROR_BODY)
+                doc = json.loads(resp.content) if resp.status_code == 200 else {}
                 if doc.get("server_key"):
                     key = wire.b64d(doc["server_key"])
                     break
                 reason = f"HTTP {resp.status_code}" if resp.status_code != 200 else "not initialized"
-            except httpx.TransportError as exc:
-                reason = type(exc).__name__
+            except PathFailure as exc:
+                reason = str(exc)
             except (ValueError, TypeError, AttributeError, RecursionError, wire.WireError):
-                raise EnrolError("the control plane's status answer is malformed") from None
+                reason = "a malformed status answer"
             delay = self.backoff.next()
             log.warning("enrolment: control plane not ready (%s); retrying in %.1fs", reason, delay)
             await asyncio.sleep(delay)
@@ -181,19 +239,18 @@ class Syncer:
         held = self.state.view
         target = f"/v1/agent/sync?since={held.revision}&wait={self.wait:g}"
         headers = signed_headers(self.identity, "GET", target, b"", enrolment.node)
-        resp = await self.http.get(target, headers=headers)
+        resp = await fetch(self.http, "GET", target, headers=headers)
         if resp.status_code == 403 and self._proves_revocation(resp, headers[wire.H_NONCE]):
             raise Revoked(_error_message(resp))
         if resp.status_code != 200:
-            raise httpx.HTTPStatusError(f"{resp.status_code}: {_error_message(resp)}", request=resp.request,
-                                        response=resp)
+            raise PathFailure(f"{resp.status_code}: {_error_message(resp)}")
         sig = resp.headers.get(wire.H_SERVER_SIGNATURE)
         opened = open_bundle(self.identity, resp.content, sig, nonce=headers[wire.H_NONCE], held=held,
                              grants=self.grants)
         self._last = (resp.content, sig or "")
         return opened
 
-    def _proves_revocation(self, resp: httpx.Response, nonce: str) -> bool:
+    def _proves_revocation(self, resp: Answer, nonce: str) -> bool:
         """True only for a refusal the control plane signed, naming this node and this request's nonce:
         a bare 403 (from a proxy, an impostor, a replay) is a transient failure, never a reason to wipe."""
         enrolment = self.identity.enrolment
@@ -212,39 +269,87 @@ class Syncer:
         return proven
 
     async def apply(self, opened: Opened) -> None:
+        """Persist, then install: a view is served only once it is on disk.
+
+        The invariant is that an agent never serves, after a restart, something older than it served
+        before. Writing the disk cache (fsync'd, renamed atomically) before the view is installed keeps
+        it across a SIGKILL at any point: a kill before the write leaves the old view on disk and the
+        old view was the one served; a kill after it finds the new one there.
+
+        The trade-off, when the write fails (disk full, a read-only or broken state dir, EMFILE): the
+        new view is installed anyway, since refusing it would keep serving values the control plane
+        has rotated away, and availability of the current value is the product. The cache is then
+        known to be behind (``cache_behind``) and the write is retried on every later round until it
+        succeeds; a restart in that window serves the older cached view. Logged loudly meanwhile.
+        """
         now_wall = time.time()
-        self.state.contact()
         if opened.view is not None:
+            body, sig = self._last
+            self.cache_behind = (body, sig, now_wall)  # the newest answer; replaced, never appended
+            await self.flush_cache()
+            self.state.contact()
             self.state.install(opened.view)
             self.applied += 1
-            body, sig = self._last
-            await asyncio.to_thread(self.cache.save, body, sig, now_wall)
             log.info("applied revision %d (%d secrets)", opened.revision, len(opened.view.names))
             for name in opened.refused:
                 log.error("refused a rollback of %r (the answer's current version is older than the one held); "
                           "keeping the held one", name)
         else:
-            await asyncio.to_thread(self.cache.touch, now_wall)
+            self.state.contact()
+            if self.cache_behind is not None:
+                body, sig, _ = self.cache_behind
+                self.cache_behind = (body, sig, now_wall)
+                await self.flush_cache()
+            else:
+                try:
+                    await asyncio.to_thread(self.cache.touch, now_wall)
+                except OSError as exc:
+                    log.warning("cache write failed (%s): the last contact time is not on disk; serving on",
+                                exc.strerror or type(exc).__name__)
+
+    async def flush_cache(self) -> bool:
+        """Write the answer the disk cache lacks, if any. True when the cache is up to date."""
+        if self.cache_behind is None:
+            return True
+        body, sig, received_at = self.cache_behind
+        try:
+            await asyncio.to_thread(self.cache.save, body, sig, received_at)
+        except OSError as exc:
+            log.error("cache write failed (%s): serving the new view from memory; the disk cache is behind "
+                      "(a restart now would serve an older view) and the write will be retried",
+                      exc.strerror or type(exc).__name__)
+            return False
+        if self.cache_behind is not None and self.cache_behind[0] is body:
+            self.cache_behind = None
+        return True
 
     async def run(self) -> None:
         if not self.identity.enrolled:
             await self.enroll()
         while True:
+            if self.cache_behind is not None:
+                await self.flush_cache()  # a failed write is retried every round (at most --wait apart)
             try:
                 opened = await self.poll_once()
             except Revoked:
                 raise
-            except (httpx.TransportError, httpx.HTTPStatusError) as exc:
+            except PathFailure as exc:
                 self.state.lost_contact()
                 delay = self.backoff.next()
-                reason = str(exc) if isinstance(exc, httpx.HTTPStatusError) else type(exc).__name__
-                log.warning("sync failed (%s); serving what we hold; retrying in %.1fs", reason, delay)
+                log.warning("sync failed (%s); serving what we hold; retrying in %.1fs", exc, delay)
                 await asyncio.sleep(delay)
                 continue
             except BundleError as exc:
                 delay = max(1.0, self.backoff.next())
                 log.error("refused a sync answer: %s; keeping revision %d; retrying in %.1fs",
                           exc, self.state.view.revision, delay)
+                await asyncio.sleep(delay)
+                continue
+            except Exception as exc:  # a bug must not stop the agent serving what it holds; no value in logs
+                self.state.lost_contact()
+                delay = max(1.0, self.backoff.next())
+                log.error("sync failed unexpectedly (%s); serving what we hold; retrying in %.1fs",
+                          type(exc).__name__, delay)
                 await asyncio.sleep(delay)
                 continue
             self.backoff.reset()
