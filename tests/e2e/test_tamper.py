@@ -13,6 +13,7 @@ import pytest
 from tests.e2e.conftest import ControlPlane, wait_until
 from tests.e2e.proxy import Proxy
 from vault_edge import wire
+from vault_edge.client import AgentError
 
 
 @pytest.fixture
@@ -144,3 +145,11 @@ def test_a_database_restored_from_an_old_copy_moves_no_secret_back(control_plane
     wait_until(lambda: a.get("eu/b") == "b-last", 30, "the changes after the restore to reach the agent")
     assert a.get("eu/a") == "a-v4"  # never back to the backup's a-v1
     wait_until(lambda: "refused a rollback of 'eu/a'" in a.log(), 10, "the rollback to be logged")
+    # Restarted, the agent's disk cache holds the last answer (with eu/a at v1): it serves eu/b, and
+    # refuses to serve eu/a at all rather than serve a version below one it served (404, not a-v1).
+    a.stop()
+    a.start()
+    assert a.get("eu/b") == "b-last"
+    with pytest.raises(AgentError) as err:
+        a.get("eu/a")
+    assert err.value.status == 404

@@ -12,7 +12,8 @@ names it), so one rolled-back secret never stops every other secret's changes.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 from vault_edge import wire
@@ -34,7 +35,8 @@ class Opened:
     revision: int
     view: View | None  # None for "unchanged"
     issued_at: int
-    refused: tuple[str, ...] = ()  # secrets the answer would have rolled back: kept as held
+    refused: tuple[str, ...] = ()  # secrets the answer would have rolled back: kept as held, or not served
+    floor: dict[str, int] = field(default_factory=dict)  # the highest current version of each name, ever
 
 
 class GrantCache:
@@ -79,10 +81,14 @@ def verify(identity: Identity, body: bytes, signature_b64: str | None) -> dict[s
 
 def open_bundle(
     identity: Identity, body: bytes, signature_b64: str | None, *, nonce: str | None, held: View,
-    grants: GrantCache | None = None,
+    grants: GrantCache | None = None, floor: Mapping[str, int] | None = None,
 ) -> Opened:
     """Verify, check freshness against ``nonce`` (None when loading the disk cache) and ``held``
-    (anti-rollback), and decrypt everything. Nothing is installed here."""
+    (anti-rollback), and decrypt everything. Nothing is installed here.
+
+    ``floor`` is the highest current version of each name this agent ever installed (kept in its disk
+    cache, so it survives restarts): a current version below it is a rollback even when nothing of
+    that name is held any more (after a restart from a cache that holds the rolled-back answer)."""
     doc = verify(identity, body, signature_b64)
     assert identity.enrolment is not None
     node, region = identity.enrolment.node, identity.enrolment.region
@@ -118,13 +124,17 @@ def open_bundle(
         raise BundleError("a grant, data key or value in the sync answer did not open (tampered or moved)") from None
     except (KeyError, TypeError, ValueError, wire.WireError):
         raise BundleError("malformed sync answer") from None
-    held_current = held.current_versions()
+    highest = dict(floor or {})
+    for name, version in held.current_versions().items():
+        highest[name] = max(highest.get(name, 0), version)
     rolled_back = sorted({
-        e.name for e in entries
-        if e.stage == "current" and e.name in held_current and e.version < held_current[e.name]
+        e.name for e in entries if e.stage == "current" and e.version < highest.get(e.name, 0)
     })
-    if rolled_back:
+    if rolled_back:  # that secret keeps what is held of it (or, with nothing held, is not served)
         keep = set(rolled_back)
         entries = [e for e in entries if e.name not in keep]
         entries += [e for e in held.by_stage.values() if e.name in keep]
-    return Opened("sync", revision, View(node, region, revision, entries), issued_at, tuple(rolled_back))
+    view = View(node, region, revision, entries)
+    for name, version in view.current_versions().items():
+        highest[name] = max(highest.get(name, 0), version)
+    return Opened("sync", revision, view, issued_at, tuple(rolled_back), highest)

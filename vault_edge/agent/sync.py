@@ -246,7 +246,7 @@ class Syncer:
             raise PathFailure(f"{resp.status_code}: {_error_message(resp)}")
         sig = resp.headers.get(wire.H_SERVER_SIGNATURE)
         opened = open_bundle(self.identity, resp.content, sig, nonce=headers[wire.H_NONCE], held=held,
-                             grants=self.grants)
+                             grants=self.grants, floor=self.state.floor)
         self._last = (resp.content, sig or "")
         return opened
 
@@ -286,6 +286,7 @@ class Syncer:
         if opened.view is not None:
             body, sig = self._last
             self.cache_behind = (body, sig, now_wall)  # the newest answer; replaced, never appended
+            self.state.floor = opened.floor  # written with it: what was served is never undercut
             await self.flush_cache()
             self.state.contact()
             self.state.install(opened.view)
@@ -313,7 +314,7 @@ class Syncer:
             return True
         body, sig, received_at = self.cache_behind
         try:
-            await asyncio.to_thread(self.cache.save, body, sig, received_at)
+            await asyncio.to_thread(self.cache.save, body, sig, received_at, self.state.floor)
         except OSError as exc:
             log.error("cache write failed (%s): serving the new view from memory; the disk cache is behind "
                       "(a restart now would serve an older view) and the write will be retried",
@@ -362,12 +363,17 @@ def load_cached(identity: Identity, state: AgentState, cache: DiskCache) -> bool
     if cached is None or identity.enrolment is None:
         return False
     try:
-        opened = open_bundle(identity, cached.body, cached.signature, nonce=None, held=state.view)
+        opened = open_bundle(identity, cached.body, cached.signature, nonce=None, held=state.view,
+                             floor=cached.floor)
     except BundleError as exc:
         log.error("refused the disk cache: %s", exc)
         return False
     if opened.view is None:
         return False
+    for name in opened.refused:
+        log.error("the disk cache holds %r older than a version served before: not serving it until a newer one "
+                  "arrives", name)
+    state.floor = opened.floor
     state.install(opened.view)
     # Age survives restarts: the last contact is when the cached answer (or a later `unchanged`) came.
     state.contact(time.monotonic() - max(0.0, time.time() - cached.received_at))

@@ -79,6 +79,7 @@ class AgentState:
         self.max_stale = max_stale
         self.stale_after = stale_after
         self.generation = 0  # bumped on every install; lets the socket server drop cached responses
+        self.floor: dict[str, int] = {}  # each name's highest current version ever installed (anti-rollback)
         self._watchers: list[asyncio.Future[None]] = []
 
     def install(self, view: View) -> None:
