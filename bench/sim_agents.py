@@ -35,6 +35,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -71,7 +72,8 @@ class CountingHandler(logging.Handler):
 class NullCache(DiskCache):
     """``--no-disk-cache``: skip the per-agent cache file (two fsyncs per applied answer)."""
 
-    def save(self, body: bytes, signature: str, received_at: float | None = None) -> None:
+    def save(self, body: bytes, signature: str, received_at: float | None = None,
+             floor: dict[str, int] | None = None) -> None:
         return None
 
     def touch(self, received_at: float) -> None:
@@ -131,6 +133,10 @@ async def stdin_lines() -> asyncio.StreamReader:
 
 
 async def main(args: argparse.Namespace) -> int:
+    # Each real agent has its own process and its own thread pool for its disk-cache write, which it
+    # now makes before serving an answer; hundreds of simulated agents in one process would otherwise
+    # queue behind the default pool's few threads, which no real agent does.
+    asyncio.get_running_loop().set_default_executor(ThreadPoolExecutor(max_workers=args.threads))
     _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     counting = CountingHandler()
@@ -216,6 +222,7 @@ if __name__ == "__main__":
     p.add_argument("--tokens", required=True, help="file with one join token per line")
     p.add_argument("--wait", type=float, default=30.0, help="long-poll hold asked for (agent default: 30 s)")
     p.add_argument("--no-disk-cache", action="store_true")
+    p.add_argument("--threads", type=int, default=64, help="threads for the agents' disk-cache writes")
     p.add_argument("--enrol-concurrency", type=int, default=0, help="0: all at once")
     p.add_argument("--ready-timeout", type=float, default=300.0)
     p.add_argument("--state-root", default=None, help="where the agents' state dirs go (default: $TMPDIR)")

@@ -35,6 +35,7 @@ H_NONCE: Final = "x-vault-edge-nonce"
 H_SIGNATURE: Final = "x-vault-edge-signature"
 H_SERVER_SIGNATURE: Final = "x-vault-edge-server-signature"
 ENROLL_NODE: Final = "-"  # the node header while enrolling, before the node has an id
+ENROLL_REFUSED: Final = "enroll-refused"  # the kind of a signed enrolment refusal (final for the agent)
 
 NAME_MAX: Final = 256
 _NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\-]*(/[A-Za-z0-9_][A-Za-z0-9_.\-]*)*")
@@ -111,6 +112,13 @@ def request_message(method: str, target: str, node: str, timestamp: int, nonce: 
 
 def response_message(kind: str, body: bytes) -> bytes:
     return b"vault-edge/v1/" + kind.encode() + b"\n" + body
+
+
+def refusal_message(nonce: str, request_body: bytes, body: bytes) -> bytes:
+    """What a signed enrolment refusal's signature covers: the refused request's nonce and body digest,
+    then the answer's body (the plain error shape), so it cannot be replayed for another request."""
+    digest = hashlib.sha256(request_body).hexdigest().encode()
+    return response_message(ENROLL_REFUSED, b"\n".join([nonce.encode(), digest, body]))
 
 
 def server_pin(server_public_key: bytes) -> str:

@@ -19,7 +19,7 @@ class Proxy:
         self.upstream = upstream.rstrip("/")
         self.mode = "pass"  # pass | tamper | other_node | replay | forge_revoked
         # A hostile path, apart from `mode`: every answer to a request under one of `hostile_paths` is
-        # replaced by `hostile` (bad_gzip | gzip_bomb | oversized) without asking the control plane.
+        # replaced by `hostile` (bad_gzip | gzip_bomb | oversized | refuse) without asking the control plane.
         self.hostile: str | None = None
         self.hostile_paths: tuple[str, ...] = ("/v1/agent/sync",)
         self.hostile_sent = 0
@@ -92,6 +92,14 @@ class Proxy:
     def hostile_answer(self, h: BaseHTTPRequestHandler, kind: str) -> None:
         with self.lock:
             self.hostile_sent += 1
+        if kind == "refuse":  # the control plane's refusal, as a relay would forge it: unsigned
+            out = json.dumps({"error": {"code": "unauthorized", "message": "join token already used"}}).encode()
+            h.send_response(401)
+            h.send_header("content-type", "application/json")
+            h.send_header("content-length", str(len(out)))
+            h.end_headers()
+            h.wfile.write(out)
+            return
         h.send_response(200)
         h.send_header("content-type", "application/json")
         try:

@@ -116,6 +116,21 @@ def test_a_relay_garbling_enrolment_is_a_transient_failure(control_plane: Contro
     assert a.get("eu/db") == "enrolled"
 
 
+def test_a_relay_refusing_enrolment_does_not_stop_the_agent(control_plane: ControlPlane, start_agent: Any,
+                                                           proxy: Proxy) -> None:
+    """A relay answers the enrolment with a 401 of its own: only a refusal the control plane signed, for
+    this very request, ends an enrolment; anything else is retried."""
+    control_plane.op.put("eu/db", value="enrolled", regions=["eu"])
+    proxy.hostile, proxy.hostile_paths = "refuse", ("/v1/agent/enroll",)
+    a = start_agent("eu1", "eu", server=proxy.addr, wait_ready=False)
+    wait_until(lambda: proxy.hostile_sent >= 2, 30, "the agent to retry a forged refusal")
+    assert a.alive(), a.log()[-3000:]
+    assert "not signed by the control plane" in a.log()
+    proxy.hostile = None
+    wait_until(lambda: a.health()["status"] == "ok", 30, "enrolment once the relay behaves")
+    assert a.get("eu/db") == "enrolled"
+
+
 # -- 6. a relay's gzip bomb, an endless identity body ----------------------------------------------
 
 @pytest.mark.parametrize("kind", ["gzip_bomb", "oversized"])

@@ -130,6 +130,16 @@ def _server_signed(key: bytes, kind: str, resp: Answer) -> bool:
     return signing.verify(key, wire.response_message(kind, resp.content), sig)
 
 
+def _refusal_proven(key: bytes, resp: Answer, nonce: str, request_body: bytes) -> bool:
+    """True only for an enrolment refusal the pinned control-plane key signed for this very request
+    (its nonce and body digest are in what the signature covers): anything else is a relay's."""
+    try:
+        sig = wire.b64d(resp.headers.get(wire.H_SERVER_SIGNATURE, ""), max_len=128)
+    except wire.WireError:
+        return False
+    return signing.verify(key, wire.refusal_message(nonce, request_body, resp.content), sig)
+
+
 def enrolment_body(server_key: bytes, token: str, box_public: bytes, sign_public: bytes, hostname: str) -> bytes:
     """The enrolment request, sealed to the (pinned) control-plane key: the token is readable by it alone."""
     inner = json.dumps({"token": token, "box_public": wire.b64e(box_public), "sign_public": wire.b64e(sign_public),
@@ -185,6 +195,12 @@ class Syncer:
                 delay = self.backoff.next()
                 log.warning("enrolment: control plane answered %s (%s); retrying in %.1fs",
                             resp.status_code, _error_message(resp), delay)
+                await asyncio.sleep(delay)
+                continue
+            if resp.status_code != 200 and not _refusal_proven(pinned, resp, headers[wire.H_NONCE], body):
+                delay = self.backoff.next()
+                log.warning("enrolment: a %s not signed by the control plane for this request (%s): a relay's, "
+                            "not a refusal; retrying in %.1fs", resp.status_code, _error_message(resp), delay)
                 await asyncio.sleep(delay)
                 continue
             break

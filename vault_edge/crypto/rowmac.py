@@ -90,12 +90,19 @@ def token_digest(key: bytes, secret: str) -> bytes:
 
 
 class RowKeys:
-    """The row-MAC keys of one root key, one per purpose. Repr never shows key material."""
+    """The row-MAC keys of one root key, one per purpose. Repr never shows key material.
 
-    __slots__ = ("_keys",)
+    ``check`` remembers what it has verified (purpose, tag and fields together, up to ``MEMO_MAX``
+    entries): the sync hub re-reads a region's thousand nodes on every change, and a row that has not
+    changed since its MAC was checked needs no second HMAC. Only an exact match is remembered as
+    good; a row with any field or its tag changed is checked again."""
+
+    __slots__ = ("_keys", "_seen")
+    MEMO_MAX = 65_536
 
     def __init__(self, root_key: bytes) -> None:
         self._keys = {p: row_key(root_key, p) for p in PURPOSES}
+        self._seen: set[tuple[object, ...]] = set()
 
     def __repr__(self) -> str:
         return "RowKeys(<redacted>)"
@@ -107,7 +114,17 @@ class RowKeys:
         return mac(self._keys[purpose], purpose, *fields)
 
     def check(self, purpose: str, tag: bytes | None, *fields: Field) -> bool:
-        return check(self._keys[purpose], purpose, tag, *fields)
+        if tag is not None and not isinstance(tag, bytes):
+            tag = bytes(tag)
+        memo = (purpose, tag, fields)
+        if memo in self._seen:
+            return True
+        ok = check(self._keys[purpose], purpose, tag, *fields)
+        if ok:
+            if len(self._seen) >= self.MEMO_MAX:
+                self._seen.clear()
+            self._seen.add(memo)
+        return ok
 
     def token_digest(self, secret: str) -> bytes:
         return token_digest(self._keys["token-digest"], secret)

@@ -123,6 +123,14 @@ def enroll(ctx: Context, target: str, headers: Mapping[str, str], body: bytes) -
     return out, signing.sign(keys.signer, wire.response_message("enroll", out))
 
 
+def enrolment_refusal(ctx: Context, exc: ApiError, nonce: str, request_body: bytes) -> tuple[bytes, bytes]:
+    """The signed refusal of an enrolment: the plain JSON error shape, signed over the request's nonce
+    and body digest as well (``wire.refusal_message``), so it proves the control plane refused *this*
+    request; a relay that altered the request, or answers on its own, cannot produce it."""
+    body = json.dumps({"error": {"code": exc.code, "message": exc.message}}, separators=(",", ":")).encode()
+    return body, signing.sign(ctx.barrier.keys().signer, wire.refusal_message(nonce, request_body, body))
+
+
 def list_nodes(ctx: Context, who: Principal, region: str | None = None) -> dict[str, Any]:
     who.require_global("list")  # the whole fleet with its hostnames: no name's business
     now = ctx.clock()

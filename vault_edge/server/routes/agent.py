@@ -12,6 +12,7 @@ from vault_edge import wire
 from vault_edge.server import nodeauth
 from vault_edge.server.context import Context
 from vault_edge.server.deps import unsealed
+from vault_edge.server.errors import ApiError
 from vault_edge.server.ops import nodes
 
 router = APIRouter(prefix="/v1/agent", tags=["agent"])
@@ -34,7 +35,15 @@ def _revoked(ctx: Context, node_id: str, nonce: str) -> Response:
 @router.post("/enroll")
 async def enroll(request: Request, ctx: Context = Depends(unsealed)) -> Response:
     body = await request.body()
-    out, sig = await asyncio.to_thread(nodes.enroll, ctx, _target(request), request.headers, body)
+    try:
+        out, sig = await asyncio.to_thread(nodes.enroll, ctx, _target(request), request.headers, body)
+    except ApiError as exc:
+        if not 400 <= exc.status < 500:
+            raise
+        # Signed, for this very request: the agent gives up only on this proof; any other refusal (from
+        # a relay on the path) it takes as a transient failure.
+        refusal, sig = nodes.enrolment_refusal(ctx, exc, request.headers.get(wire.H_NONCE, ""), body)
+        return _signed(refusal, sig, status=exc.status)
     return _signed(out, sig)
 
 

@@ -56,7 +56,6 @@ BASE_TARGET = "*base*"  # the change log's base row (secret names cannot contain
 
 Listener = Callable[[int, frozenset[str]], None]
 _SECRET_FIELDS = frozenset(c.name for c in t.secrets.columns)
-_NODE_FIELDS = frozenset(c.name for c in t.nodes.columns) - {"mac"}
 
 
 class TamperedRow(Exception):
@@ -183,6 +182,7 @@ class Tx:
         self._keys: RowKeys | None = None
         self._appended: list[tuple[int, bytes, tuple[str, str]]] = []  # revocations this tx added
         self._recorded: set[tuple[int, str]] = set()  # change-log rows this tx wrote
+        self._revoked: frozenset[tuple[str, str]] | None = None
         self._changes_read = False
 
     def keys(self) -> RowKeys:
@@ -595,19 +595,22 @@ class Tx:
         (Its contact times and revisions are reports, not authority, and change on every poll.)"""
         return (n.id, n.region, bytes(n.box_public), bytes(n.sign_public), n.hostname, n.status, n.enrolled_at)
 
-    def _node(self, row: Any) -> Node | None:
-        """The node, with status ``revoked`` when the revocation chain says so; None if tampered."""
-        if not self.keys().check("node", row.mac, *self._node_fields(row)):
+    def _node(self, row: Any, revoked: frozenset[tuple[str, str]] | None = None) -> Node | None:
+        """The node, with status ``revoked`` when the revocation chain says so; None if tampered.
+        (On the hub's path: a region view checks every node of the region, so this stays lean.)"""
+        fields = (row.id, row.region, row.box_public, row.sign_public, row.hostname, row.status, row.enrolled_at)
+        if not self.keys().check("node", row.mac, *fields):
             self.tampered.append(("nodes", row.id))
             return None
-        m = {k: v for k, v in row._mapping.items() if k in _NODE_FIELDS}
-        m["box_public"], m["sign_public"] = bytes(m["box_public"]), bytes(m["sign_public"])
-        if self.is_revoked("node", row.id) and m["status"] == "active":
-            m["status"] = "revoked"
-        return Node(**m)
+        if revoked is None:
+            revoked = self.revoked()
+        status = "revoked" if ("node", row.id) in revoked else row.status
+        return Node(row.id, row.region, bytes(row.box_public), bytes(row.sign_public), row.hostname, status,
+                    row.enrolled_at, row.last_seen, row.applied_revision, row.node_rev)
 
     def _nodes(self, q: Any) -> list[Node]:
-        return [n for n in (self._node(r) for r in self.conn.execute(q)) if n is not None]
+        revoked = self.revoked()
+        return [n for n in (self._node(r, revoked) for r in self.conn.execute(q)) if n is not None]
 
     def insert_node(self, node: Node) -> None:
         tag = self.keys().mac("node", *self._node_fields(node))
@@ -845,6 +848,12 @@ class Tx:
         cache = self.store.revocations
         if self._appended:  # this transaction's own, uncommitted records: not for the shared cache
             return cache.revoked | {a for _, _, a in self._appended}
+        if self._revoked is not None:  # read once per transaction (a view load checks a thousand nodes)
+            return self._revoked
+        self._revoked = self._read_revocations(cache)
+        return self._revoked
+
+    def _read_revocations(self, cache: Revocations) -> frozenset[tuple[str, str]]:
         head = int(self.conn.execute(
             select(t.counter.c.revision).where(t.counter.c.id == _REVOCATION_ROW)).scalar_one())
         if head == cache.count:
