@@ -153,6 +153,53 @@ def test_a_used_join_token_row_copied_back_enrols_nothing(api: Api) -> None:
     assert len(_node_ids(api)) == 1
 
 
+def _enrol_with(api: Api, token: str, pair: Any) -> Any:
+    body = enroll_body(server_key(api), pair, token)
+    return api.client.post("/v1/agent/enroll", content=body,
+                           headers=signed_headers(pair, "POST", "/v1/agent/enroll", wire.ENROLL_NODE, body))
+
+
+def test_a_writer_cannot_tie_a_used_join_token_to_another_node(api: Api) -> None:
+    """A retry of an enrolment is answered from the node row that names the token, under its MAC. The
+    writer re-points token A at node B, whose keys it holds with A's secret: no answer, no node."""
+    engine = _db(api)
+    tokens = [api.call("POST", "/v1/nodes/tokens", json={"region": r})[1]["token"] for r in ("eu", "us")]
+    pairs = [signing.KeyPair.generate(), signing.KeyPair.generate()]
+    nodes = [_enrol_with(api, tok, pair).json()["node"] for tok, pair in zip(tokens, pairs, strict=True)]
+    token_a = wire.parse_join_token(tokens[0])[0]
+    _exec(engine, update(t.nodes).where(t.nodes.c.id == nodes[0]).values(join_token_id=None))
+    _exec(engine, update(t.nodes).where(t.nodes.c.id == nodes[1]).values(join_token_id=token_a))
+    for pair in pairs:  # node B's holder with A's token, and A's own retry: neither answered
+        resp = _enrol_with(api, tokens[0], pair)
+        _integrity_refusal(api, (resp.status_code, resp.json()), "nodes")
+    assert _node_ids(api) == set(nodes)
+
+
+def test_a_node_row_forged_for_a_used_join_token_enrols_nothing(api: Api) -> None:
+    """The writer, holding a used token's secret, replaces the node it enrolled with a row of its own
+    keys naming that token (no MAC, or the real row's MAC): the retry finds it and refuses it."""
+    engine = _db(api)
+    _st, doc = api.call("POST", "/v1/nodes/tokens", json={"region": "eu"})
+    owner, attacker = signing.KeyPair.generate(), signing.KeyPair.generate()
+    node = _enrol_with(api, doc["token"], owner).json()["node"]
+    real = _row(engine, t.nodes, t.nodes.c.id == node)
+    _exec(engine, delete(t.grants).where(t.grants.c.node_id == node))
+    _exec(engine, delete(t.nodes).where(t.nodes.c.id == node))
+    fake = "n-" + secrets.token_hex(8)
+    for mac in (None, real["mac"]):
+        _exec(engine, delete(t.nodes).where(t.nodes.c.id == fake))
+        _exec(engine, insert(t.nodes).values(**{**real, "id": fake, "box_public": attacker.box_public,
+                                                "sign_public": attacker.sign_public, "mac": mac}))
+        resp = _enrol_with(api, doc["token"], attacker)
+        _integrity_refusal(api, (resp.status_code, resp.json()), "nodes")
+        assert _grants(api, fake) == []
+    # With the node's row gone, the token is simply used: refused, nothing made.
+    _exec(engine, delete(t.nodes).where(t.nodes.c.id == fake))
+    resp = _enrol_with(api, doc["token"], owner)
+    assert resp.status_code == 401 and "already used" in resp.json()["error"]["message"]
+    assert _node_ids(api) == set()
+
+
 def _grants(api: Api, node: str) -> list[dict[str, Any]]:
     with _db(api).connect() as c:
         return [dict(r._mapping) for r in c.execute(select(t.grants).where(t.grants.c.node_id == node))]

@@ -15,9 +15,10 @@ from vault_edge.server.context import Context
 from vault_edge.server.errors import ApiError, bad_request, not_found, unauthorized
 from vault_edge.server.ops import keyring, regions
 from vault_edge.server.storage.records import JoinToken, Node
-from vault_edge.server.storage.repo import TamperedRow
+from vault_edge.server.storage.repo import TamperedRow, Tx
 
 MAX_TTL_S = 7 * 86400
+TOKEN_USED = "join token already used: make a new one with `vault-edge node token`"
 
 
 def create_join_token(ctx: Context, who: Principal, region: str, ttl_s: int | None = None) -> dict[str, Any]:
@@ -68,7 +69,14 @@ def enroll(ctx: Context, target: str, headers: Mapping[str, str], body: bytes) -
     """Enrol a node with a join token. The body is ``{"sealed": ...}``: the request
     ``{token, box_public, sign_public, hostname}`` sealed to the control plane's key, so nobody on
     the path can read the token or swap the keys. Returns (signed JSON body, signature); the body
-    echoes the node's signing key and the request's nonce, binding the answer to this request."""
+    echoes the node's signing key and the request's nonce, binding the answer to this request.
+
+    Idempotent for its own retries: a token already used is answered again, freshly signed for the
+    new request's nonce, when the request carries the keys of the node that token enrolled (see
+    :func:`_repeat`); so an answer lost on the way (a timeout, a dropped connection, an agent killed
+    mid-enrolment) leaves no orphan node: the agent's retry learns that node. The enrolment itself is
+    one write transaction: the token's use, the node, its grant and the audit entry commit together
+    or not at all."""
     keys = ctx.barrier.keys()
     try:
         sealed = wire.b64d(json.loads(body)["sealed"], max_len=8192)
@@ -96,31 +104,60 @@ def enroll(ctx: Context, target: str, headers: Mapping[str, str], body: bytes) -
         raise refuse(ctx, "node.enroll", token_id, exc) from None
     now = ctx.clock()
     node_id = "n-" + secrets.token_hex(8)
+    repeated: Node | None = None
     try:
         with ctx.store.write() as tx:
             token = tx.get_join_token(token_id)
             if token is None or not secrets.compare_digest(token.digest, tx.keys().token_digest(token_secret)):
                 raise unauthorized("invalid join token")
             if token.used_at is not None:
-                raise unauthorized("join token already used: make a new one with `vault-edge node token`")
-            if token.expires_at <= now:
-                raise unauthorized("join token expired: make a new one with `vault-edge node token`")
-            if not tx.use_join_token(token_id, now, node_id):
-                raise unauthorized("join token already used: make a new one with `vault-edge node token`")
-            rev = tx.next_revision()
-            tx.insert_node(Node(node_id, token.region, box_public, sign_public, hostname, "active", now, now, 0, rev))
-            kv, region_key = keyring.current_region_key(tx, ctx.barrier, token.region)
-            tx.put_grant(node_id, token.region, kv, signing.seal_grant(box_public, node_id, token.region, kv,
-                                                                       region_key), rev)
-            tx.changed([token.region])
-            ctx.auditor.record(tx, "node:" + node_id, "node.enroll", token.region, hostname=hostname,
-                               token_id=token_id)
+                repeated = _repeat(tx, token, box_public, sign_public)
+            else:
+                if token.expires_at <= now:
+                    raise unauthorized("join token expired: make a new one with `vault-edge node token`")
+                if not tx.use_join_token(token_id, now, node_id):
+                    raise unauthorized(TOKEN_USED)
+                rev = tx.next_revision()
+                tx.insert_node(Node(node_id, token.region, box_public, sign_public, hostname, "active", now, now, 0,
+                                    rev, join_token_id=token_id, enrolled_rev=rev))
+                kv, region_key = keyring.current_region_key(tx, ctx.barrier, token.region)
+                tx.put_grant(node_id, token.region, kv, signing.seal_grant(box_public, node_id, token.region, kv,
+                                                                           region_key), rev)
+                tx.changed([token.region])
+                ctx.auditor.record(tx, "node:" + node_id, "node.enroll", token.region, hostname=hostname,
+                                   token_id=token_id)
     except ApiError as exc:
         raise refuse(ctx, "node.enroll", token_id, exc) from None
+    if repeated is not None:
+        node_id, rev = repeated.id, repeated.enrolled_rev or 0
+        # Audited per node and throttled (only the holder of the node's key can ask, but it can ask often).
+        ctx.auditor.record_alone("node:" + node_id, "node.enroll", node_id, outcome="repeated", throttle="target",
+                                 region=token.region, token_id=token_id)
     out = json.dumps({"v": wire.PROTOCOL_VERSION, "node": node_id, "region": token.region,
                       "server_key": wire.b64e(keys.server_public), "revision": rev,
                       "sign_public": wire.b64e(sign_public), "nonce": headers.get(wire.H_NONCE, "")}).encode()
     return out, signing.sign(keys.signer, wire.response_message("enroll", out))
+
+
+def _repeat(tx: Tx, token: JoinToken, box_public: bytes, sign_public: bytes) -> Node:
+    """A used join token presented again: a retry of the enrolment that used it when the request
+    carries the keys of the node it enrolled and that node is live; that node, answered again. Anything
+    else is a second enrolment with a used token, refused.
+
+    Safe on untrusted storage: the token's row and its use are checked as on a first enrolment (its
+    MAC, the caller's secret against its keyed digest, the revocation chain marking it used), and the
+    node is the one whose MAC'd row names this token (``Tx.node_enrolled_by``), so a database writer
+    cannot tie the token to a node of its choosing, nor make a node at all. The caller proved it holds
+    the node's signing key (the request's signature is checked against ``sign_public``) and names its
+    box key too: it learns only the id of a node that is already its own, and nothing is written.
+    The token's expiry is not checked again: the answer grants nothing that was not granted while
+    the token was live, and an agent whose answer was lost while the control plane then stayed away
+    past the token's lifetime still learns its node instead of leaving it orphaned."""
+    node = tx.node_enrolled_by(token.id)
+    if (node is None or node.status != "active" or node.region != token.region
+            or node.box_public != box_public or node.sign_public != sign_public):
+        raise unauthorized(TOKEN_USED)
+    return node
 
 
 def enrolment_refusal(ctx: Context, exc: ApiError, nonce: str, request_body: bytes) -> tuple[bytes, bytes]:

@@ -87,6 +87,8 @@ class Node:
     last_seen: float | None
     applied_revision: int
     node_rev: int
+    join_token_id: str | None = None  # the join token that enrolled it (None: enrolled before 0004)
+    enrolled_rev: int | None = None  # the revision its enrolment took
 
 
 @dataclass(frozen=True)

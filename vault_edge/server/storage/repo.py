@@ -591,14 +591,20 @@ class Tx:
     # -- nodes and grants ----------------------------------------------------------------------
     @staticmethod
     def _node_fields(n: Any) -> tuple[Any, ...]:
-        """A node's MAC binds who it is: id, region, both public keys, hostname, status, enrolment time.
+        """A node's MAC binds who it is: id, region, both public keys, hostname, status, enrolment time,
+        and (nodes enrolled since migration 0004) the join token that enrolled it with the revision of
+        its enrolment, which a retry of that enrolment is answered from. A node from before has no such
+        pair in its field list, so its MAC stays valid; a writer can neither add the pair nor strip it.
         (Its contact times and revisions are reports, not authority, and change on every poll.)"""
-        return (n.id, n.region, bytes(n.box_public), bytes(n.sign_public), n.hostname, n.status, n.enrolled_at)
+        fields = (n.id, n.region, bytes(n.box_public), bytes(n.sign_public), n.hostname, n.status, n.enrolled_at)
+        return fields if n.join_token_id is None else (*fields, n.join_token_id, n.enrolled_rev)
 
     def _node(self, row: Any, revoked: frozenset[tuple[str, str]] | None = None) -> Node | None:
         """The node, with status ``revoked`` when the revocation chain says so; None if tampered.
         (On the hub's path: a region view checks every node of the region, so this stays lean.)"""
         fields = (row.id, row.region, row.box_public, row.sign_public, row.hostname, row.status, row.enrolled_at)
+        if row.join_token_id is not None:
+            fields = (*fields, row.join_token_id, row.enrolled_rev)
         if not self.keys().check("node", row.mac, *fields):
             self.tampered.append(("nodes", row.id))
             return None
@@ -606,7 +612,8 @@ class Tx:
             revoked = self.revoked()
         status = "revoked" if ("node", row.id) in revoked else row.status
         return Node(row.id, row.region, bytes(row.box_public), bytes(row.sign_public), row.hostname, status,
-                    row.enrolled_at, row.last_seen, row.applied_revision, row.node_rev)
+                    row.enrolled_at, row.last_seen, row.applied_revision, row.node_rev, row.join_token_id,
+                    row.enrolled_rev)
 
     def _nodes(self, q: Any) -> list[Node]:
         revoked = self.revoked()
@@ -624,6 +631,17 @@ class Tx:
         node = self._node(row)
         if node is None:
             raise TamperedRow("nodes", node_id)
+        return node
+
+    def node_enrolled_by(self, token_id: str) -> Node | None:
+        """The node the join token ``token_id`` enrolled, if its row is intact and says so (its MAC
+        binds the token's id); None if there is none; TamperedRow if its row fails its MAC."""
+        row = self.conn.execute(select(t.nodes).where(t.nodes.c.join_token_id == token_id)).first()
+        if row is None:
+            return None
+        node = self._node(row)
+        if node is None:
+            raise TamperedRow("nodes", row.id)
         return node
 
     def list_nodes(self, region: str | None = None, status: str | None = None) -> list[Node]:

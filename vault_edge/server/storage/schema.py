@@ -138,7 +138,13 @@ nodes = Table(
     Column("applied_revision", BigInteger, nullable=False),
     Column("node_rev", BigInteger, nullable=False),  # last revision that changed this node's grants/status
     Column("mac", LargeBinary, nullable=True),  # row MAC: id, region, keys, hostname, status, enrolment
+    # The join token that enrolled it and the revision it was enrolled at (migration 0004; NULL for
+    # nodes enrolled before): in the row's MAC, so a retry of that enrolment is answered with this
+    # node, and a database writer cannot tie a token to another node. Unique: one node per token.
+    Column("join_token_id", String(32), nullable=True),
+    Column("enrolled_rev", BigInteger, nullable=True),
     Index("ix_nodes_region", "region"),
+    Index("ix_nodes_join_token", "join_token_id", unique=True),
 )
 
 grants = Table(
