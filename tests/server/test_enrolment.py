@@ -1,6 +1,7 @@
 """Enrolment that survives a storm (SQLite and PostgreSQL): a retry of the same enrolment (same join
 token, same node keys) is answered again with the same node, freshly signed for its nonce; any other
-use of a used token is refused; a node is enrolled once."""
+use of a used token is refused; a node is enrolled once; past the in-flight limit, enrolments are shed
+at once with 503 and Retry-After instead of queued."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from typing import Any
 import httpx
 from sqlalchemy import select
 
-from tests.conftest import Api, run_concurrently, server_key, signed_headers
+from tests.conftest import Api, init_and_unseal, run_concurrently, server_key, signed_headers
 from vault_edge import wire
 from vault_edge.agent.sync import enrolment_body
 from vault_edge.crypto import signing
@@ -172,3 +173,43 @@ def test_a_refusal_of_a_retry_is_signed_for_that_request(api: Api) -> None:
     _refused_as_used(resp)
     sig = wire.b64d(resp.headers[wire.H_SERVER_SIGNATURE])
     assert signing.verify(server_key(api), wire.refusal_message(headers[wire.H_NONCE], body, resp.content), sig)
+
+
+# -- shedding ----------------------------------------------------------------------------------
+def test_enrolments_past_the_limit_are_shed_at_once_with_503_and_retry_after(make_app: Any) -> None:
+    client, app = make_app(enroll_max_in_flight=1, enroll_retry_after_s=7)
+    _, root = init_and_unseal(client)
+    api = Api(client, root)
+    assert api.call("POST", "/v1/regions", json={"name": "eu"})[0] == 200
+    first_token, second_token = _token(api), _token(api)
+    pair = signing.KeyPair.generate()
+    gate = app.state.enrolments
+    held: list[tuple[httpx.Response, str]] = []
+    # A writer holds the database's write lock: the first enrolment is admitted and waits on it.
+    with app.state.ctx.store.write():
+        worker = threading.Thread(target=lambda: held.append(_enrol(api, first_token, pair)))
+        worker.start()
+        deadline = time.monotonic() + 10
+        while gate.active < 1 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert gate.active == 1
+        t0 = time.monotonic()
+        shed, _ = _enrol(api, second_token, signing.KeyPair.generate())
+        took = time.monotonic() - t0
+        assert shed.status_code == 503, shed.text
+        assert shed.headers["retry-after"] == "7"
+        assert shed.json() == {"error": {"code": "overloaded",
+                                         "message": "too many enrolments in progress (1); retry after 7s"}}
+        assert took < 2.0  # answered at once, not queued behind the one in flight
+        assert worker.is_alive()  # the admitted one is still waiting
+    worker.join(30)
+    assert not worker.is_alive()
+    _answer(api, held[0][0], held[0][1], pair)
+    assert gate.active == 0 and gate.shed == 1
+    # The shed request left nothing behind: its token is unused, and enrols once the slot is free.
+    assert len(_node_rows(api)) == 1
+    other = signing.KeyPair.generate()
+    _answer(api, *_enrol(api, second_token, other), other)
+    assert len(_node_rows(api)) == 2
+    metrics = client.get("/metrics").text
+    assert "vault_edge_enrolments_shed 1.0" in metrics

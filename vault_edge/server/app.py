@@ -21,6 +21,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from vault_edge import __version__
 from vault_edge.crypto.errors import DecryptionError
+from vault_edge.server.admission import InFlight
 from vault_edge.server.barrier import Barrier
 from vault_edge.server.contacts import ContactLog
 from vault_edge.server.context import Context
@@ -170,6 +171,11 @@ def create_app(settings: Settings | None = None, store: Store | None = None, bar
     latency = Histogram("vault_edge_request_seconds", "HTTP request latency", ["route"], registry=registry)
     Gauge("vault_edge_sealed", "1 while sealed", registry=registry).set_function(lambda: float(ctx.barrier.sealed))
     Gauge("vault_edge_sync_waiting", "long-polls held", registry=registry).set_function(lambda: float(hub.waiting))
+    enrolments = InFlight("enrolments", settings.enroll_max_in_flight, settings.enroll_retry_after_s)
+    Gauge("vault_edge_enrolments_in_flight", "enrolments in progress", registry=registry).set_function(
+        lambda: float(enrolments.active))
+    Gauge("vault_edge_enrolments_shed", "enrolments refused with 503 (over the in-flight limit) since start",
+          registry=registry).set_function(lambda: float(enrolments.shed))
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -185,6 +191,7 @@ def create_app(settings: Settings | None = None, store: Store | None = None, bar
 
     app = FastAPI(title="vault-edge control plane", version=__version__, lifespan=lifespan)
     app.state.ctx, app.state.hub, app.state.scheduler, app.state.contacts = ctx, hub, scheduler, contacts
+    app.state.enrolments = enrolments
     for router in (sys.router, secrets.router, admin.router, agent.router):
         app.include_router(router)
 
@@ -196,7 +203,7 @@ def create_app(settings: Settings | None = None, store: Store | None = None, bar
     async def api_error(request: Request, exc: ApiError) -> JSONResponse:
         if exc.status in (401, 403):
             await asyncio.to_thread(_audit_refusal, ctx, request, exc)
-        return error(exc.status, exc.code, exc.message)
+        return error(exc.status, exc.code, exc.message, exc.headers)
 
     @app.exception_handler(RequestValidationError)
     async def invalid(_: Request, exc: RequestValidationError) -> JSONResponse:

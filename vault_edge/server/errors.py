@@ -4,11 +4,12 @@ from __future__ import annotations
 
 
 class ApiError(Exception):
-    def __init__(self, status: int, code: str, message: str) -> None:
+    def __init__(self, status: int, code: str, message: str, headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.code = code
         self.message = message
+        self.headers = headers  # sent with the error (e.g. Retry-After on a 503 ``overloaded``)
 
 
 def bad_request(message: str) -> ApiError:

@@ -22,5 +22,10 @@ class Settings(BaseSettings):
     node_down_after_s: int = 90  # a node silent this long counts as down, not lagging
     sync_max_wait_s: int = 60
     join_token_ttl_s: int = 3600
+    # Enrolments in progress at once; past it, 503 with Retry-After at once (server/admission.py): an
+    # admitted enrolment then waits at most this many enrolments' time, far inside the 60 s window
+    # of a signed request's timestamp.
+    enroll_max_in_flight: int = Field(32, ge=1)
+    enroll_retry_after_s: int = Field(2, ge=1, le=3600)  # the Retry-After of that 503 (agents add jitter)
     scheduler_interval_s: float = 1.0
     min_rotate_every_s: int = 60  # the shortest --rotate-every accepted

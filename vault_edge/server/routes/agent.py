@@ -34,16 +34,18 @@ def _revoked(ctx: Context, node_id: str, nonce: str) -> Response:
 
 @router.post("/enroll")
 async def enroll(request: Request, ctx: Context = Depends(unsealed)) -> Response:
-    body = await request.body()
-    try:
-        out, sig = await asyncio.to_thread(nodes.enroll, ctx, _target(request), request.headers, body)
-    except ApiError as exc:
-        if not 400 <= exc.status < 500:
-            raise
-        # Signed, for this very request: the agent gives up only on this proof; any other refusal (from
-        # a relay on the path) it takes as a transient failure.
-        refusal, sig = nodes.enrolment_refusal(ctx, exc, request.headers.get(wire.H_NONCE, ""), body)
-        return _signed(refusal, sig, status=exc.status)
+    # Bounded: past the limit, a 503 with Retry-After at once (the app's error shape), not a queue.
+    with request.app.state.enrolments.admit():
+        body = await request.body()
+        try:
+            out, sig = await asyncio.to_thread(nodes.enroll, ctx, _target(request), request.headers, body)
+        except ApiError as exc:
+            if not 400 <= exc.status < 500:
+                raise
+            # Signed, for this very request: the agent gives up only on this proof; any other refusal (from
+            # a relay on the path) it takes as a transient failure.
+            refusal, sig = nodes.enrolment_refusal(ctx, exc, request.headers.get(wire.H_NONCE, ""), body)
+            return _signed(refusal, sig, status=exc.status)
     return _signed(out, sig)
 
 
