@@ -15,7 +15,7 @@ from vault_edge.agent import identity as ident
 from vault_edge.agent.cache import DiskCache
 from vault_edge.agent.endpoint import IDLE_TIMEOUT_S, MAX_CONNS_PER_UID, serve
 from vault_edge.agent.policy import Policy
-from vault_edge.agent.sync import EnrolError, Revoked, Syncer, load_cached
+from vault_edge.agent.sync import ENROLL_TIMEOUT_S, EnrolError, Revoked, Syncer, load_cached
 from vault_edge.agent.view import AgentState
 
 log = logging.getLogger("vault_edge.agent")
@@ -41,6 +41,7 @@ class AgentConfig:
     tls_ca: str | None = None
     idle_timeout: float = IDLE_TIMEOUT_S
     max_conns_per_uid: int = MAX_CONNS_PER_UID
+    enroll_timeout: float = ENROLL_TIMEOUT_S
 
 
 def warn_about_policy(policy: Policy) -> None:
@@ -120,7 +121,7 @@ async def run(cfg: AgentConfig) -> int:
              cfg.socket, nofile, cfg.max_conns_per_uid, cfg.idle_timeout)
 
     syncer = Syncer(identity, state, cache, server, join_token=cfg.join_token, wait=cfg.wait,
-                    verify=cfg.tls_ca or True)
+                    verify=cfg.tls_ca or True, enroll_timeout=cfg.enroll_timeout)
     sync_task = asyncio.create_task(syncer.run(), name="sync")
     code = 0
     try:

@@ -147,13 +147,27 @@ def enrolment_body(server_key: bytes, token: str, box_public: bytes, sign_public
     return json.dumps({"sealed": wire.b64e(signing.seal_to_server(server_key, inner))}).encode()
 
 
+ENROLL_TIMEOUT_S = 30.0  # one enrolment exchange, connect to last byte (a retry is answered the same)
+RETRY_AFTER_CAP_S = 120.0  # the most of a 503's Retry-After honoured (a relay can send any)
+
+
+def retry_after(resp: Answer) -> float | None:
+    """The wait a 503 asks for, in seconds (``Retry-After: N``; an HTTP date is ignored), capped at
+    ``RETRY_AFTER_CAP_S``; None when there is none."""
+    raw = resp.headers.get("retry-after", "").strip() if resp.status_code == 503 else ""
+    if not (raw.isascii() and raw.isdigit() and len(raw) <= 9):
+        return None
+    return min(float(raw), RETRY_AFTER_CAP_S)
+
+
 class Syncer:
     def __init__(self, identity: Identity, state: AgentState, cache: DiskCache, server: str, *,
                  join_token: str | None = None, wait: float = 30.0, verify: bool | str = True,
-                 http: httpx.AsyncClient | None = None) -> None:
+                 http: httpx.AsyncClient | None = None, enroll_timeout: float = ENROLL_TIMEOUT_S) -> None:
         self.identity, self.state, self.cache = identity, state, cache
         self.server = server.rstrip("/")
         self.join_token = join_token
+        self.enroll_timeout = enroll_timeout
         self.wait = wait
         self.http = http or httpx.AsyncClient(
             base_url=self.server, verify=verify, timeout=httpx.Timeout(10.0, read=wait + 20.0),
@@ -181,18 +195,24 @@ class Syncer:
         keys = self.identity.keys
         body = enrolment_body(pinned, self.join_token, keys.box_public, keys.sign_public, socket.gethostname())
         target = "/v1/agent/enroll"
+        # Every try sends the same token and keys, signed afresh (new nonce and timestamp): a retry of
+        # an enrolment whose answer was lost (a timeout, a dropped connection) is answered again with
+        # the same node, so giving up on a slow answer never leaves an orphan node behind.
         while True:
             headers = signed_headers(self.identity, "POST", target, body, wire.ENROLL_NODE)
             try:
-                resp = await fetch(self.http, "POST", target, content=body,
-                                   headers={**headers, "content-type": "application/json"}, limit=MAX_ERROR_BODY)
-            except PathFailure as exc:
+                resp = await asyncio.wait_for(
+                    fetch(self.http, "POST", target, content=body,
+                          headers={**headers, "content-type": "application/json"}, limit=MAX_ERROR_BODY),
+                    self.enroll_timeout)
+            except (PathFailure, TimeoutError) as exc:
+                reason = str(exc) if isinstance(exc, PathFailure) else f"no answer in {self.enroll_timeout:g}s"
                 delay = self.backoff.next()
-                log.warning("enrolment: control plane unreachable (%s); retrying in %.1fs", exc, delay)
+                log.warning("enrolment: control plane unreachable (%s); retrying in %.1fs", reason, delay)
                 await asyncio.sleep(delay)
                 continue
             if resp.status_code >= 500:
-                delay = self.backoff.next()
+                delay = self._delay_after(resp)
                 log.warning("enrolment: control plane answered %s (%s); retrying in %.1fs",
                             resp.status_code, _error_message(resp), delay)
                 await asyncio.sleep(delay)
@@ -223,6 +243,16 @@ class Syncer:
         self.backoff.reset()
         log.info("enrolled as %s in region %s (join token %s)", enrolment.node, enrolment.region, token_id)
         return self.identity
+
+    def _delay_after(self, resp: Answer) -> float:
+        """How long to wait after a 5xx: a 503's Retry-After (capped) spread over [hint, 2 * hint],
+        so a fleet shed at once does not come back at once; the jittered back-off when larger, or
+        when there is no hint."""
+        delay = self.backoff.next()
+        hint = retry_after(resp)
+        if hint is not None:
+            delay = max(delay, hint + self.backoff.rng.uniform(0, hint))
+        return delay
 
     async def _pinned_server_key(self, pin: str) -> bytes:
         while True:

@@ -40,10 +40,14 @@ def agent() -> None:
               help="close a socket connection idle (no request in flight) this long")
 @click.option("--max-conns-per-uid", default=256, show_default=True, type=click.IntRange(min=1),
               help="socket connections one uid may hold; more are closed at once")
+@click.option("--enroll-timeout", envvar="VAULT_EDGE_ENROLL_TIMEOUT", default="30s", show_default=True,
+              callback=duration_option,
+              help="give up waiting for an enrolment answer after this long and retry (same token, same keys)")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info")
 def agent_run(server: str | None, state_dir: str, socket_path: str, join_token: str | None,
               join_token_file: str | None, policy: str | None, max_stale: int | None, stale_after: int, wait: int,
-              tls_ca: str | None, idle_timeout: int, max_conns_per_uid: int, log_level: str) -> None:
+              tls_ca: str | None, idle_timeout: int, max_conns_per_uid: int, enroll_timeout: int,
+              log_level: str) -> None:
     """Run the node agent: enrol once, sync, cache, serve the socket."""
     from vault_edge.agent.run import AgentConfig, AgentError, main
 
@@ -57,6 +61,7 @@ def agent_run(server: str | None, state_dir: str, socket_path: str, join_token: 
         policy=Path(policy) if policy else None, max_stale=float(max_stale) if max_stale is not None else None,
         stale_after=float(stale_after or 75), wait=float(wait or 30),
         tls_ca=tls_ca, idle_timeout=float(idle_timeout or 60), max_conns_per_uid=max_conns_per_uid,
+        enroll_timeout=float(enroll_timeout or 30),
     )
     try:
         code = main(cfg)
