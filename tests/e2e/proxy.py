@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 import zlib
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -19,12 +20,19 @@ class Proxy:
         self.upstream = upstream.rstrip("/")
         self.mode = "pass"  # pass | tamper | other_node | replay | forge_revoked
         # A hostile path, apart from `mode`: every answer to a request under one of `hostile_paths` is
-        # replaced by `hostile` (bad_gzip | gzip_bomb | oversized | refuse) without asking the control plane.
+        # replaced by `hostile` (bad_gzip | gzip_bomb | oversized | refuse | overloaded) without asking
+        # the control plane.
         self.hostile: str | None = None
         self.hostile_paths: tuple[str, ...] = ("/v1/agent/sync",)
         self.hostile_sent = 0
         self._bomb: bytes | None = None
         self.answers: dict[str, list[tuple[bytes, str]]] = {}  # node → [(body, signature)]
+        # A slow path, apart from `mode`: the next answers to requests under a path prefix are sent only
+        # after these delays (seconds, one per answer, consumed in order), the control plane having
+        # answered at once; each answer held is recorded in `held` as (path, status, body).
+        self.holds: dict[str, list[float]] = {}
+        self.held: list[tuple[str, int, bytes]] = []
+        self.arrivals: list[tuple[float, str, str]] = []  # (time.monotonic(), method, path) of every request
         self.rewritten = 0
         self.wire = bytearray()  # every request and answer that crossed it, as bytes
         self.lock = threading.Lock()
@@ -57,6 +65,7 @@ class Proxy:
         body = h.rfile.read(length) if length else b""
         with self.lock:
             self.wire += h.requestline.encode() + str(h.headers).encode() + body
+            self.arrivals.append((time.monotonic(), method, h.path))
         headers = {k: v for k, v in h.headers.items() if k.lower() not in ("host", "content-length", "connection")}
         if self.hostile and h.path.startswith(self.hostile_paths):
             self.hostile_answer(h, self.hostile)
@@ -72,13 +81,23 @@ class Proxy:
             out, sig = self.rewrite(node, out, sig)
         with self.lock:
             self.wire += out
-        h.send_response(resp.status_code)
-        h.send_header("content-type", resp.headers.get("content-type", "application/json"))
-        if sig:
-            h.send_header(wire.H_SERVER_SIGNATURE, sig)
-        h.send_header("content-length", str(len(out)))
-        h.end_headers()
-        h.wfile.write(out)
+            prefix = next((p for p, delays in self.holds.items() if delays and h.path.startswith(p)), None)
+            delay = self.holds[prefix].pop(0) if prefix is not None else 0.0
+        if delay:
+            time.sleep(delay)
+            with self.lock:
+                self.held.append((h.path, resp.status_code, out))
+        try:
+            h.send_response(resp.status_code)
+            h.send_header("content-type", resp.headers.get("content-type", "application/json"))
+            for name in (wire.H_SERVER_SIGNATURE, "retry-after"):
+                if resp.headers.get(name):
+                    h.send_header(name, resp.headers[name])
+            h.send_header("content-length", str(len(out)))
+            h.end_headers()
+            h.wfile.write(out)
+        except (BrokenPipeError, ConnectionResetError):  # the client gave up waiting (a held answer)
+            h.close_connection = True
 
     BOMB_DECODED = 256 << 20  # what the gzip bomb inflates to (about 250 KiB on the wire)
     OVERSIZED = 160 << 20  # an identity body this long, chunked (no Content-Length to refuse it by)
@@ -92,6 +111,15 @@ class Proxy:
     def hostile_answer(self, h: BaseHTTPRequestHandler, kind: str) -> None:
         with self.lock:
             self.hostile_sent += 1
+        if kind == "overloaded":  # a load-shedding 503, as the control plane sends it past its in-flight limit
+            out = json.dumps({"error": {"code": "overloaded", "message": "too many enrolments in progress"}}).encode()
+            h.send_response(503)
+            h.send_header("content-type", "application/json")
+            h.send_header("retry-after", "2")
+            h.send_header("content-length", str(len(out)))
+            h.end_headers()
+            h.wfile.write(out)
+            return
         if kind == "refuse":  # the control plane's refusal, as a relay would forge it: unsigned
             out = json.dumps({"error": {"code": "unauthorized", "message": "join token already used"}}).encode()
             h.send_response(401)
