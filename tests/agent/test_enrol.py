@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import secrets
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +37,15 @@ def test_retry_after_is_read_from_a_503_only_and_capped(status: int, header: str
     assert retry_after(_answer(status, header)) == hint
 
 
+def _response(status: int, body: bytes, headers: dict[str, str] | None = None) -> httpx.Response:
+    """An answer streamed as from the network (a bytes body would count as already read)."""
+
+    async def stream() -> AsyncIterator[bytes]:
+        yield body
+
+    return httpx.Response(status, headers={"content-type": "application/json", **(headers or {})}, content=stream())
+
+
 class FakeControlPlane:
     """Answers /v1/sys/status with its key; enrolment attempts by a script: ``503:N`` (shed, Retry-After
     N), ``hang`` (never answers), ``ok`` (the signed answer for that request's nonce)."""
@@ -52,12 +62,12 @@ class FakeControlPlane:
 
     async def handle(self, req: httpx.Request) -> httpx.Response:
         if req.url.path == "/v1/sys/status":
-            return httpx.Response(200, json={"server_key": wire.b64e(self.server.sign_public)})
+            return _response(200, json.dumps({"server_key": wire.b64e(self.server.sign_public)}).encode())
         self.enrolments.append(req)
         step = self.script.pop(0)
         if step.startswith("503:"):
-            return httpx.Response(503, headers={"retry-after": step[4:]},
-                                  json={"error": {"code": "overloaded", "message": "too many enrolments"}})
+            return _response(503, b'{"error":{"code":"overloaded","message":"too many enrolments"}}',
+                             {"retry-after": step[4:]})
         if step == "hang":
             await self.never.wait()
         inner = json.loads(signing.open_for_server(self.server.signer(), wire.b64d(json.loads(req.content)["sealed"])))
@@ -65,7 +75,7 @@ class FakeControlPlane:
                           "server_key": wire.b64e(self.server.sign_public), "revision": 7,
                           "sign_public": inner["sign_public"], "nonce": req.headers[wire.H_NONCE]}).encode()
         sig = signing.sign(self.server.signer(), wire.response_message("enroll", out))
-        return httpx.Response(200, content=out, headers={wire.H_SERVER_SIGNATURE: wire.b64e(sig)})
+        return _response(200, out, {wire.H_SERVER_SIGNATURE: wire.b64e(sig)})
 
 
 def _enrol(tmp_path: Path, cp: FakeControlPlane, monkeypatch: pytest.MonkeyPatch,
@@ -75,6 +85,7 @@ def _enrol(tmp_path: Path, cp: FakeControlPlane, monkeypatch: pytest.MonkeyPatch
 
     async def sleep(delay: float, *args: Any) -> None:  # the back-off is recorded, not waited
         slept.append(delay)
+        assert len(slept) < 20, "the agent kept retrying"
         await real_sleep(0)
 
     monkeypatch.setattr("vault_edge.agent.sync.asyncio.sleep", sleep)
