@@ -90,9 +90,10 @@ class Proxy:
         try:
             h.send_response(resp.status_code)
             h.send_header("content-type", resp.headers.get("content-type", "application/json"))
-            for name in (wire.H_SERVER_SIGNATURE, "retry-after"):
-                if resp.headers.get(name):
-                    h.send_header(name, resp.headers[name])
+            if sig:
+                h.send_header(wire.H_SERVER_SIGNATURE, sig)
+            if resp.headers.get("retry-after"):
+                h.send_header("retry-after", resp.headers["retry-after"])
             h.send_header("content-length", str(len(out)))
             h.end_headers()
             h.wfile.write(out)
