@@ -2,8 +2,9 @@
 
 Each simulated agent is a real agent minus its unix socket: its own X25519/Ed25519 key pair and
 state dir, enrolled with its own join token (``Syncer.enroll``: pinned control-plane key, signed
-request, verified answer), then ``Syncer.run`` (signed long-poll, ``open_bundle``: signature check,
-nonce echo, anti-rollback, grant / data key / value decryption, ``AgentState.install``, disk cache).
+request, verified answer), then ``Syncer.run`` (signed long-poll, protocol 2: deltas, ``open_answer``:
+signature check, nonce echo, anti-rollback, grant / data key / value decryption, ``AgentState.install``,
+disk cache).
 The only differences from ``vault-edge agent run``: no socket server, one event loop for all agents,
 and one shared SSL context (httpx builds a fresh one per client otherwise, 20 ms and ~1 MB each; the
 URLs are plain HTTP so it is never used). Each agent still has its own ``httpx.AsyncClient`` with
@@ -42,6 +43,7 @@ from typing import Any
 import httpx
 import uvloop
 
+from vault_edge.agent.bundle import Piece
 from vault_edge.agent.cache import DiskCache
 from vault_edge.agent.files import ensure_private_dir
 from vault_edge.agent.identity import Identity
@@ -70,11 +72,14 @@ class CountingHandler(logging.Handler):
 
 
 class NullCache(DiskCache):
-    """``--no-disk-cache``: skip the per-agent cache file (two fsyncs per applied answer)."""
+    """``--no-disk-cache``: skip the per-agent cache files (an fsync per applied answer), but count what
+    would be written, so the agents ask for full views when a real one would."""
 
-    def save(self, body: bytes, signature: str, received_at: float | None = None,
-             floor: dict[str, int] | None = None) -> None:
-        return None
+    def save_base(self, base: Piece, floor: dict[str, int], received_at: float | None = None) -> None:
+        self.chain, self.log_bytes, self.base_bytes = "null", 0, len(base.body)
+
+    def append(self, delta: Piece, received_at: float | None = None) -> None:
+        self.log_bytes += len(delta.body)
 
     def touch(self, received_at: float) -> None:
         return None

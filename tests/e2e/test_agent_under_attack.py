@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import os
 import signal
 import socket
@@ -26,7 +25,7 @@ import pytest
 from tests.agent.support import NOBODY_ID, RawConn, get, wait_for_socket
 from tests.e2e.conftest import AgentProcess, ControlPlane, wait_until
 from tests.e2e.proxy import Proxy
-from vault_edge import wire
+from vault_edge.agent.cache import DiskCache
 from vault_edge.client import AgentClient
 from vault_edge.operator import OperatorClient
 
@@ -211,8 +210,8 @@ def _open_fds(a: AgentProcess) -> int:
 
 
 def _cached_revision(a: AgentProcess) -> int:
-    doc = json.loads((a.state_dir / "cache.json").read_bytes())
-    return int(json.loads(wire.b64d(doc["body"], max_len=1 << 30))["revision"])
+    cached = DiskCache(a.state_dir).load()
+    return cached.revision if cached is not None else 0
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to act as another uid (nobody)")

@@ -106,7 +106,7 @@ async def run(cfg: AgentConfig) -> int:
                        max_stale=cfg.max_stale, stale_after=cfg.stale_after)
     cache = DiskCache(cfg.state_dir)
     clean_stale_temp_files(cfg.state_dir)
-    load_cached(identity, state, cache)
+    restored = load_cached(identity, state, cache)
     loop = asyncio.get_running_loop()
     stop = loop.create_future()
     for sig in (signal.SIGTERM, signal.SIGINT):  # before serving: a SIGTERM from then on is graceful
@@ -120,7 +120,7 @@ async def run(cfg: AgentConfig) -> int:
              cfg.socket, nofile, cfg.max_conns_per_uid, cfg.idle_timeout)
 
     syncer = Syncer(identity, state, cache, server, join_token=cfg.join_token, wait=cfg.wait,
-                    verify=cfg.tls_ca or True)
+                    verify=cfg.tls_ca or True, restored=restored)
     sync_task = asyncio.create_task(syncer.run(), name="sync")
     code = 0
     try:
