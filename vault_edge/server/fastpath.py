@@ -83,6 +83,9 @@ class SyncFastPath:
 
     async def _answer(self, scope: Scope, receive: Receive) -> tuple[int, bytes, list[tuple[bytes, bytes]]]:
         try:
+            for k, v in scope["headers"]:  # a declared length over the limit: refused before anything else
+                if k == b"content-length" and (not v.isdigit() or len(v) > 18 or int(v) > self.limit):
+                    raise ApiError(413, "too_large", f"request body over {self.limit} bytes")
             q = parse_query(scope.get("query_string", b""))
             body = await self._body(receive)
             headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
