@@ -10,12 +10,14 @@ PYTEST_ARGS ?=
 dev: $(VENV)/.installed
 	$(BIN)/vault-edge dev
 
-test: $(VENV)/.installed-test
-	$(BIN)/ruff check vault_edge tests bench
+test: lint
 	$(BIN)/pytest $(PYTEST_ARGS)
 
+# ruff, mypy --strict on the packages pyproject lists, and the import-linter layer contracts.
 lint: $(VENV)/.installed-test
 	$(BIN)/ruff check vault_edge tests bench
+	$(BIN)/mypy
+	$(BIN)/lint-imports --no-cache
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)

@@ -80,7 +80,7 @@ class SealedVersion:
         name, stage = d.get("name"), d.get("stage")
         if not valid_name(name):
             raise WireError("a secret with an invalid name")
-        if stage not in STAGES:
+        if stage not in STAGES or not isinstance(stage, str):
             raise WireError("a secret with an unknown stage")
         expires = d.get("expires_at")
         return SealedVersion(
@@ -110,7 +110,7 @@ class RegionBody:
     def decode(raw: bytes, limit: int) -> RegionBody:
         d = _load(raw, limit, "region body")
         kind = d.get("kind")
-        if kind not in (FULL, DELTA):
+        if kind not in (FULL, DELTA) or not isinstance(kind, str):
             raise WireError("a region body of an unknown kind")
         names = d.get("names")
         if not isinstance(names, list) or not all(valid_name(n) for n in names):
@@ -152,7 +152,7 @@ class Envelope:
     def decode(raw: bytes) -> Envelope:
         d = _load(raw, MAX_ENVELOPE, "envelope")
         kind, node, grants = d.get("kind"), d.get("node"), d.get("grants")
-        if kind not in (FULL, DELTA, UNCHANGED):
+        if kind not in (FULL, DELTA, UNCHANGED) or not isinstance(kind, str):
             raise WireError("an envelope of an unknown kind")
         if not valid_node_id(node):
             raise WireError("an envelope without a valid node")
