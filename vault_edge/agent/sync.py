@@ -39,6 +39,7 @@ from vault_edge.agent.cache import DiskCache
 from vault_edge.agent.identity import Enrolment, Identity, save_enrolment
 from vault_edge.agent.view import AgentState
 from vault_edge.crypto import signing
+from vault_edge.wire import revoke
 from vault_edge.wire import sync as wsync
 
 log = logging.getLogger("vault_edge.agent.sync")
@@ -302,14 +303,8 @@ class Syncer:
         a bare 403 (from a proxy, an impostor, a replay) is a transient failure, never a reason to wipe."""
         enrolment = self.identity.enrolment
         assert enrolment is not None
-        try:
-            doc = json.loads(resp.content) if _server_signed(enrolment.server_key, "revoked", resp) else None
-        except (ValueError, RecursionError):
-            doc = None
-        proven = (
-            isinstance(doc, dict) and doc.get("kind") == "revoked" and doc.get("node") == enrolment.node
-            and doc.get("nonce") == nonce
-        )
+        proven = (_server_signed(enrolment.server_key, revoke.KIND, resp)
+                  and revoke.proves(resp.content, enrolment.node, nonce))
         if not proven:
             log.warning("a 403 without the control plane's signed proof of revocation (%s): ignored",
                         _error_message(resp))
