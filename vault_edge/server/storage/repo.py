@@ -183,6 +183,10 @@ class Tx:
         self._appended: list[tuple[int, bytes, tuple[str, str]]] = []  # revocations this tx added
         self._recorded: set[tuple[int, str]] = set()  # change-log rows this tx wrote
         self._revoked: frozenset[tuple[str, str]] | None = None
+        # The revocation chain's length this process had verified before this transaction began: its
+        # snapshot shows at least that much. (A transaction that began earlier may see less than the
+        # process has verified since, by other transactions: that is its snapshot, not a shortening.)
+        self._revocations_floor = store.revocations.count
         self._changes_read = False
 
     def keys(self) -> RowKeys:
@@ -859,8 +863,11 @@ class Tx:
         if head == cache.count:
             return cache.revoked
         with cache.lock:
-            if head < cache.count:
-                raise TamperedRow("revocations", f"shorter ({head}) than this process has seen ({cache.count})")
+            if head < self._revocations_floor:
+                raise TamperedRow("revocations", f"shorter ({head}) than this process had seen "
+                                                 f"({self._revocations_floor}) when the transaction began")
+            if head <= cache.count:  # an older snapshot than the chain verified since: take the newer
+                return cache.revoked  # (what was revoked meanwhile counts as revoked here too)
             rows = self.conn.execute(
                 select(t.revocations).where(t.revocations.c.seq > cache.count, t.revocations.c.seq <= head)
                 .order_by(t.revocations.c.seq)
