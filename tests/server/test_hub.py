@@ -25,8 +25,17 @@ class FakeStore:
 
     def __init__(self) -> None:
         self.data_rev, self.rows = 5, {"a": 1, "b": 1}  # name -> current version
+        self.last = {"a": 5, "b": 5}  # the change log: name -> revision of its last change
         self.loads = 0
+        self.rows_read: list[str] = []
         self.gate: threading.Event | None = None
+
+    def set(self, rows: dict[str, int], rev: int) -> None:
+        """A change at ``rev``, logged as the repository logs it (every secret it touched)."""
+        for n in rows.keys() | self.rows.keys():
+            if rows.get(n) != self.rows.get(n):
+                self.last[n] = rev
+        self.rows, self.data_rev = rows, rev
 
     def add_listener(self, listener: Any) -> None:
         pass
@@ -47,9 +56,17 @@ class FakeStore:
         self.loads += 1
         return Region(region, 1, self.data_rev, 0.0)
 
-    def region_snapshot(self, region: str, now: float) -> list[SnapshotRow]:
-        return [SnapshotRow(n, v, "current", None, 0.0, f"ct-{n}-{v}".encode(), 1, b"dek")
-                for n, v in self.rows.items()]
+    def region_snapshot(self, region: str, now: float, names: Any = None) -> list[SnapshotRow]:
+        out = [SnapshotRow(n, v, "current", None, 0.0, f"ct-{n}-{v}".encode(), 1, b"dek")
+               for n, v in self.rows.items() if names is None or n in names]
+        self.rows_read += [r.name for r in out]
+        return out
+
+    def changed_since(self, revision: int) -> set[str]:
+        return {n for n, rev in self.last.items() if rev > revision}
+
+    def changes_read_to(self) -> int:
+        return self.data_rev
 
     def region_members(self, region: str) -> tuple[list[Node], list[Any]]:
         return [Node(NODE, region, b"x" * 32, b"y" * 32, "pop", "active", 0.0, None, 0, 1)], []
@@ -87,7 +104,7 @@ def test_a_load_that_started_before_a_notice_is_not_handed_out_after_it() -> Non
         store.gate = threading.Event()
         first = asyncio.create_task(hub.view("eu"))
         await asyncio.sleep(0.05)  # the load is in flight, reading the old rows
-        store.rows, store.data_rev = {"a": 2, "b": 1}, 6
+        store.set({"a": 2, "b": 1}, 6)
         hub.on_change(6, frozenset({"eu"}))  # committed while it was reading
         second = asyncio.create_task(hub.view("eu"))
         store.gate.set()
@@ -101,14 +118,14 @@ def test_a_load_that_started_before_a_notice_is_not_handed_out_after_it() -> Non
 def test_the_history_gives_shared_deltas_back_to_the_first_change_it_saw() -> None:
     async def go(hub: Hub, store: FakeStore) -> None:
         await hub.view("eu")
-        store.rows, store.data_rev = {"a": 2, "b": 1}, 7
+        store.set({"a": 2, "b": 1}, 7)
         hub.on_change(7, frozenset({"eu"}))
-        store.rows, store.data_rev = {"a": 2, "b": 1, "c": 1}, 9
+        store.set({"a": 2, "b": 1, "c": 1}, 9)
         hub.on_change(9, frozenset({"eu"}))
         view = await hub.view("eu")
         # two changes between two loads are one step of the history: from the view before to the view after
         assert [(c.base, c.revision, set(c.names)) for c in view.history] == [(5, 9, {"a", "c"})]
-        store.rows, store.data_rev = {"b": 1, "c": 1}, 12
+        store.set({"b": 1, "c": 1}, 12)
         hub.on_change(12, frozenset({"eu"}))
         view = await hub.view("eu")
         assert [(c.base, c.revision, set(c.names)) for c in view.history] == [(5, 9, {"a", "c"}), (9, 12, {"a"})]
@@ -126,12 +143,28 @@ def test_the_history_gives_shared_deltas_back_to_the_first_change_it_saw() -> No
     run(go)
 
 
+def test_after_the_first_load_only_what_changed_is_read() -> None:
+    async def go(hub: Hub, store: FakeStore) -> None:
+        store.set({f"s{i:03d}": 1 for i in range(300)}, 6)
+        await hub.view("eu")
+        assert len(store.rows_read) == 300
+        store.rows_read.clear()
+        store.set({**store.rows, "s007": 2}, 7)
+        hub.on_change(7, frozenset({"eu"}))
+        view = await hub.view("eu")
+        assert store.rows_read == ["s007"]  # one secret read, not the region's 300
+        assert len(view.entries) == 300 and view.entries["s007"][0].version == 2
+        assert view.entries["s008"] is not None and view.history[-1].names == frozenset({"s007"})
+
+    run(go)
+
+
 def test_a_held_long_poll_is_answered_by_a_notice() -> None:
     async def go(hub: Hub, store: FakeStore) -> None:
         waiter = asyncio.create_task(hub.wait(NODE, "eu", 1, 5, timeout=10))
         await asyncio.sleep(0.05)
         assert not waiter.done() and hub.waiting == 1
-        store.rows, store.data_rev = {"a": 3, "b": 1}, 8
+        store.set({"a": 3, "b": 1}, 8)
         hub.on_change(8, frozenset({"eu"}))
         got = await asyncio.wait_for(waiter, 5)
         assert got is not None and got[0].data_rev == 8 and hub.waiting == 0

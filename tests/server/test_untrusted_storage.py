@@ -117,7 +117,7 @@ def test_an_older_snapshot_is_not_taken_for_a_shortened_chain(api: Api) -> None:
     chain) sees the shorter chain in its snapshot: that is no tampering (it was a false alarm, under
     concurrent enrolments)."""
     store = api.client.app.state.ctx.store
-    st, doc = api.call("POST", "/v1/tokens", json={"name": "ops", "prefixes": [""], "verbs": ["list"]})
+    _, doc = api.call("POST", "/v1/tokens", json={"name": "ops", "prefixes": [""], "verbs": ["list"]})
     with store.read() as older:
         older.current_revision()  # its snapshot starts here
         assert api.call("DELETE", f"/v1/tokens/{doc['id']}")[0] == 200  # appended, committed

@@ -29,6 +29,7 @@ log = logging.getLogger("vault_edge.hub")
 
 
 MAX_HISTORY = 1024  # changes a region's view remembers, for deltas (see RegionView.history)
+INCREMENTAL_MAX = 500  # past this many changed secrets, a region's view is read whole
 
 
 @dataclass(frozen=True)
@@ -64,6 +65,7 @@ class RegionView:
     entries: dict[str, tuple[wsync.SealedVersion, ...]]  # per secret, its staged versions
     members: dict[str, Member]
     history: tuple[Change, ...] = ()
+    key_version: int = 0
     bodies: dict[object, tuple[bytes, bytes]] = field(default_factory=dict, compare=False)  # key -> (body, sha256)
 
     def full_body(self) -> tuple[bytes, bytes]:
@@ -194,9 +196,23 @@ class Hub:
 
     # -- views ---------------------------------------------------------------------------------
     def _load(self, region: str) -> RegionView:
+        """The region's view as the database has it now. After a view of it was loaded, only the
+        secrets the change log says changed since are read (the rest is the previous view's, made
+        from rows that passed their checks): a change costs the rows it changed, not the region's
+        size. A full read when the region's key changed (every data key re-wrapped), when many
+        secrets changed, or when the change log as read does not cover the step."""
+        cached = self._views.get(region)
+        previous = cached[1] if cached is not None else None
         with self.ctx.store.read() as tx:
             r = tx.get_region(region)
-            rows = tx.region_snapshot(region, self.ctx.clock())
+            data_rev = r.data_rev if r else 0
+            names: set[str] | None = None
+            if previous is not None and r is not None and r.key_version == previous.key_version \
+                    and previous.data_rev <= data_rev:
+                names = tx.changed_since(previous.data_rev)
+                if names is not None and (len(names) > INCREMENTAL_MAX or tx.changes_read_to() < data_rev):
+                    names = None
+            rows = tx.region_snapshot(region, self.ctx.clock(), names)
             nodes, grants = tx.region_members(region)
             tampered = list(tx.tampered)
         for table, key in tampered:  # left out of the view; reported once per row per process
@@ -212,22 +228,25 @@ class Hub:
         for s in rows:
             entries.setdefault(s.name, []).append(wsync.SealedVersion(
                 s.name, s.version, s.stage, s.key_version, s.wrapped_dek, s.ciphertext, s.created_at, s.expires_at))
-        view_entries = {name: tuple(vs) for name, vs in entries.items()}
+        if names is None:
+            view_entries = {name: tuple(vs) for name, vs in entries.items()}
+        else:  # the previous view, with what changed read again
+            assert previous is not None
+            view_entries = {n: vs for n, vs in previous.entries.items() if n not in names}
+            view_entries.update((name, tuple(vs)) for name, vs in entries.items())
         # A secret whose rows failed their checks keeps what this region's nodes were last given of it
         # (checked then), so a database writer cannot make the fleet drop it; until a restart.
-        previous = self._views.get(region)
         if previous is not None:
             for table, key in tampered:
                 name = key.rsplit(":", 1)[0] if table == "stages" and ":" in key else key
-                if table in ("secrets", "stages") and name in previous[1].entries and name not in view_entries:
-                    view_entries[name] = previous[1].entries[name]
+                if table in ("secrets", "stages") and name in previous.entries and name not in view_entries:
+                    view_entries[name] = previous.entries[name]
         members = {
             n.id: Member(n.node_rev, n.status == "active", tuple(by_node.get(n.id, ())), n.sign_public)
             for n in nodes
         }
-        data_rev = r.data_rev if r else 0
         return RegionView(region, data_rev, view_entries, members,
-                          _history(previous[1] if previous is not None else None, data_rev, view_entries))
+                          _history(previous, data_rev, view_entries, names), r.key_version if r else 0)
 
     async def view(self, region: str, refresh: bool = False) -> RegionView:
         """The region's view as of the latest change notice for it: loaded once however many callers.
@@ -349,8 +368,8 @@ class Hub:
         return body, signing.sign(keys.signer, wire.response_message("sync", body))
 
 
-def _history(previous: RegionView | None, data_rev: int,
-             entries: dict[str, tuple[wsync.SealedVersion, ...]]) -> tuple[Change, ...]:
+def _history(previous: RegionView | None, data_rev: int, entries: dict[str, tuple[wsync.SealedVersion, ...]],
+             candidates: set[str] | None = None) -> tuple[Change, ...]:
     """The new view's history: the previous view's, plus what changed between the two (by comparing
     them, so it is exact for this region whatever else the revision changed). Starts afresh when
     there is no previous view or the revision went backwards (a database restored from a copy)."""
@@ -359,5 +378,6 @@ def _history(previous: RegionView | None, data_rev: int,
     if data_rev == previous.data_rev:
         return previous.history
     old = previous.entries
-    names = frozenset(n for n in old.keys() | entries.keys() if old.get(n) != entries.get(n))
+    among = candidates if candidates is not None else old.keys() | entries.keys()
+    names = frozenset(n for n in among if old.get(n) != entries.get(n))
     return (*previous.history, Change(previous.data_rev, data_rev, names))[-MAX_HISTORY:]

@@ -22,7 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 import threading
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import replace
 from typing import Any
@@ -541,11 +541,11 @@ class Tx:
         )
         return [(int(r.revision), r.version) for r in self.conn.execute(q)]
 
-    def region_snapshot(self, region: str, now: float) -> list[SnapshotRow]:
-        """Every staged, unexpired, undestroyed version a node of ``region`` may decrypt. Residency is
-        by construction: a secret has a wrap for a region only if it is allowed there. A secret whose
-        record, stage pointers or place in the change log fails its check is left out (named in
-        ``self.tampered``): the rest still syncs."""
+    def region_snapshot(self, region: str, now: float, names: Collection[str] | None = None) -> list[SnapshotRow]:
+        """Every staged, unexpired, undestroyed version a node of ``region`` may decrypt (of ``names``
+        only, when given). Residency is by construction: a secret has a wrap for a region only if it is
+        allowed there. A secret whose record, stage pointers or place in the change log fails its check
+        is left out (named in ``self.tampered``): the rest still syncs."""
         s, st, v, w = t.secrets, t.stages, t.secret_versions, t.data_key_wraps
         q = (
             select(s.c.id, s.c.name, s.c.regions, s.c.latest_version, s.c.revision, s.c.deleted_at, s.c.destroyed,
@@ -559,6 +559,7 @@ class Tx:
                 s.c.deleted_at.is_(None),
                 v.c.ciphertext.is_not(None),
                 or_(st.c.expires_at.is_(None), st.c.expires_at > now),
+                *([s.c.name.in_(sorted(names))] if names is not None else []),
             )
             .order_by(s.c.name, st.c.version)
         )
@@ -820,6 +821,20 @@ class Tx:
                 if r.target and cache.last.get(r.target, 0) < r.revision:
                     cache.last[r.target] = r.revision
                 cache.read_to = max(cache.read_to, r.revision)
+
+    def changed_since(self, revision: int) -> set[str] | None:
+        """The secrets the change log says changed after ``revision``; None when the log as this
+        process has read it does not reach back that far (then only a full read will do)."""
+        self.refresh_changes()
+        cache = self.store.changes
+        if cache.read_to < revision:
+            return None
+        return {n for n, rev in cache.last.items() if rev > revision and n != BASE_TARGET}
+
+    def changes_read_to(self) -> int:
+        """How far this process has read the change log."""
+        self.refresh_changes()
+        return self.store.changes.read_to
 
     def last_change(self, name: str) -> int:
         """The revision of ``name``'s last change as the change log says (0 if it says nothing)."""
