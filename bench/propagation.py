@@ -172,7 +172,15 @@ def preflight(ns: list[int], backends: list[str], args: argparse.Namespace) -> t
     if args.enrol_concurrency > backlog:
         warnings.append(f"--enrol-concurrency {args.enrol_concurrency} is above the listen backlog ({backlog}: "
                         "uvicorn's 2048, net.core.somaxconn): connections beyond it wait for SYN retransmits")
-    warnings.append(f"N = {n}: fd limit {soft} soft / {hard} hard (raised to the hard one for the fleet and the "
+    # The fleet's memory, from smoke runs of this simulator: ~60 MB per process, and per agent ~50 kB
+    # plus ~1.6 kB per secret its region holds (its decrypted view); rounded up.
+    fleet_mb = min(args.procs, n) * 60 + n * (64 + 2 * (args.secrets + 1)) / 1024
+    avail_mb = int(re.search(r"^MemAvailable:\s+(\d+)", Path("/proc/meminfo").read_text(), re.M).group(1)) / 1024
+    if fleet_mb > 0.7 * avail_mb:
+        problems.append(f"the simulated fleet would need ~{fleet_mb / 1024:.1f} GB ({n} agents with {args.secrets + 1} "
+                        f"secrets each) against {avail_mb / 1024:.1f} GB available: fewer --secrets at this N")
+    warnings.append(f"N = {n}: fleet memory ~{fleet_mb / 1024:.1f} GB of {avail_mb / 1024:.1f} GB available; "
+                    f"fd limit {soft} soft / {hard} hard (raised to the hard one for the fleet and the "
                     f"servers); each fleet process needs {need_fleet} ({per_proc} agents), each replica "
                     f"{need_server}; ephemeral ports {ports}, {per_replica} connections per replica port; "
                     f"listen backlog {backlog}")
