@@ -501,6 +501,7 @@ def run_series(backend: str, n: int, args: argparse.Namespace, stamp: str) -> Se
         series.setup["server_nofile"] = limits
         op = OperatorClient(servers[0].addr, doc["root_token"], timeout=120)
         assigned = populate(op, servers[0].addr, doc["root_token"], args, n, series, [s.addr for s in servers])
+        replica_of = [[sv.addr for sv in servers].index(url) for url, _token in assigned]
         time.sleep(1.0)  # let the servers settle (view loads after the puts) before the baseline
         series.setup["baseline_rss_kb"] = plane.rss_kb()
         cpu_start = (plane.cpu(), time.monotonic())
@@ -564,6 +565,12 @@ def run_series(backend: str, n: int, args: argparse.Namespace, stamp: str) -> Se
             per_agent_h = [x for e in done for x in e["header_bytes"]]
             lat = [x - t0 for x in times]
             s = summary(lat)
+            if replicas > 1:  # process i ran agents i, i + P, i + 2P, ... (Fleet's shards)
+                by: dict[int, list[float]] = {}
+                for i, e in enumerate(done):
+                    for j, x in enumerate(e["times"]):
+                        by.setdefault(replica_of[i + j * len(done)], []).append(x - t0)
+                by_replica = {k: summary(v) for k, v in sorted(by.items())}
             # CPU each side used from the rotate call to the last done event: the propagation, and
             # the re-polls of the agents served first (they overlap on a real fleet as well).
             cpu = {"server_cpu_s": cpu1[0] - cpu0[0], "agents_cpu_s": cpu1[1] - cpu0[1],
@@ -577,12 +584,17 @@ def run_series(backend: str, n: int, args: argparse.Namespace, stamp: str) -> Se
             series.trials.append({"trial": k, "revision": res["revision"], "rotate_call_s": t0 - t_call,
                                   "t_call_monotonic": t_call, "t0_monotonic": t0,
                                   "rearm_s": held_s, "latencies_s": lat, **cpu, **nbytes,
+                                  "by_replica": by_replica if replicas > 1 else None,
                                   **{f"{key}_s": v for key, v in s.items() if key != "n"}})
             print(f"  [{tag}] trial {k}: p50 {s['p50'] * 1e3:7.1f} ms  p99 {s['p99'] * 1e3:7.1f} ms  "
                   f"max {s['max'] * 1e3:7.1f} ms  (rotate call {(t0 - t_call) * 1e3:.0f} ms, re-arm {held_s:.2f}s, "
                   f"cpu server {cpu['server_cpu_s']:.2f}s agents {cpu['agents_cpu_s']:.2f}s, "
                   f"{nbytes['bytes_per_node']:.0f} B/node + {nbytes['header_bytes_per_node']:.0f} B headers, "
                   f"max {nbytes['bytes_agent_max']})", flush=True)
+            if replicas > 1:
+                print("      by replica (0: rotated through): " + ", ".join(
+                    f"{k}: p50 {v['p50'] * 1e3:.0f} p99 {v['p99'] * 1e3:.0f} ms" for k, v in by_replica.items()),
+                    flush=True)
         for spy in spies:
             spy.stop()
         spies = []
