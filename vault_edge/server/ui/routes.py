@@ -249,17 +249,17 @@ async def signin(request: Request) -> Response:
         who = await run_in_threadpool(check)
     except ApiError as exc:
         await run_in_threadpool(_refused, request, exc)
-        response = page(request, "signin.html", 401, pre=pre, error="That token was refused (invalid, revoked or "
-                        "expired).")
-        return response
-    session_id, _ = store.create(who.id, who.expires_at)
+        return page(request, "signin.html", 401, pre=pre, error="That token was refused (invalid, revoked or "
+                    "expired).")
 
     def record() -> None:
         with ctx.store.write(serialize=False) as tx:
             ctx.auditor.record(tx, who.actor, "ui.signin", remote=request.client.host if request.client else "")
 
-    await run_in_threadpool(record)
-    response = RedirectResponse("/ui", status_code=303)
+    await run_in_threadpool(record)  # audited first: no session without its entry
+    store.end(request.cookies.get(cookie_name(request)))  # a session this browser had ends (no fixation)
+    session_id, _ = store.create(who.id, who.expires_at)
+    response: Response = RedirectResponse("/ui", status_code=303)
     _set_cookie(request, response, cookie_name(request), session_id)
     _del_cookie(request, response, pre_cookie_name(request))
     return response
