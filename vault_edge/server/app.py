@@ -21,6 +21,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from vault_edge import __version__
 from vault_edge.crypto.errors import DecryptionError
+from vault_edge.server import ui
 from vault_edge.server.barrier import Barrier
 from vault_edge.server.contacts import ContactLog
 from vault_edge.server.context import Context
@@ -188,6 +189,7 @@ def create_app(settings: Settings | None = None, store: Store | None = None, bar
     app.state.ctx, app.state.hub, app.state.scheduler, app.state.contacts = ctx, hub, scheduler, contacts
     for router in (sys.router, secrets.router, admin.router, agent.router):
         app.include_router(router)
+    ui.mount(app)  # the fleet console at /ui
 
     @app.get("/metrics", include_in_schema=False)
     def metrics() -> Response:
