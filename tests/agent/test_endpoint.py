@@ -31,6 +31,7 @@ from tests.agent.support import (
     wait_for_socket,
 )
 from vault_edge.agent import endpoint
+from vault_edge.agent.api import Api
 from vault_edge.agent.policy import Policy
 from vault_edge.agent.view import AgentState
 
@@ -487,7 +488,7 @@ def test_a_non_socket_file_is_never_replaced(sock_dir: Path) -> None:
 
 def test_world_accessible_modes_are_refused(tmp_path: Path) -> None:
     async def attempt(mode: int) -> None:
-        await endpoint.serve(str(tmp_path / "s.sock"), AgentState(), Policy(None), mode=mode)
+        await endpoint.serve(str(tmp_path / "s.sock"), Api(AgentState(), Policy(None)), mode=mode)
 
     for mode in (0o666, 0o662, 0o1660):
         with pytest.raises(ValueError, match="nothing to others"):

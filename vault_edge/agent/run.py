@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from vault_edge.agent import identity as ident
+from vault_edge.agent.api import Api
 from vault_edge.agent.cache import DiskCache
 from vault_edge.agent.endpoint import IDLE_TIMEOUT_S, MAX_CONNS_PER_UID, serve
 from vault_edge.agent.policy import Policy
@@ -112,8 +113,8 @@ async def run(cfg: AgentConfig) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):  # before serving: a SIGTERM from then on is graceful
         loop.add_signal_handler(sig, lambda: stop.done() or stop.set_result(None))
     try:
-        listener = await serve(str(cfg.socket), state, policy, mode=cfg.socket_mode, idle_timeout=cfg.idle_timeout,
-                               max_conns_per_uid=cfg.max_conns_per_uid)
+        listener = await serve(str(cfg.socket), Api(state, policy), mode=cfg.socket_mode,
+                               idle_timeout=cfg.idle_timeout, max_conns_per_uid=cfg.max_conns_per_uid)
     except (OSError, ValueError) as exc:
         raise AgentError(f"cannot listen on {cfg.socket}: {getattr(exc, 'strerror', None) or exc}") from None
     log.info("serving on %s (open-files limit %d, per-uid connection cap %d, idle connections closed after %gs)",
