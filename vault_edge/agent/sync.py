@@ -185,7 +185,7 @@ class Syncer:
         self.received_bytes = 0  # of sync answers, for benchmarks and metrics
         self.chain = restored  # the answers behind the installed view, for the disk cache
         self.want_full = restored is None or restored.written is None
-        self.received_at = time.time()
+        self.received_at = state.clock.wall()
 
     async def close(self) -> None:
         await self.http.aclose()
@@ -325,7 +325,7 @@ class Syncer:
         known to be behind (``cache_behind``) and rewritten whole on every later round until that
         succeeds; a restart in that window serves the older cached view. Logged loudly meanwhile.
         """
-        self.received_at = time.time()
+        self.received_at = self.state.clock.wall()
         if opened.view is not None:
             assert opened.piece is not None
             if opened.kind == wsync.FULL or self.chain is None:
@@ -458,7 +458,7 @@ def load_cached(identity: Identity, state: AgentState, cache: DiskCache) -> Chai
     state.floor = opened.floor
     state.install(opened.view)
     # Age survives restarts: the last contact is when the cached answer (or a later `unchanged`) came.
-    state.contact(time.monotonic() - max(0.0, time.time() - cached.received_at))
+    state.contact(state.clock.monotonic() - max(0.0, state.clock.wall() - cached.received_at))
     state.lost_contact()
     log.info("serving revision %d from the disk cache (%d secrets; %d deltas replayed)", opened.revision,
              len(opened.view.names), len(chain.deltas))
