@@ -216,6 +216,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--path", default=f"/v1/secrets/{SECRET[0]}")
     p.add_argument("--header", "-H", action="append", default=[], help="extra request header (udsbench -H)")
     p.add_argument("--agent-cmd", help="command for the vault-edge series; {socket} is replaced by the socket path")
+    p.add_argument("--extra", action="append", default=[], metavar="NAME=CMD",
+                   help="one more series, in --series order if named there, else after (e.g. another tree's agent: "
+                        "'vault-edge-main=env PYTHONPATH=DIR {python} DIR/tests/agent/fixture_agent.py "
+                        "--socket {socket} --secret s000=...'); {socket}, {python}, {root}, {tools} are filled in")
     p.add_argument("--no-start", action="store_true", help="do not start vault-edge; read --agent-socket instead")
     p.add_argument("--agent-socket", help="with --no-start: the running agent's socket")
     p.add_argument("--python", default=sys.executable, help="interpreter for the Python servers")
@@ -231,7 +235,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.agent_cmd:
         known["vault-edge"].cmd = args.agent_cmd
         known["vault-edge"].note = f"{args.agent_cmd}"
+    for spec in args.extra:
+        name, _, cmd = spec.partition("=")
+        if not name or not cmd or name in known:
+            p.error(f"--extra wants a new series NAME=CMD, not {spec!r}")
+        known[name] = Series(name, cmd, cmd)
     names = [n.strip() for n in args.series.split(",") if n.strip()]
+    names += [e.partition("=")[0] for e in args.extra if e.partition("=")[0] not in names]
     unknown = [n for n in names if n not in known]
     if unknown:
         p.error(f"unknown series {', '.join(unknown)} (known: {', '.join(known)})")
