@@ -273,16 +273,16 @@ def test_a_failed_cache_write_keeps_serving_and_is_retried(control_plane: Contro
     op = control_plane.op
     op.put("eu/db", value="disk-v1", regions=["eu"])
     a = start_agent("eu1", "eu")
-    cache = a.state_dir / "cache.json"
-    cache.unlink()
-    cache.mkdir()  # every write of the cache now fails (rename over a directory: an OSError)
+    log = a.state_dir / "cache.log"  # where a delta is written (appended) before it is served
+    log.unlink()
+    log.mkdir()  # every write of the log now fails (an append to, or a rename over, a directory)
     with Bystander(a, "eu/db", "disk cache unwritable") as reader:
         op.rotate("eu/db", value="disk-v2")
         wait_until(lambda: reader.last == "disk-v2", 20, "the new view served despite the failed write")
         wait_until(lambda: "cache write failed" in a.log(), 10, "the failure logged")
         assert a.alive(), a.log()[-3000:]
-        cache.rmdir()
-        wait_until(cache.is_file, 20, "the write retried")
+        log.rmdir()
+        wait_until(log.is_file, 20, "the write retried")
         assert _cached_revision(a) == a.health()["revision"]
     reader.check()
     assert "disk-v2" not in a.log()
