@@ -2,8 +2,9 @@
 
 Each simulated agent is a real agent minus its unix socket: its own X25519/Ed25519 key pair and
 state dir, enrolled with its own join token (``Syncer.enroll``: pinned control-plane key, signed
-request, verified answer), then ``Syncer.run`` (signed long-poll, ``open_bundle``: signature check,
-nonce echo, anti-rollback, grant / data key / value decryption, ``AgentState.install``, disk cache).
+request, verified answer), then ``Syncer.run`` (signed long-poll, protocol 2: deltas, ``open_answer``:
+signature check, nonce echo, anti-rollback, grant / data key / value decryption, ``AgentState.install``,
+disk cache).
 The only differences from ``vault-edge agent run``: no socket server, one event loop for all agents,
 and one shared SSL context (httpx builds a fresh one per client otherwise, 20 ms and ~1 MB each; the
 URLs are plain HTTP so it is never used). Each agent still has its own ``httpx.AsyncClient`` with
@@ -13,6 +14,21 @@ the limits and timeouts ``Syncer`` gives itself, so every agent holds its own co
 ``time.monotonic()`` right after ``install`` when the installed view's current value of the secret
 is the expected one. CLOCK_MONOTONIC is system-wide on Linux, so the controller compares it with its
 own ``time.monotonic()`` taken when ``rotate`` returned.
+
+Bytes: ``Syncer.received_bytes`` counts the sync answers' bodies; an httpx response hook adds up
+each answer's status line and headers as well (what the wire carried, short of TCP/IP). For each
+agent the ``done`` event carries what it received from ``expect`` to serving the value (``bytes``,
+``header_bytes``), and ``total_bytes`` everything the process's agents received from ``expect`` to
+``done`` (answers to other agents' polls included: e.g. an ``unchanged`` at the end of a hold). The
+``ready`` event carries each agent's first sync (a full view) in ``full_bytes``.
+
+Start-up: an agent enrols and then runs (its first sync is a full view); at most
+``--enrol-concurrency`` agents are between the start of their enrolment and their first served view
+at any time, so a fleet of thousands neither queues enrolments past the control plane's timestamp
+window nor opens thousands of connections at once (0: all at once).
+
+Each line of ``--tokens`` is a join token, or ``URL TOKEN`` (this agent's control plane, e.g. one of
+several replicas; ``--server`` otherwise).
 
 Control is JSON lines: on stdin ``{"cmd": "expect", "trial": K, "value": V}`` (acknowledged with
 ``{"event": "armed"}``), ``{"cmd": "report"}`` (the times so far) and ``{"cmd": "quit"}``; on stdout
@@ -42,6 +58,7 @@ from typing import Any
 import httpx
 import uvloop
 
+from vault_edge.agent.bundle import Piece
 from vault_edge.agent.cache import DiskCache
 from vault_edge.agent.files import ensure_private_dir
 from vault_edge.agent.identity import Identity
@@ -70,11 +87,14 @@ class CountingHandler(logging.Handler):
 
 
 class NullCache(DiskCache):
-    """``--no-disk-cache``: skip the per-agent cache file (two fsyncs per applied answer)."""
+    """``--no-disk-cache``: skip the per-agent cache files (an fsync per applied answer), but count what
+    would be written, so the agents ask for full views when a real one would."""
 
-    def save(self, body: bytes, signature: str, received_at: float | None = None,
-             floor: dict[str, int] | None = None) -> None:
-        return None
+    def save_base(self, base: Piece, floor: dict[str, int], received_at: float | None = None) -> None:
+        self.chain, self.log_bytes, self.base_bytes = "null", 0, len(base.body)
+
+    def append(self, delta: Piece, received_at: float | None = None) -> None:
+        self.log_bytes += len(delta.body)
 
     def touch(self, received_at: float) -> None:
         return None
@@ -88,11 +108,23 @@ class Fleet:
         self.times: list[float | None] = [None] * n
         self.served = 0
         self.initial_served = 0
-        self.initial_done = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        self.initial_done = loop.create_future()
+        self.first: list[asyncio.Future[None]] = [loop.create_future() for _ in range(n)]
+        self.syncers: list[Syncer] = []
+        self.header_bytes = [0] * n  # status lines and headers of every answer each agent received
+        self.full_bytes: list[int] = [0] * n  # body bytes received up to the first served view
+        self.mark: list[tuple[int, int]] = []  # (body, header) bytes of each agent at ``arm``
+        self.got: list[tuple[int, int] | None] = [None] * n  # what each received from ``arm`` to serving
+
+    def received(self, idx: int) -> tuple[int, int]:
+        return self.syncers[idx].received_bytes, self.header_bytes[idx]
 
     def arm(self, trial: int, value: bytes) -> None:
         self.trial, self.expected = trial, value
         self.times = [None] * self.n
+        self.got = [None] * self.n
+        self.mark = [self.received(i) for i in range(self.n)]
         self.served = 0
 
     def on_install(self, idx: int, view: View, at: float) -> None:
@@ -102,15 +134,25 @@ class Fleet:
         if self.expected is None:
             if self.times[idx] is None:
                 self.times[idx] = at
+                self.full_bytes[idx] = self.syncers[idx].received_bytes
                 self.initial_served += 1
+                if not self.first[idx].done():
+                    self.first[idx].set_result(None)
                 if self.initial_served == self.n and not self.initial_done.done():
                     self.initial_done.set_result(None)
             return
         if self.times[idx] is None and entry.value == self.expected:
             self.times[idx] = at
+            body, head = self.received(idx)
+            self.got[idx] = (body - self.mark[idx][0], head - self.mark[idx][1])
             self.served += 1
             if self.served == self.n:
-                emit("done", trial=self.trial, times=self.times)
+                now = [self.received(i) for i in range(self.n)]
+                emit("done", trial=self.trial, times=self.times,
+                     bytes=[g[0] if g else None for g in self.got],
+                     header_bytes=[g[1] if g else None for g in self.got],
+                     total_bytes=sum(b - m[0] for (b, _h), m in zip(now, self.mark, strict=True)),
+                     total_header_bytes=sum(h - m[1] for (_b, h), m in zip(now, self.mark, strict=True)))
 
 
 class TimedState(AgentState):
@@ -137,54 +179,83 @@ async def main(args: argparse.Namespace) -> int:
     # now makes before serving an answer; hundreds of simulated agents in one process would otherwise
     # queue behind the default pool's few threads, which no real agent does.
     asyncio.get_running_loop().set_default_executor(ThreadPoolExecutor(max_workers=args.threads))
-    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     counting = CountingHandler()
     logging.getLogger("vault_edge").addHandler(counting)
     logging.getLogger("vault_edge").setLevel(logging.WARNING)
 
-    tokens = [t for t in Path(args.tokens).read_text().split() if t]
-    n = len(tokens)
+    lines = [line.split() for line in Path(args.tokens).read_text().splitlines() if line.strip()]
+    n = len(lines)
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    need = 2 * n + 256  # each agent's client may hold 2 connections; cache files, threads, pipes besides
+    if hard < need:
+        emit("error", message=f"RLIMIT_NOFILE hard limit {hard} < {need} needed for {n} agents in one process: "
+                              "raise it (ulimit -Hn, limits.conf) or use more processes")
+        return 1
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     fleet = Fleet(n, args.secret)
     base = Path(tempfile.mkdtemp(prefix="ve-sim-", dir=args.state_root))
     ssl_ctx = ssl.create_default_context()
-    syncers: list[Syncer] = []
-    for i, token in enumerate(tokens):
+    syncers = fleet.syncers
+
+    def counter(idx: int) -> Any:
+        async def on_response(resp: httpx.Response) -> None:
+            # "HTTP/1.1 200 OK\r\n", each "name: value\r\n", the blank line
+            fleet.header_bytes[idx] += 15 + len(resp.reason_phrase) + 2 + 2 + sum(
+                len(k) + len(v) + 4 for k, v in resp.headers.raw)
+        return on_response
+
+    for i, fields in enumerate(lines):
+        server, token = (fields[0], fields[1]) if len(fields) > 1 else (args.server, fields[0])
         state_dir = ensure_private_dir(base / f"a{i:05d}")
         identity = Identity(state_dir, KeyPair.generate(), None)
-        # The same client Syncer makes for itself, except for the shared (unused) SSL context.
-        http = httpx.AsyncClient(base_url=args.server.rstrip("/"), verify=ssl_ctx,
+        # The same client Syncer makes for itself, except for the shared (unused) SSL context and
+        # the hook counting header bytes.
+        http = httpx.AsyncClient(base_url=server.rstrip("/"), verify=ssl_ctx,
                                  timeout=httpx.Timeout(10.0, read=args.wait + 20.0),
-                                 limits=httpx.Limits(max_connections=2))
+                                 limits=httpx.Limits(max_connections=2),
+                                 event_hooks={"response": [counter(i)]})
         cache = NullCache(state_dir) if args.no_disk_cache else DiskCache(state_dir)
-        syncers.append(Syncer(identity, TimedState(fleet, i), cache, args.server, join_token=token,
+        syncers.append(Syncer(identity, TimedState(fleet, i), cache, server, join_token=token,
                               wait=args.wait, http=http))
 
-    # Enrolment: every agent at once (as a fleet roll-out would), each its own connection.
+    # Start-up: each agent enrols, then runs; at most --enrol-concurrency of them at a time between
+    # the start of their enrolment and their first served view (its own connection each).
     sem = asyncio.Semaphore(args.enrol_concurrency or n)
     lat: list[float] = []
+    tasks: list[asyncio.Task[None]] = []
+    enrolled_at: list[float] = []
 
-    async def enrol(s: Syncer) -> None:
+    async def start(i: int, s: Syncer) -> None:
         async with sem:
             t = time.monotonic()
             await s.enroll()
-            lat.append(time.monotonic() - t)
+            enrolled_at.append(time.monotonic())
+            lat.append(enrolled_at[-1] - t)
+            task = asyncio.create_task(s.run(), name=f"agent-{i}")
+            tasks.append(task)
+            # hold the slot until the first view is served (or the agent's task ended: reported below)
+            await asyncio.wait([fleet.first[i], task], return_when=asyncio.FIRST_COMPLETED)
 
     t_enrol = time.monotonic()
-    await asyncio.gather(*(enrol(s) for s in syncers))
-    enrol_s = time.monotonic() - t_enrol
-    lat.sort()
-
-    t_sync = time.monotonic()
-    tasks = [asyncio.create_task(s.run(), name=f"agent-{i}") for i, s in enumerate(syncers)]
-    try:
-        await asyncio.wait_for(asyncio.shield(fleet.initial_done), args.ready_timeout)
-    except TimeoutError:
-        emit("error", message=f"only {fleet.initial_served}/{n} agents serve the secret after "
-                              f"{args.ready_timeout}s", log=dict(counting.counts), samples=counting.samples)
+    starting = asyncio.ensure_future(asyncio.gather(*(start(i, s) for i, s in enumerate(syncers))))
+    await asyncio.wait([starting], timeout=args.ready_timeout)
+    failure = None
+    if not starting.done():
+        failure = f"after {args.ready_timeout:.0f}s"
+    elif starting.exception() is not None:
+        failure = f"an agent's enrolment failed: {starting.exception()!r}"
+    elif not fleet.initial_done.done():
+        ended = [t for t in tasks if t.done() and not t.cancelled() and t.exception() is not None]
+        failure = f"{len(ended)} agent tasks ended: {ended[0].exception()!r}" if ended else "?"
+    if failure:
+        emit("error", message=f"{len(enrolled_at)}/{n} agents enrolled, {fleet.initial_served}/{n} serve the "
+                              f"secret; {failure}", log=dict(counting.counts), samples=counting.samples)
         return 1
+    lat.sort()
+    enrol_s = max(enrolled_at) - t_enrol
     emit("ready", agents=n, enrol_s=enrol_s, enrol_p50_s=lat[len(lat) // 2], enrol_max_s=lat[-1],
-         first_sync_s=time.monotonic() - t_sync, log=dict(counting.counts))
+         first_sync_s=time.monotonic() - t_enrol - enrol_s, full_bytes=fleet.full_bytes,
+         log=dict(counting.counts))
 
     reader = await stdin_lines()
     code = 0
@@ -223,7 +294,8 @@ if __name__ == "__main__":
     p.add_argument("--wait", type=float, default=30.0, help="long-poll hold asked for (agent default: 30 s)")
     p.add_argument("--no-disk-cache", action="store_true")
     p.add_argument("--threads", type=int, default=64, help="threads for the agents' disk-cache writes")
-    p.add_argument("--enrol-concurrency", type=int, default=0, help="0: all at once")
+    p.add_argument("--enrol-concurrency", type=int, default=0,
+                   help="agents enrolling or making their first sync at a time (0: all at once)")
     p.add_argument("--ready-timeout", type=float, default=300.0)
     p.add_argument("--state-root", default=None, help="where the agents' state dirs go (default: $TMPDIR)")
     uvloop.install()

@@ -1,22 +1,26 @@
 """The agent's hot path, measured beside its ceilings in one run: a secret read over the unix socket.
 
-Starts each server as a real process, drives it with ``udsload`` (C, closed loop, keep-alive), and
+Starts each server as a real process, drives it with ``udsbench`` (C, closed loop, keep-alive), and
 prints a markdown table: req/s median (min to max), p50 and p99 per series and connection count, the
 server's CPU use, and each series' ratio to the C ceiling measured in the same run. Runs go round
 robin (every series once, then again), so a slow drift of a shared machine spreads evenly.
 
 Series (``--series``, comma-separated; all by default):
 
-    raw-c        udsserve: a minimal C epoll server, fixed 64-byte answer (the machine's ceiling)
-    raw-python   pyserve.py: plain asyncio, no routing (the ceiling for a pure-Python server)
-    raw-uvloop   pyserve.py on uvloop (what the event loop alone allows)
+    raw-c        udsceiling: a minimal C epoll server, fixed 64-byte answer (the machine's ceiling)
+    raw-python   bench/tools/pyserve.py: plain asyncio, no routing (the ceiling for a pure-Python server)
+    raw-uvloop   pyserve.py --uvloop (what the event loop alone allows)
     vault-edge   the agent's endpoint (--agent-cmd; default: tests/agent/fixture_agent.py, one secret)
     starlette    Starlette on uvicorn(uds=, uvloop, httptools) serving the same read (bench/starlette_app.py)
 
-Tools: ``make bench-tools`` (builds udsload and udsserve into /tmp/ve-bench). Point the agent series
-at a real agent with e.g. ``--agent-cmd 'vault-edge agent run ... --socket {socket}'`` (it must
-create ``{socket}`` and serve ``--path``); ``--no-start`` reads an already running socket instead.
+Tools: ``make bench-tools`` builds udsbench and udsceiling from ``bench/tools/`` into
+``bench/tools/build/`` with the system ``cc``; ``--load`` drives the servers with another generator
+that takes the same flags (-u -c -d -W -p -H -j) and prints the same JSON keys, such as the shared
+``udsload``. Point the agent series at a real agent with e.g. ``--agent-cmd 'vault-edge agent run ...
+--socket {socket}'`` (it must create ``{socket}`` and serve ``--path``); ``--no-start`` reads an
+already running socket instead.
 
+    make bench                                                  # the short run: 1 run x (c1, c16), -d 3 -W 1
     .venv/bin/python bench/socket_read.py                       # 3 runs x (c1, c16) x 5 series, -d 5 -W 1
     .venv/bin/python bench/socket_read.py --series raw-c,vault-edge --runs 5 --duration 10
 """
@@ -62,9 +66,10 @@ class Series:
 def default_series(python: str) -> dict[str, Series]:
     fixture = f"{python} {{root}}/tests/agent/fixture_agent.py --socket {{socket}} --secret {SECRET[0]}={SECRET[1]}"
     return {s.name: s for s in (
-        Series("raw-c", "{tools}/udsserve -u {socket}", "C epoll, fixed answer"),
-        Series("raw-python", f"{python} {{tools}}/pyserve.py {{socket}}", "asyncio, fixed answer, no routing"),
-        Series("raw-uvloop", f"{python} {{root}}/bench/uvloop_pyserve.py {{tools}}/pyserve.py {{socket}}",
+        Series("raw-c", "{tools}/udsceiling {socket}", "udsceiling: C epoll, fixed answer"),
+        Series("raw-python", f"{python} {{root}}/bench/tools/pyserve.py {{socket}}",
+               "pyserve.py: asyncio, fixed answer, no routing"),
+        Series("raw-uvloop", f"{python} {{root}}/bench/tools/pyserve.py --uvloop {{socket}}",
                "pyserve.py on uvloop"),
         Series("vault-edge", fixture, "the agent endpoint: peercred, policy, routing, cached answers"),
         Series("starlette", f"{python} {{root}}/bench/starlette_app.py --socket {{socket}} "
@@ -126,8 +131,8 @@ def stop(series: Series) -> None:
         proc.wait()
 
 
-def measure(udsload: Path, series: Series, conns: int, args: argparse.Namespace) -> dict[str, Any]:
-    cmd = [str(udsload), "-u", series.sock, "-c", str(conns), "-d", str(args.duration), "-W", str(args.warmup),
+def measure(load: Path, series: Series, conns: int, args: argparse.Namespace) -> dict[str, Any]:
+    cmd = [str(load), "-u", series.sock, "-c", str(conns), "-d", str(args.duration), "-W", str(args.warmup),
            "-p", args.path, "-j"]
     for h in args.header:
         cmd += ["-H", h]
@@ -136,7 +141,7 @@ def measure(udsload: Path, series: Series, conns: int, args: argparse.Namespace)
     out = subprocess.run(cmd, capture_output=True, text=True, check=False, preexec_fn=pinned(args.load_cpu))
     cpu1 = cpu_seconds(pid) if pid else 0.0
     if not out.stdout.strip():
-        raise SystemExit(f"udsload printed nothing for {series.name} c{conns}: {out.stderr}")
+        raise SystemExit(f"{load.name} printed nothing for {series.name} c{conns}: {out.stderr}")
     doc: dict[str, Any] = json.loads(out.stdout)
     doc["server_cpu_s"] = round(cpu1 - cpu0, 2)
     doc["series"] = series.name
@@ -200,39 +205,52 @@ def running(selected: list[Series], state_dir: Path, args: argparse.Namespace, f
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--tools", type=Path, default=Path("/tmp/ve-bench/tools"), help="udsload, udsserve, pyserve.py")
+    p.add_argument("--tools", type=Path, default=ROOT / "bench" / "tools" / "build",
+                   help="where `make bench-tools` put udsbench and udsceiling")
+    p.add_argument("--load", type=Path, help="the load generator (default: TOOLS/udsbench)")
     p.add_argument("--series", default="raw-c,raw-python,raw-uvloop,vault-edge,starlette")
     p.add_argument("--conns", default="1,16", help="connection counts, comma-separated")
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--duration", "-d", type=float, default=5.0, help="measured seconds per run")
     p.add_argument("--warmup", "-W", type=float, default=1.0, help="unmeasured seconds before each run")
     p.add_argument("--path", default=f"/v1/secrets/{SECRET[0]}")
-    p.add_argument("--header", "-H", action="append", default=[], help="extra request header (udsload -H)")
+    p.add_argument("--header", "-H", action="append", default=[], help="extra request header (udsbench -H)")
     p.add_argument("--agent-cmd", help="command for the vault-edge series; {socket} is replaced by the socket path")
+    p.add_argument("--extra", action="append", default=[], metavar="NAME=CMD",
+                   help="one more series, in --series order if named there, else after (e.g. another tree's agent: "
+                        "'vault-edge-main=env PYTHONPATH=DIR {python} DIR/tests/agent/fixture_agent.py "
+                        "--socket {socket} --secret s000=...'); {socket}, {python}, {root}, {tools} are filled in")
     p.add_argument("--no-start", action="store_true", help="do not start vault-edge; read --agent-socket instead")
     p.add_argument("--agent-socket", help="with --no-start: the running agent's socket")
     p.add_argument("--python", default=sys.executable, help="interpreter for the Python servers")
-    p.add_argument("--out", type=Path, help="append every run's udsload JSON here (JSON lines)")
+    p.add_argument("--out", type=Path, help="append every run's udsbench JSON here (JSON lines)")
     p.add_argument("--pin", action="store_true",
-                   help="pin udsload to CPU 0 and the servers to CPU 1 (steadier figures on a shared 2-vCPU VM)")
+                   help="pin the load generator to CPU 0 and the servers to CPU 1 (steadier on a shared 2-vCPU VM)")
     args = p.parse_args(argv)
     args.load_cpu, args.server_cpu = (0, 1) if args.pin else (None, None)
 
-    udsload = args.tools / "udsload"
-    if not udsload.exists():
-        print(f"{udsload} is missing: build the tools with `make bench-tools`", file=sys.stderr)
-        return 2
     if args.no_start and not args.agent_socket:
         p.error("--no-start needs --agent-socket")
     known = default_series(args.python)
     if args.agent_cmd:
         known["vault-edge"].cmd = args.agent_cmd
         known["vault-edge"].note = f"{args.agent_cmd}"
+    for spec in args.extra:
+        name, _, cmd = spec.partition("=")
+        if not name or not cmd or name in known:
+            p.error(f"--extra wants a new series NAME=CMD, not {spec!r}")
+        known[name] = Series(name, cmd, cmd)
     names = [n.strip() for n in args.series.split(",") if n.strip()]
+    names += [e.partition("=")[0] for e in args.extra if e.partition("=")[0] not in names]
     unknown = [n for n in names if n not in known]
     if unknown:
         p.error(f"unknown series {', '.join(unknown)} (known: {', '.join(known)})")
     selected = [known[n] for n in names]
+    load = args.load or args.tools / "udsbench"
+    for tool in [load, *([args.tools / "udsceiling"] if "raw-c" in names else [])]:
+        if not tool.exists():
+            print(f"{tool} is missing: build the tools with `make bench-tools`", file=sys.stderr)
+            return 2
     conns_list = [int(c) for c in args.conns.split(",")]
     fill = {"python": args.python, "tools": str(args.tools), "root": str(ROOT)}
 
@@ -244,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
         for rep in range(1, args.runs + 1):
             for c in conns_list:
                 for s in selected:
-                    r = measure(udsload, s, c, args)
+                    r = measure(load, s, c, args)
                     r["rep"] = rep
                     s.results.setdefault(c, []).append(r)
                     print(f"  {s.name:<11} c{c:<3} run {rep}: {r['rps']:>10,.0f} req/s  p50 {r['p50_us']:.0f} µs  "
@@ -254,9 +272,9 @@ def main(argv: list[str] | None = None) -> int:
                         with open(args.out, "a") as f:
                             f.write(json.dumps({"date": started.isoformat(), **r}) + "\n")
 
-    settings = (f"udsload -c {{{','.join(map(str, conns_list))}}} -d {args.duration:g} -W {args.warmup:g} "
+    settings = (f"{load.name} -c {{{','.join(map(str, conns_list))}}} -d {args.duration:g} -W {args.warmup:g} "
                 f"-p {args.path}, {args.runs} runs each, round robin"
-                f"{', udsload pinned to CPU 0 and servers to CPU 1' if args.pin else ''}")
+                f"{f', {load.name} pinned to CPU 0 and servers to CPU 1' if args.pin else ''}")
     load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
     print(f"Measured {started:%Y-%m-%d} on {os.cpu_count()} vCPUs (CPython {platform.python_version()}, kernel "
           f"{platform.release()}); {settings}; load average at the end {load}.\n")

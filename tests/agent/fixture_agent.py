@@ -1,7 +1,8 @@
 """A real agent socket server over fixture secrets, for the endpoint tests and the benchmark.
 
 It builds a ``View`` from fixture entries, installs it in an ``AgentState`` and calls
-``endpoint.serve`` on the loop the agent uses (uvloop when installed). No control plane, no sync.
+``endpoint.serve`` with the agent's ``Api`` on the loop the agent uses (uvloop when installed). No
+control plane, no sync.
 
     python tests/agent/fixture_agent.py --socket /tmp/a.sock --secret db=hunter2 [--policy F] ...
 
@@ -24,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from vault_edge.agent import endpoint
+from vault_edge.agent.api import Api
 from vault_edge.agent.policy import Policy, PolicyError
 from vault_edge.agent.view import AgentState, Entry, View
 
@@ -61,7 +63,7 @@ async def main(args: argparse.Namespace) -> int:
     if not args.no_load:
         state.install(View(args.node, args.region, args.revision, load_entries(args)))
     if args.contact_age is not None:
-        state.contact(time.monotonic() - args.contact_age)
+        state.contact(state.clock.monotonic() - args.contact_age)
     loop = asyncio.get_running_loop()
     stop = loop.create_future()
 
@@ -79,7 +81,7 @@ async def main(args: argparse.Namespace) -> int:
         loop.add_signal_handler(sig, handle, sig)
     # handlers first: a signal sent as soon as the socket answers must find them
     try:
-        server = await endpoint.serve(args.socket, state, policy, mode=int(args.mode, 8),
+        server = await endpoint.serve(args.socket, Api(state, policy), mode=int(args.mode, 8),
                                       head_timeout=args.head_timeout)
     except (OSError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)

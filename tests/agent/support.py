@@ -99,6 +99,13 @@ class RawConn:
         self.sock = connect(path, timeout)
         self.buf = b""
 
+    @classmethod
+    def over(cls, sock: socket.socket) -> RawConn:
+        """A RawConn on an already connected socket (one end of a socketpair)."""
+        conn = cls.__new__(cls)
+        conn.sock, conn.buf = sock, b""
+        return conn
+
     def __enter__(self) -> RawConn:
         return self
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import os
 import signal
 import socket
@@ -26,7 +25,7 @@ import pytest
 from tests.agent.support import NOBODY_ID, RawConn, get, wait_for_socket
 from tests.e2e.conftest import AgentProcess, ControlPlane, wait_until
 from tests.e2e.proxy import Proxy
-from vault_edge import wire
+from vault_edge.agent.cache import DiskCache
 from vault_edge.client import AgentClient
 from vault_edge.operator import OperatorClient
 
@@ -211,8 +210,8 @@ def _open_fds(a: AgentProcess) -> int:
 
 
 def _cached_revision(a: AgentProcess) -> int:
-    doc = json.loads((a.state_dir / "cache.json").read_bytes())
-    return int(json.loads(wire.b64d(doc["body"], max_len=1 << 30))["revision"])
+    cached = DiskCache(a.state_dir).load()
+    return cached.revision if cached is not None else 0
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to act as another uid (nobody)")
@@ -274,16 +273,16 @@ def test_a_failed_cache_write_keeps_serving_and_is_retried(control_plane: Contro
     op = control_plane.op
     op.put("eu/db", value="disk-v1", regions=["eu"])
     a = start_agent("eu1", "eu")
-    cache = a.state_dir / "cache.json"
-    cache.unlink()
-    cache.mkdir()  # every write of the cache now fails (rename over a directory: an OSError)
+    log = a.state_dir / "cache.log"  # where a delta is written (appended) before it is served
+    log.unlink()
+    log.mkdir()  # every write of the log now fails (an append to, or a rename over, a directory)
     with Bystander(a, "eu/db", "disk cache unwritable") as reader:
         op.rotate("eu/db", value="disk-v2")
         wait_until(lambda: reader.last == "disk-v2", 20, "the new view served despite the failed write")
         wait_until(lambda: "cache write failed" in a.log(), 10, "the failure logged")
         assert a.alive(), a.log()[-3000:]
-        cache.rmdir()
-        wait_until(cache.is_file, 20, "the write retried")
+        log.rmdir()
+        wait_until(log.is_file, 20, "the write retried")
         assert _cached_revision(a) == a.health()["revision"]
     reader.check()
     assert "disk-v2" not in a.log()

@@ -91,9 +91,9 @@ def test_a_tampered_disk_cache_is_refused_on_start(control_plane: ControlPlane, 
     a.stop()
     cache = a.state_dir / "cache.json"
     doc = json.loads(cache.read_text())
-    body = bytearray(wire.b64d(doc["body"]))
+    body = bytearray(wire.b64d(doc["base"]["body"]))
     body[len(body) // 2] ^= 0x01
-    doc["body"] = wire.b64e(bytes(body))
+    doc["base"]["body"] = wire.b64e(bytes(body))
     cache.write_text(json.dumps(doc))
     control_plane.kill()  # no control plane: the agent has only its (tampered) disk
     a.join_token = None

@@ -114,7 +114,7 @@ def operations(app: Any) -> list[Op]:
     for route in _route_contexts(app):
         path = getattr(route, "path", None)
         dependant = getattr(route, "dependant", None)
-        if path in EXCLUDED_PATHS:
+        if path in EXCLUDED_PATHS or (path or "").startswith("/ui"):  # the console: HTML, tests/server/test_ui.py
             continue
         assert path is not None and dependant is not None, f"{route}: not an API route; exclude it explicitly"
         assert getattr(route, "include_in_schema", True), f"{path} is hidden from the schema: exclude it explicitly"

@@ -112,6 +112,19 @@ def test_a_shortened_revocation_chain_is_refused_while_the_server_runs(api: Api)
     assert st == 500 and out["error"]["code"] == "integrity_error"
 
 
+def test_an_older_snapshot_is_not_taken_for_a_shortened_chain(api: Api) -> None:
+    """A transaction that began before another appended to the chain (and a third verified the longer
+    chain) sees the shorter chain in its snapshot: that is no tampering (it was a false alarm, under
+    concurrent enrolments)."""
+    store = api.client.app.state.ctx.store
+    _, doc = api.call("POST", "/v1/tokens", json={"name": "ops", "prefixes": [""], "verbs": ["list"]})
+    with store.read() as older:
+        older.current_revision()  # its snapshot starts here
+        assert api.call("DELETE", f"/v1/tokens/{doc['id']}")[0] == 200  # appended, committed
+        assert Api(api.client, doc["token"]).call("GET", "/v1/secrets")[0] == 401  # the longer chain verified
+        assert ("token", doc["id"]) in older.revoked()  # no TamperedRow; what was revoked since counts
+
+
 # -- 2. join tokens and nodes --------------------------------------------------------------------
 def _enrol(api: Api, token: str) -> Any:
     pair = signing.KeyPair.generate()

@@ -1,26 +1,26 @@
-"""The agent's socket server: HTTP/1.1 on a unix socket, the product's hot path.
+"""The agent's socket server: HTTP/1.1 on a unix socket, the transport of the product's hot path.
+
+This module knows nothing of secrets: it binds the socket, admits connections, frames and parses
+request heads, answers them in order, caches answers per connection, and closes what must be
+closed. What an answer says is the business of an :class:`App` (the agent's is
+:class:`vault_edge.agent.api.Api`): one call, ``app.answer(request, caller)``, per request that is
+not served from the connection's cache.
 
 Edge workers read secrets here on every request, so the path is built for that read:
 
 * ``asyncio.Protocol`` on the running loop (uvloop when installed: :func:`run`), not streams.
 * The caller is read from the kernel once per connection (``peercred``), never from the request.
-* Answers are cached per connection, keyed by the raw request head: a repeated request (the common
-  case: a worker reads the same few names) costs one dict lookup and one write. The cache is
-  dropped whenever an answer could change: a new view (``state.generation``), a new contact with the
-  control plane, the integer ``Age`` ticking over, ``--max-stale`` passing, and at least every second.
-  Answers about an entry with a grace-period end (``previous``) and health/watch are never cached.
+* Answers the app marks cacheable are cached per connection, keyed by the raw request head: a
+  repeated request (the common case: a worker reads the same few names) costs one clock read, one
+  dict lookup and one write, and no call into the app. The app says when cached answers go stale:
+  its ``epoch`` changes (it starts a new one whenever an answer could change), or its clock passes
+  its ``until``, at which point the connection asks it to ``refresh()``.
 * Heads are framed here (CRLF CRLF, 8 KiB cap) and parsed by httptools (llhttp), keeping only what
-  the API reads (method, target, Accept, X-Vault-Edge-Token, keep-alive, body framing). It measured
+  an app reads (method, target, Accept, X-Vault-Edge-Token, keep-alive, body framing). It measured
   faster than a hand-written parser (bench/head_parse.py) and is the stricter of the two; it only
   runs on a cache miss.
-* Pipelined requests are answered in order; a long-poll (``/v1/watch``) holds the ones behind it.
-
-Headers on every answer: ``X-Vault-Edge-Revision`` (the view's revision) and ``Age`` (whole seconds
-since the agent last heard from the control plane, carried over restarts by the disk cache; ``0``
-when it never has: ``/v1/health`` then says ``last_sync_age_s`` null), and ``Cache-Control: no-store``.
-
-Order of checks on a read: 400 (bad request) → 403 (policy: a name the caller may not read is
-forbidden whether or not it exists) → 503 (``not_ready``, ``too_stale``) → 404 (absent or past grace).
+* Pipelined requests are answered in order; a long-poll (the app answers :class:`Hold`) holds the
+  ones behind it.
 
 Local callers cannot exhaust the agent's descriptors (``Listener``): the listener accepts connections
 itself, holds each uid to ``max_conns_per_uid`` (more are closed at once, logged once a minute per
@@ -28,23 +28,25 @@ uid), and stops accepting while the open connections would leave fewer than ``FD
 descriptors under the soft limit for the agent's own work (the sync, the disk cache), resuming as
 connections close. Keep-alive connections with no request in flight and nothing pending are closed
 after ``idle_timeout`` by the sweeper that also times out slow heads. The sweeper tells idle from busy
-without touching the hot path: it starts a new cache epoch on every pass, and any request brings its
-connection's epoch up to date, so a connection whose epoch is older than the previous pass has sent
-nothing since.
+without touching the hot path: it starts a new cache epoch on every pass (``app.refresh()``), and any
+request brings its connection's epoch up to date, so a connection whose epoch is older than the
+previous pass has sent nothing since.
 
 Hostile input: heads over 8 KiB get 431, malformed ones 400, request bodies and Transfer-Encoding are
-refused (answer, then close), heads left unfinished for 10 s (``head_timeout``) get 408; all close the connection, and
-a client that stops reading is paused at the transport's write-buffer limit. Nothing here logs or
-raises with a secret value in it.
+refused (answer, then close), heads left unfinished for 10 s (``head_timeout``) get 408; all close the
+connection (the app renders these errors, so they carry its headers), and a client that stops
+reading is paused at the transport's write-buffer limit. Nothing here logs or raises with request
+bytes in it.
 
-Imports nothing of the control plane, FastAPI, Starlette, SQLAlchemy or httpx: cold start matters.
+Time (head and idle timeouts, the cache's ``until``, refusal log windows) is read from the app's
+clock. Imports nothing of the control plane, FastAPI, Starlette, SQLAlchemy or httpx: cold start
+matters.
 """
 
 from __future__ import annotations
 
 import asyncio
 import errno
-import json
 import logging
 import math
 import os
@@ -52,26 +54,19 @@ import re
 import resource
 import socket
 import stat
-from collections.abc import Coroutine
-from time import monotonic
-from typing import Any, Final, NamedTuple, TypeVar, cast
-from urllib.parse import unquote
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any, Final, NamedTuple, Protocol, TypeVar, cast
 
 import httptools
 
+from vault_edge.agent.clock import Clock
 from vault_edge.agent.peercred import Caller, peer_of
-from vault_edge.agent.policy import Policy
-from vault_edge.agent.view import AgentState, Entry
-from vault_edge.wire import STAGES, b64e, valid_name
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 MAX_HEAD: Final = 8192  # bytes of request line + headers
-MAX_BATCH: Final = 256  # names in one ?names= read
 HEAD_TIMEOUT_S: Final = 10.0  # an unfinished head older than this is answered 408 and closed
-WATCH_DEFAULT_S: Final = 30.0
-WATCH_MAX_S: Final = 300.0
 _CACHE_MAX: Final = 64  # cached answers per connection...
 _CACHE_BYTES: Final = 65_536  # ...and their bytes: bounded memory per connection, whatever the clients ask
 _CACHE_ANSWER_MAX: Final = 16_384  # larger answers are rebuilt each time rather than held
@@ -81,20 +76,83 @@ MAX_CONNS_PER_UID: Final = 256  # connections one uid may hold; more are closed 
 FD_RESERVE: Final = 64  # descriptors kept free under the soft limit for the agent's own work
 _REFUSAL_LOG_S: Final = 60.0  # refusals of one kind are logged once per this window
 
-_REASONS: Final = {
+REASONS: Final = {
     200: "OK", 400: "Bad Request", 403: "Forbidden", 404: "Not Found", 405: "Method Not Allowed",
     408: "Request Timeout", 413: "Content Too Large", 431: "Request Header Fields Too Large",
     500: "Internal Server Error", 503: "Service Unavailable", 505: "HTTP Version Not Supported",
 }
-_STATUS_LINE: Final = {code: f"HTTP/1.1 {code} {reason}\r\n".encode() for code, reason in _REASONS.items()}
-_JSON: Final = b"application/json"
-_OCTETS: Final = b"application/octet-stream"
+STATUS_LINE: Final = {code: f"HTTP/1.1 {code} {reason}\r\n".encode() for code, reason in REASONS.items()}
 _TARGET_RE = re.compile(rb"/[\x21-\x7e]*")  # origin-form, visible ASCII only
 
 
 class EndpointError(OSError):
     """The socket cannot be served (path taken by a live agent or by a non-socket file)."""
 
+
+# ------------------------------------------------------------------------- what an app is handed
+
+class Request(NamedTuple):
+    method: str
+    target: str
+    accept: str | None
+    token: str | None
+    keep_alive: bool
+    body_len: int
+
+
+class BadRequest(Exception):
+    """The request cannot be served; ``status`` and the message go back to the client.
+
+    Raised by the head parser (the connection is then closed) and by apps for a well-framed request
+    they refuse (the connection stays open)."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class Answer(NamedTuple):
+    """A whole response (status line, headers, body), and whether it may be replayed, byte for byte,
+    for the same request head on the same connection until the app's epoch changes."""
+
+    data: bytes
+    cacheable: bool
+
+
+class Hold(NamedTuple):
+    """A long-poll: ``wait()`` gives the response when it is due. The connection answers the
+    requests pipelined behind it only then, in order."""
+
+    wait: Callable[[], Awaitable[bytes]]
+
+
+class App(Protocol):
+    """What the endpoint serves. ``epoch`` and ``until`` are read on every request, cache hits
+    included, so they are plain attributes; the methods run only on a miss."""
+
+    clock: Clock
+    epoch: int  # cached answers of an older epoch are dropped
+    until: float  # at or past this monotonic time, refresh() before answering or replaying anything
+
+    @property
+    def needs_exe(self) -> bool:
+        """Whether the caller's executable path must be read from the kernel at accept."""
+        ...
+
+    def refresh(self) -> None:
+        """Start a new epoch; bring ``until`` forward."""
+        ...
+
+    def answer(self, request: Request, caller: Caller) -> Answer | Hold:
+        """The response to one parsed request (errors included): raises nothing but bugs."""
+        ...
+
+    def error(self, status: int, code: str, message: str, *, close: bool = False) -> bytes:
+        """An error response, for refusals made here (framing, timeouts, internal errors)."""
+        ...
+
+
+# ------------------------------------------------------------------------------------- lifecycle
 
 def run(main: Coroutine[Any, Any, T]) -> T:
     """Run the agent's main coroutine on uvloop when installed (about 2x the reads/s), else asyncio."""
@@ -105,10 +163,10 @@ def run(main: Coroutine[Any, Any, T]) -> T:
     return uvloop.run(main)
 
 
-async def serve(path: str, state: AgentState, policy: Policy, *, mode: int = 0o660,
-                head_timeout: float = HEAD_TIMEOUT_S, idle_timeout: float = IDLE_TIMEOUT_S,
-                max_conns_per_uid: int = MAX_CONNS_PER_UID, fd_reserve: int = FD_RESERVE) -> Listener:
-    """Create the unix socket at ``path`` (mode ``mode``, never world-accessible) and start serving.
+async def serve(path: str, app: App, *, mode: int = 0o660, head_timeout: float = HEAD_TIMEOUT_S,
+                idle_timeout: float = IDLE_TIMEOUT_S, max_conns_per_uid: int = MAX_CONNS_PER_UID,
+                fd_reserve: int = FD_RESERVE) -> Listener:
+    """Create the unix socket at ``path`` (mode ``mode``, never world-accessible) and serve ``app``.
 
     A stale socket file left by a dead agent is removed; a live one, or any other kind of file, is
     not (EndpointError). A request head unfinished after ``head_timeout`` seconds is answered 408; a
@@ -121,15 +179,15 @@ async def serve(path: str, state: AgentState, policy: Policy, *, mode: int = 0o6
         raise ValueError("max_conns_per_uid must be ≥ 1 and idle_timeout > 0")
     _remove_stale(path)
     sock = _bind(path, mode)
-    core = _Server(state, policy)
     loop = asyncio.get_running_loop()
     try:
         sock.listen(1024)
-        listener = Listener(sock, core, loop, max_conns_per_uid=max_conns_per_uid, fd_reserve=fd_reserve)
+        listener = Listener(sock, app, loop, max_conns_per_uid=max_conns_per_uid, fd_reserve=fd_reserve,
+                            head_timeout=head_timeout, idle_timeout=idle_timeout)
     except BaseException:
         sock.close()
         raise
-    core.start_sweeper(loop, listener, head_timeout, idle_timeout)
+    listener.start_sweeper()
     return listener
 
 
@@ -150,10 +208,13 @@ class Listener:
     soft RLIMIT_NOFILE less ``fd_reserve`` less the descriptors open when serving starts.
     """
 
-    def __init__(self, sock: socket.socket, core: _Server, loop: asyncio.AbstractEventLoop, *,
-                 max_conns_per_uid: int, fd_reserve: int) -> None:
-        self.sock, self.core, self.loop = sock, core, loop
+    def __init__(self, sock: socket.socket, app: App, loop: asyncio.AbstractEventLoop, *,
+                 max_conns_per_uid: int = MAX_CONNS_PER_UID, fd_reserve: int = FD_RESERVE,
+                 head_timeout: float = HEAD_TIMEOUT_S, idle_timeout: float = IDLE_TIMEOUT_S) -> None:
+        self.sock, self.app, self.loop, self.clock = sock, app, loop, app.clock
+        self.conns: set[_Conn] = set()
         self.max_conns_per_uid = max_conns_per_uid
+        self.head_timeout, self.idle_timeout = head_timeout, idle_timeout
         soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
         self.max_conns = (1 << 30) if soft == resource.RLIM_INFINITY else max(1, soft - fd_reserve - _open_fds())
         self.soft_limit, self.fd_reserve = soft, fd_reserve
@@ -163,6 +224,7 @@ class Listener:
         self.serving = True
         self._logged: dict[object, float] = {}  # refusal kind → when last logged
         self._refused: dict[object, int] = {}  # refusal kind → refusals since
+        self._mark = app.epoch  # the app's epoch right after the previous sweep
         self._fd = sock.fileno()
         self._resume()
 
@@ -192,7 +254,7 @@ class Listener:
             self.accepting = False
 
     def _full(self) -> bool:
-        return len(self.core.conns) + self.pending >= self.max_conns
+        return len(self.conns) + self.pending >= self.max_conns
 
     def _accept(self) -> None:
         for _ in range(128):  # a batch per wake-up, then let the loop serve requests
@@ -200,7 +262,7 @@ class Listener:
                 self._pause()
                 self._note("budget", "stop accepting connections: %d open, the open-files limit is %d and %d are "
                            "kept for the agent's own work; accepting again as connections close",
-                           len(self.core.conns) + self.pending, self.soft_limit, self.fd_reserve)
+                           len(self.conns) + self.pending, self.soft_limit, self.fd_reserve)
                 return
             try:
                 conn, _ = self.sock.accept()
@@ -214,12 +276,14 @@ class Listener:
                 self.loop.call_later(1.0, self._resume)
                 self._note("accept", "cannot accept connections (%s); retrying in 1s", exc.strerror or exc)
                 return
-            self._admit(conn)
+            self.adopt(conn)
 
-    def _admit(self, conn: socket.socket) -> None:
+    def adopt(self, conn: socket.socket) -> None:
+        """Serve a connected unix socket as if accepted here (the accept loop's path; tests give one
+        end of a ``socket.socketpair()``). Its caller is read from the kernel; the per-uid cap applies."""
         try:
             conn.setblocking(False)
-            caller = peer_of(conn, with_exe=self.core.policy.uses_exe)
+            caller = peer_of(conn, with_exe=self.app.needs_exe)
         except OSError as exc:
             conn.close()
             self._note("cred", "refusing a connection without kernel credentials: %s", exc)
@@ -236,7 +300,7 @@ class Listener:
 
     async def _attach(self, conn: socket.socket, caller: Caller) -> None:
         try:
-            await self.loop.connect_accepted_socket(lambda: _Conn(self.core, self, caller), conn)
+            await self.loop.connect_accepted_socket(lambda: _Conn(self, caller), conn)
         except Exception as exc:  # the connection is lost; the listener is not
             conn.close()
             self.release(caller.uid)
@@ -256,7 +320,7 @@ class Listener:
 
     def _note(self, kind: object, msg: str, *args: object) -> None:
         """Log a refusal at most once per window per kind, with how many happened since."""
-        now = monotonic()
+        now = self.clock.monotonic()
         count = self._refused[kind] = self._refused.get(kind, 0) + 1
         if now - self._logged.get(kind, -math.inf) >= _REFUSAL_LOG_S:
             self._logged[kind] = now
@@ -266,6 +330,42 @@ class Listener:
             if len(self._logged) > 4096:  # one entry per uid seen refusing: bounded anyway
                 self._logged.clear()
                 self._refused.clear()
+
+    # slow heads, idle connections
+
+    def start_sweeper(self) -> None:
+        """Sweep every few seconds of the loop's time (see :meth:`sweep`) while serving.
+
+        One timer for the whole server rather than one per request: the hot path arms nothing."""
+        every = min(_SWEEP_S, self.head_timeout / 2, self.idle_timeout / 2)
+
+        def tick() -> None:
+            if self.serving:
+                self.sweep()
+                self.loop.call_later(every, tick)
+
+        self.loop.call_later(every, tick)
+
+    def sweep(self) -> None:
+        """Close connections whose unfinished head is older than ``head_timeout`` (408) and connections
+        idle (nothing in flight, nothing pending) for ``idle_timeout``, by the app's clock.
+
+        Each pass starts a new cache epoch; a request brings its connection's epoch up to date (the
+        hot path already compares the two), so a connection still behind the previous pass's epoch
+        has sent nothing since then.
+        """
+        now = self.clock.monotonic()
+        limit, idle_limit, mark = now - self.head_timeout, now - self.idle_timeout, self._mark
+        for conn in list(self.conns):
+            if conn.partial_since is not None:
+                if conn.partial_since < limit:
+                    conn.refuse(408, "the request head was not finished in time")
+            elif conn.epoch >= mark or conn.busy():
+                conn.active_at = now
+            elif conn.active_at < idle_limit:
+                conn.close_idle()
+        self.app.refresh()
+        self._mark = self.app.epoch
 
 
 def _remove_stale(path: str) -> None:
@@ -307,24 +407,7 @@ def _bind(path: str, mode: int) -> socket.socket:
     return sock
 
 
-# ---------------------------------------------------------------------------------------- requests
-
-class Request(NamedTuple):
-    method: str
-    target: str
-    accept: str | None
-    token: str | None
-    keep_alive: bool
-    body_len: int
-
-
-class BadRequest(Exception):
-    """The head cannot be served; ``status`` and the message go back to the client, then close."""
-
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-
+# ------------------------------------------------------------------------------------------ heads
 
 class HeadParser:
     """Reads one complete request head at a time with httptools (llhttp, Node.js's parser).
@@ -399,328 +482,34 @@ class HeadParser:
         )
 
 
-def wants_raw(accept: str | None) -> bool:
-    """True when Accept lists application/octet-stream before (or without) application/json."""
-    if accept is None:
-        return False
-    for item in accept.split(","):
-        media = item.split(";", 1)[0].strip().lower()
-        if media == "application/octet-stream":
-            return True
-        if media == "application/json":
-            return False
-    return False
-
-
-def parse_query(query: str, allowed: frozenset[str]) -> dict[str, str]:
-    params: dict[str, str] = {}
-    if not query:
-        return params
-    for part in query.split("&"):
-        if not part:
-            continue
-        key, _, value = part.partition("=")
-        key, value = unquote(key, errors="strict"), unquote(value, errors="strict")
-        if key not in allowed:
-            takes = f"allowed: {', '.join(sorted(allowed))}" if allowed else "this endpoint takes none"
-            raise BadRequest(400, f"unknown query parameter {key!r} ({takes})")
-        if key in params:
-            raise BadRequest(400, f"query parameter {key!r} given twice")
-        params[key] = value
-    return params
-
-
-def _int_param(params: dict[str, str], key: str, *, minimum: int = 0) -> int | None:
-    raw = params.get(key)
-    if raw is None:
-        return None
-    if not (raw.isascii() and raw.isdigit()) or len(raw) > 18 or int(raw) < minimum:
-        raise BadRequest(400, f"{key} must be an integer ≥ {minimum}")
-    return int(raw)
-
-
-def _stage_param(params: dict[str, str]) -> str | None:
-    stage = params.get("stage")
-    if stage is not None and stage not in STAGES:
-        raise BadRequest(400, f"stage must be one of {', '.join(STAGES)}")
-    return stage
-
-
-def _name(raw: str) -> str:
-    if not valid_name(raw):
-        raise BadRequest(400, "invalid secret name")
-    return raw
-
-
-_READ_PARAMS: Final = frozenset({"version", "stage"})
-_LIST_PARAMS: Final = frozenset({"names", "stage"})
-_WATCH_PARAMS: Final = frozenset({"since", "wait"})
-
-
-# ----------------------------------------------------------------------------------------- answers
-
-class _Answer(NamedTuple):
-    data: bytes
-    cacheable: bool
-
-
-class _Refusal(Exception):
-    def __init__(self, status: int, code: str, message: str) -> None:
-        super().__init__(message)
-        self.status, self.code = status, code
-
-
-class _Watch(NamedTuple):
-    since: int | None
-    wait: float
-
-
-class _Server:
-    """What all connections share: state, policy, the cache epoch and the headers every answer has."""
-
-    def __init__(self, state: AgentState, policy: Policy) -> None:
-        self.state, self.policy = state, policy
-        self.conns: set[_Conn] = set()
-        self.epoch = 0
-        self.gen = -1
-        self.contact: float | None = None
-        self.until = -math.inf  # monotonic time at which cached answers must be dropped
-        self.stale = False
-        self.common = b""
-        self._changed: asyncio.Future[None] | None = None
-        self.refresh()
-
-    def refresh(self) -> None:
-        """Start a new cache epoch: recompute what depends on the view, contact and clock."""
-        st, now = self.state, monotonic()
-        self.gen, self.contact = st.generation, st.last_contact
-        age = st.age(now)
-        age_s = 0 if age is None else max(0, int(age))
-        self.stale = st.too_stale(now)
-        until = now + 1.0
-        if age is not None:
-            until = min(until, now + (age_s + 1 - age))  # when the integer Age ticks over
-            if st.max_stale is not None and not self.stale:
-                until = min(until, math.nextafter(now + (st.max_stale - age), math.inf))
-        self.until = until
-        self.common = (
-            b"X-Vault-Edge-Revision: %d\r\nAge: %d\r\nCache-Control: no-store\r\n" % (st.view.revision, age_s)
-        )
-        self.epoch += 1
-
-    # -- answers
-
-    def build(self, status: int, body: bytes, ctype: bytes = _JSON, extra: bytes = b"",
-              close: bool = False) -> bytes:
-        return b"".join((
-            _STATUS_LINE[status], b"Content-Type: ", ctype, b"\r\nContent-Length: %d\r\n" % len(body),
-            self.common, extra, b"Connection: close\r\n" if close else b"", b"\r\n", body,
-        ))
-
-    def error(self, status: int, code: str, message: str, *, close: bool = False, extra: bytes = b"") -> bytes:
-        body = json.dumps({"error": {"code": code, "message": message}}, separators=(",", ":")).encode()
-        return self.build(status, body, extra=extra, close=close)
-
-    def answer(self, req: Request, caller: Caller) -> _Answer | _Watch:
-        """Route one parsed request to its answer (errors included), or to a long-poll."""
-        if req.method != "GET":
-            return _Answer(self.error(405, "method_not_allowed", "only GET is served", extra=b"Allow: GET\r\n"),
-                           True)
-        path, _, query = req.target.partition("?")
-        try:
-            if path.startswith("/v1/secrets/"):
-                return self._read(_name(unquote(path[12:], errors="strict")), parse_query(query, _READ_PARAMS),
-                                  req, caller)
-            if path == "/v1/secrets":
-                params = parse_query(query, _LIST_PARAMS)
-                if "names" in params:
-                    return self._batch(params, req, caller)
-                if "stage" in params:
-                    raise BadRequest(400, "stage applies to a read, not to the list of names")
-                return self._list(req, caller)
-            if path == "/v1/health":
-                parse_query(query, frozenset())
-                return _Answer(self._health(), False)
-            if path == "/v1/watch":
-                params = parse_query(query, _WATCH_PARAMS)
-                since = _int_param(params, "since")
-                wait = params.get("wait", str(WATCH_DEFAULT_S))
-                try:
-                    seconds = float(wait)
-                except ValueError:
-                    seconds = math.nan
-                if not 0 <= seconds <= math.inf:
-                    raise BadRequest(400, "wait must be a number of seconds ≥ 0")
-                return _Watch(since, min(seconds, WATCH_MAX_S))
-        except UnicodeDecodeError:
-            return _Answer(self.error(400, "bad_request", "invalid percent-encoding in the request target"), True)
-        except BadRequest as bad:  # well framed, so the connection stays open
-            return _Answer(self.error(bad.status, "bad_request", str(bad)), True)
-        except _Refusal as r:
-            return _Answer(self.error(r.status, r.code, str(r),
-                                      extra=b"Retry-After: 1\r\n" if r.status == 503 else b""), True)
-        return _Answer(self.error(404, "not_found", f"no such endpoint: {path[:100]}"), True)
-
-    def _ready(self) -> None:
-        if not self.state.loaded:
-            raise _Refusal(503, "not_ready", "the agent has no secrets yet (first sync or cache load pending)")
-        if self.stale:
-            raise _Refusal(503, "too_stale", "the agent has not heard from the control plane within --max-stale")
-
-    def _entry(self, name: str, version: int | None, stage: str | None, req: Request, caller: Caller) -> Entry:
-        if not self.policy.allows(caller, req.token, name):
-            raise _Refusal(403, "forbidden", f"the caller may not read {name!r}")
-        self._ready()
-        entry = self.state.view.lookup(name, version=version, stage=stage)
-        if entry is None:
-            what = f" version {version}" if version is not None else f" at stage {stage}" if stage else ""
-            raise _Refusal(404, "not_found", f"no secret {name!r}{what}")
-        return entry
-
-    def _doc(self, e: Entry) -> dict[str, Any]:
-        try:
-            value, encoding = e.value.decode("utf-8"), "utf-8"
-        except UnicodeDecodeError:
-            value, encoding = b64e(e.value), "base64"
-        return {"name": e.name, "value": value, "encoding": encoding, "version": e.version, "stage": e.stage,
-                "revision": self.state.view.revision}
-
-    def _read(self, name: str, params: dict[str, str], req: Request, caller: Caller) -> _Answer:
-        version, stage = _int_param(params, "version", minimum=1), _stage_param(params)
-        if version is not None and stage is not None:
-            raise BadRequest(400, "give version or stage, not both")
-        e = self._entry(name, version, stage, req, caller)
-        cacheable = e.expires_at is None  # a grace period's end is wall-clock; re-check it every time
-        if wants_raw(req.accept):
-            extra = b"X-Vault-Edge-Version: %d\r\nX-Vault-Edge-Stage: %s\r\n" % (e.version, e.stage.encode())
-            return _Answer(self.build(200, e.value, _OCTETS, extra), cacheable)
-        return _Answer(self.build(200, _dumps(self._doc(e))), cacheable)
-
-    def _batch(self, params: dict[str, str], req: Request, caller: Caller) -> _Answer:
-        names = [_name(n) for n in params["names"].split(",")]
-        if len(names) > MAX_BATCH:
-            raise BadRequest(400, f"at most {MAX_BATCH} names in one read")
-        stage = _stage_param(params)
-        entries = [self._entry(n, None, stage, req, caller) for n in names]
-        cacheable = all(e.expires_at is None for e in entries)
-        return _Answer(self.build(200, _dumps({"secrets": [self._doc(e) for e in entries]})), cacheable)
-
-    def _list(self, req: Request, caller: Caller) -> _Answer:
-        if req.token is not None and not self.policy.knows_token(req.token):
-            raise _Refusal(403, "forbidden", "the X-Vault-Edge-Token matches no policy rule")
-        self._ready()
-        names = [n for n in self.state.view.names if self.policy.allows(caller, req.token, n)]
-        return _Answer(self.build(200, _dumps({"names": names})), True)
-
-    def _health(self) -> bytes:
-        st = self.state
-        age = st.age()
-        view = st.view
-        return self.build(200, _dumps({
-            "status": st.status(), "node": view.node or st.node, "region": view.region or st.region,
-            "revision": view.revision, "last_sync_age_s": None if age is None else round(age, 3),
-            "secrets": len(view.names),
-        }))
-
-    async def watch(self, w: _Watch) -> bytes:
-        """Hold until the view's revision passes ``since`` (default: the current one) or ``wait`` ends."""
-        st = self.state
-        since = st.view.revision if w.since is None else w.since
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + w.wait
-        while st.view.revision <= since:
-            remaining = deadline - loop.time()
-            if remaining <= 0:
-                break
-            # One shared future per install, so timed-out watches leave nothing behind in the state.
-            if self._changed is None or self._changed.done():
-                self._changed = st.changed()
-            await asyncio.wait((self._changed,), timeout=remaining)
-        self.refresh_if_needed()
-        revision = st.view.revision
-        return self.build(200, _dumps({"revision": revision, "changed": revision > since}))
-
-    def refresh_if_needed(self) -> None:
-        st = self.state
-        if st.generation != self.gen or st.last_contact != self.contact or monotonic() >= self.until:
-            self.refresh()
-
-    # -- slow heads
-
-    def start_sweeper(self, loop: asyncio.AbstractEventLoop, server: Listener, head_timeout: float,
-                      idle_timeout: float = IDLE_TIMEOUT_S) -> None:
-        """Every few seconds, close connections whose unfinished head is older than ``head_timeout`` and
-        connections idle (nothing in flight, nothing pending) for ``idle_timeout``.
-
-        One timer for the whole server rather than one per request: the hot path arms nothing. Each
-        pass starts a new cache epoch; a request brings its connection's epoch up to date (the hot
-        path already compares the two), so a connection still behind the previous pass's epoch has
-        sent nothing since then.
-        """
-        every = min(_SWEEP_S, head_timeout / 2, idle_timeout / 2)
-        mark = self.epoch
-
-        def sweep() -> None:
-            nonlocal mark
-            if not server.is_serving():
-                return
-            now = monotonic()
-            limit, idle_limit = now - head_timeout, now - idle_timeout
-            for conn in list(self.conns):
-                if conn.partial_since is not None:
-                    if conn.partial_since < limit:
-                        conn.refuse(408, "the request head was not finished in time")
-                elif conn.epoch >= mark or conn.busy():
-                    conn.active_at = now
-                elif conn.active_at < idle_limit:
-                    conn.close_idle()
-            self.refresh()
-            mark = self.epoch
-            loop.call_later(every, sweep)
-
-        loop.call_later(every, sweep)
-
-
-def _dumps(doc: Any) -> bytes:
-    return json.dumps(doc, separators=(",", ":")).encode()
-
-
 # -------------------------------------------------------------------------------------- connection
 
 class _Conn(asyncio.Protocol):
     """One client connection: frame heads, answer them in order, cache answers by head."""
 
-    def __init__(self, core: _Server, listener: Listener | None = None, caller: Caller | None = None) -> None:
-        self.core = core
+    def __init__(self, listener: Listener, caller: Caller) -> None:
         self.listener = listener  # told when the connection ends (per-uid count, accept budget)
+        self.app = listener.app
+        self.now = listener.clock.monotonic
+        self.caller = caller  # the listener read the kernel's credentials
         self.transport: asyncio.Transport | None = None
-        self.caller = caller or Caller(0, -1, -1)
-        self.known = caller is not None  # the listener read the kernel's credentials already
-        self.active_at = monotonic()  # last sweep that saw it busy (or when it was accepted)
+        self.released = False
+        self.active_at = self.now()  # last sweep that saw it busy (or when it was accepted)
         self.buf = b""
         self.cache: dict[bytes, bytes] = {}
         self.cache_bytes = 0
         self.epoch = -1
         self.closing = False
         self.partial_since: float | None = None  # when an unfinished head started waiting (slow clients)
-        self.watch: asyncio.Task[None] | None = None
+        self.watch: asyncio.Task[None] | None = None  # a Hold in progress
         self.write_blocked = False  # the client is not reading its answers
         self.reading_paused = False
         self.heads: HeadParser | None = None  # made at the first cache miss
         self.eof = False  # the client has finished sending (half-close) while a watch was pending
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        transport = cast(asyncio.Transport, transport)  # uvloop's transports do not subclass asyncio's
-        self.transport = transport
-        if not self.known:
-            try:
-                self.caller = peer_of(transport.get_extra_info("socket"), with_exe=self.core.policy.uses_exe)
-            except OSError as exc:
-                log.warning("refusing a connection without kernel credentials: %s", exc)
-                self.closing = True
-                transport.abort()
-                return
-        self.core.conns.add(self)
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's transports do not subclass asyncio's
+        self.listener.conns.add(self)
 
     def busy(self) -> bool:
         """A request in flight or an answer not yet taken by the client."""
@@ -734,11 +523,10 @@ class _Conn(asyncio.Protocol):
             self.transport.close()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        if self in self.core.conns:
-            self.core.conns.discard(self)
-        if self.listener is not None:
+        self.listener.conns.discard(self)
+        if not self.released:
+            self.released = True
             self.listener.release(self.caller.uid)
-            self.listener = None
         self.closing = True
         if self.watch is not None:
             self.watch.cancel()
@@ -778,11 +566,10 @@ class _Conn(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self.closing:
             return
-        core = self.core
-        st = core.state
-        if st.generation != core.gen or st.last_contact != core.contact or monotonic() >= core.until:
-            core.refresh()
-        if self.epoch != core.epoch:
+        app = self.app
+        if self.now() >= app.until:
+            app.refresh()
+        if self.epoch != app.epoch:
             self._drop_cache()
         if not self.buf and self.watch is None and len(data) <= MAX_HEAD:
             hit = self.cache.get(data)  # keys are whole bodiless heads, so data is exactly one request
@@ -800,19 +587,19 @@ class _Conn(asyncio.Protocol):
             self.refuse(500, "internal error", code="internal")
 
     def _process(self) -> None:
-        """Answer every complete request in the buffer, in order, until a watch or a close."""
+        """Answer every complete request in the buffer, in order, until a hold or a close."""
         out: list[bytes] = []
         buf, pos = self.buf, 0
-        core, caller, transport = self.core, self.caller, self.transport
+        app, caller, transport = self.app, self.caller, self.transport
         assert transport is not None
         while pos < len(buf) and not self.closing and self.watch is None:
             end = buf.find(b"\r\n\r\n", pos, pos + MAX_HEAD + 4)
             if end < 0:
                 if len(buf) - pos > MAX_HEAD:
-                    self._finish(out, core.error(431, "bad_request", f"request head over {MAX_HEAD} bytes",
-                                                 close=True))
+                    self._finish(out, app.error(431, "bad_request", f"request head over {MAX_HEAD} bytes",
+                                                close=True))
                 elif buf.find(b"\n\n", pos) >= 0:
-                    self._finish(out, core.error(400, "bad_request", "request lines must end in CRLF", close=True))
+                    self._finish(out, app.error(400, "bad_request", "request lines must end in CRLF", close=True))
                 break
             head, pos = buf[pos : end + 4], end + 4
             try:
@@ -821,12 +608,12 @@ class _Conn(asyncio.Protocol):
                 req = self.heads.parse(head)
                 if req.body_len:
                     raise BadRequest(413, "requests to the agent carry no body")
-                ans = core.answer(req, caller)
+                ans = app.answer(req, caller)  # the one call into the app, on a cache miss
             except BadRequest as bad:
-                self._finish(out, core.error(bad.status, "bad_request", str(bad), close=True))
+                self._finish(out, app.error(bad.status, "bad_request", str(bad), close=True))
                 break
-            if isinstance(ans, _Watch):
-                self._start_watch(ans, req.keep_alive)
+            if isinstance(ans, Hold):
+                self._start_hold(ans, req.keep_alive)
                 break
             # only GET is served; a HEAD's 405 must still carry no body, or the client would desync
             data = ans.data if req.method != "HEAD" else ans.data[: ans.data.index(b"\r\n\r\n") + 4]
@@ -841,7 +628,7 @@ class _Conn(asyncio.Protocol):
             transport.write(b"".join(out))
         if self.buf and self.watch is None and not self.closing:
             if self.partial_since is None:
-                self.partial_since = monotonic()
+                self.partial_since = self.now()
         else:
             self.partial_since = None
         self._flow()
@@ -849,7 +636,7 @@ class _Conn(asyncio.Protocol):
     def _drop_cache(self) -> None:
         self.cache.clear()
         self.cache_bytes = 0
-        self.epoch = self.core.epoch
+        self.epoch = self.app.epoch
 
     def _remember(self, head: bytes, data: bytes) -> None:
         size = len(head) + len(data)
@@ -872,11 +659,11 @@ class _Conn(asyncio.Protocol):
         if self.closing or self.transport is None:
             return
         self.buf = b""
-        self._finish([], self.core.error(status, code, message, close=True))
+        self._finish([], self.app.error(status, code, message, close=True))
 
-    def _start_watch(self, w: _Watch, keep_alive: bool) -> None:
-        async def hold() -> None:
-            data = await self.core.watch(w)  # refreshes the shared epoch before building its answer
+    def _start_hold(self, hold: Hold, keep_alive: bool) -> None:
+        async def held() -> None:
+            data = await hold.wait()
             self.watch = None
             if self.closing or self.transport is None:
                 return
@@ -884,7 +671,7 @@ class _Conn(asyncio.Protocol):
                 self._finish([], _with_close(data))
                 return
             self.transport.write(data)
-            if self.epoch != self.core.epoch:
+            if self.epoch != self.app.epoch:
                 self._drop_cache()
             if self.buf:
                 self._process_safely()
@@ -894,7 +681,7 @@ class _Conn(asyncio.Protocol):
                 self.closing = True
                 self.transport.close()  # everything owed is written; the client sends no more
 
-        self.watch = asyncio.get_running_loop().create_task(hold())
+        self.watch = asyncio.get_running_loop().create_task(held())
 
 
 def _with_close(response: bytes) -> bytes:

@@ -85,6 +85,6 @@ def save_enrolment(identity: Identity, enrolment: Enrolment) -> Identity:
 
 def forget(state_dir: Path) -> None:
     """After revocation: remove the enrolment and the cache (the keys go too: enrol afresh)."""
-    for name in ("cache.json", "node.json", "node.key"):
+    for name in ("cache.json", "cache.log", "cache.contact", "node.json", "node.key"):
         with contextlib.suppress(FileNotFoundError):
             os.unlink(Path(state_dir) / name)

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from vault_edge.agent import identity as ident
+from vault_edge.agent.api import Api
 from vault_edge.agent.cache import DiskCache
 from vault_edge.agent.endpoint import IDLE_TIMEOUT_S, MAX_CONNS_PER_UID, serve
 from vault_edge.agent.policy import Policy
@@ -107,21 +108,21 @@ async def run(cfg: AgentConfig) -> int:
                        max_stale=cfg.max_stale, stale_after=cfg.stale_after)
     cache = DiskCache(cfg.state_dir)
     clean_stale_temp_files(cfg.state_dir)
-    load_cached(identity, state, cache)
+    restored = load_cached(identity, state, cache)
     loop = asyncio.get_running_loop()
     stop = loop.create_future()
     for sig in (signal.SIGTERM, signal.SIGINT):  # before serving: a SIGTERM from then on is graceful
         loop.add_signal_handler(sig, lambda: stop.done() or stop.set_result(None))
     try:
-        listener = await serve(str(cfg.socket), state, policy, mode=cfg.socket_mode, idle_timeout=cfg.idle_timeout,
-                               max_conns_per_uid=cfg.max_conns_per_uid)
+        listener = await serve(str(cfg.socket), Api(state, policy), mode=cfg.socket_mode,
+                               idle_timeout=cfg.idle_timeout, max_conns_per_uid=cfg.max_conns_per_uid)
     except (OSError, ValueError) as exc:
         raise AgentError(f"cannot listen on {cfg.socket}: {getattr(exc, 'strerror', None) or exc}") from None
     log.info("serving on %s (open-files limit %d, per-uid connection cap %d, idle connections closed after %gs)",
              cfg.socket, nofile, cfg.max_conns_per_uid, cfg.idle_timeout)
 
     syncer = Syncer(identity, state, cache, server, join_token=cfg.join_token, wait=cfg.wait,
-                    verify=cfg.tls_ca or True, enroll_timeout=cfg.enroll_timeout)
+                    verify=cfg.tls_ca or True, restored=restored, enroll_timeout=cfg.enroll_timeout)
     sync_task = asyncio.create_task(syncer.run(), name="sync")
     code = 0
     try:

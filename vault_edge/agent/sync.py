@@ -1,12 +1,17 @@
 """Enrolment and the long-poll sync loop with the control plane (httpx, signed requests).
 
-    GET /v1/agent/sync?since=R&wait=S   (signed by the node; ``since`` reports the applied revision)
-      → the node's whole view at a revision > R, or, after S seconds, a signed ``unchanged``
+    GET /v1/agent/sync?since=R&wait=S&proto=2[&full=1]   (signed by the node; ``since`` is the
+                                                          applied revision)
+      → what changed after R (a delta), or the full view (at enrolment, after a gap the control plane
+        no longer holds, or when asked with ``full=1``), or, after S seconds, a signed ``unchanged``
 
-Each answer is verified and decrypted off to the side, written to the disk cache, then installed in
-one assignment (persisted before it is served: see :meth:`Syncer.apply`). When the control plane is
-away the agent keeps serving what it has and retries with jittered exponential back-off (full
-jitter, capped), so a fleet does not reconnect in lockstep.
+Each answer is verified and decrypted off to the side (``bundle.open_answer``), written to the disk
+cache (a full answer as its base, a delta appended to its log), then installed in one assignment
+(persisted before it is served: see :meth:`Syncer.apply`). The agent asks for a full view after an
+answer it refused, and when the deltas on disk outweigh ``REFRESH_RATIO`` times the base (which
+bounds the cache and its replay at start, at an amortised cost of 1/REFRESH_RATIO of each delta).
+When the control plane is away the agent keeps serving what it has and retries with jittered
+exponential back-off (full jitter, capped), so a fleet does not reconnect in lockstep.
 
 Anything on the path is a transient failure, never a reason to exit: every exchange goes through
 :func:`fetch`, which turns whatever the exchange raises (any ``httpx.HTTPError``: transport,
@@ -24,16 +29,18 @@ import random
 import secrets
 import socket
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import httpx
 
 from vault_edge import wire
-from vault_edge.agent.bundle import MAX_BUNDLE, BundleError, GrantCache, Opened, open_bundle
+from vault_edge.agent.bundle import MAX_BUNDLE, BundleError, GrantCache, Opened, Piece, open_answer
 from vault_edge.agent.cache import DiskCache
 from vault_edge.agent.identity import Enrolment, Identity, save_enrolment
 from vault_edge.agent.view import AgentState
 from vault_edge.crypto import signing
+from vault_edge.wire import revoke
+from vault_edge.wire import sync as wsync
 
 log = logging.getLogger("vault_edge.agent.sync")
 
@@ -52,6 +59,19 @@ class PathFailure(Exception):
 
 
 MAX_ERROR_BODY = 64 * 1024  # refusals are small JSON documents
+REFRESH_RATIO = 4  # a full view is asked for once the deltas on disk outweigh the base this many times
+REFRESH_MIN = 256 * 1024  # ... and weigh this much (a small region is cheap to replay)
+
+
+@dataclass
+class Chain:
+    """What the disk cache should hold: the last full answer and the deltas applied since, and how
+    much of it is known to be on disk (``written`` deltas after the base, or nothing)."""
+
+    base: Piece
+    deltas: list[Piece]
+    written: int | None = None  # None: the base itself is not on disk (a rewrite is needed)
+    floor: dict[str, int] = field(default_factory=dict)  # the anti-rollback floor once the base was installed
 
 
 @dataclass(frozen=True)
@@ -163,7 +183,8 @@ def retry_after(resp: Answer) -> float | None:
 class Syncer:
     def __init__(self, identity: Identity, state: AgentState, cache: DiskCache, server: str, *,
                  join_token: str | None = None, wait: float = 30.0, verify: bool | str = True,
-                 http: httpx.AsyncClient | None = None, enroll_timeout: float = ENROLL_TIMEOUT_S) -> None:
+                 http: httpx.AsyncClient | None = None, restored: Chain | None = None,
+                 enroll_timeout: float = ENROLL_TIMEOUT_S) -> None:
         self.identity, self.state, self.cache = identity, state, cache
         self.server = server.rstrip("/")
         self.join_token = join_token
@@ -175,8 +196,11 @@ class Syncer:
         )
         self.grants = GrantCache()
         self.backoff = Backoff()
-        self.applied = 0  # bundles installed, for logs and tests
-        self.cache_behind: tuple[bytes, str, float] | None = None  # an installed answer not yet on disk
+        self.applied = 0  # answers installed, for logs and tests
+        self.received_bytes = 0  # of sync answers, for benchmarks and metrics
+        self.chain = restored  # the answers behind the installed view, for the disk cache
+        self.want_full = restored is None or restored.written is None
+        self.received_at = state.clock.wall()
 
     async def close(self) -> None:
         await self.http.aclose()
@@ -278,37 +302,40 @@ class Syncer:
         return key
 
     # -- sync ----------------------------------------------------------------------------------
+    @property
+    def cache_behind(self) -> bool:
+        """An installed answer is not on disk yet (a failed write, retried every round)."""
+        return self.chain is not None and self.chain.written != len(self.chain.deltas)
+
     async def poll_once(self) -> Opened:
         """One signed long-poll; the answer verified and opened, not yet installed."""
         enrolment = self.identity.enrolment
         assert enrolment is not None
         held = self.state.view
-        target = f"/v1/agent/sync?since={held.revision}&wait={self.wait:g}"
+        target = f"/v1/agent/sync?since={held.revision}&wait={self.wait:g}&proto={wsync.PROTOCOL}"
+        if self.want_full or held.revision == 0:
+            target += "&full=1"
         headers = signed_headers(self.identity, "GET", target, b"", enrolment.node)
         resp = await fetch(self.http, "GET", target, headers=headers)
         if resp.status_code == 403 and self._proves_revocation(resp, headers[wire.H_NONCE]):
             raise Revoked(_error_message(resp))
         if resp.status_code != 200:
             raise PathFailure(f"{resp.status_code}: {_error_message(resp)}")
-        sig = resp.headers.get(wire.H_SERVER_SIGNATURE)
-        opened = open_bundle(self.identity, resp.content, sig, nonce=headers[wire.H_NONCE], held=held,
-                             grants=self.grants, floor=self.state.floor)
-        self._last = (resp.content, sig or "")
-        return opened
+        self.received_bytes += len(resp.content)
+        try:
+            return open_answer(self.identity, resp.content, resp.headers.get(wire.H_SERVER_SIGNATURE),
+                               nonce=headers[wire.H_NONCE], held=held, grants=self.grants, floor=self.state.floor)
+        except BundleError:
+            self.want_full = True  # whatever went wrong, a full view (checked the same way) recovers
+            raise
 
     def _proves_revocation(self, resp: Answer, nonce: str) -> bool:
         """True only for a refusal the control plane signed, naming this node and this request's nonce:
         a bare 403 (from a proxy, an impostor, a replay) is a transient failure, never a reason to wipe."""
         enrolment = self.identity.enrolment
         assert enrolment is not None
-        try:
-            doc = json.loads(resp.content) if _server_signed(enrolment.server_key, "revoked", resp) else None
-        except (ValueError, RecursionError):
-            doc = None
-        proven = (
-            isinstance(doc, dict) and doc.get("kind") == "revoked" and doc.get("node") == enrolment.node
-            and doc.get("nonce") == nonce
-        )
+        proven = (_server_signed(enrolment.server_key, revoke.KIND, resp)
+                  and revoke.proves(resp.content, enrolment.node, nonce))
         if not proven:
             log.warning("a 403 without the control plane's signed proof of revocation (%s): ignored",
                         _error_message(resp))
@@ -318,63 +345,81 @@ class Syncer:
         """Persist, then install: a view is served only once it is on disk.
 
         The invariant is that an agent never serves, after a restart, something older than it served
-        before. Writing the disk cache (fsync'd, renamed atomically) before the view is installed keeps
-        it across a SIGKILL at any point: a kill before the write leaves the old view on disk and the
-        old view was the one served; a kill after it finds the new one there.
+        before. Writing the disk cache (a full answer as a new base, written atomically; a delta
+        appended to the log and fsync'd) before the view is installed keeps it across a SIGKILL at
+        any point: a kill before the write leaves the old state on disk and the old view was the one
+        served; a kill after it finds the new one there.
 
         The trade-off, when the write fails (disk full, a read-only or broken state dir, EMFILE): the
         new view is installed anyway, since refusing it would keep serving values the control plane
         has rotated away, and availability of the current value is the product. The cache is then
-        known to be behind (``cache_behind``) and the write is retried on every later round until it
+        known to be behind (``cache_behind``) and rewritten whole on every later round until that
         succeeds; a restart in that window serves the older cached view. Logged loudly meanwhile.
         """
-        now_wall = time.time()
+        self.received_at = self.state.clock.wall()
         if opened.view is not None:
-            body, sig = self._last
-            self.cache_behind = (body, sig, now_wall)  # the newest answer; replaced, never appended
+            assert opened.piece is not None
+            if opened.kind == wsync.FULL or self.chain is None:
+                self.chain = Chain(opened.piece, [], None, dict(opened.floor))
+                self.want_full = False
+            else:
+                self.chain.deltas.append(opened.piece)
             self.state.floor = opened.floor  # written with it: what was served is never undercut
             await self.flush_cache()
             self.state.contact()
             self.state.install(opened.view)
             self.applied += 1
-            log.info("applied revision %d (%d secrets)", opened.revision, len(opened.view.names))
+            log.info("applied revision %d (%s, %d secrets)", opened.revision, opened.kind, len(opened.view.names))
             for name in opened.refused:
                 log.error("refused a rollback of %r (the answer's current version is older than the one held); "
                           "keeping the held one", name)
+            if self.cache.log_bytes > max(REFRESH_RATIO * self.cache.base_bytes, REFRESH_MIN):
+                self.want_full = True  # the log outweighs its base: start a new one
         else:
             self.state.contact()
-            if self.cache_behind is not None:
-                body, sig, _ = self.cache_behind
-                self.cache_behind = (body, sig, now_wall)
+            if self.cache_behind:
                 await self.flush_cache()
             else:
                 try:
-                    await asyncio.to_thread(self.cache.touch, now_wall)
+                    await asyncio.to_thread(self.cache.touch, self.received_at)
                 except OSError as exc:
                     log.warning("cache write failed (%s): the last contact time is not on disk; serving on",
                                 exc.strerror or type(exc).__name__)
 
     async def flush_cache(self) -> bool:
-        """Write the answer the disk cache lacks, if any. True when the cache is up to date."""
-        if self.cache_behind is None:
+        """Write what the disk cache lacks, if anything. True when the cache is up to date."""
+        chain = self.chain
+        if chain is None or chain.written == len(chain.deltas):
             return True
-        body, sig, received_at = self.cache_behind
         try:
-            await asyncio.to_thread(self.cache.save, body, sig, received_at, self.state.floor)
+            if chain.written is None:  # a new base, or a failed write before: the whole chain
+                await asyncio.to_thread(self._rewrite, chain)
+            else:
+                for piece in chain.deltas[chain.written:]:
+                    await asyncio.to_thread(self.cache.append, piece, self.received_at)
+                    chain.written += 1
         except OSError as exc:
+            chain.written = None  # rewritten whole next time: an append may have half-happened
             log.error("cache write failed (%s): serving the new view from memory; the disk cache is behind "
                       "(a restart now would serve an older view) and the write will be retried",
                       exc.strerror or type(exc).__name__)
             return False
-        if self.cache_behind is not None and self.cache_behind[0] is body:
-            self.cache_behind = None
         return True
+
+    def _rewrite(self, chain: Chain) -> None:
+        """The base with the floor of its time (replaying the deltas raises it again), then each delta
+        (``save_base`` resets the log, so nothing is doubled)."""
+        deltas = list(chain.deltas)
+        self.cache.save_base(chain.base, chain.floor, self.received_at)
+        for piece in deltas:
+            self.cache.append(piece, self.received_at)
+        chain.written = len(deltas)
 
     async def run(self) -> None:
         if not self.identity.enrolled:
             await self.enroll()
         while True:
-            if self.cache_behind is not None:
+            if self.cache_behind:
                 await self.flush_cache()  # a failed write is retried every round (at most --wait apart)
             try:
                 opened = await self.poll_once()
@@ -403,28 +448,49 @@ class Syncer:
             await self.apply(opened)
 
 
-def load_cached(identity: Identity, state: AgentState, cache: DiskCache) -> bool:
-    """Serve from the disk cache before (or without) any contact. True if a view was installed."""
+def load_cached(identity: Identity, state: AgentState, cache: DiskCache) -> Chain | None:
+    """Serve from the disk cache before (or without) any contact: the base, then each delta of the log
+    replayed through the same checks as a live answer (a delta that does not apply ends the replay:
+    the view is the last good one, and a full view is asked for). The chain behind the installed
+    view, or None when nothing could be installed."""
     cached = cache.load()
+    state.floor = cache.floor() if cached is None else dict(cached.floor)
     if cached is None or identity.enrolment is None:
-        return False
+        return None
+    grants = GrantCache()
     try:
-        opened = open_bundle(identity, cached.body, cached.signature, nonce=None, held=state.view,
-                             floor=cached.floor)
+        opened = open_answer(identity, cached.base.envelope + b"\n" + cached.base.body, cached.base.signature,
+                             nonce=None, held=state.view, floor=state.floor, grants=grants)
     except BundleError as exc:
         log.error("refused the disk cache: %s", exc)
-        return False
-    if opened.view is None:
-        return False
-    for name in opened.refused:
+        return None
+    if opened.view is None or opened.kind != wsync.FULL:
+        log.error("refused the disk cache: its base is not a full view")
+        return None
+    chain, refused = Chain(cached.base, [], 0, dict(opened.floor)), set(opened.refused)
+    for delta in cached.deltas:
+        try:
+            nxt = open_answer(identity, delta.envelope + b"\n" + delta.body, delta.signature, nonce=None,
+                              held=opened.view, floor=opened.floor, grants=grants)
+        except BundleError as exc:
+            log.error("the disk cache's delta log stops applying at revision %d (%s): serving that; a full "
+                      "view will be asked for", opened.revision, exc)
+            chain.written = None  # rewritten with the next full view
+            break
+        if nxt.view is None:
+            break
+        opened, refused = nxt, refused | set(nxt.refused)
+        chain.deltas.append(delta)
+        chain.written = len(chain.deltas)
+    assert opened.view is not None
+    for name in sorted(refused):
         log.error("the disk cache holds %r older than a version served before: not serving it until a newer one "
                   "arrives", name)
     state.floor = opened.floor
     state.install(opened.view)
     # Age survives restarts: the last contact is when the cached answer (or a later `unchanged`) came.
-    state.contact(time.monotonic() - max(0.0, time.time() - cached.received_at))
+    state.contact(state.clock.monotonic() - max(0.0, state.clock.wall() - cached.received_at))
     state.lost_contact()
-    log.info("serving revision %d from the disk cache (%d secrets)", opened.revision, len(opened.view.names))
-    return True
-
-
+    log.info("serving revision %d from the disk cache (%d secrets; %d deltas replayed)", opened.revision,
+             len(opened.view.names), len(chain.deltas))
+    return chain

@@ -3,14 +3,18 @@
 A sync response is verified and decrypted into a new :class:`View` off to the side; only then is it
 installed in one assignment (:meth:`AgentState.install`), so a reader sees the old view or the new
 one, never a mix. Readers never lock.
+
+Time comes from the state's :class:`~vault_edge.agent.clock.Clock` (real by default): the age of
+the last contact on its monotonic clock, grace periods on its wall clock.
 """
 
 from __future__ import annotations
 
 import asyncio
-import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+
+from vault_edge.agent.clock import SYSTEM, Clock
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,12 +50,13 @@ class View:
 
     def lookup(self, name: str, version: int | None = None, stage: str | None = None,
                now: float | None = None) -> Entry | None:
-        """The entry for ``name`` (current by default), or None if absent or past its grace."""
+        """The entry for ``name`` (current by default), or None if absent or past its grace at wall-clock
+        time ``now`` (default: the real clock)."""
         if version is not None:
             e = self.by_version.get((name, version))
         else:
             e = self.by_stage.get((name, stage or "current"))
-        if e is None or (e.expires_at is not None and not e.live(time.time() if now is None else now)):
+        if e is None or (e.expires_at is not None and not e.live(SYSTEM.wall() if now is None else now)):
             return None
         return e
 
@@ -65,12 +70,16 @@ EMPTY = View("", "", 0, ())
 class AgentState:
     """The agent's live state, shared by the sync loop and the socket server (one event loop).
 
-    ``last_contact`` is monotonic time of the last verified answer from the control plane (a sync or
-    a signed ``unchanged``); ``reachable`` is False once a sync attempt has failed, until one succeeds.
+    ``last_contact`` is the time, on ``clock``'s monotonic clock, of the last verified answer from the
+    control plane (a sync or a signed ``unchanged``); ``reachable`` is False once a sync attempt has
+    failed, until one succeeds. Methods taking ``now`` default to ``clock.monotonic()``.
+
+    Change it through :meth:`install`, :meth:`contact` and :meth:`lost_contact` only: the socket API
+    (:meth:`subscribe`) is told of every install and contact, and drops the answers it cached then.
     """
 
     def __init__(self, node: str = "", region: str = "", max_stale: float | None = None,
-                 stale_after: float = 75.0) -> None:
+                 stale_after: float = 75.0, *, clock: Clock = SYSTEM) -> None:
         self.view: View = View(node, region, 0, ())
         self.node, self.region = node, region
         self.loaded = False  # a view came from a sync or the disk cache
@@ -80,20 +89,37 @@ class AgentState:
         self.stale_after = stale_after
         self.generation = 0  # bumped on every install; lets the socket server drop cached responses
         self.floor: dict[str, int] = {}  # each name's highest current version ever installed (anti-rollback)
+        self.clock = clock
         self._watchers: list[asyncio.Future[None]] = []
+        self._listeners: list[Callable[[], None]] = []
+
+    def subscribe(self, listener: Callable[[], None]) -> None:
+        """Call ``listener()`` after every install and every contact (what an answer depends on)."""
+        self._listeners.append(listener)
+
+    def unsubscribe(self, listener: Callable[[], None]) -> None:
+        if listener in self._listeners:
+            self._listeners.remove(listener)
+
+    def _changed(self) -> None:
+        for listener in self._listeners:
+            listener()
 
     def install(self, view: View) -> None:
         self.view = view
         self.loaded = True
         self.generation += 1
+        self._changed()
         watchers, self._watchers = self._watchers, []
         for w in watchers:
             if not w.done():
                 w.set_result(None)
 
     def contact(self, now: float | None = None) -> None:
-        self.last_contact = time.monotonic() if now is None else now
+        """Record an answer from the control plane at monotonic time ``now`` (default: the clock's now)."""
+        self.last_contact = self.clock.monotonic() if now is None else now
         self.reachable = True
+        self._changed()
 
     def lost_contact(self) -> None:
         self.reachable = False
@@ -102,7 +128,7 @@ class AgentState:
         """Seconds since the control plane was last heard from (None: never, in this process)."""
         if self.last_contact is None:
             return None
-        return (time.monotonic() if now is None else now) - self.last_contact
+        return (self.clock.monotonic() if now is None else now) - self.last_contact
 
     def status(self, now: float | None = None) -> str:
         if not self.loaded:

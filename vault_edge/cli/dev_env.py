@@ -101,6 +101,7 @@ def _demo_read(agents: list[dict[str, Any]]) -> None:
 
 def _print_next(addr: str, token: str, agents: list[dict[str, Any]]) -> None:
     out.print(f"\n[bold]vault-edge dev[/] is running: control plane at {addr}")
+    out.print(f"  console: {addr}/ui   (sign in with the token {token})")
     if not shutil.which("vault-edge"):
         out.print(f"  . {os.path.dirname(sys.executable)}/activate      # puts vault-edge on PATH")
     out.print(f"  export VAULT_EDGE_ADDR={addr} VAULT_EDGE_TOKEN={token}")

@@ -56,17 +56,18 @@ class ShareScheme:
 def split(root_key: bytes, scheme: ShareScheme, passphrase: str = "") -> list[list[str]]:
     """Split ``root_key`` into mnemonic shares, one list per group."""
     check_passphrase(passphrase)
-    return generate_mnemonics(
+    mnemonics: list[list[str]] = generate_mnemonics(
         group_threshold=scheme.group_threshold,
         groups=list(scheme.groups),
         master_secret=root_key,
         passphrase=passphrase.encode(),
     )
+    return mnemonics
 
 
 def set_identifier(mnemonic: str) -> int:
     """The SLIP-39 identifier shared by every share of one split (public, not secret)."""
-    return _parse(mnemonic).identifier
+    return int(_parse(mnemonic).identifier)
 
 
 def check_passphrase(passphrase: str) -> None:
@@ -95,7 +96,7 @@ class UnsealProgress:
     def __repr__(self) -> str:
         return f"UnsealProgress(<{self.entered} shares entered>)"
 
-    def __reduce__(self) -> None:
+    def __reduce__(self) -> str:
         raise TypeError("UnsealProgress cannot be pickled")
 
     @property
@@ -104,7 +105,7 @@ class UnsealProgress:
 
     @property
     def complete(self) -> bool:
-        return self._state.is_complete()
+        return bool(self._state.is_complete())
 
     def _check(self, mnemonic: str) -> Share:
         share = _parse(mnemonic)
@@ -128,7 +129,7 @@ class UnsealProgress:
             for s in group:
                 trial.add_share(s)
         trial.add_share(share)
-        return trial.is_complete()
+        return bool(trial.is_complete())
 
     def add(self, mnemonic: str) -> bool:
         """Add one share; True once enough shares are in. A refused share changes nothing."""
@@ -144,7 +145,7 @@ class UnsealProgress:
             raise ShareError("not enough shares yet")
         check_passphrase(passphrase)
         try:
-            return self._state.recover(passphrase.encode())
+            return bytes(self._state.recover(passphrase.encode()))
         except (MnemonicError, ValueError) as exc:
             raise ShareError("the shares entered do not combine: enter the shares again") from exc
 

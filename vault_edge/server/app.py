@@ -21,11 +21,13 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from vault_edge import __version__
 from vault_edge.crypto.errors import DecryptionError
+from vault_edge.server import ui
 from vault_edge.server.admission import InFlight
 from vault_edge.server.barrier import Barrier
 from vault_edge.server.contacts import ContactLog
 from vault_edge.server.context import Context
 from vault_edge.server.errors import ApiError, body
+from vault_edge.server.fastpath import SyncFastPath
 from vault_edge.server.hub import Hub
 from vault_edge.server.routes import admin, agent, secrets, sys
 from vault_edge.server.scheduler import Scheduler
@@ -194,6 +196,7 @@ def create_app(settings: Settings | None = None, store: Store | None = None, bar
     app.state.enrolments = enrolments
     for router in (sys.router, secrets.router, admin.router, agent.router):
         app.include_router(router)
+    ui.mount(app)  # the fleet console at /ui
 
     @app.get("/metrics", include_in_schema=False)
     def metrics() -> Response:
@@ -248,4 +251,8 @@ def create_app(settings: Settings | None = None, store: Store | None = None, bar
 
     app.add_middleware(Metrics, requests=requests, latency=latency)
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
+    sync_answers = Counter("vault_edge_sync_answers", "sync long-polls answered (kept out of the request "
+                           "metrics)", ["status"], registry=registry)
+    app.add_middleware(SyncFastPath, ctx=ctx, hub=hub, contacts=contacts, limit=settings.max_body_bytes,
+                       answers=sync_answers)  # outermost: the hot path meets nothing else
     return app

@@ -127,3 +127,10 @@ def authenticate(tx: Tx, secret: str | None, now: float) -> Principal:
         raise unauthorized("missing token: set VAULT_EDGE_TOKEN (Authorization: Bearer ...)")
     token = _live(tx.find_operator_token(tx.keys().token_digest(secret), wire.token_digest(secret)), now)
     return Principal(token.id, token.name, token.prefixes, token.verbs, token.expires_at)
+
+
+def principal_by_id(tx: Tx, token_id: str, now: float) -> Principal:
+    """The principal of a live token, by id (a console session holds the id, never the token): its
+    scope read afresh, so a revoked or expired token ends the session at its next request."""
+    token = _live(tx.get_operator_token_by_id(token_id), now)
+    return Principal(token.id, token.name, token.prefixes, token.verbs, token.expires_at)

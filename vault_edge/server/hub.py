@@ -13,34 +13,94 @@ nodes wait) and answers once anything after its ``since`` is visible to its node
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from vault_edge import wire
 from vault_edge.crypto import signing
 from vault_edge.server.context import Context
 from vault_edge.server.storage.repo import NOTIFY_CHANNEL, decode_notice
+from vault_edge.wire import sync as wsync
 
 log = logging.getLogger("vault_edge.hub")
+
+
+MAX_HISTORY = 1024  # changes a region's view remembers, for deltas (see RegionView.history)
+INCREMENTAL_MAX = 500  # past this many changed secrets, a region's view is read whole
 
 
 @dataclass(frozen=True)
 class Member:
     node_rev: int
     active: bool
-    grants_json: bytes
+    grants: tuple[wsync.Grant, ...]
     sign_public: bytes
 
 
 @dataclass(frozen=True)
+class Change:
+    """The region's data went from revision ``base`` to ``revision``, changing ``names``."""
+
+    base: int
+    revision: int
+    names: frozenset[str]
+
+
+@dataclass(frozen=True)
 class RegionView:
+    """A region as its nodes see it at ``data_rev``, with the answers made of it (encoded once, shared).
+
+    ``history`` holds the view's last changes, contiguous (each ``base`` is the previous ``revision``),
+    at most ``MAX_HISTORY`` of them and only since this process loaded the region: a node that holds
+    any revision from ``history[0].base`` on gets a delta, one further behind a full view. The bound
+    keeps the memory per region fixed; past it a full view costs no more than the deltas would, and
+    the change log in the database stays the authority (this is a cache of it, rebuilt at start).
+    """
+
     region: str
     data_rev: int
-    secrets_json: bytes
+    entries: dict[str, tuple[wsync.SealedVersion, ...]]  # per secret, its staged versions
     members: dict[str, Member]
-    entries: dict[str, list[dict[str, object]]]  # per secret, what secrets_json holds of it
+    history: tuple[Change, ...] = ()
+    key_version: int = 0
+    bodies: dict[object, tuple[bytes, bytes]] = field(default_factory=dict, compare=False)  # key -> (body, sha256)
+
+    def full_body(self) -> tuple[bytes, bytes]:
+        got = self.bodies.get("full")
+        if got is None:
+            body = wsync.RegionBody(wsync.FULL, self.region, 0, self.data_rev, (),
+                                    tuple(v for name in sorted(self.entries) for v in self.entries[name])).encode()
+            got = self.bodies["full"] = (body, wsync.digest(body))
+        return got
+
+    def delta_body(self, since: int) -> tuple[bytes, bytes] | None:
+        """The body taking any node at ``since`` to ``data_rev``; None if the history does not reach
+        back that far (then only a full view will do)."""
+        if not self.history or since < self.history[0].base:
+            return None
+        start = next((i for i, c in enumerate(self.history) if c.revision > since), len(self.history))
+        got = self.bodies.get(start)  # every node between two changes shares one body
+        if got is None:
+            changes = self.history[start:]
+            names = sorted(set().union(*(c.names for c in changes)))
+            base = changes[0].base if changes else self.data_rev
+            body = wsync.RegionBody(wsync.DELTA, self.region, base, self.data_rev, tuple(names),
+                                    tuple(v for n in names for v in self.entries.get(n, ()))).encode()
+            got = self.bodies[start] = (body, wsync.digest(body))
+        return got
+
+    def legacy_secrets_json(self) -> bytes:
+        """Sync protocol 1's secrets list (agents from before deltas): the whole view, every answer."""
+        got = self.bodies.get("v1")
+        if got is None:
+            doc = [{"name": v.name, "version": v.version, "stage": v.stage, "expires_at": v.expires_at,
+                    "created_at": v.created_at, "ct": wire.b64e(v.ciphertext), "kv": v.key_version,
+                    "dek": wire.b64e(v.wrapped_dek)} for name in sorted(self.entries) for v in self.entries[name]]
+            got = self.bodies["v1"] = (json.dumps(doc, separators=(",", ":")).encode(), b"")
+        return got[0]
 
 
 class Hub:
@@ -136,9 +196,23 @@ class Hub:
 
     # -- views ---------------------------------------------------------------------------------
     def _load(self, region: str) -> RegionView:
+        """The region's view as the database has it now. After a view of it was loaded, only the
+        secrets the change log says changed since are read (the rest is the previous view's, made
+        from rows that passed their checks): a change costs the rows it changed, not the region's
+        size. A full read when the region's key changed (every data key re-wrapped), when many
+        secrets changed, or when the change log as read does not cover the step."""
+        cached = self._views.get(region)
+        previous = cached[1] if cached is not None else None
         with self.ctx.store.read() as tx:
             r = tx.get_region(region)
-            rows = tx.region_snapshot(region, self.ctx.clock())
+            data_rev = r.data_rev if r else 0
+            names: set[str] | None = None
+            if previous is not None and r is not None and r.key_version == previous.key_version \
+                    and previous.data_rev <= data_rev:
+                names = tx.changed_since(previous.data_rev)
+                if names is not None and (len(names) > INCREMENTAL_MAX or tx.changes_read_to() < data_rev):
+                    names = None
+            rows = tx.region_snapshot(region, self.ctx.clock(), names)
             nodes, grants = tx.region_members(region)
             tampered = list(tx.tampered)
         for table, key in tampered:  # left out of the view; reported once per row per process
@@ -147,33 +221,32 @@ class Hub:
                 log.error("integrity: %s row %r failed its check; left out of region %s's view", table, key, region)
                 self.ctx.auditor.record_alone("system", "integrity", f"{table}:{key}", "refused", throttle=None,
                                               region=region, reason="failed its integrity check")
-        by_node: dict[str, list[dict[str, object]]] = {}
+        by_node: dict[str, list[wsync.Grant]] = {}
         for g in grants:
-            by_node.setdefault(g.node_id, []).append(
-                {"region": g.region, "kv": g.key_version, "box": wire.b64e(g.sealed)}
-            )
-        entries: dict[str, list[dict[str, object]]] = {}
+            by_node.setdefault(g.node_id, []).append(wsync.Grant(g.region, g.key_version, g.sealed))
+        entries: dict[str, list[wsync.SealedVersion]] = {}
         for s in rows:
-            entries.setdefault(s.name, []).append(
-                {"name": s.name, "version": s.version, "stage": s.stage, "expires_at": s.expires_at,
-                 "created_at": s.created_at, "ct": wire.b64e(s.ciphertext), "kv": s.key_version,
-                 "dek": wire.b64e(s.wrapped_dek)})
+            entries.setdefault(s.name, []).append(wsync.SealedVersion(
+                s.name, s.version, s.stage, s.key_version, s.wrapped_dek, s.ciphertext, s.created_at, s.expires_at))
+        if names is None:
+            view_entries = {name: tuple(vs) for name, vs in entries.items()}
+        else:  # the previous view, with what changed read again
+            assert previous is not None
+            view_entries = {n: vs for n, vs in previous.entries.items() if n not in names}
+            view_entries.update((name, tuple(vs)) for name, vs in entries.items())
         # A secret whose rows failed their checks keeps what this region's nodes were last given of it
         # (checked then), so a database writer cannot make the fleet drop it; until a restart.
-        previous = self._views.get(region)
         if previous is not None:
             for table, key in tampered:
                 name = key.rsplit(":", 1)[0] if table == "stages" and ":" in key else key
-                if table in ("secrets", "stages") and name in previous[1].entries and name not in entries:
-                    entries[name] = previous[1].entries[name]
-        secrets_json = json.dumps([e for name in sorted(entries) for e in entries[name]],
-                                  separators=(",", ":")).encode()
+                if table in ("secrets", "stages") and name in previous.entries and name not in view_entries:
+                    view_entries[name] = previous.entries[name]
         members = {
-            n.id: Member(n.node_rev, n.status == "active",
-                         json.dumps(by_node.get(n.id, []), separators=(",", ":")).encode(), n.sign_public)
+            n.id: Member(n.node_rev, n.status == "active", tuple(by_node.get(n.id, ())), n.sign_public)
             for n in nodes
         }
-        return RegionView(region, r.data_rev if r else 0, secrets_json, members, entries)
+        return RegionView(region, data_rev, view_entries, members,
+                          _history(previous, data_rev, view_entries, names), r.key_version if r else 0)
 
     async def view(self, region: str, refresh: bool = False) -> RegionView:
         """The region's view as of the latest change notice for it: loaded once however many callers.
@@ -258,17 +331,53 @@ class Hub:
         finally:
             self.waiting -= 1
 
-    def sync_body(self, node_id: str, nonce: str, view: RegionView | None, member: Member | None,
-                  since: int) -> tuple[bytes, bytes]:
-        """The signed answer: the node's full view, or ``unchanged`` (still signed, so that silence
-        from an impostor is never mistaken for contact)."""
+    def answer(self, node_id: str, nonce: str, view: RegionView | None, member: Member | None,
+               since: int, full: bool) -> tuple[bytes, bytes]:
+        """The signed answer (protocol 2): for the node, the region's shared body (a delta from
+        ``since`` when the view's history reaches back to it and no full view was asked for, else the
+        full view) under a small envelope signed for this node and request; ``unchanged`` (still
+        signed, so that silence from an impostor is never mistaken for contact) when nothing is new."""
         keys = self.ctx.barrier.keys()
-        head = {"v": wire.PROTOCOL_VERSION, "node": node_id, "nonce": nonce, "issued_at": int(self.ctx.clock())}
+        issued = int(self.ctx.clock())
+        if view is None or member is None:
+            env = wsync.Envelope(wsync.UNCHANGED, node_id, nonce, issued, "", since, since)
+            if view is not None:
+                env = dataclasses.replace(env, region=view.region)
+            raw = env.encode()
+            return wsync.join(raw), signing.sign(keys.signer, wsync.signed_message(raw))
+        revision = max(view.data_rev, member.node_rev)
+        shared = None if full or since == 0 else view.delta_body(since)
+        kind = wsync.DELTA if shared is not None else wsync.FULL
+        body, digest = shared if shared is not None else view.full_body()
+        raw = wsync.Envelope(kind, node_id, nonce, issued, view.region, since, revision, digest, member.grants).encode()
+        return wsync.join(raw, body), signing.sign(keys.signer, wsync.signed_message(raw))
+
+    def legacy_body(self, node_id: str, nonce: str, view: RegionView | None, member: Member | None,
+                    since: int) -> tuple[bytes, bytes]:
+        """Sync protocol 1, for agents from before deltas: the node's whole view on every change."""
+        keys = self.ctx.barrier.keys()
+        head = {"v": 1, "node": node_id, "nonce": nonce, "issued_at": int(self.ctx.clock())}
         if view is None or member is None:
             body = json.dumps({**head, "kind": "unchanged", "revision": since}, separators=(",", ":")).encode()
         else:
             revision = max(view.data_rev, member.node_rev)
             prefix = json.dumps({**head, "kind": "sync", "region": view.region, "revision": revision},
                                 separators=(",", ":")).encode()
-            body = b"".join([prefix[:-1], b',"grants":', member.grants_json, b',"secrets":', view.secrets_json, b"}"])
+            grants = json.dumps([g.to_json() for g in member.grants], separators=(",", ":")).encode()
+            body = b"".join([prefix[:-1], b',"grants":', grants, b',"secrets":', view.legacy_secrets_json(), b"}"])
         return body, signing.sign(keys.signer, wire.response_message("sync", body))
+
+
+def _history(previous: RegionView | None, data_rev: int, entries: dict[str, tuple[wsync.SealedVersion, ...]],
+             candidates: set[str] | None = None) -> tuple[Change, ...]:
+    """The new view's history: the previous view's, plus what changed between the two (by comparing
+    them, so it is exact for this region whatever else the revision changed). Starts afresh when
+    there is no previous view or the revision went backwards (a database restored from a copy)."""
+    if previous is None or data_rev < previous.data_rev:
+        return ()
+    if data_rev == previous.data_rev:
+        return previous.history
+    old = previous.entries
+    among = candidates if candidates is not None else old.keys() | entries.keys()
+    names = frozenset(n for n in among if old.get(n) != entries.get(n))
+    return (*previous.history, Change(previous.data_rev, data_rev, names))[-MAX_HISTORY:]

@@ -13,7 +13,6 @@ could forge.
 from __future__ import annotations
 
 import asyncio
-import json
 from collections.abc import Mapping
 
 from vault_edge import wire
@@ -23,6 +22,7 @@ from vault_edge.server.context import Context
 from vault_edge.server.errors import ApiError, unauthorized
 from vault_edge.server.hub import Hub, Member
 from vault_edge.server.ops.nodes import check_signature, refuse
+from vault_edge.wire import revoke
 
 
 class Revoked(ApiError):
@@ -35,9 +35,8 @@ class Revoked(ApiError):
 
 def revocation(ctx: Context, node_id: str, nonce: str) -> tuple[bytes, bytes]:
     """The signed refusal for a revoked node: JSON error shape plus the node and its request's nonce."""
-    body = json.dumps({"error": {"code": "revoked", "message": "node revoked"}, "v": wire.PROTOCOL_VERSION,
-                       "kind": "revoked", "node": node_id, "nonce": nonce}, separators=(",", ":")).encode()
-    return body, signing.sign(ctx.barrier.keys().signer, wire.response_message("revoked", body))
+    body = revoke.Revocation(node_id, nonce).encode()
+    return body, signing.sign(ctx.barrier.keys().signer, revoke.signed_message(body))
 
 
 async def authenticate(

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections import deque
 
 from vault_edge.server.auth import VERBS, Principal
 from vault_edge.server.context import Context
@@ -30,6 +31,9 @@ class Scheduler:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._next_log_check = 0.0
+        # The last failures (at, what, secret name, error class), for the console; never a message,
+        # which could quote anything.
+        self.failures: deque[tuple[float, str, str, str]] = deque(maxlen=50)
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="vault-edge-scheduler", daemon=True)
@@ -46,8 +50,9 @@ class Scheduler:
                 continue
             try:
                 self.tick()
-            except Exception:
+            except Exception as exc:
                 log.exception("scheduler tick failed")
+                self.failures.append((self.ctx.clock(), "tick", "", type(exc).__name__))
 
     def tick(self) -> None:
         now = self.ctx.clock()
@@ -70,7 +75,8 @@ class Scheduler:
             try:  # the claim and the rotation commit together: a failed rotation stays due
                 done += secrets.rotate_if_due(self.ctx, SCHEDULER, s.name,
                                               (s.id, s.next_rotation_at, now + s.rotate_every_s))
-            except Exception:  # one secret's failure must not stop the others' rotations
+            except Exception as exc:  # one secret's failure must not stop the others' rotations
+                self.failures.append((now, "rotation", s.name, type(exc).__name__))
                 retry_at = now + min(RETRY_AFTER_S, s.rotate_every_s)
                 log.exception("scheduled rotation of %s failed; retrying in %ds", s.name, retry_at - now)
                 try:  # back off, so a secret that always fails cannot hog every tick

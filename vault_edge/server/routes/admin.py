@@ -12,7 +12,7 @@ from vault_edge.server.auth import Principal
 from vault_edge.server.context import Context
 from vault_edge.server.deps import duration, get_ctx, principal
 from vault_edge.server.errors import bad_request, not_found
-from vault_edge.server.ops import nodes, regions
+from vault_edge.server.ops import nodes, regions, tokens
 from vault_edge.server.schemas import JoinTokenRequest, RegionCreate, TokenCreate
 
 router = APIRouter(prefix="/v1", tags=["admin"])
@@ -80,31 +80,12 @@ def create_token(
 @router.get("/tokens")
 def list_tokens(who: Principal = Depends(principal), ctx: Context = Depends(get_ctx)) -> dict[str, Any]:
     """The tokens this one could have made (every token, for an admin over every name)."""
-    who.require("admin")
-    with ctx.store.read() as tx:
-        tokens = tx.list_operator_tokens()
-    return {"tokens": [
-        {"id": t.id, "name": t.name, "prefixes": list(t.prefixes), "verbs": list(t.verbs),
-         "created_at": t.created_at, "expires_at": t.expires_at, "revoked": t.revoked_at is not None}
-        for t in tokens
-        if who.may_grant(t.prefixes, t.verbs)
-    ]}
+    return tokens.list_tokens(ctx, who)
 
 
 @router.delete("/tokens/{token_id}")
 def revoke_token(token_id: str, who: Principal = Depends(principal), ctx: Context = Depends(get_ctx)) -> dict[str, Any]:
-    who.require("admin")
-    if not wire.valid_token_id(token_id):
-        raise not_found(f"no active token {token_id!r}")
-    with ctx.store.write() as tx:
-        auth.still_valid(tx, who, ctx.clock())
-        target = tx.get_operator_token_by_id(token_id)
-        if target is None or target.revoked_at is not None:
-            raise not_found(f"no active token {token_id!r}")
-        who.require_grant(target.prefixes, target.verbs)  # a scoped admin cannot revoke a broader token
-        revoked = tx.revoke_operator_token(token_id, ctx.clock())
-        ctx.auditor.record(tx, who.actor, "token.revoke", token_id, with_descendants=revoked[1:])
-    return {"id": token_id, "revoked": True, "descendants_revoked": revoked[1:]}
+    return tokens.revoke(ctx, who, token_id)
 
 
 @router.get("/audit")

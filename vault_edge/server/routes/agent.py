@@ -1,21 +1,40 @@
-"""/v1/agent: enrolment and the signed long-poll sync of node agents."""
+"""/v1/agent: enrolment and the signed long-poll sync of node agents.
+
+The long-poll is the control plane's hot path (every node holds one, and re-polls after each
+change): :func:`sync_answer` does its work, and ``server/fastpath.py`` calls it straight from ASGI,
+off FastAPI's per-request machinery. The FastAPI route below is the same answer for anything the
+fast path lets through (it documents the route in the OpenAPI schema).
+"""
 
 from __future__ import annotations
 
 import asyncio
 import random
+from collections.abc import Mapping
+from dataclasses import dataclass
 
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import Response
 
 from vault_edge import wire
 from vault_edge.server import nodeauth
+from vault_edge.server.contacts import ContactLog
 from vault_edge.server.context import Context
 from vault_edge.server.deps import unsealed
 from vault_edge.server.errors import ApiError
+from vault_edge.server.hub import Hub
 from vault_edge.server.ops import nodes
 
 router = APIRouter(prefix="/v1/agent", tags=["agent"])
+SYNC_PATH = "/v1/agent/sync"
+
+
+@dataclass(frozen=True)
+class SyncQuery:
+    since: int = 0
+    wait: float = 30.0
+    proto: int = 1
+    full: bool = False
 
 
 def _target(request: Request) -> str:
@@ -26,10 +45,6 @@ def _target(request: Request) -> str:
 def _signed(body: bytes, signature: bytes, status: int = 200) -> Response:
     return Response(body, status, media_type="application/json",
                     headers={wire.H_SERVER_SIGNATURE: wire.b64e(signature)})
-
-
-def _revoked(ctx: Context, node_id: str, nonce: str) -> Response:
-    return _signed(*nodeauth.revocation(ctx, node_id, nonce), status=403)
 
 
 @router.post("/enroll")
@@ -49,29 +64,47 @@ async def enroll(request: Request, ctx: Context = Depends(unsealed)) -> Response
     return _signed(out, sig)
 
 
+async def sync_answer(ctx: Context, hub: Hub, contacts: ContactLog, target: str, headers: Mapping[str, str],
+                      body: bytes, q: SyncQuery) -> tuple[int, bytes, bytes]:
+    """(status, body, control-plane signature) of a sync request, or an ApiError (401, 503...).
+
+    Answers at once when anything after ``since`` is visible to the node, else holds up to ``wait``
+    seconds and answers ``unchanged``. ``since`` is the node's applied revision. With ``proto=2``
+    (``wire/sync.py``): a delta from ``since`` when the region's history reaches back to it, else the
+    full view; ``full`` asks for the full view at once (an agent whose cache it cannot trust, or
+    whose chain of deltas grew long). Protocol 1 (no ``proto``: agents from before deltas): the whole
+    view on every change."""
+    if ctx.barrier.sealed:
+        await unsealed(ctx)  # raises the right 503 (sealed, or not initialized)
+    try:
+        node_id, region, member = await nodeauth.authenticate(
+            ctx, hub, contacts, "GET", target, headers, body, q.since
+        )
+    except nodeauth.Revoked as exc:
+        return (403, *nodeauth.revocation(ctx, exc.node, exc.nonce))
+    hold = min(q.wait, ctx.settings.sync_max_wait_s)
+    hold += random.uniform(0, hold / 16)  # noqa: S311 - not crypto: spreads the fleet's re-polls, as Consul does
+    full = q.full and q.proto >= 2
+    got = await hub.wait(node_id, region, member.node_rev, -1 if full else q.since, hold)
+    nonce = headers.get(wire.H_NONCE, "")
+    if got is not None and not got[1].active:
+        return (403, *nodeauth.revocation(ctx, node_id, nonce))
+    view, current = got if got is not None else (None, None)
+    if q.proto >= 2:
+        return (200, *hub.answer(node_id, nonce, view, current, q.since, full))
+    return (200, *hub.legacy_body(node_id, nonce, view, current, q.since))
+
+
 @router.get("/sync")
 async def sync(
     request: Request,
     since: int = Query(0, ge=0, le=2**62),
     wait: float = Query(30.0, ge=0, le=300),
+    proto: int = Query(1, ge=1, le=2),
+    full: bool = Query(False),
     ctx: Context = Depends(unsealed),
 ) -> Response:
-    """Signed long-poll: answers at once when anything after ``since`` is visible to the node, else
-    holds up to ``wait`` seconds and answers ``unchanged``. ``since`` is the node's applied revision."""
-    body = await request.body()
-    hub = request.app.state.hub
-    try:
-        node_id, region, member = await nodeauth.authenticate(
-            ctx, hub, request.app.state.contacts, "GET", _target(request), request.headers, body, since
-        )
-    except nodeauth.Revoked as exc:
-        return _revoked(ctx, exc.node, exc.nonce)
-    hold = min(wait, ctx.settings.sync_max_wait_s)
-    hold += random.uniform(0, hold / 16)  # noqa: S311 - not crypto: spreads the fleet's re-polls, as Consul does
-    got = await hub.wait(node_id, region, member.node_rev, since, hold)
-    nonce = request.headers.get(wire.H_NONCE, "")
-    if got is not None and not got[1].active:
-        return _revoked(ctx, node_id, nonce)
-    view, current = got if got is not None else (None, None)
-    out, sig = hub.sync_body(node_id, nonce, view, current, since)
-    return _signed(out, sig)
+    """Signed long-poll (see :func:`sync_answer`); served by ``server/fastpath.py`` in practice."""
+    status, body, sig = await sync_answer(ctx, request.app.state.hub, request.app.state.contacts, _target(request),
+                                          request.headers, await request.body(), SyncQuery(since, wait, proto, full))
+    return _signed(body, sig, status)

@@ -22,7 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 import threading
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import replace
 from typing import Any
@@ -183,6 +183,10 @@ class Tx:
         self._appended: list[tuple[int, bytes, tuple[str, str]]] = []  # revocations this tx added
         self._recorded: set[tuple[int, str]] = set()  # change-log rows this tx wrote
         self._revoked: frozenset[tuple[str, str]] | None = None
+        # The revocation chain's length this process had verified before this transaction began: its
+        # snapshot shows at least that much. (A transaction that began earlier may see less than the
+        # process has verified since, by other transactions: that is its snapshot, not a shortening.)
+        self._revocations_floor = store.revocations.count
         self._changes_read = False
 
     def keys(self) -> RowKeys:
@@ -537,11 +541,11 @@ class Tx:
         )
         return [(int(r.revision), r.version) for r in self.conn.execute(q)]
 
-    def region_snapshot(self, region: str, now: float) -> list[SnapshotRow]:
-        """Every staged, unexpired, undestroyed version a node of ``region`` may decrypt. Residency is
-        by construction: a secret has a wrap for a region only if it is allowed there. A secret whose
-        record, stage pointers or place in the change log fails its check is left out (named in
-        ``self.tampered``): the rest still syncs."""
+    def region_snapshot(self, region: str, now: float, names: Collection[str] | None = None) -> list[SnapshotRow]:
+        """Every staged, unexpired, undestroyed version a node of ``region`` may decrypt (of ``names``
+        only, when given). Residency is by construction: a secret has a wrap for a region only if it is
+        allowed there. A secret whose record, stage pointers or place in the change log fails its check
+        is left out (named in ``self.tampered``): the rest still syncs."""
         s, st, v, w = t.secrets, t.stages, t.secret_versions, t.data_key_wraps
         q = (
             select(s.c.id, s.c.name, s.c.regions, s.c.latest_version, s.c.revision, s.c.deleted_at, s.c.destroyed,
@@ -555,6 +559,7 @@ class Tx:
                 s.c.deleted_at.is_(None),
                 v.c.ciphertext.is_not(None),
                 or_(st.c.expires_at.is_(None), st.c.expires_at > now),
+                *([s.c.name.in_(sorted(names))] if names is not None else []),
             )
             .order_by(s.c.name, st.c.version)
         )
@@ -835,6 +840,20 @@ class Tx:
                     cache.last[r.target] = r.revision
                 cache.read_to = max(cache.read_to, r.revision)
 
+    def changed_since(self, revision: int) -> set[str] | None:
+        """The secrets the change log says changed after ``revision``; None when the log as this
+        process has read it does not reach back that far (then only a full read will do)."""
+        self.refresh_changes()
+        cache = self.store.changes
+        if cache.read_to < revision:
+            return None
+        return {n for n, rev in cache.last.items() if rev > revision and n != BASE_TARGET}
+
+    def changes_read_to(self) -> int:
+        """How far this process has read the change log."""
+        self.refresh_changes()
+        return self.store.changes.read_to
+
     def last_change(self, name: str) -> int:
         """The revision of ``name``'s last change as the change log says (0 if it says nothing)."""
         self.refresh_changes()
@@ -877,8 +896,11 @@ class Tx:
         if head == cache.count:
             return cache.revoked
         with cache.lock:
-            if head < cache.count:
-                raise TamperedRow("revocations", f"shorter ({head}) than this process has seen ({cache.count})")
+            if head < self._revocations_floor:
+                raise TamperedRow("revocations", f"shorter ({head}) than this process had seen "
+                                                 f"({self._revocations_floor}) when the transaction began")
+            if head <= cache.count:  # an older snapshot than the chain verified since: take the newer
+                return cache.revoked  # (what was revoked meanwhile counts as revoked here too)
             rows = self.conn.execute(
                 select(t.revocations).where(t.revocations.c.seq > cache.count, t.revocations.c.seq <= head)
                 .order_by(t.revocations.c.seq)

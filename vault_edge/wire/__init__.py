@@ -23,7 +23,7 @@ import base64
 import binascii
 import hashlib
 import re
-from typing import Final
+from typing import Final, TypeGuard
 
 CLOCK_SKEW_S: Final = 60
 NONCE_BYTES: Final = 16
@@ -52,7 +52,7 @@ class WireError(ValueError):
     """Malformed protocol input; the message is safe to show."""
 
 
-def valid_name(name: str) -> bool:
+def valid_name(name: object) -> TypeGuard[str]:
     """Secret names: segments of ``[A-Za-z0-9_.-]`` joined by ``/``, no ``.``/``..``, ≤ 256 chars."""
     return (
         isinstance(name, str)
@@ -71,7 +71,7 @@ def check_name(name: str) -> str:
     return name
 
 
-def valid_region(region: str) -> bool:
+def valid_region(region: object) -> TypeGuard[str]:
     return isinstance(region, str) and _REGION_RE.fullmatch(region) is not None
 
 
@@ -81,7 +81,7 @@ def check_region(region: str) -> str:
     return region
 
 
-def valid_node_id(node_id: str) -> bool:
+def valid_node_id(node_id: object) -> TypeGuard[str]:
     return isinstance(node_id, str) and _NODE_RE.fullmatch(node_id) is not None
 
 
