@@ -16,13 +16,15 @@ cold start from the disk cache, with the control plane down: from just before ``
 polled every 2 ms on a fresh connection; the CPU time the agent had used by then and the time it
 spent runnable but waiting for a CPU (``/proc/PID/task/*/schedstat``: on a shared machine the wall
 time moves with the load, the CPU time much less); the agent's VmRSS, a second later.
-Last, one more start per command under ``PYTHONPROFILEIMPORTTIME=1`` (``-X importtime``): the number
-of modules the process imported up to its first answer, their total import time (inflated by the
-profiler itself: compare the commands, not the absolute figure), and which heavy packages among them.
+Last, ``--import-runs`` more starts per command (round robin) under ``PYTHONPROFILEIMPORTTIME=1``
+(``-X importtime``): the number of modules the process imported up to its first answer, their total
+import time (median; inflated by the profiler itself: compare the commands, not the absolute
+figure), and which heavy packages among them.
 
-    .venv/bin/python bench/agent_footprint.py                          # this tree, 1,000 x 256 B, 7 restarts
-    .venv/bin/python bench/agent_footprint.py --cmd after=.venv/bin/vault-edge \\
-        --cmd "before=env PYTHONPATH=/tmp/ve-main .venv/bin/python -m vault_edge"
+    .venv/bin/python bench/agent_footprint.py              # this tree: 1,000 x 256 B, 7 restarts
+    git -C ../main archive HEAD | tar -x -C /tmp/ve-main   # another tree to compare (same venv, its code)
+    .venv/bin/python bench/agent_footprint.py --cmd after=.venv/bin/vault-edge --cmd "before=env \\
+        PYTHONPATH=/tmp/ve-main $PWD/.venv/bin/python -c 'import sys; from vault_edge.cli.main import main; main()'"
 
 Raw results go to bench/results/agent_footprint-<timestamp>.json (gitignored). Results and method:
 the Agent footprint section of bench/README.md.
@@ -277,7 +279,7 @@ def report(subjects: list[Subject], args: argparse.Namespace) -> str:
         f"{os.cpu_count()} CPUs, load average {', '.join(f'{x:.2f}' for x in os.getloadavg())}",
         "",
         "| command | VmRSS synced | VmHWM (peak) | VmRSS after reading all | anon + file | VmRSS cold-started "
-        "| cold start median (min, max) | its CPU / run-queue wait | modules | import time (-X importtime) "
+        "| cold start median (min, max) | its CPU / run-queue wait | modules | import time (median, -X importtime) "
         "| heavy packages loaded |",
         "|---|---:|---:|---:|---:|---:|---|---:|---:|---:|---|",
     ]
@@ -307,6 +309,7 @@ def main() -> None:
     ap.add_argument("--secrets", type=int, default=1000)
     ap.add_argument("--size", type=int, default=256, help="bytes per secret value")
     ap.add_argument("--restarts", type=int, default=7, help="cold starts per command")
+    ap.add_argument("--import-runs", type=int, default=3, help="starts under -X importtime per command")
     ap.add_argument("--keep", action="store_true", help="keep the work directories (logs, state)")
     ap.add_argument("-q", "--quiet", action="store_true")
     args = ap.parse_args()
@@ -336,7 +339,14 @@ def main() -> None:
                     print(f"[{s.label}] cold start {r + 1}: {c['cold_start_s'] * 1000:.0f} ms, "
                           f"RSS {c['settled']['VmRSS']:.1f} MiB", file=sys.stderr)
         for s in subjects:
-            s.result["imports"] = s.import_profile()
+            s.result["import_runs"] = []
+        for _ in range(args.import_runs):
+            for s in subjects:
+                s.result["import_runs"].append(s.import_profile())
+        for s in subjects:
+            runs = s.result["import_runs"]
+            s.result["imports"] = {**runs[-1], "total_ms": med([r["total_ms"] for r in runs]),
+                                   "total_ms_all": [r["total_ms"] for r in runs]}
         text = report(subjects, args)
         print(text)
         out = ROOT / "bench" / "results"
