@@ -141,6 +141,7 @@ class Subject:
     workdir: Path
     names: list[str] = field(default_factory=list)
     result: dict[str, Any] = field(default_factory=dict)
+    nice: int = 0  # niceness of the cold-started agents
 
     @property
     def state_dir(self) -> Path:
@@ -209,7 +210,8 @@ class Subject:
         with self.log(log_name) as log:
             t0 = time.monotonic()
             agent = subprocess.Popen(self.agent_args(unreachable), stdout=log, stderr=log, cwd=self.workdir,
-                                     env={**os.environ, **(env or {})})
+                                     env={**os.environ, **(env or {})},
+                                     preexec_fn=(lambda: os.nice(self.nice)) if self.nice else None)
         try:
             while True:
                 try:
@@ -276,7 +278,8 @@ def report(subjects: list[Subject], args: argparse.Namespace) -> str:
     lines = [
         f"agent_footprint: {args.secrets} secrets x {args.size} B, {args.restarts} cold starts each (round robin), "
         f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, CPython {platform.python_version()}, "
-        f"{os.cpu_count()} CPUs, load average {', '.join(f'{x:.2f}' for x in os.getloadavg())}",
+        f"{os.cpu_count()} CPUs, load average {', '.join(f'{x:.2f}' for x in os.getloadavg())}"
+        + (f", cold starts at nice {args.nice}" if args.nice else ""),
         "",
         "| command | VmRSS synced | VmHWM (peak) | VmRSS after reading all | anon + file | VmRSS cold-started "
         "| cold start median (min, max) | its CPU / run-queue wait | modules | import time min (median) "
@@ -310,6 +313,9 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=256, help="bytes per secret value")
     ap.add_argument("--restarts", type=int, default=7, help="cold starts per command")
     ap.add_argument("--import-runs", type=int, default=5, help="starts under -X importtime per command")
+    ap.add_argument("--nice", type=int, default=0,
+                    help="run the cold-started agents at this niceness (e.g. -10, as root: less of the wait for a "
+                         "CPU that other work on a shared machine adds)")
     ap.add_argument("--keep", action="store_true", help="keep the work directories (logs, state)")
     ap.add_argument("-q", "--quiet", action="store_true")
     args = ap.parse_args()
@@ -326,7 +332,7 @@ def main() -> None:
         argv = shlex.split(command)
         if "/" in argv[0]:  # the processes run in their own work directory
             argv[0] = str(Path(argv[0]).resolve())
-        subjects.append(Subject(label, argv, d))
+        subjects.append(Subject(label, argv, d, nice=args.nice))
     try:
         for s in subjects:
             s.setup(args.secrets, args.size, not args.quiet)
