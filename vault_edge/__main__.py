@@ -1,3 +1,3 @@
-from vault_edge.cli.main import main
+from vault_edge.cli.entry import main
 
 main()

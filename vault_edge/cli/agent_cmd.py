@@ -1,18 +1,18 @@
-"""``vault-edge agent ...``: run the node agent, and local verbs against its socket.
+"""``vault-edge agent ...``: the node agent, and local verbs against its socket.
 
-Nothing here imports the server: the agent starts fast and stays small.
+Nothing here imports the server. ``agent run`` itself is parsed and run by
+:mod:`vault_edge.cli.agent_run`, which the entry point reaches without importing this module.
 """
 
 from __future__ import annotations
 
-import logging
 import os
 import sys
-from pathlib import Path
 
 import click
 
-from vault_edge.cli.output import CliError, duration_option, emit_json, output_option
+from vault_edge.cli import agent_run as agent_run_cmd
+from vault_edge.cli.output import CliError, emit_json, output_option
 
 
 @click.group()
@@ -20,54 +20,13 @@ def agent() -> None:
     """The node agent (one per PoP host) and local reads through its socket."""
 
 
-@agent.command("run")
-@click.option("--server", envvar="VAULT_EDGE_ADDR", help="control plane URL (default: the one it enrolled with)")
-@click.option("--state-dir", required=True, type=click.Path(file_okay=False), help="keys, enrolment, disk cache")
-@click.option("--socket", "socket_path", envvar="VAULT_EDGE_SOCKET", required=True, type=click.Path(dir_okay=False),
-              help="unix socket to serve workers on (created mode 0660)")
-@click.option("--join-token", envvar="VAULT_EDGE_JOIN_TOKEN", help="single-use token for the first start")
-@click.option("--join-token-file", type=click.Path(dir_okay=False),
-              help="read the join token from a file (ignored once enrolled, or if the file is gone)")
-@click.option("--policy", type=click.Path(exists=True, dir_okay=False), help="TOML policy: who may read what")
-@click.option("--max-stale", callback=duration_option,
-              help="refuse reads (503 too_stale) when out of contact longer than this (default: never)")
-@click.option("--stale-after", default="75s", show_default=True, callback=duration_option,
-              help="health says stale past this age")
-@click.option("--wait", "wait", default="30s", show_default=True, callback=duration_option,
-              help="long-poll hold asked of the control plane")
-@click.option("--tls-ca", type=click.Path(exists=True, dir_okay=False), help="CA bundle for an https control plane")
-@click.option("--idle-timeout", default="60s", show_default=True, callback=duration_option,
-              help="close a socket connection idle (no request in flight) this long")
-@click.option("--max-conns-per-uid", default=256, show_default=True, type=click.IntRange(min=1),
-              help="socket connections one uid may hold; more are closed at once")
-@click.option("--enroll-timeout", envvar="VAULT_EDGE_ENROLL_TIMEOUT", default="30s", show_default=True,
-              callback=duration_option,
-              help="give up waiting for an enrolment answer after this long and retry (same token, same keys)")
-@click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info")
-def agent_run(server: str | None, state_dir: str, socket_path: str, join_token: str | None,
-              join_token_file: str | None, policy: str | None, max_stale: int | None, stale_after: int, wait: int,
-              tls_ca: str | None, idle_timeout: int, max_conns_per_uid: int, enroll_timeout: int,
-              log_level: str) -> None:
-    """Run the node agent: enrol once, sync, cache, serve the socket."""
-    from vault_edge.agent.run import AgentConfig, AgentError, main
-
-    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        stream=sys.stderr)
-    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per long-poll is noise
-    if join_token_file and not join_token and Path(join_token_file).is_file():
-        join_token = Path(join_token_file).read_text().strip()
-    cfg = AgentConfig(
-        server=server, state_dir=Path(state_dir), socket=Path(socket_path), join_token=join_token,
-        policy=Path(policy) if policy else None, max_stale=float(max_stale) if max_stale is not None else None,
-        stale_after=float(stale_after or 75), wait=float(wait or 30),
-        tls_ca=tls_ca, idle_timeout=float(idle_timeout or 60), max_conns_per_uid=max_conns_per_uid,
-        enroll_timeout=float(enroll_timeout or 30),
-    )
-    try:
-        code = main(cfg)
-    except AgentError as exc:
-        raise CliError(str(exc)) from None
-    sys.exit(code)
+@agent.command("run", add_help_option=False, short_help=agent_run_cmd.SUMMARY,
+               context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+def agent_run(args: tuple[str, ...]) -> None:
+    """A stub: lists ``run`` in ``vault-edge agent --help`` and forwards to the one definition of its
+    options, :mod:`vault_edge.cli.agent_run` (where the entry point sends ``agent run`` directly)."""
+    sys.exit(agent_run_cmd.main(list(args)))
 
 
 def _client(socket_path: str | None, token: str | None):  # type: ignore[no-untyped-def]
