@@ -163,6 +163,10 @@ def create_app(settings: Settings | None = None, store: Store | None = None, bar
         migrate(engine)
         store = Store(engine)
     ctx = Context(store, barrier or Barrier(), settings)
+    if settings.seal == "pkcs11":
+        from vault_edge.server import hsm
+
+        ctx.hsm = hsm.from_settings(settings)  # SealError: a missing option or PIN, said at start
     hub = Hub(ctx)
     contacts = ContactLog(ctx)
     scheduler = Scheduler(ctx)
@@ -175,6 +179,10 @@ def create_app(settings: Settings | None = None, store: Store | None = None, bar
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         hub.start(asyncio.get_running_loop())
+        if ctx.hsm is not None:
+            from vault_edge.server.ops import seal as seal_ops
+
+            await asyncio.to_thread(seal_ops.auto_unseal, ctx)  # before serving: no share, no human
         scheduler.start()
         if on_ready is not None:
             await asyncio.to_thread(on_ready, ctx)
