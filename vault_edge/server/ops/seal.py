@@ -106,13 +106,9 @@ def _after_unseal(ctx: Context, how: str) -> None:
 
 
 # -- recovery shares ---------------------------------------------------------------------------------
-def recover_root(ctx: Context, given: list[str], passphrase: str | None, action: str) -> tuple[bytes, dict[str, str]]:
-    """The root key from a complete set of (recovery) shares, checked against the canary. A refusal
-    (400, one message that never quotes a share) changes nothing and is audited."""
-    with ctx.store.read() as tx:
-        meta = tx.get_meta()
-    if "canary" not in meta:
-        raise not_initialized()
+def root_from_shares(meta: dict[str, str], given: list[str], passphrase: str | None) -> bytes:
+    """The root key from a complete set of (recovery) shares, checked against the canary in ``meta``.
+    ShareError (a message that never quotes a share) when they do not give it."""
     try:
         progress = shares.UnsealProgress(int(meta["share_identifier"]))
         for s in given:
@@ -123,13 +119,24 @@ def recover_root(ctx: Context, given: list[str], passphrase: str | None, action:
         if meta.get("passphrase") == "1" and not passphrase:
             raise ShareError("this vault has a passphrase: give it with the shares")
         root = seal.root_from_unseal_key(progress.recover(passphrase or ""), vault_id(meta), wrapped_root(meta))
-        if not envelope.check_canary(root, wire.b64d(meta["canary"])):
-            raise ShareError("the shares and passphrase do not open this vault")
-    except (ShareError, DecryptionError) as exc:
-        reason = str(exc) if isinstance(exc, ShareError) else "the shares and passphrase do not open this vault"
+    except DecryptionError:
+        root = b""
+    if not root or not envelope.check_canary(root, wire.b64d(meta["canary"])):
+        raise ShareError("the shares and passphrase do not open this vault")
+    return root
+
+
+def recover_root(ctx: Context, given: list[str], passphrase: str | None, action: str) -> tuple[bytes, dict[str, str]]:
+    """``root_from_shares`` for a request: a refusal (400) changes nothing and is audited."""
+    with ctx.store.read() as tx:
+        meta = tx.get_meta()
+    if "canary" not in meta:
+        raise not_initialized()
+    try:
+        return root_from_shares(meta, given, passphrase), meta
+    except ShareError as exc:
         ctx.auditor.record_alone("operator", action, outcome="refused", reason="bad_shares")
-        raise bad_request(f"shares refused: {reason}; nothing changed") from None
-    return root, meta
+        raise bad_request(f"shares refused: {exc}; nothing changed") from None
 
 
 def _scheme(meta: dict[str, str]) -> shares.ShareScheme:

@@ -876,6 +876,14 @@ class Tx:
         missing = current - base.revision - have
         return f"{missing} revision(s) missing from the change log" if missing > 0 else None
 
+    def restart_revisions(self, to: int) -> None:
+        """After a restore: revisions go on from ``to`` (far past any the lost control plane reached),
+        and the change log is whole from there (its base moves to ``to``; the rows below stay, each
+        secret's last change with them)."""
+        self.conn.execute(update(t.counter).where(t.counter.c.id == _REVISION_ROW).values(revision=to))
+        self.conn.execute(delete(t.changes).where(t.changes.c.target == BASE_TARGET))
+        self.record_change(to, BASE_TARGET)
+
     def require_whole_change_log(self) -> None:
         failure = self.store.integrity_failure
         if failure is not None:
