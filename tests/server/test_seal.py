@@ -122,29 +122,6 @@ def test_rotate_rewraps_region_keys_with_work_growing_with_regions_not_secrets(
     assert api.call("GET", "/v1/secrets/app/new")[1]["value"] == "x"
 
 
-@pytest.fixture
-def fresh_pg(request: pytest.FixtureRequest) -> Any:
-    """fresh_pg() → the URL of a new, empty PostgreSQL database (dropped at teardown)."""
-    import secrets
-
-    from tests.conftest import PG_SERVER, RUN_ID, _pg_admin
-
-    request.getfixturevalue("pg_template")  # skips (or fails under CI) without PostgreSQL
-    made: list[str] = []
-
-    def make() -> str:
-        name = f"ve_{RUN_ID}_{secrets.token_hex(4)}"
-        with _pg_admin() as admin:
-            admin.execute(f'CREATE DATABASE "{name}"')
-        made.append(name)
-        return f"{PG_SERVER}/{name}"
-
-    yield make
-    with _pg_admin() as admin:
-        for name in made:
-            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-
-
 def _root(shares: list[str], db: str) -> bytes:
     from vault_edge.server.ops import seal as seal_ops
     from vault_edge.server.storage import schema as t
