@@ -69,6 +69,25 @@ def pg_url(request: pytest.FixtureRequest) -> Iterator[str]:
             admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
+@pytest.fixture
+def fresh_pg(request: pytest.FixtureRequest) -> Any:
+    """fresh_pg() → the URL of a new, empty PostgreSQL database (dropped at teardown)."""
+    request.getfixturevalue("pg_template")  # skips (or fails under CI) without PostgreSQL
+    made: list[str] = []
+
+    def make() -> str:
+        name = f"ve_{RUN_ID}_{secrets.token_hex(4)}"
+        with _pg_admin() as admin:
+            admin.execute(f'CREATE DATABASE "{name}"')
+        made.append(name)
+        return f"{PG_SERVER}/{name}"
+
+    yield make
+    with _pg_admin() as admin:
+        for name in made:
+            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
 def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     """Every storage-touching test runs on SQLite and on PostgreSQL."""

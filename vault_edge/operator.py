@@ -150,6 +150,37 @@ class OperatorClient:
     def audit_verify(self) -> dict[str, Any]:
         return self.request("GET", "/v1/audit/verify")
 
+    # -- the seal: recovery shares, root key rotation, backup ------------------------------------------
+    def generate_root(self, shares: list[str], passphrase: str | None = None) -> dict[str, Any]:
+        return self.request("POST", "/v1/sys/generate-root", json=_clean({"shares": shares, "passphrase": passphrase}))
+
+    def rekey_shares(self, shares: list[str], passphrase: str | None = None, **new: Any) -> dict[str, Any]:
+        return self.request("POST", "/v1/sys/rekey", json=_clean({"shares": shares, "passphrase": passphrase, **new}))
+
+    def seal_migrate(self, shares: list[str], to: str, passphrase: str | None = None) -> dict[str, Any]:
+        body = _clean({"shares": shares, "to": to, "passphrase": passphrase})
+        return self.request("POST", "/v1/sys/seal-migrate", json=body)
+
+    def rotate_root(self) -> dict[str, Any]:
+        return self.request("POST", "/v1/sys/rotate")
+
+    def backup(self) -> bytes:
+        """The backup file's bytes (GET /v1/sys/backup)."""
+        headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
+        try:
+            resp = self._http.get("/v1/sys/backup", headers=headers, timeout=600)
+        except httpx.TransportError as exc:
+            raise ClientError(0, "unreachable", f"cannot reach the control plane at {self.addr} "
+                                                f"({type(exc).__name__})") from None
+        if resp.status_code >= 400 or resp.headers.get("content-type") != "application/octet-stream":
+            try:
+                err = resp.json().get("error") or {}
+            except (ValueError, AttributeError):
+                err = {}
+            raise ClientError(resp.status_code, str(err.get("code", "error")),
+                              str(err.get("message", f"HTTP {resp.status_code}")))
+        return resp.content
+
 
 def _clean(body: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in body.items() if v is not None}

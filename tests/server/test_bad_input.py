@@ -36,8 +36,11 @@ from vault_edge.server.schemas import (
     PromoteRequest,
     PutSecret,
     RegionCreate,
+    RekeyRequest,
     RollbackRequest,
     RotateRequest,
+    SealMigrateRequest,
+    SharesRequest,
     TokenCreate,
     UnsealRequest,
 )
@@ -45,7 +48,9 @@ from vault_edge.server.schemas import (
 LIMIT = 16 * 1024  # Settings.max_body_bytes for these apps: small, so oversized bodies stay cheap
 TRACEBACK_MARKERS = ("Traceback", 'File "')
 EXCLUDED_PATHS = {"/metrics", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc"}
-SEALED_EXEMPT = {"/v1/sys/status", "/v1/sys/unseal", "/v1/sys/init", "/v1/sys/health"}
+SEALED_EXEMPT = {"/v1/sys/status", "/v1/sys/unseal", "/v1/sys/init", "/v1/sys/health",
+                 # authorised by a threshold of the (recovery) shares, as unseal is: they work sealed too
+                 "/v1/sys/generate-root", "/v1/sys/rekey", "/v1/sys/seal-migrate"}
 
 # A valid body for every request model (a new model must be added here: see test_every_route_is_known).
 EXAMPLES: dict[type[BaseModel], dict[str, Any]] = {
@@ -58,6 +63,9 @@ EXAMPLES: dict[type[BaseModel], dict[str, Any]] = {
     RegionCreate: {"name": "zz"},
     JoinTokenRequest: {"region": "eu"},
     TokenCreate: {"name": "t", "prefixes": ["app/"], "verbs": ["read"]},
+    SharesRequest: {"shares": ["not a share at all"]},
+    RekeyRequest: {"shares": ["not a share at all"], "new_shares": 3, "new_threshold": 2},
+    SealMigrateRequest: {"shares": ["not a share at all"], "to": "shamir"},
 }
 # Path parameters: a value that exists (after seeding) and one that does not.
 PATH_VALUES = {

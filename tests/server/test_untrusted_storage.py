@@ -348,7 +348,7 @@ def test_a_vault_from_before_row_macs_is_adopted_once_at_unseal(make_app: Any) -
     writer adds afterwards is refused. The writer cannot ask for a second adoption: only the root key
     makes an old-format canary."""
     from tests.conftest import init_and_unseal
-    from vault_edge.crypto import envelope
+    from vault_edge.crypto import envelope, seal
     from vault_edge.crypto import shares as sh
 
     client, _app = make_app()
@@ -357,7 +357,9 @@ def test_a_vault_from_before_row_macs_is_adopted_once_at_unseal(make_app: Any) -
     assert api.call("POST", "/v1/regions", json={"name": "eu"})[0] == 200
     api.call("PUT", "/v1/secrets/app/key", json={"value": "v1", "regions": ["eu"]})
     engine = _db(api)
-    root = sh.join(all_shares[:2])
+    with engine.connect() as c:
+        meta = {r.key: r.value for r in c.execute(select(t.meta))}
+    root = seal.unwrap_root(sh.join(all_shares[:2]), wire.b64d(meta["server_key"]), wire.b64d(meta["root_shamir"]))
     with engine.begin() as c:  # what a 0002 database held
         for table in (t.secrets, t.stages, t.nodes, t.join_tokens, t.operator_tokens, t.audit):
             c.execute(update(table).values(mac=None))

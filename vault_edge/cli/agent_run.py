@@ -73,7 +73,8 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog=PROG, description=SUMMARY, allow_abbrev=False,
         epilog="Environment: VAULT_EDGE_ADDR (--server), VAULT_EDGE_SOCKET (--socket), VAULT_EDGE_JOIN_TOKEN "
-               "(--join-token), VAULT_EDGE_ENROLL_TIMEOUT (--enroll-timeout). Exit 3: this node was revoked (enrol again with a new join token).",
+               "(--join-token), VAULT_EDGE_ENROLL_TIMEOUT (--enroll-timeout). Exit 3: this node was revoked "
+               "(enrol again with a new join token).",
     )
     p.add_argument("--server", metavar="URL", default=env.get("VAULT_EDGE_ADDR") or None,
                    help="control plane URL (default: the one it enrolled with)")

@@ -28,8 +28,17 @@ from vault_edge.cli.output import CliError, err
 @click.option("--tls-cert", type=click.Path(exists=True, dir_okay=False))
 @click.option("--tls-key", type=click.Path(exists=True, dir_okay=False))
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info")
+@click.option("--seal", type=click.Choice(["shamir", "pkcs11"]), default=None,
+              help="shamir (operators enter shares; the default) or pkcs11 (auto-unseal through an HSM)")
+@click.option("--pkcs11-lib", help="the PKCS#11 module (e.g. /usr/lib/softhsm/libsofthsm2.so)")
+@click.option("--pkcs11-slot", type=int, help="the slot id of the token")
+@click.option("--pkcs11-key-label", help="the label of the AES key that wraps the root key")
+@click.option("--pkcs11-pin-file", type=click.Path(dir_okay=False),
+              help="a file holding the token's PIN (else VAULT_EDGE_PKCS11_PIN; never on the command line)")
+@click.option("--pkcs11-generate-key", is_flag=True, default=None,
+              help="make the AES key (non-extractable) in the token if it is missing")
 def server(dev: bool, dev_token: str | None, db: str | None, host: str | None, port: int | None,
-           tls_cert: str | None, tls_key: str | None, log_level: str) -> None:
+           tls_cert: str | None, tls_key: str | None, log_level: str, **seal: Any) -> None:
     """Run the control plane (FastAPI on uvicorn)."""
     import uvicorn
 
@@ -40,15 +49,19 @@ def server(dev: bool, dev_token: str | None, db: str | None, host: str | None, p
         raise CliError("give both --tls-cert and --tls-key")
     overrides: dict[str, Any] = {k: v for k, v in {
         "db": db, "host": host, "port": port, "tls_cert": tls_cert, "tls_key": tls_key, "dev": dev or None,
-        "dev_token": dev_token}.items() if v is not None}
+        "dev_token": dev_token, **seal}.items() if v is not None}
     settings = Settings(**overrides)
     tmpdir = None
     if settings.dev and not settings.db:
         tmpdir = tempfile.mkdtemp(prefix="vault-edge-dev-")
         settings.db = os.path.join(tmpdir, "dev.db")
     try:
+        from vault_edge.server.hsm import SealError
+
         try:
             app = create_app(settings, on_ready=_dev_bootstrap(settings) if settings.dev else None)
+        except SealError as exc:
+            raise CliError(str(exc)) from None
         except Exception as exc:  # a bad --db URL, an unreachable database, a failed migration
             first_line = (str(exc).splitlines() or [""])[0][:200]
             raise CliError(f"cannot open the database: {type(exc).__name__}: {first_line}") from None

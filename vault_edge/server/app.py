@@ -30,6 +30,7 @@ from vault_edge.server.errors import ApiError, body
 from vault_edge.server.fastpath import SyncFastPath
 from vault_edge.server.hub import Hub
 from vault_edge.server.routes import admin, agent, secrets, sys
+from vault_edge.server.routes import seal as seal_routes
 from vault_edge.server.scheduler import Scheduler
 from vault_edge.server.settings import Settings
 from vault_edge.server.storage.engine import make_engine, migrate
@@ -165,6 +166,10 @@ def create_app(settings: Settings | None = None, store: Store | None = None, bar
         migrate(engine)
         store = Store(engine)
     ctx = Context(store, barrier or Barrier(), settings)
+    if settings.seal == "pkcs11":
+        from vault_edge.server import hsm
+
+        ctx.hsm = hsm.from_settings(settings)  # SealError: a missing option or PIN, said at start
     hub = Hub(ctx)
     contacts = ContactLog(ctx)
     scheduler = Scheduler(ctx)
@@ -182,6 +187,10 @@ def create_app(settings: Settings | None = None, store: Store | None = None, bar
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         hub.start(asyncio.get_running_loop())
+        if ctx.hsm is not None:
+            from vault_edge.server.ops import seal as seal_ops
+
+            await asyncio.to_thread(seal_ops.auto_unseal, ctx)  # before serving: no share, no human
         scheduler.start()
         if on_ready is not None:
             await asyncio.to_thread(on_ready, ctx)
@@ -194,7 +203,7 @@ def create_app(settings: Settings | None = None, store: Store | None = None, bar
     app = FastAPI(title="vault-edge control plane", version=__version__, lifespan=lifespan)
     app.state.ctx, app.state.hub, app.state.scheduler, app.state.contacts = ctx, hub, scheduler, contacts
     app.state.enrolments = enrolments
-    for router in (sys.router, secrets.router, admin.router, agent.router):
+    for router in (sys.router, seal_routes.router, secrets.router, admin.router, agent.router):
         app.include_router(router)
     ui.mount(app)  # the fleet console at /ui
 

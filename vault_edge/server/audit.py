@@ -17,7 +17,7 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -103,6 +103,21 @@ class RefusalThrottle:
             for k in done:
                 del self._windows[k]
             return out
+
+
+def chain_head(entries: Iterable[Any]) -> tuple[int, bytes, str | None]:
+    """Walk the hash chain (no key needed: the links, not the MACs): (entries, last hash, the first
+    problem or None). ``migrate`` checks a copy with it."""
+    prev, count, expected = b"", 0, 1
+    for e in entries:
+        if e.seq != expected:
+            return count, prev, f"entry {expected} missing"
+        want = hashlib.sha256(prev + _entry_bytes(e.seq, e.at, e.actor, e.action, e.target, e.outcome,
+                                                  e.detail)).digest()
+        if not hmac.compare_digest(want, bytes(e.hash)):
+            return count, prev, f"entry {e.seq} does not match its hash"
+        prev, count, expected = bytes(e.hash), count + 1, e.seq + 1
+    return count, prev, None
 
 
 class Auditor:

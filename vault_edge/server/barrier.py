@@ -14,12 +14,13 @@ not complete the set, is refused and changes nothing (there is no passphrase hel
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 from nacl.signing import SigningKey
 
-from vault_edge.crypto import envelope, shares, signing
-from vault_edge.crypto.errors import ShareError
+from vault_edge.crypto import envelope, seal, shares, signing
+from vault_edge.crypto.errors import DecryptionError, ShareError
 from vault_edge.crypto.rowmac import RowKeys
 from vault_edge.crypto.secret import SecretBytes
 from vault_edge.crypto.shares import UnsealProgress
@@ -68,6 +69,7 @@ class Barrier:
         self._keys: Keys | None = None
         self._progress: UnsealProgress | None = None
         self._region_keys: dict[tuple[str, int], SecretBytes] = {}
+        self._wraps: dict[int, SecretBytes] = {}  # root key versions ≥ 2, unwrapped
 
     @property
     def sealed(self) -> bool:
@@ -94,7 +96,7 @@ class Barrier:
 
     def add_share(
         self, share: str | None, passphrase: str | None, *, identifier: int | None, canary: bytes,
-        has_passphrase: bool,
+        has_passphrase: bool, wrapped_root: bytes | None = None, vault_id: bytes = b"",
     ) -> UnsealResult:
         """Add one share; with the share that completes the set (only then), the passphrase, if the vault
         has one (``has_passphrase``, from init). Every refusal before the canary changes nothing."""
@@ -125,10 +127,12 @@ class Barrier:
             if not completes:
                 return UnsealResult(True, progress.entered, "share accepted")
             try:
-                root = progress.recover(passphrase or "")
+                root = seal.root_from_unseal_key(progress.recover(passphrase or ""), vault_id, wrapped_root)
             except ShareError as exc:
                 self._reset()
                 raise bad_request(f"unseal failed: {exc}; progress was reset") from None
+            except DecryptionError:
+                root = b"\0" * envelope.ROOT_KEY_SIZE  # fails the canary below: one message for both
             fmt = envelope.canary_format(root, canary)
             if fmt is None:
                 self._reset()
@@ -141,6 +145,37 @@ class Barrier:
             self._keys = Keys.from_root(root, fmt)
             self._progress = None
             return UnsealResult(False, 0, "unsealed")
+
+    def unseal_with_root(self, root: bytes, canary: bytes) -> bool:
+        """Unseal with a root key the seal itself unwrapped (auto-unseal, recovery shares): only if it
+        opens the stored canary. True when unsealed (or already)."""
+        with self._lock:
+            if self._keys is not None:
+                return True
+            fmt = envelope.canary_format(root, canary)
+            if fmt is None:
+                return False
+            self._keys = Keys.from_root(root, fmt)
+            self._progress = None
+            return True
+
+    # -- root key versions (the keyring of region-wrap keys; see crypto/seal.py) ------------------------
+    def wrap_key(self, version: int, load: Callable[[], dict[int, bytes]]) -> bytes:
+        """The region-wrap key of root key version ``version``; ``load()`` gives the stored versions
+        (wrapped), read again when this one is not known yet (another replica rotated)."""
+        keys = self.keys()
+        if version == 1:
+            return keys.region_wrap.reveal()
+        got = self._wraps.get(version)
+        if got is None:
+            root = keys.root.reveal()
+            for v, wrapped in load().items():
+                if v not in self._wraps:
+                    self._wraps[v] = SecretBytes(seal.unwrap_root_version(root, v, wrapped))
+            got = self._wraps.get(version)
+            if got is None:
+                raise DecryptionError()
+        return got.reveal()
 
     def adopted(self) -> None:
         """The legacy rows were adopted and the canary re-made in the current format."""
@@ -160,12 +195,15 @@ class Barrier:
             self._keys = None
             self._reset()
             self._region_keys.clear()
+            self._wraps.clear()
 
-    def region_key(self, region: str, version: int, wrapped: bytes) -> bytes:
-        """Unwrap a region key (cached: a (region, version) pair never changes its key)."""
+    def region_key(self, region: str, version: int, wrapped: bytes, root_version: int = 1,
+                   load: Callable[[], dict[int, bytes]] = dict) -> bytes:
+        """Unwrap a region key (cached: a (region, version) pair never changes its key, whatever root
+        key version wraps it)."""
         cached = self._region_keys.get((region, version))
         if cached is not None:
             return cached.reveal()
-        key = envelope.unwrap_region_key(self.keys().region_wrap.reveal(), region, version, wrapped)
+        key = envelope.unwrap_region_key(self.wrap_key(root_version, load), region, version, wrapped)
         self._region_keys[(region, version)] = SecretBytes(key)
         return key

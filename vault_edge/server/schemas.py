@@ -124,3 +124,30 @@ class TokenCreate(Strict):
                 raise ValueError("a prefix is the start of a secret name: letters, digits, '_', '.', '-', '/'")
         return v
 
+
+
+class SharesRequest(Strict):
+    """A threshold of the current (recovery) shares, at once: what generate-root, rekey and
+    seal-migrate take as authority."""
+
+    shares: list[str] = Field(min_length=1, max_length=64)
+    passphrase: str | None = Field(None, max_length=256)
+
+    @field_validator("shares")
+    @classmethod
+    def _bounded(cls, value: list[str]) -> list[str]:
+        if any(len(s) > 1024 for s in value):
+            raise ValueError("a share is at most 1024 characters")
+        return value
+
+
+class RekeyRequest(SharesRequest):
+    new_shares: int = Field(5, ge=1, le=16)
+    new_threshold: int = Field(3, ge=1, le=16)
+    groups: list[ShareGroup] | None = Field(None, min_length=1, max_length=16)
+    group_threshold: int = Field(1, ge=1, le=16)
+    new_passphrase: str = Field("", max_length=256)
+
+
+class SealMigrateRequest(SharesRequest):
+    to: Literal["shamir", "pkcs11"]

@@ -29,3 +29,11 @@ class Settings(BaseSettings):
     enroll_retry_after_s: int = Field(2, ge=1, le=3600)  # the Retry-After of that 503 (agents add jitter)
     scheduler_interval_s: float = 1.0
     min_rotate_every_s: int = 60  # the shortest --rotate-every accepted
+    # The seal: "shamir" (operators enter shares) or "pkcs11" (auto-unseal through an HSM; the shares
+    # become recovery shares). The PIN is never a setting: --pkcs11-pin-file, or VAULT_EDGE_PKCS11_PIN.
+    seal: str = Field("shamir", pattern="^(shamir|pkcs11)$")
+    pkcs11_lib: str | None = None
+    pkcs11_slot: int | None = None
+    pkcs11_key_label: str | None = None
+    pkcs11_pin_file: str | None = None
+    pkcs11_generate_key: bool = False  # make the AES key in the token when it is missing

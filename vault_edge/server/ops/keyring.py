@@ -16,10 +16,11 @@ def effective_regions(tx: Tx, secret: Secret) -> list[str]:
 
 
 def region_key(tx: Tx, barrier: Barrier, region: str, version: int) -> bytes:
-    wrapped = tx.get_region_key(region, version)
-    if wrapped is None:
+    row = tx.get_region_key_row(region, version)
+    if row is None:
         raise ApiError(500, "internal", f"region key {region} v{version} is missing")
-    return barrier.region_key(region, version, wrapped)
+    wrapped, root_version = row
+    return barrier.region_key(region, version, wrapped, root_version, tx.root_key_versions)
 
 
 def current_region_key(tx: Tx, barrier: Barrier, region: str) -> tuple[int, bytes]:
@@ -31,8 +32,9 @@ def current_region_key(tx: Tx, barrier: Barrier, region: str) -> tuple[int, byte
 
 def new_region_key(tx: Tx, barrier: Barrier, region: str, version: int, at: float) -> bytes:
     key = aead.new_key()
-    wrapped = envelope.wrap_region_key(barrier.keys().region_wrap.reveal(), region, version, key)
-    tx.insert_region_key(region, version, wrapped, at)
+    root_version = tx.current_root_version()  # read in this transaction: a rotation elsewhere is seen
+    wrap_key = barrier.wrap_key(root_version, tx.root_key_versions)
+    tx.insert_region_key(region, version, envelope.wrap_region_key(wrap_key, region, version, key), at, root_version)
     return key
 
 

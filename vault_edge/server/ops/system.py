@@ -36,6 +36,10 @@ def status(ctx: Context) -> dict[str, Any]:
         "threshold": 0,
         "shares": 0,
         "revision": revision,
+        # the vault's seal; with pkcs11 the shares are recovery shares (they still unseal without the HSM)
+        "seal": meta.get("seal", "shamir"),
+        "recovery_shares": meta.get("seal") == "pkcs11",
+        "seal_error": ctx.seal_error,
     }
     if initialized:
         raw = json.loads(meta["scheme"])
@@ -55,25 +59,34 @@ def status(ctx: Context) -> dict[str, Any]:
 def initialize(
     ctx: Context, scheme: shares.ShareScheme, passphrase: str = "", root_token: str | None = None
 ) -> dict[str, Any]:
-    """Make the root key, split it, store only the canary; return the shares and the root token."""
+    """Make the root key and an unseal key; split the unseal key into shares and store the root key
+    wrapped under it (and, with --seal pkcs11, wrapped by the HSM too, then unseal at once: the shares
+    are recovery shares). Return the shares and the root token."""
+    from vault_edge.server.hsm import SealError
+    from vault_edge.server.ops import seal as seal_ops
+
     root = aead.new_key()
-    groups = shares.split(root, scheme, passphrase)
     server_public = signing.public_of(envelope.signing_seed(root))
     now = ctx.clock()
     with ctx.store.write() as tx:
         tx.use_keys(RowKeys(root))  # the root token's digest and row MAC, before any unseal
         if not tx.add_meta("initialized_at", repr(now)):
             raise conflict("the vault is already initialized")
-        tx.add_meta("scheme", json.dumps({"groups": [list(g) for g in scheme.groups],
-                                          "group_threshold": scheme.group_threshold}))
-        tx.add_meta("share_identifier", str(shares.set_identifier(groups[0][0])))
         tx.add_meta("canary", wire.b64e(envelope.make_canary(root)))
         tx.add_meta("server_key", wire.b64e(server_public))
-        tx.add_meta("passphrase", "1" if passphrase else "0")
+        groups = seal_ops.store_shamir(tx, root, server_public, scheme, passphrase)
+        tx.add_meta("seal", "shamir")
+        if ctx.hsm is not None:
+            try:
+                seal_ops.store_hsm(ctx, tx, {"server_key": wire.b64e(server_public)}, root)
+            except SealError as exc:
+                raise ApiError(503, "seal_unavailable", f"init needs the HSM: {exc}") from None
         token, _ = auth.create_token(tx, "root", ("",), auth.VERBS, now, secret=root_token)
         tx.record_change(0, BASE_TARGET)  # the change log is whole from the start
         ctx.auditor.record(tx, "operator", "sys.init", outcome="ok",
                            shares=sum(c for _, c in scheme.groups), threshold=scheme.min_shares)
+    if ctx.hsm is not None:
+        seal_ops.auto_unseal(ctx)
     del root
     flat = [m for group in groups for m in group]
     out: dict[str, Any] = {"shares": flat, "root_token": token, "threshold": scheme.min_shares}
@@ -95,12 +108,15 @@ def unseal(ctx: Context, share: str | None, passphrase: str | None, reset: bool 
         result = ctx.barrier.add_share(
             share, passphrase, identifier=int(meta["share_identifier"]), canary=wire.b64d(meta["canary"]),
             has_passphrase=meta.get("passphrase") == "1",
+            wrapped_root=wire.b64d(meta["root_shamir"]) if meta.get("root_shamir") else None,
+            vault_id=wire.b64d(meta["server_key"]),
         )
     except ApiError as exc:
         ctx.auditor.record_alone("operator", "sys.unseal", outcome="refused", reason=exc.code)
         raise
     if not result.sealed and result.message == "unsealed":
         _adopt_legacy(ctx)  # first: nothing is chained onto the log before its old entries are MAC'd
+        ctx.seal_error = None
         with ctx.store.write() as tx:
             ctx.auditor.record(tx, "operator", "sys.unseal", outcome="ok")
         check_change_log(ctx)

@@ -220,6 +220,14 @@ class Tx:
     def set_meta(self, key: str, value: str) -> None:
         self.conn.execute(update(t.meta).where(t.meta.c.key == key).values(value=value))
 
+    def put_meta(self, key: str, value: str) -> None:
+        """Insert or replace."""
+        if not self.add_meta(key, value):
+            self.set_meta(key, value)
+
+    def delete_meta(self, key: str) -> None:
+        self.conn.execute(delete(t.meta).where(t.meta.c.key == key))
+
     def _bump(self, row: int) -> int:
         return int(
             self.conn.execute(
@@ -284,17 +292,50 @@ class Tx:
             self.conn.execute(update(t.regions).where(t.regions.c.name.in_(names)).values(data_rev=rev))
             self.changed(names)
 
-    def insert_region_key(self, region: str, version: int, wrapped: bytes, at: float) -> None:
+    def insert_region_key(self, region: str, version: int, wrapped: bytes, at: float, root_version: int = 1) -> None:
         self.conn.execute(
-            insert(t.region_keys).values(region=region, version=version, wrapped=wrapped, created_at=at)
+            insert(t.region_keys).values(region=region, version=version, wrapped=wrapped, created_at=at,
+                                         root_version=root_version)
         )
 
     def get_region_key(self, region: str, version: int) -> bytes | None:
-        return self.conn.execute(
-            select(t.region_keys.c.wrapped).where(
+        row = self.get_region_key_row(region, version)
+        return row[0] if row else None
+
+    def get_region_key_row(self, region: str, version: int) -> tuple[bytes, int] | None:
+        """(wrapped key, the root key version that wraps it)."""
+        row = self.conn.execute(
+            select(t.region_keys.c.wrapped, t.region_keys.c.root_version).where(
                 t.region_keys.c.region == region, t.region_keys.c.version == version
             )
-        ).scalar_one_or_none()
+        ).first()
+        return (bytes(row.wrapped), int(row.root_version)) if row else None
+
+    def list_region_keys(self) -> list[tuple[str, int, bytes, int]]:
+        """Every stored region key: (region, version, wrapped, root version)."""
+        rk = t.region_keys
+        q = select(rk.c.region, rk.c.version, rk.c.wrapped, rk.c.root_version).order_by(rk.c.region, rk.c.version)
+        return [(r.region, int(r.version), bytes(r.wrapped), int(r.root_version)) for r in self.conn.execute(q)]
+
+    def rewrap_region_key(self, region: str, version: int, wrapped: bytes, root_version: int) -> None:
+        rk = t.region_keys
+        self.conn.execute(update(rk).where(rk.c.region == region, rk.c.version == version)
+                          .values(wrapped=wrapped, root_version=root_version))
+
+    # -- root key versions (crypto/seal.py) ------------------------------------------------------------
+    def root_key_versions(self) -> dict[int, bytes]:
+        """Stored root key versions (≥ 2), wrapped."""
+        return {int(r.version): bytes(r.wrapped) for r in self.conn.execute(select(t.root_keys))}
+
+    def current_root_version(self) -> int:
+        v = self.conn.execute(select(func.max(t.root_keys.c.version))).scalar_one_or_none()
+        return int(v) if v else 1
+
+    def insert_root_version(self, version: int, wrapped: bytes, at: float) -> None:
+        self.conn.execute(insert(t.root_keys).values(version=version, wrapped=wrapped, created_at=at))
+
+    def delete_root_versions_before(self, version: int) -> None:
+        self.conn.execute(delete(t.root_keys).where(t.root_keys.c.version < version))
 
     def delete_region_keys_before(self, region: str, version: int) -> None:
         self.conn.execute(
@@ -871,6 +912,14 @@ class Tx:
         ).scalar_one())
         missing = current - base.revision - have
         return f"{missing} revision(s) missing from the change log" if missing > 0 else None
+
+    def restart_revisions(self, to: int) -> None:
+        """After a restore: revisions go on from ``to`` (far past any the lost control plane reached),
+        and the change log is whole from there (its base moves to ``to``; the rows below stay, each
+        secret's last change with them)."""
+        self.conn.execute(update(t.counter).where(t.counter.c.id == _REVISION_ROW).values(revision=to))
+        self.conn.execute(delete(t.changes).where(t.changes.c.target == BASE_TARGET))
+        self.record_change(to, BASE_TARGET)
 
     def require_whole_change_log(self) -> None:
         failure = self.store.integrity_failure

@@ -57,6 +57,19 @@ region_keys = Table(
     Column("version", Integer, primary_key=True),
     Column("wrapped", LargeBinary, nullable=False),
     Column("created_at", Float, nullable=False),
+    # the root key version whose region-wrap key wraps it (1: derived from the root key; migration 0005)
+    Column("root_version", Integer, nullable=False, default=1, server_default="1"),
+)
+
+# Root key versions ≥ 2 (`operator rotate`), each AES-GCM-wrapped under a key derived from the root key,
+# with its version as associated data (crypto/seal.py): authenticated like a row MAC. Version 1 is
+# derived, never stored.
+root_keys = Table(
+    "root_keys",
+    metadata,
+    Column("version", Integer, primary_key=True, autoincrement=False),
+    Column("wrapped", LargeBinary, nullable=False),
+    Column("created_at", Float, nullable=False),
 )
 
 secrets = Table(
