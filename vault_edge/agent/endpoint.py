@@ -59,10 +59,12 @@ from urllib.parse import unquote
 
 import httptools
 
+from vault_edge.agent.fields import with_field
 from vault_edge.agent.peercred import Caller, peer_of
 from vault_edge.agent.policy import Policy
 from vault_edge.agent.view import AgentState, Entry
 from vault_edge.wire import STAGES, b64e, valid_name
+from vault_edge.wire.fields import FieldError
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -452,7 +454,7 @@ def _name(raw: str) -> str:
     return raw
 
 
-_READ_PARAMS: Final = frozenset({"version", "stage"})
+_READ_PARAMS: Final = frozenset({"version", "stage", "field"})
 _LIST_PARAMS: Final = frozenset({"names", "stage"})
 _WATCH_PARAMS: Final = frozenset({"since", "wait"})
 
@@ -590,6 +592,11 @@ class _Server:
         if version is not None and stage is not None:
             raise BadRequest(400, "give version or stage, not both")
         e = self._entry(name, version, stage, req, caller)
+        if "field" in params:  # a structured value's one field (agent/fields.py)
+            try:
+                e = with_field(e, params["field"])
+            except FieldError as exc:
+                raise _Refusal(exc.status, exc.code, str(exc)) from None
         cacheable = e.expires_at is None  # a grace period's end is wall-clock; re-check it every time
         if wants_raw(req.accept):
             extra = b"X-Vault-Edge-Version: %d\r\nX-Vault-Edge-Stage: %s\r\n" % (e.version, e.stage.encode())
