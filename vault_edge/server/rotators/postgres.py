@@ -24,13 +24,17 @@ from vault_edge.server.rotators import (
     retiring_user,
 )
 
-_AUTH_FAILED = ("28P01", "28000")
+_AUTH_FAILED = ("28P01", "28000", "42501")
+# What the server answers a refused login with (psycopg gives connection failures no SQLSTATE): read
+# only to classify, never repeated (a driver's text can quote a statement).
+_REFUSALS = ("password authentication failed", "not permitted to log in", "permission denied for database",
+             "no pg_hba.conf entry")
 
 
 def _error(what: str, exc: Exception) -> RotatorError:
     state = getattr(exc, "sqlstate", None)
     text = str(exc)
-    if state in _AUTH_FAILED or "password authentication failed" in text or "not permitted to log in" in text:
+    if state in _AUTH_FAILED or any(r in text for r in _REFUSALS):
         return Refused(f"postgres: {what}: authentication refused")
     if isinstance(exc, psycopg.OperationalError) and state is None:
         return RotatorError(f"postgres: {what}: cannot connect ({type(exc).__name__})")
@@ -70,11 +74,16 @@ class Postgres:
         return new
 
     def test(self, config: dict[str, Any], new: Credential) -> None:
+        what = f"log in as {new['username']}"
         try:
             with _connect(config, new["username"], new["password"]) as conn:
                 conn.execute("SELECT 1")
         except psycopg.Error as exc:
-            raise _error(f"log in as {new['username']}", exc) from None
+            err = _error(what, exc)
+            if getattr(exc, "sqlstate", None) is not None and not isinstance(err, Refused):
+                # the server answered and said no (no CONNECT on the database, say): definitive
+                raise Refused(f"postgres: {what}: refused (SQLSTATE {exc.sqlstate})") from None
+            raise err from None
 
     def retire(self, config: dict[str, Any], admin: Credential, old: Credential, current: Credential | None) -> None:
         user = retiring_user(config, old, current)

@@ -99,8 +99,8 @@ class Webhook:
             raise RotatorError(f"webhook: test answered HTTP {resp.status_code}")
 
     def retire(self, config: dict[str, Any], admin: Credential, old: Credential, current: Credential | None) -> None:
-        if current is not None and current == old:
-            return
+        if not old or (current is not None and current == old):
+            return  # a first rotation has no key of ours to revoke
         call = config["revoke"]
         resp = _send("revoke", call["method"], _url(call["url"], old), self._bearer(admin))
         if resp.status_code // 100 != 2 and resp.status_code != 404:
