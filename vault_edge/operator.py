@@ -186,4 +186,4 @@ def _id(kind: str, value: str, valid: Callable[[str], bool]) -> str:
 def _valid_rotator(name: str) -> bool:
     import re
 
-    return re.fullmatch(r"[a-z0-9][a-z0-9_\-]{0,63}", name) is not None
+    return re.fullmatch(r"[a-z][a-z0-9_\-]{0,62}", name) is not None

@@ -29,9 +29,7 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
-import secrets as pysecrets
 import socket
 from dataclasses import dataclass
 from typing import Any
@@ -47,11 +45,19 @@ from vault_edge.server.storage.repo import Tx
 
 log = logging.getLogger("vault_edge.rotation")
 
-OWNER = f"{socket.gethostname()[:40]}:{os.getpid()}:{pysecrets.token_hex(4)}"  # this process, for leases
-LEASE_S = 15.0  # a step leased by a process that died is taken over after this
+LEASE_S = 15.0  # a step leased by a process that died is taken over by another replica after this
+
+
+def owner(ctx: Context) -> str:
+    """Who holds a lease: this replica, named by host and port. Two live processes cannot listen on one
+    host and port, so a control plane restarted in place takes its own leases back at once, while
+    another replica waits for the lease to end. (A process that loses the race for the port may run
+    one tick before it exits: steps are idempotent and move on by compare-and-set, so the worst is a
+    call made twice.)"""
+    return f"{socket.gethostname()[:40]}:{ctx.settings.host}:{ctx.settings.port}"
 BACKOFF_MAX_S = 60.0
 TEST_ATTEMPTS = 5
-_NAME = re.compile(r"[a-z0-9][a-z0-9_\-]{0,63}")
+_NAME = re.compile(r"[a-z][a-z0-9_\-]{0,62}")
 
 
 def _dump(cred: Credential) -> bytes:
@@ -87,7 +93,7 @@ def create_rotator(
     to no region: given ``admin_value`` it is stored there (a new version), else it must exist so."""
     who.require_global_admin()
     if not _NAME.fullmatch(name):
-        raise bad_request("a rotator name: lowercase letters, digits, '_' and '-', at most 64")
+        raise bad_request("a rotator name: a lowercase letter, then letters, digits, '_' or '-' (at most 63)")
     secret_ops._check_name(admin_secret)
     if kind not in TYPES:
         raise bad_request(f"type: one of {', '.join(TYPES)}")
@@ -97,8 +103,8 @@ def create_rotator(
         raise bad_request(str(exc)) from None
     except RotatorError as exc:
         raise ApiError(501, "not_available", str(exc)) from None
-    if admin_value is not None and not admin_value:
-        raise bad_request("admin_value: a JSON object (username and password, or token for webhook)")
+    if admin_value is not None:
+        _check_admin(kind, admin_value)
     ctx.barrier.keys()
     now = ctx.clock()
     with ctx.store.write() as tx:
@@ -119,6 +125,18 @@ def create_rotator(
         ctx.auditor.record(tx, who.actor, "rotator.create", name, type=kind, admin_secret=admin_secret,
                            admin_value_given=admin_value is not None)
     return _rotator_doc(rotator)
+
+
+# The admin credential's fields, per type: (required, optional); each a string.
+_ADMIN_FIELDS = {"postgres": ({"username", "password"}, set()), "mysql": ({"username", "password"}, set()),
+                 "redis": ({"password"}, {"username"}), "webhook": ({"token"}, set())}
+
+
+def _check_admin(kind: str, value: dict[str, Any]) -> None:
+    required, optional = _ADMIN_FIELDS[kind]
+    if not required <= set(value) <= required | optional or not all(isinstance(v, str) for v in value.values()):
+        fields = ", ".join(sorted(required)) + (f" (and optionally {', '.join(sorted(optional))})" if optional else "")
+        raise bad_request(f"admin_value for {kind}: a JSON object of strings: {fields}")
 
 
 def list_rotators(ctx: Context, who: Principal) -> dict[str, Any]:
@@ -282,7 +300,7 @@ def _step(ctx: Context, rotation_id: int) -> tuple[bool, str | None]:
                 if r.waiting_for != report:
                     tx.note_rotation(r.id, waiting_for=report)
                 return False, r.step
-        if not tx.lease_rotation(r.id, r.step, OWNER, now, now + LEASE_S):
+        if not tx.lease_rotation(r.id, r.step, owner(ctx), now, now + LEASE_S):
             return False, r.step
         try:
             inputs = _inputs(ctx, tx, r) if r.step != "publish" else None
