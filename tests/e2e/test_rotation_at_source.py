@@ -160,6 +160,7 @@ def _rotations(op: OperatorClient, name: str) -> list[dict[str, Any]]:
 
 def test_rotations_under_load_with_a_sigkill_no_login_fails(workdir: Path, pg: ThrowawayPostgres,
                                                              rds: ThrowawayRedis) -> None:
+    t_setup = time.monotonic()
     cp = _start_cp(workdir)
     agents: list[AgentProcess] = []
     loops = Loops()
@@ -187,6 +188,7 @@ def test_rotations_under_load_with_a_sigkill_no_login_fails(workdir: Path, pg: T
         loops.start("postgres", "db/main", sockets, _pg_login(pg))
         loops.start("redis", "cache/main", sockets, _redis_login)
         t0 = time.monotonic()
+        setup_s = t0 - t_setup
         kills: list[str] = []
         for at in (RUN_S / 3, 2 * RUN_S / 3):  # SIGKILL the control plane twice, each time mid-rotation
             while time.monotonic() - t0 < at:
@@ -206,6 +208,7 @@ def test_rotations_under_load_with_a_sigkill_no_login_fails(workdir: Path, pg: T
                        60, f"{name}'s last rotation to finish")
         names = ("db/main", "cache/main")
         figures = {
+            "setup_s": round(setup_s, 1),
             "run_s": round(time.monotonic() - t0, 1), "sigkills": kills,
             "rotations": {n: sum(r["step"] == "done" for r in _rotations(cp.op, n)) for n in names},
             "aborted": {n: sum(r["step"] == "aborted" for r in _rotations(cp.op, n)) for n in names},
@@ -245,6 +248,8 @@ def test_rotations_under_load_with_a_sigkill_no_login_fails(workdir: Path, pg: T
                 ag.get("rotators/pg-admin")
             assert exc.value.status == 404
         assert cp.op.audit_verify()["ok"]
+        print(f"ROTATION-TIMES setup {setup_s:.1f}s, run {figures['run_s']}s, "
+              f"checks {time.monotonic() - t0 - figures['run_s']:.1f}s")
     finally:
         loops.join()
         for ag in agents:

@@ -364,3 +364,32 @@ def test_bad_input(vault: Vault, pg: ThrowawayPostgres) -> None:
     assert st == 409 and "rotation status" in doc["error"]["message"]
     st, doc = vault.api.call("DELETE", "/v1/rotators/pg")
     assert st == 409
+
+
+def test_two_replicas_run_each_step_once(make_app: Any, pg: ThrowawayPostgres) -> None:
+    """Two control planes on one database, both driving the same rotation at once: the leases and the
+    compare-and-set on the step let each step run (and be audited) once."""
+    import threading
+
+    client, app = make_app(scheduler_interval_s=3600, default_grace_s=0, port=18421)
+    shares, token = init_and_unseal(client)
+    api = Api(client, token)
+    assert api.call("POST", "/v1/regions", json={"name": "eu"})[0] == 200
+    one = Vault(api, app)
+    client2, app2 = make_app(scheduler_interval_s=3600, default_grace_s=0, port=18422)
+    for share in shares[:2]:  # each replica is unsealed on its own
+        assert client2.post("/v1/sys/unseal", json={"share": share}).status_code == 200
+    a, b = _pg_setup(one, pg)
+    for _ in range(3):
+        rid = one.rotate("db/main")
+        threads = [threading.Thread(target=rotation.advance, args=(ctx, rid)) for ctx in
+                   (app.state.ctx, app2.state.ctx, app.state.ctx, app2.state.ctx)]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join()
+        assert one.status("db/main")["step"] == "done"
+    steps = one.actions("db/main")
+    assert steps == ["rotation.start", "rotation.create", "rotation.test", "rotation.publish", "rotation.retire"] * 3
+    assert _pg_can_login_roles(pg, (a, b)) == [a]
+    assert pg.can_login(a, one.value("db/main")["password"])

@@ -30,6 +30,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import secrets as pysecrets
 import socket
 from dataclasses import dataclass
 from typing import Any
@@ -48,13 +49,37 @@ log = logging.getLogger("vault_edge.rotation")
 LEASE_S = 15.0  # a step leased by a process that died is taken over by another replica after this
 
 
-def owner(ctx: Context) -> str:
-    """Who holds a lease: this replica, named by host and port. Two live processes cannot listen on one
-    host and port, so a control plane restarted in place takes its own leases back at once, while
-    another replica waits for the lease to end. (A process that loses the race for the port may run
-    one tick before it exits: steps are idempotent and move on by compare-and-set, so the worst is a
-    call made twice.)"""
+_PROCESS = pysecrets.token_hex(4)
+
+
+def replica(ctx: Context) -> str:
     return f"{socket.gethostname()[:40]}:{ctx.settings.host}:{ctx.settings.port}"
+
+
+def owner(ctx: Context) -> str:
+    """Who holds a lease: this replica (host and port) and this process. Two live processes cannot
+    listen on one host and port, so a control plane restarted in place releases the leases its dead
+    predecessor held (``_release_stale``) and resumes at once; another replica waits for the lease to
+    end. (A process that loses the race for the port may run one tick before it exits: steps are
+    idempotent and move on by compare-and-set, so the worst is a call made twice, or failed and
+    retried.)"""
+    return f"{replica(ctx)}:{_PROCESS}"
+
+
+_released: set[str] = set()
+
+
+def _release_stale(ctx: Context) -> None:
+    me = owner(ctx)
+    if me in _released:
+        return
+    with ctx.store.write(serialize=False) as tx:
+        n = tx.release_leases(replica(ctx) + ":", me)
+    if n:
+        log.info("released %d rotation lease(s) held by this replica's previous process", n)
+    _released.add(me)
+
+
 BACKOFF_MAX_S = 60.0
 TEST_ATTEMPTS = 5
 _NAME = re.compile(r"[a-z][a-z0-9_\-]{0,62}")
@@ -289,17 +314,19 @@ def advance(ctx: Context, rotation_id: int, max_steps: int = 8) -> str | None:
 def _step(ctx: Context, rotation_id: int) -> tuple[bool, str | None]:
     now = ctx.clock()
     gated: dict[str, Any] | None = None
-    with ctx.store.write() as tx:
+    with ctx.store.read() as tx:  # a retire waiting on the fleet or the grace costs only a read
         r = tx.get_rotation(rotation_id)
         if r is None or not r.active:
             return False, r.step if r else None
         if r.step == "retire":
             gated = gate(ctx, tx, r, now)
-            if not gated["ready"]:
-                report = {k: gated[k] for k in ("waiting", "down", "grace_until")}
-                if r.waiting_for != report:
-                    tx.note_rotation(r.id, waiting_for=report)
+            report = {k: gated[k] for k in ("waiting", "down", "grace_until")}
+            if not gated["ready"] and r.waiting_for == report:
                 return False, r.step
+    with ctx.store.write() as tx:
+        if gated is not None and not gated["ready"]:
+            tx.note_rotation(r.id, waiting_for=report)
+            return False, r.step
         if not tx.lease_rotation(r.id, r.step, owner(ctx), now, now + LEASE_S):
             return False, r.step
         try:
@@ -402,9 +429,7 @@ def _failed(ctx: Context, r: Rotation, message: str) -> None:
         if cur is None or cur.step != r.step:
             return
         attempts = cur.attempts + 1
-        if r.step == "test" and attempts >= TEST_ATTEMPTS:
-            pass
-        else:
+        if r.step != "test" or attempts < TEST_ATTEMPTS:
             tx.note_rotation(r.id, attempts=attempts, next_try_at=now + min(BACKOFF_MAX_S, 2.0 ** min(attempts, 6)),
                              last_error=message[:500], lease_owner=None, lease_until=None)
             if attempts == 1:  # the first failure of each step is audited; status tells the rest
@@ -448,6 +473,8 @@ def run_active(ctx: Context) -> int:
     """The scheduler's pass: advance every active rotation as far as it goes now."""
     with ctx.store.read() as tx:
         active = tx.active_rotations()
+    if active:
+        _release_stale(ctx)
     moved = 0
     for r in active:
         try:

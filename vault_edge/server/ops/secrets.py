@@ -165,6 +165,9 @@ def put(
     with ctx.store.write() as tx:
         wanted = _parse_regions(tx, regions)
         secret = tx.get_secret(name)
+        if secret is not None and secret.deleted_at is None and secret.rotator:
+            raise conflict(f"{name!r} is kept by rotator {secret.rotator!r}: its values come from rotations "
+                           f"(`rotate {name}`); change its settings with `put {name} --rotator {secret.rotator}`")
         schedule: dict[str, Any] = {}
         if generate is not None:
             schedule["generate"] = generate

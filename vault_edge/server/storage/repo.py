@@ -890,11 +890,19 @@ class Tx:
         r = t.rotations.c
         return self.conn.execute(
             update(t.rotations)
-            .where(r.id == rotation_id, r.step == step,
-                   or_(r.lease_until.is_(None), r.lease_until < now, r.lease_owner == owner),
+            .where(r.id == rotation_id, r.step == step, or_(r.lease_until.is_(None), r.lease_until < now),
                    or_(r.next_try_at.is_(None), r.next_try_at <= now))
             .values(lease_owner=owner, lease_until=until)
         ).rowcount == 1
+
+    def release_leases(self, prefix: str, keep: str) -> int:
+        """End the leases held under ``prefix`` (this replica) by anyone but ``keep`` (this process)."""
+        r = t.rotations.c
+        return self.conn.execute(
+            update(t.rotations)
+            .where(r.lease_owner.startswith(prefix, autoescape=True), r.lease_owner != keep)
+            .values(lease_owner=None, lease_until=None)
+        ).rowcount
 
     def note_rotation(self, rotation_id: int, **values: Any) -> None:
         """Bookkeeping outside the MAC: back-off, the last error (never a value), who retire waits for."""
