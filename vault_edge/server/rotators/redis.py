@@ -8,14 +8,18 @@ from __future__ import annotations
 from typing import Any
 
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from vault_edge.crypto import verifiers
 from vault_edge.server.rotators import Credential, Refused, RotatorError, common, need, new_password
 
 
 def _client(config: dict[str, Any], user: str, password: str) -> redis.Redis:
+    # No retries inside the client: the state machine retries with back-off, and redis-py's own retries
+    # take a refused password (an AuthenticationError is a ConnectionError) for a transient failure.
     return redis.Redis(host=config["host"], port=config["port"], username=user or None, password=password or None,
-                       socket_timeout=5, socket_connect_timeout=5)
+                       socket_timeout=5, socket_connect_timeout=5, retry=Retry(NoBackoff(), 0))
 
 
 class Redis:
