@@ -101,8 +101,11 @@ class AgentClient:
         age = resp.headers.get("age")
         return int(age) if age and age.isdigit() else None
 
-    def get(self, name: str, version: int | None = None, stage: str | None = None) -> Secret:
-        resp = self._get(f"/v1/secrets/{quote(_checked(name), safe='/')}", {"version": version, "stage": stage})
+    def get(self, name: str, version: int | None = None, stage: str | None = None,
+            field: str | None = None) -> Secret:
+        """``field``: one field of a structured value (a JSON object, e.g. a rotated credential)."""
+        params = {"version": version, "stage": stage, "field": field}
+        resp = self._get(f"/v1/secrets/{quote(_checked(name), safe='/')}", params)
         return _secret(resp.json(), self._age(resp))
 
     def get_many(self, names: list[str]) -> dict[str, Secret]:

@@ -124,6 +124,19 @@ class OperatorClient:
     def propagation(self, name: str, revision: int | None = None) -> dict[str, Any]:
         return self.request("GET", f"/v1/propagation/{_p(name)}", params={"revision": revision})
 
+    # -- rotation at the source ------------------------------------------------------------------
+    def create_rotator(self, name: str, **body: Any) -> dict[str, Any]:
+        return self.request("PUT", f"/v1/rotators/{_id('rotator', name, _valid_rotator)}", json=_clean(body))
+
+    def rotators(self) -> dict[str, Any]:
+        return self.request("GET", "/v1/rotators")
+
+    def delete_rotator(self, name: str) -> dict[str, Any]:
+        return self.request("DELETE", f"/v1/rotators/{_id('rotator', name, _valid_rotator)}")
+
+    def rotation_status(self, name: str, limit: int | None = None) -> dict[str, Any]:
+        return self.request("GET", f"/v1/rotations/{_p(name)}", params={"limit": limit})
+
     # -- nodes, tokens, audit ------------------------------------------------------------------
     def join_token(self, region: str, ttl: str | None = None) -> dict[str, Any]:
         body = _clean({"region": region, "ttl": ttl})
@@ -199,3 +212,9 @@ def _id(kind: str, value: str, valid: Callable[[str], bool]) -> str:
     if not valid(value):
         raise ClientError(404, "not_found", f"no {kind} {value!r}")
     return value
+
+
+def _valid_rotator(name: str) -> bool:
+    import re
+
+    return re.fullmatch(r"[a-z][a-z0-9_\-]{0,62}", name) is not None

@@ -39,6 +39,7 @@ from vault_edge.server.schemas import (
     RekeyRequest,
     RollbackRequest,
     RotateRequest,
+    RotatorCreate,
     SealMigrateRequest,
     SharesRequest,
     TokenCreate,
@@ -66,6 +67,8 @@ EXAMPLES: dict[type[BaseModel], dict[str, Any]] = {
     SharesRequest: {"shares": ["not a share at all"]},
     RekeyRequest: {"shares": ["not a share at all"], "new_shares": 3, "new_threshold": 2},
     SealMigrateRequest: {"shares": ["not a share at all"], "to": "shamir"},
+    RotatorCreate: {"type": "redis", "admin_secret": "rotators/rd-admin", "admin_value": {"password": "p"},
+                    "config": {"username": "app"}},
 }
 # Path parameters: a value that exists (after seeding) and one that does not.
 PATH_VALUES = {
@@ -74,9 +77,10 @@ PATH_VALUES = {
     "token_id": ("0123456789abcdef", "0123456789abcdef"),
 }
 # Routes whose path parameter is not a secret name.
-ROUTE_PATH_VALUES = {"/v1/regions/{name}/rekey": {"name": ("eu", "nowhere")}}
-# The one route where an unknown path name is not an error: PUT creates the secret.
-CREATES = {("PUT", "/v1/secrets/{name:path}")}
+ROUTE_PATH_VALUES = {"/v1/regions/{name}/rekey": {"name": ("eu", "nowhere")},
+                     "/v1/rotators/{name}": {"name": ("rd", "nowhere")}}
+# The routes where an unknown path name is not an error: PUT creates the secret, or the rotator.
+CREATES = {("PUT", "/v1/secrets/{name:path}"), ("PUT", "/v1/rotators/{name}")}
 
 
 # -- the routes, from the app -----------------------------------------------------------------------

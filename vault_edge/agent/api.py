@@ -42,16 +42,18 @@ from urllib.parse import unquote
 from vault_edge import wire
 from vault_edge.agent.clock import Clock
 from vault_edge.agent.endpoint import STATUS_LINE, Answer, BadRequest, Hold, Request
+from vault_edge.agent.fields import with_field
 from vault_edge.agent.peercred import Caller
 from vault_edge.agent.policy import Policy
 from vault_edge.agent.view import AgentState, Entry
+from vault_edge.wire.fields import FieldError
 
 MAX_BATCH: Final = 256  # names in one ?names= read
 WATCH_DEFAULT_S: Final = 30.0
 WATCH_MAX_S: Final = 300.0
 _JSON: Final = b"application/json"
 _OCTETS: Final = b"application/octet-stream"
-_READ_PARAMS: Final = frozenset({"version", "stage"})
+_READ_PARAMS: Final = frozenset({"version", "stage", "field"})
 _LIST_PARAMS: Final = frozenset({"names", "stage"})
 _WATCH_PARAMS: Final = frozenset({"since", "wait"})
 _NONE: Final[frozenset[str]] = frozenset()
@@ -184,6 +186,11 @@ class Api:
         if version is not None and stage is not None:
             raise BadRequest(400, "give version or stage, not both")
         e = self._entry(name, version, stage, req, caller, self.clock.wall())
+        if "field" in params:  # a structured value's one field (agent/fields.py)
+            try:
+                e = with_field(e, params["field"])
+            except FieldError as exc:
+                raise _Refusal(exc.status, exc.code, str(exc)) from None
         cacheable = e.expires_at is None  # a grace period's end is wall-clock; re-check it every time
         if wants_raw(req.accept):
             extra = b"X-Vault-Edge-Version: %d\r\nX-Vault-Edge-Stage: %s\r\n" % (e.version, e.stage.encode())

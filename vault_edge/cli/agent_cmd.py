@@ -78,13 +78,18 @@ def agent_get(name: str, version: int | None, stage: str | None, socket_path: st
 
 
 @agent.command("exec", context_settings={"ignore_unknown_options": True})
-@click.option("--env", "pairs", multiple=True, metavar="VAR=NAME", help="put secret NAME in variable VAR (repeat)")
+@click.option("--env", "pairs", multiple=True, metavar="VAR=NAME[#FIELD]",
+              help="put secret NAME (or one FIELD of a structured value) in variable VAR (repeat)")
 @socket_option
 @token_option
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
 @_agent_errors
 def agent_exec(pairs: tuple[str, ...], socket_path: str | None, token: str | None, command: tuple[str, ...]) -> None:
-    """Run COMMAND with secrets in its environment: agent exec --env DB_PASSWORD=db/password -- ./app"""
+    """Run COMMAND with secrets in its environment: agent exec --env DB_PASSWORD=db/password -- ./app
+
+    NAME#FIELD takes one field of a structured value: --env PGPASSWORD=db/main#password."""
+    from vault_edge.wire.fields import FieldError, select, split_ref
+
     mapping: dict[str, str] = {}
     for pair in pairs:
         var, sep, name = pair.partition("=")
@@ -93,11 +98,18 @@ def agent_exec(pairs: tuple[str, ...], socket_path: str | None, token: str | Non
         mapping[var] = name
     env = dict(os.environ)
     if mapping:
-        with _client(socket_path, token) as c:
-            got = c.get_many(sorted(set(mapping.values())))
-        for var, name in mapping.items():
+        try:
+            refs = {var: split_ref(ref) for var, ref in mapping.items()}
+        except FieldError as exc:
+            raise click.BadParameter(str(exc), param_hint="--env") from None
+        with _client(socket_path, token) as c:  # one round trip, one revision: fields of one version agree
+            got = c.get_many(sorted({name for name, _ in refs.values()}))
+        for var, (name, field) in refs.items():
             try:
-                env[var] = got[name].text
+                raw = got[name].value if field is None else select(got[name].value, field, repr(name))
+                env[var] = raw.decode("utf-8")
+            except FieldError as exc:
+                raise CliError(str(exc)) from None
             except UnicodeDecodeError:
                 raise CliError(f"{name} is binary; it cannot go into an environment variable") from None
     try:

@@ -12,6 +12,7 @@ from typing import Any, NoReturn
 import click
 
 from vault_edge import __version__
+from vault_edge.cli import rotator_cmd
 from vault_edge.cli.output import CliError, ago, duration_option, emit_json, err, out, output_option, table, when
 from vault_edge.operator import ClientError, OperatorClient
 
@@ -270,23 +271,25 @@ def region_rekey(name: str, fmt: str) -> None:
 @click.option("--generate", "spec", help="generate the value: LENGTH:ALPHABET, e.g. 32:base64url")
 @click.option("--rotate-every", help="rotate (generate) on a schedule, e.g. 30d (needs --generate)")
 @click.option("--grace", help="how long the replaced version stays readable as previous (e.g. 1h)")
+@click.option("--rotator", help="keep it with this rotator, at its source (see `vault-edge rotator`)")
 @output_option
 def put(name: str, value: str | None, from_file: str | None, regions: str | None, spec: str | None,
-        rotate_every: str | None, grace: str | None, fmt: str) -> None:
+        rotate_every: str | None, grace: str | None, rotator: str | None, fmt: str) -> None:
     """Store a secret: a new version, made current. VALUE, - (stdin), --from-file, or --generate."""
-    data = read_value(value, from_file, prompt=spec is None)
-    if data is None and spec is None:
+    data = read_value(value, from_file, prompt=spec is None and rotator is None)
+    if data is None and spec is None and rotator is None:
         fail("give a VALUE, - for stdin, --from-file F, or --generate SPEC")
     if data is not None and spec is not None:
         fail("give a value or --generate, not both")
     body = {**value_body(data), "generate": spec, "rotate_every": rotate_every, "grace": grace,
-            "regions": regions.split(",") if regions else None}
+            "regions": regions.split(",") if regions else None, "rotator": rotator}
     with client() as c:
         res = c.put(name, **body)
     if fmt == "json":
         emit_json(res)
     else:
-        out.print(f"{name}: version {res['version']} (revision {res['revision']}), regions {','.join(res['regions'])}")
+        out.print(f"{name}: version {res['version']} (revision {res['revision']}), regions {','.join(res['regions'])}"
+                  + (f", kept by rotator {rotator}" if rotator else ""))
 
 
 @cli.command()
@@ -356,7 +359,10 @@ def rotate(name: str, value: str | None, from_file: str | None, spec: str | None
     """A new version of NAME: VALUE, - (stdin), --from-file, or generated."""
     data = read_value(value, from_file, prompt=False)
     with client() as c:
-        res = c.rotate(name, **value_body(data), generate=spec, grace=grace, stage=stage)
+        res = c.rotate(name, **value_body(data), generate=spec, grace=grace,
+                       stage=None if stage == "current" else stage)
+        if "rotation" in res:  # kept by a rotator: --wait follows it through retire
+            return rotator_cmd.rotated(c, name, res, wait, timeout, fmt)
         if not wait:
             emit_json(res) if fmt == "json" else out.print(f"{name}: version {res['version']} is {stage}.")
             return
@@ -545,6 +551,8 @@ def _register_subcommands() -> None:
     cli.add_command(agent_cmd.agent)
     for command in (operator_cmd.operator, operator_cmd.backup, operator_cmd.restore, operator_cmd.migrate):
         cli.add_command(command)
+    cli.add_command(rotator_cmd.rotator)
+    cli.add_command(rotator_cmd.rotation)
 
 
 _register_subcommands()

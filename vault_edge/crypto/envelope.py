@@ -44,6 +44,12 @@ def audit_key(root_key: bytes) -> bytes:
     return derive(root_key, "audit-mac")
 
 
+def control_plane_wrap_key(root_key: bytes) -> bytes:
+    """Wraps the data keys of secrets that belong to no region (a rotator's admin credential): only
+    the unsealed control plane can open them; no node ever holds this key."""
+    return derive(root_key, "control-plane-data-key-wrap")
+
+
 def signing_seed(root_key: bytes) -> bytes:
     return derive(root_key, "server-signing-ed25519")
 

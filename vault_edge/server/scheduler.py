@@ -2,7 +2,8 @@
 
 - rotate secrets whose ``--rotate-every`` is due (a compare-and-set on ``next_rotation_at`` lets
   exactly one replica win each due rotation; the schedule lives in the database, so it survives
-  restarts);
+  restarts); a secret kept by a rotator starts a rotation at the source instead;
+- run the steps of rotations at the source (``ops.rotation``: each step leased to one replica);
 - end the grace of ``previous`` versions whose time is up (a new revision, so nodes drop them);
 - forget spent request nonces once they are past the clock-skew window;
 - record how many refusals the audit throttle counted in windows that have ended;
@@ -17,7 +18,7 @@ from collections import deque
 
 from vault_edge.server.auth import VERBS, Principal
 from vault_edge.server.context import Context
-from vault_edge.server.ops import keyring, secrets, system
+from vault_edge.server.ops import keyring, rotation, secrets, system
 
 log = logging.getLogger("vault_edge.scheduler")
 SCHEDULER = Principal("scheduler", "scheduler", ("",), VERBS, kind="system")
@@ -60,6 +61,7 @@ class Scheduler:
             self._next_log_check = now + CHANGE_LOG_CHECK_S
             system.check_change_log(self.ctx)
         self.rotate_due()
+        rotation.run_active(self.ctx)
         self.expire_stages()
         with self.ctx.store.write(serialize=False) as tx:
             tx.purge_nonces(self.ctx.clock())
@@ -73,8 +75,11 @@ class Scheduler:
             if not s.rotate_every_s or s.next_rotation_at is None:
                 continue
             try:  # the claim and the rotation commit together: a failed rotation stays due
-                done += secrets.rotate_if_due(self.ctx, SCHEDULER, s.name,
-                                              (s.id, s.next_rotation_at, now + s.rotate_every_s))
+                claim = (s.id, s.next_rotation_at, now + s.rotate_every_s)
+                if s.rotator:  # kept by a rotator: start a rotation at the source (skipped mid-rotation)
+                    done += rotation.start(self.ctx, SCHEDULER, s.name, "scheduled", claim) is not None
+                else:
+                    done += secrets.rotate_if_due(self.ctx, SCHEDULER, s.name, claim)
             except Exception as exc:  # one secret's failure must not stop the others' rotations
                 self.failures.append((now, "rotation", s.name, type(exc).__name__))
                 retry_at = now + min(RETRY_AFTER_S, s.rotate_every_s)

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+import json
+from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
@@ -75,6 +76,7 @@ class ValueFields(Strict):
 class PutSecret(ValueFields):
     regions: list[str] | None = Field(None, max_length=256)
     rotate_every: Duration | None = None
+    rotator: str | None = Field(None, max_length=64, description="the rotator that keeps it at its source")
 
 
     @field_validator("regions")
@@ -151,3 +153,17 @@ class RekeyRequest(SharesRequest):
 
 class SealMigrateRequest(SharesRequest):
     to: Literal["shamir", "pkcs11"]
+
+
+class RotatorCreate(Strict):
+    type: Literal["postgres", "mysql", "redis", "webhook"]
+    admin_secret: str = Field(max_length=256, description="the secret (in no region) holding its admin credential")
+    admin_value: dict[str, Any] | None = Field(None, description="the admin credential, stored in admin_secret")
+    config: dict[str, Any] = Field(default_factory=dict, description="host, port, strategy, usernames, calls...")
+
+    @field_validator("admin_value", "config")
+    @classmethod
+    def _small(cls, v: dict[str, Any] | None) -> dict[str, Any] | None:
+        if v is not None and len(json.dumps(v)) > 16384:
+            raise ValueError("at most 16 KiB")
+        return v

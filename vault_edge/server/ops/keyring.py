@@ -8,6 +8,16 @@ from vault_edge.server.errors import ApiError, bad_request
 from vault_edge.server.storage.records import Secret, Wrap
 from vault_edge.server.storage.repo import Tx
 
+# The pseudo-region of the control plane: a secret in no region (a rotator's admin credential) has
+# its data key wrapped here, under a key derived from the root key, with the same associated data
+# as a region's wrap (name, version, region "", key version 0). No node is ever of this region (region
+# names are never empty), so no sync answer ever carries it.
+CONTROL_PLANE = ""
+
+
+def control_plane_only(secret: Secret) -> bool:
+    return secret.regions == ()
+
 
 def effective_regions(tx: Tx, secret: Secret) -> list[str]:
     if secret.every_region:
@@ -38,8 +48,15 @@ def new_region_key(tx: Tx, barrier: Barrier, region: str, version: int, at: floa
     return key
 
 
+def _control_plane_key(barrier: Barrier) -> bytes:
+    return envelope.control_plane_wrap_key(barrier.keys().root.reveal())
+
+
 def data_key(tx: Tx, barrier: Barrier, name: str, wrap: Wrap) -> bytes:
-    rk = region_key(tx, barrier, wrap.region, wrap.key_version)
+    if wrap.region == CONTROL_PLANE:
+        rk = _control_plane_key(barrier)
+    else:
+        rk = region_key(tx, barrier, wrap.region, wrap.key_version)
     return envelope.unwrap_data_key(rk, name, wrap.version, wrap.region, wrap.key_version, wrap.wrapped)
 
 
@@ -55,7 +72,10 @@ def wrap_version(
     tx: Tx, barrier: Barrier, secret: Secret, version: int, dek: bytes, regions: list[str]
 ) -> None:
     for region in regions:
-        kv, rk = current_region_key(tx, barrier, region)
+        if region == CONTROL_PLANE:
+            kv, rk = 0, _control_plane_key(barrier)
+        else:
+            kv, rk = current_region_key(tx, barrier, region)
         tx.put_wrap(secret.id, version, region, kv, envelope.wrap_data_key(rk, secret.name, version, region, kv, dek))
 
 

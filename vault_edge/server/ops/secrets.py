@@ -106,11 +106,12 @@ def _add_version(
     rev, now = tx.next_revision(), ctx.clock()
     version = secret.latest_version + 1
     regions = keyring.effective_regions(tx, secret)
-    if not regions:
+    local = keyring.control_plane_only(secret)
+    if not regions and not local:
         raise bad_request("no region exists yet: create one with `vault-edge region create NAME`")
     dek = aead.new_key()
     tx.insert_version(secret.id, version, envelope.encrypt_value(dek, secret.name, version, value), now, rev, origin)
-    keyring.wrap_version(tx, ctx.barrier, secret, version, dek, regions)
+    keyring.wrap_version(tx, ctx.barrier, secret, version, dek, [keyring.CONTROL_PLANE] if local else regions)
     stages = tx.get_stages(secret.id)
     if stage == "current":
         _make_current(tx, secret, version, stages, grace_s, rev, now)
@@ -146,9 +147,12 @@ def _set_regions(ctx: Context, tx: Tx, secret: Secret, regions: tuple[str, ...])
 def put(
     ctx: Context, who: Principal, name: str, value: bytes | None, generate: str | None = None,
     regions: list[str] | None = None, rotate_every_s: int | None = None, grace_s: int | None = None,
+    rotator: str | None = None,
 ) -> dict[str, Any]:
     _check_name(name)
     who.require("write", name)
+    if rotator is not None:
+        return _bind_rotator(ctx, who, name, value, regions, rotator, rotate_every_s, grace_s)
     if (value is None) == (generate is None):
         raise bad_request("give exactly one of a value or a generate spec")
     if generate is not None:
@@ -161,6 +165,9 @@ def put(
     with ctx.store.write() as tx:
         wanted = _parse_regions(tx, regions)
         secret = tx.get_secret(name)
+        if secret is not None and secret.deleted_at is None and secret.rotator:
+            raise conflict(f"{name!r} is kept by rotator {secret.rotator!r}: its values come from rotations "
+                           f"(`rotate {name}`); change its settings with `put {name} --rotator {secret.rotator}`")
         schedule: dict[str, Any] = {}
         if generate is not None:
             schedule["generate"] = generate
@@ -181,9 +188,12 @@ def put(
             if schedule or secret.deleted_at is not None:
                 tx.update_secret(secret.id, deleted_at=None, destroyed=False, **schedule)
             if wanted is not None and wanted != secret.regions:
+                if keyring.control_plane_only(secret):
+                    raise conflict(f"{name!r} belongs to no region (a rotator's admin credential): it stays on the "
+                                   "control plane")
                 secret = _set_regions(ctx, tx, secret, wanted)
             secret = tx.get_secret(name) or secret
-        if (secret.rotate_every_s or 0) and not secret.generate:
+        if (secret.rotate_every_s or 0) and not secret.generate and not secret.rotator:
             raise bad_request("scheduled rotation needs a generate spec (--generate SPEC)")
         data = _check_value(ctx, value) if value is not None else gen.generate(generate or "")
         version, rev = _add_version(
@@ -191,6 +201,63 @@ def put(
         )
         ctx.auditor.record(tx, who.actor, "secret.put", name, version=version, regions=list(secret.regions))
     return {"name": name, "version": version, "revision": rev, "regions": list(secret.regions)}
+
+
+def _bind_rotator(
+    ctx: Context, who: Principal, name: str, value: bytes | None, regions: list[str] | None, rotator: str,
+    rotate_every_s: int | None, grace_s: int | None,
+) -> dict[str, Any]:
+    """``put NAME --rotator R``: the secret's value is the credential R keeps at its source. Its first
+    value comes from a rotation (``rotate NAME``, or the schedule), or, when given, is the credential
+    as it stands now (a JSON object, e.g. the role in use before vault-edge rotated it)."""
+    floor = ctx.settings.min_rotate_every_s
+    if rotate_every_s is not None and rotate_every_s != 0 and rotate_every_s < floor:
+        raise bad_request(f"rotate_every: at least {floor} seconds (or 0 to stop scheduled rotation)")
+    if value is not None:
+        _credential(value)
+    ctx.barrier.keys()
+    now = ctx.clock()
+    with ctx.store.write() as tx:
+        if tx.get_rotator(rotator) is None:
+            raise not_found(f"no rotator {rotator!r}: make it with `vault-edge rotator create {rotator} ...`")
+        for other in tx.secret_names_with_rotator(rotator):
+            if other != name:
+                raise conflict(f"rotator {rotator!r} already keeps {other!r}: one secret per rotator")
+        wanted = _parse_regions(tx, regions)
+        secret = tx.get_secret(name)
+        schedule: dict[str, Any] = {"rotator": rotator}
+        if rotate_every_s is not None:
+            schedule["rotate_every_s"] = rotate_every_s or None
+            schedule["next_rotation_at"] = now + rotate_every_s if rotate_every_s else None
+        if grace_s is not None:
+            schedule["grace_s"] = grace_s
+        if secret is None:
+            secret = tx.insert_secret(name, wanted or ("*",), now, tx.next_revision(), **schedule)
+        else:
+            if keyring.control_plane_only(secret):
+                raise conflict(f"{name!r} belongs to no region: a rotator's own credential cannot be rotated here")
+            tx.update_secret(secret.id, deleted_at=None, destroyed=False, **schedule)
+            if wanted is not None and wanted != secret.regions:
+                _set_regions(ctx, tx, secret, wanted)
+            secret = tx.get_secret(name) or secret
+        version = rev = None
+        if value is not None:
+            version, rev = _add_version(ctx, tx, secret, value, "put", "current", _grace(ctx, secret, grace_s))
+        ctx.auditor.record(tx, who.actor, "secret.bind_rotator", name, rotator=rotator, version=version,
+                           regions=list(secret.regions), rotate_every_s=secret.rotate_every_s)
+    return {"name": name, "version": version, "revision": rev, "regions": list(secret.regions), "rotator": rotator}
+
+
+def _credential(value: bytes) -> dict[str, Any]:
+    import json
+
+    try:
+        doc = json.loads(value)
+    except ValueError:
+        doc = None
+    if not isinstance(doc, dict) or not doc:
+        raise bad_request("a rotated credential is a JSON object (username, password, host, ...)")
+    return doc
 
 
 def rotate(
@@ -245,24 +312,31 @@ def promote(ctx: Context, who: Principal, name: str, grace_s: int | None = None)
     ctx.barrier.keys()
     with ctx.store.write() as tx:
         secret = _live(tx, name)
-        stages = tx.get_stages(secret.id)
-        if "pending" not in stages:
-            raise conflict(f"{name!r} has no pending version to promote")
-        pending, grace = stages["pending"].version, _grace(ctx, secret, grace_s)
-        current = stages.get("current")
-        if current is not None and current.version > pending:
-            # A newer version became current after this one was staged. Versions only move forward
-            # (agents refuse to go back), so the staged value becomes current as a new version.
-            tx.set_stage(secret.id, "pending", None, tx.next_revision(), ctx.clock())
-            version, rev = _add_version(ctx, tx, secret, _value_of(ctx, tx, secret, pending),
-                                        f"promote:{pending}", "current", grace)
-        else:
-            version, rev, now = pending, tx.next_revision(), ctx.clock()
-            _make_current(tx, secret, version, stages, grace, rev, now)
-            tx.update_secret(secret.id, updated_at=now, revision=rev)
-            tx.touch_regions(keyring.effective_regions(tx, secret), rev)
+        version, rev, pending = promote_in(ctx, tx, secret, grace_s)
         ctx.auditor.record(tx, who.actor, "secret.promote", name, version=version, pending=pending)
     return {"name": name, "version": version, "revision": rev, "stage": "current"}
+
+
+def promote_in(ctx: Context, tx: Tx, secret: Secret, grace_s: int | None = None) -> tuple[int, int, int]:
+    """Make the pending version current inside ``tx`` (a rotation's publish step uses it too):
+    (version now current, revision, the pending version it came from)."""
+    stages = tx.get_stages(secret.id)
+    if "pending" not in stages:
+        raise conflict(f"{secret.name!r} has no pending version to promote")
+    pending, grace = stages["pending"].version, _grace(ctx, secret, grace_s)
+    current = stages.get("current")
+    if current is not None and current.version > pending:
+        # A newer version became current after this one was staged. Versions only move forward
+        # (agents refuse to go back), so the staged value becomes current as a new version.
+        tx.set_stage(secret.id, "pending", None, tx.next_revision(), ctx.clock())
+        version, rev = _add_version(ctx, tx, secret, _value_of(ctx, tx, secret, pending),
+                                    f"promote:{pending}", "current", grace)
+    else:
+        version, rev, now = pending, tx.next_revision(), ctx.clock()
+        _make_current(tx, secret, version, stages, grace, rev, now)
+        tx.update_secret(secret.id, updated_at=now, revision=rev)
+        tx.touch_regions(keyring.effective_regions(tx, secret), rev)
+    return version, rev, pending
 
 
 def rollback(ctx: Context, who: Principal, name: str, to: int, grace_s: int | None = None) -> dict[str, Any]:

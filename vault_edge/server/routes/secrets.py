@@ -11,7 +11,7 @@ from vault_edge.server.auth import Principal
 from vault_edge.server.context import Context
 from vault_edge.server.deps import duration, get_ctx, principal
 from vault_edge.server.errors import bad_request
-from vault_edge.server.ops import secrets
+from vault_edge.server.ops import rotation, secrets
 from vault_edge.server.schemas import PromoteRequest, PutSecret, RollbackRequest, RotateRequest, ValueFields
 
 router = APIRouter(prefix="/v1", tags=["secrets"])
@@ -39,7 +39,7 @@ def put(
 ) -> dict[str, Any]:
     return secrets.put(
         ctx, who, name, _value(body), body.generate, body.regions,
-        duration(body.rotate_every, "rotate_every"), duration(body.grace, "grace"),
+        duration(body.rotate_every, "rotate_every"), duration(body.grace, "grace"), body.rotator,
     )
 
 
@@ -70,7 +70,7 @@ def history(name: str, who: Principal = Depends(principal), ctx: Context = Depen
 def rotate(
     name: str, body: RotateRequest, who: Principal = Depends(principal), ctx: Context = Depends(get_ctx)
 ) -> dict[str, Any]:
-    return secrets.rotate(ctx, who, name, _value(body), body.generate, duration(body.grace, "grace"), body.stage)
+    return rotation.rotate(ctx, who, name, _value(body), body.generate, duration(body.grace, "grace"), body.stage)
 
 
 @router.post("/promote/{name:path}")

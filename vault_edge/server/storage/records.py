@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -28,6 +29,7 @@ class Secret:
     rotate_every_s: int | None
     next_rotation_at: float | None
     grace_s: int | None
+    rotator: str | None = None  # the rotator that changes it at its source
 
     @property
     def every_region(self) -> bool:
@@ -134,3 +136,38 @@ class AuditEntry:
     detail: str
     hash: bytes
     mac: bytes | None
+
+
+@dataclass(frozen=True)
+class Rotator:
+    name: str
+    type: str
+    admin_secret: str
+    config: dict[str, Any]
+    created_at: float
+
+
+@dataclass(frozen=True)
+class Rotation:
+    id: int
+    secret: str
+    rotator: str
+    step: str  # create | test | publish | retire | done | aborted
+    since: float
+    started_at: float
+    origin: str
+    version: int | None
+    previous_version: int | None
+    published_rev: int | None
+    retire_after: float | None
+    # bookkeeping, outside the row MAC
+    lease_owner: str | None = None
+    lease_until: float | None = None
+    attempts: int = 0
+    next_try_at: float | None = None
+    last_error: str | None = None
+    waiting_for: dict[str, Any] | None = None
+
+    @property
+    def active(self) -> bool:
+        return self.step not in ("done", "aborted")

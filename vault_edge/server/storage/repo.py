@@ -41,6 +41,8 @@ from vault_edge.server.storage.records import (
     Node,
     OperatorToken,
     Region,
+    Rotation,
+    Rotator,
     Secret,
     SnapshotRow,
     Stage,
@@ -348,9 +350,12 @@ class Tx:
         """What a secret's MAC covers: its identity, where it may be decrypted, how far its versions
         go, the revision of its last change (checked against the change log), whether it is deleted,
         and its schedule (not the scheduler's next due time)."""
-        return (m["id"], m["name"], _json_list(m["regions"]) if isinstance(m["regions"], str) else m["regions"],
-                m["latest_version"], m["revision"], m["deleted_at"], int(m["destroyed"]), m["generate"],
-                m["rotate_every_s"], m["grace_s"], None if m["stages_digest"] is None else bytes(m["stages_digest"]))
+        fields = (m["id"], m["name"], _json_list(m["regions"]) if isinstance(m["regions"], str) else m["regions"],
+                  m["latest_version"], m["revision"], m["deleted_at"], int(m["destroyed"]), m["generate"],
+                  m["rotate_every_s"], m["grace_s"],
+                  None if m["stages_digest"] is None else bytes(m["stages_digest"]))
+        # The rotator binding (0005) joins the MAC only when set: a record made before it keeps its MAC.
+        return (*fields, m["rotator"]) if m.get("rotator") is not None else fields
 
     def _secret(self, row: Any) -> Secret:
         self.require_whole_change_log()
@@ -590,7 +595,8 @@ class Tx:
         s, st, v, w = t.secrets, t.stages, t.secret_versions, t.data_key_wraps
         q = (
             select(s.c.id, s.c.name, s.c.regions, s.c.latest_version, s.c.revision, s.c.deleted_at, s.c.destroyed,
-                   s.c.generate, s.c.rotate_every_s, s.c.grace_s, s.c.stages_digest, s.c.mac.label("secret_mac"),
+                   s.c.generate, s.c.rotate_every_s, s.c.grace_s, s.c.stages_digest, s.c.rotator,
+                   s.c.mac.label("secret_mac"),
                    st.c.version, st.c.stage, st.c.revision.label("stage_revision"), st.c.expires_at,
                    st.c.mac.label("stage_mac"), v.c.created_at, v.c.ciphertext, w.c.key_version, w.c.wrapped)
             .join(st, st.c.secret_id == s.c.id)
@@ -846,6 +852,127 @@ class Tx:
         for i in revoked:
             self.append_revocation("token", i, at)
         return revoked
+
+    # -- rotators and rotations (0005) ---------------------------------------------------------------
+    @staticmethod
+    def _rotator_fields(r: Rotator) -> tuple[Any, ...]:
+        return (r.name, r.type, r.admin_secret, json.dumps(r.config, sort_keys=True, separators=(",", ":")),
+                r.created_at)
+
+    def put_rotator(self, r: Rotator) -> None:
+        """Insert or replace a rotator (MAC'd: where it connects and which secret it logs in with)."""
+        tag = self.keys().mac("rotator", *self._rotator_fields(r))
+        self.conn.execute(delete(t.rotators).where(t.rotators.c.name == r.name))
+        self.conn.execute(insert(t.rotators).values(
+            name=r.name, type=r.type, admin_secret=r.admin_secret, created_at=r.created_at, mac=tag,
+            config=json.dumps(r.config, sort_keys=True, separators=(",", ":"))))
+
+    def _rotator(self, row: Any) -> Rotator:
+        r = Rotator(row.name, row.type, row.admin_secret, json.loads(row.config), row.created_at)
+        if not self.keys().check("rotator", row.mac, r.name, r.type, r.admin_secret, row.config, r.created_at):
+            raise TamperedRow("rotators", r.name)
+        return r
+
+    def get_rotator(self, name: str) -> Rotator | None:
+        row = self.conn.execute(select(t.rotators).where(t.rotators.c.name == name)).first()
+        return self._rotator(row) if row else None
+
+    def list_rotators(self) -> list[Rotator]:
+        return [self._rotator(r) for r in self.conn.execute(select(t.rotators).order_by(t.rotators.c.name))]
+
+    def delete_rotator(self, name: str) -> bool:
+        return self.conn.execute(delete(t.rotators).where(t.rotators.c.name == name)).rowcount == 1
+
+    def secret_names_with_rotator(self, rotator: str) -> list[str]:
+        """Names of live secrets bound to ``rotator`` (a refusal check: a tampered row only refuses more)."""
+        q = select(t.secrets.c.name).where(t.secrets.c.rotator == rotator, t.secrets.c.deleted_at.is_(None))
+        return list(self.conn.execute(q).scalars())
+
+    def rotators_using_admin(self, secret: str) -> list[str]:
+        q = select(t.rotators.c.name).where(t.rotators.c.admin_secret == secret)
+        return list(self.conn.execute(q).scalars())
+
+    @staticmethod
+    def _rotation_fields(r: Any) -> tuple[Any, ...]:
+        """What a rotation's MAC covers: which secret and rotator, the step and since when, the versions
+        it moves between, the revision that published it and the end of its grace."""
+        return (r.id, r.secret, r.rotator, r.step, r.since, r.started_at, r.origin, r.version, r.previous_version,
+                r.published_rev, r.retire_after)
+
+    _ROTATION_MACD = ("secret", "rotator", "step", "since", "started_at", "origin", "version", "previous_version",
+                      "published_rev", "retire_after")
+
+    def _rotation(self, row: Any) -> Rotation:
+        if not self.keys().check("rotation", row.mac, *self._rotation_fields(row)):
+            raise TamperedRow("rotations", str(row.id))
+        m = {k: v for k, v in row._mapping.items() if k != "mac"}
+        m["waiting_for"] = json.loads(m["waiting_for"]) if m["waiting_for"] else None
+        m["attempts"] = int(m["attempts"] or 0)
+        return Rotation(**m)
+
+    def insert_rotation(self, secret: str, rotator: str, at: float, origin: str) -> Rotation:
+        rid = self.conn.execute(insert(t.rotations).values(
+            secret=secret, rotator=rotator, step="create", since=at, started_at=at, origin=origin, attempts=0,
+            mac=b"",
+        ).returning(t.rotations.c.id)).scalar_one()
+        row = self.conn.execute(select(t.rotations).where(t.rotations.c.id == rid)).one()
+        tag = self.keys().mac("rotation", *self._rotation_fields(row))
+        self.conn.execute(update(t.rotations).where(t.rotations.c.id == rid).values(mac=tag))
+        got = self.get_rotation(rid)
+        assert got is not None
+        return got
+
+    def get_rotation(self, rotation_id: int) -> Rotation | None:
+        row = self.conn.execute(select(t.rotations).where(t.rotations.c.id == rotation_id)).first()
+        return self._rotation(row) if row else None
+
+    def rotations_of(self, secret: str, limit: int = 20) -> list[Rotation]:
+        q = select(t.rotations).where(t.rotations.c.secret == secret).order_by(t.rotations.c.id.desc()).limit(limit)
+        return [self._rotation(r) for r in self.conn.execute(q)]
+
+    def active_rotations(self) -> list[Rotation]:
+        q = select(t.rotations).where(t.rotations.c.step.not_in(("done", "aborted"))).order_by(t.rotations.c.id)
+        return [self._rotation(r) for r in self.conn.execute(q)]
+
+    def update_rotation(self, rotation: Rotation, expect_step: str, **values: Any) -> Rotation | None:
+        """Move a rotation on (a compare-and-set on its step: of several replicas, one moves it) and
+        re-MAC it; clears the lease and the back-off. None when its step was no longer ``expect_step``."""
+        new = replace(rotation, **values)
+        macd = {k: getattr(new, k) for k in self._ROTATION_MACD}
+        tag = self.keys().mac("rotation", *self._rotation_fields(new))
+        res = self.conn.execute(
+            update(t.rotations)
+            .where(t.rotations.c.id == rotation.id, t.rotations.c.step == expect_step)
+            .values(**macd, mac=tag, lease_owner=None, lease_until=None, attempts=0, next_try_at=None,
+                    last_error=None)
+        )
+        return new if res.rowcount == 1 else None
+
+    def lease_rotation(self, rotation_id: int, step: str, owner: str, now: float, until: float) -> bool:
+        """Claim a rotation's step for ``owner`` until ``until`` (a compare-and-set: a step whose lease
+        is held by another replica, or whose back-off has not passed, is not claimed)."""
+        r = t.rotations.c
+        return self.conn.execute(
+            update(t.rotations)
+            .where(r.id == rotation_id, r.step == step, or_(r.lease_until.is_(None), r.lease_until < now),
+                   or_(r.next_try_at.is_(None), r.next_try_at <= now))
+            .values(lease_owner=owner, lease_until=until)
+        ).rowcount == 1
+
+    def release_leases(self, prefix: str, keep: str) -> int:
+        """End the leases held under ``prefix`` (this replica) by anyone but ``keep`` (this process)."""
+        r = t.rotations.c
+        return self.conn.execute(
+            update(t.rotations)
+            .where(r.lease_owner.startswith(prefix, autoescape=True), r.lease_owner != keep)
+            .values(lease_owner=None, lease_until=None)
+        ).rowcount
+
+    def note_rotation(self, rotation_id: int, **values: Any) -> None:
+        """Bookkeeping outside the MAC: back-off, the last error (never a value), who retire waits for."""
+        if "waiting_for" in values and values["waiting_for"] is not None:
+            values["waiting_for"] = json.dumps(values["waiting_for"], sort_keys=True)
+        self.conn.execute(update(t.rotations).where(t.rotations.c.id == rotation_id).values(**values))
 
     # -- the change log --------------------------------------------------------------------------
     def record_change(self, revision: int, target: str) -> None:

@@ -90,6 +90,7 @@ secrets = Table(
     Column("grace_s", Integer, nullable=True),  # default grace of `previous` for this secret
     Column("stages_digest", LargeBinary, nullable=True),  # SHA-256 of its stage pointers: binds them here
     Column("mac", LargeBinary, nullable=True),  # row MAC (crypto/rowmac.py): name, regions, state, schedule
+    Column("rotator", String(64), nullable=True),  # the rotator that changes it at its source (0005)
 )
 
 secret_versions = Table(
@@ -267,4 +268,48 @@ audit = Table(
     Column("hash", LargeBinary, nullable=False),
     Column("mac", LargeBinary, nullable=True),
     UniqueConstraint("hash", name="uq_audit_hash"),
+)
+
+
+# Rotators (0005): how a credential is changed where it lives. ``config`` is JSON without any secret
+# (host, port, strategy, user names, webhook calls); the credential the rotator logs in with is the
+# secret ``admin_secret``, which belongs to no region (never synced to a node). Row MAC: every column.
+rotators = Table(
+    "rotators",
+    metadata,
+    Column("name", String(64), primary_key=True),
+    Column("type", String(16), nullable=False),  # postgres | mysql | redis | webhook
+    Column("admin_secret", String(256), nullable=False),
+    Column("config", Text, nullable=False),
+    Column("created_at", Float, nullable=False),
+    Column("mac", LargeBinary, nullable=False),
+)
+
+# One row per rotation at the source: a persisted state machine, create → test → publish → retire →
+# done (or aborted). The MAC covers what sets order and authority (the secret, rotator, step, the
+# versions, when publish happened, its revision and the end of its grace); the lease, the back-off
+# and the reports (error, who retire waits for) are bookkeeping, outside it.
+rotations = Table(
+    "rotations",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("secret", String(256), nullable=False),
+    Column("rotator", String(64), nullable=False),
+    Column("step", String(16), nullable=False),  # create | test | publish | retire | done | aborted
+    Column("since", Float, nullable=False),  # when the step began
+    Column("started_at", Float, nullable=False),
+    Column("origin", String(16), nullable=False),  # operator | scheduled
+    Column("version", Integer, nullable=True),  # the new credential's version (pending until publish)
+    Column("previous_version", Integer, nullable=True),  # the version it replaces
+    Column("published_rev", BigInteger, nullable=True),  # the revision that made it current
+    Column("retire_after", Float, nullable=True),  # publish + grace: retire never before
+    Column("mac", LargeBinary, nullable=False),
+    Column("lease_owner", String(64), nullable=True),
+    Column("lease_until", Float, nullable=True),
+    Column("attempts", Integer, nullable=False, default=0),
+    Column("next_try_at", Float, nullable=True),
+    Column("last_error", Text, nullable=True),
+    Column("waiting_for", Text, nullable=True),  # JSON: nodes retire waits for, nodes counted down
+    Index("ix_rotations_secret", "secret", "id"),
+    Index("ix_rotations_step", "step"),
 )
