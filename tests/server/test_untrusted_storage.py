@@ -125,6 +125,28 @@ def test_an_older_snapshot_is_not_taken_for_a_shortened_chain(api: Api) -> None:
         assert ("token", doc["id"]) in older.revoked()  # no TamperedRow; what was revoked since counts
 
 
+def test_an_older_snapshot_is_not_taken_for_a_rolled_back_secret(api: Api) -> None:
+    """A transaction that began before a change to a secret (which another then read in the change
+    log) sees the secret's older record: its snapshot, not a rollback (a false integrity alarm that
+    concurrent rotations met)."""
+    store = api.client.app.state.ctx.store
+    api.call("PUT", "/v1/secrets/app/key", json={"value": "v1", "regions": ["eu"]})
+    api.call("GET", "/v1/secrets/app/key")  # the change log read this far
+    for _ in range(6):  # more changes than the change index keeps per name: the log is asked, too
+        with store.read() as older:
+            before = older.get_secret("app/key")
+            assert api.call("POST", "/v1/rotate/app/key", json={"value": "v2"})[0] == 200
+            assert api.call("GET", "/v1/secrets/app/key")[0] == 200  # a read that sees the change
+            again = older.get_secret("app/key")  # no TamperedRow
+            assert before is not None and again is not None and again.revision >= before.revision  # as the snapshot
+    with store.read() as older:
+        older.current_revision()
+        for _ in range(6):
+            assert api.call("POST", "/v1/rotate/app/key", json={"value": "v3"})[0] == 200
+            assert api.call("GET", "/v1/secrets/app/key")[0] == 200
+        assert older.get_secret("app/key") is not None
+
+
 # -- 2. join tokens and nodes --------------------------------------------------------------------
 def _enrol(api: Api, token: str) -> Any:
     pair = signing.KeyPair.generate()

@@ -87,13 +87,18 @@ class Revocations:
 
 class ChangeIndex:
     """The change log as this process has read it (committed rows only, MACs verified): each secret's
-    last change, and how far the log has been read. It can lag the database, never lead it, so it
-    never mistakes a fresh change for a rollback; and it keeps a change whose row was later removed."""
+    last change (and its few before), and how far the log has been read. It can lag the database,
+    never lead it; it keeps a change whose row was later removed. It can lead a transaction that
+    began before another one read a later change: such a transaction judges its rows by the changes
+    read before it began (``Tx.last_change``), so a fresh change is never taken for a rollback."""
+
+    KEEP = 4  # revisions kept per name
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
         self.read_to = 0
         self.last: dict[str, int] = {}
+        self.recent: dict[str, tuple[int, ...]] = {}  # per name, its last KEEP change revisions, ascending
 
 
 class Store:
@@ -190,6 +195,9 @@ class Tx:
         # process has verified since, by other transactions: that is its snapshot, not a shortening.)
         self._revocations_floor = store.revocations.count
         self._changes_read = False
+        # How far this process had read the change log when this transaction began: its snapshot shows
+        # at least that much (see ChangeIndex).
+        self._changes_floor = store.changes.read_to
 
     def keys(self) -> RowKeys:
         return self._keys or self.store.row_keys()
@@ -1006,6 +1014,7 @@ class Tx:
                     raise TamperedRow("changes", str(r.revision))
                 if r.target and cache.last.get(r.target, 0) < r.revision:
                     cache.last[r.target] = r.revision
+                    cache.recent[r.target] = (*cache.recent.get(r.target, ()), r.revision)[-ChangeIndex.KEEP:]
                 cache.read_to = max(cache.read_to, r.revision)
 
     def changed_since(self, revision: int) -> set[str] | None:
@@ -1023,9 +1032,27 @@ class Tx:
         return self.store.changes.read_to
 
     def last_change(self, name: str) -> int:
-        """The revision of ``name``'s last change as the change log says (0 if it says nothing)."""
+        """The revision of ``name``'s last change as the change log says (0 if it says nothing), among
+        the changes this transaction is sure to see: in a read transaction, those this process had read
+        before it began (a later one may be past its snapshot). Writers see every commit."""
         self.refresh_changes()
-        return self.store.changes.last.get(name, 0)
+        cache = self.store.changes
+        last = cache.last.get(name, 0)
+        if self.writing or last <= self._changes_floor:
+            return last
+        recent = cache.recent.get(name, ())
+        seen = [rev for rev in recent if rev <= self._changes_floor]
+        if seen or len(recent) < ChangeIndex.KEEP:
+            return max(seen, default=0)
+        row = self.conn.execute(  # more changes since this transaction began than kept: ask the log
+            select(t.changes).where(t.changes.c.target == name, t.changes.c.revision <= self._changes_floor)
+            .order_by(t.changes.c.revision.desc()).limit(1)
+        ).first()
+        if row is None:
+            return 0
+        if not self.keys().check("change", row.mac, row.revision, row.target):
+            raise TamperedRow("changes", str(row.revision))
+        return int(row.revision)
 
     def change_log_gap(self) -> str | None:
         """None when the log is whole from its base to the current revision; else what is wrong."""
