@@ -1016,6 +1016,8 @@ class Tx:
                     cache.last[r.target] = r.revision
                     cache.recent[r.target] = (*cache.recent.get(r.target, ()), r.revision)[-ChangeIndex.KEEP:]
                 cache.read_to = max(cache.read_to, r.revision)
+            if rows:  # this snapshot holds rows past what the process had read: so it holds all it has read
+                self._changes_floor = max(self._changes_floor, cache.read_to)
 
     def changed_since(self, revision: int) -> set[str] | None:
         """The secrets the change log says changed after ``revision``; None when the log as this
