@@ -134,6 +134,8 @@ class Store:
                     text("SELECT pg_notify(:ch, :payload)"),
                     {"ch": NOTIFY_CHANNEL, "payload": encode_notice(tx.revision, tx.changed_regions)},
                 )
+        for fn in tx.after_commit:
+            fn()
         if tx.changed_regions is not None:
             for listener in self._listeners:
                 listener(tx.revision, frozenset(tx.changed_regions))
@@ -188,6 +190,7 @@ class Tx:
         # process has verified since, by other transactions: that is its snapshot, not a shortening.)
         self._revocations_floor = store.revocations.count
         self._changes_read = False
+        self.after_commit: list[Callable[[], None]] = []  # run once this transaction has committed
 
     def keys(self) -> RowKeys:
         return self._keys or self.store.row_keys()
