@@ -9,13 +9,16 @@ import re
 import shutil
 import signal
 import subprocess
+import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
 
-from tests.conftest import IN_CI, free_port
+from tests.conftest import IN_CI, free_port, vault_edge_cmd
 from tests.e2e.conftest import AgentProcess, ControlPlane, wait_until
 from vault_edge.client import AgentError
 
@@ -170,3 +173,56 @@ def test_policy_reloads_on_sighup(control_plane: ControlPlane, workdir: Path) ->
         assert agent.alive() and agent.get("b/two") == "two"
     finally:
         agent.stop()
+
+
+CHILD = """
+import os, pathlib, signal, sys, time
+out = pathlib.Path(sys.argv[1])
+def hup(*_):
+    with out.open("a") as f:
+        f.write(f"hup {os.getpid()}\\n")
+signal.signal(signal.SIGHUP, hup)
+with out.open("a") as f:
+    f.write(f"start {os.getpid()} {len(os.environ['APP_KEY'])}\\n")
+while True:
+    time.sleep(0.1)
+"""
+
+
+@pytest.mark.parametrize("mode", ["restart", "signal"])
+def test_exec_restarts_or_signals_the_child_on_rotation(control_plane: ControlPlane, start_agent: Any,
+                                                       workdir: Path, mode: str) -> None:
+    """The child records its pid and the length of the value it got (never the value itself)."""
+    op = control_plane.op
+    op.put("app/key", value="x" * 10, regions=["eu"])
+    op.put("app/other", value="o", regions=["eu"])
+    agent = start_agent("eu1", "eu")
+    script, out = workdir / "child.py", workdir / "child.out"
+    script.write_text(CHILD)
+    flag = ["--restart-on-change"] if mode == "restart" else ["--signal-on-change", "HUP"]
+    with subprocess.Popen([*vault_edge_cmd(), "agent", "exec", "--socket", str(agent.socket), *flag,
+                           "--env", "APP_KEY=app/key", "--", sys.executable, str(script), str(out)],
+                          stderr=subprocess.PIPE) as sup:
+        try:
+            wait_until(lambda: out.exists() and "start" in out.read_text(), 15, "the child")
+            first = out.read_text().split()
+            assert first[0] == "start" and first[2] == "10"
+            op.rotate("app/other", value="unrelated")  # not a secret it was given: nothing happens
+            time.sleep(2.5)
+            assert out.read_text().split() == first
+            op.rotate("app/key", value="y" * 20)
+            if mode == "restart":
+                lines = wait_until(lambda: len(ls := out.read_text().splitlines()) >= 2 and ls, 20, "the restart")
+                second = lines[1].split()
+                assert second[0] == "start" and second[1] != first[1] and second[2] == "20"
+                with pytest.raises(ProcessLookupError):
+                    os.kill(int(first[1]), 0)  # the old child is gone
+            else:
+                lines = wait_until(lambda: len(ls := out.read_text().splitlines()) >= 2 and ls, 20, "the HUP")
+                assert lines[1] == f"hup {first[1]}"  # the same child, signalled
+            assert sup.poll() is None
+        finally:
+            sup.send_signal(signal.SIGTERM)  # passed to the child; the supervisor exits with its status
+            code = sup.wait(15)
+        assert code == 128 + signal.SIGTERM
+        assert sup.stderr is not None and b"yyyy" not in sup.stderr.read()
