@@ -62,17 +62,3 @@ def setup(level: str = "info", fmt: str = "text", stream: TextIO | None = None) 
     logging.getLogger("httpcore").setLevel(logging.WARNING)
     return handler
 
-
-def redact_db_url(url: str) -> str:
-    """A database URL fit for a log line: the password replaced by ``***`` (the user, host, port and
-    database kept: they say where the data is)."""
-    scheme, sep, rest = url.partition("://")
-    if not sep:
-        return url  # a SQLite path
-    netloc, slash, path = rest.partition("/")
-    creds, at, hostport = netloc.rpartition("@")
-    if at and ":" in creds:
-        user = creds.split(":", 1)[0]
-        netloc = f"{user}:***@{hostport}"
-    query_free = path.split("?", 1)[0] if "password" in path.lower() else path
-    return f"{scheme}://{netloc}{slash}{query_free}"

@@ -171,3 +171,26 @@ def _tls_checks(addr: str, cert: Path, proc: subprocess.Popen[bytes]) -> None:
     assert r.returncode == 2, r.stderr  # reached it: not initialized, so sealed
     r = cli("status", env={**env, "VAULT_EDGE_CACERT": str(cert)})
     assert r.returncode == 2, r.stderr
+
+
+def test_a_postgresql_url_without_its_driver_says_what_to_install() -> None:
+    code = ("import sys; sys.modules['psycopg'] = None; "  # as if vault-edge[postgres] were not installed
+            "sys.argv = ['vault-edge', 'server', '--db', 'postgresql://u:pw@127.0.0.1:1/x', '--port', '0']; "
+            "from vault_edge.cli.entry import main; main()")
+    r = subprocess.run([*vault_edge_cmd()[:1], "-c", code], capture_output=True, timeout=60)
+    assert r.returncode == 1 and r.stderr.decode().splitlines()[-1] == (
+        "error: the PostgreSQL driver is not installed: pip install 'vault-edge[postgres]'"), r.stderr
+    assert b"pw" not in r.stderr
+
+
+def test_agent_run_metrics_and_log_options_are_checked_as_usage() -> None:
+    env = {"VAULT_EDGE_SOCKET": "", "VAULT_EDGE_ADDR": ""}
+    base = ["agent", "run", "--state-dir", "/nonexistent/s", "--socket", "/nonexistent/a.sock"]
+    for bad in (["--metrics-addr", "localhost:http"], ["--metrics-addr", "70000"], ["--log-format", "xml"]):
+        r = cli(*base, *bad, env=env)
+        assert r.returncode == 2, (bad, r.stderr)
+    r = cli(*base, env={**env, "VAULT_EDGE_LOG_FORMAT": "xml"})
+    assert r.returncode == 2 and b"--log-format" in r.stderr
+    r = cli("agent", "run", "--help")
+    for option in ("--metrics-addr", "--metrics-token", "--log-format", "VAULT_EDGE_METRICS_TOKEN", "SIGHUP"):
+        assert option.encode() in r.stdout, option

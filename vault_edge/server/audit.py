@@ -187,11 +187,13 @@ class Auditor:
         # action and outcome for the metrics (``counts``), after commit too.
         self.sinks: list[Callable[[bytes], None]] = []
         self.counts: dict[tuple[str, str], int] = {}
+        self._count_lock = threading.Lock()
 
     def _committed(self, seq: int | None, at: float, actor: str, action: str, target: str, outcome: str,
                    detail: str, digest: bytes | None) -> None:
         key = (action, outcome)
-        self.counts[key] = self.counts.get(key, 0) + 1
+        with self._count_lock:  # commits come from many threads
+            self.counts[key] = self.counts.get(key, 0) + 1
         if self.sinks:
             line = sink_line(seq, at, actor, action, target, outcome, detail, digest)
             for sink in self.sinks:
