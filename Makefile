@@ -24,7 +24,7 @@ $(BIN)/python:
 	$(BIN)/python -m pip install -q --upgrade pip
 
 $(VENV)/.installed: pyproject.toml | $(BIN)/python
-	$(BIN)/python -m pip install -q -e .
+	$(BIN)/python -m pip install -q -e '.[postgres]'  # the README's PostgreSQL line works after make dev
 	touch $@
 
 $(VENV)/.installed-test: pyproject.toml | $(BIN)/python

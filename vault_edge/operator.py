@@ -27,12 +27,26 @@ class OperatorClient:
                  verify: bool | str = True) -> None:
         self.addr = (addr or os.environ.get("VAULT_EDGE_ADDR") or DEFAULT_ADDR).rstrip("/")
         self.token = token if token is not None else os.environ.get("VAULT_EDGE_TOKEN")
-        cacert = os.environ.get("VAULT_EDGE_CACERT")
+        if verify is True:
+            verify = os.environ.get("VAULT_EDGE_CACERT") or True
+        self.cacert = verify if isinstance(verify, str) else None
+        if self.cacert is not None and not os.path.isfile(self.cacert):
+            raise ClientError(0, "bad_ca", f"CA certificate file {self.cacert!r} does not exist "
+                                           "(--ca-cert / VAULT_EDGE_CACERT)")
+        tls: Any = verify
+        if self.cacert is not None:
+            import ssl
+
+            try:
+                tls = ssl.create_default_context(cafile=self.cacert)
+            except (ssl.SSLError, OSError) as exc:
+                raise ClientError(0, "bad_ca", f"CA certificate file {self.cacert!r} cannot be used: "
+                                               f"{getattr(exc, 'reason', None) or exc}") from None
         try:
             url = httpx.URL(self.addr)
             if url.scheme not in ("http", "https") or not url.host:
                 raise ValueError
-            self._http = httpx.Client(base_url=url, timeout=timeout, verify=cacert or verify)
+            self._http = httpx.Client(base_url=url, timeout=timeout, verify=tls)
         except (httpx.InvalidURL, ValueError):
             raise ClientError(0, "bad_address", f"not a control-plane address: {self.addr!r} "
                                                 "(e.g. http://127.0.0.1:8420)") from None
@@ -52,8 +66,7 @@ class OperatorClient:
         try:
             resp = self._http.request(method, path, json=json, params=params, headers=headers)
         except httpx.TransportError as exc:
-            raise ClientError(0, "unreachable", f"cannot reach the control plane at {self.addr} "
-                                                f"({type(exc).__name__}); is `vault-edge server` running?") from None
+            raise self._unreachable(exc) from None
         try:
             data = resp.json()
         except (ValueError, RecursionError):
@@ -68,6 +81,17 @@ class OperatorClient:
                               f"{self.addr} answered HTTP {resp.status_code} without a JSON object: "
                               "is it a vault-edge control plane?")
         return data
+
+    def _unreachable(self, exc: httpx.TransportError) -> ClientError:
+        """A transport failure, said truthfully: a TLS failure names the certificate problem and the
+        CA option; anything else, the address and the exception's class."""
+        tls = tls_problem(exc)
+        if tls is not None:
+            ca = (f"the CA in {self.cacert} does not vouch for it" if self.cacert else
+                  "give the CA that signed it with --ca-cert FILE or VAULT_EDGE_CACERT")
+            return ClientError(0, "tls", f"TLS with the control plane at {self.addr} failed: {tls}; {ca}")
+        return ClientError(0, "unreachable", f"cannot reach the control plane at {self.addr} "
+                                             f"({type(exc).__name__}); is `vault-edge server` running?")
 
     # -- sys -----------------------------------------------------------------------------------
     def status(self) -> dict[str, Any]:
@@ -157,6 +181,10 @@ class OperatorClient:
     def revoke_token(self, token_id: str) -> dict[str, Any]:
         return self.request("DELETE", f"/v1/tokens/{_id('active token', token_id, wire.valid_token_id)}")
 
+    def lookup_self(self) -> dict[str, Any]:
+        """The token in use: id, name, prefixes, verbs, expiry (GET /v1/tokens/self)."""
+        return self.request("GET", "/v1/tokens/self")
+
     def audit(self, after: int = 0, limit: int = 100) -> dict[str, Any]:
         return self.request("GET", "/v1/audit", params={"after": after, "limit": limit})
 
@@ -183,8 +211,7 @@ class OperatorClient:
         try:
             resp = self._http.get("/v1/sys/backup", headers=headers, timeout=600)
         except httpx.TransportError as exc:
-            raise ClientError(0, "unreachable", f"cannot reach the control plane at {self.addr} "
-                                                f"({type(exc).__name__})") from None
+            raise self._unreachable(exc) from None
         if resp.status_code >= 400 or resp.headers.get("content-type") != "application/octet-stream":
             try:
                 err = resp.json().get("error") or {}
@@ -193,6 +220,23 @@ class OperatorClient:
             raise ClientError(resp.status_code, str(err.get("code", "error")),
                               str(err.get("message", f"HTTP {resp.status_code}")))
         return resp.content
+
+
+def tls_problem(exc: BaseException) -> str | None:
+    """The certificate problem behind a transport error ("certificate verify failed: self-signed
+    certificate", "hostname mismatch, ..."), or None when it is no TLS failure."""
+    import ssl
+
+    seen: BaseException | None = exc
+    for _ in range(8):
+        if seen is None:
+            return None
+        if isinstance(seen, ssl.SSLCertVerificationError):
+            return f"certificate verify failed: {seen.verify_message or seen.reason}"
+        if isinstance(seen, ssl.SSLError):
+            return f"TLS error: {seen.reason or seen}"
+        seen = seen.__cause__ or seen.__context__
+    return None
 
 
 def _clean(body: dict[str, Any]) -> dict[str, Any]:

@@ -77,6 +77,10 @@ class Api:
         self.stale = False
         self.common = b""  # the headers every answer carries, for this epoch
         self._changed: asyncio.Future[None] | None = None
+        # Metrics (agent/metrics.py reads them at scrape time): answers built here, i.e. cache misses,
+        # by status, and error answers by code. Plain int increments: nothing else on the hot path.
+        self.statuses: dict[int, int] = dict.fromkeys(STATUS_LINE, 0)
+        self.refusals: dict[str, int] = {}
         state.subscribe(self.refresh)
         self.refresh()
 
@@ -108,12 +112,14 @@ class Api:
 
     def build(self, status: int, body: bytes, ctype: bytes = _JSON, extra: bytes = b"",
               close: bool = False) -> bytes:
+        self.statuses[status] += 1
         return b"".join((
             STATUS_LINE[status], b"Content-Type: ", ctype, b"\r\nContent-Length: %d\r\n" % len(body),
             self.common, extra, b"Connection: close\r\n" if close else b"", b"\r\n", body,
         ))
 
     def error(self, status: int, code: str, message: str, *, close: bool = False, extra: bytes = b"") -> bytes:
+        self.refusals[code] = self.refusals.get(code, 0) + 1
         body = json.dumps({"error": {"code": code, "message": message}}, separators=(",", ":")).encode()
         return self.build(status, body, extra=extra, close=close)
 

@@ -225,8 +225,13 @@ class Listener:
         self._logged: dict[object, float] = {}  # refusal kind → when last logged
         self._refused: dict[object, int] = {}  # refusal kind → refusals since
         self._mark = app.epoch  # the app's epoch right after the previous sweep
+        self.hits_closed = 0  # cache hits of connections since closed (open ones count their own)
         self._fd = sock.fileno()
         self._resume()
+
+    def cache_hits(self) -> int:
+        """Answers replayed from connection caches since serving started (read at scrape time)."""
+        return self.hits_closed + sum(c.hits for c in self.conns)
 
     # the AbstractServer methods the agent uses
     def is_serving(self) -> bool:
@@ -506,6 +511,7 @@ class _Conn(asyncio.Protocol):
         self.reading_paused = False
         self.heads: HeadParser | None = None  # made at the first cache miss
         self.eof = False  # the client has finished sending (half-close) while a watch was pending
+        self.hits = 0  # answers replayed from the cache (metrics; a plain int on the hot path)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's transports do not subclass asyncio's
@@ -524,6 +530,8 @@ class _Conn(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.listener.conns.discard(self)
+        self.listener.hits_closed += self.hits
+        self.hits = 0
         if not self.released:
             self.released = True
             self.listener.release(self.caller.uid)
@@ -575,6 +583,7 @@ class _Conn(asyncio.Protocol):
             hit = self.cache.get(data)  # keys are whole bodiless heads, so data is exactly one request
             if hit is not None:
                 self.transport.write(hit)  # type: ignore[union-attr]
+                self.hits += 1
                 return
         self.buf += data
         self._process_safely()

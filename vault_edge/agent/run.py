@@ -43,6 +43,8 @@ class AgentConfig:
     idle_timeout: float = IDLE_TIMEOUT_S
     max_conns_per_uid: int = MAX_CONNS_PER_UID
     enroll_timeout: float = ENROLL_TIMEOUT_S
+    metrics_addr: tuple[str, int] | None = None  # (host, port) of the opt-in Prometheus endpoint
+    metrics_token: str | None = None
 
 
 def warn_about_policy(policy: Policy) -> None:
@@ -84,6 +86,24 @@ def clean_stale_temp_files(state_dir: Path) -> int:
     return removed
 
 
+def reload_policy(api: Api, path: Path | None) -> bool:
+    """SIGHUP: read the policy file again and serve by it from the next request (cached answers are
+    dropped: a new epoch). A file that does not load leaves the policy in force. True if reloaded."""
+    if path is None:
+        log.info("SIGHUP: no --policy file to reload (the agent's own uid and root may read everything)")
+        return False
+    try:
+        policy = Policy.load(path)
+    except (ValueError, OSError) as exc:
+        log.error("SIGHUP: policy %s not reloaded, the one in force stays: %s", path, exc)
+        return False
+    warn_about_policy(policy)
+    api.policy = policy
+    api.refresh()
+    log.info("SIGHUP: policy %s reloaded (%d rule(s))", path, len(policy.rules or ()))
+    return True
+
+
 async def run(cfg: AgentConfig) -> int:
     try:
         identity = ident.load_or_create(cfg.state_dir)
@@ -114,15 +134,32 @@ async def run(cfg: AgentConfig) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):  # before serving: a SIGTERM from then on is graceful
         loop.add_signal_handler(sig, lambda: stop.done() or stop.set_result(None))
     try:
-        listener = await serve(str(cfg.socket), Api(state, policy), mode=cfg.socket_mode,
+        api = Api(state, policy)
+        listener = await serve(str(cfg.socket), api, mode=cfg.socket_mode,
                                idle_timeout=cfg.idle_timeout, max_conns_per_uid=cfg.max_conns_per_uid)
     except (OSError, ValueError) as exc:
         raise AgentError(f"cannot listen on {cfg.socket}: {getattr(exc, 'strerror', None) or exc}") from None
     log.info("serving on %s (open-files limit %d, per-uid connection cap %d, idle connections closed after %gs)",
              cfg.socket, nofile, cfg.max_conns_per_uid, cfg.idle_timeout)
+    loop.add_signal_handler(signal.SIGHUP, reload_policy, api, cfg.policy)
 
     syncer = Syncer(identity, state, cache, server, join_token=cfg.join_token, wait=cfg.wait,
                     verify=cfg.tls_ca or True, restored=restored, enroll_timeout=cfg.enroll_timeout)
+    metrics_server = None
+    if cfg.metrics_addr is not None:
+        from vault_edge.agent.metrics import render, serve_metrics
+
+        host, port = cfg.metrics_addr
+        try:
+            metrics_server = await serve_metrics(host, port, lambda: render(api, syncer, listener), cfg.metrics_token)
+        except OSError as exc:
+            listener.close()
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(cfg.socket)
+            await syncer.close()
+            raise AgentError(f"cannot listen for metrics on {host}:{port}: {exc.strerror or exc}") from None
+        log.info("metrics on http://%s:%d/metrics%s", host if ":" not in host else f"[{host}]", port,
+                 " (bearer token required)" if cfg.metrics_token else "")
     sync_task = asyncio.create_task(syncer.run(), name="sync")
     code = 0
     try:
@@ -143,6 +180,8 @@ async def run(cfg: AgentConfig) -> int:
         with contextlib.suppress(BaseException):
             await sync_task
         listener.close()
+        if metrics_server is not None:
+            metrics_server.close()
         with contextlib.suppress(Exception):
             await asyncio.wait_for(listener.wait_closed(), 2)
         with contextlib.suppress(FileNotFoundError):

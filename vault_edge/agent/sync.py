@@ -198,6 +198,7 @@ class Syncer:
         self.backoff = Backoff()
         self.applied = 0  # answers installed, for logs and tests
         self.received_bytes = 0  # of sync answers, for benchmarks and metrics
+        self.failures = 0  # sync rounds that failed (metrics)
         self.chain = restored  # the answers behind the installed view, for the disk cache
         self.want_full = restored is None or restored.written is None
         self.received_at = state.clock.wall()
@@ -426,18 +427,21 @@ class Syncer:
             except Revoked:
                 raise
             except PathFailure as exc:
+                self.failures += 1
                 self.state.lost_contact()
                 delay = self.backoff.next()
                 log.warning("sync failed (%s); serving what we hold; retrying in %.1fs", exc, delay)
                 await asyncio.sleep(delay)
                 continue
             except BundleError as exc:
+                self.failures += 1
                 delay = max(1.0, self.backoff.next())
                 log.error("refused a sync answer: %s; keeping revision %d; retrying in %.1fs",
                           exc, self.state.view.revision, delay)
                 await asyncio.sleep(delay)
                 continue
             except Exception as exc:  # a bug must not stop the agent serving what it holds; no value in logs
+                self.failures += 1
                 self.state.lost_contact()
                 delay = max(1.0, self.backoff.next())
                 log.error("sync failed unexpectedly (%s); serving what we hold; retrying in %.1fs",

@@ -12,7 +12,7 @@ import sys
 import click
 
 from vault_edge.cli import agent_run as agent_run_cmd
-from vault_edge.cli.output import CliError, emit_json, output_option
+from vault_edge.cli.output import CliError, duration_option, emit_json, output_option
 
 
 @click.group()
@@ -80,14 +80,26 @@ def agent_get(name: str, version: int | None, stage: str | None, socket_path: st
 @agent.command("exec", context_settings={"ignore_unknown_options": True})
 @click.option("--env", "pairs", multiple=True, metavar="VAR=NAME[#FIELD]",
               help="put secret NAME (or one FIELD of a structured value) in variable VAR (repeat)")
+@click.option("--restart-on-change", is_flag=True,
+              help="supervise COMMAND: restart it when one of its secrets changes (else COMMAND replaces this process)")
+@click.option("--signal-on-change", "change_signal", metavar="SIG",
+              help="supervise COMMAND: send it SIG (e.g. HUP) when one of its secrets changes, without restarting")
+@click.option("--stop-signal", default="TERM", show_default=True, metavar="SIG",
+              help="with --restart-on-change: how the running command is asked to stop")
+@click.option("--stop-timeout", default="10s", show_default=True, callback=duration_option,
+              help="with --restart-on-change: SIGKILL after this long")
 @socket_option
 @token_option
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
 @_agent_errors
-def agent_exec(pairs: tuple[str, ...], socket_path: str | None, token: str | None, command: tuple[str, ...]) -> None:
+def agent_exec(pairs: tuple[str, ...], restart_on_change: bool, change_signal: str | None, stop_signal: str,
+               stop_timeout: int, socket_path: str | None, token: str | None, command: tuple[str, ...]) -> None:
     """Run COMMAND with secrets in its environment: agent exec --env DB_PASSWORD=db/password -- ./app
 
-    NAME#FIELD takes one field of a structured value: --env PGPASSWORD=db/main#password."""
+    NAME#FIELD takes one field of a structured value: --env PGPASSWORD=db/main#password. With
+    --restart-on-change (or --signal-on-change SIG) COMMAND runs under a supervisor that watches the
+    agent and restarts (or signals) it when a secret it was given rotates; the supervisor exits with
+    COMMAND's status."""
     from vault_edge.wire.fields import FieldError, select, split_ref
 
     mapping: dict[str, str] = {}
@@ -96,6 +108,21 @@ def agent_exec(pairs: tuple[str, ...], socket_path: str | None, token: str | Non
         if not sep or not var or not name or not var.replace("_", "").isalnum():
             raise click.BadParameter(f"{pair!r}: expected VAR=NAME", param_hint="--env")
         mapping[var] = name
+    if restart_on_change or change_signal:
+        from vault_edge.cli.supervise import Supervisor, parse_signal
+
+        if restart_on_change and change_signal:
+            raise click.UsageError("give --restart-on-change or --signal-on-change, not both")
+        if not mapping:
+            raise click.UsageError("--restart-on-change and --signal-on-change need at least one --env VAR=NAME")
+        try:
+            stop, change = parse_signal(stop_signal), parse_signal(change_signal or "HUP")
+        except ValueError as exc:
+            raise click.UsageError(str(exc)) from None
+        sup = Supervisor(list(command), mapping, lambda: _client(socket_path, token),
+                         mode="signal" if change_signal else "restart", stop_signal=stop, change_signal=change,
+                         stop_timeout=float(stop_timeout))
+        sys.exit(sup.run())
     env = dict(os.environ)
     if mapping:
         try:

@@ -18,6 +18,7 @@ import sys
 PROG = "vault-edge agent run"
 SUMMARY = "Run the node agent: enrol once, sync, cache, serve the socket."
 LOG_LEVELS = ("debug", "info", "warning", "error")
+LOG_FORMATS = ("text", "json")
 
 
 def _duration(text: str) -> int:
@@ -68,12 +69,23 @@ def _existing_file(text: str) -> str:
     return _file_path(text)
 
 
+def _metrics_addr(text: str) -> tuple[str, int]:
+    from vault_edge.agent.metrics import parse_addr
+
+    try:
+        return parse_addr(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def parser() -> argparse.ArgumentParser:
     env = os.environ
     p = argparse.ArgumentParser(
         prog=PROG, description=SUMMARY, allow_abbrev=False,
         epilog="Environment: VAULT_EDGE_ADDR (--server), VAULT_EDGE_SOCKET (--socket), VAULT_EDGE_JOIN_TOKEN "
-               "(--join-token), VAULT_EDGE_ENROLL_TIMEOUT (--enroll-timeout). Exit 3: this node was revoked "
+               "(--join-token), VAULT_EDGE_ENROLL_TIMEOUT (--enroll-timeout), VAULT_EDGE_METRICS_ADDR "
+               "(--metrics-addr), VAULT_EDGE_METRICS_TOKEN (--metrics-token), VAULT_EDGE_LOG_FORMAT (--log-format). "
+               "SIGHUP reloads --policy. Exit 3: this node was revoked "
                "(enrol again with a new join token).",
     )
     p.add_argument("--server", metavar="URL", default=env.get("VAULT_EDGE_ADDR") or None,
@@ -103,19 +115,30 @@ def parser() -> argparse.ArgumentParser:
                    type=_positive_duration,
                    help="give up waiting for an enrolment answer after this long and retry, with the same token "
                         "and keys (default: 30s)")
+    p.add_argument("--metrics-addr", metavar="[HOST:]PORT", type=_metrics_addr,
+                   default=env.get("VAULT_EDGE_METRICS_ADDR") or None,
+                   help="serve Prometheus metrics at http://HOST:PORT/metrics (HOST defaults to 127.0.0.1; "
+                        "default: no metrics endpoint)")
+    p.add_argument("--metrics-token", metavar="TOKEN", default=env.get("VAULT_EDGE_METRICS_TOKEN") or None,
+                   help="require Authorization: Bearer TOKEN on /metrics (prefer VAULT_EDGE_METRICS_TOKEN: "
+                        "ps shows arguments)")
     p.add_argument("--log-level", choices=LOG_LEVELS, default="info", help="(default: info)")
+    p.add_argument("--log-format", choices=LOG_FORMATS, default=env.get("VAULT_EDGE_LOG_FORMAT") or "text",
+                   help="text, or json: one object per line (default: text)")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     """Parse ``argv`` (the arguments after ``agent run``), run the agent until it stops: its exit code."""
-    import logging
     from pathlib import Path
 
-    args = parser().parse_args(argv)  # exits 2 on a usage error, 0 after --help
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        stream=sys.stderr)
-    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per long-poll is noise
+    from vault_edge import logs
+
+    p = parser()
+    args = p.parse_args(argv)  # exits 2 on a usage error, 0 after --help
+    if args.log_format not in LOG_FORMATS:  # from the environment, which argparse does not check
+        p.error(f"argument --log-format: invalid choice: {args.log_format!r} (choose from text, json)")
+    logs.setup(args.log_level, args.log_format)
     join_token = args.join_token
     if args.join_token_file and not join_token and Path(args.join_token_file).is_file():
         join_token = Path(args.join_token_file).read_text().strip()
@@ -129,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
         max_stale=float(args.max_stale) if args.max_stale is not None else None,
         stale_after=float(args.stale_after), wait=float(args.wait), tls_ca=args.tls_ca,
         idle_timeout=float(args.idle_timeout), max_conns_per_uid=args.max_conns_per_uid,
-        enroll_timeout=float(args.enroll_timeout),
+        enroll_timeout=float(args.enroll_timeout), metrics_addr=args.metrics_addr, metrics_token=args.metrics_token,
     )
     try:
         return run_agent(cfg)

@@ -1,7 +1,8 @@
 """``vault-edge``: operator verbs against the control plane, and the agent's local verbs.
 
-Exit 0 on success, 1 with one line on stderr on error, 2 on usage errors. Every verb that prints
-data takes ``--output json``.
+Exit 0 on success, 1 with one line on stderr on error, 2 on usage errors (and ``status``: 2 when
+sealed, as Vault's). Every verb that prints data takes ``--output json`` (or the global ``--output``,
+or ``VAULT_EDGE_FORMAT``).
 """
 
 from __future__ import annotations
@@ -12,9 +13,39 @@ from typing import Any, NoReturn
 import click
 
 from vault_edge import __version__
-from vault_edge.cli import rotator_cmd
-from vault_edge.cli.output import CliError, ago, duration_option, emit_json, err, out, output_option, table, when
+from vault_edge.cli import rotator_cmd, session
+from vault_edge.cli.output import (
+    FORMATS,
+    CliError,
+    ago,
+    duration_option,
+    emit_json,
+    err,
+    out,
+    output_option,
+    table,
+    usage,
+    when,
+)
 from vault_edge.operator import ClientError, OperatorClient
+
+ENVIRONMENT = """\b
+Environment (a flag, where there is one, wins):
+  VAULT_EDGE_ADDR        control plane URL (--addr; default http://127.0.0.1:8420)
+  VAULT_EDGE_CACERT      CA bundle to verify an https control plane (--ca-cert)
+  VAULT_EDGE_TOKEN       operator token (else the file `vault-edge login` wrote)
+  VAULT_EDGE_TOKEN_FILE  where `login` stores the token (default ~/.vault-edge-token, mode 0600)
+  VAULT_EDGE_FORMAT      table or json: the default of every --output
+  VAULT_EDGE_PASSPHRASE  the shares' passphrase, for the share that completes an unseal
+  VAULT_EDGE_SOCKET      the agent's socket (agent get, agent exec, agent run)
+  VAULT_EDGE_AGENT_TOKEN capability token for the agent's socket (X-Vault-Edge-Token)
+  VAULT_EDGE_JOIN_TOKEN  an agent's join token (agent run)
+  VAULT_EDGE_*           every `server` option, e.g. VAULT_EDGE_DB (see `vault-edge server --help`)
+
+\b
+Exit codes: 0 ok, 1 error (one line on stderr), 2 usage error; `status`: 2 when sealed.
+Shell completion: eval "$(_VAULT_EDGE_COMPLETE=bash_source vault-edge)" (zsh_source, fish_source).
+"""
 
 
 class Cli(click.Group):
@@ -32,22 +63,31 @@ class Cli(click.Group):
             sys.exit(130)
 
 
+EXIT_SEALED = 2
+
+
 def fail(message: str) -> NoReturn:
     raise CliError(message)
 
 
 def client() -> OperatorClient:
-    return OperatorClient()
+    return session.client()
 
 
-@click.group(cls=Cli, context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=Cli, context_settings={"help_option_names": ["-h", "--help"]}, epilog=ENVIRONMENT)
 @click.version_option(__version__, prog_name="vault-edge")
-def cli() -> None:
+@click.option("--addr", envvar="VAULT_EDGE_ADDR", metavar="URL", help="the control plane (env VAULT_EDGE_ADDR)")
+@click.option("--ca-cert", envvar="VAULT_EDGE_CACERT", metavar="FILE",
+              type=click.Path(exists=True, dir_okay=False), help="CA bundle for https (env VAULT_EDGE_CACERT)")
+@click.option("--output", "-o", "fmt", envvar="VAULT_EDGE_FORMAT", type=click.Choice(FORMATS),
+              help="the default --output of every verb (env VAULT_EDGE_FORMAT)")
+@click.pass_context
+def cli(ctx: click.Context, addr: str | None, ca_cert: str | None, fmt: str | None) -> None:
     """vault-edge: one sealed source of truth, a tiny agent in every PoP.
 
-    Environment: VAULT_EDGE_ADDR (control plane URL, default http://127.0.0.1:8420),
-    VAULT_EDGE_TOKEN (operator token), VAULT_EDGE_SOCKET (agent socket).
+    Global options go before the verb: vault-edge --addr https://vault:8420 status
     """
+    ctx.obj = session.Globals(addr or None, ca_cert or None, fmt)
 
 
 # -- values --------------------------------------------------------------------------------------
@@ -55,7 +95,7 @@ def read_value(value: str | None, from_file: str | None, prompt: bool) -> bytes 
     """VALUE, ``-`` (stdin, one trailing newline dropped), ``--from-file`` (exact bytes), or a
     hidden prompt when nothing was given on a terminal."""
     if value is not None and from_file is not None:
-        fail("give VALUE or --from-file, not both")
+        usage("give VALUE or --from-file, not both")
     if from_file is not None:
         with open(from_file, "rb") as f:
             return f.read()
@@ -106,7 +146,7 @@ def init(shares: int, threshold: int, groups: tuple[str, ...], group_threshold: 
         try:
             body["groups"] = [{"threshold": int(t), "shares": int(n)} for t, n in (g.split("/") for g in groups)]
         except ValueError:
-            fail("--group takes T/N, e.g. --group 2/3")
+            usage("--group takes T/N, e.g. --group 2/3")
     if passphrase:
         body["passphrase"] = click.prompt("Passphrase", hide_input=True, confirmation_prompt=True, err=True)
     with client() as c:
@@ -198,18 +238,22 @@ def seal(fmt: str) -> None:
 @click.argument("name", required=False)
 @output_option
 def status(name: str | None, fmt: str) -> None:
-    """The vault's seal status; with NAME, which version each node of its regions serves."""
+    """The vault's seal status; with NAME, which version each node of its regions serves.
+
+    Exit 0 unsealed, 2 sealed (or not initialized), 1 on error: as `vault status`."""
     with client() as c:
         if name is None:
             res = c.status()
             if fmt == "json":
                 emit_json(res)
-                return
-            table(None, ["key", "value"], [
-                ("initialized", res["initialized"]), ("sealed", res["sealed"]),
-                ("progress", f"{res['progress']}/{res['threshold']}"), ("shares", res["shares"]),
-                ("revision", res["revision"]), ("server pin", res.get("server_pin", "")),
-            ])
+            else:
+                table(None, ["key", "value"], [
+                    ("initialized", res["initialized"]), ("sealed", res["sealed"]),
+                    ("progress", f"{res['progress']}/{res['threshold']}"), ("shares", res["shares"]),
+                    ("revision", res["revision"]), ("server pin", res.get("server_pin", "")),
+                ])
+            if res["sealed"]:
+                sys.exit(EXIT_SEALED)
             return
         res = c.propagation(name)
     if fmt == "json":
@@ -278,9 +322,9 @@ def put(name: str, value: str | None, from_file: str | None, regions: str | None
     """Store a secret: a new version, made current. VALUE, - (stdin), --from-file, or --generate."""
     data = read_value(value, from_file, prompt=spec is None and rotator is None)
     if data is None and spec is None and rotator is None:
-        fail("give a VALUE, - for stdin, --from-file F, or --generate SPEC")
+        usage("give a VALUE, - for stdin, --from-file F, or --generate SPEC")
     if data is not None and spec is not None:
-        fail("give a value or --generate, not both")
+        usage("give a value or --generate, not both")
     body = {**value_body(data), "generate": spec, "rotate_every": rotate_every, "grace": grace,
             "regions": regions.split(",") if regions else None, "rotator": rotator}
     with client() as c:
@@ -372,7 +416,9 @@ def rotate(name: str, value: str | None, from_file: str | None, spec: str | None
     if fmt == "json":
         emit_json({**res, "propagated": ok, "lagging": prop["lagging"], "down": prop["down"]})
     if not ok:
-        fail(f"timed out: {len(prop['lagging'])} node(s) still lag: {', '.join(prop['lagging'])}")
+        fail(f"timed out after {timeout}s waiting for propagation; version {res['version']} of {name} was "
+             f"committed (revision {res['revision']}) and is {stage}, and {len(prop['lagging'])} node(s) still "
+             f"lag: {', '.join(prop['lagging'])} (see `vault-edge status {name}`)")
     if fmt != "json":
         out.print(f"{name}: version {res['version']} is served by every live node "
                   f"({sum(1 for n in prop['nodes'] if n['done'])} nodes).")
@@ -430,8 +476,8 @@ def node_token(region: str, ttl: str | None, fmt: str) -> None:
         emit_json(res)
     else:
         out.print(res["token"])
-        err.print(f"Single use, valid until {when(res['expires_at'])}: "
-                  "vault-edge agent run --join-token TOKEN ...")
+        err.print(f"Single use, valid until {when(res['expires_at'])}. Put it in a file (or "
+                  "VAULT_EDGE_JOIN_TOKEN), not on a command line: vault-edge agent run --join-token-file FILE ...")
 
 
 @node.command("list")
@@ -482,6 +528,21 @@ def token_create(name: str, prefixes: tuple[str, ...], verbs: tuple[str, ...], t
     emit_json(res) if fmt == "json" else out.print(res["token"])
 
 
+@token.command("lookup")
+@output_option
+def token_lookup(fmt: str) -> None:
+    """The token in use (VAULT_EDGE_TOKEN, else the one `vault-edge login` stored): name, scope, expiry."""
+    with client() as c:
+        res = c.lookup_self()
+    if fmt == "json":
+        emit_json(res)
+        return
+    table(None, ["key", "value"], [
+        ("id", res["id"]), ("name", res["name"]), ("prefixes", ",".join(p or "*" for p in res["prefixes"])),
+        ("verbs", ",".join(res["verbs"])), ("expires", when(res["expires_at"]) if res["expires_at"] else "never"),
+    ])
+
+
 @token.command("list")
 @output_option
 def token_list(fmt: str) -> None:
@@ -508,23 +569,87 @@ def token_revoke(token_id: str, fmt: str) -> None:
     emit_json(res) if fmt == "json" else out.print(f"token {token_id} revoked{also}.")
 
 
+@cli.command()
+@click.argument("token", required=False)
+@output_option
+def login(token: str | None, fmt: str) -> None:
+    """Check TOKEN (argument, - for stdin, or a hidden prompt) and store it for later verbs.
+
+    Stored in ~/.vault-edge-token (or VAULT_EDGE_TOKEN_FILE), mode 0600, as Vault's token helper does;
+    VAULT_EDGE_TOKEN, when set, still wins over the file."""
+    import os
+
+    if token == "-":
+        token = sys.stdin.readline().strip()
+    elif token is None:
+        token = click.prompt("Token", hide_input=True, err=True).strip()
+    if not token:
+        usage("give a token: vault-edge login TOKEN, - for stdin, or type it at the prompt")
+    with session.client(token=token) as c:
+        res = c.lookup_self()  # a token the control plane refuses is never stored
+    path = session.store_token(token)
+    if fmt == "json":
+        emit_json({**res, "token_file": str(path)})
+    else:
+        out.print(f"Logged in as {res['actor']} ({','.join(res['verbs'])} on "
+                  f"{','.join(p or '*' for p in res['prefixes'])}); token stored in {path}")
+    if os.environ.get("VAULT_EDGE_TOKEN") and os.environ["VAULT_EDGE_TOKEN"] != token:
+        err.print("[yellow]note: VAULT_EDGE_TOKEN is set and wins over the stored token; unset it to use this one[/]")
+
+
+def _audit_rows(entries: list[dict[str, Any]]) -> list[tuple[Any, ...]]:
+    return [(e["seq"], when(e["at"]), e["actor"], e["action"], e["target"], e["outcome"]) for e in entries]
+
+
+AUDIT_COLUMNS = ["seq", "time", "actor", "action", "target", "outcome"]
+
+
 @cli.group(invoke_without_command=True)
 @click.option("--after", type=click.IntRange(min=0), default=0)
 @click.option("--limit", type=click.IntRange(1, 1000), default=100)
+@click.option("--follow", "-f", is_flag=True,
+              help="keep printing new entries as they are written (with -o json: one JSON object per line)")
+@click.option("--interval", default="1s", callback=duration_option, help="how often --follow asks (default 1s)")
 @output_option
 @click.pass_context
-def audit(ctx: click.Context, after: int, limit: int, fmt: str) -> None:
-    """The audit log (hash-chained); `audit verify` checks the chain."""
+def audit(ctx: click.Context, after: int, limit: int, follow: bool, interval: int, fmt: str) -> None:
+    """The audit log (hash-chained); `audit verify` checks the chain; --follow tails it."""
     if ctx.invoked_subcommand:
+        return
+    if follow:
+        _follow(after, limit, max(1, interval), fmt)
         return
     with client() as c:
         res = c.audit(after, limit)
     if fmt == "json":
         emit_json(res)
         return
-    table(None, ["seq", "time", "actor", "action", "target", "outcome"], [
-        (e["seq"], when(e["at"]), e["actor"], e["action"], e["target"], e["outcome"]) for e in res["entries"]
-    ])
+    table(None, AUDIT_COLUMNS, _audit_rows(res["entries"]))
+
+
+def _follow(after: int, limit: int, interval: int, fmt: str) -> None:
+    """Tail the log: the entries after ``after`` (the last ``limit`` of them when ``after`` is 0), then
+    each new one as it comes, until interrupted. JSON: one object per line (JSON lines), for a pipe."""
+    import json
+    import time
+
+    with client() as c:
+        if after == 0:  # start from the end, as `tail -f` does: the last `limit` entries
+            seq = 0
+            while page := c.audit(seq, 1000)["entries"]:
+                seq = page[-1]["seq"]
+            after = max(0, seq - limit)
+        while True:
+            entries = c.audit(after, 1000)["entries"]
+            for e in entries:
+                if fmt == "json":
+                    sys.stdout.write(json.dumps(e, separators=(",", ":")) + "\n")
+                else:
+                    out.print("  ".join(str(v) for v in _audit_rows([e])[0]))
+                after = e["seq"]
+            sys.stdout.flush()
+            if len(entries) < 1000:
+                time.sleep(interval)
 
 
 @audit.command("verify")

@@ -17,6 +17,7 @@ from typing import Any
 
 import click
 
+from vault_edge.cli import session
 from vault_edge.cli.output import CliError, emit_json, err, out, output_option
 from vault_edge.operator import OperatorClient
 
@@ -66,7 +67,7 @@ def operator() -> None:
 @output_option
 def generate_root(shares_file: str | None, fmt: str) -> None:
     """A new root token, from a threshold of the (recovery) shares."""
-    with OperatorClient() as c:
+    with session.client() as c:
         given, passphrase = _authority(c, shares_file)
         res = c.generate_root(given, passphrase)
     emit_json(res) if fmt == "json" else out.print(res["root_token"])
@@ -80,7 +81,7 @@ def generate_root(shares_file: str | None, fmt: str) -> None:
 @output_option
 def rekey(count: int, threshold: int, new_passphrase: bool, shares_file: str | None, fmt: str) -> None:
     """New shares (N, T of them needed) from a threshold of the current ones; the old ones stop working."""
-    with OperatorClient() as c:
+    with session.client() as c:
         given, passphrase = _authority(c, shares_file)
         new = click.prompt("New passphrase", hide_input=True, confirmation_prompt=True, err=True) \
             if new_passphrase else ""
@@ -99,7 +100,7 @@ def rekey(count: int, threshold: int, new_passphrase: bool, shares_file: str | N
 @output_option
 def seal_migrate(to: str, shares_file: str | None, fmt: str) -> None:
     """Move the seal to the HSM (the server must run with --seal pkcs11) or back to the shares."""
-    with OperatorClient() as c:
+    with session.client() as c:
         given, passphrase = _authority(c, shares_file)
         res = c.seal_migrate(given, to, passphrase)
     if fmt == "json":
@@ -114,7 +115,7 @@ def seal_migrate(to: str, shares_file: str | None, fmt: str) -> None:
 @output_option
 def rotate(fmt: str) -> None:
     """A new root key version; every region key is re-wrapped under it."""
-    with OperatorClient() as c:
+    with session.client() as c:
         res = c.rotate_root()
     emit_json(res) if fmt == "json" else out.print(
         f"Root key version {res['root_key_version']}: {res['region_keys_rewrapped']} region key(s) re-wrapped.")
@@ -145,7 +146,7 @@ def _write_private(path: str, data: bytes) -> None:
 @output_option
 def backup(file: str, fmt: str) -> None:
     """Write an encrypted, integrity-checked snapshot of the running control plane to FILE."""
-    with OperatorClient() as c:
+    with session.client() as c:
         data = c.backup()
     _write_private(file, data)
     res = {"file": file, "bytes": len(data)}

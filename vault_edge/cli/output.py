@@ -1,6 +1,8 @@
 """Printing for the CLI: one JSON document with ``--output json``, rich tables otherwise.
 
-Data goes to stdout; prompts, progress and warnings go to stderr, so pipes get only data.
+Data goes to stdout; prompts, progress and warnings go to stderr, so pipes get only data. Tables never
+cut a cell: on a terminal a long one folds onto the next line, and piped (no terminal) every row is
+one line whatever its width, so ``vault-edge node list | awk`` gets whole IDs.
 """
 
 from __future__ import annotations
@@ -9,19 +11,35 @@ import json
 import sys
 import time
 from collections.abc import Iterable, Sequence
-from typing import Any
+from typing import Any, NoReturn
 
 import click
 from rich.console import Console
 from rich.table import Table
 
-out = Console(highlight=False, soft_wrap=True)
+out = Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 1_000_000)
 err = Console(stderr=True, highlight=False)
+FORMATS = ("table", "json")
+
+
+def _format(ctx: click.Context, _param: click.Parameter, value: str | None) -> str:
+    """This verb's --output, else the global one (``vault-edge -o json VERB``, which also reads
+    VAULT_EDGE_FORMAT), else table."""
+    if value is not None:
+        return value
+    root = ctx.find_root().obj
+    return getattr(root, "fmt", None) or "table"
+
 
 output_option = click.option(
-    "--output", "-o", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True,
-    help="json: one JSON document on stdout, for scripts",
+    "--output", "-o", "fmt", type=click.Choice(FORMATS), default=None, callback=_format, expose_value=True,
+    help="json: one JSON document on stdout, for scripts [default: table, or VAULT_EDGE_FORMAT]",
 )
+
+
+def usage(message: str) -> NoReturn:
+    """A usage error: one line on stderr (with the usage), exit 2."""
+    raise click.UsageError(message)
 
 
 class CliError(click.ClickException):
@@ -38,7 +56,7 @@ def emit_json(doc: Any) -> None:
 def table(title: str | None, columns: Sequence[str], rows: Iterable[Sequence[Any]]) -> None:
     t = Table(title=title, show_edge=False, header_style="bold")
     for c in columns:
-        t.add_column(c)
+        t.add_column(c, overflow="fold")
     for r in rows:
         t.add_row(*("" if v is None else str(v) for v in r))
     out.print(t)

@@ -27,7 +27,17 @@ from vault_edge.cli.output import CliError, err
 @click.option("--port", type=click.IntRange(0, 65535), default=None, help="listen port (default 8420)")
 @click.option("--tls-cert", type=click.Path(exists=True, dir_okay=False))
 @click.option("--tls-key", type=click.Path(exists=True, dir_okay=False))
-@click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info")
+@click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info",
+              show_default=True)
+@click.option("--log-format", type=click.Choice(["text", "json"]), default="text", show_default=True,
+              envvar="VAULT_EDGE_LOG_FORMAT", help="json: one object per line (env VAULT_EDGE_LOG_FORMAT)")
+@click.option("--access-log/--no-access-log", default=None,
+              help="one log line per HTTP request (default off: a long-poll per node per change is noise)")
+@click.option("--metrics-token", default=None,
+              help="require Authorization: Bearer TOKEN on /metrics (prefer VAULT_EDGE_METRICS_TOKEN)")
+@click.option("--audit-file", type=click.Path(dir_okay=False),
+              help="also append each audit entry to this JSON-lines file (created 0600, fsync'd)")
+@click.option("--audit-stdout", is_flag=True, default=None, help="also write each audit entry to stdout (JSON lines)")
 @click.option("--seal", type=click.Choice(["shamir", "pkcs11"]), default=None,
               help="shamir (operators enter shares; the default) or pkcs11 (auto-unseal through an HSM)")
 @click.option("--pkcs11-lib", help="the PKCS#11 module (e.g. /usr/lib/softhsm/libsofthsm2.so)")
@@ -38,10 +48,15 @@ from vault_edge.cli.output import CliError, err
 @click.option("--pkcs11-generate-key", is_flag=True, default=None,
               help="make the AES key (non-extractable) in the token if it is missing")
 def server(dev: bool, dev_token: str | None, db: str | None, host: str | None, port: int | None,
-           tls_cert: str | None, tls_key: str | None, log_level: str, **seal: Any) -> None:
-    """Run the control plane (FastAPI on uvicorn)."""
+           tls_cert: str | None, tls_key: str | None, log_level: str, log_format: str, access_log: bool | None,
+           metrics_token: str | None, audit_file: str | None, audit_stdout: bool | None, **seal: Any) -> None:
+    """Run the control plane (FastAPI on uvicorn).
+
+    Every option also reads VAULT_EDGE_<OPTION> (e.g. VAULT_EDGE_DB, VAULT_EDGE_PORT,
+    VAULT_EDGE_AUDIT_FILE, VAULT_EDGE_METRICS_TOKEN); the flag wins."""
     import uvicorn
 
+    from vault_edge import logs
     from vault_edge.server.app import create_app
     from vault_edge.server.settings import Settings
 
@@ -49,8 +64,10 @@ def server(dev: bool, dev_token: str | None, db: str | None, host: str | None, p
         raise CliError("give both --tls-cert and --tls-key")
     overrides: dict[str, Any] = {k: v for k, v in {
         "db": db, "host": host, "port": port, "tls_cert": tls_cert, "tls_key": tls_key, "dev": dev or None,
-        "dev_token": dev_token, **seal}.items() if v is not None}
+        "dev_token": dev_token, "access_log": access_log, "metrics_token": metrics_token, "audit_file": audit_file,
+        "audit_stdout": audit_stdout, **seal}.items() if v is not None}
     settings = Settings(**overrides)
+    logs.setup(log_level, log_format)
     tmpdir = None
     if settings.dev and not settings.db:
         tmpdir = tempfile.mkdtemp(prefix="vault-edge-dev-")
@@ -62,14 +79,23 @@ def server(dev: bool, dev_token: str | None, db: str | None, host: str | None, p
             app = create_app(settings, on_ready=_dev_bootstrap(settings) if settings.dev else None)
         except SealError as exc:
             raise CliError(str(exc)) from None
+        except ModuleNotFoundError as exc:
+            if (exc.name or "").startswith("psycopg"):
+                raise CliError("the PostgreSQL driver is not installed: pip install 'vault-edge[postgres]'") from None
+            raise
+        except OSError as exc:
+            if settings.audit_file and exc.filename == settings.audit_file:
+                raise CliError(f"cannot open the audit file {settings.audit_file}: {exc.strerror}") from None
+            raise CliError(f"cannot open the database: {exc.strerror or exc}") from None
         except Exception as exc:  # a bad --db URL, an unreachable database, a failed migration
             first_line = (str(exc).splitlines() or [""])[0][:200]
             raise CliError(f"cannot open the database: {type(exc).__name__}: {first_line}") from None
         # uvicorn re-raises the signal it stopped on; turn it into SystemExit so `finally` runs
         signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
-        config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=log_level,
-                                ssl_certfile=settings.tls_cert, ssl_keyfile=settings.tls_key,
-                                timeout_graceful_shutdown=5)
+        # uvicorn's loggers propagate to the root handler logs.setup() installed: one format for all
+        config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=log_level, log_config=None,
+                                access_log=settings.access_log, ssl_certfile=settings.tls_cert,
+                                ssl_keyfile=settings.tls_key, timeout_graceful_shutdown=5)
         _server_class()(config).run()
     finally:
         if tmpdir:

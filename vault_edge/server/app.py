@@ -29,6 +29,7 @@ from vault_edge.server.context import Context
 from vault_edge.server.errors import ApiError, body
 from vault_edge.server.fastpath import SyncFastPath
 from vault_edge.server.hub import Hub
+from vault_edge.server.metrics import authorized, install
 from vault_edge.server.routes import admin, agent, rotation, secrets, sys
 from vault_edge.server.routes import seal as seal_routes
 from vault_edge.server.scheduler import Scheduler
@@ -158,6 +159,33 @@ def _audit_refusal(ctx: Context, request: Request, exc: ApiError) -> None:
     )
 
 
+def _open_audit_sinks(ctx: Context, settings: Settings) -> None:
+    """Audit sinks beside the database (``--audit-file``, ``--audit-stdout``); a file that cannot be
+    opened stops the start (OSError), rather than running without the sink the operator asked for."""
+    from vault_edge.server.audit import FileSink, StdoutSink
+
+    if settings.audit_file:
+        ctx.auditor.sinks.append(FileSink(settings.audit_file))
+    if settings.audit_stdout:
+        ctx.auditor.sinks.append(StdoutSink())
+
+
+def _startup_line(ctx: Context, settings: Settings) -> None:
+    """One line an operator (or a log search) finds at every start: version, address, database (its
+    password hidden), seal type and state, audit sinks."""
+    scheme = "https" if settings.tls_cert else "http"
+    host = f"[{settings.host}]" if ":" in settings.host else settings.host
+    state = "unsealed" if not ctx.barrier.sealed else "sealed"
+    if ctx.seal_error:
+        state += f" ({ctx.seal_error[:200]})"
+    sinks = [s for s, on in (("file " + str(settings.audit_file), settings.audit_file),
+                             ("stdout", settings.audit_stdout)) if on]
+    log.info("vault-edge %s control plane on %s://%s:%d; database %s; seal %s, %s; audit sinks: %s",
+             __version__, scheme, host, settings.port,
+             ctx.store.engine.url.render_as_string(hide_password=True), settings.seal, state,
+             ", ".join(sinks) or "database only")
+
+
 def create_app(settings: Settings | None = None, store: Store | None = None, barrier: Barrier | None = None,
                on_ready: Any = None) -> FastAPI:
     settings = settings or Settings()
@@ -183,6 +211,8 @@ def create_app(settings: Settings | None = None, store: Store | None = None, bar
         lambda: float(enrolments.active))
     Gauge("vault_edge_enrolments_shed", "enrolments refused with 503 (over the in-flight limit) since start",
           registry=registry).set_function(lambda: float(enrolments.shed))
+    install(registry, ctx, scheduler, contacts)  # fleet gauges, propagation lag, audit and rotation counters
+    _open_audit_sinks(ctx, settings)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -194,6 +224,7 @@ def create_app(settings: Settings | None = None, store: Store | None = None, bar
         scheduler.start()
         if on_ready is not None:
             await asyncio.to_thread(on_ready, ctx)
+        _startup_line(ctx, settings)
         try:
             yield
         finally:
@@ -208,7 +239,9 @@ def create_app(settings: Settings | None = None, store: Store | None = None, bar
     ui.mount(app)  # the fleet console at /ui
 
     @app.get("/metrics", include_in_schema=False)
-    def metrics() -> Response:
+    def metrics(request: Request) -> Response:
+        if not authorized(request.headers.get("authorization"), settings.metrics_token):
+            return error(401, "unauthorized", "give Authorization: Bearer <the --metrics-token>")
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.exception_handler(ApiError)

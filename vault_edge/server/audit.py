@@ -15,6 +15,8 @@ import hashlib
 import hmac
 import json
 import logging
+import os
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -120,12 +122,82 @@ def chain_head(entries: Iterable[Any]) -> tuple[int, bytes, str | None]:
     return count, prev, None
 
 
+def sink_line(seq: int | None, at: float, actor: str, action: str, target: str, outcome: str, detail: str,
+              digest: bytes | None) -> bytes:
+    """An entry as one JSON line for a sink: what the database holds (``detail`` parsed back to an
+    object), with ``hash`` (hex) so a line can be matched against ``audit verify``'s chain. ``seq`` and
+    ``hash`` are null for events while sealed (kept outside the chain)."""
+    doc = {"type": "audit", "seq": seq, "time": round(at, 6),
+           "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(at)) + f".{int(at % 1 * 1000):03d}Z",
+           "actor": actor, "action": action, "target": target, "outcome": outcome,
+           "detail": json.loads(detail) if detail else {}, "hash": digest.hex() if digest is not None else None}
+    return json.dumps(doc, ensure_ascii=False, separators=(",", ":")).encode() + b"\n"
+
+
+class FileSink:
+    """Appends each committed entry to a JSON-lines file (created 0600), fsync'd before the request
+    that made it returns, so a SIEM tailing it loses nothing the database kept. A failed write is
+    logged (once per failure streak) and never fails the request: the database stays the record."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._lock = threading.Lock()
+        self._failing = False
+        self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+
+    def __call__(self, line: bytes) -> None:
+        with self._lock:
+            try:
+                os.write(self._fd, line)
+                os.fsync(self._fd)
+                self._failing = False
+            except OSError as exc:
+                if not self._failing:
+                    log.error("audit file sink %s: write failed (%s); entries stay in the database",
+                              self.path, exc.strerror or exc)
+                self._failing = True
+
+    def close(self) -> None:
+        os.close(self._fd)
+
+
+class StdoutSink:
+    """Writes each committed entry to stdout as one JSON line (logs go to stderr), for a collector that
+    reads the process's output (journald, a Kubernetes log agent)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+
+    def __call__(self, line: bytes) -> None:
+        with self._lock:
+            try:
+                sys.stdout.buffer.write(line)
+                sys.stdout.buffer.flush()
+            except (OSError, ValueError):
+                pass
+
+
 class Auditor:
     def __init__(self, store: Store, barrier: Barrier, clock: Callable[[], float] = time.time) -> None:
         self.store = store
         self.barrier = barrier
         self.clock = clock
         self.throttle = RefusalThrottle()
+        # Beside the database: each committed entry, as a JSON line (FileSink, StdoutSink). Counted by
+        # action and outcome for the metrics (``counts``), after commit too.
+        self.sinks: list[Callable[[bytes], None]] = []
+        self.counts: dict[tuple[str, str], int] = {}
+        self._count_lock = threading.Lock()
+
+    def _committed(self, seq: int | None, at: float, actor: str, action: str, target: str, outcome: str,
+                   detail: str, digest: bytes | None) -> None:
+        key = (action, outcome)
+        with self._count_lock:  # commits come from many threads
+            self.counts[key] = self.counts.get(key, 0) + 1
+        if self.sinks:
+            line = sink_line(seq, at, actor, action, target, outcome, detail, digest)
+            for sink in self.sinks:
+                sink(line)
 
     def record(
         self, tx: Tx, actor: str, action: str, target: str = "", outcome: str = "ok", **detail: Any
@@ -136,6 +208,7 @@ class Auditor:
         keys = self.barrier.keys_or_none()
         if keys is None:  # sealed: nothing can MAC it, so it stays out of the chain
             tx.insert_sealed_event(at, actor[:128], action, outcome, detail_s)
+            tx.after_commit.append(lambda: self._committed(None, at, actor[:128], action, "", outcome, detail_s, None))
             log.info("audit (sealed) %s %s %s", actor, action, outcome)
             return
         seq, prev = tx.next_audit_seq()
@@ -146,6 +219,7 @@ class Auditor:
         digest = hashlib.sha256((bytes(prev.hash) if prev else b"") + entry).digest()
         mac = entry_mac(keys.audit.reveal(), digest)
         tx.insert_audit(AuditEntry(seq, at, actor, action, target, outcome, detail_s, digest, mac))
+        tx.after_commit.append(lambda: self._committed(seq, at, actor, action, target, outcome, detail_s, digest))
         log.info("audit %s %s %s %s", actor, action, target, outcome)
 
     def record_alone(

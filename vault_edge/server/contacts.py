@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 
 from vault_edge import wire
 from vault_edge.server.context import Context
@@ -27,6 +28,7 @@ class ContactLog:
         self._pending: list[Pending] = []
         self._writer: asyncio.Task[None] | None = None
         self.batches = 0
+        self.on_applied: Callable[[dict[str, int]], None] | None = None  # after commit: node → applied revision
 
     async def record(self, node_id: str, nonce: str, applied: int) -> bool:
         """Spend ``nonce`` and record contact; False if the nonce was already spent (a replay)."""
@@ -67,4 +69,6 @@ class ContactLog:
                     applied[n] = max(applied.get(n, 0), a)
             tx.touch_nodes([(n, now, a) for n, a in applied.items()])
         self.batches += 1
+        if self.on_applied is not None and applied:
+            self.on_applied(applied)
         return fresh

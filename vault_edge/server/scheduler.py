@@ -35,6 +35,7 @@ class Scheduler:
         # The last failures (at, what, secret name, error class), for the console; never a message,
         # which could quote anything.
         self.failures: deque[tuple[float, str, str, str]] = deque(maxlen=50)
+        self.failed = 0  # failures since start (the metrics' counter; the deque keeps only the last)
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="vault-edge-scheduler", daemon=True)
@@ -53,6 +54,7 @@ class Scheduler:
                 self.tick()
             except Exception as exc:
                 log.exception("scheduler tick failed")
+                self.failed += 1
                 self.failures.append((self.ctx.clock(), "tick", "", type(exc).__name__))
 
     def tick(self) -> None:
@@ -82,6 +84,7 @@ class Scheduler:
                     done += secrets.rotate_if_due(self.ctx, SCHEDULER, s.name, claim)
             except Exception as exc:  # one secret's failure must not stop the others' rotations
                 self.failures.append((now, "rotation", s.name, type(exc).__name__))
+                self.failed += 1
                 retry_at = now + min(RETRY_AFTER_S, s.rotate_every_s)
                 log.exception("scheduled rotation of %s failed; retrying in %ds", s.name, retry_at - now)
                 try:  # back off, so a secret that always fails cannot hog every tick

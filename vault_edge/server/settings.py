@@ -37,3 +37,10 @@ class Settings(BaseSettings):
     pkcs11_key_label: str | None = None
     pkcs11_pin_file: str | None = None
     pkcs11_generate_key: bool = False  # make the AES key in the token when it is missing
+    # Day-2 operations (README "Operating it"): /metrics behind a bearer token when set; audit sinks
+    # beside the database (a JSON-lines file, appended and fsync'd; stdout); one line per HTTP request
+    # only when asked (a long-poll per node per change is noise).
+    metrics_token: str | None = None
+    audit_file: str | None = None
+    audit_stdout: bool = False
+    access_log: bool = False

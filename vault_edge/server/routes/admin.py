@@ -83,6 +83,13 @@ def list_tokens(who: Principal = Depends(principal), ctx: Context = Depends(get_
     return tokens.list_tokens(ctx, who)
 
 
+@router.get("/tokens/self")
+def lookup_self(who: Principal = Depends(principal)) -> dict[str, Any]:
+    """The token this request carries (`vault-edge token lookup`, `login`): any valid token may ask."""
+    return {"id": who.id, "name": who.name, "actor": who.actor, "prefixes": list(who.prefixes),
+            "verbs": list(who.verbs), "expires_at": who.expires_at}
+
+
 @router.delete("/tokens/{token_id}")
 def revoke_token(token_id: str, who: Principal = Depends(principal), ctx: Context = Depends(get_ctx)) -> dict[str, Any]:
     return tokens.revoke(ctx, who, token_id)

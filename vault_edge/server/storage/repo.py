@@ -141,6 +141,8 @@ class Store:
                     text("SELECT pg_notify(:ch, :payload)"),
                     {"ch": NOTIFY_CHANNEL, "payload": encode_notice(tx.revision, tx.changed_regions)},
                 )
+        for fn in tx.after_commit:
+            fn()
         if tx.changed_regions is not None:
             for listener in self._listeners:
                 listener(tx.revision, frozenset(tx.changed_regions))
@@ -198,6 +200,7 @@ class Tx:
         # How far this process had read the change log when this transaction began: its snapshot shows
         # at least that much (see ChangeIndex).
         self._changes_floor = store.changes.read_to
+        self.after_commit: list[Callable[[], None]] = []  # run once this transaction has committed
 
     def keys(self) -> RowKeys:
         return self._keys or self.store.row_keys()

@@ -1,0 +1,196 @@
+"""The CLI's conventions (issue 13, Vault's where they exist), against a real server process:
+status exit codes, usage errors, the global --output and VAULT_EDGE_FORMAT, --addr and --ca-cert,
+login and token lookup, whole IDs in piped tables, audit --follow, truthful TLS errors, completion."""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+import json
+import os
+import queue
+import subprocess
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import cli, free_port, stop_process, vault_edge_cmd
+
+
+@pytest.fixture
+def vault(start_server: Any, sqlite_url: str, tmp_path: Path) -> dict[str, Any]:
+    server = start_server(sqlite_url)
+    # no token in the environment unless a test puts one: login's file is per test
+    env = {"VAULT_EDGE_ADDR": server.addr, "VAULT_EDGE_TOKEN": "", "VAULT_EDGE_TOKEN_FILE": str(tmp_path / "tok"),
+           "VAULT_EDGE_FORMAT": ""}
+    r = cli("status", env=env)
+    assert r.returncode == 2, r.stderr  # not initialized: sealed
+    doc = json.loads(cli("init", "--shares", "1", "--threshold", "1", "-o", "json", env=env).stdout)
+    r = cli("status", "-o", "json", env=env)
+    assert r.returncode == 2 and json.loads(r.stdout)["sealed"] is True  # the document, and exit 2
+    assert cli("unseal", doc["shares"][0], env=env).returncode == 0
+    r = cli("status", env=env)
+    assert r.returncode == 0 and b"sealed" in r.stdout
+    return {"server": server, "env": env, "token": doc["root_token"], "tmp": tmp_path}
+
+
+def test_login_stores_the_token_and_later_verbs_use_it(vault: dict[str, Any]) -> None:
+    env, token_file = vault["env"], vault["tmp"] / "tok"
+    r = cli("region", "list", env=env)
+    assert r.returncode == 1 and r.stderr.startswith(b"error: ")  # no token yet
+    r = cli("login", "vet_not-a-token", env=env)
+    assert r.returncode == 1 and not token_file.exists()  # a refused token is never stored
+    r = cli("login", "-", env=env, input=(vault["token"] + "\n").encode())
+    assert r.returncode == 0 and b"Logged in as" in r.stdout and vault["token"].encode() not in r.stdout, r.stderr
+    assert oct(token_file.stat().st_mode & 0o777) == "0o600" and token_file.read_text().strip() == vault["token"]
+    assert cli("region", "create", "eu", env=env).returncode == 0
+    doc = json.loads(cli("token", "lookup", "-o", "json", env=env).stdout)
+    assert doc["name"] == "root" and "admin" in doc["verbs"] and doc["expires_at"] is None
+    # VAULT_EDGE_TOKEN still wins over the file
+    r = cli("token", "lookup", env={**env, "VAULT_EDGE_TOKEN": "vet_wrong"})
+    assert r.returncode == 1 and b"invalid or revoked token" in r.stderr
+
+
+def test_global_output_format_env_and_usage_errors(vault: dict[str, Any]) -> None:
+    env = {**vault["env"], "VAULT_EDGE_TOKEN": vault["token"]}
+    assert cli("region", "create", "eu", env=env).returncode == 0
+    for args, extra in ((["-o", "json", "region", "list"], {}), (["region", "list"], {"VAULT_EDGE_FORMAT": "json"})):
+        r = cli(*args, env={**env, **extra})
+        assert r.returncode == 0 and json.loads(r.stdout)["regions"][0]["name"] == "eu", (args, r.stderr)
+    r = cli("region", "list", "-o", "table", env={**env, "VAULT_EDGE_FORMAT": "json"})  # the verb's flag wins
+    assert r.returncode == 0 and not r.stdout.startswith(b"{")
+    # usage errors: exit 2, before anything is sent
+    assert cli("region", "list", env={**env, "VAULT_EDGE_FORMAT": "yaml"}).returncode == 2
+    assert cli("put", "a/b", "v", "--from-file", "/etc/hostname", env=env).returncode == 2
+    assert cli("put", "a/b", "--generate", "8:hex", "v", env=env).returncode == 2
+    assert cli("put", "a/b", env=env, input=b"").returncode == 2
+    assert cli("init", "--group", "two-of-three", env=env).returncode == 2
+    assert cli("no-such-verb", env=env).returncode == 2
+    assert cli("--ca-cert", "/nonexistent.pem", "status", env=env).returncode == 2
+    # --addr wins over VAULT_EDGE_ADDR
+    r = cli("--addr", vault["server"].addr, "status", env={**env, "VAULT_EDGE_ADDR": "http://127.0.0.1:1"})
+    assert r.returncode == 0, r.stderr
+    r = cli("--addr", "http://127.0.0.1:1", "status", env=env)
+    assert r.returncode == 1 and b"127.0.0.1:1" in r.stderr
+
+
+def test_piped_tables_keep_whole_ids(vault: dict[str, Any]) -> None:
+    env = {**vault["env"], "VAULT_EDGE_TOKEN": vault["token"], "COLUMNS": "40"}
+    name = "a-rather-long-token-name-for-a-narrow-terminal-" + "x" * 40
+    made = json.loads(cli("token", "create", "--name", name, "--verb", "read", "-o", "json", env=env).stdout)
+    r = cli("token", "list", env=env)
+    assert r.returncode == 0
+    rows = [line for line in r.stdout.decode().splitlines() if made["id"] in line]
+    assert len(rows) == 1 and name in rows[0]  # whole, on one line, however narrow COLUMNS says
+
+
+def test_audit_follow_prints_new_entries_as_json_lines(vault: dict[str, Any]) -> None:
+    env = {**os.environ, **vault["env"], "VAULT_EDGE_TOKEN": vault["token"]}
+    lines: queue.Queue[bytes] = queue.Queue()
+    with subprocess.Popen([*vault_edge_cmd(), "audit", "--follow", "-o", "json", "--limit", "1"],
+                          env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL) as proc:
+        assert proc.stdout is not None
+        threading.Thread(target=lambda: [lines.put(x) for x in proc.stdout], daemon=True).start()  # type: ignore[union-attr]
+        try:
+            first = json.loads(lines.get(timeout=15))  # the last entry so far
+            assert first["action"] == "sys.unseal"
+            op_env = {**vault["env"], "VAULT_EDGE_TOKEN": vault["token"]}
+            assert cli("region", "create", "eu", env=op_env).returncode == 0
+            new = json.loads(lines.get(timeout=15))
+            assert new["action"] == "region.create" and new["target"] == "eu" and new["seq"] == first["seq"] + 1
+        finally:
+            proc.terminate()
+
+
+def test_help_documents_the_environment_and_completion() -> None:
+    r = cli("--help")
+    assert r.returncode == 0
+    for var in ("VAULT_EDGE_ADDR", "VAULT_EDGE_CACERT", "VAULT_EDGE_TOKEN", "VAULT_EDGE_TOKEN_FILE",
+                "VAULT_EDGE_FORMAT", "VAULT_EDGE_SOCKET", "VAULT_EDGE_PASSPHRASE", "_VAULT_EDGE_COMPLETE"):
+        assert var in r.stdout.decode(), var
+    r = cli(env={"_VAULT_EDGE_COMPLETE": "bash_source"})
+    assert r.returncode == 0 and b"complete " in r.stdout and b"_VAULT_EDGE_COMPLETE" in r.stdout
+
+
+def _self_signed(tmp: Path) -> tuple[Path, Path]:
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "vault-edge test")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), True)
+            .sign(key, hashes.SHA256()))
+    cert_path, key_path = tmp / "cert.pem", tmp / "key.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    return cert_path, key_path
+
+
+def test_a_tls_failure_names_the_certificate_problem_and_the_ca_option(sqlite_url: str, tmp_path: Path) -> None:
+    cert, key = _self_signed(tmp_path)
+    port = free_port()
+    addr = f"https://127.0.0.1:{port}"
+    with open(tmp_path / "server.log", "wb") as log:
+        proc = subprocess.Popen([*vault_edge_cmd(), "server", "--db", sqlite_url, "--port", str(port), "--tls-cert",
+                                 str(cert), "--tls-key", str(key)], stdout=log, stderr=subprocess.STDOUT)
+    try:
+        _tls_checks(addr, cert, proc)
+    finally:
+        stop_process(proc)
+
+
+def _tls_checks(addr: str, cert: Path, proc: subprocess.Popen[bytes]) -> None:
+    import ssl
+    import time
+
+    import httpx
+
+    deadline = time.monotonic() + 30
+    while True:
+        assert proc.poll() is None and time.monotonic() < deadline, "the TLS server did not start"
+        try:
+            httpx.get(addr + "/v1/sys/status", verify=ssl.create_default_context(cafile=str(cert)), timeout=1)
+            break
+        except httpx.TransportError:
+            time.sleep(0.1)
+    env = {"VAULT_EDGE_ADDR": addr, "VAULT_EDGE_CACERT": "", "SSL_CERT_FILE": ""}
+    r = cli("status", env=env)
+    assert r.returncode == 1 and r.stderr.decode().count("\n") == 1, r.stderr
+    assert b"certificate verify failed" in r.stderr and b"--ca-cert" in r.stderr and b"VAULT_EDGE_CACERT" in r.stderr
+    r = cli("--ca-cert", str(cert), "status", env=env)
+    assert r.returncode == 2, r.stderr  # reached it: not initialized, so sealed
+    r = cli("status", env={**env, "VAULT_EDGE_CACERT": str(cert)})
+    assert r.returncode == 2, r.stderr
+
+
+def test_a_postgresql_url_without_its_driver_says_what_to_install() -> None:
+    code = ("import sys; sys.modules['psycopg'] = None; "  # as if vault-edge[postgres] were not installed
+            "sys.argv = ['vault-edge', 'server', '--db', 'postgresql://u:pw@127.0.0.1:1/x', '--port', '0']; "
+            "from vault_edge.cli.entry import main; main()")
+    r = subprocess.run([*vault_edge_cmd()[:1], "-c", code], capture_output=True, timeout=60)
+    assert r.returncode == 1 and r.stderr.decode().splitlines()[-1] == (
+        "error: the PostgreSQL driver is not installed: pip install 'vault-edge[postgres]'"), r.stderr
+    assert b"pw" not in r.stderr
+
+
+def test_agent_run_metrics_and_log_options_are_checked_as_usage() -> None:
+    env = {"VAULT_EDGE_SOCKET": "", "VAULT_EDGE_ADDR": ""}
+    base = ["agent", "run", "--state-dir", "/nonexistent/s", "--socket", "/nonexistent/a.sock"]
+    for bad in (["--metrics-addr", "localhost:http"], ["--metrics-addr", "70000"], ["--log-format", "xml"]):
+        r = cli(*base, *bad, env=env)
+        assert r.returncode == 2, (bad, r.stderr)
+    r = cli(*base, env={**env, "VAULT_EDGE_LOG_FORMAT": "xml"})
+    assert r.returncode == 2 and b"--log-format" in r.stderr
+    r = cli("agent", "run", "--help")
+    for option in ("--metrics-addr", "--metrics-token", "--log-format", "VAULT_EDGE_METRICS_TOKEN", "SIGHUP"):
+        assert option.encode() in r.stdout, option
