@@ -30,7 +30,8 @@ MAC_SIZE = 32
 Field = str | int | float | bytes | tuple[str, ...] | None
 
 # The purposes that have a key; each is its own HKDF label, so one key never checks another's rows.
-PURPOSES = ("operator-token", "join-token", "node", "stage", "secret", "revocation", "change", "token-digest")
+PURPOSES = ("operator-token", "join-token", "node", "stage", "secret", "revocation", "change", "token-digest",
+            "egress")
 _PREFIX = b"vault-edge/v1/row/"
 
 

@@ -29,7 +29,7 @@ from vault_edge.server.context import Context
 from vault_edge.server.errors import ApiError, body
 from vault_edge.server.fastpath import SyncFastPath
 from vault_edge.server.hub import Hub
-from vault_edge.server.routes import admin, agent, secrets, sys
+from vault_edge.server.routes import admin, agent, egress, secrets, sys
 from vault_edge.server.routes import seal as seal_routes
 from vault_edge.server.scheduler import Scheduler
 from vault_edge.server.settings import Settings
@@ -203,7 +203,7 @@ def create_app(settings: Settings | None = None, store: Store | None = None, bar
     app = FastAPI(title="vault-edge control plane", version=__version__, lifespan=lifespan)
     app.state.ctx, app.state.hub, app.state.scheduler, app.state.contacts = ctx, hub, scheduler, contacts
     app.state.enrolments = enrolments
-    for router in (sys.router, seal_routes.router, secrets.router, admin.router, agent.router):
+    for router in (sys.router, seal_routes.router, secrets.router, admin.router, agent.router, egress.router):
         app.include_router(router)
     ui.mount(app)  # the fleet console at /ui
 

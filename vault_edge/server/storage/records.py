@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from vault_edge.wire.egress import Route
+
 
 @dataclass(frozen=True)
 class Region:
@@ -134,3 +136,14 @@ class AuditEntry:
     detail: str
     hash: bytes
     mac: bytes | None
+
+
+@dataclass(frozen=True)
+class EgressRoute:
+    """An egress route as stored (its MAC checked): ``route`` is the wire route (``wire/egress.py``)."""
+
+    name: str
+    route: Route
+    regions: tuple[str, ...]  # ("*",) means every region, present and future
+    created_at: float
+    revision: int
