@@ -103,6 +103,14 @@ def parser() -> argparse.ArgumentParser:
                    type=_positive_duration,
                    help="give up waiting for an enrolment answer after this long and retry, with the same token "
                         "and keys (default: 30s)")
+    p.add_argument("--egress-ca", metavar="FILE", type=_existing_file,
+                   help="CA bundle for egress upstreams (default: the system's CAs)")
+    p.add_argument("--egress-timeout", metavar="DUR", default="60s", type=_positive_duration,
+                   help="egress: give up connecting to, writing to or waiting on an upstream after this (default: 60s)")
+    p.add_argument("--egress-max-body", metavar="BYTES", default=8 << 20, type=_positive_int,
+                   help="egress: largest request body a worker may send (default: 8 MiB)")
+    p.add_argument("--egress-max-answer", metavar="BYTES", default=64 << 20, type=_positive_int,
+                   help="egress: most answer bytes relayed from an upstream (default: 64 MiB)")
     p.add_argument("--log-level", choices=LOG_LEVELS, default="info", help="(default: info)")
     return p
 
@@ -116,10 +124,12 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         stream=sys.stderr)
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per long-poll is noise
+    logging.getLogger("httpcore").setLevel(logging.WARNING)  # its debug lines name egress requests
     join_token = args.join_token
     if args.join_token_file and not join_token and Path(args.join_token_file).is_file():
         join_token = Path(args.join_token_file).read_text().strip()
 
+    from vault_edge.agent.egress import EgressSettings
     from vault_edge.agent.run import AgentConfig, AgentError
     from vault_edge.agent.run import main as run_agent
 
@@ -130,6 +140,8 @@ def main(argv: list[str] | None = None) -> int:
         stale_after=float(args.stale_after), wait=float(args.wait), tls_ca=args.tls_ca,
         idle_timeout=float(args.idle_timeout), max_conns_per_uid=args.max_conns_per_uid,
         enroll_timeout=float(args.enroll_timeout),
+        egress=EgressSettings(ca_file=args.egress_ca, timeout=float(args.egress_timeout),
+                              max_body=args.egress_max_body, max_answer=args.egress_max_answer),
     )
     try:
         return run_agent(cfg)
