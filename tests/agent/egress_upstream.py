@@ -17,6 +17,7 @@ import contextlib
 import datetime
 import ipaddress
 import json
+import socket
 import ssl
 import threading
 import time
@@ -163,7 +164,13 @@ class _Handler(BaseHTTPRequestHandler):
 
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
+    block_on_close = False
     upstream: Upstream
+
+    def get_request(self) -> Any:
+        conn, addr = super().get_request()
+        self.upstream.conns.append(conn)
+        return conn, addr
 
 
 class Upstream:
@@ -172,6 +179,7 @@ class Upstream:
     def __init__(self, cert: Path, key: Path) -> None:
         self.seen: list[Seen] = []
         self.aborted = 0  # streams the agent hung up on
+        self.conns: list[Any] = []
         self._lock = threading.Lock()
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         ctx.load_cert_chain(cert, key)
@@ -192,5 +200,9 @@ class Upstream:
             return self.seen[-1]
 
     def close(self) -> None:
+        """Stop listening and drop the connections kept alive: the upstream is down."""
         self.server.shutdown()
         self.server.server_close()
+        for conn in self.conns:
+            with contextlib.suppress(OSError):
+                conn.shutdown(socket.SHUT_RDWR)

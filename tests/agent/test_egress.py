@@ -418,3 +418,14 @@ def test_egress_needs_no_environment(monkeypatch: pytest.MonkeyPatch, make_agent
     agent = make_agent([route("api", upstream.url)])
     assert agent.call("GET", "/v1/egress/api/ok")[0] == 200
     assert os.environ["HTTPS_PROXY"]
+
+
+def test_expect_100_continue_is_answered(make_agent: Callable[..., Agent], upstream: Upstream) -> None:
+    agent = make_agent([route("api", upstream.url)])
+    conn = agent.conn()
+    conn.send(b"POST /v1/egress/api/echo HTTP/1.1\r\nHost: a\r\nExpect: 100-continue\r\nContent-Length: 4\r\n\r\n")
+    assert conn.head()[0] == 100
+    conn.send(b"body")
+    status, _, body = conn.response()
+    assert status == 200 and json.loads(body)["body"] == "body"
+    assert upstream.last().header("Expect") == []

@@ -267,10 +267,15 @@ class Egress:
 
         s = self.settings
         t = s.timeout
-        request = httpx.Request(call.method, call.url, headers=call.headers,
-                                content=body if body or call.method in ("POST", "PUT", "PATCH") else None,
-                                extensions={"timeout": {"connect": t, "read": t, "write": t, "pool": t}})
         close = b"" if call.keep_alive else b"Connection: close\r\n"
+        try:
+            request = httpx.Request(call.method, call.url, headers=call.headers,
+                                    content=body if body or call.method in ("POST", "PUT", "PATCH") else None,
+                                    extensions={"timeout": {"connect": t, "read": t, "write": t, "pool": t}})
+        except (httpx.InvalidURL, ValueError, TypeError):
+            yield self.error(400, "bad_request", f"egress route {call.route!r}: the request cannot be sent upstream "
+                             "(an invalid URL or header)", close=not call.keep_alive)
+            return
         try:
             resp = await self._client().handle_async_request(request)
         except httpx.TimeoutException:

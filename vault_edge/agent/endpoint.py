@@ -91,6 +91,7 @@ REASONS: Final = {
     505: "HTTP Version Not Supported",
 }
 STATUS_LINE: Final = {code: f"HTTP/1.1 {code} {reason}\r\n".encode() for code, reason in REASONS.items()}
+_EXPECT_CONTINUE = re.compile(rb"\r\nexpect:[ \t]*100-continue", re.IGNORECASE)
 _TARGET_RE = re.compile(rb"/[\x21-\x7e]*|https?://[\x21-\x7e]+")  # origin- or absolute-form, visible ASCII
 
 
@@ -656,6 +657,8 @@ class _Conn(asyncio.Protocol):
                     take = min(req.body_len, len(buf) - pos)
                     self.body, self.body_need = bytearray(buf[pos : pos + take]), req.body_len - take
                     pos += take
+                    if self.body_need and _EXPECT_CONTINUE.search(head):
+                        out.append(b"HTTP/1.1 100 Continue\r\n\r\n")  # curl waits a second for it otherwise
                     if out:
                         transport.write(b"".join(out))
                         out.clear()
