@@ -30,6 +30,7 @@ from tests.conftest import signed_headers as _signed_headers
 from vault_edge import wire
 from vault_edge.crypto import signing
 from vault_edge.server import deps
+from vault_edge.server.routes.egress import EgressCreate
 from vault_edge.server.schemas import (
     InitRequest,
     JoinTokenRequest,
@@ -66,6 +67,8 @@ EXAMPLES: dict[type[BaseModel], dict[str, Any]] = {
     SharesRequest: {"shares": ["not a share at all"]},
     RekeyRequest: {"shares": ["not a share at all"], "new_shares": 3, "new_threshold": 2},
     SealMigrateRequest: {"shares": ["not a share at all"], "to": "shamir"},
+    EgressCreate: {"name": "zz", "upstream": "https://api.example.com", "secret": "keep/me",
+                   "inject": ["header:Authorization=Bearer {value}"]},
 }
 # Path parameters: a value that exists (after seeding) and one that does not.
 PATH_VALUES = {
@@ -74,7 +77,8 @@ PATH_VALUES = {
     "token_id": ("0123456789abcdef", "0123456789abcdef"),
 }
 # Routes whose path parameter is not a secret name.
-ROUTE_PATH_VALUES = {"/v1/regions/{name}/rekey": {"name": ("eu", "nowhere")}}
+ROUTE_PATH_VALUES = {"/v1/regions/{name}/rekey": {"name": ("eu", "nowhere")},
+                     "/v1/egress/{name}": {"name": ("zz", "nowhere")}}
 # The one route where an unknown path name is not an error: PUT creates the secret.
 CREATES = {("PUT", "/v1/secrets/{name:path}")}
 
