@@ -429,3 +429,13 @@ def test_expect_100_continue_is_answered(make_agent: Callable[..., Agent], upstr
     status, _, body = conn.response()
     assert status == 200 and json.loads(body)["body"] == "body"
     assert upstream.last().header("Expect") == []
+
+
+def test_a_refused_call_with_a_body_gets_its_refusal(make_agent: Callable[..., Agent], upstream: Upstream) -> None:
+    policy = Policy(parse_rules({"rule": [{"uid": ME.uid, "secrets": ["*"]}]}))
+    agent = make_agent([route("api", upstream.url)], policy)
+    conn = agent.conn()
+    status, _, body = conn.request("POST", "/v1/egress/api/echo", body=b'{"a": 1}')
+    assert status == 403 and json.loads(body)["error"]["code"] == "forbidden"
+    assert conn.request("GET", "/v1/health")[0] == 200  # the body was read: the connection is still in step
+    assert upstream.seen == []

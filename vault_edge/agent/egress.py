@@ -145,12 +145,23 @@ class Egress:
         try:
             call = self._plan(req, caller)
         except _Refusal as r:
-            return Answer(self.error(r.status, r.code, str(r), extra=r.extra), False)
+            return self._refuse(req, self.error(r.status, r.code, str(r), extra=r.extra, close=not req.keep_alive))
         except Exception as exc:  # a bug costs this request, and says nothing of its content
             log.error("internal error routing an egress request (%s)", type(exc).__name__)
-            return Answer(self.error(500, "internal", "internal error"), False)
+            return self._refuse(req, self.error(500, "internal", "internal error", close=not req.keep_alive))
         ex = Exchange(self.settings.max_body, lambda body: self._run(ex, call, body))
         return ex
+
+    def _refuse(self, req: Request, data: bytes) -> Answer | Exchange:
+        """A refusal; for a request with a body, as an Exchange, so that the body is read (and dropped)
+        and the worker gets the refusal itself, not a 413 for a body the agent did not want."""
+        if not req.body_len:
+            return Answer(data, False)
+
+        async def once(_body: bytes) -> AsyncIterator[bytes]:
+            yield data
+
+        return Exchange(self.settings.max_body, once)
 
     def _plan(self, req: Request, caller: Caller) -> _Call:
         self._index()
