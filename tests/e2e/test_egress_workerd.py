@@ -69,7 +69,7 @@ def test_workerd_workers_call_the_upstream_without_the_key(control_plane: Contro
         policy.write_text("".join(f'[[rule]]\ntoken_sha256 = "{hashlib.sha256(t.encode()).hexdigest()}"\n'
                                   'egress = ["openai"]\n\n' for t in TOKENS.values()))
         agent = start_agent("eu1", "eu", "--policy", str(policy), "--egress-ca", str(ca))
-        port = free_port()
+        port, port2 = free_port(), free_port()
         (workdir / "worker.js").write_text(WORKER)
         sock = agent.socket
         (workdir / "config.capnp").write_text(f"""
@@ -85,7 +85,7 @@ const config :Workerd.Config = (
   ],
   sockets = [
     (name = "proxy", address = "127.0.0.1:{port}", http = (), service = "proxy"),
-    (name = "binding", address = "127.0.0.1:{port + 1}", http = (), service = "binding"),
+    (name = "binding", address = "127.0.0.1:{port2}", http = (), service = "binding"),
   ],
 );
 const proxied :Workerd.Worker = (
@@ -103,7 +103,7 @@ const bound :Workerd.Worker = (
             proc = subprocess.Popen([workerd, "serve", str(workdir / "config.capnp")], stdout=log,
                                     stderr=subprocess.STDOUT)
         results = {}
-        for name, p, path in (("proxy", port, "/proxy"), ("binding", port + 1, "/binding")):
+        for name, p, path in (("proxy", port, "/proxy"), ("binding", port2, "/binding")):
             deadline = time.monotonic() + 30
             while True:
                 try:
@@ -112,7 +112,7 @@ const bound :Workerd.Worker = (
                 except httpx.TransportError:
                     assert proc.poll() is None and time.monotonic() < deadline, (workdir / "workerd.log").read_text()
                     time.sleep(0.2)
-            assert r.status_code == 200, r.text
+            assert r.status_code == 200, (r.text, (workdir / "workerd.log").read_text()[-2000:], agent.log()[-2000:])
             results[name] = r.text
             doc = json.loads(r.text)
             assert doc["status"] == 200, doc
