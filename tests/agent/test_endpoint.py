@@ -187,7 +187,7 @@ def test_connection_close_and_http10(agent: Served) -> None:
     (b"GET /v1/secrets/db/main HTTP/2.0\r\n\r\n", 505),
     (b"GET /v1/secrets/db/main FTP/1.1\r\n\r\n", 400),
     (b"G(T /v1/secrets/db/main HTTP/1.1\r\n\r\n", 400),
-    (b"GET http://agent/v1/secrets/db/main HTTP/1.1\r\n\r\n", 400),
+    (b"GET ftp://agent/v1/secrets/db/main HTTP/1.1\r\n\r\n", 400),  # absolute http(s) URIs go to the egress proxy
     ("GET /v1/secrets/dé HTTP/1.1\r\n\r\n".encode(), 400),
     (b"GET /v1/secrets/db/main HTTP/1.1\r\nno colon here\r\n\r\n", 400),
     (b"GET /v1/secrets/db/main HTTP/1.1\r\nAccept : x\r\n\r\n", 400),

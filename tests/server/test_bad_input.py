@@ -30,6 +30,7 @@ from tests.conftest import signed_headers as _signed_headers
 from vault_edge import wire
 from vault_edge.crypto import signing
 from vault_edge.server import deps
+from vault_edge.server.routes.egress import EgressCreate
 from vault_edge.server.schemas import (
     InitRequest,
     JoinTokenRequest,
@@ -69,6 +70,8 @@ EXAMPLES: dict[type[BaseModel], dict[str, Any]] = {
     SealMigrateRequest: {"shares": ["not a share at all"], "to": "shamir"},
     RotatorCreate: {"type": "redis", "admin_secret": "rotators/rd-admin", "admin_value": {"password": "p"},
                     "config": {"username": "app"}},
+    EgressCreate: {"name": "zz", "upstream": "https://api.example.com", "secret": "keep/me",
+                   "inject": ["header:Authorization=Bearer {value}"]},
 }
 # Path parameters: a value that exists (after seeding) and one that does not.
 PATH_VALUES = {
@@ -78,7 +81,8 @@ PATH_VALUES = {
 }
 # Routes whose path parameter is not a secret name.
 ROUTE_PATH_VALUES = {"/v1/regions/{name}/rekey": {"name": ("eu", "nowhere")},
-                     "/v1/rotators/{name}": {"name": ("rd", "nowhere")}}
+                     "/v1/rotators/{name}": {"name": ("rd", "nowhere")},
+                     "/v1/egress/{name}": {"name": ("zz", "nowhere")}}
 # The routes where an unknown path name is not an error: PUT creates the secret, or the rotator.
 CREATES = {("PUT", "/v1/secrets/{name:path}"), ("PUT", "/v1/rotators/{name}")}
 

@@ -71,6 +71,9 @@ class FakeStore:
     def region_members(self, region: str) -> tuple[list[Node], list[Any]]:
         return [Node(NODE, region, b"x" * 32, b"y" * 32, "pop", "active", 0.0, None, 0, 1)], []
 
+    def list_egress(self) -> list[Any]:
+        return []
+
 
 def _hub(store: FakeStore) -> Hub:
     auditor = SimpleNamespace(record_alone=lambda *a, **k: None)

@@ -11,6 +11,8 @@ No sockets here (``endpoint`` is the transport: it frames, parses, caches and wr
     GET /v1/secrets?names=a,b,c   200 {"secrets": [...]}: a batch read, all or nothing (&stage=S)
     GET /v1/health                200 {"status","node","region","revision","last_sync_age_s","secrets"}
     GET /v1/watch?since=R&wait=S  a long-poll: {"revision","changed"} once the view passes R, or after S s
+    ANY /v1/egress/{route}/{path}, and absolute URIs (a forward proxy): the egress proxy, ``agent/egress.py``
+        (keyless workers); routed by prefix before anything else, so reads pay one string test for it
 
 Headers on every answer: ``X-Vault-Edge-Revision`` (the view's revision) and ``Age`` (whole seconds
 since the agent last heard from the control plane, carried over restarts by the disk cache; ``0``
@@ -41,7 +43,9 @@ from urllib.parse import unquote
 
 from vault_edge import wire
 from vault_edge.agent.clock import Clock
-from vault_edge.agent.endpoint import STATUS_LINE, Answer, BadRequest, Hold, Request
+from vault_edge.agent.egress import PREFIX as EGRESS_PREFIX
+from vault_edge.agent.egress import Egress, EgressSettings
+from vault_edge.agent.endpoint import STATUS_LINE, Answer, BadRequest, Exchange, Hold, Request
 from vault_edge.agent.fields import with_field
 from vault_edge.agent.peercred import Caller
 from vault_edge.agent.policy import Policy
@@ -69,8 +73,10 @@ class Api:
     """The API over one agent state and policy; one per served socket (it subscribes to the state:
     :meth:`close` unsubscribes)."""
 
-    def __init__(self, state: AgentState, policy: Policy, clock: Clock | None = None) -> None:
+    def __init__(self, state: AgentState, policy: Policy, clock: Clock | None = None,
+                 egress: EgressSettings | None = None) -> None:
         self.state, self.policy = state, policy
+        self.egress = Egress(state, policy, self.error, egress)
         self.clock: Clock = state.clock if clock is None else clock
         self.epoch = 0
         self.until = -math.inf  # monotonic time at which cached answers must be dropped
@@ -125,8 +131,10 @@ class Api:
 
     # -- routing
 
-    def answer(self, req: Request, caller: Caller) -> Answer | Hold:
+    def answer(self, req: Request, caller: Caller) -> Answer | Hold | Exchange:
         """Route one parsed request to its answer (errors included), or to a long-poll."""
+        if req.target[0] != "/" or req.target.startswith(EGRESS_PREFIX):
+            return self.egress.answer(req, caller)
         if req.method != "GET":
             return Answer(self.error(405, "method_not_allowed", "only GET is served", extra=b"Allow: GET\r\n"), True)
         path, _, query = req.target.partition("?")

@@ -13,7 +13,9 @@ answer (``Opened.refused`` names it), so one rolled-back secret never stops ever
 changes.
 
 A full answer replaces the view; a delta replaces, for each name it lists, every version held with
-the versions it brings (none: the secret left the region), and keeps the rest as held.
+the versions it brings (none: the secret left the region), and keeps the rest as held. Egress routes
+likewise: a full answer's list (none when absent) replaces the held one, a delta's only when it
+carries one.
 """
 
 from __future__ import annotations
@@ -150,7 +152,8 @@ def open_answer(
         keep |= {e.name for e in held.by_stage.values()} - set(shared.names)
     entries = [e for e in entries if e.name not in keep]
     entries += [e for e in held.by_stage.values() if e.name in keep]
-    view = View(node, region, env.revision, entries)
+    egress = shared.egress if shared.egress is not None else held.egress if env.kind == wsync.DELTA else ()
+    view = View(node, region, env.revision, entries, egress)
     for name, version in view.current_versions().items():
         highest[name] = max(highest.get(name, 0), version)
     return Opened(env.kind, env.revision, view, env.issued_at, tuple(rolled_back), highest,

@@ -21,6 +21,11 @@ Edge workers read secrets here on every request, so the path is built for that r
   runs on a cache miss.
 * Pipelined requests are answered in order; a long-poll (the app answers :class:`Hold`) holds the
   ones behind it.
+* An app may take a request whole and stream its answer (:class:`Exchange`: the agent's egress
+  proxy): the transport reads the request's body (Content-Length framed, up to the app's limit),
+  then writes what the app yields as it comes, pausing while the client does not read, and cancels
+  the app's work when the client goes away. Only then may a request carry a body, or an absolute
+  URI (``GET https://host/path``, as forward-proxy clients send) for a target.
 
 Local callers cannot exhaust the agent's descriptors (``Listener``): the listener accepts connections
 itself, holds each uid to ``max_conns_per_uid`` (more are closed at once, logged once a minute per
@@ -33,10 +38,11 @@ request brings its connection's epoch up to date, so a connection whose epoch is
 previous pass has sent nothing since.
 
 Hostile input: heads over 8 KiB get 431, malformed ones 400, request bodies and Transfer-Encoding are
-refused (answer, then close), heads left unfinished for 10 s (``head_timeout``) get 408; all close the
-connection (the app renders these errors, so they carry its headers), and a client that stops
-reading is paused at the transport's write-buffer limit. Nothing here logs or raises with request
-bytes in it.
+refused (answer, then close) but where an :class:`Exchange` takes them (a chunked body gets 411, one
+over its limit 413, one not finished within ``BODY_TIMEOUT_S`` 408), heads left unfinished for 10 s
+(``head_timeout``) get 408; all close the connection (the app renders these errors, so they carry
+its headers), and a client that stops reading is paused at the transport's write-buffer limit.
+Nothing here logs or raises with request bytes in it.
 
 Time (head and idle timeouts, the cache's ``until``, refusal log windows) is read from the app's
 clock. Imports nothing of the control plane, FastAPI, Starlette, SQLAlchemy or httpx: cold start
@@ -54,7 +60,8 @@ import re
 import resource
 import socket
 import stat
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from contextlib import aclosing
 from typing import Any, Final, NamedTuple, Protocol, TypeVar, cast
 
 import httptools
@@ -67,6 +74,7 @@ T = TypeVar("T")
 
 MAX_HEAD: Final = 8192  # bytes of request line + headers
 HEAD_TIMEOUT_S: Final = 10.0  # an unfinished head older than this is answered 408 and closed
+BODY_TIMEOUT_S: Final = 30.0  # an Exchange's request body not finished within this is answered 408
 _CACHE_MAX: Final = 64  # cached answers per connection...
 _CACHE_BYTES: Final = 65_536  # ...and their bytes: bounded memory per connection, whatever the clients ask
 _CACHE_ANSWER_MAX: Final = 16_384  # larger answers are rebuilt each time rather than held
@@ -78,11 +86,13 @@ _REFUSAL_LOG_S: Final = 60.0  # refusals of one kind are logged once per this wi
 
 REASONS: Final = {
     200: "OK", 400: "Bad Request", 403: "Forbidden", 404: "Not Found", 405: "Method Not Allowed",
-    408: "Request Timeout", 413: "Content Too Large", 431: "Request Header Fields Too Large",
-    500: "Internal Server Error", 503: "Service Unavailable", 505: "HTTP Version Not Supported",
+    408: "Request Timeout", 411: "Length Required", 413: "Content Too Large", 431: "Request Header Fields Too Large",
+    500: "Internal Server Error", 502: "Bad Gateway", 503: "Service Unavailable", 504: "Gateway Timeout",
+    505: "HTTP Version Not Supported",
 }
 STATUS_LINE: Final = {code: f"HTTP/1.1 {code} {reason}\r\n".encode() for code, reason in REASONS.items()}
-_TARGET_RE = re.compile(rb"/[\x21-\x7e]*")  # origin-form, visible ASCII only
+_EXPECT_CONTINUE = re.compile(rb"\r\nexpect:[ \t]*100-continue", re.IGNORECASE)
+_TARGET_RE = re.compile(rb"/[\x21-\x7e]*|https?://[\x21-\x7e]+")  # origin- or absolute-form, visible ASCII
 
 
 class EndpointError(OSError):
@@ -97,7 +107,8 @@ class Request(NamedTuple):
     accept: str | None
     token: str | None
     keep_alive: bool
-    body_len: int
+    body_len: int  # -1: chunked (Transfer-Encoding)
+    head: bytes = b""  # the raw head, for apps that read more of it (Exchange)
 
 
 class BadRequest(Exception):
@@ -126,6 +137,19 @@ class Hold(NamedTuple):
     wait: Callable[[], Awaitable[bytes]]
 
 
+class Exchange:
+    """A request the app takes whole and answers as a stream (the egress proxy): the transport reads
+    the request's body (at most ``max_body`` bytes, Content-Length framed), then writes every piece
+    ``run(body)`` yields (the response's head first, framed by the app), as it comes. A client that
+    goes away cancels ``run``. The app sets ``close`` to have the connection closed after the answer
+    (a body delimited by the close). Never cached; holds the requests pipelined behind it."""
+
+    __slots__ = ("close", "max_body", "run")
+
+    def __init__(self, max_body: int, run: Callable[[bytes], AsyncIterator[bytes]]) -> None:
+        self.max_body, self.run, self.close = max_body, run, False
+
+
 class App(Protocol):
     """What the endpoint serves. ``epoch`` and ``until`` are read on every request, cache hits
     included, so they are plain attributes; the methods run only on a miss."""
@@ -143,7 +167,7 @@ class App(Protocol):
         """Start a new epoch; bring ``until`` forward."""
         ...
 
-    def answer(self, request: Request, caller: Caller) -> Answer | Hold:
+    def answer(self, request: Request, caller: Caller) -> Answer | Hold | Exchange:
         """The response to one parsed request (errors included): raises nothing but bugs."""
         ...
 
@@ -418,9 +442,10 @@ class HeadParser:
     """Reads one complete request head at a time with httptools (llhttp, Node.js's parser).
 
     llhttp is strict on syntax (header names and values, Content-Length, line endings); on top of
-    it the endpoint wants HTTP/1.0 or 1.1, an origin-form ASCII target, at most one token header
-    and no body. One instance per connection; a head that fails here ends the connection, so the
-    parser is only ever reused from a message boundary.
+    it the endpoint wants HTTP/1.0 or 1.1, an origin-form (or absolute-form) ASCII target and at
+    most one token header; a body is refused later, unless the app takes it (:class:`Exchange`).
+    One instance per connection; a head that fails here ends the connection, so the parser is only
+    ever reused from a message boundary.
     """
 
     __slots__ = ("_parser", "accept", "body_len", "chunked", "keep_alive", "method", "token", "tokens", "url",
@@ -472,18 +497,20 @@ class HeadParser:
         if self.version not in ("1.1", "1.0"):
             raise BadRequest(505, "only HTTP/1.1 and HTTP/1.0 are served")
         if _TARGET_RE.fullmatch(self.url) is None:
+            if self.method == b"CONNECT":
+                raise BadRequest(400, "the agent does not tunnel (CONNECT): send the request itself, with an "
+                                      "absolute URI, and the agent makes the TLS connection")
             raise BadRequest(400, "the request target must be a path (origin-form, ASCII)")
         if self.tokens > 1:
             raise BadRequest(400, "more than one X-Vault-Edge-Token header")
-        if self.chunked:
-            raise BadRequest(400, "request bodies are not accepted (Transfer-Encoding)")
         return Request(
             self.method.decode("ascii"),
             self.url.decode("ascii"),
             None if self.accept is None else self.accept.decode("latin-1"),
             None if self.token is None else self.token.decode("latin-1"),
             self.keep_alive,
-            self.body_len,
+            -1 if self.chunked else self.body_len,
+            head,
         )
 
 
@@ -512,6 +539,10 @@ class _Conn(asyncio.Protocol):
         self.heads: HeadParser | None = None  # made at the first cache miss
         self.eof = False  # the client has finished sending (half-close) while a watch was pending
         self.hits = 0  # answers replayed from the cache (metrics; a plain int on the hot path)
+        self.body = bytearray()  # an Exchange's request body, as it arrives
+        self.body_need = 0  # bytes of it still to come
+        self.body_done: asyncio.Future[None] | None = None
+        self.drain: asyncio.Future[None] | None = None  # an Exchange waiting for the client to read
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's transports do not subclass asyncio's
@@ -556,6 +587,8 @@ class _Conn(asyncio.Protocol):
 
     def resume_writing(self) -> None:
         self.write_blocked = False
+        if self.drain is not None and not self.drain.done():
+            self.drain.set_result(None)
         self._flow()
 
     def _flow(self) -> None:
@@ -597,6 +630,13 @@ class _Conn(asyncio.Protocol):
 
     def _process(self) -> None:
         """Answer every complete request in the buffer, in order, until a hold or a close."""
+        if self.body_need:  # an Exchange's body arriving
+            take = self.buf[: self.body_need]
+            self.body += take
+            self.body_need -= len(take)
+            self.buf = self.buf[len(take):]
+            if not self.body_need and self.body_done is not None and not self.body_done.done():
+                self.body_done.set_result(None)
         out: list[bytes] = []
         buf, pos = self.buf, 0
         app, caller, transport = self.app, self.caller, self.transport
@@ -615,9 +655,28 @@ class _Conn(asyncio.Protocol):
                 if self.heads is None:
                     self.heads = HeadParser()
                 req = self.heads.parse(head)
+                ans = app.answer(req, caller)  # the one call into the app, on a cache miss
+                if isinstance(ans, Exchange):
+                    if req.body_len < 0:
+                        raise BadRequest(411, "a request body must be sent with a Content-Length")
+                    if req.body_len > ans.max_body:
+                        raise BadRequest(413, f"the request body is over {ans.max_body} bytes")
+                    if req.body_len:
+                        self.heads = None  # its parser expects the body it was not fed: a new one for the next
+                    take = min(req.body_len, len(buf) - pos)
+                    self.body, self.body_need = bytearray(buf[pos : pos + take]), req.body_len - take
+                    pos += take
+                    if self.body_need and _EXPECT_CONTINUE.search(head):
+                        out.append(b"HTTP/1.1 100 Continue\r\n\r\n")  # curl waits a second for it otherwise
+                    if out:
+                        transport.write(b"".join(out))
+                        out.clear()
+                    self._start_exchange(ans, req.keep_alive)
+                    break
+                if req.body_len < 0:
+                    raise BadRequest(400, "request bodies are not accepted (Transfer-Encoding)")
                 if req.body_len:
                     raise BadRequest(413, "requests to the agent carry no body")
-                ans = app.answer(req, caller)  # the one call into the app, on a cache miss
             except BadRequest as bad:
                 self._finish(out, app.error(bad.status, "bad_request", str(bad), close=True))
                 break
@@ -691,6 +750,59 @@ class _Conn(asyncio.Protocol):
                 self.transport.close()  # everything owed is written; the client sends no more
 
         self.watch = asyncio.get_running_loop().create_task(held())
+
+
+    def _start_exchange(self, ex: Exchange, keep_alive: bool) -> None:
+        loop = asyncio.get_running_loop()
+        self.body_done = loop.create_future() if self.body_need else None
+
+        async def exchanged() -> None:
+            sent = False
+            try:
+                if self.body_done is not None:
+                    try:
+                        await asyncio.wait_for(asyncio.shield(self.body_done), BODY_TIMEOUT_S)
+                    except TimeoutError:
+                        self.watch = None
+                        self.refuse(408, "the request body was not finished in time")
+                        return
+                body, self.body, self.body_done = bytes(self.body), bytearray(), None
+                async with aclosing(ex.run(body)) as pieces:
+                    async for piece in pieces:
+                        if self.closing or self.transport is None:
+                            return  # the client left: closing the generator cancels the app's work
+                        self.transport.write(piece)
+                        sent = True
+                        while self.write_blocked and not self.closing:
+                            self.drain = loop.create_future()
+                            await self.drain
+            except Exception as exc:  # a bug costs this connection, never the agent, and leaks nothing
+                log.error("internal error streaming an answer on the agent socket (%s)", type(exc).__name__)
+                self.watch = None
+                if not sent:
+                    self.refuse(500, "internal error", code="internal")
+                elif self.transport is not None and not self.closing:
+                    self.closing = True
+                    self.transport.close()
+                return
+            self.watch = None
+            if self.closing or self.transport is None:
+                return
+            if not keep_alive or ex.close:
+                self.closing = True
+                self.transport.close()
+                return
+            if self.epoch != self.app.epoch:
+                self._drop_cache()
+            if self.buf:
+                self._process_safely()
+            else:
+                self._flow()
+            if self.eof and self.watch is None and not self.closing:
+                self.closing = True
+                self.transport.close()
+
+        self.watch = loop.create_task(exchanged())
 
 
 def _with_close(response: bytes) -> bytes:

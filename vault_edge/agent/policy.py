@@ -10,8 +10,16 @@ The file is TOML, a list of rules::
     token_sha256 = "<hex>"           # workerd bindings send the token in X-Vault-Edge-Token
     secrets = ["tenant-a/*"]
 
+    [[rule]]
+    token_sha256 = "<hex>"
+    egress = ["openai"]              # egress routes the caller may call through the agent (agent/egress.py)
+
 A rule applies when every condition it gives matches the caller; a caller may read a name when an
-applicable rule has a pattern matching it. Identity comes from the kernel (see ``peercred``); ``gid``
+applicable rule has a pattern matching it, and call an egress route when an applicable rule's
+``egress`` patterns match the route's name. A rule gives ``secrets``, ``egress`` or both: calling a
+route never lets a caller read its secret (that is the point: a keyless worker).
+
+Identity comes from the kernel (see ``peercred``); ``gid``
 is the caller's primary gid as SO_PEERCRED reports it (supplementary groups are not consulted).
 
 Tokens: a request carrying ``X-Vault-Edge-Token`` is judged by the rules naming that token's SHA-256
@@ -19,7 +27,8 @@ only (their uid/gid/exe conditions, if any, must match too). A token that matche
 refused, never silently judged by kernel identity instead: a tenant's binding gets its own patterns
 and nothing the host process happens to hold. Rules without a token apply to requests without one.
 
-No policy file: the agent's own uid and root may read everything, everyone else nothing (a token is
+No policy file: the agent's own uid and root may read everything and call every route, everyone else
+nothing (a token is
 then refused, since no rule names it).
 
 ``exe`` is advisory, not a security boundary. The executable is read once, when the connection is
@@ -57,7 +66,7 @@ TOKEN_HEADER: Final = "x-vault-edge-token"
 _MEMO_MAX: Final = 16_384  # decisions kept; the memo is dropped whole past this (hostile names)...
 _MEMO_BYTES: Final = 4 << 20  # ...or past this many bytes of keys (exe paths and names are the variable part)
 _MEMO_ENTRY: Final = 200  # bytes an entry costs besides its strings (tuple, dict slot, digest, ints)
-_RULE_KEYS: Final = frozenset({"uid", "gid", "exe", "token_sha256", "secrets"})
+_RULE_KEYS: Final = frozenset({"uid", "gid", "exe", "token_sha256", "secrets", "egress"})
 _HEX64 = re.compile(r"[0-9a-fA-F]{64}")
 
 
@@ -86,10 +95,13 @@ class Rule:
     gid: int | None = None
     exe: str | None = None
     token_digest: bytes | None = None  # raw SHA-256 of the token
+    egress: tuple[str, ...] = ()  # patterns of the egress routes it may call
     _match: re.Pattern[str] = field(init=False, repr=False, compare=False)
+    _egress: re.Pattern[str] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "_match", _compile(self.secrets))
+        object.__setattr__(self, "_egress", _compile(self.egress))
 
     def matches_identity(self, caller: Caller) -> bool:
         return (
@@ -99,7 +111,10 @@ class Rule:
         )
 
     def covers(self, name: str) -> bool:
-        return self._match.fullmatch(name) is not None
+        return bool(self.secrets) and self._match.fullmatch(name) is not None
+
+    def covers_route(self, route: str) -> bool:
+        return bool(self.egress) and self._egress.fullmatch(route) is not None
 
 
 def _compile(patterns: Iterable[str]) -> re.Pattern[str]:
@@ -157,6 +172,22 @@ class Policy:
                 self.memo_bytes += size
         return hit
 
+    def allows_egress(self, caller: Caller, token: str | None, route: str) -> bool:
+        """Whether the caller may call the egress route ``route`` (judged as reads are, by its own
+        patterns; not memoized: an egress call costs a network round trip anyway)."""
+        digest = None if token is None else _digest(token)
+        if self.rules is None:
+            return digest is None and caller.uid in (0, self.owner_uid)
+        return any(r.matches_identity(caller) and r.covers_route(route) for r in self._candidates(digest))
+
+    def _candidates(self, digest: bytes | None) -> list[Rule]:
+        if self.rules is None:
+            return []
+        if digest is None:
+            return [r for r in self.rules if r.token_digest is None]
+        # Compare against every token rule, in constant time each; no early exit on a hit.
+        return [r for r in self.rules if r.token_digest is not None and hmac.compare_digest(r.token_digest, digest)]
+
     def knows_token(self, token: str) -> bool:
         """True when some rule names this token (checked against every rule, in constant time each)."""
         digest = _digest(token)
@@ -202,11 +233,14 @@ def parse_rules(doc: dict[str, Any], where: str = "<policy>") -> list[Rule]:
         if extra:
             raise fail(f"{at}: unknown key(s) {', '.join(sorted(extra))} "
                        f"(allowed: {', '.join(sorted(_RULE_KEYS))})")
-        pats = r.get("secrets")
-        if not isinstance(pats, list) or not pats:
-            raise fail(f"{at}: 'secrets' must be a non-empty list of name patterns")
+        pats = r.get("secrets", [] if "egress" in r else None)
+        if not isinstance(pats, list) or not (pats or r.get("egress")):
+            raise fail(f"{at}: 'secrets' must be a non-empty list of name patterns (or give 'egress')")
         if not all(isinstance(p, str) and p for p in pats):
             raise fail(f"{at}: every entry of 'secrets' must be a non-empty string")
+        routes = r.get("egress", [])
+        if not isinstance(routes, list) or not all(isinstance(p, str) and p for p in routes):
+            raise fail(f"{at}: 'egress' must be a list of route name patterns")
         ids: dict[str, int] = {}
         for k in ("uid", "gid"):
             if k in r:
@@ -231,5 +265,5 @@ def parse_rules(doc: dict[str, Any], where: str = "<policy>") -> list[Rule]:
         if not ids and exe is None and digest is None:
             raise fail(f"{at}: give at least one condition (uid, gid, exe or token_sha256)")
         rules.append(Rule(secrets=tuple(pats), uid=ids.get("uid"), gid=ids.get("gid"), exe=exe,
-                          token_digest=digest))
+                          token_digest=digest, egress=tuple(routes)))
     return rules

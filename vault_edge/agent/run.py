@@ -8,12 +8,13 @@ import logging
 import os
 import resource
 import signal
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from vault_edge.agent import identity as ident
 from vault_edge.agent.api import Api
 from vault_edge.agent.cache import DiskCache
+from vault_edge.agent.egress import EgressSettings
 from vault_edge.agent.endpoint import IDLE_TIMEOUT_S, MAX_CONNS_PER_UID, serve
 from vault_edge.agent.policy import Policy
 from vault_edge.agent.sync import ENROLL_TIMEOUT_S, EnrolError, Revoked, Syncer, load_cached
@@ -45,6 +46,7 @@ class AgentConfig:
     enroll_timeout: float = ENROLL_TIMEOUT_S
     metrics_addr: tuple[str, int] | None = None  # (host, port) of the opt-in Prometheus endpoint
     metrics_token: str | None = None
+    egress: EgressSettings = field(default_factory=EgressSettings)
 
 
 def warn_about_policy(policy: Policy) -> None:
@@ -133,8 +135,8 @@ async def run(cfg: AgentConfig) -> int:
     stop = loop.create_future()
     for sig in (signal.SIGTERM, signal.SIGINT):  # before serving: a SIGTERM from then on is graceful
         loop.add_signal_handler(sig, lambda: stop.done() or stop.set_result(None))
+    api = Api(state, policy, egress=cfg.egress)
     try:
-        api = Api(state, policy)
         listener = await serve(str(cfg.socket), api, mode=cfg.socket_mode,
                                idle_timeout=cfg.idle_timeout, max_conns_per_uid=cfg.max_conns_per_uid)
     except (OSError, ValueError) as exc:
@@ -187,6 +189,8 @@ async def run(cfg: AgentConfig) -> int:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(cfg.socket)
         await syncer.close()
+        with contextlib.suppress(Exception):
+            await api.egress.aclose()
     return code
 
 

@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from vault_edge.agent.clock import SYSTEM, Clock
+from vault_edge.wire.egress import Route
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,10 +35,12 @@ class Entry:
 class View:
     """Immutable once built. Lookups are dict hits."""
 
-    __slots__ = ("by_stage", "by_version", "names", "node", "region", "revision")
+    __slots__ = ("by_stage", "by_version", "egress", "names", "node", "region", "revision")
 
-    def __init__(self, node: str, region: str, revision: int, entries: Iterable[Entry]) -> None:
+    def __init__(self, node: str, region: str, revision: int, entries: Iterable[Entry],
+                 egress: tuple[Route, ...] = ()) -> None:
         self.node, self.region, self.revision = node, region, revision
+        self.egress = egress  # the region's egress routes (agent/egress.py serves them)
         self.by_stage: dict[tuple[str, str], Entry] = {}
         self.by_version: dict[tuple[str, int], Entry] = {}
         for e in entries:

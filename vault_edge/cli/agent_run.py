@@ -122,6 +122,14 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--metrics-token", metavar="TOKEN", default=env.get("VAULT_EDGE_METRICS_TOKEN") or None,
                    help="require Authorization: Bearer TOKEN on /metrics (prefer VAULT_EDGE_METRICS_TOKEN: "
                         "ps shows arguments)")
+    p.add_argument("--egress-ca", metavar="FILE", type=_existing_file,
+                   help="CA bundle for egress upstreams (default: the system's CAs)")
+    p.add_argument("--egress-timeout", metavar="DUR", default="60s", type=_positive_duration,
+                   help="egress: give up connecting to, writing to or waiting on an upstream after this (default: 60s)")
+    p.add_argument("--egress-max-body", metavar="BYTES", default=8 << 20, type=_positive_int,
+                   help="egress: largest request body a worker may send (default: 8 MiB)")
+    p.add_argument("--egress-max-answer", metavar="BYTES", default=64 << 20, type=_positive_int,
+                   help="egress: most answer bytes relayed from an upstream (default: 64 MiB)")
     p.add_argument("--log-level", choices=LOG_LEVELS, default="info", help="(default: info)")
     p.add_argument("--log-format", choices=LOG_FORMATS, default=env.get("VAULT_EDGE_LOG_FORMAT") or "text",
                    help="text, or json: one object per line (default: text)")
@@ -138,11 +146,12 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)  # exits 2 on a usage error, 0 after --help
     if args.log_format not in LOG_FORMATS:  # from the environment, which argparse does not check
         p.error(f"argument --log-format: invalid choice: {args.log_format!r} (choose from text, json)")
-    logs.setup(args.log_level, args.log_format)
+    logs.setup(args.log_level, args.log_format)  # (httpx and httpcore at WARNING: their lines name URLs)
     join_token = args.join_token
     if args.join_token_file and not join_token and Path(args.join_token_file).is_file():
         join_token = Path(args.join_token_file).read_text().strip()
 
+    from vault_edge.agent.egress import EgressSettings
     from vault_edge.agent.run import AgentConfig, AgentError
     from vault_edge.agent.run import main as run_agent
 
@@ -153,6 +162,8 @@ def main(argv: list[str] | None = None) -> int:
         stale_after=float(args.stale_after), wait=float(args.wait), tls_ca=args.tls_ca,
         idle_timeout=float(args.idle_timeout), max_conns_per_uid=args.max_conns_per_uid,
         enroll_timeout=float(args.enroll_timeout), metrics_addr=args.metrics_addr, metrics_token=args.metrics_token,
+        egress=EgressSettings(ca_file=args.egress_ca, timeout=float(args.egress_timeout),
+                              max_body=args.egress_max_body, max_answer=args.egress_max_answer),
     )
     try:
         return run_agent(cfg)

@@ -669,11 +669,12 @@ def audit_verify(fmt: str) -> None:
 
 
 def _register_subcommands() -> None:
-    from vault_edge.cli import agent_cmd, operator_cmd, server_cmd
+    from vault_edge.cli import agent_cmd, egress_cmd, operator_cmd, server_cmd
 
     cli.add_command(server_cmd.server)
     cli.add_command(server_cmd.dev)
     cli.add_command(agent_cmd.agent)
+    cli.add_command(egress_cmd.egress)
     for command in (operator_cmd.operator, operator_cmd.backup, operator_cmd.restore, operator_cmd.migrate):
         cli.add_command(command)
     cli.add_command(rotator_cmd.rotator)

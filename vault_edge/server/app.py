@@ -30,7 +30,7 @@ from vault_edge.server.errors import ApiError, body
 from vault_edge.server.fastpath import SyncFastPath
 from vault_edge.server.hub import Hub
 from vault_edge.server.metrics import authorized, install
-from vault_edge.server.routes import admin, agent, rotation, secrets, sys
+from vault_edge.server.routes import admin, agent, egress, rotation, secrets, sys
 from vault_edge.server.routes import seal as seal_routes
 from vault_edge.server.scheduler import Scheduler
 from vault_edge.server.settings import Settings
@@ -234,7 +234,8 @@ def create_app(settings: Settings | None = None, store: Store | None = None, bar
     app = FastAPI(title="vault-edge control plane", version=__version__, lifespan=lifespan)
     app.state.ctx, app.state.hub, app.state.scheduler, app.state.contacts = ctx, hub, scheduler, contacts
     app.state.enrolments = enrolments
-    for router in (sys.router, seal_routes.router, secrets.router, admin.router, agent.router, rotation.router):
+    for router in (sys.router, seal_routes.router, secrets.router, admin.router, agent.router, rotation.router,
+                   egress.router):
         app.include_router(router)
     ui.mount(app)  # the fleet console at /ui
 

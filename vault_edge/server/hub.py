@@ -23,6 +23,7 @@ from vault_edge import wire
 from vault_edge.crypto import signing
 from vault_edge.server.context import Context
 from vault_edge.server.storage.repo import NOTIFY_CHANNEL, decode_notice
+from vault_edge.wire import egress as wegress
 from vault_edge.wire import sync as wsync
 
 log = logging.getLogger("vault_edge.hub")
@@ -47,6 +48,7 @@ class Change:
     base: int
     revision: int
     names: frozenset[str]
+    egress: bool = False  # the region's egress routes changed too
 
 
 @dataclass(frozen=True)
@@ -66,13 +68,15 @@ class RegionView:
     members: dict[str, Member]
     history: tuple[Change, ...] = ()
     key_version: int = 0
+    egress: tuple[wegress.Route, ...] = ()  # the region's egress routes, by name
     bodies: dict[object, tuple[bytes, bytes]] = field(default_factory=dict, compare=False)  # key -> (body, sha256)
 
     def full_body(self) -> tuple[bytes, bytes]:
         got = self.bodies.get("full")
         if got is None:
             body = wsync.RegionBody(wsync.FULL, self.region, 0, self.data_rev, (),
-                                    tuple(v for name in sorted(self.entries) for v in self.entries[name])).encode()
+                                    tuple(v for name in sorted(self.entries) for v in self.entries[name]),
+                                    self.egress or None).encode()
             got = self.bodies["full"] = (body, wsync.digest(body))
         return got
 
@@ -88,7 +92,8 @@ class RegionView:
             names = sorted(set().union(*(c.names for c in changes)))
             base = changes[0].base if changes else self.data_rev
             body = wsync.RegionBody(wsync.DELTA, self.region, base, self.data_rev, tuple(names),
-                                    tuple(v for n in names for v in self.entries.get(n, ()))).encode()
+                                    tuple(v for n in names for v in self.entries.get(n, ())),
+                                    self.egress if any(c.egress for c in changes) else None).encode()
             got = self.bodies[start] = (body, wsync.digest(body))
         return got
 
@@ -214,6 +219,7 @@ class Hub:
                     names = None
             rows = tx.region_snapshot(region, self.ctx.clock(), names)
             nodes, grants = tx.region_members(region)
+            egress = tuple(r for r in tx.list_egress() if r.regions == ("*",) or region in r.regions)
             tampered = list(tx.tampered)
         for table, key in tampered:  # left out of the view; reported once per row per process
             if (table, key) not in self._reported:
@@ -245,8 +251,9 @@ class Hub:
             n.id: Member(n.node_rev, n.status == "active", tuple(by_node.get(n.id, ())), n.sign_public)
             for n in nodes
         }
+        routes = tuple(e.route for e in egress)
         return RegionView(region, data_rev, view_entries, members,
-                          _history(previous, data_rev, view_entries, names), r.key_version if r else 0)
+                          _history(previous, data_rev, view_entries, names, routes), r.key_version if r else 0, routes)
 
     async def view(self, region: str, refresh: bool = False) -> RegionView:
         """The region's view as of the latest change notice for it: loaded once however many callers.
@@ -369,7 +376,7 @@ class Hub:
 
 
 def _history(previous: RegionView | None, data_rev: int, entries: dict[str, tuple[wsync.SealedVersion, ...]],
-             candidates: set[str] | None = None) -> tuple[Change, ...]:
+             candidates: set[str] | None = None, egress: tuple[wegress.Route, ...] = ()) -> tuple[Change, ...]:
     """The new view's history: the previous view's, plus what changed between the two (by comparing
     them, so it is exact for this region whatever else the revision changed). Starts afresh when
     there is no previous view or the revision went backwards (a database restored from a copy)."""
@@ -380,4 +387,5 @@ def _history(previous: RegionView | None, data_rev: int, entries: dict[str, tupl
     old = previous.entries
     among = candidates if candidates is not None else old.keys() | entries.keys()
     names = frozenset(n for n in among if old.get(n) != entries.get(n))
-    return (*previous.history, Change(previous.data_rev, data_rev, names))[-MAX_HISTORY:]
+    change = Change(previous.data_rev, data_rev, names, egress != previous.egress)
+    return (*previous.history, change)[-MAX_HISTORY:]

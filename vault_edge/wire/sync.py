@@ -17,6 +17,13 @@ An answer is two JSON documents on one body, the envelope, a newline, then the r
   (``nonce``), and a delta cannot be applied on top of any state but the one it was made for
   (``since`` must be the revision the node holds; ``base <= since``).
 
+Egress routes (``wire/egress.py``) ride in the region body, under the same digest and signature: a
+``full`` body lists the region's routes under ``egress`` (absent: none); a ``delta`` body carries
+``egress``, the region's whole list of routes now, only when it changed after ``base`` (absent: as
+held). Bodies without routes are byte for byte what they were before routes existed, and agents that
+know nothing of routes ignore the key. A route this agent cannot parse (made by a newer control
+plane) is left out: its calls are refused, the rest of the answer applies.
+
 ``unchanged`` answers are an envelope alone (``since == revision``), still signed: silence from an
 impostor is never mistaken for contact.
 """
@@ -29,6 +36,7 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 from vault_edge.wire import STAGES, WireError, b64d, b64e, response_message, valid_name, valid_node_id, valid_region
+from vault_edge.wire import egress as wegress
 
 PROTOCOL: Final = 2
 FULL: Final = "full"
@@ -37,6 +45,7 @@ UNCHANGED: Final = "unchanged"
 SIGNED_KIND: Final = "sync/2"  # what the envelope's signature is domain-separated by
 MAX_ENVELOPE: Final = 64 * 1024
 MAX_CIPHERTEXT: Final = 2 << 20  # base64 characters of one value's ciphertext (values are ≤ 1 MiB)
+MAX_ROUTES: Final = 1024  # egress routes in one region body
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,11 +109,14 @@ class RegionBody:
     revision: int  # the region's data revision the body brings a node to
     names: tuple[str, ...]  # DELTA: every name changed after base; FULL: ()
     secrets: tuple[SealedVersion, ...]
+    egress: tuple[wegress.Route, ...] | None = None  # the region's routes; None: none (FULL), as held (DELTA)
 
     def encode(self) -> bytes:
-        return _dumps({"v": PROTOCOL, "kind": self.kind, "region": self.region, "base": self.base,
-                       "revision": self.revision, "names": list(self.names),
-                       "secrets": [s.to_json() for s in self.secrets]})
+        doc = {"v": PROTOCOL, "kind": self.kind, "region": self.region, "base": self.base,
+               "revision": self.revision, "names": list(self.names), "secrets": [s.to_json() for s in self.secrets]}
+        if self.egress is not None:
+            doc["egress"] = [r.to_json() for r in self.egress]
+        return _dumps(doc)
 
     @staticmethod
     def decode(raw: bytes, limit: int) -> RegionBody:
@@ -120,7 +132,7 @@ class RegionBody:
             raise WireError("a region body without secrets")
         body = RegionBody(kind, _region(d.get("region")), _int(d.get("base"), "base"),
                           _int(d.get("revision"), "revision"), tuple(names),
-                          tuple(SealedVersion.from_json(s) for s in secrets))
+                          tuple(SealedVersion.from_json(s) for s in secrets), _routes(d.get("egress")))
         if body.base > body.revision:
             raise WireError("a region body whose base is after its revision")
         if kind == DELTA and not {s.name for s in body.secrets} <= set(body.names):
@@ -167,6 +179,20 @@ class Envelope:
         if kind != UNCHANGED and len(env.body_sha256) != 32:
             raise WireError("an envelope without its body's digest")
         return env
+
+
+def _routes(doc: Any) -> tuple[wegress.Route, ...] | None:
+    if doc is None:
+        return None
+    if not isinstance(doc, list) or len(doc) > MAX_ROUTES:
+        raise WireError("a region body with invalid egress routes")
+    routes = []
+    for r in doc:
+        try:
+            routes.append(wegress.route_from_json(r).route)
+        except WireError:
+            continue  # a route this agent cannot use is refused when called, never applied half-understood
+    return tuple(routes)
 
 
 def digest(body: bytes) -> bytes:

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from vault_edge.wire.egress import Route
+
 
 @dataclass(frozen=True)
 class Region:
@@ -171,3 +173,14 @@ class Rotation:
     @property
     def active(self) -> bool:
         return self.step not in ("done", "aborted")
+
+
+@dataclass(frozen=True)
+class EgressRoute:
+    """An egress route as stored (its MAC checked): ``route`` is the wire route (``wire/egress.py``)."""
+
+    name: str
+    route: Route
+    regions: tuple[str, ...]  # ("*",) means every region, present and future
+    created_at: float
+    revision: int

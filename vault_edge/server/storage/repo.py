@@ -36,6 +36,7 @@ from vault_edge.crypto.rowmac import RowKeys
 from vault_edge.server.storage import schema as t
 from vault_edge.server.storage.records import (
     AuditEntry,
+    EgressRoute,
     Grant,
     JoinToken,
     Node,
@@ -49,12 +50,14 @@ from vault_edge.server.storage.records import (
     Version,
     Wrap,
 )
+from vault_edge.wire import egress as wegress
 
 NOTIFY_CHANNEL = "vault_edge_changes"
 _REVISION_ROW = 1
 _AUDIT_ROW = 2
 _REVOCATION_ROW = 3
 BASE_TARGET = "*base*"  # the change log's base row (secret names cannot contain "*")
+EGRESS_TARGET = "*egress*"  # the change log's target for an egress route: this, then the route's name
 
 Listener = Callable[[int, frozenset[str]], None]
 _SECRET_FIELDS = frozenset(c.name for c in t.secrets.columns)
@@ -1250,3 +1253,50 @@ class Tx:
         return int(
             self.conn.execute(select(t.counter.c.revision).where(t.counter.c.id == _AUDIT_ROW)).scalar_one()
         )
+
+    # -- egress routes -------------------------------------------------------------------------
+    def _egress(self, row: Any) -> EgressRoute | None:
+        """The route if its MAC holds and it is not older than its last change (else None)."""
+        regions = _json_list(row.regions)
+        ok = self.keys().check("egress", row.mac, row.name, row.route, regions, row.created_at, row.revision)
+        if not ok or row.revision < self.last_change(EGRESS_TARGET + row.name):
+            return None
+        try:
+            parsed = wegress.route_from_json(json.loads(row.route))
+        except (ValueError, RecursionError):  # a MAC'd row this version cannot parse
+            return None
+        return EgressRoute(row.name, parsed.route, regions, row.created_at, row.revision)
+
+    def list_egress(self) -> list[EgressRoute]:
+        """Intact routes by name (tampered rows are left out and named in ``self.tampered``)."""
+        self.require_whole_change_log()
+        out = []
+        for row in self.conn.execute(select(t.egress_routes).order_by(t.egress_routes.c.name)):
+            route = self._egress(row)
+            if route is None:
+                self.tampered.append(("egress_routes", row.name))
+            else:
+                out.append(route)
+        return out
+
+    def get_egress(self, name: str) -> EgressRoute | None:
+        """The route named ``name``, None if there is none; TamperedRow if its row fails its checks."""
+        self.require_whole_change_log()
+        row = self.conn.execute(select(t.egress_routes).where(t.egress_routes.c.name == name)).first()
+        if row is None:
+            return None
+        route = self._egress(row)
+        if route is None:
+            raise TamperedRow("egress_routes", name)
+        return route
+
+    def insert_egress(self, route: wegress.Route, regions: Sequence[str], at: float, rev: int) -> None:
+        text_, regs = route.canonical(), tuple(regions)
+        tag = self.keys().mac("egress", route.name, text_, regs, at, rev)
+        self.conn.execute(insert(t.egress_routes).values(name=route.name, route=text_, regions=json.dumps(list(regs)),
+                                                         created_at=at, revision=rev, mac=tag))
+        self.record_change(rev, EGRESS_TARGET + route.name)
+
+    def delete_egress(self, name: str, rev: int) -> None:
+        self.conn.execute(delete(t.egress_routes).where(t.egress_routes.c.name == name))
+        self.record_change(rev, EGRESS_TARGET + name)

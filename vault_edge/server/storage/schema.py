@@ -313,3 +313,17 @@ rotations = Table(
     Index("ix_rotations_secret", "secret", "id"),
     Index("ix_rotations_step", "step"),
 )
+# Egress routes (issue 12): how agents call an upstream API for workers, injecting a secret. A route
+# grants authority (it sends a secret's value to its upstream), so its row carries a MAC over name,
+# route, regions and revision, and the revision is checked against the change log (target
+# "*egress*NAME"): a deleted route copied back from an old copy is refused, not served.
+egress_routes = Table(
+    "egress_routes",
+    metadata,
+    Column("name", String(63), primary_key=True),
+    Column("route", Text, nullable=False),  # canonical JSON (wire/egress.py Route.canonical)
+    Column("regions", Text, nullable=False),  # JSON list of region names, or ["*"]
+    Column("created_at", Float, nullable=False),
+    Column("revision", BigInteger, nullable=False),
+    Column("mac", LargeBinary, nullable=False),
+)

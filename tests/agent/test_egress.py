@@ -1,0 +1,441 @@
+"""The agent's egress proxy (keyless workers), in this process: the real endpoint and Api on a loop in
+a thread (``tests.agent.inproc.Served``), a real HTTPS upstream with a CA the test makes
+(``tests.agent.egress_upstream``) that records what it receives.
+
+Every byte the agent writes to a test's connections, and every log line, is checked for the key at
+the end of each test (``no_leak``): errors included."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import json
+import logging
+import os
+import socket
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.agent.egress_upstream import Upstream, make_ca
+from tests.agent.inproc import ME, NODE, REGION, FakeClock, Served, make_state
+from vault_edge.agent.egress import EgressSettings
+from vault_edge.agent.policy import Policy, parse_rules
+from vault_edge.agent.view import Entry, View
+from vault_edge.wire.egress import route_from_json
+
+KEY = "sk-live-0123456789abcdef"
+KEY2 = "sk-live-rotated-9876543210"
+CREDS = {"user": "acct_42", "password": "pw-0123456789-secret"}
+TOKEN = "binding-token-for-tenant-a"
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
+    return make_ca(tmp_path_factory.mktemp("pki"))
+
+
+@pytest.fixture
+def upstream(pki: tuple[Path, Path, Path]) -> Iterator[Upstream]:
+    u = Upstream(pki[1], pki[2])
+    yield u
+    u.close()
+
+
+@pytest.fixture
+def other(pki: tuple[Path, Path, Path]) -> Iterator[Upstream]:
+    u = Upstream(pki[1], pki[2])
+    yield u
+    u.close()
+
+
+class Conn:
+    """A raw HTTP/1.1 client on one connection; keeps every byte it received (for the leak check)."""
+
+    def __init__(self, sock: socket.socket, received: list[bytes]) -> None:
+        self.sock, self.buf, self.received = sock, b"", received
+
+    def send(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def _fill(self) -> bool:
+        chunk = self.sock.recv(65536)
+        self.received.append(chunk)
+        self.buf += chunk
+        return bool(chunk)
+
+    def _line(self) -> bytes:
+        while b"\r\n" not in self.buf:
+            if not self._fill():
+                raise EOFError("closed mid-line")
+        line, _, self.buf = self.buf.partition(b"\r\n")
+        return line
+
+    def head(self) -> tuple[int, dict[str, str]]:
+        while b"\r\n\r\n" not in self.buf:
+            if not self._fill():
+                raise EOFError(f"closed before a response head: {self.buf[:200]!r}")
+        head, _, self.buf = self.buf.partition(b"\r\n\r\n")
+        lines = head.decode("latin-1").split("\r\n")
+        headers: dict[str, str] = {}
+        for k, _, v in (ln.partition(":") for ln in lines[1:]):
+            headers[k.strip().lower()] = v.strip()
+        return int(lines[0].split(" ")[1]), headers
+
+    def chunks(self) -> Iterator[bytes]:
+        while True:
+            size = int(self._line(), 16)
+            while len(self.buf) < size + 2:
+                if not self._fill():
+                    raise EOFError("closed inside a chunk")
+            data, self.buf = self.buf[:size], self.buf[size + 2:]
+            if not size:
+                return
+            yield data
+
+    def response(self, method: str = "GET") -> tuple[int, dict[str, str], bytes]:
+        status, headers = self.head()
+        if method == "HEAD" or status in (204, 304):
+            return status, headers, b""
+        if headers.get("transfer-encoding") == "chunked":
+            return status, headers, b"".join(self.chunks())
+        if "content-length" in headers:
+            n = int(headers["content-length"])
+            while len(self.buf) < n:
+                if not self._fill():
+                    raise EOFError("closed inside a body")
+            body, self.buf = self.buf[:n], self.buf[n:]
+            return status, headers, body
+        while self._fill():
+            pass
+        body, self.buf = self.buf, b""
+        return status, headers, body
+
+    def request(self, method: str, target: str, headers: str = "", body: bytes = b"") -> tuple[int, dict[str, str],
+                                                                                                bytes]:
+        length = f"Content-Length: {len(body)}\r\n" if body else ""
+        self.send(f"{method} {target} HTTP/1.1\r\nHost: agent\r\n{headers}{length}\r\n".encode() + body)
+        return self.response(method)
+
+
+class Agent:
+    def __init__(self, served: Served, received: list[bytes]) -> None:
+        self.served, self.received = served, received
+
+    def conn(self) -> Conn:
+        return Conn(self.served.pair(timeout=10), self.received)
+
+    def call(self, method: str, target: str, headers: str = "", body: bytes = b"") -> tuple[int, dict[str, str],
+                                                                                             Any]:
+        status, h, raw = self.conn().request(method, target, headers, body)
+        try:
+            return status, h, json.loads(raw)
+        except ValueError:
+            return status, h, raw
+
+    def install(self, routes: list[dict[str, Any]], value: str = KEY) -> None:
+        entries = [Entry("api/key", 1, "current", value.encode()),
+                   Entry("api/creds", 1, "current", json.dumps(CREDS).encode()),
+                   Entry("other/key", 1, "current", b"other-secret-value")]
+        parsed = tuple(route_from_json(r).route for r in routes)
+        rev = self.served.state.view.revision + 1
+        self.served.call(lambda: self.served.state.install(View(NODE, REGION, rev, entries, parsed)))
+
+
+def route(name: str, url: str, **kw: Any) -> dict[str, Any]:
+    return {"name": name, "upstream": url, "secret": "api/key", "inject": ["header:Authorization=Bearer {value}"],
+            **kw}
+
+
+@pytest.fixture
+def make_agent(pki: tuple[Path, Path, Path], caplog: pytest.LogCaptureFixture) -> Iterator[Callable[..., Agent]]:
+    caplog.set_level(logging.DEBUG)
+    served_list: list[Served] = []
+    received: list[bytes] = []
+
+    def make(routes: list[dict[str, Any]], policy: Policy | None = None, **settings: Any) -> Agent:
+        served = Served(make_state(FakeClock(), []), policy)
+        served.api.egress.settings = EgressSettings(ca_file=str(pki[0]), **settings)
+        served_list.append(served)
+        agent = Agent(served, received)
+        agent.install(routes)
+        return agent
+
+    yield make
+    for s in served_list:
+        asyncio.run_coroutine_threadsafe(s.api.egress.aclose(), s.loop).result(timeout=10)  # its upstream pool
+        s.close()
+    everything = b"".join(received)
+    for value in (KEY, KEY2, CREDS["password"], base64.b64encode(f"{CREDS['user']}:{CREDS['password']}".encode())
+                  .decode()):
+        assert value.encode() not in everything, "a secret reached a worker"
+        assert value not in caplog.text, "a secret reached the log"
+
+
+def test_the_key_is_injected_and_the_workers_own_credential_and_hop_by_hop_headers_dropped(
+        make_agent: Callable[..., Agent], upstream: Upstream) -> None:
+    agent = make_agent([route("api", upstream.url, paths=["/v1/"])])
+    status, headers, doc = agent.call(
+        "POST", "/v1/egress/api/v1/echo?x=1",
+        "Authorization: Bearer the-workers-own\r\nConnection: X-Drop-Me\r\nX-Drop-Me: 1\r\nKeep-Alive: timeout=5\r\n"
+        "Proxy-Authorization: Basic abc\r\nProxy-Connection: keep-alive\r\nTE: trailers\r\nTrailer: X-T\r\n"
+        "X-Keep: yes\r\nContent-Type: application/json\r\nAccept-Encoding: gzip\r\n",
+        b'{"prompt": "hi"}')
+    assert status == 200, doc
+    seen = upstream.last()
+    assert seen.method == "POST" and seen.target == "/v1/echo?x=1" and seen.body == b'{"prompt": "hi"}'
+    assert seen.header("Authorization") == [f"Bearer {KEY}"]  # the key, and only the key
+    assert seen.header("X-Keep") == ["yes"] and seen.header("Content-Type") == ["application/json"]
+    assert seen.header("Host") == [f"127.0.0.1:{upstream.port}"]
+    for dropped in ("X-Drop-Me", "Keep-Alive", "Proxy-Authorization", "Proxy-Connection", "TE", "Trailer",
+                    "X-Vault-Edge-Token", "Accept-Encoding"):
+        assert seen.header(dropped) == [], dropped
+    # The upstream echoes what it got, the key with it: scrubbed from the answer, same length.
+    echoed = dict((k.lower(), v) for k, v in doc["headers"])
+    assert echoed["authorization"] == "Bearer " + "*" * len(KEY)
+    # the upstream's hop-by-hop headers (and those its Connection names) do not reach the worker
+    assert "x-upstream-private" not in headers and "keep-alive" not in headers
+    assert headers["content-type"] == "application/json"
+
+
+def test_query_basic_and_field_injections(make_agent: Callable[..., Agent], upstream: Upstream) -> None:
+    agent = make_agent([
+        route("q", upstream.url, inject=["query:key={value}"]),
+        {"name": "basic", "upstream": upstream.url, "secret": "api/creds",
+         "inject": ["basic:{value.user}:{value.password}"]},
+        {"name": "field", "upstream": upstream.url, "secret": "api/creds",
+         "inject": ["header:X-Api-Key={value.password}"]},
+    ])
+    assert agent.call("GET", "/v1/egress/q/ok?key=the-workers-own&x=1&key=again")[0] == 200
+    assert upstream.last().query == {"x": ["1"], "key": [KEY]}
+    assert agent.call("GET", "/v1/egress/basic/ok", "Authorization: Bearer the-workers-own\r\n")[0] == 200
+    expect = base64.b64encode(f"{CREDS['user']}:{CREDS['password']}".encode()).decode()
+    assert upstream.last().header("Authorization") == [f"Basic {expect}"]
+    assert agent.call("GET", "/v1/egress/field/ok", "X-Api-Key: mine\r\n")[0] == 200
+    assert upstream.last().header("X-Api-Key") == [CREDS["password"]]
+
+
+def test_forward_proxy_mode_with_an_absolute_uri(make_agent: Callable[..., Agent], upstream: Upstream) -> None:
+    agent = make_agent([route("api", upstream.url)])
+    status, _, doc = agent.call("GET", f"{upstream.url}/v1/ok?z=2")
+    assert status == 200 and doc == {"ok": True}
+    assert upstream.last().header("Authorization") == [f"Bearer {KEY}"] and upstream.last().target == "/v1/ok?z=2"
+    # a host no route names: 403, and nothing sent anywhere
+    n = len(upstream.seen)
+    for target in ("https://api.example.com/v1/ok", f"https://localhost:{upstream.port}/v1/ok",
+                   f"http://127.0.0.1:{upstream.port}/v1/ok"):
+        status, _, doc = agent.call("GET", target)
+        assert status == 403 and doc["error"]["code"] == "forbidden", target
+    assert len(upstream.seen) == n
+    status, _, _ = agent.call("CONNECT", f"127.0.0.1:{upstream.port}")
+    assert status == 400  # no tunnels: the agent must see the request to add the key
+
+
+def test_policy_says_which_routes_a_caller_may_call(make_agent: Callable[..., Agent], upstream: Upstream) -> None:
+    policy = Policy(parse_rules({"rule": [
+        {"uid": ME.uid, "egress": ["other-*"]},
+        {"token_sha256": hashlib.sha256(TOKEN.encode()).hexdigest(), "egress": ["api"]},
+    ]}))
+    agent = make_agent([route("api", upstream.url), route("other-one", upstream.url)], policy)
+    status, _, doc = agent.call("GET", "/v1/egress/api/ok")
+    assert status == 403 and doc["error"]["code"] == "forbidden"
+    assert agent.call("GET", "/v1/egress/other-one/ok")[0] == 200
+    assert agent.call("GET", "/v1/egress/api/ok", f"X-Vault-Edge-Token: {TOKEN}\r\n")[0] == 200
+    assert upstream.last().header("X-Vault-Edge-Token") == []  # the binding's token stays here
+    assert agent.call("GET", "/v1/egress/api/ok", "X-Vault-Edge-Token: wrong\r\n")[0] == 403
+    assert agent.call("GET", "/v1/egress/nope/ok", f"X-Vault-Edge-Token: {TOKEN}\r\n")[0] == 403  # unknown: same
+    # calling a route is not reading its secret
+    assert agent.call("GET", "/v1/secrets/api/key", f"X-Vault-Edge-Token: {TOKEN}\r\n")[0] == 403
+    # proxy mode: the caller's routes only
+    assert agent.call("GET", f"{upstream.url}/ok")[0] == 200  # other-one's upstream is the same
+    policy_none = Policy(parse_rules({"rule": [{"uid": ME.uid, "secrets": ["*"]}]}))
+    agent2 = make_agent([route("api", upstream.url)], policy_none)
+    assert agent2.call("GET", f"{upstream.url}/ok")[0] == 403
+
+
+@pytest.mark.parametrize(("method", "target", "status"), [
+    ("DELETE", "/v1/egress/api/v1/ok", 405),
+    ("TRACE", "/v1/egress/api/v1/ok", 405),
+    ("GET", "/v1/egress/api/admin/ok", 403),
+    ("GET", "/v1/egress/api/v1/../admin/ok", 400),
+    ("GET", "/v1/egress/api/v1/%2e%2e/admin/ok", 400),
+    ("GET", "/v1/egress/api/v1%2fok", 400),
+    ("GET", "/v1/egress/api/v1/%5cok", 400),
+    ("GET", "/v1/egress/Bad!/ok", 400),
+    ("GET", "/v1/egress/", 400),
+])
+def test_the_route_bounds_methods_and_paths(make_agent: Callable[..., Agent], upstream: Upstream, method: str,
+                                            target: str, status: int) -> None:
+    agent = make_agent([route("api", upstream.url, methods=["GET", "POST"], paths=["/v1/"])])
+    got, headers, doc = agent.call(method, target)
+    assert got == status, doc
+    assert set(doc["error"]) == {"code", "message"}
+    if status == 405:
+        assert headers["allow"] == "GET, POST"
+    assert upstream.seen == []
+
+
+def test_redirects_go_back_to_the_worker_unfollowed(make_agent: Callable[..., Agent], upstream: Upstream,
+                                                    other: Upstream) -> None:
+    agent = make_agent([route("api", upstream.url)])
+    status, headers, _ = agent.call("GET", f"/v1/egress/api/redirect?to=https://localhost:{other.port}/ok")
+    assert status == 302 and headers["location"] == f"https://localhost:{other.port}/ok"
+    assert other.seen == []  # not followed: the other host never saw the key (nor anything)
+    # a redirect that would carry the key in its URL has it scrubbed
+    status, headers, _ = agent.call("GET", f"/v1/egress/api/redirect?to=https://x.example/?k={KEY}")
+    assert status == 302 and KEY not in headers["location"]
+
+
+def test_errors_say_what_happened_never_the_key(make_agent: Callable[..., Agent], upstream: Upstream) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        dead = s.getsockname()[1]  # nothing listens there once closed
+    agent = make_agent([route("api", upstream.url), route("down", f"https://127.0.0.1:{dead}"),
+                        route("q", upstream.url, inject=["query:key={value}"])],
+                       timeout=0.5, max_answer=1 << 20, max_body=1024)
+    status, _, doc = agent.call("GET", "/v1/egress/down/ok")
+    assert status == 502 and doc["error"]["code"] == "upstream_unreachable"
+    status, _, doc = agent.call("GET", "/v1/egress/q/slow?s=2")
+    assert status == 504 and doc["error"]["code"] == "upstream_timeout"
+    status, _, doc = agent.call("GET", f"/v1/egress/api/big?n={2 << 20}")
+    assert status == 502 and doc["error"]["code"] == "answer_too_large"
+    status, _, doc = agent.call("POST", "/v1/egress/api/echo", body=b"x" * 2048)
+    assert status == 413
+    conn = agent.conn()
+    conn.send(b"POST /v1/egress/api/echo HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n1\r\nx\r\n0\r\n\r\n")
+    assert conn.response()[0] == 411
+    # streamed past the limit: the answer is cut (the worker sees a broken body, not a whole one)
+    conn = agent.conn()
+    conn.send(f"GET /v1/egress/api/stream?n={2 << 20} HTTP/1.1\r\nHost: a\r\n\r\n".encode())
+    status, headers = conn.head()
+    assert status == 200 and headers["transfer-encoding"] == "chunked"
+    with pytest.raises(EOFError):
+        for _ in conn.chunks():
+            pass
+    # and the agent serves everyone else as before
+    assert agent.call("GET", "/v1/egress/api/ok")[0] == 200
+    assert agent.call("GET", "/v1/secrets/other/key")[0] == 200  # reads too
+
+
+def test_a_secret_that_cannot_be_injected_is_refused_without_its_value(make_agent: Callable[..., Agent],
+                                                                      upstream: Upstream) -> None:
+    agent = make_agent([route("api", upstream.url)])
+    agent.install([route("api", upstream.url), {"name": "f", "upstream": upstream.url, "secret": "api/key",
+                                                "inject": ["header:X={value.missing}"]}],
+                  value="sk-live-with\r\nInjected: header")
+    status, _, doc = agent.call("GET", "/v1/egress/api/ok")
+    assert status == 502 and doc["error"]["code"] == "bad_secret" and "Injected" not in json.dumps(doc)
+    status, _, doc = agent.call("GET", "/v1/egress/f/ok")
+    assert status == 502 and doc["error"]["code"] == "bad_secret"
+    assert upstream.seen == []
+
+
+def test_the_next_call_after_a_rotation_uses_the_new_key(make_agent: Callable[..., Agent], upstream: Upstream) -> None:
+    agent = make_agent([route("api", upstream.url)])
+    conn = agent.conn()
+    assert conn.request("GET", "/v1/egress/api/ok")[0] == 200
+    assert upstream.last().header("Authorization") == [f"Bearer {KEY}"]
+    agent.install([route("api", upstream.url)], value=KEY2)
+    assert conn.request("GET", "/v1/egress/api/ok")[0] == 200  # same connection, kept alive
+    assert upstream.last().header("Authorization") == [f"Bearer {KEY2}"]
+    agent.install([])  # the route deleted
+    assert conn.request("GET", "/v1/egress/api/ok")[0] == 404
+
+
+def test_server_sent_events_arrive_one_by_one(make_agent: Callable[..., Agent], upstream: Upstream) -> None:
+    agent = make_agent([route("api", upstream.url)])
+    conn = agent.conn()
+    conn.send(b"GET /v1/egress/api/sse?n=4&gap=0.3 HTTP/1.1\r\nHost: a\r\nAccept: text/event-stream\r\n\r\n")
+    status, headers = conn.head()
+    assert status == 200 and headers["content-type"] == "text/event-stream"
+    lags = []
+    for chunk in conn.chunks():
+        for event in chunk.decode().split("\n\n"):
+            if event.startswith("id:"):
+                sent = json.loads(event.split("data: ", 1)[1])["sent"]
+                lags.append(time.time() - sent)
+    assert len(lags) == 4
+    assert max(lags) < 0.25, lags  # each event as it left the upstream, not at the end (0.9 s later)
+    assert conn.request("GET", "/v1/egress/api/ok")[0] == 200  # the connection is still good
+
+
+def test_a_worker_that_goes_away_ends_the_upstream_call(make_agent: Callable[..., Agent], upstream: Upstream) -> None:
+    agent = make_agent([route("api", upstream.url)])
+    conn = agent.conn()
+    conn.send(b"GET /v1/egress/api/sse?n=50&gap=0.1 HTTP/1.1\r\nHost: a\r\n\r\n")
+    assert conn.head()[0] == 200
+    conn.sock.close()
+    served = agent.served
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and served.open_conns():
+        time.sleep(0.02)
+    assert served.open_conns() == 0
+    deadline = time.monotonic() + 3  # the stream would run 5 s: the agent hung up on it
+    while time.monotonic() < deadline and not upstream.aborted:
+        time.sleep(0.02)
+    assert upstream.aborted == 1
+    assert agent.call("GET", "/v1/egress/api/ok")[0] == 200
+
+
+def test_pipelined_requests_behind_an_egress_call_are_answered_in_order(make_agent: Callable[..., Agent],
+                                                                       upstream: Upstream) -> None:
+    agent = make_agent([route("api", upstream.url)])
+    conn = agent.conn()
+    conn.send(b"POST /v1/egress/api/echo HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\n\r\nhello"
+              b"GET /v1/health HTTP/1.1\r\nHost: a\r\n\r\n")
+    status, _, body = conn.response()
+    assert status == 200 and json.loads(body)["body"] == "hello"
+    status, _, body = conn.response()
+    assert status == 200 and json.loads(body)["status"] == "ok"
+
+
+def test_a_body_sent_slowly_is_waited_for(make_agent: Callable[..., Agent], upstream: Upstream) -> None:
+    agent = make_agent([route("api", upstream.url)])
+    conn = agent.conn()
+    conn.send(b"POST /v1/egress/api/echo HTTP/1.1\r\nHost: a\r\nContent-Length: 10\r\n\r\nhel")
+    time.sleep(0.1)
+    conn.send(b"lo worl")
+    status, _, body = conn.response()
+    assert status == 200 and json.loads(body)["body"] == "hello worl"
+
+
+def test_egress_answers_are_never_cached(make_agent: Callable[..., Agent], upstream: Upstream) -> None:
+    agent = make_agent([route("api", upstream.url)])
+    conn = agent.conn()
+    for _ in range(3):
+        assert conn.request("GET", "/v1/egress/api/ok")[0] == 200
+    assert len(upstream.seen) == 3
+
+
+def test_egress_needs_no_environment(monkeypatch: pytest.MonkeyPatch, make_agent: Callable[..., Agent],
+                                     upstream: Upstream) -> None:
+    # a proxy in the environment is never used for egress (the agent is the proxy), nor a .netrc
+    monkeypatch.setenv("HTTPS_PROXY", "http://127.0.0.1:9")
+    agent = make_agent([route("api", upstream.url)])
+    assert agent.call("GET", "/v1/egress/api/ok")[0] == 200
+    assert os.environ["HTTPS_PROXY"]
+
+
+def test_expect_100_continue_is_answered(make_agent: Callable[..., Agent], upstream: Upstream) -> None:
+    agent = make_agent([route("api", upstream.url)])
+    conn = agent.conn()
+    conn.send(b"POST /v1/egress/api/echo HTTP/1.1\r\nHost: a\r\nExpect: 100-continue\r\nContent-Length: 4\r\n\r\n")
+    assert conn.head()[0] == 100
+    conn.send(b"body")
+    status, _, body = conn.response()
+    assert status == 200 and json.loads(body)["body"] == "body"
+    assert upstream.last().header("Expect") == []
+
+
+def test_a_refused_call_with_a_body_gets_its_refusal(make_agent: Callable[..., Agent], upstream: Upstream) -> None:
+    policy = Policy(parse_rules({"rule": [{"uid": ME.uid, "secrets": ["*"]}]}))
+    agent = make_agent([route("api", upstream.url)], policy)
+    conn = agent.conn()
+    status, _, body = conn.request("POST", "/v1/egress/api/echo", body=b'{"a": 1}')
+    assert status == 403 and json.loads(body)["error"]["code"] == "forbidden"
+    assert conn.request("GET", "/v1/health")[0] == 200  # the body was read: the connection is still in step
+    assert upstream.seen == []

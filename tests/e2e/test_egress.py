@@ -1,0 +1,117 @@
+"""Keyless workers, for real: a control plane process, the real CLI defining egress routes, an agent
+process (``--egress-ca``, a policy file), a real HTTPS upstream with a test CA that records what it
+receives, and workers on the agent's unix socket who never see the key, errors included."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.agent.egress_upstream import Upstream, make_ca
+from tests.agent.test_egress import Conn
+from tests.conftest import cli
+from tests.e2e.conftest import AgentProcess, ControlPlane, wait_until
+
+KEY, KEY2 = "sk-live-e2e-000111222333", "sk-live-e2e-rotated-444555"
+TOKEN = "tenant-a-binding-token-0123456789"
+
+
+@pytest.fixture
+def pki(workdir: Path) -> tuple[Path, Path, Path]:
+    d = workdir / "pki"
+    d.mkdir()
+    return make_ca(d)
+
+
+@pytest.fixture
+def upstream(pki: tuple[Path, Path, Path]) -> Iterator[Upstream]:
+    u = Upstream(pki[1], pki[2])
+    yield u
+    u.close()
+
+
+class Worker:
+    """A worker process's view of the agent: raw HTTP on its socket, every byte kept."""
+
+    def __init__(self, agent: AgentProcess, token: str | None = None) -> None:
+        self.path, self.token, self.received = str(agent.socket), token, []  # type: list[bytes]
+
+    def call(self, method: str, target: str, headers: str = "", body: bytes = b"") -> tuple[int, dict[str, str], Any]:
+        s = socket.socket(socket.AF_UNIX)
+        s.settimeout(15)
+        s.connect(self.path)
+        with s:
+            token = f"X-Vault-Edge-Token: {self.token}\r\n" if self.token else ""
+            status, h, raw = Conn(s, self.received).request(method, target, token + headers, body)
+        try:
+            return status, h, json.loads(raw)
+        except ValueError:
+            return status, h, raw
+
+
+def test_keyless_workers_end_to_end(control_plane: ControlPlane, start_agent: Any, workdir: Path,
+                                    pki: tuple[Path, Path, Path], upstream: Upstream) -> None:
+    op = control_plane.op
+    op.put("openai/api-key", value=KEY, regions=["eu"])
+    env = {"VAULT_EDGE_ADDR": control_plane.addr, "VAULT_EDGE_TOKEN": control_plane.token}
+    r = cli("egress", "create", "openai", "--upstream", upstream.url, "--secret", "openai/api-key",
+            "--inject", "header:Authorization=Bearer {value}", "--method", "GET", "--method", "POST",
+            "--path", "/v1/", "-o", "json", env=env)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["regions"] == ["eu"]
+    r = cli("egress", "create", "bad", "--upstream", "http://api.example.com", "--secret", "openai/api-key",
+            "--inject", "header:Authorization=Bearer {value}", env=env)
+    assert r.returncode == 1 and r.stderr.decode().count("\n") == 1 and "https" in r.stderr.decode()
+    r = cli("egress", "list", "-o", "json", env=env)
+    assert r.returncode == 0 and [x["name"] for x in json.loads(r.stdout)["routes"]] == ["openai"]
+
+    policy = workdir / "policy.toml"
+    policy.write_text(f'[[rule]]\nuid = {os.getuid()}\nsecrets = ["public/*"]\n\n'
+                      f'[[rule]]\ntoken_sha256 = "{hashlib.sha256(TOKEN.encode()).hexdigest()}"\negress = ["openai"]\n')
+    agent = start_agent("eu1", "eu", "--policy", str(policy), "--egress-ca", str(pki[0]), "--egress-timeout", "2s")
+    worker, stranger = Worker(agent, TOKEN), Worker(agent)
+
+    # through a binding to the socket
+    status, _, doc = worker.call("POST", "/v1/egress/openai/v1/echo", "Authorization: Bearer mine\r\n", b"{}")
+    assert status == 200, doc
+    assert upstream.last().header("Authorization") == [f"Bearer {KEY}"]
+    # as a forward proxy (workerd's globalOutbound, style = proxy)
+    status, _, doc = worker.call("GET", f"{upstream.url}/v1/ok")
+    assert status == 200 and doc == {"ok": True} and upstream.last().header("Authorization") == [f"Bearer {KEY}"]
+    assert worker.call("GET", "https://api.example.com/v1/ok")[0] == 403  # a host no route names
+    # refusals: a caller without the route, a worker reading the key itself, a path the route does not allow
+    assert stranger.call("GET", "/v1/egress/openai/v1/ok")[0] == 403
+    assert stranger.call("GET", f"{upstream.url}/v1/ok")[0] == 403
+    assert worker.call("GET", "/v1/secrets/openai/api-key")[0] == 403
+    assert worker.call("GET", "/v1/egress/openai/admin")[0] == 403
+    assert len(upstream.seen) == 2  # the refused calls sent nothing
+
+    # a rotation: the next call uses the new key
+    op.rotate("openai/api-key", value=KEY2)
+    wait_until(lambda: worker.call("GET", "/v1/egress/openai/v1/ok")[0] == 200
+               and upstream.last().header("Authorization") == [f"Bearer {KEY2}"], 20, "the rotated key upstream")
+
+    # the upstream gone: a clear error, never the key; the agent serves on
+    upstream.close()
+    status, _, doc = worker.call("GET", "/v1/egress/openai/v1/ok")
+    assert status == 502 and doc["error"]["code"] == "upstream_unreachable"
+
+    # the route deleted: gone from the agent at its next sync
+    r = cli("egress", "delete", "openai", env=env)
+    assert r.returncode == 0, r.stderr
+    wait_until(lambda: worker.call("GET", "/v1/egress/openai/v1/ok")[0] == 404, 20, "the route to go")
+
+    assert agent.alive() and agent.health()["status"] == "ok"
+    agent.stop()
+    everything = b"".join(worker.received + stranger.received)
+    log = agent.log()
+    for value in (KEY, KEY2):
+        assert value.encode() not in everything
+        assert value not in log

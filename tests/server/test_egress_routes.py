@@ -1,0 +1,126 @@
+"""Egress routes on the control plane (SQLite and PostgreSQL): defined by an admin, checked at the
+edge, stored MAC'd (a route sends a secret to its upstream: it grants authority), and synced to the
+agents of its regions inside the signed sync answer: a full view lists the region's routes, a delta
+carries them only when they changed."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import Engine, insert, select, update
+
+from tests.conftest import Api
+from tests.server.test_delta_sync import Node
+from vault_edge.server.storage import schema as t
+
+ROUTE = {"name": "openai", "upstream": "https://api.openai.com", "secret": "openai/api-key",
+         "inject": ["header:Authorization=Bearer {value}"], "methods": ["POST", "GET"], "paths": ["/v1/"]}
+
+
+def _db(api: Api) -> Engine:
+    return api.client.app.state.ctx.store.engine  # type: ignore[no-any-return]
+
+
+@pytest.fixture
+def eu_api(api: Api) -> Api:
+    assert api.call("PUT", "/v1/secrets/openai/api-key", json={"value": "sk-test-0001", "regions": ["eu"]})[0] == 200
+    return api
+
+
+def test_create_list_delete(eu_api: Api) -> None:
+    st, doc = eu_api.call("POST", "/v1/egress", json=ROUTE)
+    assert st == 200, doc
+    assert doc["regions"] == ["eu"] and doc["methods"] == ["POST", "GET"]  # regions: the secret's by default
+    st, doc = eu_api.call("GET", "/v1/egress")
+    assert st == 200 and [r["name"] for r in doc["routes"]] == ["openai"] and doc["refused"] == []
+    assert doc["routes"][0]["inject"] == ROUTE["inject"]
+    assert eu_api.call("POST", "/v1/egress", json=ROUTE)[0] == 409
+    assert eu_api.call("DELETE", "/v1/egress/openai")[0] == 200
+    assert eu_api.call("DELETE", "/v1/egress/openai")[0] == 404
+    assert eu_api.call("GET", "/v1/egress")[1]["routes"] == []
+
+
+@pytest.mark.parametrize("change", [
+    {"name": "Bad Name"}, {"upstream": "http://api.openai.com"}, {"upstream": "https://u:p@x.com"},
+    {"upstream": "https://x.com/?q=1"}, {"upstream": "ftp://x.com"}, {"inject": []},
+    {"inject": ["header:Host={value}"]}, {"inject": ["header:X-Key=fixed"]}, {"inject": ["cookie:a={value}"]},
+    {"inject": ["header:X={value", "query:k={value}"]}, {"methods": ["TRACE"]}, {"methods": ["CONNECT"]},
+    {"paths": ["v1"]}, {"paths": ["/v1/../admin"]}, {"paths": ["/%2e%2e/"]}, {"secret": "no/such"},
+    {"secret": "../x"}, {"regions": ["us"]}, {"regions": ["*"]}, {"regions": ["nowhere"]}, {"extra": 1},
+])
+def test_bad_routes_are_refused_with_400(eu_api: Api, change: dict[str, Any]) -> None:
+    st, doc = eu_api.call("POST", "/v1/egress", json={**ROUTE, **change})
+    assert st == 400, doc
+    assert set(doc["error"]) == {"code", "message"}
+
+
+def test_routes_need_an_admin_over_every_name(eu_api: Api) -> None:
+    st, tok = eu_api.call("POST", "/v1/tokens", json={"name": "narrow", "prefixes": ["openai/"],
+                                                      "verbs": ["read", "list", "write", "admin"]})
+    assert st == 200, tok
+    narrow = Api(eu_api.client, tok["token"])
+    assert narrow.call("POST", "/v1/egress", json=ROUTE)[0] == 403
+    assert narrow.call("GET", "/v1/egress")[0] == 403
+    assert eu_api.call("POST", "/v1/egress", json=ROUTE)[0] == 200
+    assert narrow.call("DELETE", "/v1/egress/openai")[0] == 403
+
+
+def test_routes_reach_the_region_in_the_signed_sync(eu_api: Api, tmp_path: Path) -> None:
+    n = Node(eu_api, tmp_path)
+    opened, _, body = n.sync()
+    assert opened.kind == "full" and body is not None and body.egress is None and n.view.egress == ()
+    assert eu_api.call("POST", "/v1/egress", json=ROUTE)[0] == 200
+    opened, _, body = n.sync()
+    assert opened.kind == "delta" and body is not None and body.names == ()  # no secret changed
+    assert body.egress is not None and [r.name for r in body.egress] == ["openai"]
+    assert [r.upstream for r in n.view.egress] == ["https://api.openai.com"]
+    assert n.view.lookup("openai/api-key") is not None  # the secrets held stay
+    # A rotation's delta says nothing of routes: the agent keeps them.
+    assert eu_api.call("POST", "/v1/rotate/openai/api-key", json={"value": "sk-test-0002"})[0] == 200
+    opened, _, body = n.sync()
+    assert opened.kind == "delta" and body is not None and body.egress is None
+    assert [r.name for r in n.view.egress] == ["openai"]
+    # A full view lists them.
+    opened, _, body = n.sync(full=True)
+    assert opened.kind == "full" and body is not None and [r.name for r in body.egress or ()] == ["openai"]
+    # Deleting the last route sends an empty list.
+    assert eu_api.call("DELETE", "/v1/egress/openai")[0] == 200
+    opened, _, body = n.sync()
+    assert opened.kind == "delta" and body is not None and body.egress == () and n.view.egress == ()
+
+
+def test_a_route_of_another_region_is_not_sent(eu_api: Api, tmp_path: Path) -> None:
+    assert eu_api.call("PUT", "/v1/secrets/us/key", json={"value": "us-key-000", "regions": ["us"]})[0] == 200
+    assert eu_api.call("POST", "/v1/egress", json={**ROUTE, "name": "us-only", "secret": "us/key"})[0] == 200
+    n = Node(eu_api, tmp_path)
+    n.sync()
+    assert n.view.egress == ()
+
+
+def test_a_route_row_edited_by_the_writer_is_refused(eu_api: Api, tmp_path: Path) -> None:
+    assert eu_api.call("POST", "/v1/egress", json=ROUTE)[0] == 200
+    with _db(eu_api).begin() as c:
+        row = c.execute(select(t.egress_routes)).one()
+        c.execute(update(t.egress_routes).values(route=row.route.replace("api.openai.com", "evil.example")))
+    st, doc = eu_api.call("GET", "/v1/egress")
+    assert st == 200 and doc["routes"] == [] and doc["refused"] == ["openai"]
+    n = Node(eu_api, tmp_path)
+    n.sync()
+    assert n.view.egress == ()  # never served with the writer's upstream
+    assert eu_api.call("DELETE", "/v1/egress/openai")[0] == 200  # removing a tampered route is allowed
+
+
+def test_a_deleted_route_copied_back_is_refused(eu_api: Api, tmp_path: Path) -> None:
+    assert eu_api.call("POST", "/v1/egress", json=ROUTE)[0] == 200
+    with _db(eu_api).begin() as c:
+        row = dict(c.execute(select(t.egress_routes)).one()._mapping)
+    assert eu_api.call("DELETE", "/v1/egress/openai")[0] == 200
+    with _db(eu_api).begin() as c:
+        c.execute(insert(t.egress_routes).values(**row))  # the old row, MAC and all
+    st, doc = eu_api.call("GET", "/v1/egress")
+    assert st == 200 and doc["routes"] == [] and doc["refused"] == ["openai"]
+    n = Node(eu_api, tmp_path)
+    n.sync()
+    assert n.view.egress == ()

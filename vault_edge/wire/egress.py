@@ -1,0 +1,314 @@
+"""Egress routes: how the agent calls an upstream API on a worker's behalf, adding the key itself.
+
+Pure: strings and bytes in and out. The control plane checks a route with :func:`route_from_json`
+when an operator defines it, and the agent again when a sync brings it (the agent takes nothing on
+trust from its path, though the sync is signed).
+
+A route (``to_json``)::
+
+    {"name": "openai", "upstream": "https://api.openai.com", "secret": "openai/api-key",
+     "inject": ["header:Authorization=Bearer {value}"], "methods": ["GET", "POST"], "paths": ["/v1/"]}
+
+* ``upstream``: ``https://host[:port][/base]`` (``http`` only to a loopback host: a key never crosses
+  a network in clear). No user info, query or fragment.
+* ``inject``: where the secret goes, one or more of ``header:NAME=TEMPLATE``, ``query:NAME=TEMPLATE``
+  and ``basic:USER:PASSWORD`` (HTTP Basic; both parts templates). A template is text with
+  placeholders: ``{value}`` (the secret's current value, UTF-8) or ``{value.FIELD}`` (a field of a
+  structured secret: the value is a JSON object, the field a string or a number).
+* ``methods``: the methods a worker may use (never CONNECT or TRACE: TRACE echoes the request's
+  headers, the injected key among them). ``paths``: prefixes of the upstream URL's path a worker may
+  call (the upstream's base path included).
+
+Rendering (:meth:`Injection.render`) refuses a value that would break out of its place (CR, LF, NUL
+or any control character in a header) with :class:`InjectError`, whose message never holds the value.
+"""
+
+from __future__ import annotations
+
+import base64
+import ipaddress
+import json
+import re
+from dataclasses import dataclass
+from typing import Any, Final
+from urllib.parse import quote, urlsplit
+
+from vault_edge.wire import WireError, valid_name
+
+METHODS: Final = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
+MAX_INJECT: Final = 8
+MAX_PATHS: Final = 32
+MAX_URL: Final = 2048
+_ROUTE_RE = re.compile(r"[a-z0-9][a-z0-9_\-]{0,62}")
+_TOKEN_RE = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]{1,128}")  # an HTTP header name (RFC 9110 token)
+_PARAM_RE = re.compile(r"[A-Za-z0-9_.\-\[\]]{1,128}")
+_PLACEHOLDER_RE = re.compile(r"\{value(?:\.([A-Za-z0-9_\-]{1,64}))?\}")
+_TEMPLATE_TEXT_RE = re.compile(r"[\x20-\x7e]*")
+_PATH_RE = re.compile(r"/[\x21-\x7e]{0,511}")
+_HOST_RE = re.compile(r"[a-z0-9\-.]{1,253}|\[[0-9a-f:.]{2,45}\]")
+# headers a route may never set: framing, routing and hop-by-hop ones are the agent's business
+_RESERVED_HEADERS: Final = frozenset({
+    "host", "content-length", "transfer-encoding", "connection", "keep-alive", "proxy-connection", "te",
+    "trailer", "upgrade", "proxy-authorization", "proxy-authenticate", "x-vault-edge-token",
+})
+
+
+class InjectError(ValueError):
+    """The secret's value cannot be injected as the route says. The message never holds the value."""
+
+
+def valid_route_name(name: object) -> bool:
+    return isinstance(name, str) and _ROUTE_RE.fullmatch(name) is not None
+
+
+def _loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+@dataclass(frozen=True, slots=True)
+class Upstream:
+    scheme: str
+    host: str  # lowercase; IPv6 in brackets
+    port: int
+    base: str  # "" or a path without its trailing "/"
+
+    @property
+    def origin(self) -> tuple[str, str, int]:
+        return (self.scheme, self.host, self.port)
+
+    @property
+    def authority(self) -> str:
+        default = 443 if self.scheme == "https" else 80
+        return self.host if self.port == default else f"{self.host}:{self.port}"
+
+    def url(self, path: str) -> str:
+        return f"{self.scheme}://{self.authority}{path}"
+
+
+def parse_upstream(text: str) -> Upstream:
+    """``https://host[:port][/base]``; WireError otherwise."""
+    if not isinstance(text, str) or not 0 < len(text) <= MAX_URL or not text.isascii():
+        raise WireError("upstream: an https URL of at most 2048 ASCII characters")
+    try:
+        u = urlsplit(text)
+        port = u.port
+    except ValueError:
+        raise WireError("upstream: not a valid URL") from None
+    if u.scheme not in ("https", "http"):
+        raise WireError("upstream: the scheme must be https (http only to a loopback host)")
+    if u.username is not None or u.password is not None or u.query or u.fragment or "#" in text or "?" in text:
+        raise WireError("upstream: no user info, query or fragment (the route says what is injected)")
+    host = (u.hostname or "").lower()
+    if ":" in host:
+        host = f"[{host}]"
+    if not _HOST_RE.fullmatch(host) or host.startswith((".", "-")):
+        raise WireError("upstream: a host name or address is needed")
+    if u.scheme == "http" and not _loopback(host):
+        raise WireError("upstream: http sends the key in clear; use https (http only to a loopback host)")
+    base = u.path.rstrip("/")
+    if base and (not _PATH_RE.fullmatch(base) or _dot_segment(base)):
+        raise WireError("upstream: the base path must be visible ASCII without '.' or '..' segments")
+    return Upstream(u.scheme, host, port or (443 if u.scheme == "https" else 80), base)
+
+
+def _dot_segment(path: str) -> bool:
+    return any(seg in (".", "..") for seg in path.split("/"))
+
+
+# -- injections -----------------------------------------------------------------------------------
+Part = str | tuple[str | None]  # literal text, or a placeholder: (None,) for {value}, (FIELD,) for a field
+
+
+def _template(text: str, what: str, required: bool = True) -> tuple[Part, ...]:
+    if not _TEMPLATE_TEXT_RE.fullmatch(text):
+        raise WireError(f"{what}: printable ASCII only")
+    parts: list[Part] = []
+    pos = 0
+    for m in _PLACEHOLDER_RE.finditer(text):
+        parts.append(text[pos:m.start()])
+        parts.append((m.group(1),))
+        pos = m.end()
+    parts.append(text[pos:])
+    literal = "".join(p for p in parts if isinstance(p, str))
+    if "{" in literal or "}" in literal:
+        raise WireError(f"{what}: placeholders are {{value}} or {{value.FIELD}}")
+    if required and not any(isinstance(p, tuple) for p in parts):
+        raise WireError(f"{what}: the template must use the secret ({{value}} or {{value.FIELD}})")
+    return tuple(p for p in parts if p != "")
+
+
+@dataclass(frozen=True, slots=True)
+class Injection:
+    spec: str
+    kind: str  # "header", "query" or "basic"
+    name: str  # header name (lowercase) or query parameter; "authorization" for basic
+    parts: tuple[tuple[Part, ...], ...]  # one template; two for basic (user, password)
+
+    def render(self, value: bytes) -> tuple[str, tuple[bytes, ...]]:
+        """The text to put in place, and every form of the secret it holds (for scrubbing answers)."""
+        fields: dict[str, Any] | None = None
+        needles: list[bytes] = []
+        rendered: list[str] = []
+        for template in self.parts:
+            out: list[str] = []
+            for p in template:
+                if isinstance(p, str):
+                    out.append(p)
+                    continue
+                field = p[0]
+                if field is None:
+                    text = _text(value)
+                else:
+                    if fields is None:
+                        fields = _fields(value)
+                    if field not in fields:
+                        raise InjectError(f"the secret has no field {field!r}")
+                    text = fields[field]
+                needles.append(text.encode())
+                out.append(text)
+            rendered.append("".join(out))
+        if self.kind == "basic":
+            if ":" in rendered[0]:
+                raise InjectError("a Basic user name cannot hold ':'")
+            creds = base64.b64encode(":".join(rendered).encode()).decode("ascii")
+            needles.append(creds.encode())
+            return "Basic " + creds, tuple(needles)
+        result = rendered[0]
+        if self.kind == "query":
+            encoded = quote(result, safe="")
+            needles.extend(quote(n.decode(), safe="").encode() for n in needles[:])
+            return encoded, tuple(needles)
+        if any(c < " " or c == "\x7f" for c in result):
+            raise InjectError("the secret holds a control character (CR, LF, NUL...) and cannot go in a header")
+        return result, tuple(needles)
+
+
+def _text(value: bytes) -> str:
+    try:
+        return value.decode("utf-8")
+    except UnicodeDecodeError:
+        raise InjectError("the secret is not UTF-8 text") from None
+
+
+def _fields(value: bytes) -> dict[str, str]:
+    try:
+        doc = json.loads(value)
+    except (ValueError, RecursionError):
+        raise InjectError("the secret is not a JSON object (a field was asked for)") from None
+    if not isinstance(doc, dict):
+        raise InjectError("the secret is not a JSON object (a field was asked for)")
+    out = {}
+    for k, v in doc.items():
+        if isinstance(v, str):
+            out[k] = v
+        elif isinstance(v, (int, float)) and not isinstance(v, bool):
+            out[k] = json.dumps(v)
+    return out
+
+
+def parse_injection(spec: str) -> Injection:
+    """``header:NAME=TEMPLATE``, ``query:NAME=TEMPLATE`` or ``basic:USER:PASSWORD``; WireError otherwise."""
+    if not isinstance(spec, str) or not 0 < len(spec) <= 512:
+        raise WireError("inject: a spec of at most 512 characters")
+    kind, sep, rest = spec.partition(":")
+    if not sep or kind not in ("header", "query", "basic"):
+        raise WireError("inject: header:NAME=TEMPLATE, query:NAME=TEMPLATE or basic:USER:PASSWORD")
+    if kind == "basic":
+        user, sep, password = rest.partition(":")
+        if not sep:
+            raise WireError("inject: basic:USER:PASSWORD (e.g. basic:{value}: or basic:{value.user}:{value.password})")
+        parts = (_template(user, "inject", False), _template(password, "inject", False))
+        if not any(isinstance(p, tuple) for t in parts for p in t):
+            raise WireError("inject: basic credentials must use the secret ({value} or {value.FIELD})")
+        return Injection(spec, kind, "authorization", parts)
+    name, sep, template = rest.partition("=")
+    if not sep:
+        raise WireError(f"inject: {kind}:NAME=TEMPLATE")
+    if kind == "header":
+        if not _TOKEN_RE.fullmatch(name) or name.lower() in _RESERVED_HEADERS:
+            raise WireError(f"inject: {name!r} is not a header a route may set")
+        name = name.lower()
+    elif not _PARAM_RE.fullmatch(name):
+        raise WireError("inject: a query parameter name of letters, digits and _.-[]")
+    return Injection(spec, kind, name, (_template(template, "inject"),))
+
+
+# -- routes ---------------------------------------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class Route:
+    name: str
+    upstream: str
+    secret: str
+    inject: tuple[str, ...]
+    methods: tuple[str, ...] = METHODS
+    paths: tuple[str, ...] = ("/",)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "upstream": self.upstream, "secret": self.secret, "inject": list(self.inject),
+                "methods": list(self.methods), "paths": list(self.paths)}
+
+    def canonical(self) -> str:
+        """The route as stored and MAC'd: one JSON text per route."""
+        return json.dumps(self.to_json(), separators=(",", ":"), sort_keys=True)
+
+
+@dataclass(frozen=True, slots=True)
+class Parsed:
+    """A checked route, ready to use."""
+
+    route: Route
+    upstream: Upstream
+    injections: tuple[Injection, ...]
+
+    @property
+    def name(self) -> str:
+        return self.route.name
+
+    def allows_path(self, path: str) -> bool:
+        """``path`` (of the upstream URL, without query) lies under the upstream's base path and under
+        one of the route's prefixes."""
+        base = self.upstream.base
+        if base and path != base and not path.startswith(base + "/"):
+            return False
+        return any(path.startswith(p) for p in self.route.paths)
+
+
+def route_from_json(doc: Any) -> Parsed:
+    """Check a route document (the operator's, or a sync's); WireError names the problem."""
+    if not isinstance(doc, dict):
+        raise WireError("an egress route that is not an object")
+    name, upstream, secret = doc.get("name"), doc.get("upstream"), doc.get("secret")
+    if not valid_route_name(name):
+        raise WireError("route name: lowercase letters, digits, '_' and '-', at most 63")
+    if not valid_name(secret):
+        raise WireError("secret: an invalid secret name")
+    up = parse_upstream(upstream)  # type: ignore[arg-type]
+    inject = _strings(doc.get("inject"), "inject", MAX_INJECT)
+    if not inject:
+        raise WireError("inject: at least one (e.g. 'header:Authorization=Bearer {value}')")
+    injections = tuple(parse_injection(s) for s in inject)
+    names = [i.name for i in injections if i.kind != "query"]
+    if len(set(names)) != len(names):
+        raise WireError("inject: one header is set twice")
+    methods = tuple(m.upper() for m in _strings(doc.get("methods", list(METHODS)), "methods", len(METHODS)))
+    if not methods or any(m not in METHODS for m in methods):
+        raise WireError(f"methods: some of {', '.join(METHODS)}")
+    paths = _strings(doc.get("paths", ["/"]), "paths", MAX_PATHS)
+    if not paths:
+        raise WireError("paths: at least one prefix (\"/\" for every path)")
+    for p in paths:
+        if not _PATH_RE.fullmatch(p) or _dot_segment(p) or "%" in p or "\\" in p:
+            raise WireError("paths: prefixes starting with '/', visible ASCII, no '.'/'..' segments or '%'")
+    route = Route(name, upstream, secret, inject, tuple(dict.fromkeys(methods)), tuple(dict.fromkeys(paths)))  # type: ignore[arg-type]
+    return Parsed(route, up, injections)
+
+
+def _strings(v: Any, what: str, limit: int) -> tuple[str, ...]:
+    if not isinstance(v, list) or len(v) > limit or not all(isinstance(x, str) for x in v):
+        raise WireError(f"{what}: a list of at most {limit} strings")
+    return tuple(v)
