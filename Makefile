@@ -13,9 +13,10 @@ dev: $(VENV)/.installed
 test: lint
 	$(BIN)/pytest $(PYTEST_ARGS)
 
-# ruff, mypy --strict on the packages pyproject lists, and the import-linter layer contracts.
+# ruff (lint and format), mypy --strict on the packages pyproject lists, the import-linter contracts.
 lint: $(VENV)/.installed-test
 	$(BIN)/ruff check vault_edge tests bench
+	$(BIN)/ruff format --check vault_edge tests bench
 	$(BIN)/mypy
 	$(BIN)/lint-imports --no-cache
 

@@ -57,8 +57,21 @@ from vault_edge.operator import OperatorClient
 
 ROOT = Path(__file__).resolve().parent.parent
 REGION = "pop"
-HEAVY = ("rich", "click", "pygments", "fastapi", "starlette", "uvicorn", "sqlalchemy", "alembic", "pydantic",
-         "vault_edge.operator", "vault_edge.server", "vault_edge.cli.main", "vault_edge.cli.output")
+HEAVY = (
+    "rich",
+    "click",
+    "pygments",
+    "fastapi",
+    "starlette",
+    "uvicorn",
+    "sqlalchemy",
+    "alembic",
+    "pydantic",
+    "vault_edge.operator",
+    "vault_edge.server",
+    "vault_edge.cli.main",
+    "vault_edge.cli.output",
+)
 
 
 # -- small helpers -----------------------------------------------------------------------------
@@ -152,8 +165,19 @@ class Subject:
         return str(self.workdir / "a.sock")
 
     def agent_args(self, server: str) -> list[str]:
-        return [*self.cmd, "agent", "run", "--server", server, "--state-dir", str(self.state_dir),
-                "--socket", self.socket, "--log-level", "warning"]
+        return [
+            *self.cmd,
+            "agent",
+            "run",
+            "--server",
+            server,
+            "--state-dir",
+            str(self.state_dir),
+            "--socket",
+            self.socket,
+            "--log-level",
+            "warning",
+        ]
 
     def log(self, name: str) -> Any:
         return open(self.workdir / name, "ab")
@@ -163,9 +187,12 @@ class Subject:
         port, token = free_port(), "vet_bench_" + secrets.token_urlsafe(16)
         addr = f"http://127.0.0.1:{port}"
         with self.log("server.log") as log:
-            server = subprocess.Popen([*self.cmd, "server", "--dev", "--dev-token", token, "--port", str(port),
-                                       "--log-level", "warning"],
-                                      stdout=log, stderr=subprocess.STDOUT, cwd=self.workdir)
+            server = subprocess.Popen(
+                [*self.cmd, "server", "--dev", "--dev-token", token, "--port", str(port), "--log-level", "warning"],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=self.workdir,
+            )
         agent = None
         try:
             wait_for(lambda: _unsealed(addr), 60, "the control plane", server)
@@ -182,10 +209,18 @@ class Subject:
                 print(f"[{self.label}] {n} secrets put in {time.monotonic() - t0:.1f}s", file=sys.stderr)
             t0 = time.monotonic()
             with self.log("agent.log") as log:
-                agent = subprocess.Popen([*self.agent_args(addr), "--join-token", join], stdout=log,
-                                         stderr=subprocess.STDOUT, cwd=self.workdir)
-            wait_for(lambda: self._health().get("status") == "ok" and self._health().get("secrets") == n, 120,
-                     "the agent in sync", agent)
+                agent = subprocess.Popen(
+                    [*self.agent_args(addr), "--join-token", join],
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    cwd=self.workdir,
+                )
+            wait_for(
+                lambda: self._health().get("status") == "ok" and self._health().get("secrets") == n,
+                120,
+                "the agent in sync",
+                agent,
+            )
             self.result["enrol_and_sync_s"] = time.monotonic() - t0
             time.sleep(1.0)
             self.result["synced"] = proc_status(agent.pid)
@@ -209,9 +244,14 @@ class Subject:
         path = f"/v1/secrets/{self.names[0]}"
         with self.log(log_name) as log:
             t0 = time.monotonic()
-            agent = subprocess.Popen(self.agent_args(unreachable), stdout=log, stderr=log, cwd=self.workdir,
-                                     env={**os.environ, **(env or {})},
-                                     preexec_fn=(lambda: os.nice(self.nice)) if self.nice else None)
+            agent = subprocess.Popen(
+                self.agent_args(unreachable),
+                stdout=log,
+                stderr=log,
+                cwd=self.workdir,
+                env={**os.environ, **(env or {})},
+                preexec_fn=(lambda: os.nice(self.nice)) if self.nice else None,
+            )
         try:
             while True:
                 try:
@@ -229,8 +269,13 @@ class Subject:
             cpu_ms, runq_ms = schedstat(agent.pid)
             at_serve = proc_status(agent.pid)
             time.sleep(1.0)
-            return {"cold_start_s": took, "cpu_ms": cpu_ms, "runq_wait_ms": runq_ms, "at_serve": at_serve,
-                    "settled": proc_status(agent.pid)}
+            return {
+                "cold_start_s": took,
+                "cpu_ms": cpu_ms,
+                "runq_wait_ms": runq_ms,
+                "at_serve": at_serve,
+                "settled": proc_status(agent.pid),
+            }
         finally:
             stop(agent)
 
@@ -247,8 +292,12 @@ class Subject:
         names = {m[0] for m in mods}
         heavy = sorted(h for h in HEAVY if any(n == h or n.startswith(h + ".") for n in names))
         top = sorted(((n, cum) for n, _, cum in mods), key=lambda x: -x[1])
-        return {"modules": len(mods), "total_ms": sum(m[1] for m in mods) / 1000, "heavy": heavy,
-                "top_cumulative_ms": [(n, c / 1000) for n, c in top[:12]]}
+        return {
+            "modules": len(mods),
+            "total_ms": sum(m[1] for m in mods) / 1000,
+            "heavy": heavy,
+            "top_cumulative_ms": [(n, c / 1000) for n, c in top[:12]],
+        }
 
 
 def _unsealed(addr: str) -> bool:
@@ -307,15 +356,23 @@ def report(subjects: list[Subject], args: argparse.Namespace) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--cmd", action="append", metavar="LABEL=COMMAND",
-                    help="a vault-edge command to measure (repeat to compare; default: this venv's vault-edge)")
+    ap.add_argument(
+        "--cmd",
+        action="append",
+        metavar="LABEL=COMMAND",
+        help="a vault-edge command to measure (repeat to compare; default: this venv's vault-edge)",
+    )
     ap.add_argument("--secrets", type=int, default=1000)
     ap.add_argument("--size", type=int, default=256, help="bytes per secret value")
     ap.add_argument("--restarts", type=int, default=7, help="cold starts per command")
     ap.add_argument("--import-runs", type=int, default=5, help="starts under -X importtime per command")
-    ap.add_argument("--nice", type=int, default=0,
-                    help="run the cold-started agents at this niceness (e.g. -10, as root: less of the wait for a "
-                         "CPU that other work on a shared machine adds)")
+    ap.add_argument(
+        "--nice",
+        type=int,
+        default=0,
+        help="run the cold-started agents at this niceness (e.g. -10, as root: less of the wait for a "
+        "CPU that other work on a shared machine adds)",
+    )
     ap.add_argument("--keep", action="store_true", help="keep the work directories (logs, state)")
     ap.add_argument("-q", "--quiet", action="store_true")
     args = ap.parse_args()
@@ -342,8 +399,11 @@ def main() -> None:
                 c = s.cold_start()
                 s.result["cold"].append(c)
                 if not args.quiet:
-                    print(f"[{s.label}] cold start {r + 1}: {c['cold_start_s'] * 1000:.0f} ms, "
-                          f"RSS {c['settled']['VmRSS']:.1f} MiB", file=sys.stderr)
+                    print(
+                        f"[{s.label}] cold start {r + 1}: {c['cold_start_s'] * 1000:.0f} ms, "
+                        f"RSS {c['settled']['VmRSS']:.1f} MiB",
+                        file=sys.stderr,
+                    )
         for s in subjects:
             s.result["import_runs"] = []
         for _ in range(args.import_runs):
@@ -352,15 +412,23 @@ def main() -> None:
         for s in subjects:
             runs = s.result["import_runs"]
             totals = [r["total_ms"] for r in runs]
-            s.result["imports"] = {**runs[-1], "total_ms": med(totals), "total_ms_min": min(totals),
-                                   "total_ms_all": totals}
+            s.result["imports"] = {
+                **runs[-1],
+                "total_ms": med(totals),
+                "total_ms_min": min(totals),
+                "total_ms_all": totals,
+            }
         text = report(subjects, args)
         print(text)
         out = ROOT / "bench" / "results"
         out.mkdir(exist_ok=True)
         path = out / f"agent_footprint-{time.strftime('%Y%m%dT%H%M%S')}.json"
-        path.write_text(json.dumps({"args": vars(args), "subjects": [
-            {"label": s.label, "cmd": s.cmd, **s.result} for s in subjects]}, indent=1))
+        path.write_text(
+            json.dumps(
+                {"args": vars(args), "subjects": [{"label": s.label, "cmd": s.cmd, **s.result} for s in subjects]},
+                indent=1,
+            )
+        )
         print(f"\nraw results: {path.relative_to(ROOT)}", file=sys.stderr)
     finally:
         if args.keep:

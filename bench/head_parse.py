@@ -92,7 +92,6 @@ def hand_parse_head(head: bytes) -> Request:
     )
 
 
-
 def bench(fn: Callable[[bytes], Request], head: bytes, number: int, repeat: int) -> float:
     return min(timeit.repeat(lambda: fn(head), number=number, repeat=repeat)) / number * 1e9
 

@@ -24,8 +24,9 @@ import socket_read as sr
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--other", type=Path, required=True, help="the generator to compare with (e.g. udsload)")
     p.add_argument("--tools", type=Path, default=sr.ROOT / "bench" / "tools" / "build")
     p.add_argument("--series", default="raw-c,vault-edge")
@@ -60,16 +61,23 @@ def main(argv: list[str] | None = None) -> int:
                     for name, tool in order:
                         r = sr.measure(tool, s, c, args)
                         results.setdefault((s.name, c, name), []).append(r)
-                        print(f"  {s.name:<11} c{c:<3} {name:<9} run {rep + 1}: {r['rps']:>10,.0f} req/s  "
-                              f"p50 {r['p50_us']:.0f}  p99 {r['p99_us']:.0f}  p99.9 {r['p999_us']:.0f} µs  "
-                              f"errors {r['errors']} non-2xx {r['non_2xx']}", file=sys.stderr)
+                        print(
+                            f"  {s.name:<11} c{c:<3} {name:<9} run {rep + 1}: {r['rps']:>10,.0f} req/s  "
+                            f"p50 {r['p50_us']:.0f}  p99 {r['p99_us']:.0f}  p99.9 {r['p999_us']:.0f} µs  "
+                            f"errors {r['errors']} non-2xx {r['non_2xx']}",
+                            file=sys.stderr,
+                        )
 
     load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
-    print(f"{args.runs} runs, -d {args.duration:g} -W {args.warmup:g}, generators alternated on the same server "
-          f"processes{', pinned (generators CPU 0, servers CPU 1)' if args.pin else ''}; {os.cpu_count()} vCPUs, "
-          f"CPython {platform.python_version()}; load average at the end {load}.\n")
-    print(f"| series | conns | generator | req/s median (min{sr.DASH}max) | p50 | p90 | p99 | p99.9 | errors, non-2xx "
-          "| req/s ours / theirs: medians, per run (median) |")
+    print(
+        f"{args.runs} runs, -d {args.duration:g} -W {args.warmup:g}, generators alternated on the same server "
+        f"processes{', pinned (generators CPU 0, servers CPU 1)' if args.pin else ''}; {os.cpu_count()} vCPUs, "
+        f"CPython {platform.python_version()}; load average at the end {load}.\n"
+    )
+    print(
+        f"| series | conns | generator | req/s median (min{sr.DASH}max) | p50 | p90 | p99 | p99.9 | errors, non-2xx "
+        "| req/s ours / theirs: medians, per run (median) |"
+    )
     print("|---|---:|---|---|---:|---:|---:|---:|---:|---:|")
     other = args.other.name
     for c in conns_list:
@@ -86,18 +94,22 @@ def main(argv: list[str] | None = None) -> int:
                     theirs = [r["rps"] for r in results[(s.name, c, other)]]
                     paired = statistics.median(a / b for a, b in zip(rps, theirs, strict=True))
                     ratio = f"{statistics.median(rps) / statistics.median(theirs):.2f}, {paired:.2f}"
-                print(f"| {s.name} | {c} | {name} | {sr.fmt_int(statistics.median(rps))} ({sr.fmt_int(min(rps))}"
-                      f"{sr.DASH}{sr.fmt_int(max(rps))}) | {med('p50_us')} | {med('p90_us')} | {med('p99_us')} | "
-                      f"{med('p999_us')} | {sum(r['errors'] for r in runs)}, {sum(r['non_2xx'] for r in runs)} "
-                      f"| {ratio} |")
+                print(
+                    f"| {s.name} | {c} | {name} | {sr.fmt_int(statistics.median(rps))} ({sr.fmt_int(min(rps))}"
+                    f"{sr.DASH}{sr.fmt_int(max(rps))}) | {med('p50_us')} | {med('p90_us')} | {med('p99_us')} | "
+                    f"{med('p999_us')} | {sum(r['errors'] for r in runs)}, {sum(r['non_2xx'] for r in runs)} "
+                    f"| {ratio} |"
+                )
     names = [s.name for s in selected]
     if "raw-c" in names and "vault-edge" in names:  # the figure socket_read.py reports, by each generator
         print()
         for c in conns_list:
             ratios = []
             for name in gens:
-                ve, ceiling = (statistics.median(r["rps"] for r in results[(series, c, name)])
-                               for series in ("vault-edge", "raw-c"))
+                ve, ceiling = (
+                    statistics.median(r["rps"] for r in results[(series, c, name)])
+                    for series in ("vault-edge", "raw-c")
+                )
                 ratios.append(f"{name} {ve / ceiling:.2f}")
             print(f"- vault-edge / raw-c at {c} connections: {', '.join(ratios)}")
     return 0

@@ -142,12 +142,16 @@ def preflight(ns: list[int], backends: list[str], args: argparse.Namespace) -> t
     need_fleet, need_server = fleet_fds(per_proc), server_fds(per_replica, args.enrol_concurrency)
     if hard < need_fleet:
         more = math.ceil(2 * n / max(1, hard - 256))
-        problems.append(f"RLIMIT_NOFILE hard limit {hard} < {need_fleet} needed by each fleet process "
-                        f"({per_proc} agents x 2 connections + 256): use --procs {more} or more, or raise the "
-                        "hard limit (ulimit -Hn; limits.conf / LimitNOFILE)")
+        problems.append(
+            f"RLIMIT_NOFILE hard limit {hard} < {need_fleet} needed by each fleet process "
+            f"({per_proc} agents x 2 connections + 256): use --procs {more} or more, or raise the "
+            "hard limit (ulimit -Hn; limits.conf / LimitNOFILE)"
+        )
     if hard < need_server:
-        problems.append(f"RLIMIT_NOFILE hard limit {hard} < {need_server} needed by a control plane holding "
-                        f"{per_replica} long-polls: raise the hard limit (ulimit -Hn), or (PostgreSQL) --replicas")
+        problems.append(
+            f"RLIMIT_NOFILE hard limit {hard} < {need_server} needed by a control plane holding "
+            f"{per_replica} long-polls: raise the hard limit (ulimit -Hn), or (PostgreSQL) --replicas"
+        )
     nr_open = int(Path("/proc/sys/fs/nr_open").read_text())
     if hard < max(need_fleet, need_server) and nr_open < max(need_fleet, need_server):
         problems.append(f"fs.nr_open {nr_open} caps any process's fd limit below what is needed: raise it first")
@@ -155,35 +159,47 @@ def preflight(ns: list[int], backends: list[str], args: argparse.Namespace) -> t
     in_use = int(Path("/proc/sys/fs/file-nr").read_text().split()[0])
     total = need_fleet * min(args.procs, n) + need_server * replicas
     if total > file_max - in_use:
-        problems.append(f"the system file table (fs.file-max {file_max}, {in_use} in use) cannot take the "
-                        f"~{total} descriptors of the fleet and the control plane: raise fs.file-max")
+        problems.append(
+            f"the system file table (fs.file-max {file_max}, {in_use} in use) cannot take the "
+            f"~{total} descriptors of the fleet and the control plane: raise fs.file-max"
+        )
     lo, hi = (int(x) for x in Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
     ports = hi - lo + 1
     # Every agent connects from 127.0.0.1 to one replica's port: one ephemeral port per connection to
     # it (a connection it closes keeps its port in TIME_WAIT for 60 s).
     if per_replica > ports:
-        problems.append(f"the ephemeral port range {lo}-{hi} ({ports} ports) is smaller than the {per_replica} "
-                        "connections to one replica's port: widen net.ipv4.ip_local_port_range")
+        problems.append(
+            f"the ephemeral port range {lo}-{hi} ({ports} ports) is smaller than the {per_replica} "
+            "connections to one replica's port: widen net.ipv4.ip_local_port_range"
+        )
     elif 2 * per_replica > ports:
-        warnings.append(f"the ephemeral port range {lo}-{hi} ({ports} ports) leaves little room over the "
-                        f"{per_replica} connections to one replica's port (reconnections, TIME_WAIT)")
+        warnings.append(
+            f"the ephemeral port range {lo}-{hi} ({ports} ports) leaves little room over the "
+            f"{per_replica} connections to one replica's port (reconnections, TIME_WAIT)"
+        )
     somaxconn = int(Path("/proc/sys/net/core/somaxconn").read_text())
     backlog = min(somaxconn, UVICORN_BACKLOG)
     if args.enrol_concurrency > backlog:
-        warnings.append(f"--enrol-concurrency {args.enrol_concurrency} is above the listen backlog ({backlog}: "
-                        "uvicorn's 2048, net.core.somaxconn): connections beyond it wait for SYN retransmits")
+        warnings.append(
+            f"--enrol-concurrency {args.enrol_concurrency} is above the listen backlog ({backlog}: "
+            "uvicorn's 2048, net.core.somaxconn): connections beyond it wait for SYN retransmits"
+        )
     # The fleet's memory, from smoke runs of this simulator: ~60 MB per process, and per agent ~50 kB
     # plus ~1.6 kB per secret its region holds (its decrypted view); rounded up.
     fleet_mb = min(args.procs, n) * 60 + n * (64 + 2 * (args.secrets + 1)) / 1024
     avail_mb = int(re.search(r"^MemAvailable:\s+(\d+)", Path("/proc/meminfo").read_text(), re.M).group(1)) / 1024
     if fleet_mb > 0.7 * avail_mb:
-        problems.append(f"the simulated fleet would need ~{fleet_mb / 1024:.1f} GB ({n} agents with {args.secrets + 1} "
-                        f"secrets each) against {avail_mb / 1024:.1f} GB available: fewer --secrets at this N")
-    warnings.append(f"N = {n}: fleet memory ~{fleet_mb / 1024:.1f} GB of {avail_mb / 1024:.1f} GB available; "
-                    f"fd limit {soft} soft / {hard} hard (raised to the hard one for the fleet and the "
-                    f"servers); each fleet process needs {need_fleet} ({per_proc} agents), each replica "
-                    f"{need_server}; ephemeral ports {ports}, {per_replica} connections per replica port; "
-                    f"listen backlog {backlog}")
+        problems.append(
+            f"the simulated fleet would need ~{fleet_mb / 1024:.1f} GB ({n} agents with {args.secrets + 1} "
+            f"secrets each) against {avail_mb / 1024:.1f} GB available: fewer --secrets at this N"
+        )
+    warnings.append(
+        f"N = {n}: fleet memory ~{fleet_mb / 1024:.1f} GB of {avail_mb / 1024:.1f} GB available; "
+        f"fd limit {soft} soft / {hard} hard (raised to the hard one for the fleet and the "
+        f"servers); each fleet process needs {need_fleet} ({per_proc} agents), each replica "
+        f"{need_server}; ephemeral ports {ports}, {per_replica} connections per replica port; "
+        f"listen backlog {backlog}"
+    )
     return problems, warnings
 
 
@@ -246,8 +262,9 @@ class Database:
 
 
 class Server:
-    def __init__(self, db: str, workdir: Path, profile: str | None, wrapper: str | None = None,
-                 name: str = "server") -> None:
+    def __init__(
+        self, db: str, workdir: Path, profile: str | None, wrapper: str | None = None, name: str = "server"
+    ) -> None:
         self.port = free_port()
         self.addr = f"http://127.0.0.1:{self.port}"
         self.log_path = workdir / f"{name}.log"
@@ -257,8 +274,7 @@ class Server:
             cmd += ["-m", "cProfile", "-o", profile]
         cmd += [wrapper] if wrapper else ["-m", "vault_edge"]
         cmd += ["server", "--db", db, "--port", str(self.port), "--log-level", "warning"]
-        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, cwd=ROOT,
-                                     preexec_fn=raise_nofile)
+        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, cwd=ROOT, preexec_fn=raise_nofile)
         deadline = time.monotonic() + 60
         while True:
             if self.proc.poll() is not None:
@@ -316,9 +332,24 @@ class Spy:
 
     def __init__(self, py_spy: str, pid: int, out: Path) -> None:
         out.parent.mkdir(parents=True, exist_ok=True)
-        self.proc = subprocess.Popen([py_spy, "record", "--pid", str(pid), "--rate", "100", "--nonblocking", "--gil",
-                                      "--format", "raw", "-o", str(out)],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.proc = subprocess.Popen(
+            [
+                py_spy,
+                "record",
+                "--pid",
+                str(pid),
+                "--rate",
+                "100",
+                "--nonblocking",
+                "--gil",
+                "--format",
+                "raw",
+                "-o",
+                str(out),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
 
     def stop(self) -> None:
         self.proc.send_signal(signal.SIGINT)
@@ -343,9 +374,24 @@ class Fleet:
             tok_file = workdir / f"tokens-{i}"
             tok_file.write_text("".join(f"{url} {token}\n" for url, token in shard))
             os.chmod(tok_file, 0o600)
-            cmd = [PY, str(ROOT / "bench" / "sim_agents.py"), "--server", shard[0][0], "--secret", SECRET,
-                   "--tokens", str(tok_file), "--wait", str(args.wait), "--state-root", str(workdir),
-                   "--enrol-concurrency", str(concurrency), "--ready-timeout", str(args.ready_timeout)]
+            cmd = [
+                PY,
+                str(ROOT / "bench" / "sim_agents.py"),
+                "--server",
+                shard[0][0],
+                "--secret",
+                SECRET,
+                "--tokens",
+                str(tok_file),
+                "--wait",
+                str(args.wait),
+                "--state-root",
+                str(workdir),
+                "--enrol-concurrency",
+                str(concurrency),
+                "--ready-timeout",
+                str(args.ready_timeout),
+            ]
             if args.no_disk_cache:
                 cmd.append("--no-disk-cache")
             proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=ROOT)
@@ -368,16 +414,23 @@ class Fleet:
 
     def ready(self, timeout: float) -> dict[str, Any]:
         evs = self.gather("ready", timeout + 60)  # every process starts its shard at the same time
-        return {"enrol_s": max(e["enrol_s"] for e in evs), "enrol_max_s": max(e["enrol_max_s"] for e in evs),
-                "enrol_p50_s": median([e["enrol_p50_s"] for e in evs]),
-                "first_sync_s": max(e["first_sync_s"] for e in evs),
-                "full_bytes": [x for e in evs for x in e["full_bytes"]], "log": [e["log"] for e in evs]}
+        return {
+            "enrol_s": max(e["enrol_s"] for e in evs),
+            "enrol_max_s": max(e["enrol_max_s"] for e in evs),
+            "enrol_p50_s": median([e["enrol_p50_s"] for e in evs]),
+            "first_sync_s": max(e["first_sync_s"] for e in evs),
+            "full_bytes": [x for e in evs for x in e["full_bytes"]],
+            "log": [e["log"] for e in evs],
+        }
 
     def report(self) -> dict[str, Any]:
         self.send({"cmd": "report"})
         evs = self.gather("report", 60)
-        return {"times": [x for e in evs for x in e["times"]], "log": [e["log"] for e in evs],
-                "samples": [e["samples"] for e in evs]}
+        return {
+            "times": [x for e in evs for x in e["times"]],
+            "log": [e["log"] for e in evs],
+            "samples": [e["samples"] for e in evs],
+        }
 
     def cpu(self) -> float:
         return sum(cpu_s(pid) for pid in self.pids)
@@ -435,8 +488,9 @@ def wait_all_held(plane: Plane, n: int, timeout: float) -> float:
     return time.monotonic() - t
 
 
-def populate(op: OperatorClient, addr: str, token: str, args: argparse.Namespace, n: int, series: Series,
-             replicas: list[str]) -> list[tuple[str, str]]:
+def populate(
+    op: OperatorClient, addr: str, token: str, args: argparse.Namespace, n: int, series: Series, replicas: list[str]
+) -> list[tuple[str, str]]:
     """Regions, the measured secret in all of them, the filler secrets, and N join tokens, each with
     the replica its agent polls."""
     t = time.monotonic()
@@ -496,8 +550,10 @@ def run_series(backend: str, n: int, args: argparse.Namespace, stamp: str) -> Se
         need = server_fds(math.ceil(n / replicas), args.enrol_concurrency)
         limits = [nofile_limit(s.proc.pid) for s in servers]
         if min(limits) < need:
-            raise RuntimeError(f"a control plane runs with an fd limit of {min(limits)} (< {need} for "
-                               f"{math.ceil(n / replicas)} held polls): raise the hard limit (ulimit -Hn)")
+            raise RuntimeError(
+                f"a control plane runs with an fd limit of {min(limits)} (< {need} for "
+                f"{math.ceil(n / replicas)} held polls): raise the hard limit (ulimit -Hn)"
+            )
         series.setup["server_nofile"] = limits
         op = OperatorClient(servers[0].addr, doc["root_token"], timeout=120)
         assigned = populate(op, servers[0].addr, doc["root_token"], args, n, series, [s.addr for s in servers])
@@ -512,13 +568,16 @@ def run_series(backend: str, n: int, args: argparse.Namespace, stamp: str) -> Se
         series.ready["start_s"] = time.monotonic() - cpu_start[1]
         full = sorted(series.ready["full_bytes"])
         series.ready["full_view_bytes"] = {"p50": pct(full, 50), "max": full[-1]}
-        print(f"  [{tag}] {n} agents in {len(fleet.procs)} process(es), {args.regions} region(s), "
-              f"{args.secrets} filler secret(s), {replicas} replica(s): setup "
-              f"{series.setup['regions_s'] + series.setup['secrets_s']:.1f}s, join tokens {series.tokens_s:.1f}s, "
-              f"enrolled in {series.ready['enrol_s']:.2f}s (each {series.ready['enrol_p50_s'] * 1e3:.0f} ms p50, "
-              f"{series.ready['enrol_max_s'] * 1e3:.0f} ms max), all serving after {series.ready['first_sync_s']:.2f}s "
-              f"more (CPU s: server {series.ready['start_server_cpu_s']:.1f}, fleet "
-              f"{series.ready['start_fleet_cpu_s']:.1f}); full view {full[len(full) // 2]} bytes", flush=True)
+        print(
+            f"  [{tag}] {n} agents in {len(fleet.procs)} process(es), {args.regions} region(s), "
+            f"{args.secrets} filler secret(s), {replicas} replica(s): setup "
+            f"{series.setup['regions_s'] + series.setup['secrets_s']:.1f}s, join tokens {series.tokens_s:.1f}s, "
+            f"enrolled in {series.ready['enrol_s']:.2f}s (each {series.ready['enrol_p50_s'] * 1e3:.0f} ms p50, "
+            f"{series.ready['enrol_max_s'] * 1e3:.0f} ms max), all serving after {series.ready['first_sync_s']:.2f}s "
+            f"more (CPU s: server {series.ready['start_server_cpu_s']:.1f}, fleet "
+            f"{series.ready['start_fleet_cpu_s']:.1f}); full view {full[len(full) // 2]} bytes",
+            flush=True,
+        )
         if args.idle > 0:
             held_s = wait_all_held(plane, n, 300)
             time.sleep(1.0)
@@ -526,20 +585,34 @@ def run_series(backend: str, n: int, args: argparse.Namespace, stamp: str) -> Se
             time.sleep(args.idle)
             rss1, cpu1, fleet_cpu1, dt = plane.rss_kb(), plane.cpu(), fleet.cpu(), time.monotonic() - t
             base = series.setup["baseline_rss_kb"]
-            series.idle = {"held_s": held_s, "window_s": dt, "rss_kb": rss1, "rss_start_kb": rss0,
-                           "server_cpu_per_s": (cpu1 - cpu0) / dt, "fleet_cpu_per_s": (fleet_cpu1 - fleet_cpu0) / dt,
-                           "rss_per_poll_kb": (sum(rss1) - sum(base)) / n, "fleet_rss_kb": fleet.rss_kb(),
-                           "waiting_end": [sv.waiting() for sv in servers]}
-            print(f"  [{tag}] idle {dt:.0f}s holding {n} polls: server RSS {sum(rss1) / 1024:.0f} MB "
-                  f"(baseline {sum(base) / 1024:.0f} MB, {series.idle['rss_per_poll_kb']:.1f} kB per poll), "
-                  f"server CPU {series.idle['server_cpu_per_s']:.3f} s/s, polls held per replica "
-                  f"{'+'.join(f'{w:.0f}' for w in series.idle['waiting_end'])}, fleet RSS "
-                  f"{series.idle['fleet_rss_kb'] / 1024:.0f} MB ({series.idle['fleet_rss_kb'] / n:.0f} kB per "
-                  f"agent)", flush=True)
+            series.idle = {
+                "held_s": held_s,
+                "window_s": dt,
+                "rss_kb": rss1,
+                "rss_start_kb": rss0,
+                "server_cpu_per_s": (cpu1 - cpu0) / dt,
+                "fleet_cpu_per_s": (fleet_cpu1 - fleet_cpu0) / dt,
+                "rss_per_poll_kb": (sum(rss1) - sum(base)) / n,
+                "fleet_rss_kb": fleet.rss_kb(),
+                "waiting_end": [sv.waiting() for sv in servers],
+            }
+            print(
+                f"  [{tag}] idle {dt:.0f}s holding {n} polls: server RSS {sum(rss1) / 1024:.0f} MB "
+                f"(baseline {sum(base) / 1024:.0f} MB, {series.idle['rss_per_poll_kb']:.1f} kB per poll), "
+                f"server CPU {series.idle['server_cpu_per_s']:.3f} s/s, polls held per replica "
+                f"{'+'.join(f'{w:.0f}' for w in series.idle['waiting_end'])}, fleet RSS "
+                f"{series.idle['fleet_rss_kb'] / 1024:.0f} MB ({series.idle['fleet_rss_kb'] / n:.0f} kB per "
+                f"agent)",
+                flush=True,
+            )
         if args.py_spy:
-            spies = [Spy(args.py_spy, pid, Path(args.results) / f"pyspy-{who}-{tag}-{stamp}.txt")
-                     for who, pid in (*((f"server{k or ''}", s.proc.pid) for k, s in enumerate(servers)),
-                                      *((f"agents{i}", p) for i, p in enumerate(fleet.pids)))]
+            spies = [
+                Spy(args.py_spy, pid, Path(args.results) / f"pyspy-{who}-{tag}-{stamp}.txt")
+                for who, pid in (
+                    *((f"server{k or ''}", s.proc.pid) for k, s in enumerate(servers)),
+                    *((f"agents{i}", p) for i, p in enumerate(fleet.pids)),
+                )
+            ]
         for k in range(args.trials):
             held_s = wait_all_held(plane, n, 120)
             time.sleep(args.pause)
@@ -555,8 +628,10 @@ def run_series(backend: str, n: int, args: argparse.Namespace, stamp: str) -> Se
             except TimeoutError:
                 rep = fleet.report()
                 missing = sum(1 for x in rep["times"] if x is None)
-                series.failed = (f"trial {k}: {missing}/{n} agents never served the value in {args.timeout:.0f}s; "
-                                 f"agent log counts {rep['log']}")
+                series.failed = (
+                    f"trial {k}: {missing}/{n} agents never served the value in {args.timeout:.0f}s; "
+                    f"agent log counts {rep['log']}"
+                )
                 print("  " + series.failed, flush=True)
                 break
             cpu1 = (plane.cpu(), fleet.cpu())
@@ -573,28 +648,51 @@ def run_series(backend: str, n: int, args: argparse.Namespace, stamp: str) -> Se
                 by_replica = {k: summary(v) for k, v in sorted(by.items())}
             # CPU each side used from the rotate call to the last done event: the propagation, and
             # the re-polls of the agents served first (they overlap on a real fleet as well).
-            cpu = {"server_cpu_s": cpu1[0] - cpu0[0], "agents_cpu_s": cpu1[1] - cpu0[1],
-                   "window_s": max(times) - t_call}
+            cpu = {
+                "server_cpu_s": cpu1[0] - cpu0[0],
+                "agents_cpu_s": cpu1[1] - cpu0[1],
+                "window_s": max(times) - t_call,
+            }
             # Bytes: what the fleet received from arming to each process's done, per agent; and each
             # agent's own from arming to serving the value (sync answer bodies; headers apart).
-            nbytes = {"bytes_per_node": sum(e["total_bytes"] for e in done) / n,
-                      "header_bytes_per_node": sum(e["total_header_bytes"] for e in done) / n,
-                      "bytes_agent_max": max(per_agent), "bytes_agent_min": min(per_agent),
-                      "header_bytes_agent_max": max(per_agent_h)}
-            series.trials.append({"trial": k, "revision": res["revision"], "rotate_call_s": t0 - t_call,
-                                  "t_call_monotonic": t_call, "t0_monotonic": t0,
-                                  "rearm_s": held_s, "latencies_s": lat, **cpu, **nbytes,
-                                  "by_replica": by_replica if replicas > 1 else None,
-                                  **{f"{key}_s": v for key, v in s.items() if key != "n"}})
-            print(f"  [{tag}] trial {k}: p50 {s['p50'] * 1e3:7.1f} ms  p99 {s['p99'] * 1e3:7.1f} ms  "
-                  f"max {s['max'] * 1e3:7.1f} ms  (rotate call {(t0 - t_call) * 1e3:.0f} ms, re-arm {held_s:.2f}s, "
-                  f"cpu server {cpu['server_cpu_s']:.2f}s agents {cpu['agents_cpu_s']:.2f}s, "
-                  f"{nbytes['bytes_per_node']:.0f} B/node + {nbytes['header_bytes_per_node']:.0f} B headers, "
-                  f"max {nbytes['bytes_agent_max']})", flush=True)
+            nbytes = {
+                "bytes_per_node": sum(e["total_bytes"] for e in done) / n,
+                "header_bytes_per_node": sum(e["total_header_bytes"] for e in done) / n,
+                "bytes_agent_max": max(per_agent),
+                "bytes_agent_min": min(per_agent),
+                "header_bytes_agent_max": max(per_agent_h),
+            }
+            series.trials.append(
+                {
+                    "trial": k,
+                    "revision": res["revision"],
+                    "rotate_call_s": t0 - t_call,
+                    "t_call_monotonic": t_call,
+                    "t0_monotonic": t0,
+                    "rearm_s": held_s,
+                    "latencies_s": lat,
+                    **cpu,
+                    **nbytes,
+                    "by_replica": by_replica if replicas > 1 else None,
+                    **{f"{key}_s": v for key, v in s.items() if key != "n"},
+                }
+            )
+            print(
+                f"  [{tag}] trial {k}: p50 {s['p50'] * 1e3:7.1f} ms  p99 {s['p99'] * 1e3:7.1f} ms  "
+                f"max {s['max'] * 1e3:7.1f} ms  (rotate call {(t0 - t_call) * 1e3:.0f} ms, re-arm {held_s:.2f}s, "
+                f"cpu server {cpu['server_cpu_s']:.2f}s agents {cpu['agents_cpu_s']:.2f}s, "
+                f"{nbytes['bytes_per_node']:.0f} B/node + {nbytes['header_bytes_per_node']:.0f} B headers, "
+                f"max {nbytes['bytes_agent_max']})",
+                flush=True,
+            )
             if replicas > 1:
-                print("      by replica (0: rotated through): " + ", ".join(
-                    f"{k}: p50 {v['p50'] * 1e3:.0f} p99 {v['p99'] * 1e3:.0f} ms" for k, v in by_replica.items()),
-                    flush=True)
+                print(
+                    "      by replica (0: rotated through): "
+                    + ", ".join(
+                        f"{k}: p50 {v['p50'] * 1e3:.0f} p99 {v['p99'] * 1e3:.0f} ms" for k, v in by_replica.items()
+                    ),
+                    flush=True,
+                )
         for spy in spies:
             spy.stop()
         spies = []
@@ -605,8 +703,11 @@ def run_series(backend: str, n: int, args: argparse.Namespace, stamp: str) -> Se
         at_start, at_end = log_total(series.ready["log"]), log_total(rep["log"])
         if at_end:
             samples = {k: v for per_proc in rep["samples"] for k, v in per_proc.items()}
-            print(f"  [{tag}] the agents logged {sum(at_end.values())} warnings/errors "
-                  f"({sum(at_start.values())} by the time all served), by kind (one example each):", flush=True)
+            print(
+                f"  [{tag}] the agents logged {sum(at_end.values())} warnings/errors "
+                f"({sum(at_start.values())} by the time all served), by kind (one example each):",
+                flush=True,
+            )
             for kind, count in at_end.most_common():
                 print(f"    {count} x {samples.get(kind, kind)}", flush=True)
     except Exception as exc:
@@ -620,8 +721,10 @@ def run_series(backend: str, n: int, args: argparse.Namespace, stamp: str) -> Se
         for server in servers:
             server.stop()
             if series.failed:
-                print(f"  server log tail ({server.log_path}):\n"
-                      + server.log_path.read_text(errors="replace")[-1500:], flush=True)
+                print(
+                    f"  server log tail ({server.log_path}):\n" + server.log_path.read_text(errors="replace")[-1500:],
+                    flush=True,
+                )
         db.drop()
         if not args.keep:
             shutil.rmtree(workdir, ignore_errors=True)
@@ -629,11 +732,27 @@ def run_series(backend: str, n: int, args: argparse.Namespace, stamp: str) -> Se
 
 
 # -- report ------------------------------------------------------------------------------------
-COLUMNS = ["backend", "N", "regions", "secrets/region", "replicas", "agent procs", "trials", "p50 (ms)",
-           "p99 (ms)", "max (ms)", "worst trial p99 (ms)", "rotate call (ms)", "CPU s per rotation: server / agents",
-           "bytes/node/rotation: mean (agent max) + headers", "full view (bytes)",
-           "idle server RSS MB (kB per poll)", "idle server CPU s/s", "enrol N (s)",
-           "agent warnings: start-up / trials"]
+COLUMNS = [
+    "backend",
+    "N",
+    "regions",
+    "secrets/region",
+    "replicas",
+    "agent procs",
+    "trials",
+    "p50 (ms)",
+    "p99 (ms)",
+    "max (ms)",
+    "worst trial p99 (ms)",
+    "rotate call (ms)",
+    "CPU s per rotation: server / agents",
+    "bytes/node/rotation: mean (agent max) + headers",
+    "full view (bytes)",
+    "idle server RSS MB (kB per poll)",
+    "idle server CPU s/s",
+    "enrol N (s)",
+    "agent warnings: start-up / trials",
+]
 
 
 def table(results: list[Series]) -> str:
@@ -662,10 +781,12 @@ def table(results: list[Series]) -> str:
         note = f" ({len(r.trials)} ok, then {r.failed})" if r.failed else ""
         start = sum(log_total(r.ready.get("log", [])).values())
         warned = f"{start} / {sum(log_total(r.ready.get('final_log', [])).values()) - start}"
-        rows.append(lead + f"| {len(r.trials)}{note} | {s['p50'] * 1e3:.0f} "
-                    f"| {s['p99'] * 1e3:.0f} | {s['max'] * 1e3:.0f} | {worst * 1e3:.0f} | {call * 1e3:.0f} "
-                    f"| {cpu_server:.2f} / {cpu_agents:.2f} | {nbytes:.0f} ({bmax}) + {hbytes:.0f} | {full} "
-                    f"| {rss} | {idle_cpu} | {r.ready.get('enrol_s', 0):.1f} | {warned} |")
+        rows.append(
+            lead + f"| {len(r.trials)}{note} | {s['p50'] * 1e3:.0f} "
+            f"| {s['p99'] * 1e3:.0f} | {s['max'] * 1e3:.0f} | {worst * 1e3:.0f} | {call * 1e3:.0f} "
+            f"| {cpu_server:.2f} / {cpu_agents:.2f} | {nbytes:.0f} ({bmax}) + {hbytes:.0f} | {full} "
+            f"| {rss} | {idle_cpu} | {r.ready.get('enrol_s', 0):.1f} | {warned} |"
+        )
     return "\n".join(rows)
 
 
@@ -674,30 +795,58 @@ def main() -> int:
     p.add_argument("--agents", default="10,100,1000", help="comma-separated N")
     p.add_argument("--backends", default="sqlite,postgres")
     p.add_argument("--trials", type=int, default=10)
-    p.add_argument("--regions", type=int, default=30, help="regions the agents are spread over (round robin); "
-                   "the measured secret is in all of them")
-    p.add_argument("--secrets", type=int, default=0, help=f"filler secrets of {FILLER_BYTES} bytes in each region "
-                   "(besides the measured one)")
-    p.add_argument("--replicas", type=int, default=1, help="PostgreSQL only: control-plane replicas on the one "
-                   "database, the fleet split over them, rotations through the first (SQLite: always 1)")
-    p.add_argument("--idle", type=float, default=10.0, help="seconds of idle (all N polls held) over which the "
-                   "control plane's RSS and CPU are sampled before the trials (0: skip)")
+    p.add_argument(
+        "--regions",
+        type=int,
+        default=30,
+        help="regions the agents are spread over (round robin); the measured secret is in all of them",
+    )
+    p.add_argument(
+        "--secrets",
+        type=int,
+        default=0,
+        help=f"filler secrets of {FILLER_BYTES} bytes in each region (besides the measured one)",
+    )
+    p.add_argument(
+        "--replicas",
+        type=int,
+        default=1,
+        help="PostgreSQL only: control-plane replicas on the one "
+        "database, the fleet split over them, rotations through the first (SQLite: always 1)",
+    )
+    p.add_argument(
+        "--idle",
+        type=float,
+        default=10.0,
+        help="seconds of idle (all N polls held) over which the "
+        "control plane's RSS and CPU are sampled before the trials (0: skip)",
+    )
     p.add_argument("--pause", type=float, default=1.0, help="seconds between all polls held again and a rotation")
     p.add_argument("--wait", type=float, default=30.0, help="the agents' long-poll hold (agent default 30 s)")
     p.add_argument("--timeout", type=float, default=60.0, help="per-trial limit for all N to serve")
     p.add_argument("--procs", type=int, default=1, help="agent-fleet processes (N/P simulated agents each)")
-    p.add_argument("--enrol-concurrency", type=int, default=64, help="agents enrolling or making their first sync "
-                   "at a time, over the whole fleet (0: all at once)")
-    p.add_argument("--ready-timeout", type=float, default=1800.0, help="limit for the fleet's enrolment and "
-                   "first syncs")
+    p.add_argument(
+        "--enrol-concurrency",
+        type=int,
+        default=64,
+        help="agents enrolling or making their first sync at a time, over the whole fleet (0: all at once)",
+    )
+    p.add_argument(
+        "--ready-timeout", type=float, default=1800.0, help="limit for the fleet's enrolment and first syncs"
+    )
     p.add_argument("--no-disk-cache", action="store_true", help="simulated agents skip their cache file")
     p.add_argument("--pg", default=os.environ.get("VAULT_EDGE_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432"))
     p.add_argument("--results", default=str(ROOT / "bench" / "results"))
     p.add_argument("--server-profile", help="directory: run the server under cProfile, one .prof per series")
-    p.add_argument("--py-spy", help="path to py-spy: sample the server and the agent fleet during the trials "
-                   "(collapsed stacks in --results)")
-    p.add_argument("--server-wrapper", help="diagnosis: a script run as `python SCRIPT server ...` instead of "
-                   "`python -m vault_edge server ...` (an instrumented or patched control plane)")
+    p.add_argument(
+        "--py-spy",
+        help="path to py-spy: sample the server and the agent fleet during the trials (collapsed stacks in --results)",
+    )
+    p.add_argument(
+        "--server-wrapper",
+        help="diagnosis: a script run as `python SCRIPT server ...` instead of "
+        "`python -m vault_edge server ...` (an instrumented or patched control plane)",
+    )
     p.add_argument("--keep", action="store_true", help="keep work dirs (server logs, profiles)")
     p.add_argument("--check", action="store_true", help="only check the limits for the largest N, then exit")
     args = p.parse_args()
@@ -735,14 +884,29 @@ def main() -> int:
     Path(args.results).mkdir(parents=True, exist_ok=True)
     raw = Path(args.results) / f"propagation-{stamp}.json"
     head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
-    dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "vault_edge"], capture_output=True,
-                           text=True).stdout.strip()
-    raw.write_text(json.dumps({
-        "started": started, "argv": sys.argv, "commit": head, "vault_edge_dirty": bool(dirty),
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
-                    "loadavg_end": os.getloadavg()},
-        "columns": COLUMNS, "table": out,
-        "series": [r.__dict__ for r in results]}, indent=1))
+    dirty = subprocess.run(
+        ["git", "-C", str(ROOT), "status", "--porcelain", "vault_edge"], capture_output=True, text=True
+    ).stdout.strip()
+    raw.write_text(
+        json.dumps(
+            {
+                "started": started,
+                "argv": sys.argv,
+                "commit": head,
+                "vault_edge_dirty": bool(dirty),
+                "machine": {
+                    "cpus": os.cpu_count(),
+                    "platform": platform.platform(),
+                    "python": platform.python_version(),
+                    "loadavg_end": os.getloadavg(),
+                },
+                "columns": COLUMNS,
+                "table": out,
+                "series": [r.__dict__ for r in results],
+            },
+            indent=1,
+        )
+    )
     print(f"\nraw results: {raw}")
     return 0 if all(not r.failed for r in results) else 1
 

@@ -148,11 +148,15 @@ class Fleet:
             self.served += 1
             if self.served == self.n:
                 now = [self.received(i) for i in range(self.n)]
-                emit("done", trial=self.trial, times=self.times,
-                     bytes=[g[0] if g else None for g in self.got],
-                     header_bytes=[g[1] if g else None for g in self.got],
-                     total_bytes=sum(b - m[0] for (b, _h), m in zip(now, self.mark, strict=True)),
-                     total_header_bytes=sum(h - m[1] for (_b, h), m in zip(now, self.mark, strict=True)))
+                emit(
+                    "done",
+                    trial=self.trial,
+                    times=self.times,
+                    bytes=[g[0] if g else None for g in self.got],
+                    header_bytes=[g[1] if g else None for g in self.got],
+                    total_bytes=sum(b - m[0] for (b, _h), m in zip(now, self.mark, strict=True)),
+                    total_header_bytes=sum(h - m[1] for (_b, h), m in zip(now, self.mark, strict=True)),
+                )
 
 
 class TimedState(AgentState):
@@ -188,8 +192,11 @@ async def main(args: argparse.Namespace) -> int:
     _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     need = 2 * n + 256  # each agent's client may hold 2 connections; cache files, threads, pipes besides
     if hard < need:
-        emit("error", message=f"RLIMIT_NOFILE hard limit {hard} < {need} needed for {n} agents in one process: "
-                              "raise it (ulimit -Hn, limits.conf) or use more processes")
+        emit(
+            "error",
+            message=f"RLIMIT_NOFILE hard limit {hard} < {need} needed for {n} agents in one process: "
+            "raise it (ulimit -Hn, limits.conf) or use more processes",
+        )
         return 1
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     fleet = Fleet(n, args.secret)
@@ -200,8 +207,10 @@ async def main(args: argparse.Namespace) -> int:
     def counter(idx: int) -> Any:
         async def on_response(resp: httpx.Response) -> None:
             # "HTTP/1.1 200 OK\r\n", each "name: value\r\n", the blank line
-            fleet.header_bytes[idx] += 15 + len(resp.reason_phrase) + 2 + 2 + sum(
-                len(k) + len(v) + 4 for k, v in resp.headers.raw)
+            fleet.header_bytes[idx] += (
+                15 + len(resp.reason_phrase) + 2 + 2 + sum(len(k) + len(v) + 4 for k, v in resp.headers.raw)
+            )
+
         return on_response
 
     for i, fields in enumerate(lines):
@@ -210,13 +219,17 @@ async def main(args: argparse.Namespace) -> int:
         identity = Identity(state_dir, KeyPair.generate(), None)
         # The same client Syncer makes for itself, except for the shared (unused) SSL context and
         # the hook counting header bytes.
-        http = httpx.AsyncClient(base_url=server.rstrip("/"), verify=ssl_ctx,
-                                 timeout=httpx.Timeout(10.0, read=args.wait + 20.0),
-                                 limits=httpx.Limits(max_connections=2),
-                                 event_hooks={"response": [counter(i)]})
+        http = httpx.AsyncClient(
+            base_url=server.rstrip("/"),
+            verify=ssl_ctx,
+            timeout=httpx.Timeout(10.0, read=args.wait + 20.0),
+            limits=httpx.Limits(max_connections=2),
+            event_hooks={"response": [counter(i)]},
+        )
         cache = NullCache(state_dir) if args.no_disk_cache else DiskCache(state_dir)
-        syncers.append(Syncer(identity, TimedState(fleet, i), cache, server, join_token=token,
-                              wait=args.wait, http=http))
+        syncers.append(
+            Syncer(identity, TimedState(fleet, i), cache, server, join_token=token, wait=args.wait, http=http)
+        )
 
     # Start-up: each agent enrols, then runs; at most --enrol-concurrency of them at a time between
     # the start of their enrolment and their first served view (its own connection each).
@@ -248,14 +261,25 @@ async def main(args: argparse.Namespace) -> int:
         ended = [t for t in tasks if t.done() and not t.cancelled() and t.exception() is not None]
         failure = f"{len(ended)} agent tasks ended: {ended[0].exception()!r}" if ended else "?"
     if failure:
-        emit("error", message=f"{len(enrolled_at)}/{n} agents enrolled, {fleet.initial_served}/{n} serve the "
-                              f"secret; {failure}", log=dict(counting.counts), samples=counting.samples)
+        emit(
+            "error",
+            message=f"{len(enrolled_at)}/{n} agents enrolled, {fleet.initial_served}/{n} serve the secret; {failure}",
+            log=dict(counting.counts),
+            samples=counting.samples,
+        )
         return 1
     lat.sort()
     enrol_s = max(enrolled_at) - t_enrol
-    emit("ready", agents=n, enrol_s=enrol_s, enrol_p50_s=lat[len(lat) // 2], enrol_max_s=lat[-1],
-         first_sync_s=time.monotonic() - t_enrol - enrol_s, full_bytes=fleet.full_bytes,
-         log=dict(counting.counts))
+    emit(
+        "ready",
+        agents=n,
+        enrol_s=enrol_s,
+        enrol_p50_s=lat[len(lat) // 2],
+        enrol_max_s=lat[-1],
+        first_sync_s=time.monotonic() - t_enrol - enrol_s,
+        full_bytes=fleet.full_bytes,
+        log=dict(counting.counts),
+    )
 
     reader = await stdin_lines()
     code = 0
@@ -268,8 +292,7 @@ async def main(args: argparse.Namespace) -> int:
             fleet.arm(int(cmd["trial"]), cmd["value"].encode())
             emit("armed", trial=fleet.trial)
         elif cmd["cmd"] == "report":
-            emit("report", trial=fleet.trial, times=fleet.times, log=dict(counting.counts),
-                 samples=counting.samples)
+            emit("report", trial=fleet.trial, times=fleet.times, log=dict(counting.counts), samples=counting.samples)
         elif cmd["cmd"] == "quit":
             break
     crashed = [t for t in tasks if t.done() and not t.cancelled() and t.exception() is not None]
@@ -294,8 +317,12 @@ if __name__ == "__main__":
     p.add_argument("--wait", type=float, default=30.0, help="long-poll hold asked for (agent default: 30 s)")
     p.add_argument("--no-disk-cache", action="store_true")
     p.add_argument("--threads", type=int, default=64, help="threads for the agents' disk-cache writes")
-    p.add_argument("--enrol-concurrency", type=int, default=0,
-                   help="agents enrolling or making their first sync at a time (0: all at once)")
+    p.add_argument(
+        "--enrol-concurrency",
+        type=int,
+        default=0,
+        help="agents enrolling or making their first sync at a time (0: all at once)",
+    )
     p.add_argument("--ready-timeout", type=float, default=300.0)
     p.add_argument("--state-root", default=None, help="where the agents' state dirs go (default: $TMPDIR)")
     uvloop.install()

@@ -65,16 +65,26 @@ class Series:
 
 def default_series(python: str) -> dict[str, Series]:
     fixture = f"{python} {{root}}/tests/agent/fixture_agent.py --socket {{socket}} --secret {SECRET[0]}={SECRET[1]}"
-    return {s.name: s for s in (
-        Series("raw-c", "{tools}/udsceiling {socket}", "udsceiling: C epoll, fixed answer"),
-        Series("raw-python", f"{python} {{root}}/bench/tools/pyserve.py {{socket}}",
-               "pyserve.py: asyncio, fixed answer, no routing"),
-        Series("raw-uvloop", f"{python} {{root}}/bench/tools/pyserve.py --uvloop {{socket}}",
-               "pyserve.py on uvloop"),
-        Series("vault-edge", fixture, "the agent endpoint: peercred, policy, routing, cached answers"),
-        Series("starlette", f"{python} {{root}}/bench/starlette_app.py --socket {{socket}} "
-                            f"--secret {SECRET[0]}={SECRET[1]}", "uvicorn+httptools+uvloop, no policy"),
-    )}
+    return {
+        s.name: s
+        for s in (
+            Series("raw-c", "{tools}/udsceiling {socket}", "udsceiling: C epoll, fixed answer"),
+            Series(
+                "raw-python",
+                f"{python} {{root}}/bench/tools/pyserve.py {{socket}}",
+                "pyserve.py: asyncio, fixed answer, no routing",
+            ),
+            Series(
+                "raw-uvloop", f"{python} {{root}}/bench/tools/pyserve.py --uvloop {{socket}}", "pyserve.py on uvloop"
+            ),
+            Series("vault-edge", fixture, "the agent endpoint: peercred, policy, routing, cached answers"),
+            Series(
+                "starlette",
+                f"{python} {{root}}/bench/starlette_app.py --socket {{socket}} --secret {SECRET[0]}={SECRET[1]}",
+                "uvicorn+httptools+uvloop, no policy",
+            ),
+        )
+    }
 
 
 def cpu_seconds(pid: int) -> float:
@@ -109,8 +119,14 @@ def start(series: Series, state_dir: Path, path: str, fill: dict[str, str], cpu:
     series.log = state_dir / f"{series.name}.log"
     argv = shlex.split(series.cmd.format(socket=series.sock, **fill))
     with open(series.log, "wb") as log:
-        series.proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                       start_new_session=True, preexec_fn=pinned(cpu))
+        series.proc = subprocess.Popen(
+            argv,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+            preexec_fn=pinned(cpu),
+        )
     deadline = time.monotonic() + 30
     while not probe(series.sock, path):
         if series.proc.poll() is not None or time.monotonic() > deadline:
@@ -132,8 +148,20 @@ def stop(series: Series) -> None:
 
 
 def measure(load: Path, series: Series, conns: int, args: argparse.Namespace) -> dict[str, Any]:
-    cmd = [str(load), "-u", series.sock, "-c", str(conns), "-d", str(args.duration), "-W", str(args.warmup),
-           "-p", args.path, "-j"]
+    cmd = [
+        str(load),
+        "-u",
+        series.sock,
+        "-c",
+        str(conns),
+        "-d",
+        str(args.duration),
+        "-W",
+        str(args.warmup),
+        "-p",
+        args.path,
+        "-j",
+    ]
     for h in args.header:
         cmd += ["-H", h]
     pid = series.proc.pid if series.proc else None
@@ -157,8 +185,12 @@ def fmt_us(x: float) -> str:
 
 
 def table(all_series: list[Series], conns_list: list[int], duration: float) -> str:
-    ceiling = {c: statistics.median(r["rps"] for r in s.results[c])
-               for s in all_series if s.name == "raw-c" for c in conns_list}
+    ceiling = {
+        c: statistics.median(r["rps"] for r in s.results[c])
+        for s in all_series
+        if s.name == "raw-c"
+        for c in conns_list
+    }
     lines = [
         f"| series | conns | runs | req/s median (min{DASH}max) | p50 | p99 | server CPU | req per server CPU-s "
         "| vs C ceiling | errors, non-2xx |",
@@ -203,10 +235,15 @@ def running(selected: list[Series], state_dir: Path, args: argparse.Namespace, f
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--tools", type=Path, default=ROOT / "bench" / "tools" / "build",
-                   help="where `make bench-tools` put udsbench and udsceiling")
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--tools",
+        type=Path,
+        default=ROOT / "bench" / "tools" / "build",
+        help="where `make bench-tools` put udsbench and udsceiling",
+    )
     p.add_argument("--load", type=Path, help="the load generator (default: TOOLS/udsbench)")
     p.add_argument("--series", default="raw-c,raw-python,raw-uvloop,vault-edge,starlette")
     p.add_argument("--conns", default="1,16", help="connection counts, comma-separated")
@@ -216,16 +253,24 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--path", default=f"/v1/secrets/{SECRET[0]}")
     p.add_argument("--header", "-H", action="append", default=[], help="extra request header (udsbench -H)")
     p.add_argument("--agent-cmd", help="command for the vault-edge series; {socket} is replaced by the socket path")
-    p.add_argument("--extra", action="append", default=[], metavar="NAME=CMD",
-                   help="one more series, in --series order if named there, else after (e.g. another tree's agent: "
-                        "'vault-edge-main=env PYTHONPATH=DIR {python} DIR/tests/agent/fixture_agent.py "
-                        "--socket {socket} --secret s000=...'); {socket}, {python}, {root}, {tools} are filled in")
+    p.add_argument(
+        "--extra",
+        action="append",
+        default=[],
+        metavar="NAME=CMD",
+        help="one more series, in --series order if named there, else after (e.g. another tree's agent: "
+        "'vault-edge-main=env PYTHONPATH=DIR {python} DIR/tests/agent/fixture_agent.py "
+        "--socket {socket} --secret s000=...'); {socket}, {python}, {root}, {tools} are filled in",
+    )
     p.add_argument("--no-start", action="store_true", help="do not start vault-edge; read --agent-socket instead")
     p.add_argument("--agent-socket", help="with --no-start: the running agent's socket")
     p.add_argument("--python", default=sys.executable, help="interpreter for the Python servers")
     p.add_argument("--out", type=Path, help="append every run's udsbench JSON here (JSON lines)")
-    p.add_argument("--pin", action="store_true",
-                   help="pin the load generator to CPU 0 and the servers to CPU 1 (steadier on a shared 2-vCPU VM)")
+    p.add_argument(
+        "--pin",
+        action="store_true",
+        help="pin the load generator to CPU 0 and the servers to CPU 1 (steadier on a shared 2-vCPU VM)",
+    )
     args = p.parse_args(argv)
     args.load_cpu, args.server_cpu = (0, 1) if args.pin else (None, None)
 
@@ -255,9 +300,11 @@ def main(argv: list[str] | None = None) -> int:
     fill = {"python": args.python, "tools": str(args.tools), "root": str(ROOT)}
 
     started = dt.datetime.now(dt.UTC)
-    print(f"# socket read, {started:%Y-%m-%d %H:%M} UTC: {platform.node()}, {os.cpu_count()} CPUs, "
-          f"{platform.python_implementation()} {platform.python_version()}, kernel {platform.release()}",
-          file=sys.stderr)
+    print(
+        f"# socket read, {started:%Y-%m-%d %H:%M} UTC: {platform.node()}, {os.cpu_count()} CPUs, "
+        f"{platform.python_implementation()} {platform.python_version()}, kernel {platform.release()}",
+        file=sys.stderr,
+    )
     with tempfile.TemporaryDirectory(prefix="ve-bench-") as tmp, running(selected, Path(tmp), args, fill):
         for rep in range(1, args.runs + 1):
             for c in conns_list:
@@ -265,19 +312,26 @@ def main(argv: list[str] | None = None) -> int:
                     r = measure(load, s, c, args)
                     r["rep"] = rep
                     s.results.setdefault(c, []).append(r)
-                    print(f"  {s.name:<11} c{c:<3} run {rep}: {r['rps']:>10,.0f} req/s  p50 {r['p50_us']:.0f} µs  "
-                          f"p99 {r['p99_us']:.0f} µs  cpu {r['server_cpu_s']:.2f}s  "
-                          f"errors {r['errors']} non-2xx {r['non_2xx']}", file=sys.stderr)
+                    print(
+                        f"  {s.name:<11} c{c:<3} run {rep}: {r['rps']:>10,.0f} req/s  p50 {r['p50_us']:.0f} µs  "
+                        f"p99 {r['p99_us']:.0f} µs  cpu {r['server_cpu_s']:.2f}s  "
+                        f"errors {r['errors']} non-2xx {r['non_2xx']}",
+                        file=sys.stderr,
+                    )
                     if args.out:
                         with open(args.out, "a") as f:
                             f.write(json.dumps({"date": started.isoformat(), **r}) + "\n")
 
-    settings = (f"{load.name} -c {{{','.join(map(str, conns_list))}}} -d {args.duration:g} -W {args.warmup:g} "
-                f"-p {args.path}, {args.runs} runs each, round robin"
-                f"{f', {load.name} pinned to CPU 0 and servers to CPU 1' if args.pin else ''}")
+    settings = (
+        f"{load.name} -c {{{','.join(map(str, conns_list))}}} -d {args.duration:g} -W {args.warmup:g} "
+        f"-p {args.path}, {args.runs} runs each, round robin"
+        f"{f', {load.name} pinned to CPU 0 and servers to CPU 1' if args.pin else ''}"
+    )
     load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
-    print(f"Measured {started:%Y-%m-%d} on {os.cpu_count()} vCPUs (CPython {platform.python_version()}, kernel "
-          f"{platform.release()}); {settings}; load average at the end {load}.\n")
+    print(
+        f"Measured {started:%Y-%m-%d} on {os.cpu_count()} vCPUs (CPython {platform.python_version()}, kernel "
+        f"{platform.release()}); {settings}; load average at the end {load}.\n"
+    )
     print(table(selected, conns_list, args.duration))
     print()
     for s in selected:
@@ -289,8 +343,10 @@ def main(argv: list[str] | None = None) -> int:
         ve_med = statistics.median(r["rps"] for r in ve.results[top])
         c_med = statistics.median(r["rps"] for r in c_.results[top])
         p99 = statistics.median(r["p99_us"] for r in ve.results[top])
-        print(f"\nvault-edge at {top} connections: {ve_med:,.0f} req/s = {ve_med / c_med:.0%} of the C ceiling "
-              f"({c_med:,.0f}), p99 {fmt_us(p99)}.")
+        print(
+            f"\nvault-edge at {top} connections: {ve_med:,.0f} req/s = {ve_med / c_med:.0%} of the C ceiling "
+            f"({c_med:,.0f}), p99 {fmt_us(p99)}."
+        )
     return 0
 
 

@@ -27,8 +27,14 @@ def make_app(view: View) -> Starlette:
         headers = {"X-Vault-Edge-Revision": str(view.revision), "Age": "0", "Cache-Control": "no-store"}
         if e is None:
             return JSONResponse({"error": {"code": "not_found", "message": "no such secret"}}, 404, headers)
-        doc = {"name": e.name, "value": e.value.decode(), "encoding": "utf-8", "version": e.version,
-               "stage": e.stage, "revision": view.revision}
+        doc = {
+            "name": e.name,
+            "value": e.value.decode(),
+            "encoding": "utf-8",
+            "version": e.version,
+            "stage": e.stage,
+            "revision": view.revision,
+        }
         return JSONResponse(doc, headers=headers)
 
     return Starlette(routes=[Route("/v1/secrets/{name:path}", read)])
@@ -42,8 +48,15 @@ def main() -> None:
     entries = [Entry(n, 1, "current", v.encode()) for n, _, v in (s.partition("=") for s in args.secret)]
     if os.path.exists(args.socket):
         os.unlink(args.socket)
-    uvicorn.run(make_app(View("n-bench", "bench", 1, entries)), uds=args.socket, loop="uvloop", http="httptools",
-                lifespan="off", access_log=False, log_level="warning")
+    uvicorn.run(
+        make_app(View("n-bench", "bench", 1, entries)),
+        uds=args.socket,
+        loop="uvloop",
+        http="httptools",
+        lifespan="off",
+        access_log=False,
+        log_level="warning",
+    )
 
 
 if __name__ == "__main__":

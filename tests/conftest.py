@@ -142,8 +142,9 @@ def make_app(db_url: str) -> Iterator[Any]:
         c.app.state.ctx.store.dispose()
 
 
-def signed_headers(pair: Any, method: str, target: str, node: str, body: bytes,
-                   timestamp: int | str | None = None) -> dict[str, str]:
+def signed_headers(
+    pair: Any, method: str, target: str, node: str, body: bytes, timestamp: int | str | None = None
+) -> dict[str, str]:
     """The headers of a node-signed request (``pair``: a signing.KeyPair), as the agent makes them."""
     from vault_edge import wire
     from vault_edge.crypto import signing
@@ -180,8 +181,11 @@ def enroll_node(api: Api, region: str = "eu") -> tuple[str, Any]:
     assert st == 200, doc
     pair = signing.KeyPair.generate()
     body = enroll_body(server_key(api), pair, doc["token"])
-    resp = api.client.post("/v1/agent/enroll", content=body,
-                           headers=signed_headers(pair, "POST", "/v1/agent/enroll", wire.ENROLL_NODE, body))
+    resp = api.client.post(
+        "/v1/agent/enroll",
+        content=body,
+        headers=signed_headers(pair, "POST", "/v1/agent/enroll", wire.ENROLL_NODE, body),
+    )
     assert resp.status_code == 200, resp.text
     return resp.json()["node"], pair
 
@@ -250,8 +254,14 @@ def stop_process(proc: subprocess.Popen[bytes] | None, sig: int = 15) -> None:
 
 
 class ServerProcess:
-    def __init__(self, db: str, log_path: Path, port: int | None = None, extra: list[str] | None = None,
-                 env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        db: str,
+        log_path: Path,
+        port: int | None = None,
+        extra: list[str] | None = None,
+        env: dict[str, str] | None = None,
+    ) -> None:
         self.db, self.log_path, self.port = db, log_path, port or free_port()
         self.addr = f"http://127.0.0.1:{self.port}"
         self.extra, self.env = extra or [], env or {}
@@ -262,7 +272,9 @@ class ServerProcess:
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
                 [*vault_edge_cmd(), "server", "--db", self.db, "--port", str(self.port), *self.extra],
-                stdout=log, stderr=subprocess.STDOUT, env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=env,
             )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -296,8 +308,15 @@ def start_server(tmp_path: Path) -> Iterator[Any]:
         s.stop()
 
 
-def cli(*args: str, env: dict[str, str] | None = None, input: bytes | None = None,
-        timeout: float = 60) -> subprocess.CompletedProcess[bytes]:
+def cli(
+    *args: str, env: dict[str, str] | None = None, input: bytes | None = None, timeout: float = 60
+) -> subprocess.CompletedProcess[bytes]:
     """Run the real ``vault-edge`` CLI."""
-    return subprocess.run([*vault_edge_cmd(), *args], env={**os.environ, **(env or {})}, input=input,
-                          capture_output=True, timeout=timeout, check=False)
+    return subprocess.run(
+        [*vault_edge_cmd(), *args],
+        env={**os.environ, **(env or {})},
+        input=input,
+        capture_output=True,
+        timeout=timeout,
+        check=False,
+    )

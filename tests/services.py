@@ -52,12 +52,33 @@ class ThrowawayPostgres:
         if self._as_postgres:
             shutil.chown(self.dir, "postgres", "postgres")
             shutil.chown(pwfile, "postgres", "postgres")
-        self._run(f"{self.bin}/initdb", "-D", self.data, "-U", "admin", "--auth=scram-sha-256",
-                  f"--pwfile={pwfile}", "-E", "UTF8", "--no-sync")
+        self._run(
+            f"{self.bin}/initdb",
+            "-D",
+            self.data,
+            "-U",
+            "admin",
+            "--auth=scram-sha-256",
+            f"--pwfile={pwfile}",
+            "-E",
+            "UTF8",
+            "--no-sync",
+        )
         os.unlink(pwfile)
-        self._run(f"{self.bin}/pg_ctl", "-D", self.data, "-l", os.path.join(self.dir, "log"), "-w", "-t", "60",
-                  "-o", f"-p {self.port} -k {self.dir} -c listen_addresses=127.0.0.1 -c fsync=off "
-                        "-c max_connections=200 -c shared_buffers=16MB", "start")
+        self._run(
+            f"{self.bin}/pg_ctl",
+            "-D",
+            self.data,
+            "-l",
+            os.path.join(self.dir, "log"),
+            "-w",
+            "-t",
+            "60",
+            "-o",
+            f"-p {self.port} -k {self.dir} -c listen_addresses=127.0.0.1 -c fsync=off "
+            "-c max_connections=200 -c shared_buffers=16MB",
+            "start",
+        )
 
     def _run(self, *args: str) -> None:
         cmd = ["runuser", "-u", "postgres", "--", *args] if self._as_postgres else list(args)
@@ -69,9 +90,15 @@ class ThrowawayPostgres:
     def connect(self, user: str = "admin", password: str | None = None) -> Any:
         import psycopg
 
-        return psycopg.connect(host="127.0.0.1", port=self.port, dbname="postgres", user=user,
-                               password=self.admin_password if password is None else password,
-                               connect_timeout=5, autocommit=True)
+        return psycopg.connect(
+            host="127.0.0.1",
+            port=self.port,
+            dbname="postgres",
+            user=user,
+            password=self.admin_password if password is None else password,
+            connect_timeout=5,
+            autocommit=True,
+        )
 
     def can_login(self, user: str, password: str) -> bool:
         import psycopg
@@ -99,9 +126,23 @@ class ThrowawayRedis:
             _missing("redis-server (Debian package redis-server)")
         self.port = free_port()
         self.admin_password = secrets.token_urlsafe(18)
-        self.proc = subprocess.Popen([exe, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-                                      "--appendonly", "no", "--protected-mode", "no"],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.proc = subprocess.Popen(
+            [
+                exe,
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--protected-mode",
+                "no",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         import redis
 
         deadline = time.monotonic() + 10
@@ -125,8 +166,13 @@ class ThrowawayRedis:
         from redis.backoff import NoBackoff
         from redis.retry import Retry
 
-        return redis.Redis(port=self.port, username=user, retry=Retry(NoBackoff(), 0),
-                           password=self.admin_password if password is None else password, socket_timeout=5)
+        return redis.Redis(
+            port=self.port,
+            username=user,
+            retry=Retry(NoBackoff(), 0),
+            password=self.admin_password if password is None else password,
+            socket_timeout=5,
+        )
 
     def can_login(self, user: str, password: str) -> bool:
         import redis

@@ -17,8 +17,12 @@ import pytest
 
 from tests.conftest import IN_CI
 
-LIBS = ("/usr/lib/softhsm/libsofthsm2.so", "/usr/lib/x86_64-linux-gnu/softhsm/libsofthsm2.so",
-        "/usr/lib/aarch64-linux-gnu/softhsm/libsofthsm2.so", "/usr/local/lib/softhsm/libsofthsm2.so")
+LIBS = (
+    "/usr/lib/softhsm/libsofthsm2.so",
+    "/usr/lib/x86_64-linux-gnu/softhsm/libsofthsm2.so",
+    "/usr/lib/aarch64-linux-gnu/softhsm/libsofthsm2.so",
+    "/usr/local/lib/softhsm/libsofthsm2.so",
+)
 PIN, SO_PIN = "4711-test", "0815-test-so"
 
 
@@ -31,8 +35,9 @@ def _ensure_installed() -> str:
     if lib is None and shutil.which("apt-get") and os.geteuid() == 0:
         env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
         subprocess.run(["apt-get", "update", "-qq"], env=env, capture_output=True, timeout=600, check=False)
-        subprocess.run(["apt-get", "install", "-y", "-qq", "softhsm2"], env=env, capture_output=True, timeout=600,
-                       check=False)
+        subprocess.run(
+            ["apt-get", "install", "-y", "-qq", "softhsm2"], env=env, capture_output=True, timeout=600, check=False
+        )
         lib = _library()
     try:
         import pkcs11  # noqa: F401
@@ -55,18 +60,39 @@ class SoftHsm:
 
     def init_token(self, label: str) -> int:
         """A new token; its slot id (SoftHSM2 assigns it)."""
-        out = subprocess.run(["softhsm2-util", "--init-token", "--free", "--label", label, "--pin", PIN,
-                              "--so-pin", SO_PIN], env={**os.environ, **self.env}, capture_output=True,
-                             text=True, check=True).stdout
+        out = subprocess.run(
+            ["softhsm2-util", "--init-token", "--free", "--label", label, "--pin", PIN, "--so-pin", SO_PIN],
+            env={**os.environ, **self.env},
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
         return int(out.strip().rsplit(" ", 1)[-1])
 
     def args(self, slot: int, label: str = "vault-edge-seal", generate: bool = False) -> list[str]:
-        return ["--seal", "pkcs11", "--pkcs11-lib", self.lib, "--pkcs11-slot", str(slot), "--pkcs11-key-label",
-                label, "--pkcs11-pin-file", str(self.pin_file), *(["--pkcs11-generate-key"] if generate else [])]
+        return [
+            "--seal",
+            "pkcs11",
+            "--pkcs11-lib",
+            self.lib,
+            "--pkcs11-slot",
+            str(slot),
+            "--pkcs11-key-label",
+            label,
+            "--pkcs11-pin-file",
+            str(self.pin_file),
+            *(["--pkcs11-generate-key"] if generate else []),
+        ]
 
     def settings(self, slot: int, label: str = "vault-edge-seal", generate: bool = False) -> dict[str, object]:
-        return {"seal": "pkcs11", "pkcs11_lib": self.lib, "pkcs11_slot": slot, "pkcs11_key_label": label,
-                "pkcs11_pin_file": str(self.pin_file), "pkcs11_generate_key": generate}
+        return {
+            "seal": "pkcs11",
+            "pkcs11_lib": self.lib,
+            "pkcs11_slot": slot,
+            "pkcs11_key_label": label,
+            "pkcs11_pin_file": str(self.pin_file),
+            "pkcs11_generate_key": generate,
+        }
 
 
 @pytest.fixture

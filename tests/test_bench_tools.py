@@ -35,8 +35,12 @@ pytestmark = pytest.mark.skipif(shutil.which("cc") is None, reason="no C compile
 def build(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("bench-tools")
     for tool in ("udsbench", "udsceiling"):
-        subprocess.run(["cc", "-O2", "-Wall", "-Wextra", "-Werror", "-pthread", "-o", str(out / tool),
-                        str(TOOLS / f"{tool}.c")], check=True, capture_output=True, timeout=120)
+        subprocess.run(
+            ["cc", "-O2", "-Wall", "-Wextra", "-Werror", "-pthread", "-o", str(out / tool), str(TOOLS / f"{tool}.c")],
+            check=True,
+            capture_output=True,
+            timeout=120,
+        )
     return out
 
 
@@ -76,8 +80,9 @@ def server(argv: list[str], sock: Path) -> Iterator[subprocess.Popen[bytes]]:
 
 
 def udsbench(build: Path, sock: Path, *args: str) -> tuple[int, dict[str, Any]]:
-    out = subprocess.run([str(build / "udsbench"), "-u", str(sock), "-j", *args],
-                         capture_output=True, text=True, timeout=60)
+    out = subprocess.run(
+        [str(build / "udsbench"), "-u", str(sock), "-j", *args], capture_output=True, text=True, timeout=60
+    )
     assert out.stdout.strip(), out.stderr
     return out.returncode, json.loads(out.stdout)
 
@@ -96,8 +101,7 @@ def assert_clean(rc: int, doc: dict[str, Any]) -> None:
 def test_udsbench_against_the_c_ceiling(build: Path, sock_dir: Path) -> None:
     sock = sock_dir / "c.sock"
     with server([str(build / "udsceiling"), str(sock)], sock):
-        rc, doc = udsbench(build, sock, "-c", "4", "-d", "1", "-W", "0.2", "-p", "/v1/secrets/s000",
-                           "-H", "X-Bench: 1")
+        rc, doc = udsbench(build, sock, "-c", "4", "-d", "1", "-W", "0.2", "-p", "/v1/secrets/s000", "-H", "X-Bench: 1")
         assert_clean(rc, doc)
         assert doc["conns"] == 4 and doc["pipeline"] == 1 and doc["seconds"] == 1.0 and doc["warmup_s"] == 0.2
         rc, doc = udsbench(build, sock, "-c", "3", "-t", "2", "-P", "4", "-d", "0.3")
@@ -118,14 +122,19 @@ def test_udsbench_against_pyserve(build: Path, sock_dir: Path, loop: str) -> Non
 @pytest.mark.parametrize("ceiling", ["udsceiling", "pyserve"])
 def test_the_ceilings_frame_requests(build: Path, sock_dir: Path, ceiling: str) -> None:
     sock = sock_dir / "f.sock"
-    argv = [str(build / "udsceiling"), str(sock)] if ceiling == "udsceiling" else \
-        [sys.executable, str(TOOLS / "pyserve.py"), str(sock)]
+    argv = (
+        [str(build / "udsceiling"), str(sock)]
+        if ceiling == "udsceiling"
+        else [sys.executable, str(TOOLS / "pyserve.py"), str(sock)]
+    )
     with server(argv, sock), socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
         s.settimeout(5)
         s.connect(str(sock))
         # a body skipped (it looks like a request but is not one), a pipelined GET, then close
-        s.sendall(b"POST /a HTTP/1.1\r\nHost: x\r\nContent-Length: 18\r\n\r\nGET /no HTTP/1.1\r\n"
-                  b"GET /b HTTP/1.1\r\nHost: x\r\n\r\nGET /c HTTP/1.1\r\nConnection: close\r\n\r\n")
+        s.sendall(
+            b"POST /a HTTP/1.1\r\nHost: x\r\nContent-Length: 18\r\n\r\nGET /no HTTP/1.1\r\n"
+            b"GET /b HTTP/1.1\r\nHost: x\r\n\r\nGET /c HTTP/1.1\r\nConnection: close\r\n\r\n"
+        )
         data = b""
         while chunk := s.recv(65536):
             data += chunk
@@ -207,8 +216,9 @@ CASES: list[tuple[str, list[str], dict[str, Any]]] = [
 
 
 @pytest.mark.parametrize(("path", "flags", "expect"), CASES, ids=[f"{p}{''.join(f)}" for p, f, _ in CASES])
-def test_udsbench_frames_answers(build: Path, scripted: Path, path: str, flags: list[str],
-                                 expect: dict[str, Any]) -> None:
+def test_udsbench_frames_answers(
+    build: Path, scripted: Path, path: str, flags: list[str], expect: dict[str, Any]
+) -> None:
     rc, doc = udsbench(build, scripted, "-c", "1", "-d", "0.2", "-p", path, *flags)
     for key, want in expect.items():
         if key == "rc":

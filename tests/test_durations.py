@@ -12,9 +12,23 @@ from vault_edge.durations import MAX_SECONDS, format_duration, parse_duration
 @pytest.mark.parametrize(
     ("text", "seconds"),
     [
-        ("0", 0), ("90", 90), ("0s", 0), ("90s", 90), ("15m", 900), ("1h", 3600), ("1h30m", 5400), ("7d", 604800),
-        ("2w", 1209600), ("1d2h3m4s", 93784), (" 1H ", 3600), ("1H30M", 5400), ("\t10s\n", 10), ("007", 7),
-        ("3650d", MAX_SECONDS), (str(MAX_SECONDS), MAX_SECONDS), (90, 90),
+        ("0", 0),
+        ("90", 90),
+        ("0s", 0),
+        ("90s", 90),
+        ("15m", 900),
+        ("1h", 3600),
+        ("1h30m", 5400),
+        ("7d", 604800),
+        ("2w", 1209600),
+        ("1d2h3m4s", 93784),
+        (" 1H ", 3600),
+        ("1H30M", 5400),
+        ("\t10s\n", 10),
+        ("007", 7),
+        ("3650d", MAX_SECONDS),
+        (str(MAX_SECONDS), MAX_SECONDS),
+        (90, 90),
     ],
 )
 def test_good_durations(text: str, seconds: int) -> None:
@@ -24,16 +38,40 @@ def test_good_durations(text: str, seconds: int) -> None:
 @pytest.mark.parametrize(
     "text",
     [
-        "", " ", "s", "h1", "-5", "-5s", "+5", "1.5h", "1,5h", "1e3", "0x10", "1 h", "1h 30m", "1hh", "1h-30m",
-        "1y", "1ms", "abc", "5 s", "1h30", "h30m", "30m!", "1h\x00", "∞", "NaN", "3651d", str(MAX_SECONDS + 1),
-        "522w", "1" + "0" * 30,
+        "",
+        " ",
+        "s",
+        "h1",
+        "-5",
+        "-5s",
+        "+5",
+        "1.5h",
+        "1,5h",
+        "1e3",
+        "0x10",
+        "1 h",
+        "1h 30m",
+        "1hh",
+        "1h-30m",
+        "1y",
+        "1ms",
+        "abc",
+        "5 s",
+        "1h30",
+        "h30m",
+        "30m!",
+        "1h\x00",
+        "∞",
+        "NaN",
+        "3651d",
+        str(MAX_SECONDS + 1),
+        "522w",
+        "1" + "0" * 30,
     ],
 )
 def test_bad_durations(text: str) -> None:
     with pytest.raises(ValueError, match=r"invalid duration .*(use e\.g\.|at most 10 years)"):
         parse_duration(text)
-
-
 
 
 @pytest.mark.parametrize(
@@ -66,8 +104,17 @@ def test_unit_sums(w: int, d: int, h: int, m: int, s: int) -> None:
 
 @pytest.mark.parametrize(
     ("seconds", "text"),
-    [(0, "0s"), (59, "59s"), (59.9, "59s"), (60, "1m"), (61, "1m1s"), (3600, "1h"), (3661, "1h1m"),
-     (90061, "1d1h"), (604800, "7d")],
+    [
+        (0, "0s"),
+        (59, "59s"),
+        (59.9, "59s"),
+        (60, "1m"),
+        (61, "1m1s"),
+        (3600, "1h"),
+        (3661, "1h1m"),
+        (90061, "1d1h"),
+        (604800, "7d"),
+    ],
 )
 def test_format_duration(seconds: float, text: str) -> None:
     assert format_duration(seconds) == text

@@ -14,8 +14,23 @@ from vault_edge import wire
 
 # -- secret names ---------------------------------------------------------------------------------
 GOOD_NAMES = [
-    "a", "A", "0", "_", "db", "db/password", "openai/api_key", "A_b-c.d", "a..b", "a.", "a-", "_x/_y",
-    "a/b/c/d/e", "v1.2.3", "x" * 256, "/".join(["abc"] * 64)[:255] + "z", "9/8/7",
+    "a",
+    "A",
+    "0",
+    "_",
+    "db",
+    "db/password",
+    "openai/api_key",
+    "A_b-c.d",
+    "a..b",
+    "a.",
+    "a-",
+    "_x/_y",
+    "a/b/c/d/e",
+    "v1.2.3",
+    "x" * 256,
+    "/".join(["abc"] * 64)[:255] + "z",
+    "9/8/7",
 ]
 BAD_NAMES = [
     ("empty", ""),
@@ -144,8 +159,22 @@ def test_join_token_round_trip() -> None:
 @pytest.mark.parametrize(
     "token",
     [
-        "", "vej1", "vej1.", "vej1.a.b", "vej1.a.b.c.d", "vej2.a.b.c", "VEJ1.a.b.c", "vej1..b.c", "vej1.a..c",
-        "vej1.a.b.", ".vej1.a.b.c", "vej1.a.b.c" + "c" * 200, "vej1 .a.b.c", None, 5, b"vej1.a.b.c",
+        "",
+        "vej1",
+        "vej1.",
+        "vej1.a.b",
+        "vej1.a.b.c.d",
+        "vej2.a.b.c",
+        "VEJ1.a.b.c",
+        "vej1..b.c",
+        "vej1.a..c",
+        "vej1.a.b.",
+        ".vej1.a.b.c",
+        "vej1.a.b.c" + "c" * 200,
+        "vej1 .a.b.c",
+        None,
+        5,
+        b"vej1.a.b.c",
     ],
     ids=repr,
 )
@@ -187,8 +216,6 @@ def test_b64d_max_len() -> None:
         wire.b64d("A" * 68, max_len=64)
 
 
-
-
 @pytest.mark.parametrize(
     "text",
     [
@@ -205,7 +232,7 @@ def test_b64d_max_len() -> None:
     ],
 )
 def test_b64d_is_strict(text: str) -> None:
-    """"Strict unpadded base64url; WireError on anything else": only what b64e could have made."""
+    """ "Strict unpadded base64url; WireError on anything else": only what b64e could have made."""
     try:
         raw = wire.b64d(text)
     except wire.WireError:
@@ -226,8 +253,12 @@ def test_request_message_layout() -> None:
 @pytest.mark.parametrize(
     "change",
     [
-        {"method": "POST"}, {"target": "/v1/agent/sync?since=4"}, {"node": "n-0123456789abcdee"},
-        {"timestamp": 1700000001}, {"nonce": "bm9uY2V"}, {"body": b"{ }"},
+        {"method": "POST"},
+        {"target": "/v1/agent/sync?since=4"},
+        {"node": "n-0123456789abcdee"},
+        {"timestamp": 1700000001},
+        {"nonce": "bm9uY2V"},
+        {"body": b"{ }"},
     ],
     ids=lambda c: next(iter(c)),
 )

@@ -17,8 +17,17 @@ NODE = "n-0123456789abcdef"
 V = wsync.SealedVersion("db/main", 3, "current", 2, b"\x01" * 60, b"\x02" * 90, 1700000000.5, None)
 P = wsync.SealedVersion("db/main", 2, "previous", 2, b"\x03" * 60, b"\x04" * 90, 1690000000.0, 1700003600.0)
 BODY = wsync.RegionBody(wsync.DELTA, "eu", 40, 42, ("db/main", "gone"), (V, P))
-ENV = wsync.Envelope(wsync.DELTA, NODE, "bm9uY2U", 1700000001, "eu", 41, 42, wsync.digest(BODY.encode()),
-                     (wsync.Grant("eu", 2, b"\x05" * 80),))
+ENV = wsync.Envelope(
+    wsync.DELTA,
+    NODE,
+    "bm9uY2U",
+    1700000001,
+    "eu",
+    41,
+    42,
+    wsync.digest(BODY.encode()),
+    (wsync.Grant("eu", 2, b"\x05" * 80),),
+)
 
 
 def test_messages_round_trip() -> None:
@@ -43,14 +52,24 @@ def _edit(doc: bytes, **changes: object) -> bytes:
     return json.dumps(d).encode()
 
 
-@pytest.mark.parametrize("changes", [
-    {"v": 1}, {"kind": "snapshot"}, {"region": "EU"}, {"base": 43}, {"revision": -1}, {"revision": True},
-    {"names": ["../etc"]}, {"names": "db/main"}, {"secrets": {}},
-    {"secrets": [{**json.loads(BODY.encode())["secrets"][0], "stage": "latest"}]},
-    {"secrets": [{**json.loads(BODY.encode())["secrets"][0], "ct": "not base64!"}]},
-    {"secrets": [{**json.loads(BODY.encode())["secrets"][0], "created_at": "yesterday"}]},
-    {"names": ["other"]},  # a delta carrying a secret it does not name
-])
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {"v": 1},
+        {"kind": "snapshot"},
+        {"region": "EU"},
+        {"base": 43},
+        {"revision": -1},
+        {"revision": True},
+        {"names": ["../etc"]},
+        {"names": "db/main"},
+        {"secrets": {}},
+        {"secrets": [{**json.loads(BODY.encode())["secrets"][0], "stage": "latest"}]},
+        {"secrets": [{**json.loads(BODY.encode())["secrets"][0], "ct": "not base64!"}]},
+        {"secrets": [{**json.loads(BODY.encode())["secrets"][0], "created_at": "yesterday"}]},
+        {"names": ["other"]},  # a delta carrying a secret it does not name
+    ],
+)
 def test_a_malformed_region_body_is_refused(changes: dict[str, object]) -> None:
     with pytest.raises(WireError):
         wsync.RegionBody.decode(_edit(BODY.encode(), **changes), 1 << 20)
@@ -61,11 +80,20 @@ def test_a_region_body_over_the_bound_is_refused_unparsed() -> None:
         wsync.RegionBody.decode(BODY.encode(), 100)
 
 
-@pytest.mark.parametrize("changes", [
-    {"v": 3}, {"kind": "full-ish"}, {"node": "n-XYZ"}, {"nonce": 5}, {"since": 43},  # since after revision
-    {"body": "AAAA"}, {"grants": [{"region": "eu", "kv": 1, "box": 7}]}, {"grants": [{}] * 65},
-    {"region": ""},  # only an UNCHANGED answer may come without its region
-])
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {"v": 3},
+        {"kind": "full-ish"},
+        {"node": "n-XYZ"},
+        {"nonce": 5},
+        {"since": 43},  # since after revision
+        {"body": "AAAA"},
+        {"grants": [{"region": "eu", "kv": 1, "box": 7}]},
+        {"grants": [{}] * 65},
+        {"region": ""},  # only an UNCHANGED answer may come without its region
+    ],
+)
 def test_a_malformed_envelope_is_refused(changes: dict[str, object]) -> None:
     with pytest.raises(WireError):
         wsync.Envelope.decode(_edit(ENV.encode(), **changes))

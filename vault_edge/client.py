@@ -67,8 +67,9 @@ class AgentClient:
     def __init__(self, socket: str | None = None, token: str | None = None, timeout: float = 5.0) -> None:
         self.socket = socket_path(socket)
         headers = {TOKEN_HEADER: token} if token else {}
-        self._http = httpx.Client(transport=httpx.HTTPTransport(uds=self.socket), base_url="http://agent",
-                                  headers=headers, timeout=timeout)
+        self._http = httpx.Client(
+            transport=httpx.HTTPTransport(uds=self.socket), base_url="http://agent", headers=headers, timeout=timeout
+        )
 
     def close(self) -> None:
         self._http.close()
@@ -101,8 +102,7 @@ class AgentClient:
         age = resp.headers.get("age")
         return int(age) if age and age.isdigit() else None
 
-    def get(self, name: str, version: int | None = None, stage: str | None = None,
-            field: str | None = None) -> Secret:
+    def get(self, name: str, version: int | None = None, stage: str | None = None, field: str | None = None) -> Secret:
         """``field``: one field of a structured value (a JSON object, e.g. a rotated credential)."""
         params = {"version": version, "stage": stage, "field": field}
         resp = self._get(f"/v1/secrets/{quote(_checked(name), safe='/')}", params)

@@ -38,8 +38,12 @@ class JsonFormatter(logging.Formatter):
     the code logs with ``exc_info`` (bugs); it never holds a value: the code logs none."""
 
     def format(self, record: logging.LogRecord) -> str:
-        doc: dict[str, Any] = {"ts": _ts(record.created), "level": record.levelname.lower(), "logger": record.name,
-                               "msg": record.getMessage()}
+        doc: dict[str, Any] = {
+            "ts": _ts(record.created),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
         if record.exc_info and record.exc_info[0] is not None:
             doc["exc"] = record.exc_info[0].__name__
             doc["traceback"] = self.formatException(record.exc_info)
@@ -61,4 +65,3 @@ def setup(level: str = "info", fmt: str = "text", stream: TextIO | None = None) 
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per long-poll is noise
     logging.getLogger("httpcore").setLevel(logging.WARNING)
     return handler
-

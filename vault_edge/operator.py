@@ -23,16 +23,18 @@ class ClientError(Exception):
 
 
 class OperatorClient:
-    def __init__(self, addr: str | None = None, token: str | None = None, timeout: float = 30.0,
-                 verify: bool | str = True) -> None:
+    def __init__(
+        self, addr: str | None = None, token: str | None = None, timeout: float = 30.0, verify: bool | str = True
+    ) -> None:
         self.addr = (addr or os.environ.get("VAULT_EDGE_ADDR") or DEFAULT_ADDR).rstrip("/")
         self.token = token if token is not None else os.environ.get("VAULT_EDGE_TOKEN")
         if verify is True:
             verify = os.environ.get("VAULT_EDGE_CACERT") or True
         self.cacert = verify if isinstance(verify, str) else None
         if self.cacert is not None and not os.path.isfile(self.cacert):
-            raise ClientError(0, "bad_ca", f"CA certificate file {self.cacert!r} does not exist "
-                                           "(--ca-cert / VAULT_EDGE_CACERT)")
+            raise ClientError(
+                0, "bad_ca", f"CA certificate file {self.cacert!r} does not exist (--ca-cert / VAULT_EDGE_CACERT)"
+            )
         tls: Any = verify
         if self.cacert is not None:
             import ssl
@@ -40,16 +42,20 @@ class OperatorClient:
             try:
                 tls = ssl.create_default_context(cafile=self.cacert)
             except (ssl.SSLError, OSError) as exc:
-                raise ClientError(0, "bad_ca", f"CA certificate file {self.cacert!r} cannot be used: "
-                                               f"{getattr(exc, 'reason', None) or exc}") from None
+                raise ClientError(
+                    0,
+                    "bad_ca",
+                    f"CA certificate file {self.cacert!r} cannot be used: {getattr(exc, 'reason', None) or exc}",
+                ) from None
         try:
             url = httpx.URL(self.addr)
             if url.scheme not in ("http", "https") or not url.host:
                 raise ValueError
             self._http = httpx.Client(base_url=url, timeout=timeout, verify=tls)
         except (httpx.InvalidURL, ValueError):
-            raise ClientError(0, "bad_address", f"not a control-plane address: {self.addr!r} "
-                                                "(e.g. http://127.0.0.1:8420)") from None
+            raise ClientError(
+                0, "bad_address", f"not a control-plane address: {self.addr!r} (e.g. http://127.0.0.1:8420)"
+            ) from None
 
     def close(self) -> None:
         self._http.close()
@@ -74,12 +80,16 @@ class OperatorClient:
         if resp.status_code >= 400:
             err = data.get("error") if isinstance(data, dict) else None
             err = err if isinstance(err, dict) else {}
-            raise ClientError(resp.status_code, str(err.get("code", "error")),
-                              str(err.get("message", f"HTTP {resp.status_code}")))
+            raise ClientError(
+                resp.status_code, str(err.get("code", "error")), str(err.get("message", f"HTTP {resp.status_code}"))
+            )
         if not isinstance(data, dict):
-            raise ClientError(resp.status_code, "bad_answer",
-                              f"{self.addr} answered HTTP {resp.status_code} without a JSON object: "
-                              "is it a vault-edge control plane?")
+            raise ClientError(
+                resp.status_code,
+                "bad_answer",
+                f"{self.addr} answered HTTP {resp.status_code} without a JSON object: "
+                "is it a vault-edge control plane?",
+            )
         return data
 
     def _unreachable(self, exc: httpx.TransportError) -> ClientError:
@@ -87,11 +97,17 @@ class OperatorClient:
         CA option; anything else, the address and the exception's class."""
         tls = tls_problem(exc)
         if tls is not None:
-            ca = (f"the CA in {self.cacert} does not vouch for it" if self.cacert else
-                  "give the CA that signed it with --ca-cert FILE or VAULT_EDGE_CACERT")
+            ca = (
+                f"the CA in {self.cacert} does not vouch for it"
+                if self.cacert
+                else "give the CA that signed it with --ca-cert FILE or VAULT_EDGE_CACERT"
+            )
             return ClientError(0, "tls", f"TLS with the control plane at {self.addr} failed: {tls}; {ca}")
-        return ClientError(0, "unreachable", f"cannot reach the control plane at {self.addr} "
-                                             f"({type(exc).__name__}); is `vault-edge server` running?")
+        return ClientError(
+            0,
+            "unreachable",
+            f"cannot reach the control plane at {self.addr} ({type(exc).__name__}); is `vault-edge server` running?",
+        )
 
     # -- sys -----------------------------------------------------------------------------------
     def status(self) -> dict[str, Any]:
@@ -217,8 +233,9 @@ class OperatorClient:
                 err = resp.json().get("error") or {}
             except (ValueError, AttributeError):
                 err = {}
-            raise ClientError(resp.status_code, str(err.get("code", "error")),
-                              str(err.get("message", f"HTTP {resp.status_code}")))
+            raise ClientError(
+                resp.status_code, str(err.get("code", "error")), str(err.get("message", f"HTTP {resp.status_code}"))
+            )
         return resp.content
 
 

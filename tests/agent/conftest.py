@@ -28,8 +28,9 @@ def start_agent(sock_dir: Path) -> Iterator[Callable[..., Agent]]:
     """start_agent(*args, entries=[...], policy="toml text") → a running Agent; stopped at teardown."""
     agents: list[Agent] = []
 
-    def start(*args: str, entries: list[dict[str, Any]] | None = None, policy: str | None = None,
-              name: str = "agent") -> Agent:
+    def start(
+        *args: str, entries: list[dict[str, Any]] | None = None, policy: str | None = None, name: str = "agent"
+    ) -> Agent:
         sock = str(sock_dir / f"{name}.sock")
         argv = ["--socket", sock, *args]
         if entries is not None:

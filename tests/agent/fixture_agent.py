@@ -81,8 +81,9 @@ async def main(args: argparse.Namespace) -> int:
         loop.add_signal_handler(sig, handle, sig)
     # handlers first: a signal sent as soon as the socket answers must find them
     try:
-        server = await endpoint.serve(args.socket, Api(state, policy), mode=int(args.mode, 8),
-                                      head_timeout=args.head_timeout)
+        server = await endpoint.serve(
+            args.socket, Api(state, policy), mode=int(args.mode, 8), head_timeout=args.head_timeout
+        )
     except (OSError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
@@ -106,10 +107,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--node", default="n-0123456789abcdef")
     p.add_argument("--region", default="eu")
     p.add_argument("--max-stale", type=float, default=None)
-    p.add_argument("--contact-age", type=float, default=0.0,
-                   help="seconds since the last contact at start (default 0)")
-    p.add_argument("--no-contact", dest="contact_age", action="store_const", const=None,
-                   help="never heard from the control plane (as after a restart from the disk cache)")
+    p.add_argument("--contact-age", type=float, default=0.0, help="seconds since the last contact at start (default 0)")
+    p.add_argument(
+        "--no-contact",
+        dest="contact_age",
+        action="store_const",
+        const=None,
+        help="never heard from the control plane (as after a restart from the disk cache)",
+    )
     p.add_argument("--no-load", action="store_true", help="start with no view (status: starting)")
     p.add_argument("--mode", default="660", help="socket mode, octal")
     p.add_argument("--head-timeout", type=float, default=endpoint.HEAD_TIMEOUT_S)

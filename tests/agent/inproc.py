@@ -73,14 +73,26 @@ def entries(docs: list[dict[str, Any]], wall: float) -> list[Entry]:
 def next_view(view: View) -> View:
     """What the fixture agent's SIGUSR1 installs: every value gets ``-r<revision>``, every version + 1."""
     revision = view.revision + 1
-    return View(view.node, view.region, revision, [
-        Entry(e.name, e.version + 1, e.stage, e.value + b"-r%d" % revision, e.expires_at)
-        for e in view.by_version.values()
-    ])
+    return View(
+        view.node,
+        view.region,
+        revision,
+        [
+            Entry(e.name, e.version + 1, e.stage, e.value + b"-r%d" % revision, e.expires_at)
+            for e in view.by_version.values()
+        ],
+    )
 
 
-def make_state(clock: FakeClock, docs: list[dict[str, Any]] | None = None, *, revision: int = 1,
-               contact_age: float | None = 0.0, max_stale: float | None = None, load: bool = True) -> AgentState:
+def make_state(
+    clock: FakeClock,
+    docs: list[dict[str, Any]] | None = None,
+    *,
+    revision: int = 1,
+    contact_age: float | None = 0.0,
+    max_stale: float | None = None,
+    load: bool = True,
+) -> AgentState:
     """An agent state as the fixture agent makes it: a view of ``docs`` (ENTRIES by default) installed,
     the last contact ``contact_age`` seconds ago (None: never)."""
     state = AgentState(NODE, REGION, max_stale=max_stale, clock=clock)
@@ -96,8 +108,14 @@ class Served:
 
     No sweeper timer runs: tests call :meth:`sweep` after moving the fake clock."""
 
-    def __init__(self, state: AgentState, policy: Policy | None = None, *, head_timeout: float = HEAD_TIMEOUT_S,
-                 idle_timeout: float = IDLE_TIMEOUT_S) -> None:
+    def __init__(
+        self,
+        state: AgentState,
+        policy: Policy | None = None,
+        *,
+        head_timeout: float = HEAD_TIMEOUT_S,
+        idle_timeout: float = IDLE_TIMEOUT_S,
+    ) -> None:
         import uvloop
 
         self.state = state
@@ -110,8 +128,9 @@ class Served:
         self.loop = uvloop.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, name="served-agent", daemon=True)
         self.thread.start()
-        self.listener = self.call(lambda: Listener(self.sock, self.api, self.loop, head_timeout=head_timeout,
-                                                   idle_timeout=idle_timeout))
+        self.listener = self.call(
+            lambda: Listener(self.sock, self.api, self.loop, head_timeout=head_timeout, idle_timeout=idle_timeout)
+        )
         self.clients: list[socket.socket] = []
 
     def call(self, fn: Callable[[], T]) -> T:

@@ -77,6 +77,7 @@ def wait_for_socket(path: str, proc: subprocess.Popen[bytes], log: Path, timeout
 
 # -- raw HTTP --------------------------------------------------------------------------------------
 
+
 class RawResponse:
     def __init__(self, status: int, headers: dict[str, str], body: bytes) -> None:
         self.status, self.headers, self.body = status, headers, body

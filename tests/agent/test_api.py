@@ -34,8 +34,15 @@ def parse(data: bytes) -> RawResponse:
     return RawResponse(int(lines[0].split(" ")[1]), headers, body)
 
 
-def ask(api: Api, target: str, *, method: str = "GET", accept: str | None = None, token: str | None = None,
-        caller: Caller = ME) -> RawResponse:
+def ask(
+    api: Api,
+    target: str,
+    *,
+    method: str = "GET",
+    accept: str | None = None,
+    token: str | None = None,
+    caller: Caller = ME,
+) -> RawResponse:
     """One request as the endpoint makes it: refresh once the clock passes ``until``, then answer."""
     if api.clock.monotonic() >= api.until:
         api.refresh()
@@ -66,12 +73,19 @@ def api(state: AgentState) -> Api:
 
 # -- reads ------------------------------------------------------------------------------------------
 
+
 def test_read_current_as_json(api: Api) -> None:
     r = ask(api, "/v1/secrets/db/main")
     assert r.status == 200
     assert r.headers["content-type"] == "application/json"
-    assert r.json() == {"name": "db/main", "value": "hunter2", "encoding": "utf-8", "version": 3,
-                        "stage": "current", "revision": 1}
+    assert r.json() == {
+        "name": "db/main",
+        "value": "hunter2",
+        "encoding": "utf-8",
+        "version": 3,
+        "stage": "current",
+        "revision": 1,
+    }
     assert r.headers["x-vault-edge-revision"] == "1"
     assert r.headers["age"] == "0"
     assert r.headers["cache-control"] == "no-store"
@@ -120,9 +134,16 @@ def test_expired_previous_is_not_found(api: Api) -> None:
 
 
 def test_grace_period_ends_on_the_wall_clock(clock: FakeClock) -> None:
-    api = Api(make_state(clock, [{"name": "k", "version": 2, "stage": "current", "value": "new"},
-                                 {"name": "k", "version": 1, "stage": "previous", "value": "old", "expires_in": 3}]),
-              Policy(None))
+    api = Api(
+        make_state(
+            clock,
+            [
+                {"name": "k", "version": 2, "stage": "current", "value": "new"},
+                {"name": "k", "version": 1, "stage": "previous", "value": "old", "expires_in": 3},
+            ],
+        ),
+        Policy(None),
+    )
     answer = api.answer(Request("GET", "/v1/secrets/k?stage=previous", None, None, True, 0), ME)
     assert isinstance(answer, Answer) and not answer.cacheable  # its end is checked on every read
     clock.date += 2.999
@@ -138,36 +159,45 @@ def test_answers_without_a_grace_period_are_cacheable_health_and_watch_are_not(a
     def answer(target: str) -> Answer | Hold:
         return api.answer(Request("GET", target, None, None, True, 0), ME)
 
-    for target in ("/v1/secrets/db/main", "/v1/secrets/db/main?version=3", "/v1/secrets", "/v1/secrets?names=bin",
-                   "/v1/secrets/nope", "/v1/nope", "/v1/secrets/db/main?verison=1"):
+    for target in (
+        "/v1/secrets/db/main",
+        "/v1/secrets/db/main?version=3",
+        "/v1/secrets",
+        "/v1/secrets?names=bin",
+        "/v1/secrets/nope",
+        "/v1/nope",
+        "/v1/secrets/db/main?verison=1",
+    ):
         a = answer(target)
         assert isinstance(a, Answer) and a.cacheable, target
-    for target in ("/v1/secrets/db/main?stage=previous", "/v1/secrets?names=db/main&stage=previous",
-                   "/v1/health"):
+    for target in ("/v1/secrets/db/main?stage=previous", "/v1/secrets?names=db/main&stage=previous", "/v1/health"):
         a = answer(target)
         assert isinstance(a, Answer) and not a.cacheable, target
     assert isinstance(answer("/v1/watch?wait=1"), Hold)
 
 
-@pytest.mark.parametrize(("target", "fragment"), [
-    ("/v1/secrets/db/main?version=2&stage=previous", "not both"),
-    ("/v1/secrets/db/main?version=abc", "version"),
-    ("/v1/secrets/db/main?version=0", "version"),
-    ("/v1/secrets/db/main?version=%C2%B2", "version"),  # a Unicode digit is not a version
-    ("/v1/secrets/db/main?stage=future", "stage"),
-    ("/v1/secrets/db/main?verison=2", "verison"),
-    ("/v1/secrets/db/main?version=1&version=2", "twice"),
-    ("/v1/secrets/..%2Fetc", "invalid secret name"),
-    ("/v1/secrets/a//b", "invalid secret name"),
-    ("/v1/secrets/%ff", "percent-encoding"),
-    ("/v1/secrets/" + "a" * 300, "invalid secret name"),
-    ("/v1/secrets?stage=previous", "stage"),
-    ("/v1/health?x=1", "unknown query parameter"),
-    ("/v1/watch?wait=soon", "wait"),
-    ("/v1/watch?wait=-1", "wait"),
-    ("/v1/watch?wait=nan", "wait"),
-    ("/v1/watch?since=-1", "since"),
-])
+@pytest.mark.parametrize(
+    ("target", "fragment"),
+    [
+        ("/v1/secrets/db/main?version=2&stage=previous", "not both"),
+        ("/v1/secrets/db/main?version=abc", "version"),
+        ("/v1/secrets/db/main?version=0", "version"),
+        ("/v1/secrets/db/main?version=%C2%B2", "version"),  # a Unicode digit is not a version
+        ("/v1/secrets/db/main?stage=future", "stage"),
+        ("/v1/secrets/db/main?verison=2", "verison"),
+        ("/v1/secrets/db/main?version=1&version=2", "twice"),
+        ("/v1/secrets/..%2Fetc", "invalid secret name"),
+        ("/v1/secrets/a//b", "invalid secret name"),
+        ("/v1/secrets/%ff", "percent-encoding"),
+        ("/v1/secrets/" + "a" * 300, "invalid secret name"),
+        ("/v1/secrets?stage=previous", "stage"),
+        ("/v1/health?x=1", "unknown query parameter"),
+        ("/v1/watch?wait=soon", "wait"),
+        ("/v1/watch?wait=-1", "wait"),
+        ("/v1/watch?wait=nan", "wait"),
+        ("/v1/watch?since=-1", "since"),
+    ],
+)
 def test_bad_requests_are_400(api: Api, target: str, fragment: str) -> None:
     r = ask(api, target)
     assert r.status == 400, r.body
@@ -189,6 +219,7 @@ def test_non_get_is_405(api: Api) -> None:
 
 
 # -- listing, batch ---------------------------------------------------------------------------------
+
 
 def test_list_names(api: Api) -> None:
     r = ask(api, "/v1/secrets")
@@ -212,17 +243,26 @@ def test_batch_is_all_or_nothing_naming_the_first_failure(api: Api) -> None:
     assert (status, code) == (404, "not_found") and "'nope'" in message
     assert error_of(ask(api, "/v1/secrets?names=db/main,bad..name/"))[:2] == (400, "bad_request")
     assert error_of(ask(api, "/v1/secrets?names=" + ",".join(["db/main"] * (MAX_BATCH + 1))))[:2] == (
-        400, "bad_request")
+        400,
+        "bad_request",
+    )
     assert ask(api, "/v1/secrets?names=" + ",".join(["db/main"] * MAX_BATCH)).status == 200
 
 
 # -- health, staleness, readiness -------------------------------------------------------------------
 
+
 def test_health(api: Api, clock: FakeClock) -> None:
     clock.advance(12.3456)
     doc = ask(api, "/v1/health").json()
-    assert doc == {"status": "ok", "node": NODE, "region": REGION, "revision": 1, "last_sync_age_s": 12.346,
-                   "secrets": 6}
+    assert doc == {
+        "status": "ok",
+        "node": NODE,
+        "region": REGION,
+        "revision": 1,
+        "last_sync_age_s": 12.346,
+        "secrets": 6,
+    }
 
 
 def test_health_stale_when_control_plane_unreachable_and_reads_go_on(api: Api, state: AgentState) -> None:
@@ -244,8 +284,14 @@ def test_health_stale_after_stale_after_without_contact(api: Api, clock: FakeClo
 
 def test_starting_agent_answers_not_ready(clock: FakeClock) -> None:
     api = Api(make_state(clock, load=False, contact_age=None), Policy(None))
-    assert ask(api, "/v1/health").json() == {"status": "starting", "node": NODE, "region": REGION, "revision": 0,
-                                             "last_sync_age_s": None, "secrets": 0}
+    assert ask(api, "/v1/health").json() == {
+        "status": "starting",
+        "node": NODE,
+        "region": REGION,
+        "revision": 0,
+        "last_sync_age_s": None,
+        "secrets": 0,
+    }
     r = ask(api, "/v1/secrets/db/main")
     assert error_of(r)[:2] == (503, "not_ready")
     assert r.headers["retry-after"] == "1"
@@ -303,14 +349,21 @@ def test_a_new_view_starts_a_new_epoch_and_is_served(api: Api, state: AgentState
     assert api.epoch == epoch + 1
     r = ask(api, "/v1/secrets/db/main")
     assert r.headers["x-vault-edge-revision"] == "2"
-    assert r.json() == {"name": "db/main", "value": "hunter2-r2", "encoding": "utf-8", "version": 4,
-                        "stage": "current", "revision": 2}
+    assert r.json() == {
+        "name": "db/main",
+        "value": "hunter2-r2",
+        "encoding": "utf-8",
+        "version": 4,
+        "stage": "current",
+        "revision": 2,
+    }
     api.close()  # unsubscribed: the state no longer reaches it
     state.install(next_view(state.view))
     assert api.epoch == epoch + 1
 
 
 # -- long-poll --------------------------------------------------------------------------------------
+
 
 def watch(api: Api, target: str, during: Any = None) -> dict[str, Any]:
     hold = api.answer(Request("GET", target, None, None, True, 0), ME)
@@ -344,10 +397,13 @@ def test_watch_times_out_unchanged(api: Api, state: AgentState) -> None:
 
 # -- policy: callers and tokens ---------------------------------------------------------------------
 
+
 def uid_policy(tmp_path: Any) -> Policy:
     f = tmp_path / "policy.toml"
-    f.write_text(f'[[rule]]\nuid = {os.getuid()}\nsecrets = ["db/*", "openai"]\n\n'
-                 f'[[rule]]\nuid = {NOBODY_ID}\nsecrets = ["tenant-b/*"]\n')
+    f.write_text(
+        f'[[rule]]\nuid = {os.getuid()}\nsecrets = ["db/*", "openai"]\n\n'
+        f'[[rule]]\nuid = {NOBODY_ID}\nsecrets = ["tenant-b/*"]\n'
+    )
     return Policy.load(f)
 
 
@@ -393,9 +449,11 @@ TOKEN_A = "tok-A-0123456789abcdef0123456789abcdef012"
 
 def test_token_rules(state: AgentState, tmp_path: Any) -> None:
     f = tmp_path / "policy.toml"
-    f.write_text(f'[[rule]]\nuid = {os.getuid()}\nsecrets = ["*"]\n\n'
-                 f'[[rule]]\ntoken_sha256 = "{hashlib.sha256(TOKEN_A.encode()).hexdigest()}"\n'
-                 'secrets = ["tenant-a/*"]\n')
+    f.write_text(
+        f'[[rule]]\nuid = {os.getuid()}\nsecrets = ["*"]\n\n'
+        f'[[rule]]\ntoken_sha256 = "{hashlib.sha256(TOKEN_A.encode()).hexdigest()}"\n'
+        'secrets = ["tenant-a/*"]\n'
+    )
     api = Api(state, Policy.load(f))
     assert ask(api, "/v1/secrets/tenant-a/key", token=TOKEN_A).json()["value"] == "a-secret"
     # a token request is judged by its token's rules only, not by the uid rule of the process

@@ -34,29 +34,52 @@ class Plane:
         self.signer = signing.signing_key_from_seed(seed)
         self.region_key = os.urandom(32)
         keys = KeyPair.generate()
-        self.identity = Identity(state_dir, keys, Enrolment(NODE, REGION, "http://cp", signing.public_of(seed),
-                                                            time.time()))
-        self.grants = (wsync.Grant(REGION, 1, signing.seal_grant(keys.box_public, NODE, REGION, 1,
-                                                                 self.region_key)),)
+        self.identity = Identity(
+            state_dir, keys, Enrolment(NODE, REGION, "http://cp", signing.public_of(seed), time.time())
+        )
+        self.grants = (wsync.Grant(REGION, 1, signing.seal_grant(keys.box_public, NODE, REGION, 1, self.region_key)),)
 
     def version(self, name: str, version: int, value: str, stage: str = "current") -> wsync.SealedVersion:
         dek = os.urandom(32)
         return wsync.SealedVersion(
-            name, version, stage, 1, envelope.wrap_data_key(self.region_key, name, version, REGION, 1, dek),
-            envelope.encrypt_value(dek, name, version, value.encode()), 1.0)
+            name,
+            version,
+            stage,
+            1,
+            envelope.wrap_data_key(self.region_key, name, version, REGION, 1, dek),
+            envelope.encrypt_value(dek, name, version, value.encode()),
+            1.0,
+        )
 
-    def answer(self, kind: str, since: int, revision: int, secrets: list[wsync.SealedVersion],
-               names: tuple[str, ...] = (), *, base: int | None = None, node: str = NODE,
-               nonce: str = "nonce") -> tuple[bytes, str]:
-        body = wsync.RegionBody(kind, REGION, (since if base is None else base) if kind == wsync.DELTA else 0,
-                                revision, names if kind == wsync.DELTA else (), tuple(secrets)).encode()
-        env = wsync.Envelope(kind, node, nonce, int(time.time()), REGION, since, revision, wsync.digest(body),
-                             self.grants).encode()
+    def answer(
+        self,
+        kind: str,
+        since: int,
+        revision: int,
+        secrets: list[wsync.SealedVersion],
+        names: tuple[str, ...] = (),
+        *,
+        base: int | None = None,
+        node: str = NODE,
+        nonce: str = "nonce",
+    ) -> tuple[bytes, str]:
+        body = wsync.RegionBody(
+            kind,
+            REGION,
+            (since if base is None else base) if kind == wsync.DELTA else 0,
+            revision,
+            names if kind == wsync.DELTA else (),
+            tuple(secrets),
+        ).encode()
+        env = wsync.Envelope(
+            kind, node, nonce, int(time.time()), REGION, since, revision, wsync.digest(body), self.grants
+        ).encode()
         return wsync.join(env, body), wire.b64e(signing.sign(self.signer, wsync.signed_message(env)))
 
     def full(self, revision: int, values: dict[str, tuple[int, str]], nonce: str = "nonce") -> tuple[bytes, str]:
-        return self.answer(wsync.FULL, 0, revision, [self.version(n, v, s) for n, (v, s) in values.items()],
-                           nonce=nonce)
+        return self.answer(
+            wsync.FULL, 0, revision, [self.version(n, v, s) for n, (v, s) in values.items()], nonce=nonce
+        )
 
 
 def values(view: View) -> dict[str, str]:
@@ -68,8 +91,13 @@ def plane(tmp_path: Path) -> Plane:
     return Plane(tmp_path)
 
 
-def _open(plane: Plane, answer: tuple[bytes, str], held: View, nonce: str | None = "nonce",
-          floor: dict[str, int] | None = None):  # type: ignore[no-untyped-def]
+def _open(
+    plane: Plane,
+    answer: tuple[bytes, str],
+    held: View,
+    nonce: str | None = "nonce",
+    floor: dict[str, int] | None = None,
+):  # type: ignore[no-untyped-def]
     return open_answer(plane.identity, answer[0], answer[1], nonce=nonce, held=held, floor=floor)
 
 
@@ -81,8 +109,9 @@ def _base(plane: Plane) -> View:
 
 def test_a_delta_replaces_the_names_it_lists_and_keeps_the_rest(plane: Plane) -> None:
     held = _base(plane)
-    delta = plane.answer(wsync.DELTA, 10, 12, [plane.version("a", 2, "a2"), plane.version("a", 1, "a1", "previous")],
-                         ("a", "c"))  # c listed without versions: gone from the region
+    delta = plane.answer(
+        wsync.DELTA, 10, 12, [plane.version("a", 2, "a2"), plane.version("a", 1, "a1", "previous")], ("a", "c")
+    )  # c listed without versions: gone from the region
     opened = _open(plane, delta, held)
     assert opened.kind == "delta" and opened.revision == 12 and opened.view is not None
     assert values(opened.view) == {"a": "a2", "b": "b1"}
@@ -91,8 +120,9 @@ def test_a_delta_replaces_the_names_it_lists_and_keeps_the_rest(plane: Plane) ->
     assert opened.piece is not None and opened.piece.body in delta[0]
 
 
-@pytest.mark.parametrize("case", ["gap", "replayed", "other-node", "skips-a-revision", "onto-nothing",
-                                  "body-swapped", "older"])
+@pytest.mark.parametrize(
+    "case", ["gap", "replayed", "other-node", "skips-a-revision", "onto-nothing", "body-swapped", "older"]
+)
 def test_a_wrong_delta_is_refused_whole(plane: Plane, case: str) -> None:
     held = _base(plane)
     a2 = [plane.version("a", 2, "a2")]
@@ -104,8 +134,10 @@ def test_a_wrong_delta_is_refused_whole(plane: Plane, case: str) -> None:
         "skips-a-revision": plane.answer(wsync.DELTA, 10, 13, a2, ("a",), base=11),
         "onto-nothing": plane.answer(wsync.DELTA, 0, 12, a2, ("a",)),
         # the envelope and signature of one delta, the body of another (same revisions, same names)
-        "body-swapped": _swap_body(plane.answer(wsync.DELTA, 10, 12, a2, ("a",)),
-                                   plane.answer(wsync.DELTA, 10, 12, [plane.version("a", 3, "a3")], ("a",))),
+        "body-swapped": _swap_body(
+            plane.answer(wsync.DELTA, 10, 12, a2, ("a",)),
+            plane.answer(wsync.DELTA, 10, 12, [plane.version("a", 3, "a3")], ("a",)),
+        ),
         "older": plane.answer(wsync.DELTA, 10, 9, a2, ("a",)),
     }[case]
     with pytest.raises(BundleError):
@@ -130,6 +162,7 @@ def test_a_stage_rollback_inside_a_delta_is_refused_alone(plane: Plane) -> None:
 
 # -- the sync loop: refusal, recovery with a full view ------------------------------------------------
 
+
 class Script:
     """A control plane over httpx.MockTransport: answers each request with the next scripted maker,
     called with the request's (since, full, nonce); records what was asked."""
@@ -142,6 +175,7 @@ class Script:
         since, full, nonce = int(q["since"][0]), q.get("full") == ["1"], req.headers[wire.H_NONCE]
         self.asked.append((since, full))
         raw, sig = self.makers.pop(0)(since, full, nonce)
+
         async def stream():  # type: ignore[no-untyped-def]
             yield raw
 
@@ -162,14 +196,15 @@ async def _round(syncer: Syncer) -> None:
 
 
 @pytest.mark.parametrize("bad", ["gap", "replayed", "rollback-then-gap"])
-def test_a_refused_delta_keeps_the_view_served_and_a_full_view_recovers(plane: Plane, tmp_path: Path,
-                                                                        bad: str) -> None:
+def test_a_refused_delta_keeps_the_view_served_and_a_full_view_recovers(plane: Plane, tmp_path: Path, bad: str) -> None:
     a2 = [plane.version("a", 2, "a2")]
     makers = [
         lambda s, f, n: plane.full(10, {"a": (1, "a1"), "b": (1, "b1")}, nonce=n),
-        {"gap": lambda s, f, n: plane.answer(wsync.DELTA, s + 1, s + 3, a2, ("a",), nonce=n),
-         "replayed": lambda s, f, n: plane.answer(wsync.DELTA, s, s + 2, a2, ("a",), nonce="old"),
-         "rollback-then-gap": lambda s, f, n: plane.answer(wsync.DELTA, 3, 4, a2, ("a",), nonce=n)}[bad],
+        {
+            "gap": lambda s, f, n: plane.answer(wsync.DELTA, s + 1, s + 3, a2, ("a",), nonce=n),
+            "replayed": lambda s, f, n: plane.answer(wsync.DELTA, s, s + 2, a2, ("a",), nonce="old"),
+            "rollback-then-gap": lambda s, f, n: plane.answer(wsync.DELTA, 3, 4, a2, ("a",), nonce=n),
+        }[bad],
         lambda s, f, n: plane.full(14, {"a": (2, "a2"), "b": (2, "b2")}, nonce=n),
         lambda s, f, n: plane.answer(wsync.DELTA, s, s + 1, [plane.version("b", 3, "b3")], ("b",), nonce=n),
     ]
@@ -189,6 +224,7 @@ def test_a_refused_delta_keeps_the_view_served_and_a_full_view_recovers(plane: P
 
 
 # -- the disk cache -------------------------------------------------------------------------------
+
 
 def _three_rounds(plane: Plane, tmp_path: Path) -> tuple[AgentState, Syncer, Script]:
     makers = [
@@ -225,8 +261,7 @@ def test_a_restarted_agent_catches_up_by_delta(plane: Plane, tmp_path: Path) -> 
     state = AgentState(NODE, REGION)
     cache = DiskCache(tmp_path)
     chain = load_cached(plane.identity, state, cache)
-    script = Script([lambda s, f, n: plane.answer(wsync.DELTA, s, 13, [plane.version("a", 3, "a3")], ("a",),
-                                                  nonce=n)])
+    script = Script([lambda s, f, n: plane.answer(wsync.DELTA, s, 13, [plane.version("a", 3, "a3")], ("a",), nonce=n)])
     syncer = _syncer(plane, script, state, cache, restored=chain)
 
     async def go() -> None:

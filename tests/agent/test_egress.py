@@ -92,7 +92,7 @@ class Conn:
             while len(self.buf) < size + 2:
                 if not self._fill():
                     raise EOFError("closed inside a chunk")
-            data, self.buf = self.buf[:size], self.buf[size + 2:]
+            data, self.buf = self.buf[:size], self.buf[size + 2 :]
             if not size:
                 return
             yield data
@@ -115,8 +115,9 @@ class Conn:
         body, self.buf = self.buf, b""
         return status, headers, body
 
-    def request(self, method: str, target: str, headers: str = "", body: bytes = b"") -> tuple[int, dict[str, str],
-                                                                                                bytes]:
+    def request(
+        self, method: str, target: str, headers: str = "", body: bytes = b""
+    ) -> tuple[int, dict[str, str], bytes]:
         length = f"Content-Length: {len(body)}\r\n" if body else ""
         self.send(f"{method} {target} HTTP/1.1\r\nHost: agent\r\n{headers}{length}\r\n".encode() + body)
         return self.response(method)
@@ -129,8 +130,7 @@ class Agent:
     def conn(self) -> Conn:
         return Conn(self.served.pair(timeout=10), self.received)
 
-    def call(self, method: str, target: str, headers: str = "", body: bytes = b"") -> tuple[int, dict[str, str],
-                                                                                             Any]:
+    def call(self, method: str, target: str, headers: str = "", body: bytes = b"") -> tuple[int, dict[str, str], Any]:
         status, h, raw = self.conn().request(method, target, headers, body)
         try:
             return status, h, json.loads(raw)
@@ -138,17 +138,18 @@ class Agent:
             return status, h, raw
 
     def install(self, routes: list[dict[str, Any]], value: str = KEY) -> None:
-        entries = [Entry("api/key", 1, "current", value.encode()),
-                   Entry("api/creds", 1, "current", json.dumps(CREDS).encode()),
-                   Entry("other/key", 1, "current", b"other-secret-value")]
+        entries = [
+            Entry("api/key", 1, "current", value.encode()),
+            Entry("api/creds", 1, "current", json.dumps(CREDS).encode()),
+            Entry("other/key", 1, "current", b"other-secret-value"),
+        ]
         parsed = tuple(route_from_json(r).route for r in routes)
         rev = self.served.state.view.revision + 1
         self.served.call(lambda: self.served.state.install(View(NODE, REGION, rev, entries, parsed)))
 
 
 def route(name: str, url: str, **kw: Any) -> dict[str, Any]:
-    return {"name": name, "upstream": url, "secret": "api/key", "inject": ["header:Authorization=Bearer {value}"],
-            **kw}
+    return {"name": name, "upstream": url, "secret": "api/key", "inject": ["header:Authorization=Bearer {value}"], **kw}
 
 
 @pytest.fixture
@@ -170,29 +171,44 @@ def make_agent(pki: tuple[Path, Path, Path], caplog: pytest.LogCaptureFixture) -
         asyncio.run_coroutine_threadsafe(s.api.egress.aclose(), s.loop).result(timeout=10)  # its upstream pool
         s.close()
     everything = b"".join(received)
-    for value in (KEY, KEY2, CREDS["password"], base64.b64encode(f"{CREDS['user']}:{CREDS['password']}".encode())
-                  .decode()):
+    for value in (
+        KEY,
+        KEY2,
+        CREDS["password"],
+        base64.b64encode(f"{CREDS['user']}:{CREDS['password']}".encode()).decode(),
+    ):
         assert value.encode() not in everything, "a secret reached a worker"
         assert value not in caplog.text, "a secret reached the log"
 
 
 def test_the_key_is_injected_and_the_workers_own_credential_and_hop_by_hop_headers_dropped(
-        make_agent: Callable[..., Agent], upstream: Upstream) -> None:
+    make_agent: Callable[..., Agent], upstream: Upstream
+) -> None:
     agent = make_agent([route("api", upstream.url, paths=["/v1/"])])
     status, headers, doc = agent.call(
-        "POST", "/v1/egress/api/v1/echo?x=1",
+        "POST",
+        "/v1/egress/api/v1/echo?x=1",
         "Authorization: Bearer the-workers-own\r\nConnection: X-Drop-Me\r\nX-Drop-Me: 1\r\nKeep-Alive: timeout=5\r\n"
         "Proxy-Authorization: Basic abc\r\nProxy-Connection: keep-alive\r\nTE: trailers\r\nTrailer: X-T\r\n"
         "X-Keep: yes\r\nContent-Type: application/json\r\nAccept-Encoding: gzip\r\n",
-        b'{"prompt": "hi"}')
+        b'{"prompt": "hi"}',
+    )
     assert status == 200, doc
     seen = upstream.last()
     assert seen.method == "POST" and seen.target == "/v1/echo?x=1" and seen.body == b'{"prompt": "hi"}'
     assert seen.header("Authorization") == [f"Bearer {KEY}"]  # the key, and only the key
     assert seen.header("X-Keep") == ["yes"] and seen.header("Content-Type") == ["application/json"]
     assert seen.header("Host") == [f"127.0.0.1:{upstream.port}"]
-    for dropped in ("X-Drop-Me", "Keep-Alive", "Proxy-Authorization", "Proxy-Connection", "TE", "Trailer",
-                    "X-Vault-Edge-Token", "Accept-Encoding"):
+    for dropped in (
+        "X-Drop-Me",
+        "Keep-Alive",
+        "Proxy-Authorization",
+        "Proxy-Connection",
+        "TE",
+        "Trailer",
+        "X-Vault-Edge-Token",
+        "Accept-Encoding",
+    ):
         assert seen.header(dropped) == [], dropped
     # The upstream echoes what it got, the key with it: scrubbed from the answer, same length.
     echoed = dict((k.lower(), v) for k, v in doc["headers"])
@@ -203,13 +219,23 @@ def test_the_key_is_injected_and_the_workers_own_credential_and_hop_by_hop_heade
 
 
 def test_query_basic_and_field_injections(make_agent: Callable[..., Agent], upstream: Upstream) -> None:
-    agent = make_agent([
-        route("q", upstream.url, inject=["query:key={value}"]),
-        {"name": "basic", "upstream": upstream.url, "secret": "api/creds",
-         "inject": ["basic:{value.user}:{value.password}"]},
-        {"name": "field", "upstream": upstream.url, "secret": "api/creds",
-         "inject": ["header:X-Api-Key={value.password}"]},
-    ])
+    agent = make_agent(
+        [
+            route("q", upstream.url, inject=["query:key={value}"]),
+            {
+                "name": "basic",
+                "upstream": upstream.url,
+                "secret": "api/creds",
+                "inject": ["basic:{value.user}:{value.password}"],
+            },
+            {
+                "name": "field",
+                "upstream": upstream.url,
+                "secret": "api/creds",
+                "inject": ["header:X-Api-Key={value.password}"],
+            },
+        ]
+    )
     assert agent.call("GET", "/v1/egress/q/ok?key=the-workers-own&x=1&key=again")[0] == 200
     assert upstream.last().query == {"x": ["1"], "key": [KEY]}
     assert agent.call("GET", "/v1/egress/basic/ok", "Authorization: Bearer the-workers-own\r\n")[0] == 200
@@ -226,8 +252,11 @@ def test_forward_proxy_mode_with_an_absolute_uri(make_agent: Callable[..., Agent
     assert upstream.last().header("Authorization") == [f"Bearer {KEY}"] and upstream.last().target == "/v1/ok?z=2"
     # a host no route names: 403, and nothing sent anywhere
     n = len(upstream.seen)
-    for target in ("https://api.example.com/v1/ok", f"https://localhost:{upstream.port}/v1/ok",
-                   f"http://127.0.0.1:{upstream.port}/v1/ok"):
+    for target in (
+        "https://api.example.com/v1/ok",
+        f"https://localhost:{upstream.port}/v1/ok",
+        f"http://127.0.0.1:{upstream.port}/v1/ok",
+    ):
         status, _, doc = agent.call("GET", target)
         assert status == 403 and doc["error"]["code"] == "forbidden", target
     assert len(upstream.seen) == n
@@ -236,10 +265,16 @@ def test_forward_proxy_mode_with_an_absolute_uri(make_agent: Callable[..., Agent
 
 
 def test_policy_says_which_routes_a_caller_may_call(make_agent: Callable[..., Agent], upstream: Upstream) -> None:
-    policy = Policy(parse_rules({"rule": [
-        {"uid": ME.uid, "egress": ["other-*"]},
-        {"token_sha256": hashlib.sha256(TOKEN.encode()).hexdigest(), "egress": ["api"]},
-    ]}))
+    policy = Policy(
+        parse_rules(
+            {
+                "rule": [
+                    {"uid": ME.uid, "egress": ["other-*"]},
+                    {"token_sha256": hashlib.sha256(TOKEN.encode()).hexdigest(), "egress": ["api"]},
+                ]
+            }
+        )
+    )
     agent = make_agent([route("api", upstream.url), route("other-one", upstream.url)], policy)
     status, _, doc = agent.call("GET", "/v1/egress/api/ok")
     assert status == 403 and doc["error"]["code"] == "forbidden"
@@ -257,19 +292,23 @@ def test_policy_says_which_routes_a_caller_may_call(make_agent: Callable[..., Ag
     assert agent2.call("GET", f"{upstream.url}/ok")[0] == 403
 
 
-@pytest.mark.parametrize(("method", "target", "status"), [
-    ("DELETE", "/v1/egress/api/v1/ok", 405),
-    ("TRACE", "/v1/egress/api/v1/ok", 405),
-    ("GET", "/v1/egress/api/admin/ok", 403),
-    ("GET", "/v1/egress/api/v1/../admin/ok", 400),
-    ("GET", "/v1/egress/api/v1/%2e%2e/admin/ok", 400),
-    ("GET", "/v1/egress/api/v1%2fok", 400),
-    ("GET", "/v1/egress/api/v1/%5cok", 400),
-    ("GET", "/v1/egress/Bad!/ok", 400),
-    ("GET", "/v1/egress/", 400),
-])
-def test_the_route_bounds_methods_and_paths(make_agent: Callable[..., Agent], upstream: Upstream, method: str,
-                                            target: str, status: int) -> None:
+@pytest.mark.parametrize(
+    ("method", "target", "status"),
+    [
+        ("DELETE", "/v1/egress/api/v1/ok", 405),
+        ("TRACE", "/v1/egress/api/v1/ok", 405),
+        ("GET", "/v1/egress/api/admin/ok", 403),
+        ("GET", "/v1/egress/api/v1/../admin/ok", 400),
+        ("GET", "/v1/egress/api/v1/%2e%2e/admin/ok", 400),
+        ("GET", "/v1/egress/api/v1%2fok", 400),
+        ("GET", "/v1/egress/api/v1/%5cok", 400),
+        ("GET", "/v1/egress/Bad!/ok", 400),
+        ("GET", "/v1/egress/", 400),
+    ],
+)
+def test_the_route_bounds_methods_and_paths(
+    make_agent: Callable[..., Agent], upstream: Upstream, method: str, target: str, status: int
+) -> None:
     agent = make_agent([route("api", upstream.url, methods=["GET", "POST"], paths=["/v1/"])])
     got, headers, doc = agent.call(method, target)
     assert got == status, doc
@@ -279,8 +318,9 @@ def test_the_route_bounds_methods_and_paths(make_agent: Callable[..., Agent], up
     assert upstream.seen == []
 
 
-def test_redirects_go_back_to_the_worker_unfollowed(make_agent: Callable[..., Agent], upstream: Upstream,
-                                                    other: Upstream) -> None:
+def test_redirects_go_back_to_the_worker_unfollowed(
+    make_agent: Callable[..., Agent], upstream: Upstream, other: Upstream
+) -> None:
     agent = make_agent([route("api", upstream.url)])
     status, headers, _ = agent.call("GET", f"/v1/egress/api/redirect?to=https://localhost:{other.port}/ok")
     assert status == 302 and headers["location"] == f"https://localhost:{other.port}/ok"
@@ -294,9 +334,16 @@ def test_errors_say_what_happened_never_the_key(make_agent: Callable[..., Agent]
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         dead = s.getsockname()[1]  # nothing listens there once closed
-    agent = make_agent([route("api", upstream.url), route("down", f"https://127.0.0.1:{dead}"),
-                        route("q", upstream.url, inject=["query:key={value}"])],
-                       timeout=0.5, max_answer=1 << 20, max_body=1024)
+    agent = make_agent(
+        [
+            route("api", upstream.url),
+            route("down", f"https://127.0.0.1:{dead}"),
+            route("q", upstream.url, inject=["query:key={value}"]),
+        ],
+        timeout=0.5,
+        max_answer=1 << 20,
+        max_body=1024,
+    )
     status, _, doc = agent.call("GET", "/v1/egress/down/ok")
     assert status == 502 and doc["error"]["code"] == "upstream_unreachable"
     status, _, doc = agent.call("GET", "/v1/egress/q/slow?s=2")
@@ -321,12 +368,17 @@ def test_errors_say_what_happened_never_the_key(make_agent: Callable[..., Agent]
     assert agent.call("GET", "/v1/secrets/other/key")[0] == 200  # reads too
 
 
-def test_a_secret_that_cannot_be_injected_is_refused_without_its_value(make_agent: Callable[..., Agent],
-                                                                      upstream: Upstream) -> None:
+def test_a_secret_that_cannot_be_injected_is_refused_without_its_value(
+    make_agent: Callable[..., Agent], upstream: Upstream
+) -> None:
     agent = make_agent([route("api", upstream.url)])
-    agent.install([route("api", upstream.url), {"name": "f", "upstream": upstream.url, "secret": "api/key",
-                                                "inject": ["header:X={value.missing}"]}],
-                  value="sk-live-with\r\nInjected: header")
+    agent.install(
+        [
+            route("api", upstream.url),
+            {"name": "f", "upstream": upstream.url, "secret": "api/key", "inject": ["header:X={value.missing}"]},
+        ],
+        value="sk-live-with\r\nInjected: header",
+    )
     status, _, doc = agent.call("GET", "/v1/egress/api/ok")
     assert status == 502 and doc["error"]["code"] == "bad_secret" and "Injected" not in json.dumps(doc)
     status, _, doc = agent.call("GET", "/v1/egress/f/ok")
@@ -381,12 +433,15 @@ def test_a_worker_that_goes_away_ends_the_upstream_call(make_agent: Callable[...
     assert agent.call("GET", "/v1/egress/api/ok")[0] == 200
 
 
-def test_pipelined_requests_behind_an_egress_call_are_answered_in_order(make_agent: Callable[..., Agent],
-                                                                       upstream: Upstream) -> None:
+def test_pipelined_requests_behind_an_egress_call_are_answered_in_order(
+    make_agent: Callable[..., Agent], upstream: Upstream
+) -> None:
     agent = make_agent([route("api", upstream.url)])
     conn = agent.conn()
-    conn.send(b"POST /v1/egress/api/echo HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\n\r\nhello"
-              b"GET /v1/health HTTP/1.1\r\nHost: a\r\n\r\n")
+    conn.send(
+        b"POST /v1/egress/api/echo HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\n\r\nhello"
+        b"GET /v1/health HTTP/1.1\r\nHost: a\r\n\r\n"
+    )
     status, _, body = conn.response()
     assert status == 200 and json.loads(body)["body"] == "hello"
     status, _, body = conn.response()
@@ -411,8 +466,9 @@ def test_egress_answers_are_never_cached(make_agent: Callable[..., Agent], upstr
     assert len(upstream.seen) == 3
 
 
-def test_egress_needs_no_environment(monkeypatch: pytest.MonkeyPatch, make_agent: Callable[..., Agent],
-                                     upstream: Upstream) -> None:
+def test_egress_needs_no_environment(
+    monkeypatch: pytest.MonkeyPatch, make_agent: Callable[..., Agent], upstream: Upstream
+) -> None:
     # a proxy in the environment is never used for egress (the agent is the proxy), nor a .netrc
     monkeypatch.setenv("HTTPS_PROXY", "http://127.0.0.1:9")
     agent = make_agent([route("api", upstream.url)])

@@ -29,10 +29,17 @@ def serve() -> Iterator[Callable[..., Served]]:
     """serve(docs=None, *, policy=None, head_timeout=..., idle_timeout=..., **state options) → Served."""
     started: list[Served] = []
 
-    def start(docs: list[dict[str, Any]] | None = None, *, policy: Policy | None = None,
-              head_timeout: float = 10.0, idle_timeout: float = 60.0, **state: Any) -> Served:
-        served = Served(make_state(FakeClock(), docs, **state), policy, head_timeout=head_timeout,
-                        idle_timeout=idle_timeout)
+    def start(
+        docs: list[dict[str, Any]] | None = None,
+        *,
+        policy: Policy | None = None,
+        head_timeout: float = 10.0,
+        idle_timeout: float = 60.0,
+        **state: Any,
+    ) -> Served:
+        served = Served(
+            make_state(FakeClock(), docs, **state), policy, head_timeout=head_timeout, idle_timeout=idle_timeout
+        )
         started.append(served)
         return served
 
@@ -53,6 +60,7 @@ def read(c: RawConn, target: str, headers: str = "") -> Any:
 
 # -- the per-connection answer cache ----------------------------------------------------------------
 
+
 def test_a_new_view_is_served_at_once_on_a_warm_connection(agent: Served) -> None:
     with agent.conn() as reader:
         for _ in range(3):  # warm: these answers are cached by the connection
@@ -61,8 +69,14 @@ def test_a_new_view_is_served_at_once_on_a_warm_connection(agent: Served) -> Non
         agent.install_next()
         r = read(reader, "/v1/secrets/db/main")
         assert r.headers["x-vault-edge-revision"] == "2"
-        assert r.json() == {"name": "db/main", "value": "hunter2-r2", "encoding": "utf-8", "version": 4,
-                            "stage": "current", "revision": 2}
+        assert r.json() == {
+            "name": "db/main",
+            "value": "hunter2-r2",
+            "encoding": "utf-8",
+            "version": 4,
+            "stage": "current",
+            "revision": 2,
+        }
 
 
 def test_the_age_header_ticks_over_on_a_warm_connection(serve: Callable[..., Served]) -> None:
@@ -95,8 +109,12 @@ def test_too_stale_is_not_hidden_by_a_cached_answer(serve: Callable[..., Served]
 
 
 def test_a_grace_period_ends_on_a_warm_connection(serve: Callable[..., Served]) -> None:
-    agent = serve([{"name": "k", "version": 2, "stage": "current", "value": "new"},
-                   {"name": "k", "version": 1, "stage": "previous", "value": "old", "expires_in": 3}])
+    agent = serve(
+        [
+            {"name": "k", "version": 2, "stage": "current", "value": "new"},
+            {"name": "k", "version": 1, "stage": "previous", "value": "old", "expires_in": 3},
+        ]
+    )
     with agent.conn() as c:
         for _ in range(3):
             assert read(c, "/v1/secrets/k?stage=previous").json()["value"] == "old"
@@ -105,12 +123,15 @@ def test_a_grace_period_ends_on_a_warm_connection(serve: Callable[..., Served]) 
         assert read(c, "/v1/secrets/k").json()["value"] == "new"
 
 
-def test_token_answers_are_not_shared_across_requests_on_one_connection(serve: Callable[..., Served],
-                                                                         tmp_path: Path) -> None:
+def test_token_answers_are_not_shared_across_requests_on_one_connection(
+    serve: Callable[..., Served], tmp_path: Path
+) -> None:
     token = "tok-A-0123456789abcdef0123456789abcdef012"
     f = tmp_path / "policy.toml"
-    f.write_text(f'[[rule]]\nuid = {os.getuid()}\nsecrets = ["*"]\n\n'
-                 f'[[rule]]\ntoken_sha256 = "{hashlib.sha256(token.encode()).hexdigest()}"\nsecrets = ["tenant-a/*"]\n')
+    f.write_text(
+        f'[[rule]]\nuid = {os.getuid()}\nsecrets = ["*"]\n\n'
+        f'[[rule]]\ntoken_sha256 = "{hashlib.sha256(token.encode()).hexdigest()}"\nsecrets = ["tenant-a/*"]\n'
+    )
     agent = serve(policy=Policy.load(f))
     with agent.conn() as c:
         for _ in range(3):
@@ -129,8 +150,18 @@ def test_the_cache_is_bounded_per_connection(agent: Served) -> None:
 
 # -- requests on one connection ---------------------------------------------------------------------
 
-@pytest.mark.parametrize("target", ["/v1/secrets/db/main?version=abc", "/v1/secrets/%ff", "/v1/secrets/a//b",
-                                    "/v1/watch?wait=soon", "/v1/nope", "/v1/secrets/nope"])
+
+@pytest.mark.parametrize(
+    "target",
+    [
+        "/v1/secrets/db/main?version=abc",
+        "/v1/secrets/%ff",
+        "/v1/secrets/a//b",
+        "/v1/watch?wait=soon",
+        "/v1/nope",
+        "/v1/secrets/nope",
+    ],
+)
 def test_refused_requests_keep_the_connection_open(agent: Served, target: str) -> None:
     with agent.conn() as c:
         assert read(c, target).status in (400, 404)
@@ -181,28 +212,31 @@ def test_connection_close_and_http10(agent: Served) -> None:
             assert c.response().status == 200
 
 
-@pytest.mark.parametrize(("raw", "status"), [
-    (b"garbage\r\n\r\n", 400),
-    (b"GET /v1/secrets/db/main\r\n\r\n", 505),  # HTTP/0.9
-    (b"GET /v1/secrets/db/main HTTP/2.0\r\n\r\n", 505),
-    (b"GET /v1/secrets/db/main FTP/1.1\r\n\r\n", 400),
-    (b"G(T /v1/secrets/db/main HTTP/1.1\r\n\r\n", 400),
-    (b"GET ftp://agent/v1/secrets/db/main HTTP/1.1\r\n\r\n", 400),  # absolute http(s) URIs go to the egress proxy
-    ("GET /v1/secrets/dé HTTP/1.1\r\n\r\n".encode(), 400),
-    (b"GET /v1/secrets/db/main HTTP/1.1\r\nno colon here\r\n\r\n", 400),
-    (b"GET /v1/secrets/db/main HTTP/1.1\r\nAccept : x\r\n\r\n", 400),
-    (b"GET /v1/secrets/db/main HTTP/1.1\r\nHost: a\r\n folded\r\n\r\n", 400),
-    (b"GET /v1/secrets/db/main HTTP/1.1\r\nX: a\x00b\r\n\r\n", 400),
-    (b"GET /v1/secrets/db/main HTTP/1.1\r\nX: a\rb\r\n\r\n", 400),
-    (b"GET /v1/secrets/db/main HTTP/1.1\r\nContent-Length: -1\r\n\r\n", 400),
-    (b"GET /v1/secrets/db/main HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 1\r\n\r\nx", 400),
-    (b"GET /v1/secrets/db/main HTTP/1.1\r\nContent-Length: 5\r\n\r\nhello", 413),
-    (b"POST /v1/secrets/db/main HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n", 400),
-    (b"GET /v1/secrets/db/main HTTP/1.1\r\nUpgrade: h2c\r\nConnection: Upgrade\r\n\r\n", 400),
-    (b"GET /v1/secrets/db/main HTTP/1.1\nHost: a\n\n", 400),
-    (b"GET /v1/secrets/db/main HTTP/1.1\r\nX: " + b"a" * 9000 + b"\r\n\r\n", 431),
-    (b"GET /v1/secrets/db/main HTTP/1.1\r\nX: " + b"a" * 9000, 431),
-])
+@pytest.mark.parametrize(
+    ("raw", "status"),
+    [
+        (b"garbage\r\n\r\n", 400),
+        (b"GET /v1/secrets/db/main\r\n\r\n", 505),  # HTTP/0.9
+        (b"GET /v1/secrets/db/main HTTP/2.0\r\n\r\n", 505),
+        (b"GET /v1/secrets/db/main FTP/1.1\r\n\r\n", 400),
+        (b"G(T /v1/secrets/db/main HTTP/1.1\r\n\r\n", 400),
+        (b"GET ftp://agent/v1/secrets/db/main HTTP/1.1\r\n\r\n", 400),  # absolute http(s) URIs go to the egress proxy
+        ("GET /v1/secrets/dé HTTP/1.1\r\n\r\n".encode(), 400),
+        (b"GET /v1/secrets/db/main HTTP/1.1\r\nno colon here\r\n\r\n", 400),
+        (b"GET /v1/secrets/db/main HTTP/1.1\r\nAccept : x\r\n\r\n", 400),
+        (b"GET /v1/secrets/db/main HTTP/1.1\r\nHost: a\r\n folded\r\n\r\n", 400),
+        (b"GET /v1/secrets/db/main HTTP/1.1\r\nX: a\x00b\r\n\r\n", 400),
+        (b"GET /v1/secrets/db/main HTTP/1.1\r\nX: a\rb\r\n\r\n", 400),
+        (b"GET /v1/secrets/db/main HTTP/1.1\r\nContent-Length: -1\r\n\r\n", 400),
+        (b"GET /v1/secrets/db/main HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 1\r\n\r\nx", 400),
+        (b"GET /v1/secrets/db/main HTTP/1.1\r\nContent-Length: 5\r\n\r\nhello", 413),
+        (b"POST /v1/secrets/db/main HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n", 400),
+        (b"GET /v1/secrets/db/main HTTP/1.1\r\nUpgrade: h2c\r\nConnection: Upgrade\r\n\r\n", 400),
+        (b"GET /v1/secrets/db/main HTTP/1.1\nHost: a\n\n", 400),
+        (b"GET /v1/secrets/db/main HTTP/1.1\r\nX: " + b"a" * 9000 + b"\r\n\r\n", 431),
+        (b"GET /v1/secrets/db/main HTTP/1.1\r\nX: " + b"a" * 9000, 431),
+    ],
+)
 def test_malformed_heads_get_a_4xx_and_a_clean_close(agent: Served, raw: bytes, status: int) -> None:
     with agent.conn() as c:
         c.send(raw)
@@ -217,6 +251,7 @@ def test_malformed_heads_get_a_4xx_and_a_clean_close(agent: Served, raw: bytes, 
 
 
 # -- long-poll --------------------------------------------------------------------------------------
+
 
 def test_watch_returns_when_the_revision_passes(agent: Served) -> None:
     with agent.conn() as c:
@@ -278,6 +313,7 @@ def test_clients_leaving_during_a_watch(agent: Served) -> None:
 
 
 # -- slow heads, idle connections (the sweeper, by the app's clock) ---------------------------------
+
 
 def test_an_unfinished_head_is_timed_out(serve: Callable[..., Served]) -> None:
     agent = serve(head_timeout=1)

@@ -51,11 +51,18 @@ def agent(start_agent: Any) -> Agent:
 
 # -- a real process, end to end ---------------------------------------------------------------------
 
+
 def test_a_real_agent_process_serves_reads_and_new_views(agent: Agent) -> None:
     r = agent.get("/v1/secrets/db/main")  # httpx, as a worker's client would
     assert r.status_code == 200 and r.headers["age"] == "0" and r.headers["x-vault-edge-revision"] == "1"
-    assert r.json() == {"name": "db/main", "value": "hunter2", "encoding": "utf-8", "version": 3,
-                        "stage": "current", "revision": 1}
+    assert r.json() == {
+        "name": "db/main",
+        "value": "hunter2",
+        "encoding": "utf-8",
+        "version": 3,
+        "stage": "current",
+        "revision": 1,
+    }
     assert agent.get("/v1/health").json()["status"] == "ok"
     with RawConn(agent.sock) as c:
         c.send(get("/v1/watch?since=1&wait=30"))
@@ -96,6 +103,7 @@ def _as_nobody(sock: str, target: str) -> bytes:
             c.send(get(target))
             r = c.response()
             return b"%d " % r.status + r.body
+
     return run_as(NOBODY, NOBODY, client)
 
 
@@ -139,22 +147,42 @@ def test_exe_rule_uses_the_kernel_view_of_the_executable(start_agent: Any) -> No
     me = os.path.realpath("/proc/self/exe")
     agent = start_agent(entries=ENTRIES, policy=f'[[rule]]\nexe = "{me}"\nsecrets = ["*"]\n')
     assert agent.get("/v1/secrets/db/main").status_code == 200
-    out = subprocess.run([curl, "-s", "-o", "/dev/null", "-w", "%{http_code}", "--unix-socket", agent.sock,
-                          "http://agent/v1/secrets/db/main"], capture_output=True, text=True, check=False)
+    out = subprocess.run(
+        [
+            curl,
+            "-s",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            "--unix-socket",
+            agent.sock,
+            "http://agent/v1/secrets/db/main",
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     assert out.stdout == "403"
 
 
 def test_a_bad_policy_file_stops_start_with_one_clear_line(sock_dir: Path) -> None:
     policy = sock_dir / "bad.toml"
     policy.write_text('[[rule]]\nexe = "bin/python"\nsecrets = ["*"]\n')
-    out = subprocess.run([sys.executable, str(FIXTURE), "--socket", str(sock_dir / "x.sock"), "--policy",
-                          str(policy)], capture_output=True, text=True, timeout=30, check=False)
+    out = subprocess.run(
+        [sys.executable, str(FIXTURE), "--socket", str(sock_dir / "x.sock"), "--policy", str(policy)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
     assert out.returncode == 1
     assert str(policy) in out.stderr and "absolute" in out.stderr
     assert "Traceback" not in out.stderr
 
 
 # -- the socket file --------------------------------------------------------------------------------
+
 
 def test_stale_socket_is_replaced_and_a_live_one_is_not(sock_dir: Path, start_agent: Any) -> None:
     path = str(sock_dir / "agent.sock")
@@ -203,6 +231,7 @@ def test_socket_restart_cycle(sock_dir: Path) -> None:
 
 
 # -- hostile input: the process survives, its memory and its log stay clean --------------------------
+
 
 def test_random_bytes_never_hurt_the_server(agent: Agent) -> None:
     rnd = __import__("random").Random(1234)

@@ -27,13 +27,25 @@ def _answer(status: int, retry: str | bytes | None) -> Answer:
     return Answer(status, headers, b"{}")
 
 
-@pytest.mark.parametrize(("status", "header", "hint"), [
-    (503, "3", 3.0), (503, " 0 ", 0.0), (503, "999999", RETRY_AFTER_CAP_S),
-    (503, "Wed, 21 Oct 2015 07:28:00 GMT", None), (503, "-1", None), (503, "1.5", None), (503, "\u0663".encode(), None),
-    (503, "9" * 40, None), (503, None, None), (500, "3", None), (502, "3", None),
-])
-def test_retry_after_is_read_from_a_503_only_and_capped(status: int, header: str | bytes | None,
-                                                         hint: float | None) -> None:
+@pytest.mark.parametrize(
+    ("status", "header", "hint"),
+    [
+        (503, "3", 3.0),
+        (503, " 0 ", 0.0),
+        (503, "999999", RETRY_AFTER_CAP_S),
+        (503, "Wed, 21 Oct 2015 07:28:00 GMT", None),
+        (503, "-1", None),
+        (503, "1.5", None),
+        (503, "\u0663".encode(), None),
+        (503, "9" * 40, None),
+        (503, None, None),
+        (500, "3", None),
+        (502, "3", None),
+    ],
+)
+def test_retry_after_is_read_from_a_503_only_and_capped(
+    status: int, header: str | bytes | None, hint: float | None
+) -> None:
     assert retry_after(_answer(status, header)) == hint
 
 
@@ -57,8 +69,9 @@ class FakeControlPlane:
         self.never = asyncio.Event()
 
     def token(self) -> str:
-        return wire.make_join_token(secrets.token_hex(8), secrets.token_urlsafe(32),
-                                    wire.server_pin(self.server.sign_public))
+        return wire.make_join_token(
+            secrets.token_hex(8), secrets.token_urlsafe(32), wire.server_pin(self.server.sign_public)
+        )
 
     async def handle(self, req: httpx.Request) -> httpx.Response:
         if req.url.path == "/v1/sys/status":
@@ -66,20 +79,30 @@ class FakeControlPlane:
         self.enrolments.append(req)
         step = self.script.pop(0)
         if step.startswith("503:"):
-            return _response(503, b'{"error":{"code":"overloaded","message":"too many enrolments"}}',
-                             {"retry-after": step[4:]})
+            return _response(
+                503, b'{"error":{"code":"overloaded","message":"too many enrolments"}}', {"retry-after": step[4:]}
+            )
         if step == "hang":
             await self.never.wait()
         inner = json.loads(signing.open_for_server(self.server.signer(), wire.b64d(json.loads(req.content)["sealed"])))
-        out = json.dumps({"v": wire.PROTOCOL_VERSION, "node": "n-00000000000000aa", "region": "eu",
-                          "server_key": wire.b64e(self.server.sign_public), "revision": 7,
-                          "sign_public": inner["sign_public"], "nonce": req.headers[wire.H_NONCE]}).encode()
+        out = json.dumps(
+            {
+                "v": wire.PROTOCOL_VERSION,
+                "node": "n-00000000000000aa",
+                "region": "eu",
+                "server_key": wire.b64e(self.server.sign_public),
+                "revision": 7,
+                "sign_public": inner["sign_public"],
+                "nonce": req.headers[wire.H_NONCE],
+            }
+        ).encode()
         sig = signing.sign(self.server.signer(), wire.response_message("enroll", out))
         return _response(200, out, {wire.H_SERVER_SIGNATURE: wire.b64e(sig)})
 
 
-def _enrol(tmp_path: Path, cp: FakeControlPlane, monkeypatch: pytest.MonkeyPatch,
-           timeout: float = 0.3) -> tuple[ident.Identity, list[float]]:
+def _enrol(
+    tmp_path: Path, cp: FakeControlPlane, monkeypatch: pytest.MonkeyPatch, timeout: float = 0.3
+) -> tuple[ident.Identity, list[float]]:
     slept: list[float] = []
     real_sleep = asyncio.sleep
 
@@ -93,8 +116,15 @@ def _enrol(tmp_path: Path, cp: FakeControlPlane, monkeypatch: pytest.MonkeyPatch
     async def go() -> ident.Identity:
         http = httpx.AsyncClient(transport=httpx.MockTransport(cp.handle), base_url="http://cp")
         identity = ident.load_or_create(tmp_path / "state")
-        syncer = Syncer(identity, AgentState(), DiskCache(tmp_path / "state"), "http://cp", join_token=cp.token(),
-                        http=http, enroll_timeout=timeout)
+        syncer = Syncer(
+            identity,
+            AgentState(),
+            DiskCache(tmp_path / "state"),
+            "http://cp",
+            join_token=cp.token(),
+            http=http,
+            enroll_timeout=timeout,
+        )
         try:
             return await syncer.enroll()
         finally:
@@ -114,7 +144,8 @@ def test_a_shed_enrolment_waits_its_retry_after_with_jitter(tmp_path: Path, monk
 
 
 def test_a_slow_answer_is_given_up_and_retried_with_the_same_token_and_keys(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     cp = FakeControlPlane(["hang", "hang", "ok"])
     identity, slept = _enrol(tmp_path, cp, monkeypatch, timeout=0.2)
     assert identity.enrolment is not None and identity.enrolment.node == "n-00000000000000aa"
@@ -123,12 +154,12 @@ def test_a_slow_answer_is_given_up_and_retried_with_the_same_token_and_keys(
     # Same token and keys each time (the sealed request is the same), signed afresh each time.
     assert len({r.content for r in cp.enrolments}) == 1
     assert len({r.headers[wire.H_NONCE] for r in cp.enrolments}) == 3
-    inner = json.loads(signing.open_for_server(cp.server.signer(),
-                                               wire.b64d(json.loads(cp.enrolments[0].content)["sealed"])))
+    inner = json.loads(
+        signing.open_for_server(cp.server.signer(), wire.b64d(json.loads(cp.enrolments[0].content)["sealed"]))
+    )
     assert wire.b64d(inner["sign_public"]) == identity.keys.sign_public
     assert wire.b64d(inner["box_public"]) == identity.keys.box_public
     for r in cp.enrolments:
         ts = int(r.headers[wire.H_TIMESTAMP])
-        msg = wire.request_message("POST", "/v1/agent/enroll", wire.ENROLL_NODE, ts, r.headers[wire.H_NONCE],
-                                   r.content)
+        msg = wire.request_message("POST", "/v1/agent/enroll", wire.ENROLL_NODE, ts, r.headers[wire.H_NONCE], r.content)
         assert signing.verify(identity.keys.sign_public, msg, wire.b64d(r.headers[wire.H_SIGNATURE]))

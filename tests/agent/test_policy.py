@@ -40,7 +40,9 @@ def test_load_none_is_the_default_for_this_process() -> None:
 
 
 def test_uid_gid_and_patterns(tmp_path: Path) -> None:
-    p = load(tmp_path, """
+    p = load(
+        tmp_path,
+        """
         [[rule]]
         uid = 1000
         secrets = ["db/*", "openai"]
@@ -53,7 +55,8 @@ def test_uid_gid_and_patterns(tmp_path: Path) -> None:
         uid = 1001
         gid = 1001
         secrets = ["*"]
-    """)
+    """,
+    )
     assert p.allows(OWNER, None, "db/main")
     assert p.allows(OWNER, None, "db/deep/nested")  # "*" crosses "/"
     assert p.allows(OWNER, None, "openai")
@@ -87,7 +90,9 @@ def test_exe_rules(tmp_path: Path) -> None:
 def test_tokens(tmp_path: Path) -> None:
     tok_a, sha_a = new_token()
     tok_b, sha_b = new_token()
-    p = load(tmp_path, f"""
+    p = load(
+        tmp_path,
+        f"""
         [[rule]]
         uid = 1000
         secrets = ["*"]
@@ -100,7 +105,8 @@ def test_tokens(tmp_path: Path) -> None:
         token_sha256 = "{sha_b.upper()}"
         uid = 1000
         secrets = ["tenant-b/*"]
-    """)
+    """,
+    )
     assert p.allows(OWNER, tok_a, "tenant-a/key")
     assert not p.allows(OWNER, tok_a, "tenant-b/key")  # only the token's rules apply
     assert not p.allows(OWNER, tok_a, "db/main")
@@ -142,24 +148,27 @@ def test_decisions_are_memoised_and_bounded(tmp_path: Path, monkeypatch: pytest.
     assert len(p._memo) <= 10
 
 
-@pytest.mark.parametrize(("text", "fragment"), [
-    ("[[rule]]\nuid = 1\n", "'secrets' must be a non-empty list"),
-    ("[[rule]]\nuid = 1\nsecrets = []\n", "'secrets' must be a non-empty list"),
-    ("[[rule]]\nuid = 1\nsecrets = \"db/*\"\n", "'secrets' must be a non-empty list"),
-    ("[[rule]]\nuid = 1\nsecrets = [1]\n", "non-empty string"),
-    ("[[rule]]\nuid = 1\nsecrets = [\"\"]\n", "non-empty string"),
-    ("[[rule]]\nuid = \"1000\"\nsecrets = [\"*\"]\n", "'uid' must be an integer"),
-    ("[[rule]]\nuid = true\nsecrets = [\"*\"]\n", "'uid' must be an integer"),
-    ("[[rule]]\ngid = -1\nsecrets = [\"*\"]\n", "'gid' must be an integer"),
-    ("[[rule]]\nexe = \"python3\"\nsecrets = [\"*\"]\n", "absolute path"),
-    ("[[rule]]\nexe = 3\nsecrets = [\"*\"]\n", "'exe' must be a string"),
-    ("[[rule]]\ntoken_sha256 = \"abc\"\nsecrets = [\"*\"]\n", "64 hex digits"),
-    ("[[rule]]\nsecrets = [\"*\"]\n", "at least one condition"),
-    ("[[rule]]\nuid = 1\nsecret = [\"*\"]\n", "unknown key(s) secret"),
-    ("[[rules]]\nuid = 1\nsecrets = [\"*\"]\n", "unknown top-level key(s) rules"),
-    ("rule = 3\n", "array of tables"),
-    ("[[rule]\nuid = 1\n", "not valid TOML"),
-])
+@pytest.mark.parametrize(
+    ("text", "fragment"),
+    [
+        ("[[rule]]\nuid = 1\n", "'secrets' must be a non-empty list"),
+        ("[[rule]]\nuid = 1\nsecrets = []\n", "'secrets' must be a non-empty list"),
+        ('[[rule]]\nuid = 1\nsecrets = "db/*"\n', "'secrets' must be a non-empty list"),
+        ("[[rule]]\nuid = 1\nsecrets = [1]\n", "non-empty string"),
+        ('[[rule]]\nuid = 1\nsecrets = [""]\n', "non-empty string"),
+        ('[[rule]]\nuid = "1000"\nsecrets = ["*"]\n', "'uid' must be an integer"),
+        ('[[rule]]\nuid = true\nsecrets = ["*"]\n', "'uid' must be an integer"),
+        ('[[rule]]\ngid = -1\nsecrets = ["*"]\n', "'gid' must be an integer"),
+        ('[[rule]]\nexe = "python3"\nsecrets = ["*"]\n', "absolute path"),
+        ('[[rule]]\nexe = 3\nsecrets = ["*"]\n', "'exe' must be a string"),
+        ('[[rule]]\ntoken_sha256 = "abc"\nsecrets = ["*"]\n', "64 hex digits"),
+        ('[[rule]]\nsecrets = ["*"]\n', "at least one condition"),
+        ('[[rule]]\nuid = 1\nsecret = ["*"]\n', "unknown key(s) secret"),
+        ('[[rules]]\nuid = 1\nsecrets = ["*"]\n', "unknown top-level key(s) rules"),
+        ("rule = 3\n", "array of tables"),
+        ("[[rule]\nuid = 1\n", "not valid TOML"),
+    ],
+)
 def test_bad_files_name_the_file_and_the_problem(tmp_path: Path, text: str, fragment: str) -> None:
     with pytest.raises(PolicyError) as info:
         load(tmp_path, text)
@@ -206,15 +215,16 @@ def test_the_memo_is_keyed_by_token_digest_and_bounded_in_bytes(tmp_path: Path) 
         grown = tracemalloc.get_traced_memory()[0] - before
     finally:
         tracemalloc.stop()
-    print(f"\n[policy memo] 6,000 distinct 8 KB tokens: memo {len(p._memo)} entries, {p.memo_bytes} bytes "
-          f"accounted; traced growth {grown / 2**20:.1f} MiB")
+    print(
+        f"\n[policy memo] 6,000 distinct 8 KB tokens: memo {len(p._memo)} entries, {p.memo_bytes} bytes "
+        f"accounted; traced growth {grown / 2**20:.1f} MiB"
+    )
     assert p.memo_bytes <= policy_mod._MEMO_BYTES
     assert grown < 8 << 20  # raw tokens kept would be 48 MB
     assert all(not (isinstance(part, str) and "tttt" in part) for key in p._memo for part in key)
 
 
-def test_the_memo_byte_bound_holds_for_long_names_and_paths(tmp_path: Path,
-                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_memo_byte_bound_holds_for_long_names_and_paths(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(policy_mod, "_MEMO_BYTES", 50_000)
     p = load(tmp_path, '[[rule]]\nuid = 1000\nsecrets = ["a/*"]\n')
     caller = Caller(1, 1000, 1000, "/x" * 2000)
@@ -229,9 +239,12 @@ def test_exe_only_rules_are_named_with_a_warning(tmp_path: Path, caplog: pytest.
     connection its parent opened): a rule relying on it alone is warned about at start."""
     from vault_edge.agent.run import warn_about_policy
 
-    p = load(tmp_path, '[[rule]]\nexe = "/usr/bin/env"\nsecrets = ["a/*"]\n\n'
-                       '[[rule]]\nuid = 1000\nexe = "/usr/bin/env"\nsecrets = ["b/*"]\n\n'
-                       '[[rule]]\nuid = 1000\nsecrets = ["c/*"]\n')
+    p = load(
+        tmp_path,
+        '[[rule]]\nexe = "/usr/bin/env"\nsecrets = ["a/*"]\n\n'
+        '[[rule]]\nuid = 1000\nexe = "/usr/bin/env"\nsecrets = ["b/*"]\n\n'
+        '[[rule]]\nuid = 1000\nsecrets = ["c/*"]\n',
+    )
     assert p.exe_only_rules == (1,)
     with caplog.at_level("WARNING", logger="vault_edge.agent"):
         warn_about_policy(p)

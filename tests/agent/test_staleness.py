@@ -64,6 +64,7 @@ class ControlPlane:
                 raise httpx.ConnectError("the control plane is down")
             env = wsync.Envelope(wsync.UNCHANGED, NODE, nonce, 0, REGION, since, since).encode()
             raw, sig = wsync.join(env), wire.b64e(signing.sign(self.plane.signer, wsync.signed_message(env)))
+
         async def stream() -> AsyncIterator[bytes]:  # streamed, as from the network
             yield raw
 
@@ -73,8 +74,9 @@ class ControlPlane:
 class Agent:
     """An agent's state, API and sync loop over one state dir, on the running loop, with a fake clock."""
 
-    def __init__(self, plane: Plane, cp: ControlPlane, state_dir: Path, clock: FakeClock, *,
-                 max_stale: float | None = None) -> None:
+    def __init__(
+        self, plane: Plane, cp: ControlPlane, state_dir: Path, clock: FakeClock, *, max_stale: float | None = None
+    ) -> None:
         self.clock, self.cp = clock, cp
         self.state = AgentState(NODE, REGION, max_stale=max_stale, clock=clock)
         self.api = Api(self.state, Policy(None))
@@ -149,8 +151,9 @@ def test_an_agent_outlives_the_control_plane_and_catches_up(plane: Plane, tmp_pa
 
 
 @pytest.mark.parametrize("max_stale", [None, 60.0, 30.0])
-def test_an_agent_restarted_while_the_control_plane_is_down(plane: Plane, tmp_path: Path,
-                                                            max_stale: float | None) -> None:
+def test_an_agent_restarted_while_the_control_plane_is_down(
+    plane: Plane, tmp_path: Path, max_stale: float | None
+) -> None:
     """It serves from its disk cache, says stale, and its Age goes on from the cached answer's time:
     ``--max-stale`` counts across the restart."""
     cp = ControlPlane(plane, {"svc/key": (1, "v1")})

@@ -81,11 +81,20 @@ def test_a_declared_length_past_the_limit_is_refused_unread() -> None:
         _run(httpx.MockTransport(handle), limit=1 << 20)
 
 
-@pytest.mark.parametrize("exc", [
-    httpx.DecodingError("bad gzip"), httpx.ReadError("reset"), httpx.RemoteProtocolError("junk"),
-    httpx.ReadTimeout("slow"), httpx.ProxyError("proxy"), httpx.UnsupportedProtocol("h9"),
-    httpx.TooManyRedirects("loop"), httpx.StreamClosed(), OSError("EMFILE"),
-])
+@pytest.mark.parametrize(
+    "exc",
+    [
+        httpx.DecodingError("bad gzip"),
+        httpx.ReadError("reset"),
+        httpx.RemoteProtocolError("junk"),
+        httpx.ReadTimeout("slow"),
+        httpx.ProxyError("proxy"),
+        httpx.UnsupportedProtocol("h9"),
+        httpx.TooManyRedirects("loop"),
+        httpx.StreamClosed(),
+        OSError("EMFILE"),
+    ],
+)
 def test_every_exception_of_the_exchange_is_a_path_failure(exc: Exception) -> None:
     def handle(req: httpx.Request) -> httpx.Response:
         raise exc

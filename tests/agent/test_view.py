@@ -13,11 +13,16 @@ WALL = 1_800_000_000.0
 
 
 def view(revision: int = 1) -> View:
-    return View(NODE, REGION, revision, [
-        Entry("k", 3, "current", b"v3"),
-        Entry("k", 2, "previous", b"v2", expires_at=WALL + 10),
-        Entry("staged-only", 1, "pending", b"p1"),
-    ])
+    return View(
+        NODE,
+        REGION,
+        revision,
+        [
+            Entry("k", 3, "current", b"v3"),
+            Entry("k", 2, "previous", b"v2", expires_at=WALL + 10),
+            Entry("staged-only", 1, "pending", b"p1"),
+        ],
+    )
 
 
 def test_the_real_clock_is_the_default() -> None:

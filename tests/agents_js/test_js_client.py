@@ -61,8 +61,13 @@ def _install_workerd() -> str:
     if npm is None:
         return "npm is not installed"
     try:
-        proc = subprocess.run([npm, "install", "--no-save", "--no-package-lock", "--no-audit", "--no-fund",
-                               f"workerd@{WORKERD_VERSION}"], cwd=JS, capture_output=True, text=True, timeout=300)
+        proc = subprocess.run(
+            [npm, "install", "--no-save", "--no-package-lock", "--no-audit", "--no-fund", f"workerd@{WORKERD_VERSION}"],
+            cwd=JS,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
     except subprocess.TimeoutExpired:
         return "npm install workerd timed out"
     if proc.returncode != 0:
@@ -74,7 +79,10 @@ def _run_node_tests(files: list[str], env: dict[str, str] | None = None) -> str:
     node = _node()
     proc = subprocess.run(
         [node, "--test", "--test-reporter=tap", *files],
-        cwd=JS, capture_output=True, text=True, timeout=180,
+        cwd=JS,
+        capture_output=True,
+        text=True,
+        timeout=180,
         env={**os.environ, "VAULT_EDGE_PYTHON": sys.executable, **(env or {})},
     )
     out = proc.stdout + proc.stderr
@@ -100,7 +108,9 @@ def test_js_client_in_workerd() -> None:
         why = _install_workerd()
         workerd = _workerd()
     if workerd is None:
-        pytest.skip(f"no workerd binary ($WORKERD, agents/js/node_modules/.bin/workerd or PATH; install: {why}); "
-                    f"`npm install --no-save workerd@{WORKERD_VERSION}` in agents/js provides one")
+        pytest.skip(
+            f"no workerd binary ($WORKERD, agents/js/node_modules/.bin/workerd or PATH; install: {why}); "
+            f"`npm install --no-save workerd@{WORKERD_VERSION}` in agents/js provides one"
+        )
     out = _run_node_tests(["test/workerd.test.mjs"], {"WORKERD": workerd})
     assert re.search(r"^# skipped 0$", out, re.M), "the workerd suite skipped itself"

@@ -17,9 +17,24 @@ from tests.conftest import cli
 
 # What the agent never uses: the operator CLI's framework and printing (and what they bring), the
 # operator client, the server and its stack, and httpx's own command-line client.
-NOT_IN_THE_AGENT = ("rich", "click", "pygments", "fastapi", "starlette", "uvicorn", "sqlalchemy", "alembic",
-                    "pydantic", "psycopg", "httpx._main", "vault_edge.operator", "vault_edge.server",
-                    "vault_edge.cli.main", "vault_edge.cli.output", "vault_edge.cli.agent_cmd")
+NOT_IN_THE_AGENT = (
+    "rich",
+    "click",
+    "pygments",
+    "fastapi",
+    "starlette",
+    "uvicorn",
+    "sqlalchemy",
+    "alembic",
+    "pydantic",
+    "psycopg",
+    "httpx._main",
+    "vault_edge.operator",
+    "vault_edge.server",
+    "vault_edge.cli.main",
+    "vault_edge.cli.output",
+    "vault_edge.cli.agent_cmd",
+)
 
 
 def loaded(modules: list[str]) -> list[str]:
@@ -63,17 +78,33 @@ print(json.dumps({{"code": code, "modules": [m for m, v in sys.modules.items() i
 def test_importing_the_agent_alone_loads_nothing_of_the_cli_or_the_server() -> None:
     """``import httpx`` would bring httpx's command-line client (click, rich, pygments): the agent
     package keeps it out, in any process that imports the agent before httpx."""
-    doc = run_python("import json, sys, vault_edge.agent.run, vault_edge.cli.agent_run, vault_edge.cli.entry; "
-                     "print(json.dumps({'modules': [m for m, v in sys.modules.items() if v is not None]}))")
+    doc = run_python(
+        "import json, sys, vault_edge.agent.run, vault_edge.cli.agent_run, vault_edge.cli.entry; "
+        "print(json.dumps({'modules': [m for m, v in sys.modules.items() if v is not None]}))"
+    )
     assert loaded(doc["modules"]) == []  # type: ignore[arg-type]
 
 
 def test_agent_run_help_and_usage_errors(tmp_path: Path) -> None:
     r = cli("agent", "run", "--help")
     assert r.returncode == 0, r.stderr
-    for option in ("--server", "--state-dir", "--socket", "--join-token", "--join-token-file", "--policy",
-                   "--max-stale", "--stale-after", "--wait", "--tls-ca", "--idle-timeout", "--max-conns-per-uid",
-                   "--log-level", "VAULT_EDGE_ADDR", "VAULT_EDGE_SOCKET"):
+    for option in (
+        "--server",
+        "--state-dir",
+        "--socket",
+        "--join-token",
+        "--join-token-file",
+        "--policy",
+        "--max-stale",
+        "--stale-after",
+        "--wait",
+        "--tls-ca",
+        "--idle-timeout",
+        "--max-conns-per-uid",
+        "--log-level",
+        "VAULT_EDGE_ADDR",
+        "VAULT_EDGE_SOCKET",
+    ):
         assert option in r.stdout.decode(), option
     listed = cli("agent", "--help")
     assert listed.returncode == 0 and b"run" in listed.stdout and b"Run the node agent" in listed.stdout
@@ -97,8 +128,15 @@ def test_agent_run_help_and_usage_errors(tmp_path: Path) -> None:
     # the environment stands in for --socket and --server, as the other verbs' options do
     r = cli("agent", "run", "--state-dir", state, env={"VAULT_EDGE_SOCKET": sock, "VAULT_EDGE_ADDR": ""})
     assert r.returncode == 1 and b"--server" in r.stderr
-    r = cli("agent", "run", "--state-dir", state, "--socket", sock,
-            env={"VAULT_EDGE_ADDR": "http://127.0.0.1:1", "VAULT_EDGE_SOCKET": ""})
+    r = cli(
+        "agent",
+        "run",
+        "--state-dir",
+        state,
+        "--socket",
+        sock,
+        env={"VAULT_EDGE_ADDR": "http://127.0.0.1:1", "VAULT_EDGE_SOCKET": ""},
+    )
     assert r.returncode == 1 and b"not enrolled" in r.stderr
 
 
@@ -114,6 +152,7 @@ try:
 except SystemExit as exc:
     print(json.dumps({{"code": exc.code}}))
 """
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
-                         env={"PATH": "/usr/bin:/bin"})
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env={"PATH": "/usr/bin:/bin"}
+    )
     assert json.loads(out.stdout.strip())["code"] == 2 and "invalid duration" in out.stderr

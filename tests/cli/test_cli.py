@@ -34,7 +34,11 @@ def test_readme_flow_init_unseal_region_put_get(vault: dict[str, Any]) -> None:
     env = vault["env"]
     st = json.loads(cli("status", "--output", "json", env=env).stdout)
     assert {k: st[k] for k in ("initialized", "sealed", "progress", "threshold")} == {
-        "initialized": True, "sealed": False, "progress": 0, "threshold": 3}
+        "initialized": True,
+        "sealed": False,
+        "progress": 0,
+        "threshold": 3,
+    }
     assert cli("region", "create", "eu-west", env=env).returncode == 0
     r = cli("put", "openai/api-key", "-", "--regions", "eu-west", env=env, input=(VALUE + "\n").encode())
     assert r.returncode == 0, r.stderr
@@ -42,7 +46,11 @@ def test_readme_flow_init_unseal_region_put_get(vault: dict[str, Any]) -> None:
     assert r.returncode == 0 and r.stdout == VALUE.encode()  # stdin's trailing newline dropped, none added
     doc = json.loads(cli("get", "openai/api-key", "--output", "json", env=env).stdout)
     assert {k: doc[k] for k in ("name", "value", "version", "stage")} == {
-        "name": "openai/api-key", "value": VALUE, "version": 1, "stage": "current"}
+        "name": "openai/api-key",
+        "value": VALUE,
+        "version": 1,
+        "stage": "current",
+    }
     assert isinstance(doc["revision"], int)
     names = json.loads(cli("list", "--output", "json", env=env).stdout)["secrets"]
     assert [s["name"] for s in names] == ["openai/api-key"]
@@ -144,9 +152,14 @@ def test_unseal_with_groups_sends_the_passphrase_with_the_share_that_completes_t
 
     server = start_server(sqlite_url)
     env = {"VAULT_EDGE_ADDR": server.addr, "VAULT_EDGE_PASSPHRASE": "correct horse"}
-    doc = httpx.post(server.addr + "/v1/sys/init", json={
-        "groups": [{"threshold": 2, "shares": 3}, {"threshold": 2, "shares": 3}], "group_threshold": 2,
-        "passphrase": "correct horse"}).json()
+    doc = httpx.post(
+        server.addr + "/v1/sys/init",
+        json={
+            "groups": [{"threshold": 2, "shares": 3}, {"threshold": 2, "shares": 3}],
+            "group_threshold": 2,
+            "passphrase": "correct horse",
+        },
+    ).json()
     for share, shown in zip(doc["shares"][:5], [b"1 of 4", b"2 of 4", b"3 of 4", b"4 of 4", b"Unsealed"], strict=True):
         r = cli("unseal", share, env=env)  # group 1 whole (one share more than needed), then group 2
         assert r.returncode == 0 and shown in r.stdout, (shown, r.stdout, r.stderr)
@@ -181,8 +194,21 @@ def test_scoped_tokens_limit_prefixes_and_verbs(vault: dict[str, Any]) -> None:
     cli("region", "create", "eu", env=env)
     cli("put", "team-a/db", "a-secret", env=env)
     cli("put", "team-b/db", "b-secret", env=env)
-    r = cli("token", "create", "--name", "ci-a", "--prefix", "team-a/", "--verb", "read", "--verb", "list",
-            "-o", "json", env=env)
+    r = cli(
+        "token",
+        "create",
+        "--name",
+        "ci-a",
+        "--prefix",
+        "team-a/",
+        "--verb",
+        "read",
+        "--verb",
+        "list",
+        "-o",
+        "json",
+        env=env,
+    )
     scoped = {**env, "VAULT_EDGE_TOKEN": json.loads(r.stdout)["token"]}
     assert cli("get", "team-a/db", env=scoped).stdout == b"a-secret"
     r = cli("get", "team-b/db", env=scoped)

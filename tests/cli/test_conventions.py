@@ -23,8 +23,12 @@ from tests.conftest import cli, free_port, stop_process, vault_edge_cmd
 def vault(start_server: Any, sqlite_url: str, tmp_path: Path) -> dict[str, Any]:
     server = start_server(sqlite_url)
     # no token in the environment unless a test puts one: login's file is per test
-    env = {"VAULT_EDGE_ADDR": server.addr, "VAULT_EDGE_TOKEN": "", "VAULT_EDGE_TOKEN_FILE": str(tmp_path / "tok"),
-           "VAULT_EDGE_FORMAT": ""}
+    env = {
+        "VAULT_EDGE_ADDR": server.addr,
+        "VAULT_EDGE_TOKEN": "",
+        "VAULT_EDGE_TOKEN_FILE": str(tmp_path / "tok"),
+        "VAULT_EDGE_FORMAT": "",
+    }
     r = cli("status", env=env)
     assert r.returncode == 2, r.stderr  # not initialized: sealed
     doc = json.loads(cli("init", "--shares", "1", "--threshold", "1", "-o", "json", env=env).stdout)
@@ -89,8 +93,12 @@ def test_piped_tables_keep_whole_ids(vault: dict[str, Any]) -> None:
 def test_audit_follow_prints_new_entries_as_json_lines(vault: dict[str, Any]) -> None:
     env = {**os.environ, **vault["env"], "VAULT_EDGE_TOKEN": vault["token"]}
     lines: queue.Queue[bytes] = queue.Queue()
-    with subprocess.Popen([*vault_edge_cmd(), "audit", "--follow", "-o", "json", "--limit", "1"],
-                          env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL) as proc:
+    with subprocess.Popen(
+        [*vault_edge_cmd(), "audit", "--follow", "-o", "json", "--limit", "1"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+    ) as proc:
         assert proc.stdout is not None
         threading.Thread(target=lambda: [lines.put(x) for x in proc.stdout], daemon=True).start()  # type: ignore[union-attr]
         try:
@@ -107,8 +115,16 @@ def test_audit_follow_prints_new_entries_as_json_lines(vault: dict[str, Any]) ->
 def test_help_documents_the_environment_and_completion() -> None:
     r = cli("--help")
     assert r.returncode == 0
-    for var in ("VAULT_EDGE_ADDR", "VAULT_EDGE_CACERT", "VAULT_EDGE_TOKEN", "VAULT_EDGE_TOKEN_FILE",
-                "VAULT_EDGE_FORMAT", "VAULT_EDGE_SOCKET", "VAULT_EDGE_PASSPHRASE", "_VAULT_EDGE_COMPLETE"):
+    for var in (
+        "VAULT_EDGE_ADDR",
+        "VAULT_EDGE_CACERT",
+        "VAULT_EDGE_TOKEN",
+        "VAULT_EDGE_TOKEN_FILE",
+        "VAULT_EDGE_FORMAT",
+        "VAULT_EDGE_SOCKET",
+        "VAULT_EDGE_PASSPHRASE",
+        "_VAULT_EDGE_COMPLETE",
+    ):
         assert var in r.stdout.decode(), var
     r = cli(env={"_VAULT_EDGE_COMPLETE": "bash_source"})
     assert r.returncode == 0 and b"complete " in r.stdout and b"_VAULT_EDGE_COMPLETE" in r.stdout
@@ -123,16 +139,23 @@ def _self_signed(tmp: Path) -> tuple[Path, Path]:
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "vault-edge test")])
     now = datetime.datetime.now(datetime.UTC)
-    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
-            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
-            .not_valid_after(now + datetime.timedelta(days=1))
-            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False)
-            .add_extension(x509.BasicConstraints(ca=True, path_length=None), True)
-            .sign(key, hashes.SHA256()))
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), True)
+        .sign(key, hashes.SHA256())
+    )
     cert_path, key_path = tmp / "cert.pem", tmp / "key.pem"
     cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                           serialization.NoEncryption()))
+    key_path.write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
     return cert_path, key_path
 
 
@@ -141,8 +164,22 @@ def test_a_tls_failure_names_the_certificate_problem_and_the_ca_option(sqlite_ur
     port = free_port()
     addr = f"https://127.0.0.1:{port}"
     with open(tmp_path / "server.log", "wb") as log:
-        proc = subprocess.Popen([*vault_edge_cmd(), "server", "--db", sqlite_url, "--port", str(port), "--tls-cert",
-                                 str(cert), "--tls-key", str(key)], stdout=log, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            [
+                *vault_edge_cmd(),
+                "server",
+                "--db",
+                sqlite_url,
+                "--port",
+                str(port),
+                "--tls-cert",
+                str(cert),
+                "--tls-key",
+                str(key),
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
     try:
         _tls_checks(addr, cert, proc)
     finally:
@@ -174,12 +211,15 @@ def _tls_checks(addr: str, cert: Path, proc: subprocess.Popen[bytes]) -> None:
 
 
 def test_a_postgresql_url_without_its_driver_says_what_to_install() -> None:
-    code = ("import sys; sys.modules['psycopg'] = None; "  # as if vault-edge[postgres] were not installed
-            "sys.argv = ['vault-edge', 'server', '--db', 'postgresql://u:pw@127.0.0.1:1/x', '--port', '0']; "
-            "from vault_edge.cli.entry import main; main()")
+    code = (
+        "import sys; sys.modules['psycopg'] = None; "  # as if vault-edge[postgres] were not installed
+        "sys.argv = ['vault-edge', 'server', '--db', 'postgresql://u:pw@127.0.0.1:1/x', '--port', '0']; "
+        "from vault_edge.cli.entry import main; main()"
+    )
     r = subprocess.run([*vault_edge_cmd()[:1], "-c", code], capture_output=True, timeout=60)
     assert r.returncode == 1 and r.stderr.decode().splitlines()[-1] == (
-        "error: the PostgreSQL driver is not installed: pip install 'vault-edge[postgres]'"), r.stderr
+        "error: the PostgreSQL driver is not installed: pip install 'vault-edge[postgres]'"
+    ), r.stderr
     assert b"pw" not in r.stderr
 
 

@@ -239,8 +239,12 @@ def test_ad_distinct_field_tuples_never_encode_equal(left: list, right: list) ->
         assert aead.ad("p", *left) == aead.ad("p", *right)
 
 
-@given(st.text(alphabet=st.characters(blacklist_characters="\x00"), max_size=8), st.lists(FIELD, max_size=3),
-       st.text(alphabet=st.characters(blacklist_characters="\x00"), max_size=8), st.lists(FIELD, max_size=3))
+@given(
+    st.text(alphabet=st.characters(blacklist_characters="\x00"), max_size=8),
+    st.lists(FIELD, max_size=3),
+    st.text(alphabet=st.characters(blacklist_characters="\x00"), max_size=8),
+    st.lists(FIELD, max_size=3),
+)
 @settings(deadline=None)
 def test_ad_distinct_purpose_and_fields_never_encode_equal(p1: str, f1: list, p2: str, f2: list) -> None:
     def typed(purpose: str, fields: list) -> tuple:

@@ -189,7 +189,10 @@ def test_one_kind_of_ciphertext_never_opens_as_another(made_as: str, opened_as: 
 
 NAMES = st.from_regex(r"[a-z0-9_]{1,6}(/[a-z0-9_.\-]{1,6}){0,2}", fullmatch=True)
 WHERE = st.builds(
-    Where, name=NAMES, version=st.integers(1, 2**31), region=st.from_regex(r"[a-z0-9][a-z0-9\-]{0,5}", fullmatch=True),
+    Where,
+    name=NAMES,
+    version=st.integers(1, 2**31),
+    region=st.from_regex(r"[a-z0-9][a-z0-9\-]{0,5}", fullmatch=True),
     key_version=st.integers(1, 2**31),
 )
 

@@ -23,10 +23,21 @@ def test_a_mac_checks_with_its_own_fields_and_key_only() -> None:
     assert not keys.check("node", tag[:-1], *FIELDS)
 
 
-@pytest.mark.parametrize("i,edit", [
-    (0, "n-fedcba9876543210"), (1, "us"), (2, b"\x02" * 32), (3, 1.5000001), (4, 0.0), (5, 8), (6, ("",)),
-    (6, ("a/", "")), (4, ""), (5, "7"),
-])
+@pytest.mark.parametrize(
+    "i,edit",
+    [
+        (0, "n-fedcba9876543210"),
+        (1, "us"),
+        (2, b"\x02" * 32),
+        (3, 1.5000001),
+        (4, 0.0),
+        (5, 8),
+        (6, ("",)),
+        (6, ("a/", "")),
+        (4, ""),
+        (5, "7"),
+    ],
+)
 def test_any_edited_field_fails(i: int, edit: rowmac.Field) -> None:
     keys = rowmac.RowKeys(ROOT)
     tag = keys.mac("node", *FIELDS)
@@ -35,14 +46,17 @@ def test_any_edited_field_fails(i: int, edit: rowmac.Field) -> None:
     assert not keys.check("node", tag, *edited)
 
 
-@pytest.mark.parametrize("a,b", [
-    (("ab", "c"), ("a", "bc")),  # boundaries
-    ((1,), ("1",)),  # types
-    ((None,), ("",)),
-    ((("a", "b"),), (("a,b",),)),
-    ((1.0,), (1,)),
-    ((b"x",), ("x",)),
-])
+@pytest.mark.parametrize(
+    "a,b",
+    [
+        (("ab", "c"), ("a", "bc")),  # boundaries
+        ((1,), ("1",)),  # types
+        ((None,), ("",)),
+        ((("a", "b"),), (("a,b",),)),
+        ((1.0,), (1,)),
+        ((b"x",), ("x",)),
+    ],
+)
 def test_the_encoding_is_unambiguous(a: tuple[rowmac.Field, ...], b: tuple[rowmac.Field, ...]) -> None:
     assert rowmac.encode("p", a) != rowmac.encode("p", b)
 

@@ -22,8 +22,14 @@ RAW = bytes(range(200, 232))
 def _encodings(raw: bytes) -> list[str]:
     """Every way a key commonly ends up printed."""
     return [
-        raw.hex(), raw.hex().upper(), base64.b64encode(raw).decode(), base64.b64encode(raw).decode().rstrip("="),
-        base64.urlsafe_b64encode(raw).decode().rstrip("="), repr(raw), repr(raw)[2:-1], str(list(raw)),
+        raw.hex(),
+        raw.hex().upper(),
+        base64.b64encode(raw).decode(),
+        base64.b64encode(raw).decode().rstrip("="),
+        base64.urlsafe_b64encode(raw).decode().rstrip("="),
+        repr(raw),
+        repr(raw)[2:-1],
+        str(list(raw)),
     ]
 
 

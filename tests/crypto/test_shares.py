@@ -21,104 +21,172 @@ from vault_edge.crypto.shares import ShareScheme, UnsealProgress
 # Official SLIP-39 test vectors (trezor/python-shamir-mnemonic vectors.json), passphrase "TREZOR".
 # An empty secret means the set must not recover.
 VECTORS = [
-    ("1. valid mnemonic without sharing (128 bits)",
-     ["duckling enlarge academic academic agency result length solution fridge kidney coal piece deal husband erode "
-      "duke ajar critical decision keyboard"],
-     "bb54aac4b89dc868ba37d9cc21b2cece"),
-    ("2. invalid checksum (128 bits)",
-     ["duckling enlarge academic academic agency result length solution fridge kidney coal piece deal husband erode "
-      "duke ajar critical decision kidney"],
-     ""),
-    ("3. invalid padding (128 bits)",
-     ["duckling enlarge academic academic email result length solution fridge kidney coal piece deal husband erode "
-      "duke ajar music cargo fitness"],
-     ""),
-    ("4. basic sharing 2-of-3 (128 bits)",
-     ["shadow pistol academic always adequate wildlife fancy gross oasis cylinder mustang wrist rescue view short "
-      "owner flip making coding armed",
-      "shadow pistol academic acid actress prayer class unknown daughter sweater depict flip twice unkind craft "
-      "early superior advocate guest smoking"],
-     "b43ceb7e57a0ea8766221624d01b0864"),
-    ("5. basic sharing 2-of-3, one share only (128 bits)",
-     ["shadow pistol academic always adequate wildlife fancy gross oasis cylinder mustang wrist rescue view short "
-      "owner flip making coding armed"],
-     ""),
-    ("6. different identifiers (128 bits)",
-     ["adequate smoking academic acid debut wine petition glen cluster slow rhyme slow simple epidemic rumor junk "
-      "tracks treat olympic tolerate",
-      "adequate stay academic agency agency formal party ting frequent learn upstairs remember smear leaf damage "
-      "anatomy ladle market hush corner"],
-     ""),
-    ("7. different iteration exponents (128 bits)",
-     ["peasant leaves academic acid desert exact olympic math alive axle trial tackle drug deny decent smear "
-      "dominant desert bucket remind",
-      "peasant leader academic agency cultural blessing percent network envelope medal junk primary human pumps "
-      "jacket fragment payroll ticket evoke voice"],
-     ""),
-    ("11. duplicate member indices (128 bits)",
-     ["device stay academic always dive coal antenna adult black exceed stadium herald advance soldier busy dryer "
-      "daughter evaluate minister laser",
-      "device stay academic always dwarf afraid robin gravity crunch adjust soul branch walnut coastal dream costume "
-      "scholar mortgage mountain pumps"],
-     ""),
-    ("12. mismatching member thresholds (128 bits)",
-     ["hour painting academic academic device formal evoke guitar random modern justice filter withdraw trouble "
-      "identify mailman insect general cover oven",
-      "hour painting academic agency artist again daisy capital beaver fiber much enjoy suitable symbolic identify "
-      "photo editor romp float echo"],
-     ""),
-    ("13. invalid digest (128 bits)",
-     ["guilt walnut academic acid deliver remove equip listen vampire tactics nylon rhythm failure husband fatigue "
-      "alive blind enemy teaspoon rebound",
-      "guilt walnut academic agency brave hamster hobo declare herd taste alpha slim criminal mild arcade formal "
-      "romp branch pink ambition"],
-     ""),
-    ("14. insufficient number of groups (128 bits)",
-     ["eraser senior beard romp adorn nuclear spill corner cradle style ancient family general leader ambition "
-      "exchange unusual garlic promise voice"],
-     ""),
-    ("16. threshold groups, too few members in one (128 bits)",
-     ["eraser senior decision shadow artist work morning estate greatest pipeline plan ting petition forget hormone "
-      "flexible general goat admit surface",
-      "eraser senior beard romp adorn nuclear spill corner cradle style ancient family general leader ambition "
-      "exchange unusual garlic promise voice"],
-     ""),
-    ("17. threshold groups and members (128 bits)",
-     ["eraser senior decision roster beard treat identify grumpy salt index fake aviation theater cubic bike cause "
-      "research dragon emphasis counter",
-      "eraser senior ceramic snake clay various huge numb argue hesitate auction category timber browser greatest "
-      "hanger petition script leaf pickup",
-      "eraser senior ceramic shaft dynamic become junior wrist silver peasant force math alto coal amazing segment "
-      "yelp velvet image paces",
-      "eraser senior ceramic round column hawk trust auction smug shame alive greatest sheriff living perfect corner "
-      "chest sled fumes adequate",
-      "eraser senior decision smug corner ruin rescue cubic angel tackle skin skunk program roster trash rumor slush "
-      "angel flea amazing"],
-     "7c3397a292a5941682d7a4ae2d898d11"),
-    ("19. threshold groups and members, other groups (128 bits)",
-     ["eraser senior beard romp adorn nuclear spill corner cradle style ancient family general leader ambition "
-      "exchange unusual garlic promise voice",
-      "eraser senior acrobat romp bishop medical gesture pumps secret alive ultimate quarter priest subject class "
-      "dictate spew material endless market"],
-     "7c3397a292a5941682d7a4ae2d898d11"),
-    ("20. valid mnemonic without sharing (256 bits)",
-     ["theory painting academic academic armed sweater year military elder discuss acne wildlife boring employer "
-      "fused large satoshi bundle carbon diagnose anatomy hamster leaves tracks paces beyond phantom capital marvel "
-      "lips brave detect luck"],
-     "989baf9dcaad5b10ca33dfd8cc75e42477025dce88ae83e75a230086a0e00e92"),
-    ("21. invalid checksum (256 bits)",
-     ["theory painting academic academic armed sweater year military elder discuss acne wildlife boring employer "
-      "fused large satoshi bundle carbon diagnose anatomy hamster leaves tracks paces beyond phantom capital marvel "
-      "lips brave detect lunar"],
-     ""),
-    ("23. basic sharing 2-of-3 (256 bits)",
-     ["humidity disease academic always aluminum jewelry energy woman receiver strategy amuse duckling lying evidence "
-      "network walnut tactics forget hairy rebound impulse brother survive clothes stadium mailman rival ocean reward "
-      "venture always armed unwrap",
-      "humidity disease academic agency actress jacket gross physics cylinder solution fake mortgage benefit public "
-      "busy prepare sharp friar change work slow purchase ruler again tricycle involve viral wireless mixture anatomy "
-      "desert cargo upgrade"],
-     "c938b319067687e990e05e0da0ecce1278f75ff58d9853f19dcaeed5de104aae"),
+    (
+        "1. valid mnemonic without sharing (128 bits)",
+        [
+            "duckling enlarge academic academic agency result length solution fridge kidney coal piece deal husband erode "
+            "duke ajar critical decision keyboard"
+        ],
+        "bb54aac4b89dc868ba37d9cc21b2cece",
+    ),
+    (
+        "2. invalid checksum (128 bits)",
+        [
+            "duckling enlarge academic academic agency result length solution fridge kidney coal piece deal husband erode "
+            "duke ajar critical decision kidney"
+        ],
+        "",
+    ),
+    (
+        "3. invalid padding (128 bits)",
+        [
+            "duckling enlarge academic academic email result length solution fridge kidney coal piece deal husband erode "
+            "duke ajar music cargo fitness"
+        ],
+        "",
+    ),
+    (
+        "4. basic sharing 2-of-3 (128 bits)",
+        [
+            "shadow pistol academic always adequate wildlife fancy gross oasis cylinder mustang wrist rescue view short "
+            "owner flip making coding armed",
+            "shadow pistol academic acid actress prayer class unknown daughter sweater depict flip twice unkind craft "
+            "early superior advocate guest smoking",
+        ],
+        "b43ceb7e57a0ea8766221624d01b0864",
+    ),
+    (
+        "5. basic sharing 2-of-3, one share only (128 bits)",
+        [
+            "shadow pistol academic always adequate wildlife fancy gross oasis cylinder mustang wrist rescue view short "
+            "owner flip making coding armed"
+        ],
+        "",
+    ),
+    (
+        "6. different identifiers (128 bits)",
+        [
+            "adequate smoking academic acid debut wine petition glen cluster slow rhyme slow simple epidemic rumor junk "
+            "tracks treat olympic tolerate",
+            "adequate stay academic agency agency formal party ting frequent learn upstairs remember smear leaf damage "
+            "anatomy ladle market hush corner",
+        ],
+        "",
+    ),
+    (
+        "7. different iteration exponents (128 bits)",
+        [
+            "peasant leaves academic acid desert exact olympic math alive axle trial tackle drug deny decent smear "
+            "dominant desert bucket remind",
+            "peasant leader academic agency cultural blessing percent network envelope medal junk primary human pumps "
+            "jacket fragment payroll ticket evoke voice",
+        ],
+        "",
+    ),
+    (
+        "11. duplicate member indices (128 bits)",
+        [
+            "device stay academic always dive coal antenna adult black exceed stadium herald advance soldier busy dryer "
+            "daughter evaluate minister laser",
+            "device stay academic always dwarf afraid robin gravity crunch adjust soul branch walnut coastal dream costume "
+            "scholar mortgage mountain pumps",
+        ],
+        "",
+    ),
+    (
+        "12. mismatching member thresholds (128 bits)",
+        [
+            "hour painting academic academic device formal evoke guitar random modern justice filter withdraw trouble "
+            "identify mailman insect general cover oven",
+            "hour painting academic agency artist again daisy capital beaver fiber much enjoy suitable symbolic identify "
+            "photo editor romp float echo",
+        ],
+        "",
+    ),
+    (
+        "13. invalid digest (128 bits)",
+        [
+            "guilt walnut academic acid deliver remove equip listen vampire tactics nylon rhythm failure husband fatigue "
+            "alive blind enemy teaspoon rebound",
+            "guilt walnut academic agency brave hamster hobo declare herd taste alpha slim criminal mild arcade formal "
+            "romp branch pink ambition",
+        ],
+        "",
+    ),
+    (
+        "14. insufficient number of groups (128 bits)",
+        [
+            "eraser senior beard romp adorn nuclear spill corner cradle style ancient family general leader ambition "
+            "exchange unusual garlic promise voice"
+        ],
+        "",
+    ),
+    (
+        "16. threshold groups, too few members in one (128 bits)",
+        [
+            "eraser senior decision shadow artist work morning estate greatest pipeline plan ting petition forget hormone "
+            "flexible general goat admit surface",
+            "eraser senior beard romp adorn nuclear spill corner cradle style ancient family general leader ambition "
+            "exchange unusual garlic promise voice",
+        ],
+        "",
+    ),
+    (
+        "17. threshold groups and members (128 bits)",
+        [
+            "eraser senior decision roster beard treat identify grumpy salt index fake aviation theater cubic bike cause "
+            "research dragon emphasis counter",
+            "eraser senior ceramic snake clay various huge numb argue hesitate auction category timber browser greatest "
+            "hanger petition script leaf pickup",
+            "eraser senior ceramic shaft dynamic become junior wrist silver peasant force math alto coal amazing segment "
+            "yelp velvet image paces",
+            "eraser senior ceramic round column hawk trust auction smug shame alive greatest sheriff living perfect corner "
+            "chest sled fumes adequate",
+            "eraser senior decision smug corner ruin rescue cubic angel tackle skin skunk program roster trash rumor slush "
+            "angel flea amazing",
+        ],
+        "7c3397a292a5941682d7a4ae2d898d11",
+    ),
+    (
+        "19. threshold groups and members, other groups (128 bits)",
+        [
+            "eraser senior beard romp adorn nuclear spill corner cradle style ancient family general leader ambition "
+            "exchange unusual garlic promise voice",
+            "eraser senior acrobat romp bishop medical gesture pumps secret alive ultimate quarter priest subject class "
+            "dictate spew material endless market",
+        ],
+        "7c3397a292a5941682d7a4ae2d898d11",
+    ),
+    (
+        "20. valid mnemonic without sharing (256 bits)",
+        [
+            "theory painting academic academic armed sweater year military elder discuss acne wildlife boring employer "
+            "fused large satoshi bundle carbon diagnose anatomy hamster leaves tracks paces beyond phantom capital marvel "
+            "lips brave detect luck"
+        ],
+        "989baf9dcaad5b10ca33dfd8cc75e42477025dce88ae83e75a230086a0e00e92",
+    ),
+    (
+        "21. invalid checksum (256 bits)",
+        [
+            "theory painting academic academic armed sweater year military elder discuss acne wildlife boring employer "
+            "fused large satoshi bundle carbon diagnose anatomy hamster leaves tracks paces beyond phantom capital marvel "
+            "lips brave detect lunar"
+        ],
+        "",
+    ),
+    (
+        "23. basic sharing 2-of-3 (256 bits)",
+        [
+            "humidity disease academic always aluminum jewelry energy woman receiver strategy amuse duckling lying evidence "
+            "network walnut tactics forget hairy rebound impulse brother survive clothes stadium mailman rival ocean reward "
+            "venture always armed unwrap",
+            "humidity disease academic agency actress jacket gross physics cylinder solution fake mortgage benefit public "
+            "busy prepare sharp friar change work slow purchase ruler again tricycle involve viral wireless mixture anatomy "
+            "desert cargo upgrade",
+        ],
+        "c938b319067687e990e05e0da0ecce1278f75ff58d9853f19dcaeed5de104aae",
+    ),
 ]
 
 # Words of the SLIP-39 list that the module's own (fixed) messages use, e.g. "check", "again".
@@ -388,6 +456,7 @@ def test_another_vault_refused_without_an_expected_identifier() -> None:
 
 def test_refusal_messages_do_not_depend_on_the_share() -> None:
     """The same refusal for shares of two different vaults reads the same: nothing of the share in it."""
+
     def message(share: str, before: list[str]) -> str:
         progress = UnsealProgress()
         for m in before:

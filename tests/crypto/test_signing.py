@@ -86,8 +86,11 @@ def test_sign_verify_round_trip(message: bytes) -> None:
 # -- key pairs ------------------------------------------------------------------------------------
 def _encodings(raw: bytes) -> list[str]:
     return [
-        raw.hex(), raw.hex().upper(), base64.b64encode(raw).decode().rstrip("="),
-        base64.urlsafe_b64encode(raw).decode().rstrip("="), repr(raw)[2:-1],
+        raw.hex(),
+        raw.hex().upper(),
+        base64.b64encode(raw).decode().rstrip("="),
+        base64.urlsafe_b64encode(raw).decode().rstrip("="),
+        repr(raw)[2:-1],
     ]
 
 

@@ -35,8 +35,15 @@ def wait_until(pred: Callable[[], Any], timeout: float = 15.0, what: str = "cond
 
 
 class AgentProcess:
-    def __init__(self, workdir: Path, name: str, server: str, join_token: str | None,
-                 extra: list[str] | None = None, nofile: tuple[int, int] | None = None) -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        name: str,
+        server: str,
+        join_token: str | None,
+        extra: list[str] | None = None,
+        nofile: tuple[int, int] | None = None,
+    ) -> None:
         self.name = name
         self.nofile = nofile  # (soft, hard) RLIMIT_NOFILE to start the agent under
         self.state_dir = workdir / f"{name}-state"
@@ -46,8 +53,20 @@ class AgentProcess:
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self, wait_ready: bool = True) -> AgentProcess:
-        args = [*vault_edge_cmd(), "agent", "run", "--server", self.server, "--state-dir", str(self.state_dir),
-                "--socket", str(self.socket), "--wait", "2s", *self.extra]
+        args = [
+            *vault_edge_cmd(),
+            "agent",
+            "run",
+            "--server",
+            self.server,
+            "--state-dir",
+            str(self.state_dir),
+            "--socket",
+            str(self.socket),
+            "--wait",
+            "2s",
+            *self.extra,
+        ]
         if self.join_token:
             args += ["--join-token", self.join_token]
         with open(self.log_path, "ab") as log:
@@ -162,10 +181,17 @@ def control_plane(workdir: Path) -> Iterator[ControlPlane]:
 def start_agent(workdir: Path, control_plane: ControlPlane) -> Iterator[Callable[..., AgentProcess]]:
     started: list[AgentProcess] = []
 
-    def start(name: str, region: str, *extra: str, server: str | None = None, wait_ready: bool = True,
-              nofile: tuple[int, int] | None = None) -> AgentProcess:
-        a = AgentProcess(workdir, name, server or control_plane.addr, control_plane.join_token(region), list(extra),
-                         nofile=nofile)
+    def start(
+        name: str,
+        region: str,
+        *extra: str,
+        server: str | None = None,
+        wait_ready: bool = True,
+        nofile: tuple[int, int] | None = None,
+    ) -> AgentProcess:
+        a = AgentProcess(
+            workdir, name, server or control_plane.addr, control_plane.join_token(region), list(extra), nofile=nofile
+        )
         started.append(a)
         return a.start(wait_ready=wait_ready)
 

@@ -155,9 +155,15 @@ class Proxy:
         with self.lock:
             self.rewritten += 1
             variant = self.rewritten % 3
-        out = json.dumps({"error": {"code": "revoked", "message": "node revoked"}, "v": wire.PROTOCOL_VERSION,
-                          "kind": "revoked", "node": h.headers.get(wire.H_NODE, ""),
-                          "nonce": h.headers.get(wire.H_NONCE, "")}).encode()
+        out = json.dumps(
+            {
+                "error": {"code": "revoked", "message": "node revoked"},
+                "v": wire.PROTOCOL_VERSION,
+                "kind": "revoked",
+                "node": h.headers.get(wire.H_NODE, ""),
+                "nonce": h.headers.get(wire.H_NONCE, ""),
+            }
+        ).encode()
         if variant == 2:
             out = b"[" * 200_000
         h.send_response(403)
@@ -177,7 +183,7 @@ class Proxy:
             self.rewritten += 1
             if self.mode == "tamper":  # one byte of the signed body changed
                 i = body.index(b'"revision":') + len(b'"revision":')
-                return body[:i] + (b"9" if body[i:i + 1] != b"9" else b"8") + body[i + 1:], sig
+                return body[:i] + (b"9" if body[i : i + 1] != b"9" else b"8") + body[i + 1 :], sig
             if self.mode == "other_node":  # a genuine answer, signed, but made for another node
                 other = next(v for k, v in self.answers.items() if k != node and v)
                 return other[-1]

@@ -15,8 +15,9 @@ from tests.e2e.conftest import AgentProcess, ControlPlane, wait_until
 from vault_edge.client import AgentError
 
 
-def test_two_regions_each_agent_reads_exactly_its_regions_secrets(control_plane: ControlPlane,
-                                                                   start_agent: Any) -> None:
+def test_two_regions_each_agent_reads_exactly_its_regions_secrets(
+    control_plane: ControlPlane, start_agent: Any
+) -> None:
     op = control_plane.op
     op.put("eu/db", value="eu-db-pass", regions=["eu"])
     op.put("us/db", value="us-db-pass", regions=["us"])
@@ -103,14 +104,18 @@ def test_forbidden_uid_gets_403(control_plane: ControlPlane, start_agent: Any, w
         "except AgentError as e:\n"
         "    print(e.status, e.code)\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30,
-                         cwd=str(Path(__file__).resolve().parents[2]))
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        cwd=str(Path(__file__).resolve().parents[2]),
+    )
     assert out.stdout.strip() == "403 forbidden", out.stderr
     assert a.get("app/key") == "secret-app"  # root, allowed by the policy
 
 
-def test_revoked_node_is_refused_wiped_and_its_region_rekeyed(control_plane: ControlPlane,
-                                                              start_agent: Any) -> None:
+def test_revoked_node_is_refused_wiped_and_its_region_rekeyed(control_plane: ControlPlane, start_agent: Any) -> None:
     op = control_plane.op
     op.put("eu/db", value="before", regions=["eu"])
     keep, gone = start_agent("eu1", "eu"), start_agent("eu2", "eu")
@@ -158,21 +163,41 @@ def test_agent_get_and_exec_through_the_cli(control_plane: ControlPlane, start_a
     run = [sys.executable, "-m", "vault_edge", "agent"]
     got = subprocess.run([*run, "get", "db/password"], env=env, capture_output=True, timeout=30)
     assert got.returncode == 0 and got.stdout == b"pa55"
-    doc = json.loads(subprocess.run([*run, "get", "db/user", "-o", "json"], env=env, capture_output=True,
-                                    timeout=30).stdout)
+    doc = json.loads(
+        subprocess.run([*run, "get", "db/user", "-o", "json"], env=env, capture_output=True, timeout=30).stdout
+    )
     assert {k: doc[k] for k in ("name", "value", "version", "stage")} == {
-        "name": "db/user", "value": "app", "version": 1, "stage": "current"}
+        "name": "db/user",
+        "value": "app",
+        "version": 1,
+        "stage": "current",
+    }
     assert isinstance(doc["revision"], int)
-    out = subprocess.run([*run, "exec", "--env", "PW=db/password", "--env", "USR=db/user", "--",
-                          sys.executable, "-c", "import os; print(os.environ['USR'] + ':' + os.environ['PW'])"],
-                         env=env, capture_output=True, timeout=30)
+    out = subprocess.run(
+        [
+            *run,
+            "exec",
+            "--env",
+            "PW=db/password",
+            "--env",
+            "USR=db/user",
+            "--",
+            sys.executable,
+            "-c",
+            "import os; print(os.environ['USR'] + ':' + os.environ['PW'])",
+        ],
+        env=env,
+        capture_output=True,
+        timeout=30,
+    )
     assert out.returncode == 0 and out.stdout == b"app:pa55\n"
     missing = subprocess.run([*run, "get", "no/such"], env=env, capture_output=True, timeout=30)
     assert missing.returncode == 1 and missing.stderr.startswith(b"error: ")
 
 
-def test_changing_regions_deleting_and_destroying_reach_the_agents(control_plane: ControlPlane,
-                                                                   start_agent: Any) -> None:
+def test_changing_regions_deleting_and_destroying_reach_the_agents(
+    control_plane: ControlPlane, start_agent: Any
+) -> None:
     op = control_plane.op
     op.put("moving", value="m1", regions=["eu", "us"])
     op.put("doomed", value="d1", regions=["eu"])

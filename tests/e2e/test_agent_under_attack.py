@@ -83,8 +83,10 @@ def _failures(a: AgentProcess) -> int:
 
 # -- 5. a relay answering with an invalid Content-Encoding ------------------------------------------
 
+
 def test_a_relay_garbling_the_encoding_of_sync_answers_is_a_transient_failure(
-        control_plane: ControlPlane, start_agent: Any, proxy: Proxy) -> None:
+    control_plane: ControlPlane, start_agent: Any, proxy: Proxy
+) -> None:
     op = control_plane.op
     op.put("eu/db", value="enc-v1", regions=["eu"])
     a = start_agent("eu1", "eu", server=proxy.addr)
@@ -92,8 +94,11 @@ def test_a_relay_garbling_the_encoding_of_sync_answers_is_a_transient_failure(
         before = _failures(a)
         proxy.hostile = "bad_gzip"
         op.rotate("eu/db", value="enc-v2")
-        wait_until(lambda: proxy.hostile_sent >= 3 and _failures(a) >= before + 3, 30,
-                   "the agent to meet the broken encoding three times")
+        wait_until(
+            lambda: proxy.hostile_sent >= 3 and _failures(a) >= before + 3,
+            30,
+            "the agent to meet the broken encoding three times",
+        )
         assert a.alive(), a.log()[-3000:]
         proxy.hostile = None
         wait_until(lambda: a.get("eu/db") == "enc-v2", 30, "catch-up once the relay behaves")
@@ -102,21 +107,26 @@ def test_a_relay_garbling_the_encoding_of_sync_answers_is_a_transient_failure(
 
 
 @pytest.mark.parametrize("path", ["/v1/sys/status", "/v1/agent/enroll"])
-def test_a_relay_garbling_enrolment_is_a_transient_failure(control_plane: ControlPlane, start_agent: Any,
-                                                           proxy: Proxy, path: str) -> None:
+def test_a_relay_garbling_enrolment_is_a_transient_failure(
+    control_plane: ControlPlane, start_agent: Any, proxy: Proxy, path: str
+) -> None:
     control_plane.op.put("eu/db", value="enrolled", regions=["eu"])
     proxy.hostile, proxy.hostile_paths = "bad_gzip", (path,)
     a = start_agent("eu1", "eu", server=proxy.addr, wait_ready=False)
-    wait_until(lambda: proxy.hostile_sent >= 2 and a.log().count("enrolment: control plane") >= 2, 30,
-               f"the agent to retry a garbled {path}")
+    wait_until(
+        lambda: proxy.hostile_sent >= 2 and a.log().count("enrolment: control plane") >= 2,
+        30,
+        f"the agent to retry a garbled {path}",
+    )
     assert a.alive(), a.log()[-3000:]
     proxy.hostile = None
     wait_until(lambda: a.health()["status"] == "ok", 30, "enrolment once the relay behaves")
     assert a.get("eu/db") == "enrolled"
 
 
-def test_a_relay_refusing_enrolment_does_not_stop_the_agent(control_plane: ControlPlane, start_agent: Any,
-                                                           proxy: Proxy) -> None:
+def test_a_relay_refusing_enrolment_does_not_stop_the_agent(
+    control_plane: ControlPlane, start_agent: Any, proxy: Proxy
+) -> None:
     """A relay answers the enrolment with a 401 of its own: only a refusal the control plane signed, for
     this very request, ends an enrolment; anything else is retried."""
     control_plane.op.put("eu/db", value="enrolled", regions=["eu"])
@@ -132,9 +142,11 @@ def test_a_relay_refusing_enrolment_does_not_stop_the_agent(control_plane: Contr
 
 # -- 6. a relay's gzip bomb, an endless identity body ----------------------------------------------
 
+
 @pytest.mark.parametrize("kind", ["gzip_bomb", "oversized"])
-def test_a_relay_cannot_inflate_the_agent(control_plane: ControlPlane, start_agent: Any, proxy: Proxy,
-                                          kind: str) -> None:
+def test_a_relay_cannot_inflate_the_agent(
+    control_plane: ControlPlane, start_agent: Any, proxy: Proxy, kind: str
+) -> None:
     """A 250 KiB gzip stream inflating to 256 MiB, and a 160 MiB chunked identity body: the agent asks for
     identity, refuses any other Content-Encoding unread, and stops reading past MAX_BUNDLE (64 MiB)."""
     op = control_plane.op
@@ -145,11 +157,14 @@ def test_a_relay_cannot_inflate_the_agent(control_plane: ControlPlane, start_age
         before = _failures(a)
         proxy.hostile = kind
         op.rotate("eu/db", value="small-v2")
-        wait_until(lambda: proxy.hostile_sent >= 2 and _failures(a) >= before + 2, 40,
-                   f"the agent to meet {kind} twice")
+        wait_until(
+            lambda: proxy.hostile_sent >= 2 and _failures(a) >= before + 2, 40, f"the agent to meet {kind} twice"
+        )
         grown = a.status("VmHWM") - hwm0
-        print(f"\n[{kind}] agent peak RSS grew by {grown / MIB:.1f} MiB (VmHWM {hwm0 / MIB:.0f} → "
-              f"{(hwm0 + grown) / MIB:.0f} MiB)")
+        print(
+            f"\n[{kind}] agent peak RSS grew by {grown / MIB:.1f} MiB (VmHWM {hwm0 / MIB:.0f} → "
+            f"{(hwm0 + grown) / MIB:.0f} MiB)"
+        )
         assert a.alive(), a.log()[-3000:]
         assert grown < 96 * MIB  # MAX_BUNDLE (64 MiB) at most is ever held, plus slack
         proxy.hostile = None
@@ -160,6 +175,7 @@ def test_a_relay_cannot_inflate_the_agent(control_plane: ControlPlane, start_age
 
 
 # -- 7. local clients exhausting descriptors ---------------------------------------------------------
+
 
 @contextlib.contextmanager
 def idle_connections(a: AgentProcess, workdir: Path, n: int) -> Iterator[int]:
@@ -215,8 +231,7 @@ def _cached_revision(a: AgentProcess) -> int:
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to act as another uid (nobody)")
-def test_idle_connections_of_one_uid_are_capped(control_plane: ControlPlane, start_agent: Any,
-                                                workdir: Path) -> None:
+def test_idle_connections_of_one_uid_are_capped(control_plane: ControlPlane, start_agent: Any, workdir: Path) -> None:
     """2,000 idle connections from one uid, the agent started at the default soft limit of 1,024: the
     soft limit is raised to the hard one, the uid is held to 256 connections, a rotation is applied
     and persisted, a fresh connection from another uid is served."""
@@ -224,14 +239,14 @@ def test_idle_connections_of_one_uid_are_capped(control_plane: ControlPlane, sta
     op.put("eu/db", value="fd-v1", regions=["eu"])
     a = start_agent("eu1", "eu", nofile=(1024, 4096))
     limits = Path(f"/proc/{a.proc.pid}/limits").read_text()
-    assert any(ln.startswith("Max open files") and ln.split()[3:5] == ["4096", "4096"]
-               for ln in limits.splitlines()), limits
+    assert any(ln.startswith("Max open files") and ln.split()[3:5] == ["4096", "4096"] for ln in limits.splitlines()), (
+        limits
+    )
     with Bystander(a, "eu/db", "2,000 idle connections from uid nobody") as reader:
         base = _open_fds(a)
         with idle_connections(a, workdir, 2000) as opened:
             fds = _open_fds(a)
-            print(f"\n[idle flood] attacker opened {opened} connections; the agent holds {fds} fds "
-                  f"({base} before)")
+            print(f"\n[idle flood] attacker opened {opened} connections; the agent holds {fds} fds ({base} before)")
             assert fds <= base + 256 + 8
             op.rotate("eu/db", value="fd-v2")
             wait_until(lambda: reader.last == "fd-v2", 20, "the bystander to see the rotation")
@@ -244,15 +259,18 @@ def test_idle_connections_of_one_uid_are_capped(control_plane: ControlPlane, sta
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to act as another uid (nobody)")
 def test_the_agent_keeps_descriptors_for_itself_and_closes_idle_connections(
-        control_plane: ControlPlane, start_agent: Any, workdir: Path) -> None:
+    control_plane: ControlPlane, start_agent: Any, workdir: Path
+) -> None:
     """No per-uid cap, a hard limit of 200 descriptors, 300 idle connections: the agent stops accepting
     short of its limit (so its own work, a sync and a cache write, still has descriptors), closes the
     idle ones after --idle-timeout, and accepts again."""
     op = control_plane.op
     op.put("eu/db", value="rsv-v1", regions=["eu"])
     a = start_agent("eu1", "eu", "--max-conns-per-uid", "100000", "--idle-timeout", "3s", nofile=(200, 200))
-    with Bystander(a, "eu/db", "300 idle connections against 200 descriptors") as reader, \
-            idle_connections(a, workdir, 300) as opened:
+    with (
+        Bystander(a, "eu/db", "300 idle connections against 200 descriptors") as reader,
+        idle_connections(a, workdir, 300) as opened,
+    ):
         peak = _open_fds(a)
         print(f"\n[fd reserve] attacker queued {opened} connections; the agent holds {peak} of 200 fds")
         assert peak <= 200 - 32
@@ -268,8 +286,7 @@ def test_the_agent_keeps_descriptors_for_itself_and_closes_idle_connections(
     reader.check()
 
 
-def test_a_failed_cache_write_keeps_serving_and_is_retried(control_plane: ControlPlane,
-                                                           start_agent: Any) -> None:
+def test_a_failed_cache_write_keeps_serving_and_is_retried(control_plane: ControlPlane, start_agent: Any) -> None:
     op = control_plane.op
     op.put("eu/db", value="disk-v1", regions=["eu"])
     a = start_agent("eu1", "eu")
@@ -290,8 +307,8 @@ def test_a_failed_cache_write_keeps_serving_and_is_retried(control_plane: Contro
 
 # -- 8. SIGKILL between serving and persisting ------------------------------------------------------
 
-def test_a_killed_agent_never_serves_older_than_it_served(control_plane: ControlPlane,
-                                                          start_agent: Any) -> None:
+
+def test_a_killed_agent_never_serves_older_than_it_served(control_plane: ControlPlane, start_agent: Any) -> None:
     """Rotations all the time; the agent is SIGKILLed right after it serves a new version, restarted,
     and its first read must not be older than the highest read before."""
     op = control_plane.op
@@ -337,8 +354,10 @@ def test_a_killed_agent_never_serves_older_than_it_served(control_plane: Control
     finally:
         stop.set()
         rotator.join(10)
-    print(f"\n[kill loop] {restarts} SIGKILL restarts, highest version served {highest}, "
-          f"{len(violations)} reads older than served after a restart")
+    print(
+        f"\n[kill loop] {restarts} SIGKILL restarts, highest version served {highest}, "
+        f"{len(violations)} reads older than served after a restart"
+    )
     assert restarts >= 5
     assert violations == [], f"(restart, highest served before, first read after): {violations}"
     assert planted_left == 0  # stale temp files are cleaned at start
@@ -346,23 +365,28 @@ def test_a_killed_agent_never_serves_older_than_it_served(control_plane: Control
 
 # -- 9. many distinct tokens -------------------------------------------------------------------------
 
-def test_distinct_tokens_do_not_grow_the_agent(control_plane: ControlPlane, start_agent: Any,
-                                               workdir: Path) -> None:
+
+def test_distinct_tokens_do_not_grow_the_agent(control_plane: ControlPlane, start_agent: Any, workdir: Path) -> None:
     """A caller forbidden everything sends 16,000 distinct 7 KB tokens: the policy's decision memo is
     keyed by digest and bounded in bytes, so the agent's RSS stays flat."""
     control_plane.op.put("eu/db", value="tok-v1", regions=["eu"])
     policy = workdir / "policy.toml"
-    policy.write_text(f'[[rule]]\nuid = {os.getuid()}\nsecrets = ["*"]\n\n'
-                      f'[[rule]]\ntoken_sha256 = "{hashlib.sha256(b"x").hexdigest()}"\nsecrets = ["none/*"]\n')
+    policy.write_text(
+        f'[[rule]]\nuid = {os.getuid()}\nsecrets = ["*"]\n\n'
+        f'[[rule]]\ntoken_sha256 = "{hashlib.sha256(b"x").hexdigest()}"\nsecrets = ["none/*"]\n'
+    )
     a = start_agent("eu1", "eu", "--policy", str(policy))
     with Bystander(a, "eu/db", "16,000 distinct 7 KB tokens") as reader:
         rss0 = a.status("VmRSS")
         n, batch, forbidden = 16_000, 50, 0
         with RawConn(str(a.socket), timeout=30) as conn:
             for start in range(0, n, batch):
-                conn.send(b"".join(
-                    get("/v1/secrets/eu/db", f"X-Vault-Edge-Token: {i:08d}{'t' * 7000}\r\n")
-                    for i in range(start, start + batch)))
+                conn.send(
+                    b"".join(
+                        get("/v1/secrets/eu/db", f"X-Vault-Edge-Token: {i:08d}{'t' * 7000}\r\n")
+                        for i in range(start, start + batch)
+                    )
+                )
                 for _ in range(batch):
                     forbidden += conn.response().status == 403
         rss1 = a.status("VmRSS")

@@ -57,16 +57,24 @@ def browser() -> Iterator[Any]:
             pytest.fail(f"the console's browser tests need Chromium and Playwright under CI=true: {problem}")
         pytest.skip(problem)
     with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu",
-                                                              "--disable-dev-shm-usage"])
+        b = p.chromium.launch(
+            executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"]
+        )
         yield b
         b.close()
 
 
 def _cli(cp: ControlPlane, *args: str, stdin: str | None = None, token: str | None = None) -> str:
     env = {**os.environ, "VAULT_EDGE_ADDR": cp.addr, "VAULT_EDGE_TOKEN": token or cp.token}
-    r = subprocess.run([sys.executable, "-m", "vault_edge", *args], env=env, input=stdin, capture_output=True,
-                       text=True, timeout=60, check=False)
+    r = subprocess.run(
+        [sys.executable, "-m", "vault_edge", *args],
+        env=env,
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     assert r.returncode == 0, r.stderr
     return r.stdout
 
@@ -104,8 +112,12 @@ def test_console_in_a_real_browser(browser: Any, control_plane: ControlPlane, st
     page.set_default_timeout(20_000)
     errors: list[str] = []
     # a CSP violation or a script error is logged as a console error (a 401 or 404 answer is not one)
-    page.on("console", lambda m: errors.append(m.text)
-            if m.type == "error" and not m.text.startswith("Failed to load resource") else None)
+    page.on(
+        "console",
+        lambda m: (
+            errors.append(m.text) if m.type == "error" and not m.text.startswith("Failed to load resource") else None
+        ),
+    )
     page.on("pageerror", lambda e: errors.append(str(e)))
 
     # a wrong token is refused
@@ -150,8 +162,16 @@ def test_console_in_a_real_browser(browser: Any, control_plane: ControlPlane, st
     page.screenshot(path=str(SHOTS / "console-overview.png"), full_page=True)
 
     # no secret value in the HTML of any page
-    for path in ("/ui", "/ui/regions", "/ui/secrets", "/ui/secrets/openai/api-key", "/ui/secrets/svc/hmac",
-                 "/ui/audit", "/ui/tokens", "/ui/rotate/svc/hmac"):
+    for path in (
+        "/ui",
+        "/ui/regions",
+        "/ui/secrets",
+        "/ui/secrets/openai/api-key",
+        "/ui/secrets/svc/hmac",
+        "/ui/audit",
+        "/ui/tokens",
+        "/ui/rotate/svc/hmac",
+    ):
         page.goto(cp.addr + path)
         _no_value(page, [*values, cp.token])
 
@@ -167,11 +187,16 @@ def test_console_in_a_real_browser(browser: Any, control_plane: ControlPlane, st
     with page.expect_navigation():
         page.click("#confirm")
     expect(page.locator("#done")).to_have_text("Node revoked")
-    wait_until(lambda: agents["eu2"].proc is not None and agents["eu2"].proc.poll() is not None, 30,
-               "the revoked agent to exit")
+    wait_until(
+        lambda: agents["eu2"].proc is not None and agents["eu2"].proc.poll() is not None,
+        30,
+        "the revoked agent to exit",
+    )
     assert agents["eu2"].proc.returncode == 3
-    assert any(e["action"] == "node.revoke" and e["target"] == ids["eu2"] and e["actor"].startswith("token:root/")
-               for e in op.audit(limit=1000)["entries"])
+    assert any(
+        e["action"] == "node.revoke" and e["target"] == ids["eu2"] and e["actor"].startswith("token:root/")
+        for e in op.audit(limit=1000)["entries"]
+    )
     page.goto(f"{cp.addr}/ui")
     expect(page.locator("#count-revoked")).to_have_text("1 revoked")
 

@@ -56,25 +56,55 @@ class Worker:
             return status, h, raw
 
 
-def test_keyless_workers_end_to_end(control_plane: ControlPlane, start_agent: Any, workdir: Path,
-                                    pki: tuple[Path, Path, Path], upstream: Upstream) -> None:
+def test_keyless_workers_end_to_end(
+    control_plane: ControlPlane, start_agent: Any, workdir: Path, pki: tuple[Path, Path, Path], upstream: Upstream
+) -> None:
     op = control_plane.op
     op.put("openai/api-key", value=KEY, regions=["eu"])
     env = {"VAULT_EDGE_ADDR": control_plane.addr, "VAULT_EDGE_TOKEN": control_plane.token}
-    r = cli("egress", "create", "openai", "--upstream", upstream.url, "--secret", "openai/api-key",
-            "--inject", "header:Authorization=Bearer {value}", "--method", "GET", "--method", "POST",
-            "--path", "/v1/", "-o", "json", env=env)
+    r = cli(
+        "egress",
+        "create",
+        "openai",
+        "--upstream",
+        upstream.url,
+        "--secret",
+        "openai/api-key",
+        "--inject",
+        "header:Authorization=Bearer {value}",
+        "--method",
+        "GET",
+        "--method",
+        "POST",
+        "--path",
+        "/v1/",
+        "-o",
+        "json",
+        env=env,
+    )
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["regions"] == ["eu"]
-    r = cli("egress", "create", "bad", "--upstream", "http://api.example.com", "--secret", "openai/api-key",
-            "--inject", "header:Authorization=Bearer {value}", env=env)
+    r = cli(
+        "egress",
+        "create",
+        "bad",
+        "--upstream",
+        "http://api.example.com",
+        "--secret",
+        "openai/api-key",
+        "--inject",
+        "header:Authorization=Bearer {value}",
+        env=env,
+    )
     assert r.returncode == 1 and r.stderr.decode().count("\n") == 1 and "https" in r.stderr.decode()
     r = cli("egress", "list", "-o", "json", env=env)
     assert r.returncode == 0 and [x["name"] for x in json.loads(r.stdout)["routes"]] == ["openai"]
 
     policy = workdir / "policy.toml"
-    policy.write_text(f'[[rule]]\nuid = {os.getuid()}\nsecrets = ["public/*"]\n\n'
-                      f'[[rule]]\ntoken_sha256 = "{hashlib.sha256(TOKEN.encode()).hexdigest()}"\negress = ["openai"]\n')
+    policy.write_text(
+        f'[[rule]]\nuid = {os.getuid()}\nsecrets = ["public/*"]\n\n'
+        f'[[rule]]\ntoken_sha256 = "{hashlib.sha256(TOKEN.encode()).hexdigest()}"\negress = ["openai"]\n'
+    )
     agent = start_agent("eu1", "eu", "--policy", str(policy), "--egress-ca", str(pki[0]), "--egress-timeout", "2s")
     worker, stranger = Worker(agent, TOKEN), Worker(agent)
 
@@ -95,8 +125,14 @@ def test_keyless_workers_end_to_end(control_plane: ControlPlane, start_agent: An
 
     # a rotation: the next call uses the new key
     op.rotate("openai/api-key", value=KEY2)
-    wait_until(lambda: worker.call("GET", "/v1/egress/openai/v1/ok")[0] == 200
-               and upstream.last().header("Authorization") == [f"Bearer {KEY2}"], 20, "the rotated key upstream")
+    wait_until(
+        lambda: (
+            worker.call("GET", "/v1/egress/openai/v1/ok")[0] == 200
+            and upstream.last().header("Authorization") == [f"Bearer {KEY2}"]
+        ),
+        20,
+        "the rotated key upstream",
+    )
 
     # the upstream gone: a clear error, never the key; the agent serves on
     upstream.close()

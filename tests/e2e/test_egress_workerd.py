@@ -42,17 +42,22 @@ export default {
 
 
 def _workerd() -> str | None:
-    for c in (os.environ.get("WORKERD"), str(ROOT / "agents" / "js" / "node_modules" / ".bin" / "workerd"),
-              shutil.which("workerd")):
+    for c in (
+        os.environ.get("WORKERD"),
+        str(ROOT / "agents" / "js" / "node_modules" / ".bin" / "workerd"),
+        shutil.which("workerd"),
+    ):
         if c and os.path.isfile(c) and os.access(c, os.X_OK):
             return c
     return None
 
 
-@pytest.mark.skipif(_workerd() is None,
-                    reason="no workerd binary ($WORKERD, agents/js/node_modules/.bin/workerd or PATH)")
-def test_workerd_workers_call_the_upstream_without_the_key(control_plane: ControlPlane, start_agent: Any,
-                                                          workdir: Path) -> None:
+@pytest.mark.skipif(
+    _workerd() is None, reason="no workerd binary ($WORKERD, agents/js/node_modules/.bin/workerd or PATH)"
+)
+def test_workerd_workers_call_the_upstream_without_the_key(
+    control_plane: ControlPlane, start_agent: Any, workdir: Path
+) -> None:
     workerd = _workerd()
     assert workerd is not None
     pki = workdir / "pki"
@@ -63,11 +68,23 @@ def test_workerd_workers_call_the_upstream_without_the_key(control_plane: Contro
     try:
         op = control_plane.op
         op.put("openai/api-key", value=KEY, regions=["eu"])
-        op.request("POST", "/v1/egress", json={"name": "openai", "upstream": upstream.url, "secret": "openai/api-key",
-                                               "inject": ["header:Authorization=Bearer {value}"]})
+        op.request(
+            "POST",
+            "/v1/egress",
+            json={
+                "name": "openai",
+                "upstream": upstream.url,
+                "secret": "openai/api-key",
+                "inject": ["header:Authorization=Bearer {value}"],
+            },
+        )
         policy = workdir / "policy.toml"
-        policy.write_text("".join(f'[[rule]]\ntoken_sha256 = "{hashlib.sha256(t.encode()).hexdigest()}"\n'
-                                  'egress = ["openai"]\n\n' for t in TOKENS.values()))
+        policy.write_text(
+            "".join(
+                f'[[rule]]\ntoken_sha256 = "{hashlib.sha256(t.encode()).hexdigest()}"\negress = ["openai"]\n\n'
+                for t in TOKENS.values()
+            )
+        )
         agent = start_agent("eu1", "eu", "--policy", str(policy), "--egress-ca", str(ca))
         port, port2 = free_port(), free_port()
         (workdir / "worker.js").write_text(WORKER)
@@ -79,9 +96,9 @@ const config :Workerd.Config = (
     (name = "proxy", worker = .proxied),
     (name = "binding", worker = .bound),
     (name = "agent-proxy", external = (address = "unix:{sock}",
-      http = (style = proxy, injectRequestHeaders = [(name = "X-Vault-Edge-Token", value = "{TOKENS['proxy']}")]))),
+      http = (style = proxy, injectRequestHeaders = [(name = "X-Vault-Edge-Token", value = "{TOKENS["proxy"]}")]))),
     (name = "agent-binding", external = (address = "unix:{sock}",
-      http = (injectRequestHeaders = [(name = "X-Vault-Edge-Token", value = "{TOKENS['binding']}")]))),
+      http = (injectRequestHeaders = [(name = "X-Vault-Edge-Token", value = "{TOKENS["binding"]}")]))),
   ],
   sockets = [
     (name = "proxy", address = "127.0.0.1:{port}", http = (), service = "proxy"),
@@ -100,8 +117,9 @@ const bound :Workerd.Worker = (
 );
 """)
         with open(workdir / "workerd.log", "wb") as log:
-            proc = subprocess.Popen([workerd, "serve", str(workdir / "config.capnp")], stdout=log,
-                                    stderr=subprocess.STDOUT)
+            proc = subprocess.Popen(
+                [workerd, "serve", str(workdir / "config.capnp")], stdout=log, stderr=subprocess.STDOUT
+            )
         results = {}
         for name, p, path in (("proxy", port, "/proxy"), ("binding", port2, "/binding")):
             deadline = time.monotonic() + 30

@@ -39,7 +39,8 @@ def _node_rows(control_plane: ControlPlane) -> list[tuple[str, str | None, str]]
 
 
 def test_an_enrolment_answer_lost_to_the_agents_timeout_is_retried_with_the_same_token(
-        control_plane: ControlPlane, relay: Proxy, agents: list[AgentProcess], workdir: Path) -> None:
+    control_plane: ControlPlane, relay: Proxy, agents: list[AgentProcess], workdir: Path
+) -> None:
     """The control plane enrols the node at once, but its answer reaches the agent only after the
     agent's enrolment timeout: the agent gives up on it and asks again with the same token and keys.
     It gets the node the lost answer named, and the control plane holds that one node, no orphan."""
@@ -66,8 +67,9 @@ def test_an_enrolment_answer_lost_to_the_agents_timeout_is_retried_with_the_same
     assert any(e["outcome"] == "repeated" and e["target"] == lost for e in enrols)
 
 
-def test_a_shed_enrolment_is_retried_after_its_retry_after(control_plane: ControlPlane, relay: Proxy,
-                                                           agents: list[AgentProcess], workdir: Path) -> None:
+def test_a_shed_enrolment_is_retried_after_its_retry_after(
+    control_plane: ControlPlane, relay: Proxy, agents: list[AgentProcess], workdir: Path
+) -> None:
     """A 503 overloaded with Retry-After: 2 (as the control plane sheds past its in-flight limit): the
     agent waits at least that long, then enrols."""
     relay.hostile, relay.hostile_paths = "overloaded", (ENROLL,)

@@ -54,20 +54,25 @@ def samples(text: str) -> dict[str, float]:
 
 @pytest.fixture
 def plane(workdir: Path) -> Iterator[ControlPlane]:
-    env = {"VAULT_EDGE_METRICS_TOKEN": METRICS_TOKEN, "VAULT_EDGE_AUDIT_FILE": str(workdir / "audit.jsonl"),
-           "VAULT_EDGE_LOG_FORMAT": "json"}
+    env = {
+        "VAULT_EDGE_METRICS_TOKEN": METRICS_TOKEN,
+        "VAULT_EDGE_AUDIT_FILE": str(workdir / "audit.jsonl"),
+        "VAULT_EDGE_LOG_FORMAT": "json",
+    }
     cp = ControlPlane(workdir, str(workdir / "vault.db"), env=env)
     cp.op.create_region("eu")
     yield cp
     cp.close()
 
 
-def test_metrics_logs_and_audit_sink(plane: ControlPlane, workdir: Path, promtool: str,
-                                     monkeypatch: pytest.MonkeyPatch) -> None:
+def test_metrics_logs_and_audit_sink(
+    plane: ControlPlane, workdir: Path, promtool: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     port = free_port()
     plane.op.put("app/key", value=VALUE, regions=["eu"])
-    agent = AgentProcess(workdir, "eu1", plane.addr, plane.join_token("eu"),
-                         ["--metrics-addr", str(port), "--log-format", "json"])
+    agent = AgentProcess(
+        workdir, "eu1", plane.addr, plane.join_token("eu"), ["--metrics-addr", str(port), "--log-format", "json"]
+    )
     monkeypatch.setenv("VAULT_EDGE_METRICS_TOKEN", METRICS_TOKEN)  # the agent reads it from its environment
     agent.start()
     try:
@@ -138,11 +143,15 @@ def test_metrics_logs_and_audit_sink(plane: ControlPlane, workdir: Path, promtoo
         assert VALUE not in log_text
     server_docs = [json.loads(line) for line in plane.server.log().splitlines() if line.strip()]
     start = [d["msg"] for d in server_docs if "control plane on" in d["msg"]]
-    assert start and re.search(r"http://127\.0\.0\.1:\d+; database sqlite:///.*vault\.db; seal shamir, sealed",
-                               start[0])
+    assert start and re.search(
+        r"http://127\.0\.0\.1:\d+; database sqlite:///.*vault\.db; seal shamir, sealed", start[0]
+    )
     assert not any('"GET /v1/agent/sync' in d["msg"] for d in server_docs)  # request logs are off by default
-    assert any(f"metrics on http://127.0.0.1:{port}/metrics (bearer token required)" in json.loads(line)["msg"]
-               for line in agent.log().splitlines() if line.strip())
+    assert any(
+        f"metrics on http://127.0.0.1:{port}/metrics (bearer token required)" in json.loads(line)["msg"]
+        for line in agent.log().splitlines()
+        if line.strip()
+    )
 
 
 def test_policy_reloads_on_sighup(control_plane: ControlPlane, workdir: Path) -> None:
@@ -151,8 +160,9 @@ def test_policy_reloads_on_sighup(control_plane: ControlPlane, workdir: Path) ->
     op.put("b/two", value="two", regions=["eu"])
     policy = workdir / "policy.toml"
     policy.write_text(f'[[rule]]\nuid = {os.getuid()}\nsecrets = ["a/*"]\n')
-    agent = AgentProcess(workdir, "eu1", control_plane.addr, control_plane.join_token("eu"),
-                         ["--policy", str(policy)]).start()
+    agent = AgentProcess(
+        workdir, "eu1", control_plane.addr, control_plane.join_token("eu"), ["--policy", str(policy)]
+    ).start()
     try:
         assert agent.get("a/one") == "one"
         with pytest.raises(AgentError) as e:
@@ -190,8 +200,9 @@ while True:
 
 
 @pytest.mark.parametrize("mode", ["restart", "signal"])
-def test_exec_restarts_or_signals_the_child_on_rotation(control_plane: ControlPlane, start_agent: Any,
-                                                       workdir: Path, mode: str) -> None:
+def test_exec_restarts_or_signals_the_child_on_rotation(
+    control_plane: ControlPlane, start_agent: Any, workdir: Path, mode: str
+) -> None:
     """The child records its pid and the length of the value it got (never the value itself)."""
     op = control_plane.op
     op.put("app/key", value="x" * 10, regions=["eu"])
@@ -200,9 +211,23 @@ def test_exec_restarts_or_signals_the_child_on_rotation(control_plane: ControlPl
     script, out = workdir / "child.py", workdir / "child.out"
     script.write_text(CHILD)
     flag = ["--restart-on-change"] if mode == "restart" else ["--signal-on-change", "HUP"]
-    with subprocess.Popen([*vault_edge_cmd(), "agent", "exec", "--socket", str(agent.socket), *flag,
-                           "--env", "APP_KEY=app/key", "--", sys.executable, str(script), str(out)],
-                          stderr=subprocess.PIPE) as sup:
+    with subprocess.Popen(
+        [
+            *vault_edge_cmd(),
+            "agent",
+            "exec",
+            "--socket",
+            str(agent.socket),
+            *flag,
+            "--env",
+            "APP_KEY=app/key",
+            "--",
+            sys.executable,
+            str(script),
+            str(out),
+        ],
+        stderr=subprocess.PIPE,
+    ) as sup:
         try:
             wait_until(lambda: out.exists() and "start" in out.read_text(), 15, "the child")
             first = out.read_text().split()

@@ -24,8 +24,7 @@ def pg_plane(workdir: Path, pg_url: str) -> Iterator[ControlPlane]:
     cp.close()
 
 
-def test_rotation_through_replica_a_reaches_an_agent_polling_replica_b(pg_plane: ControlPlane,
-                                                                        workdir: Path) -> None:
+def test_rotation_through_replica_a_reaches_an_agent_polling_replica_b(pg_plane: ControlPlane, workdir: Path) -> None:
     b = pg_plane.add_replica()
     pg_plane.op.put("svc/key", value="v1", regions=["eu"])
     # the agent holds 30 s long-polls on replica B: only a NOTIFY from A can answer it sooner

@@ -18,8 +18,14 @@ from vault_edge.operator import OperatorClient
 
 def _cli(cp: ControlPlane, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "VAULT_EDGE_ADDR": cp.addr, "VAULT_EDGE_TOKEN": cp.token}
-    return subprocess.run([sys.executable, "-m", "vault_edge", *args], env=env, capture_output=True, text=True,
-                          timeout=timeout, check=False)
+    return subprocess.run(
+        [sys.executable, "-m", "vault_edge", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
 
 
 def test_grace_both_versions_readable_then_only_the_new(control_plane: ControlPlane, start_agent: Any) -> None:
@@ -45,8 +51,11 @@ def test_grace_both_versions_readable_then_only_the_new(control_plane: ControlPl
         a.get("api/key", version=1)
     assert a.get("api/key") == "new-key"
     # the control plane ended the grace too, with a revision the agents applied
-    wait_until(lambda: [s["stage"] for v in op.history("api/key")["versions"] for s in v["stages"]] == ["current"],
-               10, "the control plane to end the grace")
+    wait_until(
+        lambda: [s["stage"] for v in op.history("api/key")["versions"] for s in v["stages"]] == ["current"],
+        10,
+        "the control plane to end the grace",
+    )
 
 
 def test_pending_then_promote(control_plane: ControlPlane, start_agent: Any) -> None:
@@ -62,8 +71,9 @@ def test_pending_then_promote(control_plane: ControlPlane, start_agent: Any) -> 
     assert a.get("db/pw", stage="previous") == "v1"
 
 
-def test_rotate_wait_returns_when_three_agents_in_two_regions_serve_it(control_plane: ControlPlane,
-                                                                        start_agent: Any) -> None:
+def test_rotate_wait_returns_when_three_agents_in_two_regions_serve_it(
+    control_plane: ControlPlane, start_agent: Any
+) -> None:
     control_plane.op.put("shared/key", value="v1", regions=["eu", "us"])
     agents = [start_agent("eu1", "eu"), start_agent("eu2", "eu"), start_agent("us1", "us")]
     r = _cli(control_plane, "rotate", "shared/key", "v2", "--wait", "--timeout", "20s", "-o", "json")
@@ -74,7 +84,10 @@ def test_rotate_wait_returns_when_three_agents_in_two_regions_serve_it(control_p
         assert a.get("shared/key") == "v2"
     st = json.loads(_cli(control_plane, "status", "shared/key", "-o", "json").stdout)
     assert sorted((n["region"], n["serving"], n["state"]) for n in st["nodes"]) == [
-        ("eu", 2, "in_sync"), ("eu", 2, "in_sync"), ("us", 2, "in_sync")]
+        ("eu", 2, "in_sync"),
+        ("eu", 2, "in_sync"),
+        ("us", 2, "in_sync"),
+    ]
 
     stopped = agents[2]
     stopped_id = stopped.node_id
@@ -114,8 +127,19 @@ def test_down_nodes_do_not_block_wait(workdir: Any) -> None:
 
 def test_generated_rotation_on_a_schedule_survives_restart(control_plane: ControlPlane, start_agent: Any) -> None:
     op = control_plane.op
-    r = _cli(control_plane, "put", "gen/token", "--generate", "24:alnum", "--rotate-every", "2s",
-             "--regions", "eu", "-o", "json")
+    r = _cli(
+        control_plane,
+        "put",
+        "gen/token",
+        "--generate",
+        "24:alnum",
+        "--rotate-every",
+        "2s",
+        "--regions",
+        "eu",
+        "-o",
+        "json",
+    )
     assert r.returncode == 0, r.stderr
     a = start_agent("eu1", "eu")
     first = a.get("gen/token")

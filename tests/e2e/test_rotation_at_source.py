@@ -46,11 +46,19 @@ def rds() -> Iterator[ThrowawayRedis]:
     r.stop()
 
 
-def _cli(cp: ControlPlane, *args: str, stdin: str | None = None,
-         timeout: float = 60) -> subprocess.CompletedProcess[str]:
+def _cli(
+    cp: ControlPlane, *args: str, stdin: str | None = None, timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "VAULT_EDGE_ADDR": cp.addr, "VAULT_EDGE_TOKEN": cp.token}
-    return subprocess.run([sys.executable, "-m", "vault_edge", *args], env=env, capture_output=True, text=True,
-                          input=stdin, timeout=timeout, check=False)
+    return subprocess.run(
+        [sys.executable, "-m", "vault_edge", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        input=stdin,
+        timeout=timeout,
+        check=False,
+    )
 
 
 def _ok(r: subprocess.CompletedProcess[str]) -> str:
@@ -64,9 +72,31 @@ def _pg_rotator(cp: ControlPlane, pg: ThrowawayPostgres, tag: str, every: str, g
         for role in (a, b):
             c.execute(f"DROP ROLE IF EXISTS {role}")
             c.execute(f"CREATE ROLE {role} NOLOGIN")
-    _ok(_cli(cp, "rotator", "create", "pg", "--type", "postgres", "--admin-secret", "rotators/pg-admin",
-             "--admin-value", "-", "--host", "127.0.0.1", "--port", str(pg.port), "--database", "postgres",
-             "--strategy", "alternate", "--usernames", f"{a},{b}", stdin=json.dumps(pg.admin())))
+    _ok(
+        _cli(
+            cp,
+            "rotator",
+            "create",
+            "pg",
+            "--type",
+            "postgres",
+            "--admin-secret",
+            "rotators/pg-admin",
+            "--admin-value",
+            "-",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(pg.port),
+            "--database",
+            "postgres",
+            "--strategy",
+            "alternate",
+            "--usernames",
+            f"{a},{b}",
+            stdin=json.dumps(pg.admin()),
+        )
+    )
     args = ["--rotate-every", every] if every else []
     _ok(_cli(cp, "put", "db/main", "--rotator", "pg", "--regions", "eu", "--grace", grace, *args))
     return a, b
@@ -131,12 +161,19 @@ def _pg_login(pg: ThrowawayPostgres) -> Any:
 
     def login(cred: dict[str, Any]) -> tuple[bool, str]:
         try:
-            with psycopg.connect(host=cred["host"], port=cred["port"], dbname=cred["database"], user=cred["username"],
-                                 password=cred["password"], connect_timeout=10) as conn:
+            with psycopg.connect(
+                host=cred["host"],
+                port=cred["port"],
+                dbname=cred["database"],
+                user=cred["username"],
+                password=cred["password"],
+                connect_timeout=10,
+            ) as conn:
                 conn.execute("SELECT 1")
             return True, ""
         except psycopg.Error as exc:
             return False, type(exc).__name__ + ": " + str(exc).splitlines()[0][:200]
+
     return login
 
 
@@ -145,8 +182,14 @@ def _redis_login(cred: dict[str, Any]) -> tuple[bool, str]:
     from redis.backoff import NoBackoff
     from redis.retry import Retry
 
-    c = redis.Redis(host=cred["host"], port=cred["port"], username=cred["username"], password=cred["password"],
-                    socket_timeout=10, retry=Retry(NoBackoff(), 0))  # a refusal counts at once, never retried
+    c = redis.Redis(
+        host=cred["host"],
+        port=cred["port"],
+        username=cred["username"],
+        password=cred["password"],
+        socket_timeout=10,
+        retry=Retry(NoBackoff(), 0),
+    )  # a refusal counts at once, never retried
     try:
         c.ping()
         return True, ""
@@ -160,8 +203,9 @@ def _rotations(op: OperatorClient, name: str) -> list[dict[str, Any]]:
     return list(op.rotation_status(name, 100)["rotations"])
 
 
-def test_rotations_under_load_with_a_sigkill_no_login_fails(workdir: Path, pg: ThrowawayPostgres,
-                                                             rds: ThrowawayRedis) -> None:
+def test_rotations_under_load_with_a_sigkill_no_login_fails(
+    workdir: Path, pg: ThrowawayPostgres, rds: ThrowawayRedis
+) -> None:
     t_setup = time.monotonic()
     cp = _start_cp(workdir)
     agents: list[AgentProcess] = []
@@ -172,8 +216,24 @@ def test_rotations_under_load_with_a_sigkill_no_login_fails(workdir: Path, pg: T
         admin = rds.client()
         admin.execute_command("ACL", "DELUSER", user)
         admin.execute_command("ACL", "SETUSER", user, "on", "~*", "+@all")
-        _ok(_cli(cp, "rotator", "create", "rd", "--type", "redis", "--admin-secret", "rotators/rd-admin",
-                 "--admin-value", json.dumps(rds.admin()), "--port", str(rds.port), "--username", user))
+        _ok(
+            _cli(
+                cp,
+                "rotator",
+                "create",
+                "rd",
+                "--type",
+                "redis",
+                "--admin-secret",
+                "rotators/rd-admin",
+                "--admin-value",
+                json.dumps(rds.admin()),
+                "--port",
+                str(rds.port),
+                "--username",
+                user,
+            )
+        )
         _ok(_cli(cp, "put", "cache/main", "--rotator", "rd", "--regions", "eu", "--grace", "2s"))
         for i in range(2):
             agents.append(AgentProcess(workdir, f"eu{i}", cp.addr, cp.join_token("eu")).start())
@@ -195,8 +255,13 @@ def test_rotations_under_load_with_a_sigkill_no_login_fails(workdir: Path, pg: T
         for at in (RUN_S / 3, 2 * RUN_S / 3):  # SIGKILL the control plane twice, each time mid-rotation
             while time.monotonic() - t0 < at:
                 time.sleep(0.2)
-            step = wait_until(lambda: next((r["step"] for r in _rotations(cp.op, "db/main")
-                                            if r["step"] not in ("done", "aborted")), None), 15, "a rotation mid-way")
+            step = wait_until(
+                lambda: next(
+                    (r["step"] for r in _rotations(cp.op, "db/main") if r["step"] not in ("done", "aborted")), None
+                ),
+                15,
+                "a rotation mid-way",
+            )
             _restart_after_kill(cp)
             kills.append(step)
         while time.monotonic() - t0 < RUN_S:
@@ -206,15 +271,20 @@ def test_rotations_under_load_with_a_sigkill_no_login_fails(workdir: Path, pg: T
         _ok(_cli(cp, "put", "db/main", "--rotator", "pg", "--rotate-every", "0"))
         _ok(_cli(cp, "put", "cache/main", "--rotator", "rd", "--rotate-every", "0"))
         for name in ("db/main", "cache/main"):
-            wait_until(lambda name=name: all(r["step"] in ("done", "aborted") for r in _rotations(cp.op, name)),
-                       60, f"{name}'s last rotation to finish")
+            wait_until(
+                lambda name=name: all(r["step"] in ("done", "aborted") for r in _rotations(cp.op, name)),
+                60,
+                f"{name}'s last rotation to finish",
+            )
         names = ("db/main", "cache/main")
         figures = {
             "setup_s": round(setup_s, 1),
-            "run_s": round(time.monotonic() - t0, 1), "sigkills": kills,
+            "run_s": round(time.monotonic() - t0, 1),
+            "sigkills": kills,
             "rotations": {n: sum(r["step"] == "done" for r in _rotations(cp.op, n)) for n in names},
             "aborted": {n: sum(r["step"] == "aborted" for r in _rotations(cp.op, n)) for n in names},
-            "logins_tried": loops.tried, "failures": len(loops.failures),
+            "logins_tried": loops.tried,
+            "failures": len(loops.failures),
             "credentials_seen": {k: len(v) for k, v in loops.seen.items()},
         }
         print("ROTATION-FIGURES " + json.dumps(figures))
@@ -227,16 +297,19 @@ def test_rotations_under_load_with_a_sigkill_no_login_fails(workdir: Path, pg: T
         current = {n: json.loads(cp.op.get(n)["value"]) for n in ("db/main", "cache/main")}
         for n, kind in (("db/main", "postgres"), ("cache/main", "redis")):
             versions = [v["version"] for v in cp.op.history(n)["versions"] if not v["destroyed"]]
-            creds = {(c["username"], c["password"]) for c in
-                     (json.loads(cp.op.get(n, version=v)["value"]) for v in versions)} | loops.seen[kind]
+            creds = {
+                (c["username"], c["password"]) for c in (json.loads(cp.op.get(n, version=v)["value"]) for v in versions)
+            } | loops.seen[kind]
             cur = (current[n]["username"], current[n]["password"])
             for u, p in creds - {cur}:
                 refused = not (pg.can_login(u, p) if kind == "postgres" else rds.can_login(u, p))
                 assert refused, f"{kind}: a retired credential of {u} still logs in"
-            assert (pg.can_login(*cur) if kind == "postgres" else rds.can_login(*cur))
+            assert pg.can_login(*cur) if kind == "postgres" else rds.can_login(*cur)
         with pg.connect() as c:
-            live = c.execute("SELECT count(*) FROM pg_authid WHERE rolname = ANY(%s) AND rolcanlogin "
-                             "AND rolpassword IS NOT NULL", ([a, b],)).fetchone()
+            live = c.execute(
+                "SELECT count(*) FROM pg_authid WHERE rolname = ANY(%s) AND rolcanlogin AND rolpassword IS NOT NULL",
+                ([a, b],),
+            ).fetchone()
         assert live is not None and live[0] == 1, "one login role with a password left, not two"
         assert len(admin.acl_getuser(user)["passwords"]) == 1, "one Redis password left"
         admin.execute_command("ACL", "DELUSER", user)
@@ -250,8 +323,10 @@ def test_rotations_under_load_with_a_sigkill_no_login_fails(workdir: Path, pg: T
                 ag.get("rotators/pg-admin")
             assert exc.value.status == 404
         assert cp.op.audit_verify()["ok"]
-        print(f"ROTATION-TIMES setup {setup_s:.1f}s, run {figures['run_s']}s, "
-              f"checks {time.monotonic() - t0 - figures['run_s']:.1f}s")
+        print(
+            f"ROTATION-TIMES setup {setup_s:.1f}s, run {figures['run_s']}s, "
+            f"checks {time.monotonic() - t0 - figures['run_s']:.1f}s"
+        )
     finally:
         loops.join()
         for ag in agents:
@@ -276,12 +351,35 @@ def test_retire_waits_for_a_frozen_agent_then_counts_it_down(workdir: Path, pg: 
             with pytest.raises(AgentError) as exc:
                 c.get("db/main", field="nope")
             assert exc.value.status == 404
-        probe = ("import os, psycopg; psycopg.connect(host='127.0.0.1', port=int(os.environ['PGPORT']), "
-                 "dbname='postgres', user=os.environ['PGUSER'], password=os.environ['PGPASSWORD']).close()")
-        r = subprocess.run([sys.executable, "-m", "vault_edge", "agent", "exec", "--socket", str(live.socket),
-                            "--env", "PGUSER=db/main#username", "--env", "PGPASSWORD=db/main#password",
-                            "--env", "PGPORT=db/main#port", "--", sys.executable, "-c", probe],
-                           capture_output=True, text=True, timeout=60, check=False)
+        probe = (
+            "import os, psycopg; psycopg.connect(host='127.0.0.1', port=int(os.environ['PGPORT']), "
+            "dbname='postgres', user=os.environ['PGUSER'], password=os.environ['PGPASSWORD']).close()"
+        )
+        r = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "vault_edge",
+                "agent",
+                "exec",
+                "--socket",
+                str(live.socket),
+                "--env",
+                "PGUSER=db/main#username",
+                "--env",
+                "PGPASSWORD=db/main#password",
+                "--env",
+                "PGPORT=db/main#port",
+                "--",
+                sys.executable,
+                "-c",
+                probe,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
         assert r.returncode == 0, r.stderr
 
         frozen_id = frozen.node_id
@@ -295,8 +393,11 @@ def test_retire_waits_for_a_frozen_agent_then_counts_it_down(workdir: Path, pg: 
             def current() -> dict[str, Any]:
                 return next(r for r in _rotations(cp.op, "db/main") if r["rotation"] == rid)
 
-            waiting = wait_until(lambda: (d := current())["step"] == "retire" and d["waiting_for"] == [frozen_id]
-                                 and d, 10, "retire to wait for the frozen agent")
+            waiting = wait_until(
+                lambda: (d := current())["step"] == "retire" and d["waiting_for"] == [frozen_id] and d,
+                10,
+                "retire to wait for the frozen agent",
+            )
             assert waiting["down"] == []
             # meanwhile the old credential still logs in: nothing was retired
             assert pg.can_login(old["username"], old["password"])
@@ -313,8 +414,9 @@ def test_retire_waits_for_a_frozen_agent_then_counts_it_down(workdir: Path, pg: 
         finally:
             frozen.proc.send_signal(signal.SIGCONT)
         new = json.loads(cp.op.get("db/main")["value"])
-        wait_until(lambda: json.loads(frozen.get("db/main"))["username"] == new["username"], 20,
-                   "the thawed agent to catch up")
+        wait_until(
+            lambda: json.loads(frozen.get("db/main"))["username"] == new["username"], 20, "the thawed agent to catch up"
+        )
     finally:
         for ag in agents:
             ag.stop()

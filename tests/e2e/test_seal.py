@@ -21,8 +21,15 @@ pytestmark = pytest.mark.e2e
 LABEL = "vault-edge-seal"
 
 
-def _server(workdir: Path, db: str, hsm: SoftHsm | None, slot: int | None = None, port: int | None = None,
-            name: str = "server", **kw: Any) -> ServerProcess:
+def _server(
+    workdir: Path,
+    db: str,
+    hsm: SoftHsm | None,
+    slot: int | None = None,
+    port: int | None = None,
+    name: str = "server",
+    **kw: Any,
+) -> ServerProcess:
     extra = hsm.args(slot, **kw) if hsm is not None and slot is not None else []
     return ServerProcess(db, workdir / f"{name}.log", port, extra, env=hsm.env if hsm else None).start()
 
@@ -89,8 +96,10 @@ def test_pkcs11_server_restarts_unattended_under_a_writer_loop(tmp_path: Path, s
             unseals += [e for e in page if e["action"] == "sys.unseal"]
             after = page[-1]["seq"]
         assert len(unseals) == 11 and {e["actor"] for e in unseals} == {"system"}  # the HSM's each time, no share
-        print(f"\nPKCS#11 auto-unseal: start → first 200, median {statistics.median(times) * 1000:.0f} ms, "
-              f"max {max(times) * 1000:.0f} ms over 10 SIGKILL restarts ({written[0]} writes)")
+        print(
+            f"\nPKCS#11 auto-unseal: start → first 200, median {statistics.median(times) * 1000:.0f} ms, "
+            f"max {max(times) * 1000:.0f} ms over 10 SIGKILL restarts ({written[0]} writes)"
+        )
         assert op.audit_verify()["ok"] is True
     finally:  # the server is stopped whatever failed (a process left running fails the next test)
         op.close()
@@ -111,8 +120,12 @@ def hsm_vault(tmp_path: Path, softhsm: SoftHsm) -> Any:  # noqa: F811
 
 
 @pytest.mark.parametrize("fault", ["wrong pin", "missing key label", "different token"])
-def test_a_bad_hsm_leaves_it_sealed_with_a_clear_error(tmp_path: Path, softhsm: SoftHsm, hsm_vault: Any,  # noqa: F811
-                                                        fault: str) -> None:
+def test_a_bad_hsm_leaves_it_sealed_with_a_clear_error(
+    tmp_path: Path,
+    softhsm: SoftHsm,  # noqa: F811
+    hsm_vault: Any,
+    fault: str,
+) -> None:
     db, slot, shares, token = hsm_vault
     label = LABEL
     if fault == "wrong pin":
@@ -126,8 +139,11 @@ def test_a_bad_hsm_leaves_it_sealed_with_a_clear_error(tmp_path: Path, softhsm: 
     server = _server(tmp_path, db, softhsm, slot, name=fault.replace(" ", "-"), label=label)
     status = _status(server.addr)
     assert status["sealed"] is True
-    want = {"wrong pin": "refused the PIN", "missing key label": "no AES key labelled 'no-such-key'",
-            "different token": "does not open this vault's wrapped root key"}[fault]
+    want = {
+        "wrong pin": "refused the PIN",
+        "missing key label": "no AES key labelled 'no-such-key'",
+        "different token": "does not open this vault's wrapped root key",
+    }[fault]
     assert want in status["seal_error"], status["seal_error"]
     assert want in server.log() and "4711" not in server.log()
     with OperatorClient(server.addr, "") as c:  # the recovery shares still unseal it
@@ -138,8 +154,11 @@ def test_a_bad_hsm_leaves_it_sealed_with_a_clear_error(tmp_path: Path, softhsm: 
     server.stop()
 
 
-def test_recovery_shares_generate_root_and_seal_migrates_both_ways(tmp_path: Path, softhsm: SoftHsm,  # noqa: F811
-                                                                    hsm_vault: Any) -> None:
+def test_recovery_shares_generate_root_and_seal_migrates_both_ways(
+    tmp_path: Path,
+    softhsm: SoftHsm,  # noqa: F811
+    hsm_vault: Any,
+) -> None:
     db, slot, shares, token = hsm_vault
     server = _server(tmp_path, db, softhsm, slot)
     env = {"VAULT_EDGE_ADDR": server.addr, "VAULT_EDGE_TOKEN": ""}
@@ -182,8 +201,9 @@ def test_recovery_shares_generate_root_and_seal_migrates_both_ways(tmp_path: Pat
 
 
 @pytest.mark.parametrize("target", ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
-def test_backup_restore_keeps_an_enrolled_agent_syncing(tmp_path: Path, target: str,
-                                                        request: pytest.FixtureRequest) -> None:
+def test_backup_restore_keeps_an_enrolled_agent_syncing(
+    tmp_path: Path, target: str, request: pytest.FixtureRequest
+) -> None:
     db = str(tmp_path / "vault.db")
     server = ServerProcess(db, tmp_path / "server.log").start()
     shares, token = _init(server.addr)
@@ -223,8 +243,15 @@ def test_backup_restore_keeps_an_enrolled_agent_syncing(tmp_path: Path, target: 
     assert agent.health()["status"] == "ok"
     bad = tmp_path / "cut.backup"
     bad.write_bytes(backup_file.read_bytes()[:-7])
-    r = cli("restore", str(bad), "--db", str(tmp_path / "cut.db"), "--shares-file", "-",
-            input="\n".join(shares[:2]).encode())
+    r = cli(
+        "restore",
+        str(bad),
+        "--db",
+        str(tmp_path / "cut.db"),
+        "--shares-file",
+        "-",
+        input="\n".join(shares[:2]).encode(),
+    )
     assert r.returncode == 1 and b"truncated" in r.stderr
     agent.stop()
     op.close()

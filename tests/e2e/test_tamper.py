@@ -23,13 +23,17 @@ def proxy(control_plane: ControlPlane) -> Iterator[Proxy]:
     p.close()
 
 
-@pytest.mark.parametrize("mode,reason", [
-    ("tamper", "bad control-plane signature"),
-    ("other_node", "another node"),
-    ("replay", "does not match this request"),
-])
-def test_hostile_sync_answers_are_refused(control_plane: ControlPlane, start_agent: Any, proxy: Proxy,
-                                          mode: str, reason: str) -> None:
+@pytest.mark.parametrize(
+    "mode,reason",
+    [
+        ("tamper", "bad control-plane signature"),
+        ("other_node", "another node"),
+        ("replay", "does not match this request"),
+    ],
+)
+def test_hostile_sync_answers_are_refused(
+    control_plane: ControlPlane, start_agent: Any, proxy: Proxy, mode: str, reason: str
+) -> None:
     op = control_plane.op
     op.put("eu/db", value="good-v1", regions=["eu"])
     a = start_agent("eu1", "eu", server=proxy.addr)
@@ -51,8 +55,9 @@ def test_hostile_sync_answers_are_refused(control_plane: ControlPlane, start_age
     wait_until(lambda: a.get("eu/db") == "evil-or-new-v2", 20, "catch-up after the attack stops")
 
 
-def test_the_join_token_never_crosses_the_wire_in_clear(control_plane: ControlPlane, start_agent: Any,
-                                                        proxy: Proxy) -> None:
+def test_the_join_token_never_crosses_the_wire_in_clear(
+    control_plane: ControlPlane, start_agent: Any, proxy: Proxy
+) -> None:
     """Over plain HTTP, a relay between agent and control plane sees the enrolment, but sealed to the
     control plane's key: it cannot read the join token (to enrol itself) or swap the node's keys."""
     control_plane.op.put("eu/db", value="v1", regions=["eu"])
@@ -65,8 +70,9 @@ def test_the_join_token_never_crosses_the_wire_in_clear(control_plane: ControlPl
     assert secret.encode() not in seen and token_id.encode() not in seen
 
 
-def test_a_forged_revocation_does_not_wipe_the_agent(control_plane: ControlPlane, start_agent: Any,
-                                                      proxy: Proxy) -> None:
+def test_a_forged_revocation_does_not_wipe_the_agent(
+    control_plane: ControlPlane, start_agent: Any, proxy: Proxy
+) -> None:
     """Only the control plane's signed proof makes an agent wipe itself: a 403 from the path is transient."""
     op = control_plane.op
     op.put("eu/db", value="kept-v1", regions=["eu"])
@@ -74,8 +80,11 @@ def test_a_forged_revocation_does_not_wipe_the_agent(control_plane: ControlPlane
     assert a.get("eu/db") == "kept-v1"
     proxy.mode = "forge_revoked"
     op.rotate("eu/db", value="kept-v2")
-    wait_until(lambda: proxy.rewritten >= 3 and a.log().count("signed proof of revocation") >= 3, 30,
-               "the agent to see forged revocations (bare, badly signed, deeply nested)")
+    wait_until(
+        lambda: proxy.rewritten >= 3 and a.log().count("signed proof of revocation") >= 3,
+        30,
+        "the agent to see forged revocations (bare, badly signed, deeply nested)",
+    )
     assert a.proc is not None and a.proc.poll() is None  # still running
     assert (a.state_dir / "cache.json").exists()
     assert a.get("eu/db") in ("kept-v1", "kept-v2")
@@ -108,8 +117,9 @@ def test_a_tampered_disk_cache_is_refused_on_start(control_plane: ControlPlane, 
     assert e.value.status == 503 and e.value.code == "not_ready"
 
 
-def test_a_database_restored_from_an_old_copy_moves_no_secret_back(control_plane: ControlPlane,
-                                                                   start_agent: Any) -> None:
+def test_a_database_restored_from_an_old_copy_moves_no_secret_back(
+    control_plane: ControlPlane, start_agent: Any
+) -> None:
     """The whole database restored from a backup (the one rollback a database writer can still make):
     the agent refuses to move `eu/a` back to the version of the backup, keeps serving the one it holds,
     and still takes the changes made afterwards to `eu/b` (only the rolled-back secret is refused)."""

@@ -50,9 +50,16 @@ from vault_edge.server.schemas import (
 LIMIT = 16 * 1024  # Settings.max_body_bytes for these apps: small, so oversized bodies stay cheap
 TRACEBACK_MARKERS = ("Traceback", 'File "')
 EXCLUDED_PATHS = {"/metrics", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc"}
-SEALED_EXEMPT = {"/v1/sys/status", "/v1/sys/unseal", "/v1/sys/init", "/v1/sys/health",
-                 # authorised by a threshold of the (recovery) shares, as unseal is: they work sealed too
-                 "/v1/sys/generate-root", "/v1/sys/rekey", "/v1/sys/seal-migrate"}
+SEALED_EXEMPT = {
+    "/v1/sys/status",
+    "/v1/sys/unseal",
+    "/v1/sys/init",
+    "/v1/sys/health",
+    # authorised by a threshold of the (recovery) shares, as unseal is: they work sealed too
+    "/v1/sys/generate-root",
+    "/v1/sys/rekey",
+    "/v1/sys/seal-migrate",
+}
 
 # A valid body for every request model (a new model must be added here: see test_every_route_is_known).
 EXAMPLES: dict[type[BaseModel], dict[str, Any]] = {
@@ -68,10 +75,18 @@ EXAMPLES: dict[type[BaseModel], dict[str, Any]] = {
     SharesRequest: {"shares": ["not a share at all"]},
     RekeyRequest: {"shares": ["not a share at all"], "new_shares": 3, "new_threshold": 2},
     SealMigrateRequest: {"shares": ["not a share at all"], "to": "shamir"},
-    RotatorCreate: {"type": "redis", "admin_secret": "rotators/rd-admin", "admin_value": {"password": "p"},
-                    "config": {"username": "app"}},
-    EgressCreate: {"name": "zz", "upstream": "https://api.example.com", "secret": "keep/me",
-                   "inject": ["header:Authorization=Bearer {value}"]},
+    RotatorCreate: {
+        "type": "redis",
+        "admin_secret": "rotators/rd-admin",
+        "admin_value": {"password": "p"},
+        "config": {"username": "app"},
+    },
+    EgressCreate: {
+        "name": "zz",
+        "upstream": "https://api.example.com",
+        "secret": "keep/me",
+        "inject": ["header:Authorization=Bearer {value}"],
+    },
 }
 # Path parameters: a value that exists (after seeding) and one that does not.
 PATH_VALUES = {
@@ -80,9 +95,11 @@ PATH_VALUES = {
     "token_id": ("0123456789abcdef", "0123456789abcdef"),
 }
 # Routes whose path parameter is not a secret name.
-ROUTE_PATH_VALUES = {"/v1/regions/{name}/rekey": {"name": ("eu", "nowhere")},
-                     "/v1/rotators/{name}": {"name": ("rd", "nowhere")},
-                     "/v1/egress/{name}": {"name": ("zz", "nowhere")}}
+ROUTE_PATH_VALUES = {
+    "/v1/regions/{name}/rekey": {"name": ("eu", "nowhere")},
+    "/v1/rotators/{name}": {"name": ("rd", "nowhere")},
+    "/v1/egress/{name}": {"name": ("zz", "nowhere")},
+}
 # The routes where an unknown path name is not an error: PUT creates the secret, or the rotator.
 CREATES = {("PUT", "/v1/secrets/{name:path}"), ("PUT", "/v1/rotators/{name}")}
 
@@ -139,13 +156,18 @@ def operations(app: Any) -> list[Op]:
         models = [t for t in hints.values() if isinstance(t, type) and issubclass(t, BaseModel)]
         source = inspect.getsource(endpoint)
         for method in sorted(route.methods - {"HEAD"}):
-            ops.append(Op(
-                method=method, path=path, endpoint=endpoint, body_model=models[0] if models else None,
-                query={q.name: q.field_info.annotation for q in dependant.query_params},
-                path_params=tuple(p.name for p in dependant.path_params),
-                authed=deps.principal in set(_dependency_calls(dependant)),
-                raw_body="request.body()" in source or "request.stream()" in source,
-            ))
+            ops.append(
+                Op(
+                    method=method,
+                    path=path,
+                    endpoint=endpoint,
+                    body_model=models[0] if models else None,
+                    query={q.name: q.field_info.annotation for q in dependant.query_params},
+                    path_params=tuple(p.name for p in dependant.path_params),
+                    authed=deps.principal in set(_dependency_calls(dependant)),
+                    raw_body="request.body()" in source or "request.stream()" in source,
+                )
+            )
     return ops
 
 
@@ -161,9 +183,13 @@ def error_shape_problem(resp: Any) -> str | None:
         doc = resp.json()
     except ValueError:
         return "body is not JSON"
-    if not (isinstance(doc, dict) and set(doc) == {"error"} and isinstance(doc["error"], dict)
-            and set(doc["error"]) == {"code", "message"}
-            and all(isinstance(v, str) and v for v in doc["error"].values())):
+    if not (
+        isinstance(doc, dict)
+        and set(doc) == {"error"}
+        and isinstance(doc["error"], dict)
+        and set(doc["error"]) == {"code", "message"}
+        and all(isinstance(v, str) and v for v in doc["error"].values())
+    ):
         return f"body is not the error shape: {text[:200]}"
     return None
 
@@ -290,8 +316,13 @@ def test_every_route_is_known(sqlite_url: str) -> None:
     app.state.ctx.store.dispose()
     assert len(ops) >= 20, [str(o) for o in ops]
     described = {str(o) for o in ops}
-    assert {"GET /v1/sys/status", "PUT /v1/secrets/{name:path}", "POST /v1/agent/enroll", "GET /v1/agent/sync",
-            "GET /v1/audit/verify"} <= described
+    assert {
+        "GET /v1/sys/status",
+        "PUT /v1/secrets/{name:path}",
+        "POST /v1/agent/enroll",
+        "GET /v1/agent/sync",
+        "GET /v1/audit/verify",
+    } <= described
     for op in ops:
         if op.body_model is not None:
             assert op.body_model in EXAMPLES, f"{op}: add a valid {op.body_model.__name__} body to EXAMPLES"
@@ -302,9 +333,27 @@ def test_every_route_is_known(sqlite_url: str) -> None:
 
 # -- malformed bodies -----------------------------------------------------------------------------
 BAD_JSON = [
-    b"{", b"}", b"not json", b"\xff\xfe\x00\x01", b'{"value":', b"null", b"[]", b'"text"', b"123", b"true",
-    b"{}{}", b'{"value": "x"} trailing', b"\x00", b'{"to": NaN}', b'{"to": Infinity}', b"[" * 500,
-    b'{"value": "\\ud800"', b"{'single': 'quotes'}", b'{"a" 1}', "{\"é\": 1}".encode("latin-1"), b"\xef\xbb\xbf{}",
+    b"{",
+    b"}",
+    b"not json",
+    b"\xff\xfe\x00\x01",
+    b'{"value":',
+    b"null",
+    b"[]",
+    b'"text"',
+    b"123",
+    b"true",
+    b"{}{}",
+    b'{"value": "x"} trailing',
+    b"\x00",
+    b'{"to": NaN}',
+    b'{"to": Infinity}',
+    b"[" * 500,
+    b'{"value": "\\ud800"',
+    b"{'single': 'quotes'}",
+    b'{"a" 1}',
+    '{"é": 1}'.encode("latin-1"),
+    b"\xef\xbb\xbf{}",
 ]
 
 
@@ -324,8 +373,13 @@ def test_bad_json_bodies(vault: Vault) -> None:
 
 
 CONTENT_TYPES = [
-    "text/plain", "application/x-www-form-urlencoded", "multipart/form-data; boundary=xyz", "application/xml",
-    "application/octet-stream", "text/html; charset=utf-8", "image/png",
+    "text/plain",
+    "application/x-www-form-urlencoded",
+    "multipart/form-data; boundary=xyz",
+    "application/xml",
+    "application/octet-stream",
+    "text/html; charset=utf-8",
+    "image/png",
 ]
 
 
@@ -351,8 +405,12 @@ def test_oversized_by_content_length(vault: Vault) -> None:
     for op in vault.ops:
         real = vault.send(op.method, op.url(), content=b"x" * (LIMIT + 1), headers={"content-type": "application/json"})
         vault.expect(f"{op} real body of {LIMIT + 1} bytes", refused(real, status=413, code="too_large"))
-        lying = vault.send(op.method, op.url(), content=b"{}",
-                           headers={"content-type": "application/json", "content-length": str(10**12)})
+        lying = vault.send(
+            op.method,
+            op.url(),
+            content=b"{}",
+            headers={"content-type": "application/json", "content-length": str(10**12)},
+        )
         vault.expect(f"{op} Content-Length 10^12", refused(lying, status=413, code="too_large"))
         for bad in ("abc", "-1", "1e9"):
             resp = vault.send(op.method, op.url(), content=b"{}", headers={"content-length": bad})
@@ -382,8 +440,12 @@ def test_oversized_streamed(vault: Vault) -> None:
         vault.expect(f"{op} streamed {2 * LIMIT} bytes", refused(resp))
     vault.assert_no_failures()
     # A streamed body under the limit is fine.
-    resp = vault.send("PUT", "/v1/secrets/streamed", content=iter([b'{"value": ', b'"ok", "regions": ["us"]}']),
-                      headers={"content-type": "application/json"})
+    resp = vault.send(
+        "PUT",
+        "/v1/secrets/streamed",
+        content=iter([b'{"value": ', b'"ok", "regions": ["us"]}']),
+        headers={"content-type": "application/json"},
+    )
     assert resp.status_code == 200, resp.text
     assert vault.api.call("GET", "/v1/secrets/streamed")[1]["value"] == "ok"
     assert vault.api.call("DELETE", "/v1/secrets/streamed")[0] == 200
@@ -397,8 +459,11 @@ def test_default_body_limit_is_settings_max_body_bytes(api: Api) -> None:
 
     limit = Settings().max_body_bytes
     big = json.dumps({"value": "x" * limit}).encode()
-    resp = api.client.put("/v1/secrets/big", content=big, headers={"Authorization": f"Bearer {api.token}",
-                                                                    "content-type": "application/json"})
+    resp = api.client.put(
+        "/v1/secrets/big",
+        content=big,
+        headers={"Authorization": f"Bearer {api.token}", "content-type": "application/json"},
+    )
     assert refused(resp, status=413, code="too_large") is None
     # Under the body limit but over the value limit: also a clear 413.
     st, doc = api.call("PUT", "/v1/secrets/big", json={"value": "x" * (Settings().max_value_bytes + 1)})
@@ -430,8 +495,10 @@ def test_unknown_names_are_404(vault: Vault) -> None:
         ("GET", "/v2/secrets/keep/me", None),
     ]:
         vault.expect(f"{method} {url} {body}", refused(vault.send(method, url, json=body), status=404))
-    vault.expect("PUT regions [nowhere]", refused(vault.send("PUT", "/v1/secrets/new", json={
-        "value": "x", "regions": ["nowhere"]}), status=400))
+    vault.expect(
+        "PUT regions [nowhere]",
+        refused(vault.send("PUT", "/v1/secrets/new", json={"value": "x", "regions": ["nowhere"]}), status=400),
+    )
     vault.expect("wrong method", refused(vault.send("PATCH", "/v1/secrets/keep/me", json={}), status=405))
     vault.assert_no_failures()
     assert_intact(vault)
@@ -439,9 +506,31 @@ def test_unknown_names_are_404(vault: Vault) -> None:
 
 # Percent-encoded so that the client sends them as they are; the server decodes them into the name.
 INVALID_NAMES = [
-    "%2E%2E", "%2E", "a/%2E%2E/b", "a/%2E/b", "%2E%2E/keep/me", "keep/%2E%2E/keep/me", "a//b", "a/", "%2Fa", "x" * 257,
-    "a/" * 128 + "b", "caf%C3%A9", "a%25b", "a%20b", "a%0Ab", "a%00b", "%FF%FE", "%ED%A0%80", ".env", "-a", "a%5Cb",
-    "a%3Fb", "a%23b", "a%2A", "%E2%80%AEa",
+    "%2E%2E",
+    "%2E",
+    "a/%2E%2E/b",
+    "a/%2E/b",
+    "%2E%2E/keep/me",
+    "keep/%2E%2E/keep/me",
+    "a//b",
+    "a/",
+    "%2Fa",
+    "x" * 257,
+    "a/" * 128 + "b",
+    "caf%C3%A9",
+    "a%25b",
+    "a%20b",
+    "a%0Ab",
+    "a%00b",
+    "%FF%FE",
+    "%ED%A0%80",
+    ".env",
+    "-a",
+    "a%5Cb",
+    "a%3Fb",
+    "a%23b",
+    "a%2A",
+    "%E2%80%AEa",
 ]
 
 
@@ -460,8 +549,20 @@ def test_invalid_secret_names_are_400(vault: Vault) -> None:
     assert_intact(vault)
 
 
-HOSTILE_PATH_VALUES = ["x" * 300, "%FF%FE", "%ED%A0%80", "%2E%2E", "..", "caf%C3%A9", "%20", "a%0Ab", "%E2%80%AE",
-                       "n-0123456789ABCDEF", "-1", "0" * 64]
+HOSTILE_PATH_VALUES = [
+    "x" * 300,
+    "%FF%FE",
+    "%ED%A0%80",
+    "%2E%2E",
+    "..",
+    "caf%C3%A9",
+    "%20",
+    "a%0Ab",
+    "%E2%80%AE",
+    "n-0123456789ABCDEF",
+    "-1",
+    "0" * 64,
+]
 
 
 def test_other_path_parameters(vault: Vault) -> None:
@@ -556,10 +657,13 @@ def test_wrong_types_huge_and_negative_numbers_unknown_fields(vault: Vault) -> N
         ("regions blank", {"value": "a", "regions": [" "]}),
         ("region upper case", {"value": "a", "regions": ["EU"]}),
         ("region too long", {"value": "a", "regions": ["e" * 64]}),
-        ("surrogate value", "{\"value\": \"\\ud800\"}"),
+        ("surrogate value", '{"value": "\\ud800"}'),
     ]:
-        kw: dict[str, Any] = {"json": body} if isinstance(body, dict) else {
-            "content": body, "headers": {"content-type": "application/json"}}
+        kw: dict[str, Any] = (
+            {"json": body}
+            if isinstance(body, dict)
+            else {"content": body, "headers": {"content-type": "application/json"}}
+        )
         vault.expect(f"put {case}", refused(vault.send("PUT", "/v1/secrets/keep/me", **kw)))
     for case, body in [
         ("stage previous", {"value": "x", "stage": "previous"}),
@@ -568,10 +672,12 @@ def test_wrong_types_huge_and_negative_numbers_unknown_fields(vault: Vault) -> N
         vault.expect(f"rotate {case}", refused(vault.send("POST", "/v1/rotate/keep/me", json=body)))
     vault.expect("promote without pending", refused(vault.send("POST", "/v1/promote/keep/me", json={}), status=409))
     vault.expect("region exists", refused(vault.send("POST", "/v1/regions", json={"name": "eu"}), status=409))
-    vault.expect("join token ttl short", refused(vault.send("POST", "/v1/nodes/tokens", json={
-        "region": "eu", "ttl": 59})))
-    vault.expect("join token ttl long", refused(vault.send("POST", "/v1/nodes/tokens", json={
-        "region": "eu", "ttl": "8d"})))
+    vault.expect(
+        "join token ttl short", refused(vault.send("POST", "/v1/nodes/tokens", json={"region": "eu", "ttl": 59}))
+    )
+    vault.expect(
+        "join token ttl long", refused(vault.send("POST", "/v1/nodes/tokens", json={"region": "eu", "ttl": "8d"}))
+    )
     vault.assert_no_failures()
     assert_intact(vault)
 
@@ -582,11 +688,29 @@ def _query_cases(annotation: Any) -> list[tuple[str, bool]]:
     kinds = _types_of(annotation)
     common = [("x" * 300, False), ("%FF", False), ("\u202e", False), (" ", False)]
     if kinds == {int}:
-        return [*common, ("-1", True), ("9" * 30, True), ("abc", True), ("1.5", True), ("1e3", True),
-                ("0x10", True), ("", True), ("4611686018427387905", True), ("nan", True)]
+        return [
+            *common,
+            ("-1", True),
+            ("9" * 30, True),
+            ("abc", True),
+            ("1.5", True),
+            ("1e3", True),
+            ("0x10", True),
+            ("", True),
+            ("4611686018427387905", True),
+            ("nan", True),
+        ]
     if kinds == {float}:
-        return [*common, ("-1", True), ("nan", True), ("inf", True), ("-inf", True), ("1e400", True),
-                ("301", True), ("abc", True)]
+        return [
+            *common,
+            ("-1", True),
+            ("nan", True),
+            ("inf", True),
+            ("-inf", True),
+            ("1e400", True),
+            ("301", True),
+            ("abc", True),
+        ]
     if kinds == {bool}:
         return [*common, ("maybe", True), ("2", True)]
     return common
@@ -599,9 +723,14 @@ def test_query_parameters(vault: Vault) -> None:
                 body = EXAMPLES.get(op.body_model) if op.body_model else None  # type: ignore[arg-type]
                 resp = vault.send(op.method, op.url(1), params={param: value}, json=body)
                 vault.expect(f"{op} ?{param}={value[:20]!r}", refused(resp) if must_refuse else no_crash(resp))
-    for url in ["/v1/secrets/keep/me?version=1&stage=current", "/v1/secrets/keep/me?stage=bogus",
-                "/v1/secrets?prefix=" + "a" * 257, "/v1/audit?limit=0", "/v1/audit?limit=1001",
-                "/v1/nodes?region=" + "e" * 64]:
+    for url in [
+        "/v1/secrets/keep/me?version=1&stage=current",
+        "/v1/secrets/keep/me?stage=bogus",
+        "/v1/secrets?prefix=" + "a" * 257,
+        "/v1/audit?limit=0",
+        "/v1/audit?limit=1001",
+        "/v1/nodes?region=" + "e" * 64,
+    ]:
         vault.expect(f"GET {url[:60]}", refused(vault.send("GET", url)))
     vault.assert_no_failures()
     assert_intact(vault)
@@ -673,8 +802,14 @@ def test_sealed_server_serves_only_status_unseal_init_health(make_app: Any) -> N
     health = client.get("/v1/sys/health")
     assert health.status_code == 503 and health.json() == {"status": "sealed"}
     assert refused(client.post("/v1/sys/init", json={}), status=409, code="conflict") is None
-    for bad in ({"share": "not a share"}, {"share": shares[0] + " extra"}, {"share": ""}, {"share": "x" * 2000},
-                {"share": 5}, {"sharez": shares[0]}):
+    for bad in (
+        {"share": "not a share"},
+        {"share": shares[0] + " extra"},
+        {"share": ""},
+        {"share": "x" * 2000},
+        {"share": 5},
+        {"sharez": shares[0]},
+    ):
         assert refused(client.post("/v1/sys/unseal", json=bad)) is None, bad
     assert client.get("/v1/sys/status").json()["progress"] == 0
 
@@ -691,8 +826,11 @@ def enroll(vault: Vault) -> tuple[str, signing.KeyPair]:
 
 def post_enrolment(vault: Vault, pair: signing.KeyPair, body: bytes) -> Any:
     """``body`` posted as an enrolment, signed by ``pair`` as the agent signs it."""
-    return vault.client.post("/v1/agent/enroll", content=body,
-                             headers=_signed_headers(pair, "POST", "/v1/agent/enroll", wire.ENROLL_NODE, body))
+    return vault.client.post(
+        "/v1/agent/enroll",
+        content=body,
+        headers=_signed_headers(pair, "POST", "/v1/agent/enroll", wire.ENROLL_NODE, body),
+    )
 
 
 def test_signed_agent_requests_with_bad_headers(vault: Vault) -> None:
@@ -735,8 +873,16 @@ def test_signed_agent_requests_with_bad_headers(vault: Vault) -> None:
     for case, body in [
         ("not an object", b"[1]"),
         ("missing fields", b"{}"),
-        ("unsealed request", json.dumps({"token": "vej1.a.b.c", "box_public": wire.b64e(pair.box_public),
-                                         "sign_public": wire.b64e(pair.sign_public)}).encode()),
+        (
+            "unsealed request",
+            json.dumps(
+                {
+                    "token": "vej1.a.b.c",
+                    "box_public": wire.b64e(pair.box_public),
+                    "sign_public": wire.b64e(pair.sign_public),
+                }
+            ).encode(),
+        ),
         ("sealed not base64", b'{"sealed": "***"}'),
         ("sealed garbage", json.dumps({"sealed": wire.b64e(bytes(100))}).encode()),
         ("sealed to another key", enroll_body(signing.KeyPair.generate().sign_public, pair, "vej1.a.b.c")),
@@ -747,8 +893,17 @@ def test_signed_agent_requests_with_bad_headers(vault: Vault) -> None:
         ("not a join token", enroll_body(key, pair, "hello")),
         ("short keys", sealed({"token": "vej1.a.b.c", "box_public": "AAAA", "sign_public": "AAAA"})),
         ("unknown join token", enroll_body(key, pair, "vej1.0123456789abcdef.secret.pin")),
-        ("long hostname", sealed({"token": "vej1.a.b.c", "box_public": wire.b64e(pair.box_public),
-                                  "sign_public": wire.b64e(pair.sign_public), "hostname": "h" * 10000})),
+        (
+            "long hostname",
+            sealed(
+                {
+                    "token": "vej1.a.b.c",
+                    "box_public": wire.b64e(pair.box_public),
+                    "sign_public": wire.b64e(pair.sign_public),
+                    "hostname": "h" * 10000,
+                }
+            ),
+        ),
     ]:
         resp = post_enrolment(vault, pair, body)
         vault.expect(f"enroll {case}", refused(resp))
@@ -785,8 +940,13 @@ def test_huge_integer_durations_are_refused(vault: Vault) -> None:
 
 def test_streamed_oversized_body_is_413(vault: Vault) -> None:
     for op in [o for o in vault.ops if o.body_model is not None or o.raw_body]:
-        resp = vault.send(op.method, op.url(), token=None if op.raw_body else "root", content=_chunks(2 * LIMIT),
-                          headers={"content-type": "application/json"})
+        resp = vault.send(
+            op.method,
+            op.url(),
+            token=None if op.raw_body else "root",
+            content=_chunks(2 * LIMIT),
+            headers={"content-type": "application/json"},
+        )
         vault.expect(f"{op} streamed", refused(resp, status=413, code="too_large"))
     vault.assert_no_failures()
     assert_intact(vault)
@@ -799,8 +959,11 @@ def test_absurd_timestamps_are_401(vault: Vault) -> None:
         resp = vault.send("GET", target, token=None, headers=_signed_headers(pair, "GET", target, node, b"", timestamp))
         vault.expect(f"sync {timestamp[:5]}...", refused(resp, status=401))
         body = enroll_body(server_key(vault.api), pair, "vej1.0123456789abcdef.secret.pin")
-        resp = vault.client.post("/v1/agent/enroll", content=body, headers=_signed_headers(
-            pair, "POST", "/v1/agent/enroll", wire.ENROLL_NODE, body, timestamp))
+        resp = vault.client.post(
+            "/v1/agent/enroll",
+            content=body,
+            headers=_signed_headers(pair, "POST", "/v1/agent/enroll", wire.ENROLL_NODE, body, timestamp),
+        )
         vault.expect(f"enroll {timestamp[:5]}...", refused(resp, status=401))
     vault.snapshot["nodes"] = snapshot(vault.api)["nodes"]
     vault.assert_no_failures()
@@ -853,8 +1016,9 @@ def test_lone_surrogates_in_list_items_are_refused(vault: Vault) -> None:
     headers = {"content-type": "application/json"}
     resp = vault.send("PUT", "/v1/secrets/keep/me", content=b'{"value": "x", "regions": ["\\ud800"]}', headers=headers)
     vault.expect("regions", refused(resp))
-    resp = vault.send("POST", "/v1/tokens", content=b'{"name": "t", "prefixes": ["\\ud800"], "verbs": ["read"]}',
-                      headers=headers)
+    resp = vault.send(
+        "POST", "/v1/tokens", content=b'{"name": "t", "prefixes": ["\\ud800"], "verbs": ["read"]}', headers=headers
+    )
     vault.expect("prefixes", refused(resp))
     vault.expect("tokens still list", no_crash(vault.send("GET", "/v1/tokens")))
     vault.assert_no_failures()

@@ -41,8 +41,9 @@ class Node:
     def sync(self, *, full: bool = False) -> tuple[Opened, wsync.Envelope, wsync.RegionBody | None]:
         resp, nonce = self.get(full=full)
         self.sizes.append(len(resp.content))
-        opened = open_answer(self.identity, resp.content, resp.headers[wire.H_SERVER_SIGNATURE], nonce=nonce,
-                             held=self.view)
+        opened = open_answer(
+            self.identity, resp.content, resp.headers[wire.H_SERVER_SIGNATURE], nonce=nonce, held=self.view
+        )
         if opened.view is not None:
             self.view = opened.view
         env_raw, body = wsync.split(resp.content)
@@ -78,8 +79,9 @@ def test_one_rotation_sends_each_node_one_secret_in_a_shared_body(api: Api, tmp_
     assert a.sizes[-1] <= 2048 < full_size  # the goal: ≤ 2 KB per node per rotation, whatever the region holds
 
 
-def test_a_node_two_changes_behind_gets_both_and_a_deletion_is_a_name_without_versions(api: Api,
-                                                                                      tmp_path: Path) -> None:
+def test_a_node_two_changes_behind_gets_both_and_a_deletion_is_a_name_without_versions(
+    api: Api, tmp_path: Path
+) -> None:
     for name in ("eu/a", "eu/b", "eu/c"):
         api.call("PUT", f"/v1/secrets/{name}", json={"value": name + "-1", "regions": ["eu"]})
     n = Node(api, tmp_path)

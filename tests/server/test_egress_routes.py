@@ -15,8 +15,14 @@ from tests.conftest import Api
 from tests.server.test_delta_sync import Node
 from vault_edge.server.storage import schema as t
 
-ROUTE = {"name": "openai", "upstream": "https://api.openai.com", "secret": "openai/api-key",
-         "inject": ["header:Authorization=Bearer {value}"], "methods": ["POST", "GET"], "paths": ["/v1/"]}
+ROUTE = {
+    "name": "openai",
+    "upstream": "https://api.openai.com",
+    "secret": "openai/api-key",
+    "inject": ["header:Authorization=Bearer {value}"],
+    "methods": ["POST", "GET"],
+    "paths": ["/v1/"],
+}
 
 
 def _db(api: Api) -> Engine:
@@ -42,14 +48,32 @@ def test_create_list_delete(eu_api: Api) -> None:
     assert eu_api.call("GET", "/v1/egress")[1]["routes"] == []
 
 
-@pytest.mark.parametrize("change", [
-    {"name": "Bad Name"}, {"upstream": "http://api.openai.com"}, {"upstream": "https://u:p@x.com"},
-    {"upstream": "https://x.com/?q=1"}, {"upstream": "ftp://x.com"}, {"inject": []},
-    {"inject": ["header:Host={value}"]}, {"inject": ["header:X-Key=fixed"]}, {"inject": ["cookie:a={value}"]},
-    {"inject": ["header:X={value", "query:k={value}"]}, {"methods": ["TRACE"]}, {"methods": ["CONNECT"]},
-    {"paths": ["v1"]}, {"paths": ["/v1/../admin"]}, {"paths": ["/%2e%2e/"]}, {"secret": "no/such"},
-    {"secret": "../x"}, {"regions": ["us"]}, {"regions": ["*"]}, {"regions": ["nowhere"]}, {"extra": 1},
-])
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"name": "Bad Name"},
+        {"upstream": "http://api.openai.com"},
+        {"upstream": "https://u:p@x.com"},
+        {"upstream": "https://x.com/?q=1"},
+        {"upstream": "ftp://x.com"},
+        {"inject": []},
+        {"inject": ["header:Host={value}"]},
+        {"inject": ["header:X-Key=fixed"]},
+        {"inject": ["cookie:a={value}"]},
+        {"inject": ["header:X={value", "query:k={value}"]},
+        {"methods": ["TRACE"]},
+        {"methods": ["CONNECT"]},
+        {"paths": ["v1"]},
+        {"paths": ["/v1/../admin"]},
+        {"paths": ["/%2e%2e/"]},
+        {"secret": "no/such"},
+        {"secret": "../x"},
+        {"regions": ["us"]},
+        {"regions": ["*"]},
+        {"regions": ["nowhere"]},
+        {"extra": 1},
+    ],
+)
 def test_bad_routes_are_refused_with_400(eu_api: Api, change: dict[str, Any]) -> None:
     st, doc = eu_api.call("POST", "/v1/egress", json={**ROUTE, **change})
     assert st == 400, doc
@@ -57,8 +81,11 @@ def test_bad_routes_are_refused_with_400(eu_api: Api, change: dict[str, Any]) ->
 
 
 def test_routes_need_an_admin_over_every_name(eu_api: Api) -> None:
-    st, tok = eu_api.call("POST", "/v1/tokens", json={"name": "narrow", "prefixes": ["openai/"],
-                                                      "verbs": ["read", "list", "write", "admin"]})
+    st, tok = eu_api.call(
+        "POST",
+        "/v1/tokens",
+        json={"name": "narrow", "prefixes": ["openai/"], "verbs": ["read", "list", "write", "admin"]},
+    )
     assert st == 200, tok
     narrow = Api(eu_api.client, tok["token"])
     assert narrow.call("POST", "/v1/egress", json=ROUTE)[0] == 403

@@ -27,14 +27,14 @@ def _token(api: Api, region: str = "eu", **extra: Any) -> str:
     return str(doc["token"])
 
 
-def _enrol(api: Api, token: str, sign: signing.KeyPair, box: signing.KeyPair | None = None,
-           at: float | None = None) -> tuple[httpx.Response, str]:
+def _enrol(
+    api: Api, token: str, sign: signing.KeyPair, box: signing.KeyPair | None = None, at: float | None = None
+) -> tuple[httpx.Response, str]:
     """One enrolment request as the agent makes it (sealed body, signed headers with a fresh nonce),
     signed by ``sign`` and naming ``box``'s box key (default: the same pair). (response, nonce)."""
     box = box or sign
     body = enrolment_body(server_key(api), token, box.box_public, sign.sign_public, "pop-1")
-    headers = signed_headers(sign, "POST", TARGET, wire.ENROLL_NODE, body,
-                             timestamp=None if at is None else int(at))
+    headers = signed_headers(sign, "POST", TARGET, wire.ENROLL_NODE, body, timestamp=None if at is None else int(at))
     return api.client.post(TARGET, content=body, headers=headers), headers[wire.H_NONCE]
 
 
@@ -80,7 +80,8 @@ def test_a_retried_enrolment_gets_the_same_node_freshly_signed(api: Api) -> None
         again = _answer(api, resp, nonce, pair)
         assert nonce != first_nonce
         assert {k: again[k] for k in ("node", "region", "revision", "server_key")} == {
-            k: first[k] for k in ("node", "region", "revision", "server_key")}
+            k: first[k] for k in ("node", "region", "revision", "server_key")
+        }
     # Enrolled once: one row, one grant, no revision taken by the retries, one enrolment audited.
     rows = _node_rows(api)
     assert [(r["id"], r["region"], r["status"]) for r in rows] == [(first["node"], "eu", "active")]
@@ -198,8 +199,9 @@ def test_enrolments_past_the_limit_are_shed_at_once_with_503_and_retry_after(mak
         took = time.monotonic() - t0
         assert shed.status_code == 503, shed.text
         assert shed.headers["retry-after"] == "7"
-        assert shed.json() == {"error": {"code": "overloaded",
-                                         "message": "too many enrolments in progress (1); retry after 7s"}}
+        assert shed.json() == {
+            "error": {"code": "overloaded", "message": "too many enrolments in progress (1); retry after 7s"}
+        }
         assert took < 2.0  # answered at once, not queued behind the one in flight
         assert worker.is_alive()  # the admitted one is still waiting
     worker.join(30)

@@ -15,8 +15,18 @@ def test_the_query_is_read_with_the_documented_bounds() -> None:
     assert parse_query(b"") == SyncQuery()
     assert parse_query(b"since=7&wait=2.5&proto=2&full=1") == SyncQuery(7, 2.5, 2, True)
     assert parse_query(b"since=1&since=9&other=x&full=false") == SyncQuery(9, 30.0, 1, False)  # the last one wins
-    for bad in (b"since=-1", b"since=x", b"since=" + str(2**62 + 1).encode(), b"wait=301", b"wait=nan",
-                b"wait=-0.5", b"proto=3", b"proto=0", b"full=maybe", b"&".join([b"a=1"] * 20)):
+    for bad in (
+        b"since=-1",
+        b"since=x",
+        b"since=" + str(2**62 + 1).encode(),
+        b"wait=301",
+        b"wait=nan",
+        b"wait=-0.5",
+        b"proto=3",
+        b"proto=0",
+        b"full=maybe",
+        b"&".join([b"a=1"] * 20),
+    ):
         with pytest.raises(BadQuery):
             parse_query(bad)
 

@@ -34,9 +34,29 @@ def test_good_specs(spec: str, parsed: tuple[int, str]) -> None:
 @pytest.mark.parametrize(
     "spec",
     [
-        "", ":", ":hex", "0", "0:hex", "4097:hex", "-1:hex", "+8:hex", "1e3:hex", "8.0:hex", "abc", "32:nope",
-        "32:HEX", "32:Hex", " 32:hex", "32:hex ", "32 :hex", "32:hex:extra", "32::hex", "hex:32", "99999999999:hex",
-        "32:__class__", "32:ALPHABETS",
+        "",
+        ":",
+        ":hex",
+        "0",
+        "0:hex",
+        "4097:hex",
+        "-1:hex",
+        "+8:hex",
+        "1e3:hex",
+        "8.0:hex",
+        "abc",
+        "32:nope",
+        "32:HEX",
+        "32:Hex",
+        " 32:hex",
+        "32:hex ",
+        "32 :hex",
+        "32:hex:extra",
+        "32::hex",
+        "hex:32",
+        "99999999999:hex",
+        "32:__class__",
+        "32:ALPHABETS",
     ],
 )
 def test_bad_specs(spec: str) -> None:
@@ -44,8 +64,6 @@ def test_bad_specs(spec: str) -> None:
         generate.parse_spec(spec)
     for name in generate.ALPHABETS:
         assert name in str(info.value)  # the message lists what is allowed
-
-
 
 
 @pytest.mark.parametrize(

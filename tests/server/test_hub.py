@@ -57,8 +57,11 @@ class FakeStore:
         return Region(region, 1, self.data_rev, 0.0)
 
     def region_snapshot(self, region: str, now: float, names: Any = None) -> list[SnapshotRow]:
-        out = [SnapshotRow(n, v, "current", None, 0.0, f"ct-{n}-{v}".encode(), 1, b"dek")
-               for n, v in self.rows.items() if names is None or n in names]
+        out = [
+            SnapshotRow(n, v, "current", None, 0.0, f"ct-{n}-{v}".encode(), 1, b"dek")
+            for n, v in self.rows.items()
+            if names is None or n in names
+        ]
         self.rows_read += [r.name for r in out]
         return out
 

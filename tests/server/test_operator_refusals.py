@@ -19,8 +19,11 @@ def _entries(api: Api) -> list[dict[str, Any]]:
 
 
 def _refusals(api: Api) -> list[dict[str, Any]]:
-    return [e | {"detail": json.loads(e["detail"])} for e in _entries(api)
-            if e["outcome"] == "refused" and e["actor"] != "node"]
+    return [
+        e | {"detail": json.loads(e["detail"])}
+        for e in _entries(api)
+        if e["outcome"] == "refused" and e["actor"] != "node"
+    ]
 
 
 def test_401_and_403_of_the_operator_api_are_audited_without_the_token(

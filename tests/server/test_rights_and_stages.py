@@ -307,8 +307,15 @@ def test_a_flood_against_one_node_hides_nothing_about_another_and_counts_are_flu
     assert auditor.flush_suppressed() == 1  # no later refusal carried the count: the flush records it
     entries = api.call("GET", "/v1/audit", params={"limit": 1000})[1]["entries"]
     flushed = [json.loads(e["detail"]) | {"target": e["target"]} for e in entries if e["action"] == "audit.suppressed"]
-    assert flushed == [{"target": "node.auth", "count": 5, "outcome_counted": "refused",
-                        "reason": "bad request signature", "scope": victims[0]}]
+    assert flushed == [
+        {
+            "target": "node.auth",
+            "count": 5,
+            "outcome_counted": "refused",
+            "reason": "bad request signature",
+            "scope": victims[0],
+        }
+    ]
     assert auditor.flush_suppressed() == 0
 
 

@@ -64,8 +64,11 @@ class Vault:
         return self.call("GET", f"/v1/rotations/{name}")["rotations"][0]
 
     def actions(self, name: str) -> list[str]:
-        return [e["action"] for e in self.call("GET", "/v1/audit", params={"limit": 1000})["entries"]
-                if e["target"] == name and e["action"].startswith("rotation.")]
+        return [
+            e["action"]
+            for e in self.call("GET", "/v1/audit", params={"limit": 1000})["entries"]
+            if e["target"] == name and e["action"].startswith("rotation.")
+        ]
 
 
 @pytest.fixture
@@ -89,17 +92,33 @@ def _pg_roles(pg: ThrowawayPostgres) -> tuple[str, str]:
 
 def _pg_can_login_roles(pg: ThrowawayPostgres, roles: tuple[str, ...]) -> list[str]:
     with pg.connect() as c:
-        return [r[0] for r in c.execute(
-            "SELECT rolname FROM pg_authid WHERE rolname = ANY(%s) AND rolcanlogin AND rolpassword IS NOT NULL",
-            (list(roles),))]
+        return [
+            r[0]
+            for r in c.execute(
+                "SELECT rolname FROM pg_authid WHERE rolname = ANY(%s) AND rolcanlogin AND rolpassword IS NOT NULL",
+                (list(roles),),
+            )
+        ]
 
 
 def _pg_setup(vault: Vault, pg: ThrowawayPostgres, strategy: str = "alternate", **config: Any) -> tuple[str, str]:
     a, b = _pg_roles(pg)
-    vault.call("PUT", "/v1/rotators/pg", json={
-        "type": "postgres", "admin_secret": "rotators/pg-admin", "admin_value": pg.admin(),
-        "config": {"host": "127.0.0.1", "port": pg.port, "strategy": strategy,
-                   "usernames": [a, b] if strategy == "alternate" else [a], **config}})
+    vault.call(
+        "PUT",
+        "/v1/rotators/pg",
+        json={
+            "type": "postgres",
+            "admin_secret": "rotators/pg-admin",
+            "admin_value": pg.admin(),
+            "config": {
+                "host": "127.0.0.1",
+                "port": pg.port,
+                "strategy": strategy,
+                "usernames": [a, b] if strategy == "alternate" else [a],
+                **config,
+            },
+        },
+    )
     vault.call("PUT", "/v1/secrets/db/main", json={"rotator": "pg", "regions": ["eu"]})
     return a, b
 
@@ -112,8 +131,13 @@ def test_postgres_alternate_four_steps_each_audited(vault: Vault, pg: ThrowawayP
     first = vault.value("db/main")
     assert first["username"] == a and pg.can_login(a, first["password"])
     assert _pg_can_login_roles(pg, (a, b)) == [a]  # the first rotation disabled the other role
-    assert vault.actions("db/main") == ["rotation.start", "rotation.create", "rotation.test", "rotation.publish",
-                                        "rotation.retire"]
+    assert vault.actions("db/main") == [
+        "rotation.start",
+        "rotation.create",
+        "rotation.test",
+        "rotation.publish",
+        "rotation.retire",
+    ]
     rid2 = vault.rotate("db/main")
     assert rotation.advance(vault.ctx, rid2) == "done"
     second = vault.value("db/main")
@@ -137,16 +161,26 @@ def test_admin_credential_stays_on_the_control_plane(vault: Vault, pg: Throwaway
             assert "rotators/pg-admin" not in names
         wraps = vault.ctx.store.engine  # every wrap of the admin credential is the control plane's
     with wraps.connect() as conn:
-        regions = conn.execute(text(
-            "SELECT DISTINCT w.region FROM data_key_wraps w JOIN secrets s ON s.id = w.secret_id "
-            "WHERE s.name = 'rotators/pg-admin'")).scalars().all()
+        regions = (
+            conn.execute(
+                text(
+                    "SELECT DISTINCT w.region FROM data_key_wraps w JOIN secrets s ON s.id = w.secret_id "
+                    "WHERE s.name = 'rotators/pg-admin'"
+                )
+            )
+            .scalars()
+            .all()
+        )
     assert regions == [""]
     st, doc = vault.api.call("PUT", "/v1/secrets/rotators/pg-admin", json={"value": "{}", "regions": ["eu"]})
     assert st == 409 and "stays on the control plane" in doc["error"]["message"]
     # a rotator refuses an admin secret that has regions
     vault.call("PUT", "/v1/secrets/plain/one", json={"value": "x", "regions": ["eu"]})
-    st, doc = vault.api.call("PUT", "/v1/rotators/bad", json={
-        "type": "postgres", "admin_secret": "plain/one", "config": {"usernames": ["x", "y"]}})
+    st, doc = vault.api.call(
+        "PUT",
+        "/v1/rotators/bad",
+        json={"type": "postgres", "admin_secret": "plain/one", "config": {"usernames": ["x", "y"]}},
+    )
     assert st == 409 and "regions" in doc["error"]["message"]
 
 
@@ -187,9 +221,16 @@ def test_a_refused_test_aborts_and_leaves_the_current_credential(vault: Vault, p
         c.execute(f"CREATE DATABASE {db}")
         c.execute(f"REVOKE CONNECT ON DATABASE {db} FROM PUBLIC")
         c.execute(f"GRANT CONNECT ON DATABASE {db} TO {a}")  # b may not connect: its test is refused
-    vault.call("PUT", "/v1/rotators/pg", json={
-        "type": "postgres", "admin_secret": "rotators/pg-admin", "admin_value": pg.admin(),
-        "config": {"port": pg.port, "database": db, "usernames": [a, b]}})
+    vault.call(
+        "PUT",
+        "/v1/rotators/pg",
+        json={
+            "type": "postgres",
+            "admin_secret": "rotators/pg-admin",
+            "admin_value": pg.admin(),
+            "config": {"port": pg.port, "database": db, "usernames": [a, b]},
+        },
+    )
     vault.call("PUT", "/v1/secrets/db/main", json={"rotator": "pg", "regions": ["eu"]})
     assert rotation.advance(vault.ctx, vault.rotate("db/main")) == "done"
     current = vault.value("db/main")
@@ -198,8 +239,10 @@ def test_a_refused_test_aborts_and_leaves_the_current_credential(vault: Vault, p
     history = vault.call("GET", "/v1/history/db/main")["versions"]
     assert [s["stage"] for v in history for s in v["stages"]] == ["current"]  # pending dropped
     assert _pg_can_login_roles(pg, (a, b)) == [a]  # b's new password undone at the source
-    assert vault.actions("db/main")[-2:] == ["rotation.test", "rotation.abort"] or \
-        vault.actions("db/main")[-1] == "rotation.abort"
+    assert (
+        vault.actions("db/main")[-2:] == ["rotation.test", "rotation.abort"]
+        or vault.actions("db/main")[-1] == "rotation.abort"
+    )
 
 
 @sqlite_only
@@ -212,8 +255,9 @@ def test_postgres_single_says_it_cannot_overlap(vault: Vault, pg: ThrowawayPostg
     assert first["username"] == second["username"] == a
     assert pg.can_login(a, second["password"]) and not pg.can_login(a, first["password"])
     assert not driver("postgres").overlaps({"strategy": "single"})
-    retire = [e for e in vault.call("GET", "/v1/audit", params={"limit": 1000})["entries"]
-              if e["action"] == "rotation.retire"]
+    retire = [
+        e for e in vault.call("GET", "/v1/audit", params={"limit": 1000})["entries"] if e["action"] == "rotation.retire"
+    ]
     assert json.loads(retire[-1]["detail"])["retired"] is False  # retire is a no-op, and says so
 
 
@@ -222,9 +266,16 @@ def test_retire_waits_for_the_grace_redis_keeps_two_passwords(vault: Vault, rds:
     user = "app" + secrets.token_hex(3)
     admin = rds.client()
     admin.execute_command("ACL", "SETUSER", user, "on", "~*", "+@all")
-    vault.call("PUT", "/v1/rotators/rd", json={"type": "redis", "admin_secret": "rotators/rd-admin",
-                                               "admin_value": rds.admin(),
-                                               "config": {"port": rds.port, "username": user}})
+    vault.call(
+        "PUT",
+        "/v1/rotators/rd",
+        json={
+            "type": "redis",
+            "admin_secret": "rotators/rd-admin",
+            "admin_value": rds.admin(),
+            "config": {"port": rds.port, "username": user},
+        },
+    )
     vault.call("PUT", "/v1/secrets/cache/main", json={"rotator": "rd", "regions": ["eu"], "grace": "30s"})
     assert rotation.advance(vault.ctx, vault.rotate("cache/main")) == "retire"  # the grace holds it
     vault.offset += 31
@@ -253,9 +304,16 @@ def test_mysql_alternate(vault: Vault) -> None:
         for u in (a, b):
             cur.execute(f"CREATE USER '{u}'@'%' ACCOUNT LOCK")
     try:
-        vault.call("PUT", "/v1/rotators/my", json={
-            "type": "mysql", "admin_secret": "rotators/my-admin", "admin_value": {"username": "root", "password": ""},
-            "config": {"usernames": [a, b]}})
+        vault.call(
+            "PUT",
+            "/v1/rotators/my",
+            json={
+                "type": "mysql",
+                "admin_secret": "rotators/my-admin",
+                "admin_value": {"username": "root", "password": ""},
+                "config": {"usernames": [a, b]},
+            },
+        )
         vault.call("PUT", "/v1/secrets/db/my", json={"rotator": "my", "regions": ["eu"]})
         assert rotation.advance(vault.ctx, vault.rotate("db/my")) == "done"
         first = vault.value("db/my")
@@ -264,8 +322,11 @@ def test_mysql_alternate(vault: Vault) -> None:
         assert (first["username"], second["username"]) == (a, b)
         assert mysql_can_login(b, second["password"]) and not mysql_can_login(a, first["password"])
         with root.cursor() as cur:
-            cur.execute("SELECT User FROM mysql.global_priv WHERE User IN (%s, %s) "
-                        "AND JSON_VALUE(Priv, '$.account_locked') IS NOT TRUE", (a, b))
+            cur.execute(
+                "SELECT User FROM mysql.global_priv WHERE User IN (%s, %s) "
+                "AND JSON_VALUE(Priv, '$.account_locked') IS NOT TRUE",
+                (a, b),
+            )
             assert [r[0] for r in cur.fetchall()] == [b]  # one account open
     finally:
         with root.cursor() as cur:
@@ -295,11 +356,20 @@ def provider(tmp_path: Path) -> Iterator[tuple[str, str]]:
 @sqlite_only
 def test_webhook_create_test_revoke(vault: Vault, provider: tuple[str, str]) -> None:
     url, token = provider
-    vault.call("PUT", "/v1/rotators/ai", json={
-        "type": "webhook", "admin_secret": "rotators/ai-admin", "admin_value": {"token": token},
-        "config": {"create": {"method": "POST", "url": url + "/keys"},
-                   "test": {"method": "GET", "url": url + "/whoami", "bearer_field": "key"},
-                   "revoke": {"method": "DELETE", "url": url + "/keys/{id}"}}})
+    vault.call(
+        "PUT",
+        "/v1/rotators/ai",
+        json={
+            "type": "webhook",
+            "admin_secret": "rotators/ai-admin",
+            "admin_value": {"token": token},
+            "config": {
+                "create": {"method": "POST", "url": url + "/keys"},
+                "test": {"method": "GET", "url": url + "/whoami", "bearer_field": "key"},
+                "revoke": {"method": "DELETE", "url": url + "/keys/{id}"},
+            },
+        },
+    )
     vault.call("PUT", "/v1/secrets/ai/key", json={"rotator": "ai", "regions": ["eu"]})
 
     def live() -> list[str]:
@@ -340,8 +410,12 @@ def test_bad_input(vault: Vault, pg: ThrowawayPostgres) -> None:
         {"type": "oracle", "admin_secret": "a/b", "admin_value": {"x": 1}},
         {"type": "postgres", "admin_secret": "a/b", "admin_value": {"x": 1}, "config": {"usernames": ["only"]}},
         {"type": "postgres", "admin_secret": "a/b", "admin_value": {"x": 1}, "config": {"usernames": ["a", "b;"]}},
-        {"type": "postgres", "admin_secret": "a/b", "admin_value": {"x": 1},
-         "config": {"usernames": ["a", "b"], "port": 0}},
+        {
+            "type": "postgres",
+            "admin_secret": "a/b",
+            "admin_value": {"x": 1},
+            "config": {"usernames": ["a", "b"], "port": 0},
+        },
         {"type": "postgres", "admin_secret": "../x", "config": {"usernames": ["a", "b"]}},
         {"type": "webhook", "admin_secret": "a/b", "admin_value": {"token": "t"}, "config": {"create": {}}},
         {"type": "redis", "admin_secret": "a/b", "admin_value": {"x": 1}, "config": {"username": "default"}},
@@ -382,8 +456,10 @@ def test_two_replicas_run_each_step_once(make_app: Any, pg: ThrowawayPostgres) -
     a, b = _pg_setup(one, pg)
     for _ in range(3):
         rid = one.rotate("db/main")
-        threads = [threading.Thread(target=rotation.advance, args=(ctx, rid)) for ctx in
-                   (app.state.ctx, app2.state.ctx, app.state.ctx, app2.state.ctx)]
+        threads = [
+            threading.Thread(target=rotation.advance, args=(ctx, rid))
+            for ctx in (app.state.ctx, app2.state.ctx, app.state.ctx, app2.state.ctx)
+        ]
         for th in threads:
             th.start()
         for th in threads:

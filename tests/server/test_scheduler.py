@@ -140,8 +140,12 @@ def test_node_requests_replayed_or_badly_signed_are_refused(make_app: Any) -> No
     def sync_headers(signer: Any, ts: int) -> dict[str, str]:
         nonce = wire.b64e(secrets.token_bytes(wire.NONCE_BYTES))
         msg = wire.request_message("GET", target, node, ts, nonce, b"")
-        return {wire.H_NODE: node, wire.H_TIMESTAMP: str(ts), wire.H_NONCE: nonce,
-                wire.H_SIGNATURE: wire.b64e(signing.sign(signer, msg))}
+        return {
+            wire.H_NODE: node,
+            wire.H_TIMESTAMP: str(ts),
+            wire.H_NONCE: nonce,
+            wire.H_SIGNATURE: wire.b64e(signing.sign(signer, msg)),
+        }
 
     target = "/v1/agent/sync?since=0&wait=0"
     good = sync_headers(keys.signer(), int(time.time()))
@@ -152,6 +156,9 @@ def test_node_requests_replayed_or_badly_signed_are_refused(make_app: Any) -> No
     assert r.status_code == 401 and "signature" in r.json()["error"]["message"]
     r = api.client.get(target, headers=sync_headers(keys.signer(), int(time.time()) - 600))
     assert r.status_code == 401 and "clock-skew" in r.json()["error"]["message"]
-    refusals = [e for e in api.call("GET", "/v1/audit", params={"limit": 1000})[1]["entries"]
-                if e["action"] == "node.auth" and e["outcome"] == "refused"]
+    refusals = [
+        e
+        for e in api.call("GET", "/v1/audit", params={"limit": 1000})[1]["entries"]
+        if e["action"] == "node.auth" and e["outcome"] == "refused"
+    ]
     assert len(refusals) == 3

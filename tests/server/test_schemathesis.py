@@ -69,18 +69,22 @@ def _openapi() -> dict[str, Any]:
 # ``Node._nodeid``); the app it describes needs no storage.
 schema = schemathesis.openapi.from_dict(
     _openapi(),
-    config=schemathesis.Config.from_dict({
-        "generation": {"max-examples": MAX_EXAMPLES},
-        "suppress-health-check": ["all"],
-        "dictionaries": {"secrets": {"values": EXISTING_SECRETS}, "regions": {"values": ["eu", "us"]}},
-        "parameters": {
-            "path.name": {"dictionary": "secrets", "probability": 0.5},
-        },
-        "operations": [
-            {"include-path": "/v1/regions/{name}/rekey",
-             "parameters": {"path.name": {"dictionary": "regions", "probability": 0.5}}},
-        ],
-    }),
+    config=schemathesis.Config.from_dict(
+        {
+            "generation": {"max-examples": MAX_EXAMPLES},
+            "suppress-health-check": ["all"],
+            "dictionaries": {"secrets": {"values": EXISTING_SECRETS}, "regions": {"values": ["eu", "us"]}},
+            "parameters": {
+                "path.name": {"dictionary": "secrets", "probability": 0.5},
+            },
+            "operations": [
+                {
+                    "include-path": "/v1/regions/{name}/rekey",
+                    "parameters": {"path.name": {"dictionary": "regions", "probability": 0.5}},
+                },
+            ],
+        }
+    ),
 )
 
 

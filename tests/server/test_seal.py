@@ -82,7 +82,8 @@ def test_rekey_makes_old_shares_useless(make_app: Any) -> None:
 
 
 def test_rotate_rewraps_region_keys_with_work_growing_with_regions_not_secrets(
-        make_app: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    make_app: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
     client, _ = make_app()
     shares, token = init_and_unseal(client)
     api = Api(client, token)
@@ -153,8 +154,9 @@ def backed_up(make_app: Any, db_url: str) -> Any:
 
 
 @pytest.mark.parametrize("target", ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
-def test_backup_restores_into_an_empty_database(backed_up: Any, target: str, tmp_path: Any,
-                                                request: pytest.FixtureRequest) -> None:
+def test_backup_restores_into_an_empty_database(
+    backed_up: Any, target: str, tmp_path: Any, request: pytest.FixtureRequest
+) -> None:
     shares, token, values, reads, raw, source = backed_up
     db = str(tmp_path / "restored.db") if target == "sqlite" else request.getfixturevalue("fresh_pg")()
     root = _root(shares[:2], source)
@@ -194,7 +196,7 @@ def test_a_damaged_or_truncated_backup_is_refused_whole(backed_up: Any, tmp_path
         "truncated": raw[:-10],
         "a chunk byte": raw[:-40] + bytes([raw[-40] ^ 1]) + raw[-39:],
         "the header": raw.replace(b'"format":1', b'"format":1 ', 1),
-        "a row count": raw[:10] + _edit_header(raw[10:header_end - 1]) + raw[header_end - 1:],
+        "a row count": raw[:10] + _edit_header(raw[10 : header_end - 1]) + raw[header_end - 1 :],
         "trailing bytes": raw + b"x",
         "not a backup": b"hello",
     }

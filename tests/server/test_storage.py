@@ -112,8 +112,9 @@ def test_a_moved_ciphertext_is_refused_and_the_others_still_read(api: Api, db_ur
     engine = make_engine(db_url)
     with engine.begin() as conn:
         ids = dict(conn.execute(select(t.secrets.c.name, t.secrets.c.id)).all())
-        ct_b = conn.execute(select(t.secret_versions.c.ciphertext).where(t.secret_versions.c.secret_id == ids["b"])
-                            ).scalar_one()
+        ct_b = conn.execute(
+            select(t.secret_versions.c.ciphertext).where(t.secret_versions.c.secret_id == ids["b"])
+        ).scalar_one()
         conn.execute(update(t.secret_versions).where(t.secret_versions.c.secret_id == ids["a"]).values(ciphertext=ct_b))
     engine.dispose()
     status, doc = api.call("GET", "/v1/secrets/a")
@@ -149,7 +150,8 @@ def test_residency_no_wrap_outside_allowed_regions(api: Api, db_url: str) -> Non
     with engine.connect() as conn:
         rows = conn.execute(
             select(t.secrets.c.name, t.data_key_wraps.c.region).join(
-                t.data_key_wraps, t.data_key_wraps.c.secret_id == t.secrets.c.id)
+                t.data_key_wraps, t.data_key_wraps.c.secret_id == t.secrets.c.id
+            )
         ).all()
     engine.dispose()
     assert sorted(rows) == [("eu-only", "eu"), ("everywhere", "ap"), ("everywhere", "eu"), ("everywhere", "us")]

@@ -50,9 +50,19 @@ def audit_actions(api: Api) -> list[tuple[str, str, str]]:
     return [(e["actor"], e["action"], e["outcome"]) for e in api.call("GET", "/v1/audit?limit=1000")[1]["entries"]]
 
 
-PAGES = ("/ui", "/ui/regions", "/ui/secrets", "/ui/secrets?prefix=app", "/ui/secrets/app/key", "/ui/secrets/gen/hmac",
-         "/ui/audit", "/ui/audit?actor=root&action=secret&target=app", "/ui/tokens", "/ui/rotate/gen/hmac",
-         "/ui/nodes/n-0123456789abcdef/revoke")
+PAGES = (
+    "/ui",
+    "/ui/regions",
+    "/ui/secrets",
+    "/ui/secrets?prefix=app",
+    "/ui/secrets/app/key",
+    "/ui/secrets/gen/hmac",
+    "/ui/audit",
+    "/ui/audit?actor=root&action=secret&target=app",
+    "/ui/tokens",
+    "/ui/rotate/gen/hmac",
+    "/ui/nodes/n-0123456789abcdef/revoke",
+)
 
 
 def test_sign_in_every_page_has_the_headers_and_no_value(console: tuple[Any, Api]) -> None:
@@ -96,12 +106,20 @@ def test_forms_need_their_csrf_token_and_our_origin(console: tuple[Any, Api]) ->
     csrf = csrf_of(client.get("/ui").text)
     before = api.call("GET", "/v1/history/gen/hmac")[1]["versions"]
     assert client.post("/ui/rotate/gen/hmac", data={"csrf": "forged"}).status_code == 403
-    assert client.post("/ui/rotate/gen/hmac", data={"csrf": csrf},
-                       headers={"Origin": "https://evil.example"}).status_code == 403
-    assert client.post("/ui/rotate/gen/hmac", data={"csrf": csrf},
-                       headers={"Sec-Fetch-Site": "cross-site"}).status_code == 403
-    assert client.post("/ui/rotate/gen/hmac", content=b"csrf=" + csrf.encode(),
-                       headers={"Content-Type": "text/plain"}).status_code == 415
+    assert (
+        client.post("/ui/rotate/gen/hmac", data={"csrf": csrf}, headers={"Origin": "https://evil.example"}).status_code
+        == 403
+    )
+    assert (
+        client.post("/ui/rotate/gen/hmac", data={"csrf": csrf}, headers={"Sec-Fetch-Site": "cross-site"}).status_code
+        == 403
+    )
+    assert (
+        client.post(
+            "/ui/rotate/gen/hmac", content=b"csrf=" + csrf.encode(), headers={"Content-Type": "text/plain"}
+        ).status_code
+        == 415
+    )
     assert api.call("GET", "/v1/history/gen/hmac")[1]["versions"] == before  # nothing changed
 
 
@@ -109,8 +127,9 @@ def test_rotate_from_the_console_is_generated_and_audited_like_the_api(console: 
     client, api = console
     sign_in(client, api.token)
     csrf = csrf_of(client.get("/ui/rotate/gen/hmac").text)
-    r = client.post("/ui/rotate/gen/hmac", data={"csrf": csrf, "generate": "", "value": "typed-in"},
-                    follow_redirects=False)
+    r = client.post(
+        "/ui/rotate/gen/hmac", data={"csrf": csrf, "generate": "", "value": "typed-in"}, follow_redirects=False
+    )
     assert r.status_code == 303 and r.headers["location"] == "/ui/secrets/gen/hmac"
     latest = api.call("GET", "/v1/secrets/gen/hmac")[1]
     assert latest["version"] == 2 and latest["value"] != "typed-in" and len(latest["value"]) == 24
@@ -136,19 +155,27 @@ def test_sign_out_ends_the_session_even_for_a_copied_cookie(console: tuple[Any, 
 
 def test_a_scoped_token_sees_only_its_prefix(console: tuple[Any, Api]) -> None:
     client, api = console
-    scoped = api.call("POST", "/v1/tokens", json={"name": "team-a", "prefixes": ["team-a/"],
-                                                  "verbs": ["list", "write"]})[1]["token"]
+    scoped = api.call(
+        "POST", "/v1/tokens", json={"name": "team-a", "prefixes": ["team-a/"], "verbs": ["list", "write"]}
+    )[1]["token"]
     assert sign_in(client, scoped).status_code == 303
     page = client.get("/ui/secrets").text
     assert "team-a/db" in page and "app/key" not in page and "gen/hmac" not in page
     overview = client.get("/ui").text
     assert "app/key" not in overview and "/ui/regions" not in overview and "/ui/audit" not in overview
     assert client.get("/ui/secrets/team-a/db").status_code == 200
-    for path in ("/ui/secrets/app/key", "/ui/regions", "/ui/audit", "/ui/rotate/app/key",
-                 "/ui/nodes/n-0123456789abcdef/revoke"):
+    for path in (
+        "/ui/secrets/app/key",
+        "/ui/regions",
+        "/ui/audit",
+        "/ui/rotate/app/key",
+        "/ui/nodes/n-0123456789abcdef/revoke",
+    ):
         assert client.get(path).status_code == 403, path
-    assert any(a.startswith("ui.") and o == "refused" and actor.startswith("token:team-a/")
-               for actor, a, o in audit_actions(api))
+    assert any(
+        a.startswith("ui.") and o == "refused" and actor.startswith("token:team-a/")
+        for actor, a, o in audit_actions(api)
+    )
 
 
 def test_revoking_a_token_from_the_console_ends_its_sessions(console: tuple[Any, Api]) -> None:
@@ -179,8 +206,9 @@ def test_bad_input_is_a_4xx_page(console: tuple[Any, Api]) -> None:
     assert client.get("/ui/static/../app.py").status_code == 404
     assert client.post("/ui/nodes/n-0123456789abcdef/revoke", data={"csrf": csrf}).status_code == 404
     assert client.post("/ui/nodes/..%2f/revoke", data={"csrf": csrf}).status_code == 404
-    assert client.post("/ui/rotate/gen/hmac", content=b"\xff\xfe", headers={
-        "Content-Type": "application/x-www-form-urlencoded"}).status_code in (400, 403)
+    assert client.post(
+        "/ui/rotate/gen/hmac", content=b"\xff\xfe", headers={"Content-Type": "application/x-www-form-urlencoded"}
+    ).status_code in (400, 403)
 
 
 def test_the_live_view_streams_the_propagation(console: tuple[Any, Api], monkeypatch: pytest.MonkeyPatch) -> None:

@@ -145,8 +145,14 @@ def test_a_passphrase_for_a_vault_without_one_is_refused_and_changes_nothing(mak
 def test_grouped_shares_take_the_passphrase_with_the_share_that_completes_the_groups(make_app: Any) -> None:
     """With groups, the share count alone does not tell the last share: the server does."""
     client, _ = make_app()
-    r = client.post("/v1/sys/init", json={"groups": [{"threshold": 2, "shares": 3}, {"threshold": 2, "shares": 3}],
-                                          "group_threshold": 2, "passphrase": "correct horse"})
+    r = client.post(
+        "/v1/sys/init",
+        json={
+            "groups": [{"threshold": 2, "shares": 3}, {"threshold": 2, "shares": 3}],
+            "group_threshold": 2,
+            "passphrase": "correct horse",
+        },
+    )
     shares = r.json()["shares"]  # flat: group 1 (3), group 2 (3); the threshold is 4 shares
     for share in shares[:3]:  # all of group 1: three shares in, only one group complete
         assert _unseal(client, share)[0] == 200
@@ -160,8 +166,13 @@ def test_grouped_shares_take_the_passphrase_with_the_share_that_completes_the_gr
 
 def test_grouped_shares_need_the_group_threshold(make_app: Any) -> None:
     client, _ = make_app()
-    r = client.post("/v1/sys/init", json={"groups": [{"threshold": 2, "shares": 3}, {"threshold": 2, "shares": 3},
-                                                     {"threshold": 1, "shares": 1}], "group_threshold": 2})
+    r = client.post(
+        "/v1/sys/init",
+        json={
+            "groups": [{"threshold": 2, "shares": 3}, {"threshold": 2, "shares": 3}, {"threshold": 1, "shares": 1}],
+            "group_threshold": 2,
+        },
+    )
     assert r.status_code == 200, r.text
     shares = r.json()["shares"]  # flat: group 1 (3), group 2 (3), group 3 (1)
     _unseal(client, shares[0])
@@ -185,10 +196,16 @@ def test_seal_forgets_the_key_and_restart_starts_sealed(make_app: Any) -> None:
     assert restarted.get("/v1/secrets/k", headers=h).json()["value"] == "v1"
 
 
-@pytest.mark.parametrize("body", [
-    {"shares": 3, "threshold": 4}, {"shares": 5, "threshold": 1}, {"shares": 17, "threshold": 3},
-    {"groups": [{"threshold": 2, "shares": 3}], "group_threshold": 2}, {"passphrase": "non-ascii-é"},
-])
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"shares": 3, "threshold": 4},
+        {"shares": 5, "threshold": 1},
+        {"shares": 17, "threshold": 3},
+        {"groups": [{"threshold": 2, "shares": 3}], "group_threshold": 2},
+        {"passphrase": "non-ascii-é"},
+    ],
+)
 def test_bad_init_is_refused_and_leaves_it_uninitialized(make_app: Any, body: dict[str, Any]) -> None:
     client, _ = make_app()
     r = client.post("/v1/sys/init", json=body)

@@ -58,12 +58,22 @@ def test_an_inserted_token_row_grants_nothing(api: Api) -> None:
     forged = "vet_" + secrets.token_urlsafe(32)
     for legacy in (0, 1):
         _exec(engine, delete(t.operator_tokens).where(t.operator_tokens.c.name == "evil"))
-        _exec(engine, insert(t.operator_tokens).values(
-            id=secrets.token_hex(8), digest=hashlib.sha256(forged.encode()).digest(), name="evil",
-            prefixes=json.dumps([""]), verbs=json.dumps(["read", "list", "write", "delete", "admin"]),
-            created_at=0.0, expires_at=None, revoked_at=None, parent_id=None, legacy_digest=legacy,
-            mac=secrets.token_bytes(32),
-        ))
+        _exec(
+            engine,
+            insert(t.operator_tokens).values(
+                id=secrets.token_hex(8),
+                digest=hashlib.sha256(forged.encode()).digest(),
+                name="evil",
+                prefixes=json.dumps([""]),
+                verbs=json.dumps(["read", "list", "write", "delete", "admin"]),
+                created_at=0.0,
+                expires_at=None,
+                revoked_at=None,
+                parent_id=None,
+                legacy_digest=legacy,
+                mac=secrets.token_bytes(32),
+            ),
+        )
         st, _ = Api(api.client, forged).call("GET", "/v1/secrets")
         assert st in (401, 500)  # 401: its digest is not keyed; 500: found as "legacy", its MAC fails
         assert Api(api.client, forged).call("POST", "/v1/regions", json={"name": f"evil{legacy}"})[0] in (401, 500)
@@ -76,8 +86,12 @@ def test_a_token_row_widened_by_the_writer_is_refused_and_audited(api: Api) -> N
     scoped = Api(api.client, doc["token"])
     api.call("PUT", "/v1/secrets/prod/db", json={"value": "prod-password", "regions": ["eu"]})
     assert scoped.call("GET", "/v1/secrets/prod/db")[0] == 403
-    _exec(_db(api), update(t.operator_tokens).where(t.operator_tokens.c.id == doc["id"])
-          .values(prefixes=json.dumps([""]), verbs=json.dumps(["read", "list", "write", "delete", "admin"])))
+    _exec(
+        _db(api),
+        update(t.operator_tokens)
+        .where(t.operator_tokens.c.id == doc["id"])
+        .values(prefixes=json.dumps([""]), verbs=json.dumps(["read", "list", "write", "delete", "admin"])),
+    )
     resp = scoped.call("GET", "/v1/secrets/prod/db")
     assert "prod-password" not in json.dumps(resp[1])
     _integrity_refusal(api, resp, "operator_tokens")
@@ -151,8 +165,11 @@ def test_an_older_snapshot_is_not_taken_for_a_rolled_back_secret(api: Api) -> No
 def _enrol(api: Api, token: str) -> Any:
     pair = signing.KeyPair.generate()
     body = enroll_body(server_key(api), pair, token)
-    return api.client.post("/v1/agent/enroll", content=body,
-                           headers=signed_headers(pair, "POST", "/v1/agent/enroll", wire.ENROLL_NODE, body))
+    return api.client.post(
+        "/v1/agent/enroll",
+        content=body,
+        headers=signed_headers(pair, "POST", "/v1/agent/enroll", wire.ENROLL_NODE, body),
+    )
 
 
 def _node_ids(api: Api) -> set[str]:
@@ -165,8 +182,19 @@ def test_an_inserted_join_token_row_enrols_nothing(api: Api) -> None:
     token_id, secret = secrets.token_hex(8), secrets.token_urlsafe(32)
     for digest in (hashlib.sha256(secret.encode()).digest(), secrets.token_bytes(32)):
         _exec(engine, delete(t.join_tokens).where(t.join_tokens.c.id == token_id))
-        _exec(engine, insert(t.join_tokens).values(id=token_id, digest=digest, region="eu", created_at=0.0,
-                                                   expires_at=4e9, used_at=None, used_by=None, mac=None))
+        _exec(
+            engine,
+            insert(t.join_tokens).values(
+                id=token_id,
+                digest=digest,
+                region="eu",
+                created_at=0.0,
+                expires_at=4e9,
+                used_at=None,
+                used_by=None,
+                mac=None,
+            ),
+        )
         pin = wire.server_pin(server_key(api))
         resp = _enrol(api, wire.make_join_token(token_id, secret, pin))
         assert resp.status_code in (401, 500), resp.text
@@ -190,8 +218,11 @@ def test_a_used_join_token_row_copied_back_enrols_nothing(api: Api) -> None:
 
 def _enrol_with(api: Api, token: str, pair: Any) -> Any:
     body = enroll_body(server_key(api), pair, token)
-    return api.client.post("/v1/agent/enroll", content=body,
-                           headers=signed_headers(pair, "POST", "/v1/agent/enroll", wire.ENROLL_NODE, body))
+    return api.client.post(
+        "/v1/agent/enroll",
+        content=body,
+        headers=signed_headers(pair, "POST", "/v1/agent/enroll", wire.ENROLL_NODE, body),
+    )
 
 
 def test_a_writer_cannot_tie_a_used_join_token_to_another_node(api: Api) -> None:
@@ -223,8 +254,18 @@ def test_a_node_row_forged_for_a_used_join_token_enrols_nothing(api: Api) -> Non
     fake = "n-" + secrets.token_hex(8)
     for mac in (None, real["mac"]):
         _exec(engine, delete(t.nodes).where(t.nodes.c.id == fake))
-        _exec(engine, insert(t.nodes).values(**{**real, "id": fake, "box_public": attacker.box_public,
-                                                "sign_public": attacker.sign_public, "mac": mac}))
+        _exec(
+            engine,
+            insert(t.nodes).values(
+                **{
+                    **real,
+                    "id": fake,
+                    "box_public": attacker.box_public,
+                    "sign_public": attacker.sign_public,
+                    "mac": mac,
+                }
+            ),
+        )
         resp = _enrol_with(api, doc["token"], attacker)
         _integrity_refusal(api, (resp.status_code, resp.json()), "nodes")
         assert _grants(api, fake) == []
@@ -245,12 +286,29 @@ def test_a_node_row_inserted_or_edited_by_the_writer_gets_no_region_key(api: Api
     node, _ = enroll_node(api, "eu")
     attacker = signing.KeyPair.generate()
     # Edited: the writer swaps in its own keys on the enrolled node. Inserted: a node of its own.
-    _exec(engine, update(t.nodes).where(t.nodes.c.id == node)
-          .values(box_public=attacker.box_public, sign_public=attacker.sign_public))
+    _exec(
+        engine,
+        update(t.nodes)
+        .where(t.nodes.c.id == node)
+        .values(box_public=attacker.box_public, sign_public=attacker.sign_public),
+    )
     fake = "n-" + secrets.token_hex(8)
-    _exec(engine, insert(t.nodes).values(
-        id=fake, region="eu", box_public=attacker.box_public, sign_public=attacker.sign_public, hostname="evil",
-        status="active", enrolled_at=0.0, last_seen=None, applied_revision=0, node_rev=0, mac=None))
+    _exec(
+        engine,
+        insert(t.nodes).values(
+            id=fake,
+            region="eu",
+            box_public=attacker.box_public,
+            sign_public=attacker.sign_public,
+            hostname="evil",
+            status="active",
+            enrolled_at=0.0,
+            last_seen=None,
+            applied_revision=0,
+            node_rev=0,
+            mac=None,
+        ),
+    )
     st, doc = api.call("POST", "/v1/regions/eu/rekey")
     assert st == 200, doc
     assert _grants(api, fake) == []
@@ -296,8 +354,9 @@ def test_an_audit_entry_cut_from_the_middle_and_the_chain_rehashed_is_found(api:
         for e in entries:
             if e["seq"] <= victim["seq"]:
                 continue
-            digest = hashlib.sha256(prev + _entry_bytes(seq, e["at"], e["actor"], e["action"], e["target"],
-                                                        e["outcome"], e["detail"])).digest()
+            digest = hashlib.sha256(
+                prev + _entry_bytes(seq, e["at"], e["actor"], e["action"], e["target"], e["outcome"], e["detail"])
+            ).digest()
             c.execute(insert(t.audit).values(**{**e, "seq": seq, "hash": digest, "mac": None}))
             prev, seq = digest, seq + 1
         c.execute(update(t.counter).where(t.counter.c.id == 2).values(revision=seq - 1))
@@ -337,8 +396,7 @@ def test_a_stage_pointer_moved_by_the_writer_is_refused_and_left_out_of_sync(api
     engine = _db(api)
     with engine.begin() as c:
         sid = c.execute(select(t.secrets.c.id).where(t.secrets.c.name == "app/key")).scalar_one()
-        c.execute(update(t.stages).where(t.stages.c.secret_id == sid, t.stages.c.stage == "current")
-                  .values(version=1))
+        c.execute(update(t.stages).where(t.stages.c.secret_id == sid, t.stages.c.stage == "current").values(version=1))
     resp = api.call("GET", "/v1/secrets/app/key")
     assert "old-value" not in json.dumps(resp[1])
     _integrity_refusal(api, resp, "stages")
@@ -388,8 +446,9 @@ def test_a_vault_from_before_row_macs_is_adopted_once_at_unseal(make_app: Any) -
         c.execute(update(t.operator_tokens).values(digest=hashlib.sha256(token.encode()).digest()))
         c.execute(delete(t.changes))
         c.execute(delete(t.revocations))
-        c.execute(update(t.meta).where(t.meta.c.key == "canary")
-                  .values(value=wire.b64e(envelope.make_canary(root, fmt=1))))
+        c.execute(
+            update(t.meta).where(t.meta.c.key == "canary").values(value=wire.b64e(envelope.make_canary(root, fmt=1)))
+        )
     client2, _ = make_app()  # a restart onto the upgraded database
     for share in all_shares[:2]:
         assert client2.post("/v1/sys/unseal", json={"share": share}).status_code == 200
@@ -460,8 +519,7 @@ def test_removing_a_secrets_changes_from_the_log_is_a_gap_that_stops_serving(api
     api.call("POST", "/v1/rotate/app/key", json={"value": "new-value"})
     _copy_back(engine, *old)
     with engine.begin() as c:
-        c.execute(delete(t.changes).where(t.changes.c.target == "app/key",
-                                          t.changes.c.revision > old[0]["revision"]))
+        c.execute(delete(t.changes).where(t.changes.c.target == "app/key", t.changes.c.revision > old[0]["revision"]))
     ctx = api.client.app.state.ctx
     assert check_change_log(ctx) is False
     resp = api.call("GET", "/v1/secrets/app/key")
@@ -485,8 +543,7 @@ def test_a_restarted_control_plane_finds_the_gap_at_unseal(make_app: Any) -> Non
     api.call("POST", "/v1/rotate/app/key", json={"value": "new-value"})
     _copy_back(engine, *old)
     with engine.begin() as c:
-        c.execute(delete(t.changes).where(t.changes.c.target == "app/key",
-                                          t.changes.c.revision > old[0]["revision"]))
+        c.execute(delete(t.changes).where(t.changes.c.target == "app/key", t.changes.c.revision > old[0]["revision"]))
     client2, _ = make_app()
     for share in all_shares[:2]:
         assert client2.post("/v1/sys/unseal", json={"share": share}).status_code == 200

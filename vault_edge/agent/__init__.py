@@ -13,4 +13,4 @@ import sys
 # ``httpx.main`` on ImportError (as it does when the cli extra is not installed). Only if httpx is
 # not imported yet: a process that already holds the real one (the operator CLI, tests) keeps it.
 if "httpx" not in sys.modules:
-    sys.modules.setdefault("httpx._main", None)  # type: ignore[assignment]
+    sys.modules.setdefault("httpx._main", None)  # type: ignore[arg-type]

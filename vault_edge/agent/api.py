@@ -73,8 +73,9 @@ class Api:
     """The API over one agent state and policy; one per served socket (it subscribes to the state:
     :meth:`close` unsubscribes)."""
 
-    def __init__(self, state: AgentState, policy: Policy, clock: Clock | None = None,
-                 egress: EgressSettings | None = None) -> None:
+    def __init__(
+        self, state: AgentState, policy: Policy, clock: Clock | None = None, egress: EgressSettings | None = None
+    ) -> None:
         self.state, self.policy = state, policy
         self.egress = Egress(state, policy, self.error, egress)
         self.clock: Clock = state.clock if clock is None else clock
@@ -109,20 +110,26 @@ class Api:
             if st.max_stale is not None and not self.stale:
                 until = min(until, math.nextafter(now + (st.max_stale - age), math.inf))
         self.until = until
-        self.common = (
-            b"X-Vault-Edge-Revision: %d\r\nAge: %d\r\nCache-Control: no-store\r\n" % (st.view.revision, age_s)
-        )
+        self.common = b"X-Vault-Edge-Revision: %d\r\nAge: %d\r\nCache-Control: no-store\r\n" % (st.view.revision, age_s)
         self.epoch += 1
 
     # -- building answers
 
-    def build(self, status: int, body: bytes, ctype: bytes = _JSON, extra: bytes = b"",
-              close: bool = False) -> bytes:
+    def build(self, status: int, body: bytes, ctype: bytes = _JSON, extra: bytes = b"", close: bool = False) -> bytes:
         self.statuses[status] += 1
-        return b"".join((
-            STATUS_LINE[status], b"Content-Type: ", ctype, b"\r\nContent-Length: %d\r\n" % len(body),
-            self.common, extra, b"Connection: close\r\n" if close else b"", b"\r\n", body,
-        ))
+        return b"".join(
+            (
+                STATUS_LINE[status],
+                b"Content-Type: ",
+                ctype,
+                b"\r\nContent-Length: %d\r\n" % len(body),
+                self.common,
+                extra,
+                b"Connection: close\r\n" if close else b"",
+                b"\r\n",
+                body,
+            )
+        )
 
     def error(self, status: int, code: str, message: str, *, close: bool = False, extra: bytes = b"") -> bytes:
         self.refusals[code] = self.refusals.get(code, 0) + 1
@@ -140,8 +147,9 @@ class Api:
         path, _, query = req.target.partition("?")
         try:
             if path.startswith("/v1/secrets/"):
-                return self._read(_name(unquote(path[12:], errors="strict")), parse_query(query, _READ_PARAMS),
-                                  req, caller)
+                return self._read(
+                    _name(unquote(path[12:], errors="strict")), parse_query(query, _READ_PARAMS), req, caller
+                )
             if path == "/v1/secrets":
                 params = parse_query(query, _LIST_PARAMS)
                 if "names" in params:
@@ -168,8 +176,9 @@ class Api:
         except BadRequest as bad:  # well framed, so the connection stays open
             return Answer(self.error(bad.status, "bad_request", str(bad)), True)
         except _Refusal as r:
-            return Answer(self.error(r.status, r.code, str(r),
-                                     extra=b"Retry-After: 1\r\n" if r.status == 503 else b""), True)
+            return Answer(
+                self.error(r.status, r.code, str(r), extra=b"Retry-After: 1\r\n" if r.status == 503 else b""), True
+            )
         return Answer(self.error(404, "not_found", f"no such endpoint: {path[:100]}"), True)
 
     # -- reads
@@ -180,8 +189,9 @@ class Api:
         if self.stale:
             raise _Refusal(503, "too_stale", "the agent has not heard from the control plane within --max-stale")
 
-    def _entry(self, name: str, version: int | None, stage: str | None, req: Request, caller: Caller,
-               wall: float) -> Entry:
+    def _entry(
+        self, name: str, version: int | None, stage: str | None, req: Request, caller: Caller, wall: float
+    ) -> Entry:
         if not self.policy.allows(caller, req.token, name):
             raise _Refusal(403, "forbidden", f"the caller may not read {name!r}")
         self._ready()
@@ -192,8 +202,13 @@ class Api:
         return entry
 
     def _doc(self, e: Entry) -> dict[str, Any]:
-        return {"name": e.name, **wire.value_fields(e.value), "version": e.version, "stage": e.stage,
-                "revision": self.state.view.revision}
+        return {
+            "name": e.name,
+            **wire.value_fields(e.value),
+            "version": e.version,
+            "stage": e.stage,
+            "revision": self.state.view.revision,
+        }
 
     def _read(self, name: str, params: dict[str, str], req: Request, caller: Caller) -> Answer:
         version, stage = _int_param(params, "version", minimum=1), _stage_param(params)
@@ -232,11 +247,19 @@ class Api:
         st, now = self.state, self.clock.monotonic()
         age = st.age(now)
         view = st.view
-        return self.build(200, _dumps({
-            "status": st.status(now), "node": view.node or st.node, "region": view.region or st.region,
-            "revision": view.revision, "last_sync_age_s": None if age is None else round(age, 3),
-            "secrets": len(view.names),
-        }))
+        return self.build(
+            200,
+            _dumps(
+                {
+                    "status": st.status(now),
+                    "node": view.node or st.node,
+                    "region": view.region or st.region,
+                    "revision": view.revision,
+                    "last_sync_age_s": None if age is None else round(age, 3),
+                    "secrets": len(view.names),
+                }
+            ),
+        )
 
     async def watch(self, since: int | None, wait: float) -> bytes:
         """Hold until the view's revision passes ``since`` (default: the current one) or ``wait`` ends."""
@@ -260,6 +283,7 @@ class Api:
 
 
 # ------------------------------------------------------------------------------------ parameters
+
 
 def wants_raw(accept: str | None) -> bool:
     """True when Accept lists application/octet-stream before (or without) application/json."""

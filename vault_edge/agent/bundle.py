@@ -74,8 +74,14 @@ class GrantCache:
 
 
 def open_answer(
-    identity: Identity, raw: bytes, signature_b64: str | None, *, nonce: str | None, held: View,
-    grants: GrantCache | None = None, floor: Mapping[str, int] | None = None,
+    identity: Identity,
+    raw: bytes,
+    signature_b64: str | None,
+    *,
+    nonce: str | None,
+    held: View,
+    grants: GrantCache | None = None,
+    floor: Mapping[str, int] | None = None,
 ) -> Opened:
     """Verify, check freshness against ``nonce`` (None when loading the disk cache) and ``held``
     (anti-rollback, and the revision a delta applies to), and decrypt what is new. Nothing is
@@ -121,22 +127,26 @@ def open_answer(
         raise BundleError("the sync answer's body does not match its envelope")
     if env.kind == wsync.DELTA:
         if held.revision == 0 or env.since != held.revision:
-            raise BundleError(f"a delta from revision {env.since} does not apply to the held {held.revision} "
-                              "(a gap, or replayed onto another state)")
+            raise BundleError(
+                f"a delta from revision {env.since} does not apply to the held {held.revision} "
+                "(a gap, or replayed onto another state)"
+            )
         if shared.base > held.revision:
             raise BundleError(f"a delta from revision {shared.base} skips changes after the held {held.revision}")
     grants = grants or GrantCache()
     try:
         region_keys = {
             g.key_version: grants.open(identity, node, region, g.key_version, g.sealed)
-            for g in env.grants if g.region == region
+            for g in env.grants
+            if g.region == region
         }
         entries = []
         for s in shared.secrets:
             if s.key_version not in region_keys:
                 raise BundleError(f"no grant for region key version {s.key_version}")
-            dek = envelope.unwrap_data_key(region_keys[s.key_version], s.name, s.version, region, s.key_version,
-                                           s.wrapped_dek)
+            dek = envelope.unwrap_data_key(
+                region_keys[s.key_version], s.name, s.version, region, s.key_version, s.wrapped_dek
+            )
             value = envelope.decrypt_value(dek, s.name, s.version, s.ciphertext)
             entries.append(Entry(s.name, s.version, s.stage, value, s.expires_at))
     except DecryptionError:
@@ -144,9 +154,7 @@ def open_answer(
     highest = dict(floor or {})
     for name, version in held.current_versions().items():
         highest[name] = max(highest.get(name, 0), version)
-    rolled_back = sorted({
-        e.name for e in entries if e.stage == "current" and e.version < highest.get(e.name, 0)
-    })
+    rolled_back = sorted({e.name for e in entries if e.stage == "current" and e.version < highest.get(e.name, 0)})
     keep = set(rolled_back)  # that secret keeps what is held of it (or, with nothing held, is not served)
     if env.kind == wsync.DELTA:  # everything the delta does not name stays as held
         keep |= {e.name for e in held.by_stage.values()} - set(shared.names)
@@ -156,5 +164,12 @@ def open_answer(
     view = View(node, region, env.revision, entries, egress)
     for name, version in view.current_versions().items():
         highest[name] = max(highest.get(name, 0), version)
-    return Opened(env.kind, env.revision, view, env.issued_at, tuple(rolled_back), highest,
-                  Piece(env_raw, signature_b64 or "", body))
+    return Opened(
+        env.kind,
+        env.revision,
+        view,
+        env.issued_at,
+        tuple(rolled_back),
+        highest,
+        Piece(env_raw, signature_b64 or "", body),
+    )

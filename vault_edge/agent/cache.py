@@ -59,8 +59,9 @@ def _piece_json(p: Piece) -> dict[str, str]:
 def _piece(doc: object) -> Piece:
     if not isinstance(doc, dict):
         raise ValueError("not a piece")
-    return Piece(wire.b64d(doc["envelope"], max_len=1 << 20), str(doc["signature"]),
-                 wire.b64d(doc["body"], max_len=1 << 30))
+    return Piece(
+        wire.b64d(doc["envelope"], max_len=1 << 20), str(doc["signature"]), wire.b64d(doc["body"], max_len=1 << 30)
+    )
 
 
 class DiskCache:
@@ -110,8 +111,11 @@ class DiskCache:
                 raise ValueError("a cache of an older format")
             base, chain = _piece(doc["base"]), str(doc["chain"])
         except (ValueError, KeyError, TypeError, wire.WireError, OSError) as exc:
-            log.warning("ignoring an unreadable cache file %s (%s)", self.path, exc if isinstance(exc, ValueError)
-                        and "older format" in str(exc) else type(exc).__name__)
+            log.warning(
+                "ignoring an unreadable cache file %s (%s)",
+                self.path,
+                exc if isinstance(exc, ValueError) and "older format" in str(exc) else type(exc).__name__,
+            )
             return None
         deltas = self._read_log(chain)
         try:

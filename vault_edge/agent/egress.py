@@ -66,10 +66,19 @@ MAX_BODY: Final = 8 << 20  # request body bytes
 MAX_ANSWER: Final = 64 << 20  # answer body bytes relayed
 TIMEOUT_S: Final = 60.0
 SCRUB_MIN: Final = 6  # shorter values are not scrubbed from answers (they would match by chance)
-HOP_BY_HOP: Final = frozenset({
-    b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer", b"transfer-encoding", b"upgrade",
-    b"proxy-authorization", b"proxy-authenticate",
-})
+HOP_BY_HOP: Final = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-connection",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+        b"proxy-authorization",
+        b"proxy-authenticate",
+    }
+)
 _DROP_UP: Final = HOP_BY_HOP | {b"host", b"content-length", b"expect", b"x-vault-edge-token", b"accept-encoding"}
 _ROUTE_RE = re.compile(r"([a-z0-9][a-z0-9_\-]{0,62})(?=[/?]|$)")
 _BAD_ESCAPES = re.compile(r"%(2[fF]|5[cC]|00)")
@@ -170,7 +179,7 @@ class Egress:
             m = _ROUTE_RE.match(target, len(PREFIX))
             if m is None:
                 raise _Refusal(400, "bad_request", "egress calls are /v1/egress/{route}/{path}")
-            name, rest = m.group(1), target[m.end():]
+            name, rest = m.group(1), target[m.end() :]
             if not self.policy.allows_egress(caller, req.token, name):
                 raise _Refusal(403, "forbidden", f"the caller may not call egress route {name!r}")
             route = self._by_name.get(name)
@@ -183,8 +192,12 @@ class Egress:
         self._ready()
         if req.method not in route.route.methods:
             allow = ", ".join(route.route.methods).encode()
-            raise _Refusal(405, "method_not_allowed", f"egress route {route.name!r} takes {allow.decode()}",
-                           b"Allow: " + allow + b"\r\n")
+            raise _Refusal(
+                405,
+                "method_not_allowed",
+                f"egress route {route.name!r} takes {allow.decode()}",
+                b"Allow: " + allow + b"\r\n",
+            )
         _check_path(path)
         if not route.allows_path(path):
             raise _Refusal(403, "forbidden", f"egress route {route.name!r} does not allow this path")
@@ -255,8 +268,9 @@ class Egress:
             kept = [p for p in query.split("&") if p and unquote(p.partition("=")[0]) not in names]
             query = "&".join([*kept, *(f"{k}={v}" for k, v in inject_query)])
         url = route.upstream.url(path + ("?" + query if query else ""))
-        return _Call(route.name, req.method, url, headers, tuple(needles), req.keep_alive,
-                     lines[0].endswith(b"HTTP/1.0"))
+        return _Call(
+            route.name, req.method, url, headers, tuple(needles), req.keep_alive, lines[0].endswith(b"HTTP/1.0")
+        )
 
     # -- the call ------------------------------------------------------------------------------
     def _client(self) -> httpx.AsyncHTTPTransport:
@@ -269,8 +283,11 @@ class Egress:
             # settings from the environment, no default headers. httpx's own loggers stay at WARNING
             # (``agent run`` sets them), so no URL (which may hold a query-injected key) is logged.
             self._transport = httpx.AsyncHTTPTransport(
-                verify=ctx, trust_env=False, retries=0,
-                limits=httpx.Limits(max_connections=512, max_keepalive_connections=64, keepalive_expiry=30.0))
+                verify=ctx,
+                trust_env=False,
+                retries=0,
+                limits=httpx.Limits(max_connections=512, max_keepalive_connections=64, keepalive_expiry=30.0),
+            )
         return self._transport
 
     async def _run(self, ex: Exchange, call: _Call, body: bytes) -> AsyncIterator[bytes]:
@@ -280,24 +297,40 @@ class Egress:
         t = s.timeout
         close = b"" if call.keep_alive else b"Connection: close\r\n"
         try:
-            request = httpx.Request(call.method, call.url, headers=call.headers,
-                                    content=body if body or call.method in ("POST", "PUT", "PATCH") else None,
-                                    extensions={"timeout": {"connect": t, "read": t, "write": t, "pool": t}})
+            request = httpx.Request(
+                call.method,
+                call.url,
+                headers=call.headers,
+                content=body if body or call.method in ("POST", "PUT", "PATCH") else None,
+                extensions={"timeout": {"connect": t, "read": t, "write": t, "pool": t}},
+            )
         except (httpx.InvalidURL, ValueError, TypeError):
-            yield self.error(400, "bad_request", f"egress route {call.route!r}: the request cannot be sent upstream "
-                             "(an invalid URL or header)", close=not call.keep_alive)
+            yield self.error(
+                400,
+                "bad_request",
+                f"egress route {call.route!r}: the request cannot be sent upstream (an invalid URL or header)",
+                close=not call.keep_alive,
+            )
             return
         try:
             resp = await self._client().handle_async_request(request)
         except httpx.TimeoutException:
             log.warning("egress %s: upstream timed out", call.route)
-            yield self.error(504, "upstream_timeout", f"egress route {call.route!r}: the upstream did not answer in "
-                             f"{t:g}s", close=not call.keep_alive)
+            yield self.error(
+                504,
+                "upstream_timeout",
+                f"egress route {call.route!r}: the upstream did not answer in {t:g}s",
+                close=not call.keep_alive,
+            )
             return
         except (httpx.HTTPError, OSError, ssl.SSLError) as exc:
             log.warning("egress %s: upstream unreachable (%s)", call.route, type(exc).__name__)
-            yield self.error(502, "upstream_unreachable", f"egress route {call.route!r}: the upstream could not be "
-                             f"reached ({type(exc).__name__})", close=not call.keep_alive)
+            yield self.error(
+                502,
+                "upstream_unreachable",
+                f"egress route {call.route!r}: the upstream could not be reached ({type(exc).__name__})",
+                close=not call.keep_alive,
+            )
             return
         try:
             async for piece in self._relay(ex, call, resp, close):
@@ -319,8 +352,12 @@ class Egress:
                 continue
             if n == b"content-length":
                 if not v.isdigit() or len(v) > 18 or (length is not None and int(v) != length):
-                    yield self.error(502, "bad_upstream", f"egress route {call.route!r}: the upstream's answer is "
-                                     "malformed (Content-Length)", close=not call.keep_alive)
+                    yield self.error(
+                        502,
+                        "bad_upstream",
+                        f"egress route {call.route!r}: the upstream's answer is malformed (Content-Length)",
+                        close=not call.keep_alive,
+                    )
                     return
                 if length is not None:
                     continue
@@ -330,8 +367,12 @@ class Egress:
             out.append(k + b": " + _scrub_all(v, call.needles) + b"\r\n")
         bodyless = call.method == "HEAD" or status in (204, 304) or status < 200
         if not bodyless and length is not None and length > s.max_answer:
-            yield self.error(502, "answer_too_large", f"egress route {call.route!r}: the upstream's answer is over "
-                             f"{s.max_answer} bytes", close=not call.keep_alive)
+            yield self.error(
+                502,
+                "answer_too_large",
+                f"egress route {call.route!r}: the upstream's answer is over {s.max_answer} bytes",
+                close=not call.keep_alive,
+            )
             return
         chunked = False
         if not bodyless and length is None:
@@ -408,10 +449,9 @@ class _Scrubber:
                 if data.endswith(n[:k]):
                     hold = k
                     break
-        self.held = data[len(data) - hold:] if hold else b""
+        self.held = data[len(data) - hold :] if hold else b""
         return data[: len(data) - hold]
 
     def flush(self) -> bytes:
         out, self.held = self.held, b""
         return out
-

@@ -60,7 +60,7 @@ import re
 import resource
 import socket
 import stat
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Coroutine
 from contextlib import aclosing
 from typing import Any, Final, NamedTuple, Protocol, TypeVar, cast
 
@@ -85,9 +85,19 @@ FD_RESERVE: Final = 64  # descriptors kept free under the soft limit for the age
 _REFUSAL_LOG_S: Final = 60.0  # refusals of one kind are logged once per this window
 
 REASONS: Final = {
-    200: "OK", 400: "Bad Request", 403: "Forbidden", 404: "Not Found", 405: "Method Not Allowed",
-    408: "Request Timeout", 411: "Length Required", 413: "Content Too Large", 431: "Request Header Fields Too Large",
-    500: "Internal Server Error", 502: "Bad Gateway", 503: "Service Unavailable", 504: "Gateway Timeout",
+    200: "OK",
+    400: "Bad Request",
+    403: "Forbidden",
+    404: "Not Found",
+    405: "Method Not Allowed",
+    408: "Request Timeout",
+    411: "Length Required",
+    413: "Content Too Large",
+    431: "Request Header Fields Too Large",
+    500: "Internal Server Error",
+    502: "Bad Gateway",
+    503: "Service Unavailable",
+    504: "Gateway Timeout",
     505: "HTTP Version Not Supported",
 }
 STATUS_LINE: Final = {code: f"HTTP/1.1 {code} {reason}\r\n".encode() for code, reason in REASONS.items()}
@@ -100,6 +110,7 @@ class EndpointError(OSError):
 
 
 # ------------------------------------------------------------------------- what an app is handed
+
 
 class Request(NamedTuple):
     method: str
@@ -178,6 +189,7 @@ class App(Protocol):
 
 # ------------------------------------------------------------------------------------- lifecycle
 
+
 def run(main: Coroutine[Any, Any, T]) -> T:
     """Run the agent's main coroutine on uvloop when installed (about 2x the reads/s), else asyncio."""
     try:
@@ -187,9 +199,16 @@ def run(main: Coroutine[Any, Any, T]) -> T:
     return uvloop.run(main)
 
 
-async def serve(path: str, app: App, *, mode: int = 0o660, head_timeout: float = HEAD_TIMEOUT_S,
-                idle_timeout: float = IDLE_TIMEOUT_S, max_conns_per_uid: int = MAX_CONNS_PER_UID,
-                fd_reserve: int = FD_RESERVE) -> Listener:
+async def serve(
+    path: str,
+    app: App,
+    *,
+    mode: int = 0o660,
+    head_timeout: float = HEAD_TIMEOUT_S,
+    idle_timeout: float = IDLE_TIMEOUT_S,
+    max_conns_per_uid: int = MAX_CONNS_PER_UID,
+    fd_reserve: int = FD_RESERVE,
+) -> Listener:
     """Create the unix socket at ``path`` (mode ``mode``, never world-accessible) and serve ``app``.
 
     A stale socket file left by a dead agent is removed; a live one, or any other kind of file, is
@@ -206,8 +225,15 @@ async def serve(path: str, app: App, *, mode: int = 0o660, head_timeout: float =
     loop = asyncio.get_running_loop()
     try:
         sock.listen(1024)
-        listener = Listener(sock, app, loop, max_conns_per_uid=max_conns_per_uid, fd_reserve=fd_reserve,
-                            head_timeout=head_timeout, idle_timeout=idle_timeout)
+        listener = Listener(
+            sock,
+            app,
+            loop,
+            max_conns_per_uid=max_conns_per_uid,
+            fd_reserve=fd_reserve,
+            head_timeout=head_timeout,
+            idle_timeout=idle_timeout,
+        )
     except BaseException:
         sock.close()
         raise
@@ -232,9 +258,17 @@ class Listener:
     soft RLIMIT_NOFILE less ``fd_reserve`` less the descriptors open when serving starts.
     """
 
-    def __init__(self, sock: socket.socket, app: App, loop: asyncio.AbstractEventLoop, *,
-                 max_conns_per_uid: int = MAX_CONNS_PER_UID, fd_reserve: int = FD_RESERVE,
-                 head_timeout: float = HEAD_TIMEOUT_S, idle_timeout: float = IDLE_TIMEOUT_S) -> None:
+    def __init__(
+        self,
+        sock: socket.socket,
+        app: App,
+        loop: asyncio.AbstractEventLoop,
+        *,
+        max_conns_per_uid: int = MAX_CONNS_PER_UID,
+        fd_reserve: int = FD_RESERVE,
+        head_timeout: float = HEAD_TIMEOUT_S,
+        idle_timeout: float = IDLE_TIMEOUT_S,
+    ) -> None:
         self.sock, self.app, self.loop, self.clock = sock, app, loop, app.clock
         self.conns: set[_Conn] = set()
         self.max_conns_per_uid = max_conns_per_uid
@@ -289,9 +323,14 @@ class Listener:
         for _ in range(128):  # a batch per wake-up, then let the loop serve requests
             if self._full():
                 self._pause()
-                self._note("budget", "stop accepting connections: %d open, the open-files limit is %d and %d are "
-                           "kept for the agent's own work; accepting again as connections close",
-                           len(self.conns) + self.pending, self.soft_limit, self.fd_reserve)
+                self._note(
+                    "budget",
+                    "stop accepting connections: %d open, the open-files limit is %d and %d are "
+                    "kept for the agent's own work; accepting again as connections close",
+                    len(self.conns) + self.pending,
+                    self.soft_limit,
+                    self.fd_reserve,
+                )
                 return
             try:
                 conn, _ = self.sock.accept()
@@ -320,8 +359,12 @@ class Listener:
         held = self.per_uid.get(caller.uid, 0)
         if held >= self.max_conns_per_uid:
             conn.close()
-            self._note(("uid", caller.uid), "uid %d holds %d connections per uid (--max-conns-per-uid): its new "
-                       "connections are closed at once", caller.uid, held)
+            self._note(
+                ("uid", caller.uid),
+                "uid %d holds %d connections per uid (--max-conns-per-uid): its new connections are closed at once",
+                caller.uid,
+                held,
+            )
             return
         self.per_uid[caller.uid] = held + 1
         self.pending += 1
@@ -354,8 +397,9 @@ class Listener:
         if now - self._logged.get(kind, -math.inf) >= _REFUSAL_LOG_S:
             self._logged[kind] = now
             self._refused[kind] = 0
-            log.warning(msg + " (%d in this window; next report in %.0fs at the earliest)", *args, count,
-                        _REFUSAL_LOG_S)
+            log.warning(
+                msg + " (%d in this window; next report in %.0fs at the earliest)", *args, count, _REFUSAL_LOG_S
+            )
             if len(self._logged) > 4096:  # one entry per uid seen refusing: bounded anyway
                 self._logged.clear()
                 self._refused.clear()
@@ -438,6 +482,7 @@ def _bind(path: str, mode: int) -> socket.socket:
 
 # ------------------------------------------------------------------------------------------ heads
 
+
 class HeadParser:
     """Reads one complete request head at a time with httptools (llhttp, Node.js's parser).
 
@@ -448,8 +493,18 @@ class HeadParser:
     ever reused from a message boundary.
     """
 
-    __slots__ = ("_parser", "accept", "body_len", "chunked", "keep_alive", "method", "token", "tokens", "url",
-                 "version")
+    __slots__ = (
+        "_parser",
+        "accept",
+        "body_len",
+        "chunked",
+        "keep_alive",
+        "method",
+        "token",
+        "tokens",
+        "url",
+        "version",
+    )
 
     def __init__(self) -> None:
         self._parser = httptools.HttpRequestParser(self)
@@ -498,8 +553,11 @@ class HeadParser:
             raise BadRequest(505, "only HTTP/1.1 and HTTP/1.0 are served")
         if _TARGET_RE.fullmatch(self.url) is None:
             if self.method == b"CONNECT":
-                raise BadRequest(400, "the agent does not tunnel (CONNECT): send the request itself, with an "
-                                      "absolute URI, and the agent makes the TLS connection")
+                raise BadRequest(
+                    400,
+                    "the agent does not tunnel (CONNECT): send the request itself, with an "
+                    "absolute URI, and the agent makes the TLS connection",
+                )
             raise BadRequest(400, "the request target must be a path (origin-form, ASCII)")
         if self.tokens > 1:
             raise BadRequest(400, "more than one X-Vault-Edge-Token header")
@@ -515,6 +573,7 @@ class HeadParser:
 
 
 # -------------------------------------------------------------------------------------- connection
+
 
 class _Conn(asyncio.Protocol):
     """One client connection: frame heads, answer them in order, cache answers by head."""
@@ -550,8 +609,12 @@ class _Conn(asyncio.Protocol):
 
     def busy(self) -> bool:
         """A request in flight or an answer not yet taken by the client."""
-        return (self.watch is not None or bool(self.buf) or self.write_blocked
-                or (self.transport is not None and self.transport.get_write_buffer_size() > 0))
+        return (
+            self.watch is not None
+            or bool(self.buf)
+            or self.write_blocked
+            or (self.transport is not None and self.transport.get_write_buffer_size() > 0)
+        )
 
     def close_idle(self) -> None:
         """Close a keep-alive connection with nothing in flight (clients reconnect, as with any server)."""
@@ -634,7 +697,7 @@ class _Conn(asyncio.Protocol):
             take = self.buf[: self.body_need]
             self.body += take
             self.body_need -= len(take)
-            self.buf = self.buf[len(take):]
+            self.buf = self.buf[len(take) :]
             if not self.body_need and self.body_done is not None and not self.body_done.done():
                 self.body_done.set_result(None)
         out: list[bytes] = []
@@ -645,8 +708,7 @@ class _Conn(asyncio.Protocol):
             end = buf.find(b"\r\n\r\n", pos, pos + MAX_HEAD + 4)
             if end < 0:
                 if len(buf) - pos > MAX_HEAD:
-                    self._finish(out, app.error(431, "bad_request", f"request head over {MAX_HEAD} bytes",
-                                                close=True))
+                    self._finish(out, app.error(431, "bad_request", f"request head over {MAX_HEAD} bytes", close=True))
                 elif buf.find(b"\n\n", pos) >= 0:
                     self._finish(out, app.error(400, "bad_request", "request lines must end in CRLF", close=True))
                 break
@@ -663,9 +725,9 @@ class _Conn(asyncio.Protocol):
                         raise BadRequest(413, f"the request body is over {ans.max_body} bytes")
                     if req.body_len:
                         self.heads = None  # its parser expects the body it was not fed: a new one for the next
-                    take = min(req.body_len, len(buf) - pos)
-                    self.body, self.body_need = bytearray(buf[pos : pos + take]), req.body_len - take
-                    pos += take
+                    got = min(req.body_len, len(buf) - pos)
+                    self.body, self.body_need = bytearray(buf[pos : pos + got]), req.body_len - got
+                    pos += got
                     if self.body_need and _EXPECT_CONTINUE.search(head):
                         out.append(b"HTTP/1.1 100 Continue\r\n\r\n")  # curl waits a second for it otherwise
                     if out:
@@ -751,7 +813,6 @@ class _Conn(asyncio.Protocol):
 
         self.watch = asyncio.get_running_loop().create_task(held())
 
-
     def _start_exchange(self, ex: Exchange, keep_alive: bool) -> None:
         loop = asyncio.get_running_loop()
         self.body_done = loop.create_future() if self.body_need else None
@@ -767,7 +828,8 @@ class _Conn(asyncio.Protocol):
                         self.refuse(408, "the request body was not finished in time")
                         return
                 body, self.body, self.body_done = bytes(self.body), bytearray(), None
-                async with aclosing(ex.run(body)) as pieces:
+                # an async generator in practice (closed here, so a client that left cancels the app's work)
+                async with aclosing(cast(AsyncGenerator[bytes, None], ex.run(body))) as pieces:
                     async for piece in pieces:
                         if self.closing or self.transport is None:
                             return  # the client left: closing the generator cancels the app's work

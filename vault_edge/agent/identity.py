@@ -1,9 +1,9 @@
 """The node's identity in its state dir: key pairs it made itself, and what enrolment told it.
 
-    state-dir/ (0700)
-      node.key    X25519 private key (32 B) + Ed25519 seed (32 B), mode 0600, never leaves the node
-      node.json   {"node", "region", "server", "server_key", "enrolled_at"} once enrolled
-      cache.json  the last verified sync answer, as received (ciphertext), see cache.py
+state-dir/ (0700)
+  node.key    X25519 private key (32 B) + Ed25519 seed (32 B), mode 0600, never leaves the node
+  node.json   {"node", "region", "server", "server_key", "enrolled_at"} once enrolled
+  cache.json  the last verified sync answer, as received (ciphertext), see cache.py
 """
 
 from __future__ import annotations
@@ -51,8 +51,10 @@ def load_or_create(state_dir: Path) -> Identity:
     if key_file.exists():
         st = key_file.stat()
         if stat.S_IMODE(st.st_mode) & 0o077:
-            raise IdentityError(f"{key_file} is readable by others (mode {stat.S_IMODE(st.st_mode):o}); "
-                                "chmod 600 it, or remove the state dir and enrol again")
+            raise IdentityError(
+                f"{key_file} is readable by others (mode {stat.S_IMODE(st.st_mode):o}); "
+                "chmod 600 it, or remove the state dir and enrol again"
+            )
         raw = key_file.read_bytes()
         if len(raw) != 64:
             raise IdentityError(f"{key_file} is damaged; remove the state dir and enrol again")
@@ -77,8 +79,13 @@ def _load_enrolment(path: Path) -> Enrolment | None:
 
 
 def save_enrolment(identity: Identity, enrolment: Enrolment) -> Identity:
-    doc = {"node": enrolment.node, "region": enrolment.region, "server": enrolment.server,
-           "server_key": wire.b64e(enrolment.server_key), "enrolled_at": enrolment.enrolled_at}
+    doc = {
+        "node": enrolment.node,
+        "region": enrolment.region,
+        "server": enrolment.server,
+        "server_key": wire.b64e(enrolment.server_key),
+        "enrolled_at": enrolment.enrolled_at,
+    }
     write_atomic(identity.state_dir / "node.json", json.dumps(doc, indent=2).encode())
     return Identity(identity.state_dir, identity.keys, enrolment)
 

@@ -79,35 +79,70 @@ def render(api: Any, syncer: Any, listener: Any) -> bytes:
     status = st.status(now)
     e = Exposition()
     node, region = st.view.node or st.node, st.view.region or st.region
-    e.family("vault_edge_agent_info", "gauge", "the node this agent is (value always 1)",
-             [({"node": node, "region": region}, 1)])
-    e.family("vault_edge_agent_status", "gauge", "1 for the agent's health status (ok, stale, starting)",
-             [({"status": s}, float(s == status)) for s in ("ok", "stale", "starting")])
+    e.family(
+        "vault_edge_agent_info",
+        "gauge",
+        "the node this agent is (value always 1)",
+        [({"node": node, "region": region}, 1)],
+    )
+    e.family(
+        "vault_edge_agent_status",
+        "gauge",
+        "1 for the agent's health status (ok, stale, starting)",
+        [({"status": s}, float(s == status)) for s in ("ok", "stale", "starting")],
+    )
     e.family("vault_edge_agent_revision", "gauge", "the revision the agent serves from", [({}, st.view.revision)])
     e.family("vault_edge_agent_secrets", "gauge", "names in the served view", [({}, len(st.view.names))])
-    e.family("vault_edge_agent_last_sync_age_seconds", "gauge",
-             "seconds since the control plane was last heard from (NaN: never, in this process)",
-             [({}, math.nan if age is None else round(age, 3))])
-    e.family("vault_edge_agent_answers", "counter",
-             "socket answers built by the API (cache misses), by HTTP status",
-             [({"status": str(code)}, n) for code, n in sorted(api.statuses.items()) if n])
-    e.family("vault_edge_agent_refusals", "counter", "socket error answers by error code (forbidden, not_found, ...)",
-             [({"code": code}, n) for code, n in sorted(api.refusals.items())])
-    e.family("vault_edge_agent_cache_hits", "counter",
-             "socket answers replayed from a connection's cache (the API was not called)",
-             [({}, listener.cache_hits())])
+    e.family(
+        "vault_edge_agent_last_sync_age_seconds",
+        "gauge",
+        "seconds since the control plane was last heard from (NaN: never, in this process)",
+        [({}, math.nan if age is None else round(age, 3))],
+    )
+    e.family(
+        "vault_edge_agent_answers",
+        "counter",
+        "socket answers built by the API (cache misses), by HTTP status",
+        [({"status": str(code)}, n) for code, n in sorted(api.statuses.items()) if n],
+    )
+    e.family(
+        "vault_edge_agent_refusals",
+        "counter",
+        "socket error answers by error code (forbidden, not_found, ...)",
+        [({"code": code}, n) for code, n in sorted(api.refusals.items())],
+    )
+    e.family(
+        "vault_edge_agent_cache_hits",
+        "counter",
+        "socket answers replayed from a connection's cache (the API was not called)",
+        [({}, listener.cache_hits())],
+    )
     e.family("vault_edge_agent_connections", "gauge", "open socket connections", [({}, len(listener.conns))])
     if syncer is not None:
-        e.family("vault_edge_agent_sync_failures", "counter",
-                 "sync attempts that failed (unreachable, refused answer, error); the agent kept serving",
-                 [({}, syncer.failures)])
-        e.family("vault_edge_agent_sync_applied", "counter", "sync answers applied (new views installed)",
-                 [({}, syncer.applied)])
-        e.family("vault_edge_agent_sync_received_bytes", "counter", "bytes of sync answers received",
-                 [({}, syncer.received_bytes)])
-        e.family("vault_edge_agent_disk_cache_behind", "gauge",
-                 "1 while the served view is not yet on disk (a failed write, retried every round)",
-                 [({}, float(bool(syncer.cache_behind)))])
+        e.family(
+            "vault_edge_agent_sync_failures",
+            "counter",
+            "sync attempts that failed (unreachable, refused answer, error); the agent kept serving",
+            [({}, syncer.failures)],
+        )
+        e.family(
+            "vault_edge_agent_sync_applied",
+            "counter",
+            "sync answers applied (new views installed)",
+            [({}, syncer.applied)],
+        )
+        e.family(
+            "vault_edge_agent_sync_received_bytes",
+            "counter",
+            "bytes of sync answers received",
+            [({}, syncer.received_bytes)],
+        )
+        e.family(
+            "vault_edge_agent_disk_cache_behind",
+            "gauge",
+            "1 while the served view is not yet on disk (a failed write, retried every round)",
+            [({}, float(bool(syncer.cache_behind)))],
+        )
     return e.render()
 
 
@@ -120,8 +155,11 @@ async def serve_metrics(host: str, port: int, page: Callable[[], bytes], token: 
         try:
             head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), _HEAD_TIMEOUT_S)
             status, body, ctype = _answer(head, want, page)
-            writer.write(b"HTTP/1.1 %d %s\r\nContent-Type: %s\r\nContent-Length: %d\r\nConnection: close\r\n\r\n"
-                         % (status, _REASONS[status], ctype, len(body)) + body)
+            writer.write(
+                b"HTTP/1.1 %d %s\r\nContent-Type: %s\r\nContent-Length: %d\r\nConnection: close\r\n\r\n"
+                % (status, _REASONS[status], ctype, len(body))
+                + body
+            )
             await writer.drain()
         except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, TimeoutError, ConnectionError):
             pass
@@ -147,8 +185,14 @@ def _answer(head: bytes, want: bytes | None, page: Callable[[], bytes]) -> tuple
     if target.partition(b"?")[0] != b"/metrics":
         return 404, b"only /metrics\n", b"text/plain"
     if want is not None:
-        auth = next((v.strip() for n, _, v in (ln.partition(b":") for ln in lines[1:])
-                     if n.strip().lower() == b"authorization"), b"")
+        auth = next(
+            (
+                v.strip()
+                for n, _, v in (ln.partition(b":") for ln in lines[1:])
+                if n.strip().lower() == b"authorization"
+            ),
+            b"",
+        )
         if not hmac.compare_digest(auth, want):
             return 401, b"give Authorization: Bearer <the --metrics-token>\n", b"text/plain"
     return 200, page(), CONTENT_TYPE

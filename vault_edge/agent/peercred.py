@@ -19,7 +19,7 @@ import socket
 import struct
 import sys
 from dataclasses import dataclass
-from typing import Any, Final, Protocol
+from typing import Final, Protocol, overload
 
 _CRED: Final = struct.Struct("3i")  # struct ucred { pid_t pid; uid_t uid; gid_t gid; }
 SO_PEERPIDFD: Final = getattr(socket, "SO_PEERPIDFD", 77)  # Linux 6.5; Python 3.11 lacks the constant
@@ -31,7 +31,10 @@ class SocketLike(Protocol):
     @property
     def family(self) -> int: ...
 
-    def getsockopt(self, level: int, option: int, buflen: int = ..., /) -> Any: ...
+    @overload
+    def getsockopt(self, level: int, option: int, /) -> int: ...
+    @overload
+    def getsockopt(self, level: int, option: int, buflen: int, /) -> bytes: ...
 
 
 @dataclass(frozen=True, slots=True)

@@ -133,8 +133,10 @@ class Policy:
         self.uses_exe = any(r.exe is not None for r in self.rules or ())
         # 1-based indices of rules whose only condition is exe (advisory: see the module docstring)
         self.exe_only_rules: tuple[int, ...] = tuple(
-            i for i, r in enumerate(self.rules or (), start=1)
-            if r.exe is not None and r.uid is None and r.gid is None and r.token_digest is None)
+            i
+            for i, r in enumerate(self.rules or (), start=1)
+            if r.exe is not None and r.uid is None and r.gid is None and r.token_digest is None
+        )
         self._memo: dict[tuple[int, int, str | None, bytes | None, str], bool] = {}
         self.memo_bytes = 0
 
@@ -206,8 +208,7 @@ class Policy:
         else:
             # Compare against every token rule, in constant time each; no early exit on a hit.
             candidates = [
-                r for r in self.rules
-                if r.token_digest is not None and hmac.compare_digest(r.token_digest, digest)
+                r for r in self.rules if r.token_digest is not None and hmac.compare_digest(r.token_digest, digest)
             ]
             if not candidates:
                 return False
@@ -231,8 +232,7 @@ def parse_rules(doc: dict[str, Any], where: str = "<policy>") -> list[Rule]:
         at = f"rule {i}"
         extra = set(r) - _RULE_KEYS
         if extra:
-            raise fail(f"{at}: unknown key(s) {', '.join(sorted(extra))} "
-                       f"(allowed: {', '.join(sorted(_RULE_KEYS))})")
+            raise fail(f"{at}: unknown key(s) {', '.join(sorted(extra))} (allowed: {', '.join(sorted(_RULE_KEYS))})")
         pats = r.get("secrets", [] if "egress" in r else None)
         if not isinstance(pats, list) or not (pats or r.get("egress")):
             raise fail(f"{at}: 'secrets' must be a non-empty list of name patterns (or give 'egress')")
@@ -264,6 +264,14 @@ def parse_rules(doc: dict[str, Any], where: str = "<policy>") -> list[Rule]:
             digest = bytes.fromhex(t)
         if not ids and exe is None and digest is None:
             raise fail(f"{at}: give at least one condition (uid, gid, exe or token_sha256)")
-        rules.append(Rule(secrets=tuple(pats), uid=ids.get("uid"), gid=ids.get("gid"), exe=exe,
-                          token_digest=digest, egress=tuple(routes)))
+        rules.append(
+            Rule(
+                secrets=tuple(pats),
+                uid=ids.get("uid"),
+                gid=ids.get("gid"),
+                exe=exe,
+                token_digest=digest,
+                egress=tuple(routes),
+            )
+        )
     return rules

@@ -53,14 +53,20 @@ def warn_about_policy(policy: Policy) -> None:
     """Warnings about a policy that may not mean what it seems to (logged at start)."""
     if policy.exe_only_rules:
         rules = ", ".join(f"rule {i}" for i in policy.exe_only_rules)
-        log.warning("policy %s: %s rel%s on exe alone; exe is advisory (read once per connection, a process can "
-                    "connect and then exec the allowed binary), not a security boundary: add a uid, gid or "
-                    "token_sha256 condition", policy.source or "", rules,
-                    "ies" if len(policy.exe_only_rules) == 1 else "y")
+        log.warning(
+            "policy %s: %s rel%s on exe alone; exe is advisory (read once per connection, a process can "
+            "connect and then exec the allowed binary), not a security boundary: add a uid, gid or "
+            "token_sha256 condition",
+            policy.source or "",
+            rules,
+            "ies" if len(policy.exe_only_rules) == 1 else "y",
+        )
     if policy.uses_exe and os.geteuid() != 0:
-        log.warning("the policy has exe conditions: the kernel lets an unprivileged agent read /proc/PID/exe only of "
-                    "callers running as its own uid, so exe rules for other uids never match (fail closed); run the "
-                    "agent as root or with CAP_SYS_PTRACE for them")
+        log.warning(
+            "the policy has exe conditions: the kernel lets an unprivileged agent read /proc/PID/exe only of "
+            "callers running as its own uid, so exe rules for other uids never match (fail closed); run the "
+            "agent as root or with CAP_SYS_PTRACE for them"
+        )
 
 
 def raise_fd_limit() -> int:
@@ -126,27 +132,55 @@ async def run(cfg: AgentConfig) -> int:
     nofile = raise_fd_limit()
 
     enrolment = identity.enrolment
-    state = AgentState(enrolment.node if enrolment else "", enrolment.region if enrolment else "",
-                       max_stale=cfg.max_stale, stale_after=cfg.stale_after)
+    state = AgentState(
+        enrolment.node if enrolment else "",
+        enrolment.region if enrolment else "",
+        max_stale=cfg.max_stale,
+        stale_after=cfg.stale_after,
+    )
     cache = DiskCache(cfg.state_dir)
     clean_stale_temp_files(cfg.state_dir)
     restored = load_cached(identity, state, cache)
     loop = asyncio.get_running_loop()
     stop = loop.create_future()
+
+    def stopping() -> None:
+        if not stop.done():
+            stop.set_result(None)
+
     for sig in (signal.SIGTERM, signal.SIGINT):  # before serving: a SIGTERM from then on is graceful
-        loop.add_signal_handler(sig, lambda: stop.done() or stop.set_result(None))
+        loop.add_signal_handler(sig, stopping)
     api = Api(state, policy, egress=cfg.egress)
     try:
-        listener = await serve(str(cfg.socket), api, mode=cfg.socket_mode,
-                               idle_timeout=cfg.idle_timeout, max_conns_per_uid=cfg.max_conns_per_uid)
+        listener = await serve(
+            str(cfg.socket),
+            api,
+            mode=cfg.socket_mode,
+            idle_timeout=cfg.idle_timeout,
+            max_conns_per_uid=cfg.max_conns_per_uid,
+        )
     except (OSError, ValueError) as exc:
         raise AgentError(f"cannot listen on {cfg.socket}: {getattr(exc, 'strerror', None) or exc}") from None
-    log.info("serving on %s (open-files limit %d, per-uid connection cap %d, idle connections closed after %gs)",
-             cfg.socket, nofile, cfg.max_conns_per_uid, cfg.idle_timeout)
+    log.info(
+        "serving on %s (open-files limit %d, per-uid connection cap %d, idle connections closed after %gs)",
+        cfg.socket,
+        nofile,
+        cfg.max_conns_per_uid,
+        cfg.idle_timeout,
+    )
     loop.add_signal_handler(signal.SIGHUP, reload_policy, api, cfg.policy)
 
-    syncer = Syncer(identity, state, cache, server, join_token=cfg.join_token, wait=cfg.wait,
-                    verify=cfg.tls_ca or True, restored=restored, enroll_timeout=cfg.enroll_timeout)
+    syncer = Syncer(
+        identity,
+        state,
+        cache,
+        server,
+        join_token=cfg.join_token,
+        wait=cfg.wait,
+        verify=cfg.tls_ca or True,
+        restored=restored,
+        enroll_timeout=cfg.enroll_timeout,
+    )
     metrics_server = None
     if cfg.metrics_addr is not None:
         from vault_edge.agent.metrics import render, serve_metrics
@@ -160,23 +194,29 @@ async def run(cfg: AgentConfig) -> int:
                 os.unlink(cfg.socket)
             await syncer.close()
             raise AgentError(f"cannot listen for metrics on {host}:{port}: {exc.strerror or exc}") from None
-        log.info("metrics on http://%s:%d/metrics%s", host if ":" not in host else f"[{host}]", port,
-                 " (bearer token required)" if cfg.metrics_token else "")
+        log.info(
+            "metrics on http://%s:%d/metrics%s",
+            host if ":" not in host else f"[{host}]",
+            port,
+            " (bearer token required)" if cfg.metrics_token else "",
+        )
     sync_task = asyncio.create_task(syncer.run(), name="sync")
     code = 0
     try:
         done, _ = await asyncio.wait({sync_task, stop}, return_when=asyncio.FIRST_COMPLETED)
         if sync_task in done:
-            exc = sync_task.exception()
-            if isinstance(exc, Revoked):
-                log.error("this node was revoked by the control plane (%s): cache wiped; enrol again with a new "
-                          "join token", exc)
+            ended = sync_task.exception()
+            if isinstance(ended, Revoked):
+                log.error(
+                    "this node was revoked by the control plane (%s): cache wiped; enrol again with a new join token",
+                    ended,
+                )
                 ident.forget(cfg.state_dir)
                 code = EXIT_REVOKED
-            elif isinstance(exc, EnrolError):
-                raise AgentError(str(exc))
-            elif exc is not None:
-                raise exc
+            elif isinstance(ended, EnrolError):
+                raise AgentError(str(ended))
+            elif ended is not None:
+                raise ended
     finally:
         sync_task.cancel()
         with contextlib.suppress(BaseException):

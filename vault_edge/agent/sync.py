@@ -81,16 +81,24 @@ class Answer:
     content: bytes
 
 
-async def fetch(http: httpx.AsyncClient, method: str, target: str, *, headers: dict[str, str],
-                content: bytes | None = None, limit: int = MAX_BUNDLE) -> Answer:
+async def fetch(
+    http: httpx.AsyncClient,
+    method: str,
+    target: str,
+    *,
+    headers: dict[str, str],
+    content: bytes | None = None,
+    limit: int = MAX_BUNDLE,
+) -> Answer:
     """One HTTP exchange, its body read raw and at most ``limit`` bytes; PathFailure on anything else.
 
     The body is never decoded: identity is asked for and any other ``Content-Encoding`` refused
     unread, so no compressed stream is ever inflated. Error answers are held to ``MAX_ERROR_BODY``.
     """
     try:
-        async with http.stream(method, target, content=content,
-                               headers={**headers, "accept-encoding": "identity"}) as resp:
+        async with http.stream(
+            method, target, content=content, headers={**headers, "accept-encoding": "identity"}
+        ) as resp:
             encoding = resp.headers.get("content-encoding", "identity").strip().lower()
             if encoding not in ("", "identity"):
                 raise PathFailure(f"an answer with Content-Encoding {encoding[:40]!r} (only identity is accepted)")
@@ -119,7 +127,7 @@ class Backoff:
         self.rng = rng or random.SystemRandom()
 
     def next(self) -> float:
-        delay = self.rng.uniform(0, min(self.cap, self.base * 2 ** self.attempt))
+        delay = self.rng.uniform(0, min(self.cap, self.base * 2**self.attempt))
         self.attempt = min(self.attempt + 1, 30)
         return delay
 
@@ -162,8 +170,14 @@ def _refusal_proven(key: bytes, resp: Answer, nonce: str, request_body: bytes) -
 
 def enrolment_body(server_key: bytes, token: str, box_public: bytes, sign_public: bytes, hostname: str) -> bytes:
     """The enrolment request, sealed to the (pinned) control-plane key: the token is readable by it alone."""
-    inner = json.dumps({"token": token, "box_public": wire.b64e(box_public), "sign_public": wire.b64e(sign_public),
-                        "hostname": hostname}).encode()
+    inner = json.dumps(
+        {
+            "token": token,
+            "box_public": wire.b64e(box_public),
+            "sign_public": wire.b64e(sign_public),
+            "hostname": hostname,
+        }
+    ).encode()
     return json.dumps({"sealed": wire.b64e(signing.seal_to_server(server_key, inner))}).encode()
 
 
@@ -181,17 +195,29 @@ def retry_after(resp: Answer) -> float | None:
 
 
 class Syncer:
-    def __init__(self, identity: Identity, state: AgentState, cache: DiskCache, server: str, *,
-                 join_token: str | None = None, wait: float = 30.0, verify: bool | str = True,
-                 http: httpx.AsyncClient | None = None, restored: Chain | None = None,
-                 enroll_timeout: float = ENROLL_TIMEOUT_S) -> None:
+    def __init__(
+        self,
+        identity: Identity,
+        state: AgentState,
+        cache: DiskCache,
+        server: str,
+        *,
+        join_token: str | None = None,
+        wait: float = 30.0,
+        verify: bool | str = True,
+        http: httpx.AsyncClient | None = None,
+        restored: Chain | None = None,
+        enroll_timeout: float = ENROLL_TIMEOUT_S,
+    ) -> None:
         self.identity, self.state, self.cache = identity, state, cache
         self.server = server.rstrip("/")
         self.join_token = join_token
         self.enroll_timeout = enroll_timeout
         self.wait = wait
         self.http = http or httpx.AsyncClient(
-            base_url=self.server, verify=verify, timeout=httpx.Timeout(10.0, read=wait + 20.0),
+            base_url=self.server,
+            verify=verify,
+            timeout=httpx.Timeout(10.0, read=wait + 20.0),
             limits=httpx.Limits(max_connections=2),
         )
         self.grants = GrantCache()
@@ -227,9 +253,16 @@ class Syncer:
             headers = signed_headers(self.identity, "POST", target, body, wire.ENROLL_NODE)
             try:
                 resp = await asyncio.wait_for(
-                    fetch(self.http, "POST", target, content=body,
-                          headers={**headers, "content-type": "application/json"}, limit=MAX_ERROR_BODY),
-                    self.enroll_timeout)
+                    fetch(
+                        self.http,
+                        "POST",
+                        target,
+                        content=body,
+                        headers={**headers, "content-type": "application/json"},
+                        limit=MAX_ERROR_BODY,
+                    ),
+                    self.enroll_timeout,
+                )
             except (PathFailure, TimeoutError) as exc:
                 reason = str(exc) if isinstance(exc, PathFailure) else f"no answer in {self.enroll_timeout:g}s"
                 delay = self.backoff.next()
@@ -238,14 +271,23 @@ class Syncer:
                 continue
             if resp.status_code >= 500:
                 delay = self._delay_after(resp)
-                log.warning("enrolment: control plane answered %s (%s); retrying in %.1fs",
-                            resp.status_code, _error_message(resp), delay)
+                log.warning(
+                    "enrolment: control plane answered %s (%s); retrying in %.1fs",
+                    resp.status_code,
+                    _error_message(resp),
+                    delay,
+                )
                 await asyncio.sleep(delay)
                 continue
             if resp.status_code != 200 and not _refusal_proven(pinned, resp, headers[wire.H_NONCE], body):
                 delay = self.backoff.next()
-                log.warning("enrolment: a %s not signed by the control plane for this request (%s): a relay's, "
-                            "not a refusal; retrying in %.1fs", resp.status_code, _error_message(resp), delay)
+                log.warning(
+                    "enrolment: a %s not signed by the control plane for this request (%s): a relay's, "
+                    "not a refusal; retrying in %.1fs",
+                    resp.status_code,
+                    _error_message(resp),
+                    delay,
+                )
                 await asyncio.sleep(delay)
                 continue
             break
@@ -298,8 +340,10 @@ class Syncer:
             log.warning("enrolment: control plane not ready (%s); retrying in %.1fs", reason, delay)
             await asyncio.sleep(delay)
         if wire.server_pin(key) != pin:
-            raise EnrolError("the control plane's key does not match the join token's pin: wrong control plane? "
-                             "(the token was not sent)")
+            raise EnrolError(
+                "the control plane's key does not match the join token's pin: wrong control plane? "
+                "(the token was not sent)"
+            )
         return key
 
     # -- sync ----------------------------------------------------------------------------------
@@ -324,8 +368,15 @@ class Syncer:
             raise PathFailure(f"{resp.status_code}: {_error_message(resp)}")
         self.received_bytes += len(resp.content)
         try:
-            return open_answer(self.identity, resp.content, resp.headers.get(wire.H_SERVER_SIGNATURE),
-                               nonce=headers[wire.H_NONCE], held=held, grants=self.grants, floor=self.state.floor)
+            return open_answer(
+                self.identity,
+                resp.content,
+                resp.headers.get(wire.H_SERVER_SIGNATURE),
+                nonce=headers[wire.H_NONCE],
+                held=held,
+                grants=self.grants,
+                floor=self.state.floor,
+            )
         except BundleError:
             self.want_full = True  # whatever went wrong, a full view (checked the same way) recovers
             raise
@@ -335,11 +386,13 @@ class Syncer:
         a bare 403 (from a proxy, an impostor, a replay) is a transient failure, never a reason to wipe."""
         enrolment = self.identity.enrolment
         assert enrolment is not None
-        proven = (_server_signed(enrolment.server_key, revoke.KIND, resp)
-                  and revoke.proves(resp.content, enrolment.node, nonce))
+        proven = _server_signed(enrolment.server_key, revoke.KIND, resp) and revoke.proves(
+            resp.content, enrolment.node, nonce
+        )
         if not proven:
-            log.warning("a 403 without the control plane's signed proof of revocation (%s): ignored",
-                        _error_message(resp))
+            log.warning(
+                "a 403 without the control plane's signed proof of revocation (%s): ignored", _error_message(resp)
+            )
         return proven
 
     async def apply(self, opened: Opened) -> None:
@@ -372,8 +425,11 @@ class Syncer:
             self.applied += 1
             log.info("applied revision %d (%s, %d secrets)", opened.revision, opened.kind, len(opened.view.names))
             for name in opened.refused:
-                log.error("refused a rollback of %r (the answer's current version is older than the one held); "
-                          "keeping the held one", name)
+                log.error(
+                    "refused a rollback of %r (the answer's current version is older than the one held); "
+                    "keeping the held one",
+                    name,
+                )
             if self.cache.log_bytes > max(REFRESH_RATIO * self.cache.base_bytes, REFRESH_MIN):
                 self.want_full = True  # the log outweighs its base: start a new one
         else:
@@ -384,8 +440,10 @@ class Syncer:
                 try:
                     await asyncio.to_thread(self.cache.touch, self.received_at)
                 except OSError as exc:
-                    log.warning("cache write failed (%s): the last contact time is not on disk; serving on",
-                                exc.strerror or type(exc).__name__)
+                    log.warning(
+                        "cache write failed (%s): the last contact time is not on disk; serving on",
+                        exc.strerror or type(exc).__name__,
+                    )
 
     async def flush_cache(self) -> bool:
         """Write what the disk cache lacks, if anything. True when the cache is up to date."""
@@ -396,14 +454,16 @@ class Syncer:
             if chain.written is None:  # a new base, or a failed write before: the whole chain
                 await asyncio.to_thread(self._rewrite, chain)
             else:
-                for piece in chain.deltas[chain.written:]:
+                for piece in chain.deltas[chain.written :]:
                     await asyncio.to_thread(self.cache.append, piece, self.received_at)
                     chain.written += 1
         except OSError as exc:
             chain.written = None  # rewritten whole next time: an append may have half-happened
-            log.error("cache write failed (%s): serving the new view from memory; the disk cache is behind "
-                      "(a restart now would serve an older view) and the write will be retried",
-                      exc.strerror or type(exc).__name__)
+            log.error(
+                "cache write failed (%s): serving the new view from memory; the disk cache is behind "
+                "(a restart now would serve an older view) and the write will be retried",
+                exc.strerror or type(exc).__name__,
+            )
             return False
         return True
 
@@ -436,16 +496,21 @@ class Syncer:
             except BundleError as exc:
                 self.failures += 1
                 delay = max(1.0, self.backoff.next())
-                log.error("refused a sync answer: %s; keeping revision %d; retrying in %.1fs",
-                          exc, self.state.view.revision, delay)
+                log.error(
+                    "refused a sync answer: %s; keeping revision %d; retrying in %.1fs",
+                    exc,
+                    self.state.view.revision,
+                    delay,
+                )
                 await asyncio.sleep(delay)
                 continue
             except Exception as exc:  # a bug must not stop the agent serving what it holds; no value in logs
                 self.failures += 1
                 self.state.lost_contact()
                 delay = max(1.0, self.backoff.next())
-                log.error("sync failed unexpectedly (%s); serving what we hold; retrying in %.1fs",
-                          type(exc).__name__, delay)
+                log.error(
+                    "sync failed unexpectedly (%s); serving what we hold; retrying in %.1fs", type(exc).__name__, delay
+                )
                 await asyncio.sleep(delay)
                 continue
             self.backoff.reset()
@@ -463,8 +528,15 @@ def load_cached(identity: Identity, state: AgentState, cache: DiskCache) -> Chai
         return None
     grants = GrantCache()
     try:
-        opened = open_answer(identity, cached.base.envelope + b"\n" + cached.base.body, cached.base.signature,
-                             nonce=None, held=state.view, floor=state.floor, grants=grants)
+        opened = open_answer(
+            identity,
+            cached.base.envelope + b"\n" + cached.base.body,
+            cached.base.signature,
+            nonce=None,
+            held=state.view,
+            floor=state.floor,
+            grants=grants,
+        )
     except BundleError as exc:
         log.error("refused the disk cache: %s", exc)
         return None
@@ -474,11 +546,22 @@ def load_cached(identity: Identity, state: AgentState, cache: DiskCache) -> Chai
     chain, refused = Chain(cached.base, [], 0, dict(opened.floor)), set(opened.refused)
     for delta in cached.deltas:
         try:
-            nxt = open_answer(identity, delta.envelope + b"\n" + delta.body, delta.signature, nonce=None,
-                              held=opened.view, floor=opened.floor, grants=grants)
+            nxt = open_answer(
+                identity,
+                delta.envelope + b"\n" + delta.body,
+                delta.signature,
+                nonce=None,
+                held=opened.view,
+                floor=opened.floor,
+                grants=grants,
+            )
         except BundleError as exc:
-            log.error("the disk cache's delta log stops applying at revision %d (%s): serving that; a full "
-                      "view will be asked for", opened.revision, exc)
+            log.error(
+                "the disk cache's delta log stops applying at revision %d (%s): serving that; a full "
+                "view will be asked for",
+                opened.revision,
+                exc,
+            )
             chain.written = None  # rewritten with the next full view
             break
         if nxt.view is None:
@@ -488,13 +571,18 @@ def load_cached(identity: Identity, state: AgentState, cache: DiskCache) -> Chai
         chain.written = len(chain.deltas)
     assert opened.view is not None
     for name in sorted(refused):
-        log.error("the disk cache holds %r older than a version served before: not serving it until a newer one "
-                  "arrives", name)
+        log.error(
+            "the disk cache holds %r older than a version served before: not serving it until a newer one arrives", name
+        )
     state.floor = opened.floor
     state.install(opened.view)
     # Age survives restarts: the last contact is when the cached answer (or a later `unchanged`) came.
     state.contact(state.clock.monotonic() - max(0.0, state.clock.wall() - cached.received_at))
     state.lost_contact()
-    log.info("serving revision %d from the disk cache (%d secrets; %d deltas replayed)", opened.revision,
-             len(opened.view.names), len(chain.deltas))
+    log.info(
+        "serving revision %d from the disk cache (%d secrets; %d deltas replayed)",
+        opened.revision,
+        len(opened.view.names),
+        len(chain.deltas),
+    )
     return chain

@@ -37,8 +37,9 @@ class View:
 
     __slots__ = ("by_stage", "by_version", "egress", "names", "node", "region", "revision")
 
-    def __init__(self, node: str, region: str, revision: int, entries: Iterable[Entry],
-                 egress: tuple[Route, ...] = ()) -> None:
+    def __init__(
+        self, node: str, region: str, revision: int, entries: Iterable[Entry], egress: tuple[Route, ...] = ()
+    ) -> None:
         self.node, self.region, self.revision = node, region, revision
         self.egress = egress  # the region's egress routes (agent/egress.py serves them)
         self.by_stage: dict[tuple[str, str], Entry] = {}
@@ -51,8 +52,9 @@ class View:
     def __repr__(self) -> str:
         return f"View(node={self.node!r}, region={self.region!r}, revision={self.revision}, secrets={len(self.names)})"
 
-    def lookup(self, name: str, version: int | None = None, stage: str | None = None,
-               now: float | None = None) -> Entry | None:
+    def lookup(
+        self, name: str, version: int | None = None, stage: str | None = None, now: float | None = None
+    ) -> Entry | None:
         """The entry for ``name`` (current by default), or None if absent or past its grace at wall-clock
         time ``now`` (default: the real clock)."""
         if version is not None:
@@ -81,8 +83,15 @@ class AgentState:
     (:meth:`subscribe`) is told of every install and contact, and drops the answers it cached then.
     """
 
-    def __init__(self, node: str = "", region: str = "", max_stale: float | None = None,
-                 stale_after: float = 75.0, *, clock: Clock = SYSTEM) -> None:
+    def __init__(
+        self,
+        node: str = "",
+        region: str = "",
+        max_stale: float | None = None,
+        stale_after: float = 75.0,
+        *,
+        clock: Clock = SYSTEM,
+    ) -> None:
         self.view: View = View(node, region, 0, ())
         self.node, self.region = node, region
         self.loaded = False  # a view came from a sync or the disk cache

@@ -20,8 +20,12 @@ def agent() -> None:
     """The node agent (one per PoP host) and local reads through its socket."""
 
 
-@agent.command("run", add_help_option=False, short_help=agent_run_cmd.SUMMARY,
-               context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+@agent.command(
+    "run",
+    add_help_option=False,
+    short_help=agent_run_cmd.SUMMARY,
+    context_settings={"ignore_unknown_options": True, "allow_extra_args": True},
+)
 @click.argument("args", nargs=-1, type=click.UNPROCESSED)
 def agent_run(args: tuple[str, ...]) -> None:
     """A stub: lists ``run`` in ``vault-edge agent --help`` and forwards to the one definition of its
@@ -62,38 +66,70 @@ token_option = click.option("--token", envvar="VAULT_EDGE_AGENT_TOKEN", help="ca
 @token_option
 @output_option
 @_agent_errors
-def agent_get(name: str, version: int | None, stage: str | None, socket_path: str | None, token: str | None,
-              fmt: str) -> None:
+def agent_get(
+    name: str, version: int | None, stage: str | None, socket_path: str | None, token: str | None, fmt: str
+) -> None:
     """Read a secret from the local agent."""
     with _client(socket_path, token) as c:
         s = c.get(name, version, stage)
     if fmt == "json":
         from vault_edge.wire import value_fields
 
-        emit_json({"name": s.name, **value_fields(s.value), "version": s.version, "stage": s.stage,
-                   "revision": s.revision})
+        emit_json(
+            {"name": s.name, **value_fields(s.value), "version": s.version, "stage": s.stage, "revision": s.revision}
+        )
     else:
         sys.stdout.buffer.write(s.value + (b"\n" if sys.stdout.isatty() else b""))
         sys.stdout.flush()
 
 
 @agent.command("exec", context_settings={"ignore_unknown_options": True})
-@click.option("--env", "pairs", multiple=True, metavar="VAR=NAME[#FIELD]",
-              help="put secret NAME (or one FIELD of a structured value) in variable VAR (repeat)")
-@click.option("--restart-on-change", is_flag=True,
-              help="supervise COMMAND: restart it when one of its secrets changes (else COMMAND replaces this process)")
-@click.option("--signal-on-change", "change_signal", metavar="SIG",
-              help="supervise COMMAND: send it SIG (e.g. HUP) when one of its secrets changes, without restarting")
-@click.option("--stop-signal", default="TERM", show_default=True, metavar="SIG",
-              help="with --restart-on-change: how the running command is asked to stop")
-@click.option("--stop-timeout", default="10s", show_default=True, callback=duration_option,
-              help="with --restart-on-change: SIGKILL after this long")
+@click.option(
+    "--env",
+    "pairs",
+    multiple=True,
+    metavar="VAR=NAME[#FIELD]",
+    help="put secret NAME (or one FIELD of a structured value) in variable VAR (repeat)",
+)
+@click.option(
+    "--restart-on-change",
+    is_flag=True,
+    help="supervise COMMAND: restart it when one of its secrets changes (else COMMAND replaces this process)",
+)
+@click.option(
+    "--signal-on-change",
+    "change_signal",
+    metavar="SIG",
+    help="supervise COMMAND: send it SIG (e.g. HUP) when one of its secrets changes, without restarting",
+)
+@click.option(
+    "--stop-signal",
+    default="TERM",
+    show_default=True,
+    metavar="SIG",
+    help="with --restart-on-change: how the running command is asked to stop",
+)
+@click.option(
+    "--stop-timeout",
+    default="10s",
+    show_default=True,
+    callback=duration_option,
+    help="with --restart-on-change: SIGKILL after this long",
+)
 @socket_option
 @token_option
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
 @_agent_errors
-def agent_exec(pairs: tuple[str, ...], restart_on_change: bool, change_signal: str | None, stop_signal: str,
-               stop_timeout: int, socket_path: str | None, token: str | None, command: tuple[str, ...]) -> None:
+def agent_exec(
+    pairs: tuple[str, ...],
+    restart_on_change: bool,
+    change_signal: str | None,
+    stop_signal: str,
+    stop_timeout: int,
+    socket_path: str | None,
+    token: str | None,
+    command: tuple[str, ...],
+) -> None:
     """Run COMMAND with secrets in its environment: agent exec --env DB_PASSWORD=db/password -- ./app
 
     NAME#FIELD takes one field of a structured value: --env PGPASSWORD=db/main#password. With
@@ -119,9 +155,15 @@ def agent_exec(pairs: tuple[str, ...], restart_on_change: bool, change_signal: s
             stop, change = parse_signal(stop_signal), parse_signal(change_signal or "HUP")
         except ValueError as exc:
             raise click.UsageError(str(exc)) from None
-        sup = Supervisor(list(command), mapping, lambda: _client(socket_path, token),
-                         mode="signal" if change_signal else "restart", stop_signal=stop, change_signal=change,
-                         stop_timeout=float(stop_timeout))
+        sup = Supervisor(
+            list(command),
+            mapping,
+            lambda: _client(socket_path, token),
+            mode="signal" if change_signal else "restart",
+            stop_signal=stop,
+            change_signal=change,
+            stop_timeout=float(stop_timeout),
+        )
         sys.exit(sup.run())
     env = dict(os.environ)
     if mapping:

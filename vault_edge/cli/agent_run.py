@@ -81,58 +81,136 @@ def _metrics_addr(text: str) -> tuple[str, int]:
 def parser() -> argparse.ArgumentParser:
     env = os.environ
     p = argparse.ArgumentParser(
-        prog=PROG, description=SUMMARY, allow_abbrev=False,
+        prog=PROG,
+        description=SUMMARY,
+        allow_abbrev=False,
         epilog="Environment: VAULT_EDGE_ADDR (--server), VAULT_EDGE_SOCKET (--socket), VAULT_EDGE_JOIN_TOKEN "
-               "(--join-token), VAULT_EDGE_ENROLL_TIMEOUT (--enroll-timeout), VAULT_EDGE_METRICS_ADDR "
-               "(--metrics-addr), VAULT_EDGE_METRICS_TOKEN (--metrics-token), VAULT_EDGE_LOG_FORMAT (--log-format). "
-               "SIGHUP reloads --policy. Exit 3: this node was revoked "
-               "(enrol again with a new join token).",
+        "(--join-token), VAULT_EDGE_ENROLL_TIMEOUT (--enroll-timeout), VAULT_EDGE_METRICS_ADDR "
+        "(--metrics-addr), VAULT_EDGE_METRICS_TOKEN (--metrics-token), VAULT_EDGE_LOG_FORMAT (--log-format). "
+        "SIGHUP reloads --policy. Exit 3: this node was revoked "
+        "(enrol again with a new join token).",
     )
-    p.add_argument("--server", metavar="URL", default=env.get("VAULT_EDGE_ADDR") or None,
-                   help="control plane URL (default: the one it enrolled with)")
-    p.add_argument("--state-dir", metavar="DIR", required=True, type=_dir_path,
-                   help="keys, enrolment, disk cache")
+    p.add_argument(
+        "--server",
+        metavar="URL",
+        default=env.get("VAULT_EDGE_ADDR") or None,
+        help="control plane URL (default: the one it enrolled with)",
+    )
+    p.add_argument("--state-dir", metavar="DIR", required=True, type=_dir_path, help="keys, enrolment, disk cache")
     socket_env = env.get("VAULT_EDGE_SOCKET") or None
-    p.add_argument("--socket", dest="socket_path", metavar="PATH", default=socket_env, required=socket_env is None,
-                   type=_file_path, help="unix socket to serve workers on (created mode 0660)")
-    p.add_argument("--join-token", metavar="TOKEN", default=env.get("VAULT_EDGE_JOIN_TOKEN") or None,
-                   help="single-use token for the first start")
-    p.add_argument("--join-token-file", metavar="FILE", type=_file_path,
-                   help="read the join token from a file (ignored once enrolled, or if the file is gone)")
+    p.add_argument(
+        "--socket",
+        dest="socket_path",
+        metavar="PATH",
+        default=socket_env,
+        required=socket_env is None,
+        type=_file_path,
+        help="unix socket to serve workers on (created mode 0660)",
+    )
+    p.add_argument(
+        "--join-token",
+        metavar="TOKEN",
+        default=env.get("VAULT_EDGE_JOIN_TOKEN") or None,
+        help="single-use token for the first start",
+    )
+    p.add_argument(
+        "--join-token-file",
+        metavar="FILE",
+        type=_file_path,
+        help="read the join token from a file (ignored once enrolled, or if the file is gone)",
+    )
     p.add_argument("--policy", metavar="FILE", type=_existing_file, help="TOML policy: who may read what")
-    p.add_argument("--max-stale", metavar="DUR", type=_duration,
-                   help="refuse reads (503 too_stale) when out of contact longer than this (default: never)")
-    p.add_argument("--stale-after", metavar="DUR", default="75s", type=_positive_duration,
-                   help="health says stale past this age (default: 75s)")
-    p.add_argument("--wait", metavar="DUR", default="30s", type=_positive_duration,
-                   help="long-poll hold asked of the control plane (default: 30s)")
+    p.add_argument(
+        "--max-stale",
+        metavar="DUR",
+        type=_duration,
+        help="refuse reads (503 too_stale) when out of contact longer than this (default: never)",
+    )
+    p.add_argument(
+        "--stale-after",
+        metavar="DUR",
+        default="75s",
+        type=_positive_duration,
+        help="health says stale past this age (default: 75s)",
+    )
+    p.add_argument(
+        "--wait",
+        metavar="DUR",
+        default="30s",
+        type=_positive_duration,
+        help="long-poll hold asked of the control plane (default: 30s)",
+    )
     p.add_argument("--tls-ca", metavar="FILE", type=_existing_file, help="CA bundle for an https control plane")
-    p.add_argument("--idle-timeout", metavar="DUR", default="60s", type=_positive_duration,
-                   help="close a socket connection idle (no request in flight) this long (default: 60s)")
-    p.add_argument("--max-conns-per-uid", metavar="N", default=256, type=_positive_int,
-                   help="socket connections one uid may hold; more are closed at once (default: 256)")
-    p.add_argument("--enroll-timeout", metavar="DUR", default=env.get("VAULT_EDGE_ENROLL_TIMEOUT") or "30s",
-                   type=_positive_duration,
-                   help="give up waiting for an enrolment answer after this long and retry, with the same token "
-                        "and keys (default: 30s)")
-    p.add_argument("--metrics-addr", metavar="[HOST:]PORT", type=_metrics_addr,
-                   default=env.get("VAULT_EDGE_METRICS_ADDR") or None,
-                   help="serve Prometheus metrics at http://HOST:PORT/metrics (HOST defaults to 127.0.0.1; "
-                        "default: no metrics endpoint)")
-    p.add_argument("--metrics-token", metavar="TOKEN", default=env.get("VAULT_EDGE_METRICS_TOKEN") or None,
-                   help="require Authorization: Bearer TOKEN on /metrics (prefer VAULT_EDGE_METRICS_TOKEN: "
-                        "ps shows arguments)")
-    p.add_argument("--egress-ca", metavar="FILE", type=_existing_file,
-                   help="CA bundle for egress upstreams (default: the system's CAs)")
-    p.add_argument("--egress-timeout", metavar="DUR", default="60s", type=_positive_duration,
-                   help="egress: give up connecting to, writing to or waiting on an upstream after this (default: 60s)")
-    p.add_argument("--egress-max-body", metavar="BYTES", default=8 << 20, type=_positive_int,
-                   help="egress: largest request body a worker may send (default: 8 MiB)")
-    p.add_argument("--egress-max-answer", metavar="BYTES", default=64 << 20, type=_positive_int,
-                   help="egress: most answer bytes relayed from an upstream (default: 64 MiB)")
+    p.add_argument(
+        "--idle-timeout",
+        metavar="DUR",
+        default="60s",
+        type=_positive_duration,
+        help="close a socket connection idle (no request in flight) this long (default: 60s)",
+    )
+    p.add_argument(
+        "--max-conns-per-uid",
+        metavar="N",
+        default=256,
+        type=_positive_int,
+        help="socket connections one uid may hold; more are closed at once (default: 256)",
+    )
+    p.add_argument(
+        "--enroll-timeout",
+        metavar="DUR",
+        default=env.get("VAULT_EDGE_ENROLL_TIMEOUT") or "30s",
+        type=_positive_duration,
+        help="give up waiting for an enrolment answer after this long and retry, with the same token "
+        "and keys (default: 30s)",
+    )
+    p.add_argument(
+        "--metrics-addr",
+        metavar="[HOST:]PORT",
+        type=_metrics_addr,
+        default=env.get("VAULT_EDGE_METRICS_ADDR") or None,
+        help="serve Prometheus metrics at http://HOST:PORT/metrics (HOST defaults to 127.0.0.1; "
+        "default: no metrics endpoint)",
+    )
+    p.add_argument(
+        "--metrics-token",
+        metavar="TOKEN",
+        default=env.get("VAULT_EDGE_METRICS_TOKEN") or None,
+        help="require Authorization: Bearer TOKEN on /metrics (prefer VAULT_EDGE_METRICS_TOKEN: ps shows arguments)",
+    )
+    p.add_argument(
+        "--egress-ca",
+        metavar="FILE",
+        type=_existing_file,
+        help="CA bundle for egress upstreams (default: the system's CAs)",
+    )
+    p.add_argument(
+        "--egress-timeout",
+        metavar="DUR",
+        default="60s",
+        type=_positive_duration,
+        help="egress: give up connecting to, writing to or waiting on an upstream after this (default: 60s)",
+    )
+    p.add_argument(
+        "--egress-max-body",
+        metavar="BYTES",
+        default=8 << 20,
+        type=_positive_int,
+        help="egress: largest request body a worker may send (default: 8 MiB)",
+    )
+    p.add_argument(
+        "--egress-max-answer",
+        metavar="BYTES",
+        default=64 << 20,
+        type=_positive_int,
+        help="egress: most answer bytes relayed from an upstream (default: 64 MiB)",
+    )
     p.add_argument("--log-level", choices=LOG_LEVELS, default="info", help="(default: info)")
-    p.add_argument("--log-format", choices=LOG_FORMATS, default=env.get("VAULT_EDGE_LOG_FORMAT") or "text",
-                   help="text, or json: one object per line (default: text)")
+    p.add_argument(
+        "--log-format",
+        choices=LOG_FORMATS,
+        default=env.get("VAULT_EDGE_LOG_FORMAT") or "text",
+        help="text, or json: one object per line (default: text)",
+    )
     return p
 
 
@@ -156,14 +234,26 @@ def main(argv: list[str] | None = None) -> int:
     from vault_edge.agent.run import main as run_agent
 
     cfg = AgentConfig(
-        server=args.server, state_dir=Path(args.state_dir), socket=Path(args.socket_path), join_token=join_token,
+        server=args.server,
+        state_dir=Path(args.state_dir),
+        socket=Path(args.socket_path),
+        join_token=join_token,
         policy=Path(args.policy) if args.policy else None,
         max_stale=float(args.max_stale) if args.max_stale is not None else None,
-        stale_after=float(args.stale_after), wait=float(args.wait), tls_ca=args.tls_ca,
-        idle_timeout=float(args.idle_timeout), max_conns_per_uid=args.max_conns_per_uid,
-        enroll_timeout=float(args.enroll_timeout), metrics_addr=args.metrics_addr, metrics_token=args.metrics_token,
-        egress=EgressSettings(ca_file=args.egress_ca, timeout=float(args.egress_timeout),
-                              max_body=args.egress_max_body, max_answer=args.egress_max_answer),
+        stale_after=float(args.stale_after),
+        wait=float(args.wait),
+        tls_ca=args.tls_ca,
+        idle_timeout=float(args.idle_timeout),
+        max_conns_per_uid=args.max_conns_per_uid,
+        enroll_timeout=float(args.enroll_timeout),
+        metrics_addr=args.metrics_addr,
+        metrics_token=args.metrics_token,
+        egress=EgressSettings(
+            ca_file=args.egress_ca,
+            timeout=float(args.egress_timeout),
+            max_body=args.egress_max_body,
+            max_answer=args.egress_max_answer,
+        ),
     )
     try:
         return run_agent(cfg)

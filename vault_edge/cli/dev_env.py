@@ -34,8 +34,11 @@ def run_dev(port: int, workdir: str | None, wait_http: Callable[..., None]) -> N
     procs: list[subprocess.Popen[bytes]] = []
     cmd = [sys.executable, "-m", "vault_edge"]
     try:
-        procs.append(subprocess.Popen([*cmd, "server", "--dev", "--dev-token", token, "--port", str(port),
-                                       "--log-level", "warning"]))
+        procs.append(
+            subprocess.Popen(
+                [*cmd, "server", "--dev", "--dev-token", token, "--port", str(port), "--log-level", "warning"]
+            )
+        )
         wait_http(f"{addr}/v1/sys/health", procs[0])
         with OperatorClient(addr, token) as c:
             for r in REGIONS:
@@ -59,8 +62,9 @@ def run_dev(port: int, workdir: str | None, wait_http: Callable[..., None]) -> N
             shutil.rmtree(workdir, ignore_errors=True)
 
 
-def _start_agents(c: OperatorClient, cmd: list[str], addr: str, workdir: str,
-                  procs: list[subprocess.Popen[bytes]]) -> list[dict[str, Any]]:
+def _start_agents(
+    c: OperatorClient, cmd: list[str], addr: str, workdir: str, procs: list[subprocess.Popen[bytes]]
+) -> list[dict[str, Any]]:
     """One agent per region, each with its own state dir and socket; wait until each serves."""
     from vault_edge.client import AgentClient, AgentError
 
@@ -68,9 +72,25 @@ def _start_agents(c: OperatorClient, cmd: list[str], addr: str, workdir: str,
     for region in REGIONS:
         sock = os.path.join(workdir, f"{region}.sock")
         token = c.join_token(region)["token"]
-        procs.append(subprocess.Popen([*cmd, "agent", "run", "--server", addr, "--state-dir",
-                                       os.path.join(workdir, f"{region}-state"), "--socket", sock,
-                                       "--join-token", token, "--log-level", "warning"]))
+        procs.append(
+            subprocess.Popen(
+                [
+                    *cmd,
+                    "agent",
+                    "run",
+                    "--server",
+                    addr,
+                    "--state-dir",
+                    os.path.join(workdir, f"{region}-state"),
+                    "--socket",
+                    sock,
+                    "--join-token",
+                    token,
+                    "--log-level",
+                    "warning",
+                ]
+            )
+        )
         deadline = time.monotonic() + 30
         while True:
             try:
@@ -95,8 +115,10 @@ def _demo_read(agents: list[dict[str, Any]]) -> None:
         secret = a.get(DEMO)
         took = (time.perf_counter() - t0) * 1e6
     shown = secret.text[:8] + "…"
-    out.print(f"demo read through the {agents[0]['region']} agent: {DEMO} = {shown} (version {secret.version}, "
-              f"{took:.0f} µs including the Python client)")
+    out.print(
+        f"demo read through the {agents[0]['region']} agent: {DEMO} = {shown} (version {secret.version}, "
+        f"{took:.0f} µs including the Python client)"
+    )
 
 
 def _print_next(addr: str, token: str, agents: list[dict[str, Any]]) -> None:

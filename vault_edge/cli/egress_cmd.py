@@ -24,17 +24,37 @@ def egress() -> None:
 @click.argument("name")
 @click.option("--upstream", required=True, metavar="URL", help="https://host[:port][/base]")
 @click.option("--secret", required=True, metavar="NAME", help="the secret to inject")
-@click.option("--inject", "inject", multiple=True, required=True, metavar="SPEC",
-              help="header:NAME=TEMPLATE, query:NAME=TEMPLATE or basic:USER:PASSWORD; TEMPLATE uses {value} or "
-                   "{value.FIELD} (repeatable)")
-@click.option("--method", "methods", multiple=True, metavar="METHOD",
-              help="a method workers may use (repeatable; default: GET HEAD POST PUT PATCH DELETE OPTIONS)")
-@click.option("--path", "paths", multiple=True, metavar="PREFIX",
-              help="a path prefix workers may call (repeatable; default: /)")
+@click.option(
+    "--inject",
+    "inject",
+    multiple=True,
+    required=True,
+    metavar="SPEC",
+    help="header:NAME=TEMPLATE, query:NAME=TEMPLATE or basic:USER:PASSWORD; TEMPLATE uses {value} or "
+    "{value.FIELD} (repeatable)",
+)
+@click.option(
+    "--method",
+    "methods",
+    multiple=True,
+    metavar="METHOD",
+    help="a method workers may use (repeatable; default: GET HEAD POST PUT PATCH DELETE OPTIONS)",
+)
+@click.option(
+    "--path", "paths", multiple=True, metavar="PREFIX", help="a path prefix workers may call (repeatable; default: /)"
+)
 @click.option("--regions", help="regions whose agents serve it: a,b or * (default: the secret's regions)")
 @output_option
-def create(name: str, upstream: str, secret: str, inject: tuple[str, ...], methods: tuple[str, ...],
-           paths: tuple[str, ...], regions: str | None, fmt: str) -> None:
+def create(
+    name: str,
+    upstream: str,
+    secret: str,
+    inject: tuple[str, ...],
+    methods: tuple[str, ...],
+    paths: tuple[str, ...],
+    regions: str | None,
+    fmt: str,
+) -> None:
     """Define an egress route NAME."""
     body: dict[str, Any] = {"name": name, "upstream": upstream, "secret": secret, "inject": list(inject)}
     if methods:
@@ -48,8 +68,10 @@ def create(name: str, upstream: str, secret: str, inject: tuple[str, ...], metho
     if fmt == "json":
         emit_json(res)
         return
-    out.print(f"egress route {res['name']}: {res['upstream']} with {res['secret']} (revision {res['revision']}), "
-              f"regions {','.join(res['regions'])}")
+    out.print(
+        f"egress route {res['name']}: {res['upstream']} with {res['secret']} (revision {res['revision']}), "
+        f"regions {','.join(res['regions'])}"
+    )
 
 
 @egress.command("list")
@@ -61,9 +83,23 @@ def list_routes(fmt: str) -> None:
     if fmt == "json":
         emit_json(res)
         return
-    table(None, ["name", "upstream", "secret", "inject", "methods", "paths", "regions", "created"], (
-        (r["name"], r["upstream"], r["secret"], " ".join(r["inject"]), ",".join(r["methods"]), " ".join(r["paths"]),
-         ",".join(r["regions"]), when(r["created_at"])) for r in res["routes"]))
+    table(
+        None,
+        ["name", "upstream", "secret", "inject", "methods", "paths", "regions", "created"],
+        (
+            (
+                r["name"],
+                r["upstream"],
+                r["secret"],
+                " ".join(r["inject"]),
+                ",".join(r["methods"]),
+                " ".join(r["paths"]),
+                ",".join(r["regions"]),
+                when(r["created_at"]),
+            )
+            for r in res["routes"]
+        ),
+    )
     for name in res.get("refused", []):
         click.echo(f"warning: egress route {name!r} failed its integrity check and is not served", err=True)
 

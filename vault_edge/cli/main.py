@@ -77,10 +77,21 @@ def client() -> OperatorClient:
 @click.group(cls=Cli, context_settings={"help_option_names": ["-h", "--help"]}, epilog=ENVIRONMENT)
 @click.version_option(__version__, prog_name="vault-edge")
 @click.option("--addr", envvar="VAULT_EDGE_ADDR", metavar="URL", help="the control plane (env VAULT_EDGE_ADDR)")
-@click.option("--ca-cert", envvar="VAULT_EDGE_CACERT", metavar="FILE",
-              type=click.Path(exists=True, dir_okay=False), help="CA bundle for https (env VAULT_EDGE_CACERT)")
-@click.option("--output", "-o", "fmt", envvar="VAULT_EDGE_FORMAT", type=click.Choice(FORMATS),
-              help="the default --output of every verb (env VAULT_EDGE_FORMAT)")
+@click.option(
+    "--ca-cert",
+    envvar="VAULT_EDGE_CACERT",
+    metavar="FILE",
+    type=click.Path(exists=True, dir_okay=False),
+    help="CA bundle for https (env VAULT_EDGE_CACERT)",
+)
+@click.option(
+    "--output",
+    "-o",
+    "fmt",
+    envvar="VAULT_EDGE_FORMAT",
+    type=click.Choice(FORMATS),
+    help="the default --output of every verb (env VAULT_EDGE_FORMAT)",
+)
 @click.pass_context
 def cli(ctx: click.Context, addr: str | None, ca_cert: str | None, fmt: str | None) -> None:
     """vault-edge: one sealed source of truth, a tiny agent in every PoP.
@@ -132,14 +143,25 @@ def write_value(doc: dict[str, Any]) -> None:
 @cli.command()
 @click.option("--shares", type=click.IntRange(1, 16), default=5, show_default=True)
 @click.option("--threshold", type=click.IntRange(1, 16), default=3, show_default=True)
-@click.option("--group", "groups", multiple=True, metavar="T/N",
-              help="a share group: T of N shares (repeat; e.g. one group per site)")
-@click.option("--group-threshold", type=click.IntRange(1, 16), default=1, show_default=True,
-              help="how many groups must be complete")
+@click.option(
+    "--group",
+    "groups",
+    multiple=True,
+    metavar="T/N",
+    help="a share group: T of N shares (repeat; e.g. one group per site)",
+)
+@click.option(
+    "--group-threshold",
+    type=click.IntRange(1, 16),
+    default=1,
+    show_default=True,
+    help="how many groups must be complete",
+)
 @click.option("--passphrase", is_flag=True, help="protect the shares with a passphrase (prompted)")
 @output_option
-def init(shares: int, threshold: int, groups: tuple[str, ...], group_threshold: int, passphrase: bool,
-         fmt: str) -> None:
+def init(
+    shares: int, threshold: int, groups: tuple[str, ...], group_threshold: int, passphrase: bool, fmt: str
+) -> None:
     """Initialize the vault: make the root key and split it into SLIP-39 shares."""
     body: dict[str, Any] = {"shares": shares, "threshold": threshold, "group_threshold": group_threshold}
     if groups:
@@ -154,8 +176,10 @@ def init(shares: int, threshold: int, groups: tuple[str, ...], group_threshold: 
     if fmt == "json":
         emit_json(res)
         return
-    err.print("[bold yellow]Store each share apart, with a different person. They are shown once; "
-              "the root key exists nowhere else.[/]")
+    err.print(
+        "[bold yellow]Store each share apart, with a different person. They are shown once; "
+        "the root key exists nowhere else.[/]"
+    )
     for i, share in enumerate(res["shares"], 1):
         out.print(f"Share {i}: {share}")
     out.print(f"\nRoot token: {res['root_token']}")
@@ -174,8 +198,10 @@ def _passphrase() -> str:
         else:
             passphrase = sys.stdin.readline().rstrip("\r\n")
     if not passphrase:
-        fail("this share completes the unseal and the vault has a passphrase: enter it at the prompt, on the "
-             "line after the share on stdin, or in VAULT_EDGE_PASSPHRASE")
+        fail(
+            "this share completes the unseal and the vault has a passphrase: enter it at the prompt, on the "
+            "line after the share on stdin, or in VAULT_EDGE_PASSPHRASE"
+        )
     return passphrase
 
 
@@ -247,11 +273,18 @@ def status(name: str | None, fmt: str) -> None:
             if fmt == "json":
                 emit_json(res)
             else:
-                table(None, ["key", "value"], [
-                    ("initialized", res["initialized"]), ("sealed", res["sealed"]),
-                    ("progress", f"{res['progress']}/{res['threshold']}"), ("shares", res["shares"]),
-                    ("revision", res["revision"]), ("server pin", res.get("server_pin", "")),
-                ])
+                table(
+                    None,
+                    ["key", "value"],
+                    [
+                        ("initialized", res["initialized"]),
+                        ("sealed", res["sealed"]),
+                        ("progress", f"{res['progress']}/{res['threshold']}"),
+                        ("shares", res["shares"]),
+                        ("revision", res["revision"]),
+                        ("server pin", res.get("server_pin", "")),
+                    ],
+                )
             if res["sealed"]:
                 sys.exit(EXIT_SEALED)
             return
@@ -260,10 +293,14 @@ def status(name: str | None, fmt: str) -> None:
         emit_json(res)
         return
     out.print(f"{name}: current version {res['current']}, regions {', '.join(res['regions'])}")
-    table(None, ["region", "node", "serving", "applied rev", "state", "last seen"], [
-        (n["region"], n["id"], n["serving"], n["applied_revision"], n["state"], ago(n["last_seen"]))
-        for n in res["nodes"]
-    ])
+    table(
+        None,
+        ["region", "node", "serving", "applied rev", "state", "last seen"],
+        [
+            (n["region"], n["id"], n["serving"], n["applied_revision"], n["state"], ago(n["last_seen"]))
+            for n in res["nodes"]
+        ],
+    )
 
 
 # -- regions -------------------------------------------------------------------------------------
@@ -291,9 +328,11 @@ def region_list(fmt: str) -> None:
     if fmt == "json":
         emit_json(res)
         return
-    table(None, ["region", "key version", "nodes", "secrets", "created"], [
-        (r["name"], r["key_version"], r["nodes"], r["secrets"], when(r["created_at"])) for r in res["regions"]
-    ])
+    table(
+        None,
+        ["region", "key version", "nodes", "secrets", "created"],
+        [(r["name"], r["key_version"], r["nodes"], r["secrets"], when(r["created_at"])) for r in res["regions"]],
+    )
 
 
 @region.command("rekey")
@@ -317,23 +356,40 @@ def region_rekey(name: str, fmt: str) -> None:
 @click.option("--grace", help="how long the replaced version stays readable as previous (e.g. 1h)")
 @click.option("--rotator", help="keep it with this rotator, at its source (see `vault-edge rotator`)")
 @output_option
-def put(name: str, value: str | None, from_file: str | None, regions: str | None, spec: str | None,
-        rotate_every: str | None, grace: str | None, rotator: str | None, fmt: str) -> None:
+def put(
+    name: str,
+    value: str | None,
+    from_file: str | None,
+    regions: str | None,
+    spec: str | None,
+    rotate_every: str | None,
+    grace: str | None,
+    rotator: str | None,
+    fmt: str,
+) -> None:
     """Store a secret: a new version, made current. VALUE, - (stdin), --from-file, or --generate."""
     data = read_value(value, from_file, prompt=spec is None and rotator is None)
     if data is None and spec is None and rotator is None:
         usage("give a VALUE, - for stdin, --from-file F, or --generate SPEC")
     if data is not None and spec is not None:
         usage("give a value or --generate, not both")
-    body = {**value_body(data), "generate": spec, "rotate_every": rotate_every, "grace": grace,
-            "regions": regions.split(",") if regions else None, "rotator": rotator}
+    body = {
+        **value_body(data),
+        "generate": spec,
+        "rotate_every": rotate_every,
+        "grace": grace,
+        "regions": regions.split(",") if regions else None,
+        "rotator": rotator,
+    }
     with client() as c:
         res = c.put(name, **body)
     if fmt == "json":
         emit_json(res)
     else:
-        out.print(f"{name}: version {res['version']} (revision {res['revision']}), regions {','.join(res['regions'])}"
-                  + (f", kept by rotator {rotator}" if rotator else ""))
+        out.print(
+            f"{name}: version {res['version']} (revision {res['revision']}), regions {','.join(res['regions'])}"
+            + (f", kept by rotator {rotator}" if rotator else "")
+        )
 
 
 @cli.command()
@@ -361,11 +417,20 @@ def list_(prefix: str, fmt: str) -> None:
     if fmt == "json":
         emit_json(res)
         return
-    table(None, ["name", "version", "regions", "updated", "rotates"], [
-        (s["name"], s["version"], ",".join(s["regions"]), when(s["updated_at"]),
-         when(s["next_rotation_at"]) if s["next_rotation_at"] else "")
-        for s in res["secrets"]
-    ])
+    table(
+        None,
+        ["name", "version", "regions", "updated", "rotates"],
+        [
+            (
+                s["name"],
+                s["version"],
+                ",".join(s["regions"]),
+                when(s["updated_at"]),
+                when(s["next_rotation_at"]) if s["next_rotation_at"] else "",
+            )
+            for s in res["secrets"]
+        ],
+    )
 
 
 @cli.command()
@@ -378,13 +443,22 @@ def history(name: str, fmt: str) -> None:
     if fmt == "json":
         emit_json(res)
         return
-    table(f"{name} ({', '.join(res['regions'])})" + (" [deleted]" if res["deleted"] else ""),
-          ["version", "created", "origin", "stages", "destroyed"], [
-        (v["version"], when(v["created_at"]), v["origin"],
-         ", ".join(s["stage"] + (f" until {when(s['expires_at'])}" if s["expires_at"] else "") for s in v["stages"]),
-         "yes" if v["destroyed"] else "")
-        for v in res["versions"]
-    ])
+    table(
+        f"{name} ({', '.join(res['regions'])})" + (" [deleted]" if res["deleted"] else ""),
+        ["version", "created", "origin", "stages", "destroyed"],
+        [
+            (
+                v["version"],
+                when(v["created_at"]),
+                v["origin"],
+                ", ".join(
+                    s["stage"] + (f" until {when(s['expires_at'])}" if s["expires_at"] else "") for s in v["stages"]
+                ),
+                "yes" if v["destroyed"] else "",
+            )
+            for v in res["versions"]
+        ],
+    )
 
 
 @cli.command()
@@ -393,18 +467,33 @@ def history(name: str, fmt: str) -> None:
 @click.option("--from-file", type=click.Path(dir_okay=False))
 @click.option("--generate", "spec", help="generate the new value: LENGTH:ALPHABET (default: the secret's spec)")
 @click.option("--grace", help="how long the replaced version stays readable as previous (e.g. 1h, 0)")
-@click.option("--stage", type=click.Choice(["current", "pending"]), default="current", show_default=True,
-              help="pending: stage it for a two-phase rotation (then `vault-edge promote`)")
+@click.option(
+    "--stage",
+    type=click.Choice(["current", "pending"]),
+    default="current",
+    show_default=True,
+    help="pending: stage it for a two-phase rotation (then `vault-edge promote`)",
+)
 @click.option("--wait", is_flag=True, help="return only when every live node of its regions serves it")
 @click.option("--timeout", default="60s", show_default=True, callback=duration_option, help="how long --wait waits")
 @output_option
-def rotate(name: str, value: str | None, from_file: str | None, spec: str | None, grace: str | None, stage: str,
-           wait: bool, timeout: int, fmt: str) -> None:
+def rotate(
+    name: str,
+    value: str | None,
+    from_file: str | None,
+    spec: str | None,
+    grace: str | None,
+    stage: str,
+    wait: bool,
+    timeout: int,
+    fmt: str,
+) -> None:
     """A new version of NAME: VALUE, - (stdin), --from-file, or generated."""
     data = read_value(value, from_file, prompt=False)
     with client() as c:
-        res = c.rotate(name, **value_body(data), generate=spec, grace=grace,
-                       stage=None if stage == "current" else stage)
+        res = c.rotate(
+            name, **value_body(data), generate=spec, grace=grace, stage=None if stage == "current" else stage
+        )
         if "rotation" in res:  # kept by a rotator: --wait follows it through retire
             return rotator_cmd.rotated(c, name, res, wait, timeout, fmt)
         if not wait:
@@ -416,12 +505,16 @@ def rotate(name: str, value: str | None, from_file: str | None, spec: str | None
     if fmt == "json":
         emit_json({**res, "propagated": ok, "lagging": prop["lagging"], "down": prop["down"]})
     if not ok:
-        fail(f"timed out after {timeout}s waiting for propagation; version {res['version']} of {name} was "
-             f"committed (revision {res['revision']}) and is {stage}, and {len(prop['lagging'])} node(s) still "
-             f"lag: {', '.join(prop['lagging'])} (see `vault-edge status {name}`)")
+        fail(
+            f"timed out after {timeout}s waiting for propagation; version {res['version']} of {name} was "
+            f"committed (revision {res['revision']}) and is {stage}, and {len(prop['lagging'])} node(s) still "
+            f"lag: {', '.join(prop['lagging'])} (see `vault-edge status {name}`)"
+        )
     if fmt != "json":
-        out.print(f"{name}: version {res['version']} is served by every live node "
-                  f"({sum(1 for n in prop['nodes'] if n['done'])} nodes).")
+        out.print(
+            f"{name}: version {res['version']} is served by every live node "
+            f"({sum(1 for n in prop['nodes'] if n['done'])} nodes)."
+        )
 
 
 @cli.command()
@@ -476,8 +569,10 @@ def node_token(region: str, ttl: str | None, fmt: str) -> None:
         emit_json(res)
     else:
         out.print(res["token"])
-        err.print(f"Single use, valid until {when(res['expires_at'])}. Put it in a file (or "
-                  "VAULT_EDGE_JOIN_TOKEN), not on a command line: vault-edge agent run --join-token-file FILE ...")
+        err.print(
+            f"Single use, valid until {when(res['expires_at'])}. Put it in a file (or "
+            "VAULT_EDGE_JOIN_TOKEN), not on a command line: vault-edge agent run --join-token-file FILE ..."
+        )
 
 
 @node.command("list")
@@ -490,9 +585,11 @@ def node_list(region: str | None, fmt: str) -> None:
     if fmt == "json":
         emit_json(res)
         return
-    table(None, ["node", "region", "status", "revision", "last seen", "hostname"], [
-        (n["id"], n["region"], n["status"], n["revision"], ago(n["last_seen"]), n["hostname"]) for n in res["nodes"]
-    ])
+    table(
+        None,
+        ["node", "region", "status", "revision", "last seen", "hostname"],
+        [(n["id"], n["region"], n["status"], n["revision"], ago(n["last_seen"]), n["hostname"]) for n in res["nodes"]],
+    )
 
 
 @node.command("revoke")
@@ -517,8 +614,9 @@ def token() -> None:
 @token.command("create")
 @click.option("--name", required=True)
 @click.option("--prefix", "prefixes", multiple=True, default=("",), help="name prefix (repeat; default: all)")
-@click.option("--verb", "verbs", multiple=True, required=True,
-              type=click.Choice(["read", "list", "write", "delete", "admin"]))
+@click.option(
+    "--verb", "verbs", multiple=True, required=True, type=click.Choice(["read", "list", "write", "delete", "admin"])
+)
 @click.option("--ttl")
 @output_option
 def token_create(name: str, prefixes: tuple[str, ...], verbs: tuple[str, ...], ttl: str | None, fmt: str) -> None:
@@ -537,10 +635,17 @@ def token_lookup(fmt: str) -> None:
     if fmt == "json":
         emit_json(res)
         return
-    table(None, ["key", "value"], [
-        ("id", res["id"]), ("name", res["name"]), ("prefixes", ",".join(p or "*" for p in res["prefixes"])),
-        ("verbs", ",".join(res["verbs"])), ("expires", when(res["expires_at"]) if res["expires_at"] else "never"),
-    ])
+    table(
+        None,
+        ["key", "value"],
+        [
+            ("id", res["id"]),
+            ("name", res["name"]),
+            ("prefixes", ",".join(p or "*" for p in res["prefixes"])),
+            ("verbs", ",".join(res["verbs"])),
+            ("expires", when(res["expires_at"]) if res["expires_at"] else "never"),
+        ],
+    )
 
 
 @token.command("list")
@@ -551,11 +656,21 @@ def token_list(fmt: str) -> None:
     if fmt == "json":
         emit_json(res)
         return
-    table(None, ["id", "name", "prefixes", "verbs", "expires", "revoked"], [
-        (t["id"], t["name"], ",".join(p or "*" for p in t["prefixes"]), ",".join(t["verbs"]),
-         when(t["expires_at"]) if t["expires_at"] else "", "yes" if t["revoked"] else "")
-        for t in res["tokens"]
-    ])
+    table(
+        None,
+        ["id", "name", "prefixes", "verbs", "expires", "revoked"],
+        [
+            (
+                t["id"],
+                t["name"],
+                ",".join(p or "*" for p in t["prefixes"]),
+                ",".join(t["verbs"]),
+                when(t["expires_at"]) if t["expires_at"] else "",
+                "yes" if t["revoked"] else "",
+            )
+            for t in res["tokens"]
+        ],
+    )
 
 
 @token.command("revoke")
@@ -591,8 +706,10 @@ def login(token: str | None, fmt: str) -> None:
     if fmt == "json":
         emit_json({**res, "token_file": str(path)})
     else:
-        out.print(f"Logged in as {res['actor']} ({','.join(res['verbs'])} on "
-                  f"{','.join(p or '*' for p in res['prefixes'])}); token stored in {path}")
+        out.print(
+            f"Logged in as {res['actor']} ({','.join(res['verbs'])} on "
+            f"{','.join(p or '*' for p in res['prefixes'])}); token stored in {path}"
+        )
     if os.environ.get("VAULT_EDGE_TOKEN") and os.environ["VAULT_EDGE_TOKEN"] != token:
         err.print("[yellow]note: VAULT_EDGE_TOKEN is set and wins over the stored token; unset it to use this one[/]")
 
@@ -607,8 +724,12 @@ AUDIT_COLUMNS = ["seq", "time", "actor", "action", "target", "outcome"]
 @cli.group(invoke_without_command=True)
 @click.option("--after", type=click.IntRange(min=0), default=0)
 @click.option("--limit", type=click.IntRange(1, 1000), default=100)
-@click.option("--follow", "-f", is_flag=True,
-              help="keep printing new entries as they are written (with -o json: one JSON object per line)")
+@click.option(
+    "--follow",
+    "-f",
+    is_flag=True,
+    help="keep printing new entries as they are written (with -o json: one JSON object per line)",
+)
 @click.option("--interval", default="1s", callback=duration_option, help="how often --follow asks (default 1s)")
 @output_option
 @click.pass_context
@@ -661,9 +782,14 @@ def audit_verify(fmt: str) -> None:
     if fmt == "json":
         emit_json(res)
     else:
-        out.print(f"{res['entries']} entries: {res['reason']}"
-                  + (f" ({res['sealed_events']} events while sealed, kept outside the chain)"
-                     if res.get("sealed_events") else ""))
+        out.print(
+            f"{res['entries']} entries: {res['reason']}"
+            + (
+                f" ({res['sealed_events']} events while sealed, kept outside the chain)"
+                if res.get("sealed_events")
+                else ""
+            )
+        )
     if not res["ok"]:
         fail(f"audit chain broken at entry {res['first_bad']}: {res['reason']}")
 
@@ -686,5 +812,3 @@ _register_subcommands()
 
 def main() -> None:
     cli(prog_name="vault-edge")
-
-

@@ -46,8 +46,11 @@ def _passphrase(needed: bool) -> str | None:
     return value
 
 
-shares_file_option = click.option("--shares-file", type=click.Path(dir_okay=False, allow_dash=True),
-                                  help="the shares, one per line (default: stdin, or prompts on a terminal)")
+shares_file_option = click.option(
+    "--shares-file",
+    type=click.Path(dir_okay=False, allow_dash=True),
+    help="the shares, one per line (default: stdin, or prompts on a terminal)",
+)
 
 
 def _authority(c: OperatorClient, shares_file: str | None) -> tuple[list[str], str | None]:
@@ -83,8 +86,11 @@ def rekey(count: int, threshold: int, new_passphrase: bool, shares_file: str | N
     """New shares (N, T of them needed) from a threshold of the current ones; the old ones stop working."""
     with session.client() as c:
         given, passphrase = _authority(c, shares_file)
-        new = click.prompt("New passphrase", hide_input=True, confirmation_prompt=True, err=True) \
-            if new_passphrase else ""
+        new = (
+            click.prompt("New passphrase", hide_input=True, confirmation_prompt=True, err=True)
+            if new_passphrase
+            else ""
+        )
         res = c.rekey_shares(given, passphrase, new_shares=count, new_threshold=threshold, new_passphrase=new)
     if fmt == "json":
         emit_json(res)
@@ -118,7 +124,8 @@ def rotate(fmt: str) -> None:
     with session.client() as c:
         res = c.rotate_root()
     emit_json(res) if fmt == "json" else out.print(
-        f"Root key version {res['root_key_version']}: {res['region_keys_rewrapped']} region key(s) re-wrapped.")
+        f"Root key version {res['root_key_version']}: {res['region_keys_rewrapped']} region key(s) re-wrapped."
+    )
 
 
 def _write_private(path: str, data: bytes) -> None:
@@ -154,12 +161,21 @@ def backup(file: str, fmt: str) -> None:
 
 
 def _hsm_options(f: Any) -> Any:
-    for opt in reversed([
-        click.option("--seal", type=click.Choice(["shamir", "pkcs11"]), default="shamir", show_default=True,
-                     help="where the root key comes from: the shares, or the HSM"),
-        click.option("--pkcs11-lib"), click.option("--pkcs11-slot", type=int), click.option("--pkcs11-key-label"),
-        click.option("--pkcs11-pin-file", type=click.Path(dir_okay=False)),
-    ]):
+    for opt in reversed(
+        [
+            click.option(
+                "--seal",
+                type=click.Choice(["shamir", "pkcs11"]),
+                default="shamir",
+                show_default=True,
+                help="where the root key comes from: the shares, or the HSM",
+            ),
+            click.option("--pkcs11-lib"),
+            click.option("--pkcs11-slot", type=int),
+            click.option("--pkcs11-key-label"),
+            click.option("--pkcs11-pin-file", type=click.Path(dir_okay=False)),
+        ]
+    ):
         f = opt(f)
     return f
 
@@ -170,8 +186,17 @@ def _hsm_options(f: Any) -> Any:
 @shares_file_option
 @_hsm_options
 @output_option
-def restore(file: str, db: str, shares_file: str | None, seal: str, pkcs11_lib: str | None,
-            pkcs11_slot: int | None, pkcs11_key_label: str | None, pkcs11_pin_file: str | None, fmt: str) -> None:
+def restore(
+    file: str,
+    db: str,
+    shares_file: str | None,
+    seal: str,
+    pkcs11_lib: str | None,
+    pkcs11_slot: int | None,
+    pkcs11_key_label: str | None,
+    pkcs11_pin_file: str | None,
+    fmt: str,
+) -> None:
     """Restore a backup into an empty database, offline; the root key from the shares or the HSM."""
     from vault_edge.crypto.errors import ShareError
     from vault_edge.server.hsm import Pkcs11Seal, SealError, read_pin
@@ -183,8 +208,10 @@ def restore(file: str, db: str, shares_file: str | None, seal: str, pkcs11_lib: 
     def get_root(meta: dict[str, str]) -> bytes:
         if seal == "pkcs11":
             if not (pkcs11_lib and pkcs11_slot is not None and pkcs11_key_label) or "root_pkcs11" not in meta:
-                raise CliError("--seal pkcs11 needs --pkcs11-lib, --pkcs11-slot, --pkcs11-key-label, "
-                               "and a backup of a vault sealed by the HSM")
+                raise CliError(
+                    "--seal pkcs11 needs --pkcs11-lib, --pkcs11-slot, --pkcs11-key-label, "
+                    "and a backup of a vault sealed by the HSM"
+                )
             hsm = Pkcs11Seal(pkcs11_lib, pkcs11_slot, pkcs11_key_label, read_pin(pkcs11_pin_file))
             from vault_edge import wire
 
@@ -197,13 +224,19 @@ def restore(file: str, db: str, shares_file: str | None, seal: str, pkcs11_lib: 
         res = ops.restore(raw, db, get_root, time.time())
     except (ops.BackupError, SealError, ShareError) as exc:
         raise CliError(str(exc)) from None
-    doc = {"rows": res.rows, "from_revision": res.from_revision, "revision": res.revision,
-           "audit_entries": res.audit_entries}
+    doc = {
+        "rows": res.rows,
+        "from_revision": res.from_revision,
+        "revision": res.revision,
+        "audit_entries": res.audit_entries,
+    }
     if fmt == "json":
         emit_json(doc)
     else:
-        out.print(f"Restored {sum(res.rows.values())} rows; revision {res.from_revision} → {res.revision}; "
-                  f"audit chain verified ({res.audit_entries} entries). Start the server on it and unseal.")
+        out.print(
+            f"Restored {sum(res.rows.values())} rows; revision {res.from_revision} → {res.revision}; "
+            f"audit chain verified ({res.audit_entries} entries). Start the server on it and unseal."
+        )
 
 
 @click.command()
@@ -221,5 +254,6 @@ def migrate(source: str, target: str, fmt: str) -> None:
     if fmt == "json":
         emit_json({"rows": res.rows, "audit_entries": res.audit_entries})
     else:
-        out.print(f"Copied {sum(res.rows.values())} rows; counts and the audit chain "
-                  f"({res.audit_entries} entries) verified.")
+        out.print(
+            f"Copied {sum(res.rows.values())} rows; counts and the audit chain ({res.audit_entries} entries) verified."
+        )

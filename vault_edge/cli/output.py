@@ -32,7 +32,13 @@ def _format(ctx: click.Context, _param: click.Parameter, value: str | None) -> s
 
 
 output_option = click.option(
-    "--output", "-o", "fmt", type=click.Choice(FORMATS), default=None, callback=_format, expose_value=True,
+    "--output",
+    "-o",
+    "fmt",
+    type=click.Choice(FORMATS),
+    default=None,
+    callback=_format,
+    expose_value=True,
     help="json: one JSON document on stdout, for scripts [default: table, or VAULT_EDGE_FORMAT]",
 )
 

@@ -19,8 +19,15 @@ def wait_for_propagation(
     """(True, last status) once no up node lags behind ``revision``; (False, ...) at the timeout.
     Nodes silent past the control plane's down threshold count as down, not as lagging."""
     deadline = time.monotonic() + timeout
-    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  console=err, transient=True, disable=quiet or not err.is_terminal) as bar:
+    with Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=err,
+        transient=True,
+        disable=quiet or not err.is_terminal,
+    ) as bar:
         task = bar.add_task(f"propagating {name}", total=None)
         while True:
             prop = c.propagation(name, revision)

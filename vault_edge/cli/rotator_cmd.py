@@ -54,16 +54,33 @@ def rotator() -> None:
 @click.option("--usernames", help="alternate: two roles a,b; single: one role")
 @click.option("--username", help="redis: the ACL user")
 @output_option
-def rotator_create(name: str, kind: str, admin_secret: str, admin_value: str | None, config_json: str | None,
-                   host: str | None, port: int | None, database: str | None, strategy: str | None,
-                   usernames: str | None, username: str | None, fmt: str) -> None:
+def rotator_create(
+    name: str,
+    kind: str,
+    admin_secret: str,
+    admin_value: str | None,
+    config_json: str | None,
+    host: str | None,
+    port: int | None,
+    database: str | None,
+    strategy: str | None,
+    usernames: str | None,
+    username: str | None,
+    fmt: str,
+) -> None:
     """Create (or replace) rotator NAME."""
     config: dict[str, Any] = {}
     if config_json:
         text = open(config_json[1:]).read() if config_json.startswith("@") else config_json  # noqa: SIM115
         config = _json_object(text, "--config")
-    flags = {"host": host, "port": port, "database": database, "strategy": strategy, "username": username,
-             "usernames": usernames.split(",") if usernames else None}
+    flags = {
+        "host": host,
+        "port": port,
+        "database": database,
+        "strategy": strategy,
+        "username": username,
+        "usernames": usernames.split(",") if usernames else None,
+    }
     config.update({k: v for k, v in flags.items() if v is not None})
     body: dict[str, Any] = {"type": kind, "admin_secret": admin_secret, "config": config}
     if admin_value is not None:
@@ -86,10 +103,20 @@ def rotator_list(fmt: str) -> None:
     if fmt == "json":
         emit_json(res)
         return
-    table(None, ["name", "type", "admin secret", "target", "strategy"], [
-        (r["name"], r["type"], r["admin_secret"], f"{r['config'].get('host', '')}:{r['config'].get('port', '')}",
-         r["config"].get("strategy", "")) for r in res["rotators"]
-    ])
+    table(
+        None,
+        ["name", "type", "admin secret", "target", "strategy"],
+        [
+            (
+                r["name"],
+                r["type"],
+                r["admin_secret"],
+                f"{r['config'].get('host', '')}:{r['config'].get('port', '')}",
+                r["config"].get("strategy", ""),
+            )
+            for r in res["rotators"]
+        ],
+    )
 
 
 @rotator.command("delete")
@@ -119,15 +146,29 @@ def rotation_status(name: str, limit: int, fmt: str) -> None:
         emit_json(res)
         return
     rot = res["rotator"] or {}
-    out.print(f"{name}: rotator {rot.get('name')} ({rot.get('type')}"
-              + (f", {rot['strategy']}" if rot.get("strategy") else "") + ")"
-              + (f", next rotation {when(res['next_rotation_at'])}" if res.get("next_rotation_at") else ""))
-    table(None, ["rotation", "step", "since", "version", "previous", "waiting for", "down", "error"], [
-        (r["rotation"], r["step"] + (" (two live past grace)" if r.get("two_live_past_grace") else ""),
-         ago(r["since"]), r["version"], r["previous_version"], ",".join(r.get("waiting_for", [])),
-         ",".join(r.get("down", [])), r.get("last_error") or "")
-        for r in res["rotations"]
-    ])
+    out.print(
+        f"{name}: rotator {rot.get('name')} ({rot.get('type')}"
+        + (f", {rot['strategy']}" if rot.get("strategy") else "")
+        + ")"
+        + (f", next rotation {when(res['next_rotation_at'])}" if res.get("next_rotation_at") else "")
+    )
+    table(
+        None,
+        ["rotation", "step", "since", "version", "previous", "waiting for", "down", "error"],
+        [
+            (
+                r["rotation"],
+                r["step"] + (" (two live past grace)" if r.get("two_live_past_grace") else ""),
+                ago(r["since"]),
+                r["version"],
+                r["previous_version"],
+                ",".join(r.get("waiting_for", [])),
+                ",".join(r.get("down", [])),
+                r.get("last_error") or "",
+            )
+            for r in res["rotations"]
+        ],
+    )
 
 
 def wait_rotation(c: OperatorClient, name: str, rotation_id: int, timeout: float) -> dict[str, Any]:
@@ -147,7 +188,8 @@ def rotated(c: OperatorClient, name: str, res: dict[str, Any], wait: bool, timeo
     if not wait:
         emit_json(res) if fmt == "json" else out.print(
             f"{name}: rotation {res['rotation']} started (step {res['step']}); "
-            f"follow it with `vault-edge rotation status {name}`")
+            f"follow it with `vault-edge rotation status {name}`"
+        )
         return
     doc = wait_rotation(c, name, res["rotation"], timeout)
     if fmt == "json":

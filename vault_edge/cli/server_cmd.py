@@ -27,29 +27,69 @@ from vault_edge.cli.output import CliError, err
 @click.option("--port", type=click.IntRange(0, 65535), default=None, help="listen port (default 8420)")
 @click.option("--tls-cert", type=click.Path(exists=True, dir_okay=False))
 @click.option("--tls-key", type=click.Path(exists=True, dir_okay=False))
-@click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info",
-              show_default=True)
-@click.option("--log-format", type=click.Choice(["text", "json"]), default="text", show_default=True,
-              envvar="VAULT_EDGE_LOG_FORMAT", help="json: one object per line (env VAULT_EDGE_LOG_FORMAT)")
-@click.option("--access-log/--no-access-log", default=None,
-              help="one log line per HTTP request (default off: a long-poll per node per change is noise)")
-@click.option("--metrics-token", default=None,
-              help="require Authorization: Bearer TOKEN on /metrics (prefer VAULT_EDGE_METRICS_TOKEN)")
-@click.option("--audit-file", type=click.Path(dir_okay=False),
-              help="also append each audit entry to this JSON-lines file (created 0600, fsync'd)")
+@click.option(
+    "--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info", show_default=True
+)
+@click.option(
+    "--log-format",
+    type=click.Choice(["text", "json"]),
+    default="text",
+    show_default=True,
+    envvar="VAULT_EDGE_LOG_FORMAT",
+    help="json: one object per line (env VAULT_EDGE_LOG_FORMAT)",
+)
+@click.option(
+    "--access-log/--no-access-log",
+    default=None,
+    help="one log line per HTTP request (default off: a long-poll per node per change is noise)",
+)
+@click.option(
+    "--metrics-token",
+    default=None,
+    help="require Authorization: Bearer TOKEN on /metrics (prefer VAULT_EDGE_METRICS_TOKEN)",
+)
+@click.option(
+    "--audit-file",
+    type=click.Path(dir_okay=False),
+    help="also append each audit entry to this JSON-lines file (created 0600, fsync'd)",
+)
 @click.option("--audit-stdout", is_flag=True, default=None, help="also write each audit entry to stdout (JSON lines)")
-@click.option("--seal", type=click.Choice(["shamir", "pkcs11"]), default=None,
-              help="shamir (operators enter shares; the default) or pkcs11 (auto-unseal through an HSM)")
+@click.option(
+    "--seal",
+    type=click.Choice(["shamir", "pkcs11"]),
+    default=None,
+    help="shamir (operators enter shares; the default) or pkcs11 (auto-unseal through an HSM)",
+)
 @click.option("--pkcs11-lib", help="the PKCS#11 module (e.g. /usr/lib/softhsm/libsofthsm2.so)")
 @click.option("--pkcs11-slot", type=int, help="the slot id of the token")
 @click.option("--pkcs11-key-label", help="the label of the AES key that wraps the root key")
-@click.option("--pkcs11-pin-file", type=click.Path(dir_okay=False),
-              help="a file holding the token's PIN (else VAULT_EDGE_PKCS11_PIN; never on the command line)")
-@click.option("--pkcs11-generate-key", is_flag=True, default=None,
-              help="make the AES key (non-extractable) in the token if it is missing")
-def server(dev: bool, dev_token: str | None, db: str | None, host: str | None, port: int | None,
-           tls_cert: str | None, tls_key: str | None, log_level: str, log_format: str, access_log: bool | None,
-           metrics_token: str | None, audit_file: str | None, audit_stdout: bool | None, **seal: Any) -> None:
+@click.option(
+    "--pkcs11-pin-file",
+    type=click.Path(dir_okay=False),
+    help="a file holding the token's PIN (else VAULT_EDGE_PKCS11_PIN; never on the command line)",
+)
+@click.option(
+    "--pkcs11-generate-key",
+    is_flag=True,
+    default=None,
+    help="make the AES key (non-extractable) in the token if it is missing",
+)
+def server(
+    dev: bool,
+    dev_token: str | None,
+    db: str | None,
+    host: str | None,
+    port: int | None,
+    tls_cert: str | None,
+    tls_key: str | None,
+    log_level: str,
+    log_format: str,
+    access_log: bool | None,
+    metrics_token: str | None,
+    audit_file: str | None,
+    audit_stdout: bool | None,
+    **seal: Any,
+) -> None:
     """Run the control plane (FastAPI on uvicorn).
 
     Every option also reads VAULT_EDGE_<OPTION> (e.g. VAULT_EDGE_DB, VAULT_EDGE_PORT,
@@ -62,10 +102,24 @@ def server(dev: bool, dev_token: str | None, db: str | None, host: str | None, p
 
     if bool(tls_cert) != bool(tls_key):
         raise CliError("give both --tls-cert and --tls-key")
-    overrides: dict[str, Any] = {k: v for k, v in {
-        "db": db, "host": host, "port": port, "tls_cert": tls_cert, "tls_key": tls_key, "dev": dev or None,
-        "dev_token": dev_token, "access_log": access_log, "metrics_token": metrics_token, "audit_file": audit_file,
-        "audit_stdout": audit_stdout, **seal}.items() if v is not None}
+    overrides: dict[str, Any] = {
+        k: v
+        for k, v in {
+            "db": db,
+            "host": host,
+            "port": port,
+            "tls_cert": tls_cert,
+            "tls_key": tls_key,
+            "dev": dev or None,
+            "dev_token": dev_token,
+            "access_log": access_log,
+            "metrics_token": metrics_token,
+            "audit_file": audit_file,
+            "audit_stdout": audit_stdout,
+            **seal,
+        }.items()
+        if v is not None
+    }
     settings = Settings(**overrides)
     logs.setup(log_level, log_format)
     tmpdir = None
@@ -93,9 +147,17 @@ def server(dev: bool, dev_token: str | None, db: str | None, host: str | None, p
         # uvicorn re-raises the signal it stopped on; turn it into SystemExit so `finally` runs
         signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
         # uvicorn's loggers propagate to the root handler logs.setup() installed: one format for all
-        config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=log_level, log_config=None,
-                                access_log=settings.access_log, ssl_certfile=settings.tls_cert,
-                                ssl_keyfile=settings.tls_key, timeout_graceful_shutdown=5)
+        config = uvicorn.Config(
+            app,
+            host=settings.host,
+            port=settings.port,
+            log_level=log_level,
+            log_config=None,
+            access_log=settings.access_log,
+            ssl_certfile=settings.tls_cert,
+            ssl_keyfile=settings.tls_key,
+            timeout_graceful_shutdown=5,
+        )
         _server_class()(config).run()
     finally:
         if tmpdir:
@@ -170,5 +232,3 @@ def dev(port: int, workdir: str | None) -> None:
     from vault_edge.cli.dev_env import run_dev
 
     run_dev(port or _free_port(), workdir, _wait_http)
-
-

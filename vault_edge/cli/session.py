@@ -61,5 +61,6 @@ def client(token: str | None = None) -> OperatorClient:
     g = globals_()
     if token is None:
         token = os.environ.get("VAULT_EDGE_TOKEN") or stored_token()
-    return OperatorClient(addr=g.addr, token=token or "", verify=g.ca_cert or os.environ.get("VAULT_EDGE_CACERT")
-                          or True)
+    return OperatorClient(
+        addr=g.addr, token=token or "", verify=g.ca_cert or os.environ.get("VAULT_EDGE_CACERT") or True
+    )

@@ -49,10 +49,18 @@ def read_env(c: AgentClient, mapping: dict[str, str]) -> tuple[dict[str, str], d
 
 
 class Supervisor:
-    def __init__(self, command: list[str], mapping: dict[str, str], client: Callable[[], AgentClient], *,
-                 mode: str = "restart", stop_signal: signal.Signals = signal.SIGTERM,
-                 change_signal: signal.Signals = signal.SIGHUP, stop_timeout: float = 10.0,
-                 say: Callable[[str], None] | None = None) -> None:
+    def __init__(
+        self,
+        command: list[str],
+        mapping: dict[str, str],
+        client: Callable[[], AgentClient],
+        *,
+        mode: str = "restart",
+        stop_signal: signal.Signals = signal.SIGTERM,
+        change_signal: signal.Signals = signal.SIGHUP,
+        stop_timeout: float = 10.0,
+        say: Callable[[str], None] | None = None,
+    ) -> None:
         self.command, self.mapping, self.client = command, mapping, client
         self.mode, self.stop_timeout = mode, stop_timeout
         self.stop_signal, self.change_signal = stop_signal, change_signal

@@ -31,9 +31,7 @@ def derive(root_key: bytes, purpose: str, length: int = 32) -> bytes:
     """A subkey of the root key for one purpose (HKDF-SHA256, RFC 5869)."""
     if len(root_key) != ROOT_KEY_SIZE:
         raise ValueError("the root key is 32 bytes")
-    return HKDF(algorithm=hashes.SHA256(), length=length, salt=_HKDF_SALT, info=purpose.encode()).derive(
-        root_key
-    )
+    return HKDF(algorithm=hashes.SHA256(), length=length, salt=_HKDF_SALT, info=purpose.encode()).derive(root_key)
 
 
 def region_wrap_key(root_key: bytes) -> bytes:
@@ -102,13 +100,9 @@ def decrypt_value(data_key: bytes, name: str, version: int, ciphertext: bytes) -
     return aead.decrypt(data_key, ciphertext, aead.ad("secret-value", name, version))
 
 
-def wrap_data_key(
-    region_key: bytes, name: str, version: int, region: str, key_version: int, data_key: bytes
-) -> bytes:
+def wrap_data_key(region_key: bytes, name: str, version: int, region: str, key_version: int, data_key: bytes) -> bytes:
     return aead.encrypt(region_key, data_key, aead.ad("data-key", name, version, region, key_version))
 
 
-def unwrap_data_key(
-    region_key: bytes, name: str, version: int, region: str, key_version: int, wrapped: bytes
-) -> bytes:
+def unwrap_data_key(region_key: bytes, name: str, version: int, region: str, key_version: int, wrapped: bytes) -> bytes:
     return aead.decrypt(region_key, wrapped, aead.ad("data-key", name, version, region, key_version))

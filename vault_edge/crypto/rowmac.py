@@ -30,8 +30,19 @@ MAC_SIZE = 32
 Field = str | int | float | bytes | tuple[str, ...] | None
 
 # The purposes that have a key; each is its own HKDF label, so one key never checks another's rows.
-PURPOSES = ("operator-token", "join-token", "node", "stage", "secret", "revocation", "change", "token-digest",
-            "rotator", "rotation", "egress")
+PURPOSES = (
+    "operator-token",
+    "join-token",
+    "node",
+    "stage",
+    "secret",
+    "revocation",
+    "change",
+    "token-digest",
+    "rotator",
+    "rotation",
+    "egress",
+)
 _PREFIX = b"vault-edge/v1/row/"
 
 

@@ -88,15 +88,13 @@ def seal_grant(node_box_public: bytes, node_id: str, region: str, key_version: i
     return SealedBox(PublicKey(node_box_public)).encrypt(plaintext)
 
 
-def open_grant(
-    node_box_private: bytes, sealed: bytes, node_id: str, region: str, key_version: int
-) -> bytes:
+def open_grant(node_box_private: bytes, sealed: bytes, node_id: str, region: str, key_version: int) -> bytes:
     """The region key inside a grant, if the grant was made for exactly this node/region/version."""
     try:
         plaintext = SealedBox(PrivateKey(node_box_private)).decrypt(sealed)
     except (CryptoError, ValueError, TypeError) as exc:
         raise DecryptionError() from exc
-    binding, key = plaintext[:-aead.KEY_SIZE], plaintext[-aead.KEY_SIZE :]
+    binding, key = plaintext[: -aead.KEY_SIZE], plaintext[-aead.KEY_SIZE :]
     if len(plaintext) <= aead.KEY_SIZE or not hmac.compare_digest(
         binding, _grant_binding(node_id, region, key_version)
     ):
@@ -121,4 +119,4 @@ def open_for_server(server_signer: SigningKey, sealed: bytes) -> bytes:
         raise DecryptionError() from exc
     if not hmac.compare_digest(plaintext[: len(_ENROLMENT)], _ENROLMENT):
         raise DecryptionError()
-    return plaintext[len(_ENROLMENT):]
+    return plaintext[len(_ENROLMENT) :]

@@ -33,9 +33,12 @@ class InFlight:
         """Hold a slot for the block; ApiError 503 ``overloaded`` with ``Retry-After`` when none is free."""
         if self.active >= self.limit:
             self.shed += 1
-            raise ApiError(503, "overloaded",
-                           f"too many {self.what} in progress ({self.limit}); retry after {self.retry_after_s}s",
-                           headers={"Retry-After": str(self.retry_after_s)})
+            raise ApiError(
+                503,
+                "overloaded",
+                f"too many {self.what} in progress ({self.limit}); retry after {self.retry_after_s}s",
+                headers={"Retry-After": str(self.retry_after_s)},
+            )
         self.active += 1
         try:
             yield

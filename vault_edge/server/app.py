@@ -39,9 +39,18 @@ from vault_edge.server.storage.repo import Store, TamperedRow
 
 log = logging.getLogger("vault_edge.server")
 
-_STATUS_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
-                 405: "method_not_allowed", 409: "conflict", 413: "too_large", 415: "unsupported_media_type",
-                 422: "bad_request", 429: "too_many_requests"}
+_STATUS_CODES = {
+    400: "bad_request",
+    401: "unauthorized",
+    403: "forbidden",
+    404: "not_found",
+    405: "method_not_allowed",
+    409: "conflict",
+    413: "too_large",
+    415: "unsupported_media_type",
+    422: "bad_request",
+    429: "too_many_requests",
+}
 
 
 class ErrorResponse(JSONResponse):
@@ -153,9 +162,15 @@ def _audit_refusal(ctx: Context, request: Request, exc: ApiError) -> None:
     tags = getattr(route, "tags", None) or ["api"]
     action = "api.auth" if exc.status == 401 else f"{tags[0]}.{getattr(route, 'name', 'unknown')}"
     ctx.auditor.record_alone(
-        who.actor if who is not None else "anonymous", action, outcome="refused", reason=exc.code,
-        status=exc.status, message=exc.message[:300], remote=request.client.host if request.client else "",
-        method=request.method, path=request.url.path[:512],
+        who.actor if who is not None else "anonymous",
+        action,
+        outcome="refused",
+        reason=exc.code,
+        status=exc.status,
+        message=exc.message[:300],
+        remote=request.client.host if request.client else "",
+        method=request.method,
+        path=request.url.path[:512],
     )
 
 
@@ -178,16 +193,27 @@ def _startup_line(ctx: Context, settings: Settings) -> None:
     state = "unsealed" if not ctx.barrier.sealed else "sealed"
     if ctx.seal_error:
         state += f" ({ctx.seal_error[:200]})"
-    sinks = [s for s, on in (("file " + str(settings.audit_file), settings.audit_file),
-                             ("stdout", settings.audit_stdout)) if on]
-    log.info("vault-edge %s control plane on %s://%s:%d; database %s; seal %s, %s; audit sinks: %s",
-             __version__, scheme, host, settings.port,
-             ctx.store.engine.url.render_as_string(hide_password=True), settings.seal, state,
-             ", ".join(sinks) or "database only")
+    sinks = [
+        s
+        for s, on in (("file " + str(settings.audit_file), settings.audit_file), ("stdout", settings.audit_stdout))
+        if on
+    ]
+    log.info(
+        "vault-edge %s control plane on %s://%s:%d; database %s; seal %s, %s; audit sinks: %s",
+        __version__,
+        scheme,
+        host,
+        settings.port,
+        ctx.store.engine.url.render_as_string(hide_password=True),
+        settings.seal,
+        state,
+        ", ".join(sinks) or "database only",
+    )
 
 
-def create_app(settings: Settings | None = None, store: Store | None = None, barrier: Barrier | None = None,
-               on_ready: Any = None) -> FastAPI:
+def create_app(
+    settings: Settings | None = None, store: Store | None = None, barrier: Barrier | None = None, on_ready: Any = None
+) -> FastAPI:
     settings = settings or Settings()
     if store is None:
         engine = make_engine(settings.db)
@@ -208,9 +234,13 @@ def create_app(settings: Settings | None = None, store: Store | None = None, bar
     Gauge("vault_edge_sync_waiting", "long-polls held", registry=registry).set_function(lambda: float(hub.waiting))
     enrolments = InFlight("enrolments", settings.enroll_max_in_flight, settings.enroll_retry_after_s)
     Gauge("vault_edge_enrolments_in_flight", "enrolments in progress", registry=registry).set_function(
-        lambda: float(enrolments.active))
-    Gauge("vault_edge_enrolments_shed", "enrolments refused with 503 (over the in-flight limit) since start",
-          registry=registry).set_function(lambda: float(enrolments.shed))
+        lambda: float(enrolments.active)
+    )
+    Gauge(
+        "vault_edge_enrolments_shed",
+        "enrolments refused with 503 (over the in-flight limit) since start",
+        registry=registry,
+    ).set_function(lambda: float(enrolments.shed))
     install(registry, ctx, scheduler, contacts)  # fleet gauges, propagation lag, audit and rotation counters
     _open_audit_sinks(ctx, settings)
 
@@ -234,8 +264,15 @@ def create_app(settings: Settings | None = None, store: Store | None = None, bar
     app = FastAPI(title="vault-edge control plane", version=__version__, lifespan=lifespan)
     app.state.ctx, app.state.hub, app.state.scheduler, app.state.contacts = ctx, hub, scheduler, contacts
     app.state.enrolments = enrolments
-    for router in (sys.router, seal_routes.router, secrets.router, admin.router, agent.router, rotation.router,
-                   egress.router):
+    for router in (
+        sys.router,
+        seal_routes.router,
+        secrets.router,
+        admin.router,
+        agent.router,
+        rotation.router,
+        egress.router,
+    ):
         app.include_router(router)
     ui.mount(app)  # the fleet console at /ui
 
@@ -266,18 +303,29 @@ def create_app(settings: Settings | None = None, store: Store | None = None, bar
         # Stored ciphertext that does not open where it claims to belong (tampered, or moved to
         # another name, version or region): refused, logged, audited; nothing else is touched.
         log.error("integrity check failed on %s %s", request.method, request.url.path)
-        await asyncio.to_thread(ctx.auditor.record_alone, "system", "integrity", request.url.path, "refused",
-                                throttle=None)  # tampering: every one is recorded
-        return error(500, "integrity_error", "stored ciphertext failed its integrity check (tampered or moved); "
-                     "it was not served")
+        await asyncio.to_thread(
+            ctx.auditor.record_alone, "system", "integrity", request.url.path, "refused", throttle=None
+        )  # tampering: every one is recorded
+        return error(
+            500,
+            "integrity_error",
+            "stored ciphertext failed its integrity check (tampered or moved); it was not served",
+        )
 
     @app.exception_handler(TamperedRow)
     async def tampered(request: Request, exc: TamperedRow) -> JSONResponse:
         # A row that grants authority or sets order, written without the root key: refused, logged,
         # audited (every one); the request changed nothing (its transaction rolled back).
         log.error("integrity check failed on %s %s: %s", request.method, request.url.path, exc)
-        await asyncio.to_thread(ctx.auditor.record_alone, "system", "integrity", f"{exc.table}:{exc.key}"[:300],
-                                "refused", throttle=None, path=request.url.path)
+        await asyncio.to_thread(
+            ctx.auditor.record_alone,
+            "system",
+            "integrity",
+            f"{exc.table}:{exc.key}"[:300],
+            "refused",
+            throttle=None,
+            path=request.url.path,
+        )
         return error(500, "integrity_error", f"{exc}; it was not used")
 
     @app.exception_handler(Exception)
@@ -294,8 +342,13 @@ def create_app(settings: Settings | None = None, store: Store | None = None, bar
 
     app.add_middleware(Metrics, requests=requests, latency=latency)
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
-    sync_answers = Counter("vault_edge_sync_answers", "sync long-polls answered (kept out of the request "
-                           "metrics)", ["status"], registry=registry)
-    app.add_middleware(SyncFastPath, ctx=ctx, hub=hub, contacts=contacts, limit=settings.max_body_bytes,
-                       answers=sync_answers)  # outermost: the hot path meets nothing else
+    sync_answers = Counter(
+        "vault_edge_sync_answers",
+        "sync long-polls answered (kept out of the request metrics)",
+        ["status"],
+        registry=registry,
+    )
+    app.add_middleware(
+        SyncFastPath, ctx=ctx, hub=hub, contacts=contacts, limit=settings.max_body_bytes, answers=sync_answers
+    )  # outermost: the hot path meets nothing else
     return app

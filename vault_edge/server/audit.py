@@ -68,8 +68,9 @@ class RefusalThrottle:
     full, new targets share their action's and reason's ``*`` budget (those few shared kinds are
     always admitted)."""
 
-    def __init__(self, per_window: int = REFUSALS_PER_WINDOW, window_s: float = REFUSAL_WINDOW_S,
-                 max_kinds: int = 4096) -> None:
+    def __init__(
+        self, per_window: int = REFUSALS_PER_WINDOW, window_s: float = REFUSAL_WINDOW_S, max_kinds: int = 4096
+    ) -> None:
         self.per_window, self.window_s, self.max_kinds = per_window, window_s, max_kinds
         self._lock = threading.Lock()
         self._windows: dict[Kind, list[float]] = {}  # kind → [start, written, suppressed]
@@ -91,8 +92,14 @@ class RefusalThrottle:
             if window[1] >= self.per_window:
                 window[2] += 1
                 if window[2] == 1:
-                    log.warning("audit: over %d %s refusals (%s, %s) in %ds: counting the rest",
-                                self.per_window, action, reason, scope, self.window_s)
+                    log.warning(
+                        "audit: over %d %s refusals (%s, %s) in %ds: counting the rest",
+                        self.per_window,
+                        action,
+                        reason,
+                        scope,
+                        self.window_s,
+                    )
                 return None
             window[1] += 1
             return carried
@@ -114,23 +121,33 @@ def chain_head(entries: Iterable[Any]) -> tuple[int, bytes, str | None]:
     for e in entries:
         if e.seq != expected:
             return count, prev, f"entry {expected} missing"
-        want = hashlib.sha256(prev + _entry_bytes(e.seq, e.at, e.actor, e.action, e.target, e.outcome,
-                                                  e.detail)).digest()
+        want = hashlib.sha256(
+            prev + _entry_bytes(e.seq, e.at, e.actor, e.action, e.target, e.outcome, e.detail)
+        ).digest()
         if not hmac.compare_digest(want, bytes(e.hash)):
             return count, prev, f"entry {e.seq} does not match its hash"
         prev, count, expected = bytes(e.hash), count + 1, e.seq + 1
     return count, prev, None
 
 
-def sink_line(seq: int | None, at: float, actor: str, action: str, target: str, outcome: str, detail: str,
-              digest: bytes | None) -> bytes:
+def sink_line(
+    seq: int | None, at: float, actor: str, action: str, target: str, outcome: str, detail: str, digest: bytes | None
+) -> bytes:
     """An entry as one JSON line for a sink: what the database holds (``detail`` parsed back to an
     object), with ``hash`` (hex) so a line can be matched against ``audit verify``'s chain. ``seq`` and
     ``hash`` are null for events while sealed (kept outside the chain)."""
-    doc = {"type": "audit", "seq": seq, "time": round(at, 6),
-           "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(at)) + f".{int(at % 1 * 1000):03d}Z",
-           "actor": actor, "action": action, "target": target, "outcome": outcome,
-           "detail": json.loads(detail) if detail else {}, "hash": digest.hex() if digest is not None else None}
+    doc = {
+        "type": "audit",
+        "seq": seq,
+        "time": round(at, 6),
+        "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(at)) + f".{int(at % 1 * 1000):03d}Z",
+        "actor": actor,
+        "action": action,
+        "target": target,
+        "outcome": outcome,
+        "detail": json.loads(detail) if detail else {},
+        "hash": digest.hex() if digest is not None else None,
+    }
     return json.dumps(doc, ensure_ascii=False, separators=(",", ":")).encode() + b"\n"
 
 
@@ -153,8 +170,11 @@ class FileSink:
                 self._failing = False
             except OSError as exc:
                 if not self._failing:
-                    log.error("audit file sink %s: write failed (%s); entries stay in the database",
-                              self.path, exc.strerror or exc)
+                    log.error(
+                        "audit file sink %s: write failed (%s); entries stay in the database",
+                        self.path,
+                        exc.strerror or exc,
+                    )
                 self._failing = True
 
     def close(self) -> None:
@@ -189,8 +209,17 @@ class Auditor:
         self.counts: dict[tuple[str, str], int] = {}
         self._count_lock = threading.Lock()
 
-    def _committed(self, seq: int | None, at: float, actor: str, action: str, target: str, outcome: str,
-                   detail: str, digest: bytes | None) -> None:
+    def _committed(
+        self,
+        seq: int | None,
+        at: float,
+        actor: str,
+        action: str,
+        target: str,
+        outcome: str,
+        detail: str,
+        digest: bytes | None,
+    ) -> None:
         key = (action, outcome)
         with self._count_lock:  # commits come from many threads
             self.counts[key] = self.counts.get(key, 0) + 1
@@ -199,9 +228,7 @@ class Auditor:
             for sink in self.sinks:
                 sink(line)
 
-    def record(
-        self, tx: Tx, actor: str, action: str, target: str = "", outcome: str = "ok", **detail: Any
-    ) -> None:
+    def record(self, tx: Tx, actor: str, action: str, target: str = "", outcome: str = "ok", **detail: Any) -> None:
         """Append an entry in ``tx``: it commits, or rolls back, with the change it describes."""
         at = self.clock()
         detail_s = json.dumps(detail, sort_keys=True, separators=(",", ":"), default=str)
@@ -223,7 +250,13 @@ class Auditor:
         log.info("audit %s %s %s %s", actor, action, target, outcome)
 
     def record_alone(
-        self, actor: str, action: str, target: str = "", outcome: str = "refused", *, throttle: str | None = "kind",
+        self,
+        actor: str,
+        action: str,
+        target: str = "",
+        outcome: str = "refused",
+        *,
+        throttle: str | None = "kind",
         **detail: Any,
     ) -> None:
         """Append an entry in a transaction of its own (for refusals, whose request changed nothing).
@@ -236,8 +269,13 @@ class Auditor:
             scope = target if throttle == "target" else "*"
             carried = self.throttle.admit(action, outcome, str(detail.get("reason", "")), scope, self.clock())
             if carried is None:
-                log.info("refused (throttled, counted, not audited): %s %s %s %s", actor, action, target,
-                         detail.get("reason", ""))
+                log.info(
+                    "refused (throttled, counted, not audited): %s %s %s %s",
+                    actor,
+                    action,
+                    target,
+                    detail.get("reason", ""),
+                )
                 return
             if carried:
                 detail["suppressed_before"] = carried
@@ -248,8 +286,16 @@ class Auditor:
         their kind to carry them (the scheduler calls this). Returns the entries written."""
         ended = self.throttle.ended(self.clock())
         for (action, outcome, reason, scope), count in ended:
-            self._write_alone("audit", "audit.suppressed", action, "ok", reason=reason, scope=scope,
-                              outcome_counted=outcome, count=count)
+            self._write_alone(
+                "audit",
+                "audit.suppressed",
+                action,
+                "ok",
+                reason=reason,
+                scope=scope,
+                outcome_counted=outcome,
+                count=count,
+            )
         return len(ended)
 
     def _write_alone(self, actor: str, action: str, target: str, outcome: str, **detail: Any) -> None:

@@ -58,15 +58,19 @@ class Principal:
         over every name, as ``require_global_admin`` does for changing it."""
         self.require(verb)
         if not self.unlimited:
-            raise forbidden(f"this token's {verb} rights cover only its prefixes; nodes and regions belong to "
-                            f"no name and need {verb} over every name (the prefix \"\")")
+            raise forbidden(
+                f"this token's {verb} rights cover only its prefixes; nodes and regions belong to "
+                f'no name and need {verb} over every name (the prefix "")'
+            )
 
     def require_global_admin(self) -> None:
         """Regions, nodes, seal and audit belong to no name: they need ``admin`` over every name."""
         self.require("admin")
         if not self.unlimited:
-            raise forbidden("this token's admin rights cover only its prefixes; regions, nodes, seal and "
-                            "the audit log need an admin token over every name")
+            raise forbidden(
+                "this token's admin rights cover only its prefixes; regions, nodes, seal and "
+                "the audit log need an admin token over every name"
+            )
 
     def may_grant(self, prefixes: tuple[str, ...], verbs: tuple[str, ...]) -> bool:
         return all(self.covers(p) for p in prefixes) and set(verbs) <= set(self.verbs)
@@ -87,8 +91,14 @@ def new_token_secret() -> str:
 
 
 def create_token(
-    tx: Tx, name: str, prefixes: tuple[str, ...], verbs: tuple[str, ...], now: float,
-    ttl: int | None = None, secret: str | None = None, not_after: float | None = None,
+    tx: Tx,
+    name: str,
+    prefixes: tuple[str, ...],
+    verbs: tuple[str, ...],
+    now: float,
+    ttl: int | None = None,
+    secret: str | None = None,
+    not_after: float | None = None,
     parent: str | None = None,
 ) -> tuple[str, OperatorToken]:
     """Store a new token; return its secret (shown once) and its record. ``not_after`` caps its expiry
@@ -100,8 +110,14 @@ def create_token(
     if not_after is not None:
         expires_at = min(expires_at, not_after) if expires_at is not None else not_after
     token = OperatorToken(
-        id=secrets.token_hex(8), name=name, prefixes=prefixes, verbs=verbs, created_at=now,
-        expires_at=expires_at, revoked_at=None, parent_id=parent,
+        id=secrets.token_hex(8),
+        name=name,
+        prefixes=prefixes,
+        verbs=verbs,
+        created_at=now,
+        expires_at=expires_at,
+        revoked_at=None,
+        parent_id=parent,
     )
     tx.insert_operator_token(token, tx.keys().token_digest(secret))
     return secret, token

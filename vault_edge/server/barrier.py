@@ -95,8 +95,15 @@ class Barrier:
         return self.keys().rows
 
     def add_share(
-        self, share: str | None, passphrase: str | None, *, identifier: int | None, canary: bytes,
-        has_passphrase: bool, wrapped_root: bytes | None = None, vault_id: bytes = b"",
+        self,
+        share: str | None,
+        passphrase: str | None,
+        *,
+        identifier: int | None,
+        canary: bytes,
+        has_passphrase: bool,
+        wrapped_root: bytes | None = None,
+        vault_id: bytes = b"",
     ) -> UnsealResult:
         """Add one share; with the share that completes the set (only then), the passphrase, if the vault
         has one (``has_passphrase``, from init). Every refusal before the canary changes nothing."""
@@ -104,8 +111,12 @@ class Barrier:
             if self._keys is not None:
                 return UnsealResult(False, 0, "already unsealed")
             if not share:
-                raise ApiError(400, "passphrase_not_final", "the passphrase is accepted only with the share that "
-                               "completes the unseal: send it with that share; progress unchanged")
+                raise ApiError(
+                    400,
+                    "passphrase_not_final",
+                    "the passphrase is accepted only with the share that "
+                    "completes the unseal: send it with that share; progress unchanged",
+                )
             progress = self._progress or UnsealProgress(identifier)
             try:
                 completes = progress.completes(share)
@@ -114,14 +125,22 @@ class Barrier:
             except ShareError as exc:  # never quotes the share or the passphrase
                 raise bad_request(f"share refused: {exc}; progress unchanged") from None
             if passphrase and not completes:
-                raise ApiError(400, "passphrase_not_final", "the passphrase is accepted only with the share that "
-                               "completes the unseal, and this one does not: send it without the passphrase; "
-                               "progress unchanged")
+                raise ApiError(
+                    400,
+                    "passphrase_not_final",
+                    "the passphrase is accepted only with the share that "
+                    "completes the unseal, and this one does not: send it without the passphrase; "
+                    "progress unchanged",
+                )
             if passphrase and not has_passphrase:
                 raise bad_request("this vault has no passphrase: send the share without one; progress unchanged")
             if completes and has_passphrase and not passphrase:
-                raise ApiError(400, "passphrase_required", "this share completes the unseal and the vault has a "
-                               "passphrase: send the passphrase with it; progress unchanged")
+                raise ApiError(
+                    400,
+                    "passphrase_required",
+                    "this share completes the unseal and the vault has a "
+                    "passphrase: send the passphrase with it; progress unchanged",
+                )
             progress.add(share)
             self._progress = progress
             if not completes:
@@ -197,8 +216,14 @@ class Barrier:
             self._region_keys.clear()
             self._wraps.clear()
 
-    def region_key(self, region: str, version: int, wrapped: bytes, root_version: int = 1,
-                   load: Callable[[], dict[int, bytes]] = dict) -> bytes:
+    def region_key(
+        self,
+        region: str,
+        version: int,
+        wrapped: bytes,
+        root_version: int = 1,
+        load: Callable[[], dict[int, bytes]] = dict,
+    ) -> bytes:
         """Unwrap a region key (cached: a (region, version) pair never changes its key, whatever root
         key version wraps it)."""
         cached = self._region_keys.get((region, version))

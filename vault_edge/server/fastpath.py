@@ -67,8 +67,9 @@ def parse_query(raw: bytes) -> SyncQuery:
 
 
 class SyncFastPath:
-    def __init__(self, app: ASGIApp, ctx: Context, hub: Hub, contacts: ContactLog, limit: int,
-                 answers: Counter) -> None:
+    def __init__(
+        self, app: ASGIApp, ctx: Context, hub: Hub, contacts: ContactLog, limit: int, answers: Counter
+    ) -> None:
         self.app, self.ctx, self.hub, self.contacts, self.limit, self.answers = app, ctx, hub, contacts, limit, answers
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -76,9 +77,17 @@ class SyncFastPath:
             return await self.app(scope, receive, send)
         status, body, extra = await self._answer(scope, receive)
         self.answers.labels(str(status)).inc()
-        await send({"type": "http.response.start", "status": status,
-                    "headers": [(b"content-type", b"application/json"),
-                                (b"content-length", str(len(body)).encode()), *extra]})
+        await send(
+            {
+                "type": "http.response.start",
+                "status": status,
+                "headers": [
+                    (b"content-type", b"application/json"),
+                    (b"content-length", str(len(body)).encode()),
+                    *extra,
+                ],
+            }
+        )
         await send({"type": "http.response.body", "body": body})
 
     async def _answer(self, scope: Scope, receive: Receive) -> tuple[int, bytes, list[tuple[bytes, bytes]]]:

@@ -103,14 +103,26 @@ class Pkcs11Seal:
             return session.get_key(object_class=ObjectClass.SECRET_KEY, key_type=KeyType.AES, label=self.key_label)
         except px.NoSuchKey:
             if not self._generate:
-                raise SealError(f"no AES key labelled {self.key_label!r} in the token of slot {self.slot} "
-                                "(make one, or start once with --pkcs11-generate-key)") from None
+                raise SealError(
+                    f"no AES key labelled {self.key_label!r} in the token of slot {self.slot} "
+                    "(make one, or start once with --pkcs11-generate-key)"
+                ) from None
         except px.MultipleObjectsReturned:
             raise SealError(f"more than one AES key labelled {self.key_label!r} in slot {self.slot}") from None
-        return session.generate_key(KeyType.AES, 256, label=self.key_label, store=True, template={
-            Attribute.TOKEN: True, Attribute.SENSITIVE: True, Attribute.EXTRACTABLE: False,
-            Attribute.ENCRYPT: True, Attribute.DECRYPT: True, Attribute.PRIVATE: True,
-        })
+        return session.generate_key(
+            KeyType.AES,
+            256,
+            label=self.key_label,
+            store=True,
+            template={
+                Attribute.TOKEN: True,
+                Attribute.SENSITIVE: True,
+                Attribute.EXTRACTABLE: False,
+                Attribute.ENCRYPT: True,
+                Attribute.DECRYPT: True,
+                Attribute.PRIVATE: True,
+            },
+        )
 
     def check(self) -> None:
         """Reach the key (log in, find it, or make it with --pkcs11-generate-key)."""
@@ -123,8 +135,9 @@ class Pkcs11Seal:
         nonce = secrets.token_bytes(NONCE_SIZE)
 
         def enc(_session: Any, key: Any) -> bytes:
-            ct = key.encrypt(plaintext, mechanism=Mechanism.AES_GCM,
-                             mechanism_param=GCMParams(nonce, associated_data, 128))
+            ct = key.encrypt(
+                plaintext, mechanism=Mechanism.AES_GCM, mechanism_param=GCMParams(nonce, associated_data, 128)
+            )
             return bytes([VERSION]) + nonce + bytes(ct)
 
         return bytes(self._run("wrap the root key", enc))
@@ -136,24 +149,44 @@ class Pkcs11Seal:
 
         if len(blob) < 1 + NONCE_SIZE + 16 or blob[0] != VERSION:
             raise SealError("the stored HSM-wrapped root key is malformed")
-        nonce, ct = blob[1:1 + NONCE_SIZE], blob[1 + NONCE_SIZE:]
+        nonce, ct = blob[1 : 1 + NONCE_SIZE], blob[1 + NONCE_SIZE :]
 
         def dec(_session: Any, key: Any) -> bytes:
             try:
-                return bytes(key.decrypt(ct, mechanism=Mechanism.AES_GCM,
-                                         mechanism_param=GCMParams(nonce, associated_data, 128)))
-            except (px.EncryptedDataInvalid, px.EncryptedDataLenRange, px.GeneralError, px.FunctionFailed,
-                    px.DataInvalid):
-                raise SealError(f"the HSM key does not open this vault's wrapped root key ({self.describe()}: "
-                                "another token or key, or the wrapped key was altered)") from None
+                return bytes(
+                    key.decrypt(ct, mechanism=Mechanism.AES_GCM, mechanism_param=GCMParams(nonce, associated_data, 128))
+                )
+            except (
+                px.EncryptedDataInvalid,
+                px.EncryptedDataLenRange,
+                px.GeneralError,
+                px.FunctionFailed,
+                px.DataInvalid,
+            ):
+                raise SealError(
+                    f"the HSM key does not open this vault's wrapped root key ({self.describe()}: "
+                    "another token or key, or the wrapped key was altered)"
+                ) from None
 
         return bytes(self._run("unwrap the root key", dec))
 
 
 def from_settings(settings: Any) -> Pkcs11Seal:
-    missing = [f for f, v in (("--pkcs11-lib", settings.pkcs11_lib), ("--pkcs11-slot", settings.pkcs11_slot),
-                              ("--pkcs11-key-label", settings.pkcs11_key_label)) if v in (None, "")]
+    missing = [
+        f
+        for f, v in (
+            ("--pkcs11-lib", settings.pkcs11_lib),
+            ("--pkcs11-slot", settings.pkcs11_slot),
+            ("--pkcs11-key-label", settings.pkcs11_key_label),
+        )
+        if v in (None, "")
+    ]
     if missing:
         raise SealError("--seal pkcs11 needs " + ", ".join(missing))
-    return Pkcs11Seal(settings.pkcs11_lib, int(settings.pkcs11_slot), settings.pkcs11_key_label,
-                      read_pin(settings.pkcs11_pin_file), settings.pkcs11_generate_key)
+    return Pkcs11Seal(
+        settings.pkcs11_lib,
+        int(settings.pkcs11_slot),
+        settings.pkcs11_key_label,
+        read_pin(settings.pkcs11_pin_file),
+        settings.pkcs11_generate_key,
+    )

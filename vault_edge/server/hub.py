@@ -74,9 +74,15 @@ class RegionView:
     def full_body(self) -> tuple[bytes, bytes]:
         got = self.bodies.get("full")
         if got is None:
-            body = wsync.RegionBody(wsync.FULL, self.region, 0, self.data_rev, (),
-                                    tuple(v for name in sorted(self.entries) for v in self.entries[name]),
-                                    self.egress or None).encode()
+            body = wsync.RegionBody(
+                wsync.FULL,
+                self.region,
+                0,
+                self.data_rev,
+                (),
+                tuple(v for name in sorted(self.entries) for v in self.entries[name]),
+                self.egress or None,
+            ).encode()
             got = self.bodies["full"] = (body, wsync.digest(body))
         return got
 
@@ -91,9 +97,15 @@ class RegionView:
             changes = self.history[start:]
             names = sorted(set().union(*(c.names for c in changes)))
             base = changes[0].base if changes else self.data_rev
-            body = wsync.RegionBody(wsync.DELTA, self.region, base, self.data_rev, tuple(names),
-                                    tuple(v for n in names for v in self.entries.get(n, ())),
-                                    self.egress if any(c.egress for c in changes) else None).encode()
+            body = wsync.RegionBody(
+                wsync.DELTA,
+                self.region,
+                base,
+                self.data_rev,
+                tuple(names),
+                tuple(v for n in names for v in self.entries.get(n, ())),
+                self.egress if any(c.egress for c in changes) else None,
+            ).encode()
             got = self.bodies[start] = (body, wsync.digest(body))
         return got
 
@@ -101,9 +113,20 @@ class RegionView:
         """Sync protocol 1's secrets list (agents from before deltas): the whole view, every answer."""
         got = self.bodies.get("v1")
         if got is None:
-            doc = [{"name": v.name, "version": v.version, "stage": v.stage, "expires_at": v.expires_at,
-                    "created_at": v.created_at, "ct": wire.b64e(v.ciphertext), "kv": v.key_version,
-                    "dek": wire.b64e(v.wrapped_dek)} for name in sorted(self.entries) for v in self.entries[name]]
+            doc = [
+                {
+                    "name": v.name,
+                    "version": v.version,
+                    "stage": v.stage,
+                    "expires_at": v.expires_at,
+                    "created_at": v.created_at,
+                    "ct": wire.b64e(v.ciphertext),
+                    "kv": v.key_version,
+                    "dek": wire.b64e(v.wrapped_dek),
+                }
+                for name in sorted(self.entries)
+                for v in self.entries[name]
+            ]
             got = self.bodies["v1"] = (json.dumps(doc, separators=(",", ":")).encode(), b"")
         return got[0]
 
@@ -212,8 +235,12 @@ class Hub:
             r = tx.get_region(region)
             data_rev = r.data_rev if r else 0
             names: set[str] | None = None
-            if previous is not None and r is not None and r.key_version == previous.key_version \
-                    and previous.data_rev <= data_rev:
+            if (
+                previous is not None
+                and r is not None
+                and r.key_version == previous.key_version
+                and previous.data_rev <= data_rev
+            ):
                 names = tx.changed_since(previous.data_rev)
                 if names is not None and (len(names) > INCREMENTAL_MAX or tx.changes_read_to() < data_rev):
                     names = None
@@ -225,15 +252,25 @@ class Hub:
             if (table, key) not in self._reported:
                 self._reported.add((table, key))
                 log.error("integrity: %s row %r failed its check; left out of region %s's view", table, key, region)
-                self.ctx.auditor.record_alone("system", "integrity", f"{table}:{key}", "refused", throttle=None,
-                                              region=region, reason="failed its integrity check")
+                self.ctx.auditor.record_alone(
+                    "system",
+                    "integrity",
+                    f"{table}:{key}",
+                    "refused",
+                    throttle=None,
+                    region=region,
+                    reason="failed its integrity check",
+                )
         by_node: dict[str, list[wsync.Grant]] = {}
         for g in grants:
             by_node.setdefault(g.node_id, []).append(wsync.Grant(g.region, g.key_version, g.sealed))
         entries: dict[str, list[wsync.SealedVersion]] = {}
         for s in rows:
-            entries.setdefault(s.name, []).append(wsync.SealedVersion(
-                s.name, s.version, s.stage, s.key_version, s.wrapped_dek, s.ciphertext, s.created_at, s.expires_at))
+            entries.setdefault(s.name, []).append(
+                wsync.SealedVersion(
+                    s.name, s.version, s.stage, s.key_version, s.wrapped_dek, s.ciphertext, s.created_at, s.expires_at
+                )
+            )
         if names is None:
             view_entries = {name: tuple(vs) for name, vs in entries.items()}
         else:  # the previous view, with what changed read again
@@ -248,12 +285,18 @@ class Hub:
                 if table in ("secrets", "stages") and name in previous.entries and name not in view_entries:
                     view_entries[name] = previous.entries[name]
         members = {
-            n.id: Member(n.node_rev, n.status == "active", tuple(by_node.get(n.id, ())), n.sign_public)
-            for n in nodes
+            n.id: Member(n.node_rev, n.status == "active", tuple(by_node.get(n.id, ())), n.sign_public) for n in nodes
         }
         routes = tuple(e.route for e in egress)
-        return RegionView(region, data_rev, view_entries, members,
-                          _history(previous, data_rev, view_entries, names, routes), r.key_version if r else 0, routes)
+        return RegionView(
+            region,
+            data_rev,
+            view_entries,
+            members,
+            _history(previous, data_rev, view_entries, names, routes),
+            r.key_version if r else 0,
+            routes,
+        )
 
     async def view(self, region: str, refresh: bool = False) -> RegionView:
         """The region's view as of the latest change notice for it: loaded once however many callers.
@@ -338,8 +381,9 @@ class Hub:
         finally:
             self.waiting -= 1
 
-    def answer(self, node_id: str, nonce: str, view: RegionView | None, member: Member | None,
-               since: int, full: bool) -> tuple[bytes, bytes]:
+    def answer(
+        self, node_id: str, nonce: str, view: RegionView | None, member: Member | None, since: int, full: bool
+    ) -> tuple[bytes, bytes]:
         """The signed answer (protocol 2): for the node, the region's shared body (a delta from
         ``since`` when the view's history reaches back to it and no full view was asked for, else the
         full view) under a small envelope signed for this node and request; ``unchanged`` (still
@@ -359,8 +403,9 @@ class Hub:
         raw = wsync.Envelope(kind, node_id, nonce, issued, view.region, since, revision, digest, member.grants).encode()
         return wsync.join(raw, body), signing.sign(keys.signer, wsync.signed_message(raw))
 
-    def legacy_body(self, node_id: str, nonce: str, view: RegionView | None, member: Member | None,
-                    since: int) -> tuple[bytes, bytes]:
+    def legacy_body(
+        self, node_id: str, nonce: str, view: RegionView | None, member: Member | None, since: int
+    ) -> tuple[bytes, bytes]:
         """Sync protocol 1, for agents from before deltas: the node's whole view on every change."""
         keys = self.ctx.barrier.keys()
         head = {"v": 1, "node": node_id, "nonce": nonce, "issued_at": int(self.ctx.clock())}
@@ -368,15 +413,21 @@ class Hub:
             body = json.dumps({**head, "kind": "unchanged", "revision": since}, separators=(",", ":")).encode()
         else:
             revision = max(view.data_rev, member.node_rev)
-            prefix = json.dumps({**head, "kind": "sync", "region": view.region, "revision": revision},
-                                separators=(",", ":")).encode()
+            prefix = json.dumps(
+                {**head, "kind": "sync", "region": view.region, "revision": revision}, separators=(",", ":")
+            ).encode()
             grants = json.dumps([g.to_json() for g in member.grants], separators=(",", ":")).encode()
             body = b"".join([prefix[:-1], b',"grants":', grants, b',"secrets":', view.legacy_secrets_json(), b"}"])
         return body, signing.sign(keys.signer, wire.response_message("sync", body))
 
 
-def _history(previous: RegionView | None, data_rev: int, entries: dict[str, tuple[wsync.SealedVersion, ...]],
-             candidates: set[str] | None = None, egress: tuple[wegress.Route, ...] = ()) -> tuple[Change, ...]:
+def _history(
+    previous: RegionView | None,
+    data_rev: int,
+    entries: dict[str, tuple[wsync.SealedVersion, ...]],
+    candidates: set[str] | None = None,
+    egress: tuple[wegress.Route, ...] = (),
+) -> tuple[Change, ...]:
     """The new view's history: the previous view's, plus what changed between the two (by comparing
     them, so it is exact for this region whatever else the revision changed). Starts afresh when
     there is no previous view or the revision went backwards (a database restored from a copy)."""

@@ -39,9 +39,12 @@ class PropagationLag:
 
     def __init__(self, registry: CollectorRegistry, clock: Any = time.time) -> None:
         self.clock = clock
-        self.histogram = Histogram("vault_edge_propagation_lag_seconds",
-                                   "from a change's commit (on this replica) to a node reporting it applied",
-                                   buckets=LAG_BUCKETS, registry=registry)
+        self.histogram = Histogram(
+            "vault_edge_propagation_lag_seconds",
+            "from a change's commit (on this replica) to a node reporting it applied",
+            buckets=LAG_BUCKETS,
+            registry=registry,
+        )
         self._lock = threading.Lock()
         self._commits: OrderedDict[int, float] = OrderedDict()  # revision → commit time, oldest first
         self._applied: dict[str, int] = {}
@@ -80,21 +83,28 @@ class FleetCollector(Collector):
 
     def collect(self) -> Iterator[Any]:
         counts = self.ctx.auditor.counts
-        entries = CounterMetricFamily("vault_edge_audit_entries", "audit entries committed since start",
-                                      labels=["action", "outcome"])
+        entries = CounterMetricFamily(
+            "vault_edge_audit_entries", "audit entries committed since start", labels=["action", "outcome"]
+        )
         for (action, outcome), n in sorted(counts.items()):
             entries.add_metric([action, outcome], n)
         yield entries
-        yield CounterMetricFamily("vault_edge_rotations",
-                                  "secrets rotated (by operators and the scheduler) since start",
-                                  value=counts.get(("secret.rotate", "ok"), 0))
-        yield CounterMetricFamily("vault_edge_scheduler_failures",
-                                  "scheduler failures (a scheduled rotation, a tick) since start",
-                                  value=getattr(self.scheduler, "failed", 0))
-        nodes = GaugeMetricFamily("vault_edge_nodes", "nodes by region and state (ok, lagging, down, revoked)",
-                                  labels=["region", "state"])
-        keys = GaugeMetricFamily("vault_edge_region_key_version", "each region's current key version",
-                                 labels=["region"])
+        yield CounterMetricFamily(
+            "vault_edge_rotations",
+            "secrets rotated (by operators and the scheduler) since start",
+            value=counts.get(("secret.rotate", "ok"), 0),
+        )
+        yield CounterMetricFamily(
+            "vault_edge_scheduler_failures",
+            "scheduler failures (a scheduled rotation, a tick) since start",
+            value=getattr(self.scheduler, "failed", 0),
+        )
+        nodes = GaugeMetricFamily(
+            "vault_edge_nodes", "nodes by region and state (ok, lagging, down, revoked)", labels=["region", "state"]
+        )
+        keys = GaugeMetricFamily(
+            "vault_edge_region_key_version", "each region's current key version", labels=["region"]
+        )
         ok = 1.0
         if not self.ctx.barrier.sealed:
             try:
@@ -104,8 +114,9 @@ class FleetCollector(Collector):
                 log.warning("metrics: fleet gauges unavailable (%s)", type(exc).__name__)
         yield nodes
         yield keys
-        yield GaugeMetricFamily("vault_edge_fleet_scrape_ok", "0 when the fleet could not be read at this scrape",
-                                value=ok)
+        yield GaugeMetricFamily(
+            "vault_edge_fleet_scrape_ok", "0 when the fleet could not be read at this scrape", value=ok
+        )
 
     def _fleet(self, nodes: GaugeMetricFamily, keys: GaugeMetricFamily) -> None:
         from vault_edge.server.scheduler import SCHEDULER

@@ -40,8 +40,14 @@ def revocation(ctx: Context, node_id: str, nonce: str) -> tuple[bytes, bytes]:
 
 
 async def authenticate(
-    ctx: Context, hub: Hub, contacts: ContactLog, method: str, target: str, headers: Mapping[str, str],
-    body: bytes, applied: int,
+    ctx: Context,
+    hub: Hub,
+    contacts: ContactLog,
+    method: str,
+    target: str,
+    headers: Mapping[str, str],
+    body: bytes,
+    applied: int,
 ) -> tuple[str, str, Member]:
     """(node id, region, membership) of the caller, or an ApiError (401/403)."""
     node_id = headers.get(wire.H_NODE, "")

@@ -78,7 +78,6 @@ class PutSecret(ValueFields):
     rotate_every: Duration | None = None
     rotator: str | None = Field(None, max_length=64, description="the rotator that keeps it at its source")
 
-
     @field_validator("regions")
     @classmethod
     def _regions(cls, v: list[str] | None) -> list[str] | None:
@@ -125,7 +124,6 @@ class TokenCreate(Strict):
             if not wire.valid_prefix(p):
                 raise ValueError("a prefix is the start of a secret name: letters, digits, '_', '.', '-', '/'")
         return v
-
 
 
 class SharesRequest(Strict):

@@ -105,8 +105,15 @@ def b64d(text: str, *, max_len: int = 1 << 20) -> bytes:
 
 def request_message(method: str, target: str, node: str, timestamp: int, nonce: str, body: bytes) -> bytes:
     return "\n".join(
-        ["vault-edge/v1/node-request", method.upper(), target, node, str(timestamp), nonce,
-         hashlib.sha256(body).hexdigest()]
+        [
+            "vault-edge/v1/node-request",
+            method.upper(),
+            target,
+            node,
+            str(timestamp),
+            nonce,
+            hashlib.sha256(body).hexdigest(),
+        ]
     ).encode()
 
 
@@ -133,8 +140,13 @@ def parse_join_token(token: str) -> tuple[str, str, str]:
     """(id, secret, pin) of a join token; WireError when it is not one."""
     parts = token.strip().split(".") if isinstance(token, str) and len(token) <= 200 else []
     if (
-        len(parts) != 4 or parts[0] != "vej1" or not _HEX16.fullmatch(parts[1])
-        or not parts[2] or not _B64URL.fullmatch(parts[2]) or not parts[3] or not _B64URL.fullmatch(parts[3])
+        len(parts) != 4
+        or parts[0] != "vej1"
+        or not _HEX16.fullmatch(parts[1])
+        or not parts[2]
+        or not _B64URL.fullmatch(parts[2])
+        or not parts[3]
+        or not _B64URL.fullmatch(parts[3])
     ):
         raise WireError("not a join token (expected vej1.<id>.<secret>.<pin>)")
     return parts[1], parts[2], parts[3]

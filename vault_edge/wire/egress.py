@@ -47,10 +47,22 @@ _TEMPLATE_TEXT_RE = re.compile(r"[\x20-\x7e]*")
 _PATH_RE = re.compile(r"/[\x21-\x7e]{0,511}")
 _HOST_RE = re.compile(r"[a-z0-9\-.]{1,253}|\[[0-9a-f:.]{2,45}\]")
 # headers a route may never set: framing, routing and hop-by-hop ones are the agent's business
-_RESERVED_HEADERS: Final = frozenset({
-    "host", "content-length", "transfer-encoding", "connection", "keep-alive", "proxy-connection", "te",
-    "trailer", "upgrade", "proxy-authorization", "proxy-authenticate", "x-vault-edge-token",
-})
+_RESERVED_HEADERS: Final = frozenset(
+    {
+        "host",
+        "content-length",
+        "transfer-encoding",
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "upgrade",
+        "proxy-authorization",
+        "proxy-authenticate",
+        "x-vault-edge-token",
+    }
+)
 
 
 class InjectError(ValueError):
@@ -130,7 +142,7 @@ def _template(text: str, what: str, required: bool = True) -> tuple[Part, ...]:
     parts: list[Part] = []
     pos = 0
     for m in _PLACEHOLDER_RE.finditer(text):
-        parts.append(text[pos:m.start()])
+        parts.append(text[pos : m.start()])
         parts.append((m.group(1),))
         pos = m.end()
     parts.append(text[pos:])
@@ -249,8 +261,14 @@ class Route:
     paths: tuple[str, ...] = ("/",)
 
     def to_json(self) -> dict[str, Any]:
-        return {"name": self.name, "upstream": self.upstream, "secret": self.secret, "inject": list(self.inject),
-                "methods": list(self.methods), "paths": list(self.paths)}
+        return {
+            "name": self.name,
+            "upstream": self.upstream,
+            "secret": self.secret,
+            "inject": list(self.inject),
+            "methods": list(self.methods),
+            "paths": list(self.paths),
+        }
 
     def canonical(self) -> str:
         """The route as stored and MAC'd: one JSON text per route."""
@@ -300,7 +318,7 @@ def route_from_json(doc: Any) -> Parsed:
         raise WireError(f"methods: some of {', '.join(METHODS)}")
     paths = _strings(doc.get("paths", ["/"]), "paths", MAX_PATHS)
     if not paths:
-        raise WireError("paths: at least one prefix (\"/\" for every path)")
+        raise WireError('paths: at least one prefix ("/" for every path)')
     for p in paths:
         if not _PATH_RE.fullmatch(p) or _dot_segment(p) or "%" in p or "\\" in p:
             raise WireError("paths: prefixes starting with '/', visible ASCII, no '.'/'..' segments or '%'")

@@ -24,8 +24,16 @@ class Revocation:
     nonce: str
 
     def encode(self) -> bytes:
-        return json.dumps({"error": {"code": "revoked", "message": "node revoked"}, "v": PROTOCOL_VERSION,
-                           "kind": KIND, "node": self.node, "nonce": self.nonce}, separators=(",", ":")).encode()
+        return json.dumps(
+            {
+                "error": {"code": "revoked", "message": "node revoked"},
+                "v": PROTOCOL_VERSION,
+                "kind": KIND,
+                "node": self.node,
+                "nonce": self.nonce,
+            },
+            separators=(",", ":"),
+        ).encode()
 
     @staticmethod
     def decode(raw: bytes) -> Revocation:

@@ -79,9 +79,16 @@ class SealedVersion:
     expires_at: float | None = None  # the end of a `previous` version's grace
 
     def to_json(self) -> dict[str, Any]:
-        return {"name": self.name, "version": self.version, "stage": self.stage, "kv": self.key_version,
-                "dek": b64e(self.wrapped_dek), "ct": b64e(self.ciphertext), "created_at": self.created_at,
-                "expires_at": self.expires_at}
+        return {
+            "name": self.name,
+            "version": self.version,
+            "stage": self.stage,
+            "kv": self.key_version,
+            "dek": b64e(self.wrapped_dek),
+            "ct": b64e(self.ciphertext),
+            "created_at": self.created_at,
+            "expires_at": self.expires_at,
+        }
 
     @staticmethod
     def from_json(doc: Any) -> SealedVersion:
@@ -93,9 +100,14 @@ class SealedVersion:
             raise WireError("a secret with an unknown stage")
         expires = d.get("expires_at")
         return SealedVersion(
-            name, _int(d.get("version"), "version"), stage, _int(d.get("kv"), "kv"),
-            b64d(_str(d.get("dek"), "dek"), max_len=1024), b64d(_str(d.get("ct"), "ct"), max_len=MAX_CIPHERTEXT),
-            _num(d.get("created_at"), "created_at"), None if expires is None else _num(expires, "expires_at"),
+            name,
+            _int(d.get("version"), "version"),
+            stage,
+            _int(d.get("kv"), "kv"),
+            b64d(_str(d.get("dek"), "dek"), max_len=1024),
+            b64d(_str(d.get("ct"), "ct"), max_len=MAX_CIPHERTEXT),
+            _num(d.get("created_at"), "created_at"),
+            None if expires is None else _num(expires, "expires_at"),
         )
 
 
@@ -112,8 +124,15 @@ class RegionBody:
     egress: tuple[wegress.Route, ...] | None = None  # the region's routes; None: none (FULL), as held (DELTA)
 
     def encode(self) -> bytes:
-        doc = {"v": PROTOCOL, "kind": self.kind, "region": self.region, "base": self.base,
-               "revision": self.revision, "names": list(self.names), "secrets": [s.to_json() for s in self.secrets]}
+        doc = {
+            "v": PROTOCOL,
+            "kind": self.kind,
+            "region": self.region,
+            "base": self.base,
+            "revision": self.revision,
+            "names": list(self.names),
+            "secrets": [s.to_json() for s in self.secrets],
+        }
         if self.egress is not None:
             doc["egress"] = [r.to_json() for r in self.egress]
         return _dumps(doc)
@@ -130,9 +149,15 @@ class RegionBody:
         secrets = d.get("secrets")
         if not isinstance(secrets, list):
             raise WireError("a region body without secrets")
-        body = RegionBody(kind, _region(d.get("region")), _int(d.get("base"), "base"),
-                          _int(d.get("revision"), "revision"), tuple(names),
-                          tuple(SealedVersion.from_json(s) for s in secrets), _routes(d.get("egress")))
+        body = RegionBody(
+            kind,
+            _region(d.get("region")),
+            _int(d.get("base"), "base"),
+            _int(d.get("revision"), "revision"),
+            tuple(names),
+            tuple(SealedVersion.from_json(s) for s in secrets),
+            _routes(d.get("egress")),
+        )
         if body.base > body.revision:
             raise WireError("a region body whose base is after its revision")
         if kind == DELTA and not {s.name for s in body.secrets} <= set(body.names):
@@ -155,10 +180,20 @@ class Envelope:
     grants: tuple[Grant, ...] = ()
 
     def encode(self) -> bytes:
-        return _dumps({"v": PROTOCOL, "kind": self.kind, "node": self.node, "nonce": self.nonce,
-                       "issued_at": self.issued_at, "region": self.region, "since": self.since,
-                       "revision": self.revision, "body": b64e(self.body_sha256),
-                       "grants": [g.to_json() for g in self.grants]})
+        return _dumps(
+            {
+                "v": PROTOCOL,
+                "kind": self.kind,
+                "node": self.node,
+                "nonce": self.nonce,
+                "issued_at": self.issued_at,
+                "region": self.region,
+                "since": self.since,
+                "revision": self.revision,
+                "body": b64e(self.body_sha256),
+                "grants": [g.to_json() for g in self.grants],
+            }
+        )
 
     @staticmethod
     def decode(raw: bytes) -> Envelope:
@@ -171,9 +206,17 @@ class Envelope:
         if not isinstance(grants, list) or len(grants) > 64:
             raise WireError("an envelope with invalid grants")
         region = "" if kind == UNCHANGED and d.get("region") == "" else _region(d.get("region"))
-        env = Envelope(kind, node, _str(d.get("nonce"), "nonce"), _int(d.get("issued_at"), "issued_at"), region,
-                       _int(d.get("since"), "since"), _int(d.get("revision"), "revision"),
-                       b64d(_str(d.get("body"), "body"), max_len=64), tuple(Grant.from_json(g) for g in grants))
+        env = Envelope(
+            kind,
+            node,
+            _str(d.get("nonce"), "nonce"),
+            _int(d.get("issued_at"), "issued_at"),
+            region,
+            _int(d.get("since"), "since"),
+            _int(d.get("revision"), "revision"),
+            b64d(_str(d.get("body"), "body"), max_len=64),
+            tuple(Grant.from_json(g) for g in grants),
+        )
         if env.revision < env.since and kind != FULL:
             raise WireError("an envelope whose revision is before its since")
         if kind != UNCHANGED and len(env.body_sha256) != 32:
@@ -213,7 +256,7 @@ def split(raw: bytes) -> tuple[bytes, bytes]:
     cut = raw.find(b"\n", 0, MAX_ENVELOPE + 1)
     if cut < 0:
         raise WireError("a sync answer without its envelope line")
-    return raw[:cut], raw[cut + 1:]
+    return raw[:cut], raw[cut + 1 :]
 
 
 # -- strict field readers -------------------------------------------------------------------------

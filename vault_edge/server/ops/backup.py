@@ -41,8 +41,17 @@ from vault_edge.server.storage import snapshot
 log = logging.getLogger("vault_edge.backup")
 FORMAT = 1
 MAX_HEADER = 1 << 20
-SEAL_META = ("canary", "server_key", "root_shamir", "root_pkcs11", "pkcs11_key_label", "share_identifier",
-             "scheme", "passphrase", "seal")
+SEAL_META = (
+    "canary",
+    "server_key",
+    "root_shamir",
+    "root_pkcs11",
+    "pkcs11_key_label",
+    "share_identifier",
+    "scheme",
+    "passphrase",
+    "seal",
+)
 # After a restore, revisions go on from the backup's plus this, plus this per second since the backup:
 # more than the lost control plane can have taken meanwhile (one writer at a time, far below 100,000
 # changes a second), so every agent's revision is below the restored control plane's.
@@ -63,11 +72,16 @@ def make_backup(ctx: Context, who: Principal) -> bytes:
     meta = {r[0]: r[1] for r in next(d for d in data if d["table"] == "meta")["rows"]}
     revision = next(r[1] for r in next(d for d in data if d["table"] == "counter")["rows"] if r[0] == 1)
     body = "\n".join(json.dumps(d, separators=(",", ":")) for d in data).encode()
-    out = encode(keys.root.reveal(), body, {
-        "created_at": ctx.clock(), "revision": revision,
-        "rows": {d["table"]: len(d["rows"]) for d in data},
-        "meta": {k: meta[k] for k in SEAL_META if k in meta},
-    })
+    out = encode(
+        keys.root.reveal(),
+        body,
+        {
+            "created_at": ctx.clock(),
+            "revision": revision,
+            "rows": {d["table"]: len(d["rows"]) for d in data},
+            "meta": {k: meta[k] for k in SEAL_META if k in meta},
+        },
+    )
     with ctx.store.write(serialize=False) as tx:
         ctx.auditor.record(tx, who.actor, "sys.backup", outcome="ok", revision=revision, bytes=len(out))
     return out
@@ -75,9 +89,12 @@ def make_backup(ctx: Context, who: Principal) -> bytes:
 
 def encode(root: bytes, body: bytes, fields: dict[str, Any], chunk_size: int = seal.CHUNK_SIZE) -> bytes:
     backup_id = secrets.token_bytes(16)
-    chunks = [body[i:i + chunk_size] for i in range(0, len(body), chunk_size)] or [b""]
-    header = json.dumps({"format": FORMAT, "backup_id": backup_id.hex(), "chunks": len(chunks), **fields},
-                        separators=(",", ":"), sort_keys=True).encode()
+    chunks = [body[i : i + chunk_size] for i in range(0, len(body), chunk_size)] or [b""]
+    header = json.dumps(
+        {"format": FORMAT, "backup_id": backup_id.hex(), "chunks": len(chunks), **fields},
+        separators=(",", ":"),
+        sort_keys=True,
+    ).encode()
     digest = hashlib.sha256(header).digest()
     key = seal.backup_key(root, backup_id)
     parts = [seal.BACKUP_MAGIC, header, b"\n"]
@@ -116,15 +133,17 @@ def decode(raw: bytes, root: bytes) -> tuple[dict[str, Any], list[snapshot.Table
     for i in range(n):
         if pos + 4 > len(raw):
             raise BackupError(f"truncated backup: chunk {i + 1} of {n} is missing")
-        (size,) = struct.unpack(">I", raw[pos:pos + 4])
-        sealed = raw[pos + 4:pos + 4 + size]
+        (size,) = struct.unpack(">I", raw[pos : pos + 4])
+        sealed = raw[pos + 4 : pos + 4 + size]
         if len(sealed) != size:
             raise BackupError(f"truncated backup: chunk {i + 1} of {n} is cut short")
         try:
             body.append(seal.open_chunk(key, digest, i, i == n - 1, sealed))
         except DecryptionError:
-            raise BackupError(f"damaged backup: chunk {i + 1} of {n} fails its integrity check (altered, "
-                              "moved, or a header edited); nothing was restored") from None
+            raise BackupError(
+                f"damaged backup: chunk {i + 1} of {n} fails its integrity check (altered, "
+                "moved, or a header edited); nothing was restored"
+            ) from None
         pos += 4 + size
     if pos != len(raw):
         raise BackupError("damaged backup: bytes after the last chunk")
@@ -182,8 +201,15 @@ def restore(raw: bytes, db: str, get_root: Callable[[dict[str, str]], bytes], no
             tx.restart_revisions(jump)
             rev = tx.next_revision()
             tx.touch_regions([r.name for r in tx.list_regions()], rev)
-            ctx.auditor.record(tx, "operator", "sys.restore", outcome="ok", backup_id=header["backup_id"],
-                               from_revision=from_rev, revision=rev)
+            ctx.auditor.record(
+                tx,
+                "operator",
+                "sys.restore",
+                outcome="ok",
+                backup_id=header["backup_id"],
+                from_revision=from_rev,
+                revision=rev,
+            )
         verification = ctx.auditor.verify()
         if not verification.ok:
             raise BackupError(f"restored, but the audit chain does not verify: {verification.reason}")

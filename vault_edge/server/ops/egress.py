@@ -48,15 +48,24 @@ def create(ctx: Context, who: Principal, doc: dict[str, Any], regions: list[str]
                 if r != "*" and (not wire.valid_region(r) or tx.get_region(r) is None):
                     raise bad_request(f"no region {r!r}: create it with `vault-edge region create {r}`")
             if not secret.every_region and (where == ("*",) or not set(where) <= set(secret.regions)):
-                raise bad_request(f"regions: {route.secret!r} is only in {', '.join(secret.regions)}; a route "
-                                  "cannot reach past its secret's regions")
+                raise bad_request(
+                    f"regions: {route.secret!r} is only in {', '.join(secret.regions)}; a route "
+                    "cannot reach past its secret's regions"
+                )
         if tx.get_egress(route.name) is not None:
             raise conflict(f"egress route {route.name!r} already exists (delete it first)")
         rev = tx.next_revision()
         tx.insert_egress(route, where, now, rev)
         tx.touch_regions([r.name for r in tx.list_regions()] if where == ("*",) else where, rev)
-        ctx.auditor.record(tx, who.actor, "egress.create", route.name, upstream=route.upstream, secret=route.secret,
-                           regions=list(where))
+        ctx.auditor.record(
+            tx,
+            who.actor,
+            "egress.create",
+            route.name,
+            upstream=route.upstream,
+            secret=route.secret,
+            regions=list(where),
+        )
     return {**route.to_json(), "regions": list(where), "revision": rev}
 
 

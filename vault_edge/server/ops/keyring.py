@@ -68,9 +68,7 @@ def data_key_of(tx: Tx, barrier: Barrier, secret: Secret, version: int) -> bytes
     return data_key(tx, barrier, secret.name, wraps[0])
 
 
-def wrap_version(
-    tx: Tx, barrier: Barrier, secret: Secret, version: int, dek: bytes, regions: list[str]
-) -> None:
+def wrap_version(tx: Tx, barrier: Barrier, secret: Secret, version: int, dek: bytes, regions: list[str]) -> None:
     for region in regions:
         if region == CONTROL_PLANE:
             kv, rk = 0, _control_plane_key(barrier)

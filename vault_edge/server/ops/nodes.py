@@ -40,13 +40,19 @@ def create_join_token(ctx: Context, who: Principal, region: str, ttl_s: int | No
 
 def refuse(ctx: Context, action: str, target: str, exc: ApiError, known: bool = False) -> ApiError:
     """Audit a refusal (throttled: per target when ``target`` is a known node, else per kind)."""
-    ctx.auditor.record_alone("node", action, target, outcome="refused", reason=exc.message,
-                             throttle="target" if known else "kind")
+    ctx.auditor.record_alone(
+        "node", action, target, outcome="refused", reason=exc.message, throttle="target" if known else "kind"
+    )
     return exc
 
 
 def check_signature(
-    ctx: Context, method: str, target: str, headers: Mapping[str, str], body: bytes, node_id: str,
+    ctx: Context,
+    method: str,
+    target: str,
+    headers: Mapping[str, str],
+    body: bytes,
+    node_id: str,
     public_key: bytes,
 ) -> tuple[int, str]:
     """Check the signed-request headers against ``public_key``; (timestamp, nonce) on success."""
@@ -118,24 +124,59 @@ def enroll(ctx: Context, target: str, headers: Mapping[str, str], body: bytes) -
                 if not tx.use_join_token(token_id, now, node_id):
                     raise unauthorized(TOKEN_USED)
                 rev = tx.next_revision()
-                tx.insert_node(Node(node_id, token.region, box_public, sign_public, hostname, "active", now, now, 0,
-                                    rev, join_token_id=token_id, enrolled_rev=rev))
+                tx.insert_node(
+                    Node(
+                        node_id,
+                        token.region,
+                        box_public,
+                        sign_public,
+                        hostname,
+                        "active",
+                        now,
+                        now,
+                        0,
+                        rev,
+                        join_token_id=token_id,
+                        enrolled_rev=rev,
+                    )
+                )
                 kv, region_key = keyring.current_region_key(tx, ctx.barrier, token.region)
-                tx.put_grant(node_id, token.region, kv, signing.seal_grant(box_public, node_id, token.region, kv,
-                                                                           region_key), rev)
+                tx.put_grant(
+                    node_id,
+                    token.region,
+                    kv,
+                    signing.seal_grant(box_public, node_id, token.region, kv, region_key),
+                    rev,
+                )
                 tx.changed([token.region])
-                ctx.auditor.record(tx, "node:" + node_id, "node.enroll", token.region, hostname=hostname,
-                                   token_id=token_id)
+                ctx.auditor.record(
+                    tx, "node:" + node_id, "node.enroll", token.region, hostname=hostname, token_id=token_id
+                )
     except ApiError as exc:
         raise refuse(ctx, "node.enroll", token_id, exc) from None
     if repeated is not None:
         node_id, rev = repeated.id, repeated.enrolled_rev or 0
         # Audited per node and throttled (only the holder of the node's key can ask, but it can ask often).
-        ctx.auditor.record_alone("node:" + node_id, "node.enroll", node_id, outcome="repeated", throttle="target",
-                                 region=token.region, token_id=token_id)
-    out = json.dumps({"v": wire.PROTOCOL_VERSION, "node": node_id, "region": token.region,
-                      "server_key": wire.b64e(keys.server_public), "revision": rev,
-                      "sign_public": wire.b64e(sign_public), "nonce": headers.get(wire.H_NONCE, "")}).encode()
+        ctx.auditor.record_alone(
+            "node:" + node_id,
+            "node.enroll",
+            node_id,
+            outcome="repeated",
+            throttle="target",
+            region=token.region,
+            token_id=token_id,
+        )
+    out = json.dumps(
+        {
+            "v": wire.PROTOCOL_VERSION,
+            "node": node_id,
+            "region": token.region,
+            "server_key": wire.b64e(keys.server_public),
+            "revision": rev,
+            "sign_public": wire.b64e(sign_public),
+            "nonce": headers.get(wire.H_NONCE, ""),
+        }
+    ).encode()
     return out, signing.sign(keys.signer, wire.response_message("enroll", out))
 
 
@@ -154,8 +195,13 @@ def _repeat(tx: Tx, token: JoinToken, box_public: bytes, sign_public: bytes) -> 
     the token was live, and an agent whose answer was lost while the control plane then stayed away
     past the token's lifetime still learns its node instead of leaving it orphaned."""
     node = tx.node_enrolled_by(token.id)
-    if (node is None or node.status != "active" or node.region != token.region
-            or node.box_public != box_public or node.sign_public != sign_public):
+    if (
+        node is None
+        or node.status != "active"
+        or node.region != token.region
+        or node.box_public != box_public
+        or node.sign_public != sign_public
+    ):
         raise unauthorized(TOKEN_USED)
     return node
 
@@ -182,8 +228,15 @@ def node_json(ctx: Context, n: Node, now: float) -> dict[str, Any]:
     status = n.status
     if status == "active" and (n.last_seen is None or now - n.last_seen > ctx.settings.node_down_after_s):
         status = "down"
-    return {"id": n.id, "region": n.region, "status": status, "revision": n.applied_revision,
-            "last_seen": n.last_seen, "hostname": n.hostname, "enrolled_at": n.enrolled_at}
+    return {
+        "id": n.id,
+        "region": n.region,
+        "status": status,
+        "revision": n.applied_revision,
+        "last_seen": n.last_seen,
+        "hostname": n.hostname,
+        "enrolled_at": n.enrolled_at,
+    }
 
 
 def revoke(ctx: Context, who: Principal, node_id: str) -> dict[str, Any]:

@@ -30,8 +30,9 @@ def create(ctx: Context, who: Principal, name: str) -> dict[str, Any]:
         for secret in tx.every_region_secrets():
             for version in keyring.live_versions(tx, secret):
                 dek = keyring.data_key_of(tx, ctx.barrier, secret, version)
-                tx.put_wrap(secret.id, version, name, 1,
-                            envelope.wrap_data_key(region_key, secret.name, version, name, 1, dek))
+                tx.put_wrap(
+                    secret.id, version, name, 1, envelope.wrap_data_key(region_key, secret.name, version, name, 1, dek)
+                )
         tx.touch_regions([name], rev)
         ctx.auditor.record(tx, who.actor, "region.create", name)
     return {"name": name, "key_version": 1, "revision": rev}
@@ -44,8 +45,14 @@ def list_regions(ctx: Context, who: Principal) -> dict[str, Any]:
         counts = tx.region_counts()
     return {
         "regions": [
-            {"name": r.name, "key_version": r.key_version, "revision": r.data_rev, "created_at": r.created_at,
-             "nodes": counts.get(r.name, (0, 0))[0], "secrets": counts.get(r.name, (0, 0))[1]}
+            {
+                "name": r.name,
+                "key_version": r.key_version,
+                "revision": r.data_rev,
+                "created_at": r.created_at,
+                "nodes": counts.get(r.name, (0, 0))[0],
+                "secrets": counts.get(r.name, (0, 0))[1],
+            }
             for r in regions
         ]
     }
@@ -74,8 +81,13 @@ def rekey_in(ctx: Context, tx: Tx, name: str) -> tuple[int, int]:
     new_key = keyring.new_region_key(tx, ctx.barrier, name, new_v, now)
     for secret_name, wrap in tx.wraps_in_region(name):
         dek = keyring.data_key(tx, ctx.barrier, secret_name, wrap)
-        tx.put_wrap(wrap.secret_id, wrap.version, name, new_v,
-                    envelope.wrap_data_key(new_key, secret_name, wrap.version, name, new_v, dek))
+        tx.put_wrap(
+            wrap.secret_id,
+            wrap.version,
+            name,
+            new_v,
+            envelope.wrap_data_key(new_key, secret_name, wrap.version, name, new_v, dek),
+        )
     tx.set_region_key_version(name, new_v)
     tx.delete_region_keys_before(name, new_v)
     tx.delete_grants(name, before_version=new_v)

@@ -106,12 +106,22 @@ def _live(tx: Tx, name: str) -> Secret:
 
 # -- rotators ------------------------------------------------------------------------------------
 def _rotator_doc(r: Rotator) -> dict[str, Any]:
-    return {"name": r.name, "type": r.type, "admin_secret": r.admin_secret, "config": r.config,
-            "created_at": r.created_at}
+    return {
+        "name": r.name,
+        "type": r.type,
+        "admin_secret": r.admin_secret,
+        "config": r.config,
+        "created_at": r.created_at,
+    }
 
 
 def create_rotator(
-    ctx: Context, who: Principal, name: str, kind: str, admin_secret: str, config: dict[str, Any],
+    ctx: Context,
+    who: Principal,
+    name: str,
+    kind: str,
+    admin_secret: str,
+    config: dict[str, Any],
     admin_value: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Make (or replace) a rotator. Its admin credential is the secret ``admin_secret``, which belongs
@@ -135,8 +145,10 @@ def create_rotator(
     with ctx.store.write() as tx:
         secret = tx.get_secret(admin_secret)
         if secret is not None and secret.deleted_at is None and not keyring.control_plane_only(secret):
-            raise conflict(f"{admin_secret!r} has regions: an admin credential must belong to none (it would "
-                           "reach agents); give another name")
+            raise conflict(
+                f"{admin_secret!r} has regions: an admin credential must belong to none (it would "
+                "reach agents); give another name"
+            )
         if admin_value is not None:
             if secret is None:
                 secret = tx.insert_secret(admin_secret, (), now, tx.next_revision())
@@ -147,14 +159,25 @@ def create_rotator(
             raise bad_request(f"no secret {admin_secret!r}: give the admin credential (admin_value)")
         rotator = Rotator(name, kind, admin_secret, config, now)
         tx.put_rotator(rotator)
-        ctx.auditor.record(tx, who.actor, "rotator.create", name, type=kind, admin_secret=admin_secret,
-                           admin_value_given=admin_value is not None)
+        ctx.auditor.record(
+            tx,
+            who.actor,
+            "rotator.create",
+            name,
+            type=kind,
+            admin_secret=admin_secret,
+            admin_value_given=admin_value is not None,
+        )
     return _rotator_doc(rotator)
 
 
 # The admin credential's fields, per type: (required, optional); each a string.
-_ADMIN_FIELDS = {"postgres": ({"username", "password"}, set()), "mysql": ({"username", "password"}, set()),
-                 "redis": ({"password"}, {"username"}), "webhook": ({"token"}, set())}
+_ADMIN_FIELDS = {
+    "postgres": ({"username", "password"}, set()),
+    "mysql": ({"username", "password"}, set()),
+    "redis": ({"password"}, {"username"}),
+    "webhook": ({"token"}, set()),
+}
 
 
 def _check_admin(kind: str, value: dict[str, Any]) -> None:
@@ -185,8 +208,13 @@ def delete_rotator(ctx: Context, who: Principal, name: str) -> dict[str, Any]:
 
 # -- starting a rotation ------------------------------------------------------------------------
 def rotate(
-    ctx: Context, who: Principal, name: str, value: bytes | None, generate: str | None = None,
-    grace_s: int | None = None, stage: str = "current",
+    ctx: Context,
+    who: Principal,
+    name: str,
+    value: bytes | None,
+    generate: str | None = None,
+    grace_s: int | None = None,
+    stage: str = "current",
 ) -> dict[str, Any]:
     """``rotate NAME``: a secret kept by a rotator starts a rotation at the source; any other gets a new
     version (``ops.secrets.rotate``)."""
@@ -197,15 +225,20 @@ def rotate(
         return secret_ops.rotate(ctx, who, name, value, generate, grace_s, stage)
     who.require("write", name)
     if value is not None or generate is not None or stage != "current" or grace_s is not None:
-        raise conflict(f"{name!r} is kept by rotator {secret.rotator!r}: `rotate {name}` (no value, no "
-                       "stage, no grace: set --grace with put) runs it at the source")
+        raise conflict(
+            f"{name!r} is kept by rotator {secret.rotator!r}: `rotate {name}` (no value, no "
+            "stage, no grace: set --grace with put) runs it at the source"
+        )
     out = start(ctx, who, name)
     assert out is not None
     return out
 
 
 def start(
-    ctx: Context, who: Principal, name: str, origin: str = "operator",
+    ctx: Context,
+    who: Principal,
+    name: str,
+    origin: str = "operator",
     claim: tuple[int, float, float] | None = None,
 ) -> dict[str, Any] | None:
     """Begin a rotation (step ``create``), in one transaction with, for credentials made here, the new
@@ -224,8 +257,10 @@ def start(
         if running:
             if claim is not None:
                 return None  # the claim moved the schedule on; this rotation is still running
-            raise conflict(f"rotation {running[0].id} of {name!r} is at step {running[0].step}: "
-                           f"see `vault-edge rotation status {name}`")
+            raise conflict(
+                f"rotation {running[0].id} of {name!r} is at step {running[0].step}: "
+                f"see `vault-edge rotation status {name}`"
+            )
         rotator = tx.get_rotator(secret.rotator)
         if rotator is None:
             raise conflict(f"{name!r} names rotator {secret.rotator!r}, which no longer exists")
@@ -239,8 +274,18 @@ def start(
             fields["version"], _ = secret_ops._add_version(ctx, tx, secret, _dump(new), "rotation", "pending", 0)
         moved = tx.update_rotation(rotation, "create", **fields)
         assert moved is not None
-        ctx.auditor.record(tx, who.actor, "rotation.start", name, rotation=rotation.id, rotator=rotator.name,
-                           type=rotator.type, version=moved.version, previous_version=previous, origin=origin)
+        ctx.auditor.record(
+            tx,
+            who.actor,
+            "rotation.start",
+            name,
+            rotation=rotation.id,
+            rotator=rotator.name,
+            type=rotator.type,
+            version=moved.version,
+            previous_version=previous,
+            origin=origin,
+        )
     return {"name": name, **_doc(moved, None, now)}
 
 
@@ -279,8 +324,13 @@ def _inputs(ctx: Context, tx: Tx, r: Rotation) -> _Inputs:
     if rotator is None:
         raise RotatorError(f"rotator {r.rotator!r} no longer exists")
     secret = _live(tx, r.secret)
-    return _Inputs(rotator, driver(rotator.type), _admin(ctx, tx, rotator), _cred(ctx, tx, secret, r.version),
-                   _cred(ctx, tx, secret, r.previous_version))
+    return _Inputs(
+        rotator,
+        driver(rotator.type),
+        _admin(ctx, tx, rotator),
+        _cred(ctx, tx, secret, r.version),
+        _cred(ctx, tx, secret, r.previous_version),
+    )
 
 
 def gate(ctx: Context, tx: Tx, r: Rotation, now: float) -> dict[str, Any]:
@@ -297,8 +347,7 @@ def gate(ctx: Context, tx: Tx, r: Rotation, now: float) -> dict[str, Any]:
             silent = n.last_seen is None or now - n.last_seen > ctx.settings.node_down_after_s
             (down if silent else waiting).append(n.id)
     grace_until = r.retire_after or 0.0
-    return {"waiting": waiting, "down": down, "grace_until": grace_until,
-            "ready": not waiting and now >= grace_until}
+    return {"waiting": waiting, "down": down, "grace_until": grace_until, "ready": not waiting and now >= grace_until}
 
 
 def advance(ctx: Context, rotation_id: int, max_steps: int = 8) -> str | None:
@@ -394,18 +443,25 @@ def _finish(ctx: Context, r: Rotation, made: Credential | None, gated: dict[str,
             if pending is None or pending.version != cur.version:
                 reason = "the pending version changed under the rotation"
                 tx.update_rotation(cur, r.step, step="aborted", since=now)
-                ctx.auditor.record(tx, "rotation", "rotation.abort", r.secret, outcome="failed", reason=reason,
-                                   **detail)
+                ctx.auditor.record(
+                    tx, "rotation", "rotation.abort", r.secret, outcome="failed", reason=reason, **detail
+                )
                 return False, "aborted"
             version, rev, _ = secret_ops.promote_in(ctx, tx, secret)
             grace = secret_ops._grace(ctx, secret, None)
-            fields = {"step": "retire", "since": now, "version": version, "published_rev": rev,
-                      "retire_after": now + grace}
+            fields = {
+                "step": "retire",
+                "since": now,
+                "version": version,
+                "published_rev": rev,
+                "retire_after": now + grace,
+            }
             detail.update(version=version, revision=rev, grace_s=grace)
         else:  # retire
             fields = {"step": "done", "since": now}
-            detail.update(previous_version=cur.previous_version, down=(gated or {}).get("down", []),
-                          retired=_overlaps(tx, cur))
+            detail.update(
+                previous_version=cur.previous_version, down=(gated or {}).get("down", []), retired=_overlaps(tx, cur)
+            )
         moved = tx.update_rotation(cur, r.step, **fields)
         if moved is None:
             return False, r.step
@@ -430,11 +486,25 @@ def _failed(ctx: Context, r: Rotation, message: str) -> None:
             return
         attempts = cur.attempts + 1
         if r.step != "test" or attempts < TEST_ATTEMPTS:
-            tx.note_rotation(r.id, attempts=attempts, next_try_at=now + min(BACKOFF_MAX_S, 2.0 ** min(attempts, 6)),
-                             last_error=message[:500], lease_owner=None, lease_until=None)
+            tx.note_rotation(
+                r.id,
+                attempts=attempts,
+                next_try_at=now + min(BACKOFF_MAX_S, 2.0 ** min(attempts, 6)),
+                last_error=message[:500],
+                lease_owner=None,
+                lease_until=None,
+            )
             if attempts == 1:  # the first failure of each step is audited; status tells the rest
-                ctx.auditor.record(tx, "rotation", "rotation.step_failed", r.secret, outcome="failed",
-                                   rotation=r.id, step=r.step, error=message[:500])
+                ctx.auditor.record(
+                    tx,
+                    "rotation",
+                    "rotation.step_failed",
+                    r.secret,
+                    outcome="failed",
+                    rotation=r.id,
+                    step=r.step,
+                    error=message[:500],
+                )
             return
     _abort(ctx, r, None, f"test failed {attempts} times: {message}")
 
@@ -465,8 +535,18 @@ def _abort(ctx: Context, r: Rotation, inp: _Inputs | None, reason: str) -> None:
                 tx.set_stage(secret.id, "pending", None, rev, now)
                 tx.touch_regions(keyring.effective_regions(tx, secret), rev)
         tx.update_rotation(cur, r.step, step="aborted", since=now)
-        ctx.auditor.record(tx, "rotation", "rotation.abort", r.secret, outcome="failed", rotation=r.id,
-                           step=r.step, version=cur.version, reason=reason[:500], cleanup=cleanup)
+        ctx.auditor.record(
+            tx,
+            "rotation",
+            "rotation.abort",
+            r.secret,
+            outcome="failed",
+            rotation=r.id,
+            step=r.step,
+            version=cur.version,
+            reason=reason[:500],
+            cleanup=cleanup,
+        )
 
 
 def run_active(ctx: Context) -> int:
@@ -488,9 +568,17 @@ def run_active(ctx: Context) -> int:
 # -- status --------------------------------------------------------------------------------------
 def _doc(r: Rotation, gated: dict[str, Any] | None, now: float) -> dict[str, Any]:
     doc: dict[str, Any] = {
-        "rotation": r.id, "step": r.step, "since": r.since, "started_at": r.started_at, "origin": r.origin,
-        "version": r.version, "previous_version": r.previous_version, "published_revision": r.published_rev,
-        "retire_after": r.retire_after, "attempts": r.attempts, "next_try_at": r.next_try_at,
+        "rotation": r.id,
+        "step": r.step,
+        "since": r.since,
+        "started_at": r.started_at,
+        "origin": r.origin,
+        "version": r.version,
+        "previous_version": r.previous_version,
+        "published_revision": r.published_rev,
+        "retire_after": r.retire_after,
+        "attempts": r.attempts,
+        "next_try_at": r.next_try_at,
         "last_error": r.last_error,
     }
     if r.step == "retire":
@@ -517,10 +605,16 @@ def status(ctx: Context, who: Principal, name: str, limit: int = 10) -> dict[str
         rows = tx.rotations_of(name, limit)
         gates = {r.id: gate(ctx, tx, r, now) for r in rows if r.step == "retire"}
     return {
-        "name": name, "rotator": None if rotator is None else {
-            "name": rotator.name, "type": rotator.type, "strategy": rotator.config.get("strategy"),
+        "name": name,
+        "rotator": None
+        if rotator is None
+        else {
+            "name": rotator.name,
+            "type": rotator.type,
+            "strategy": rotator.config.get("strategy"),
         },
-        "rotate_every_s": secret.rotate_every_s, "next_rotation_at": secret.next_rotation_at,
+        "rotate_every_s": secret.rotate_every_s,
+        "next_rotation_at": secret.next_rotation_at,
         "rotations": [_doc(r, gates.get(r.id), now) for r in rows],
     }
 
@@ -529,4 +623,3 @@ def check_rotator_name(name: str) -> str:
     if not _NAME.fullmatch(name):
         raise not_found(f"no rotator {name!r}")
     return name
-

@@ -41,14 +41,16 @@ def hsm_ad(meta: dict[str, str], label: str) -> bytes:
     return seal.root_ad(seal.SEAL_PKCS11, vault_id(meta), label)
 
 
-def store_shamir(tx: Tx, root: bytes, server_public: bytes, scheme: shares.ShareScheme,
-                 passphrase: str) -> list[list[str]]:
+def store_shamir(
+    tx: Tx, root: bytes, server_public: bytes, scheme: shares.ShareScheme, passphrase: str
+) -> list[list[str]]:
     """A fresh unseal key, split into shares; the root key stored wrapped under it."""
     unseal_key = aead.new_key()
     groups = shares.split(unseal_key, scheme, passphrase)
     tx.put_meta("root_shamir", wire.b64e(seal.wrap_root(unseal_key, server_public, root)))
-    tx.put_meta("scheme", json.dumps({"groups": [list(g) for g in scheme.groups],
-                                      "group_threshold": scheme.group_threshold}))
+    tx.put_meta(
+        "scheme", json.dumps({"groups": [list(g) for g in scheme.groups], "group_threshold": scheme.group_threshold})
+    )
     tx.put_meta("share_identifier", str(shares.set_identifier(groups[0][0])))
     tx.put_meta("passphrase", "1" if passphrase else "0")
     return groups
@@ -78,8 +80,10 @@ def auto_unseal(ctx: Context) -> bool:
         ctx.seal_error = None  # nothing to unseal yet: init will
         return False
     if "root_pkcs11" not in meta:
-        ctx.seal_error = ("this vault is sealed with Shamir shares, not the HSM: unseal it with its shares, or move "
-                          "it to the HSM with `vault-edge operator seal-migrate --to pkcs11`")
+        ctx.seal_error = (
+            "this vault is sealed with Shamir shares, not the HSM: unseal it with its shares, or move "
+            "it to the HSM with `vault-edge operator seal-migrate --to pkcs11`"
+        )
         log.error("auto-unseal: %s", ctx.seal_error)
         return False
     try:
@@ -114,8 +118,7 @@ def root_from_shares(meta: dict[str, str], given: list[str], passphrase: str | N
         for s in given:
             progress.add(s)
         if not progress.complete:
-            raise ShareError(f"not enough shares: {progress.entered} given, "
-                             f"{_scheme(meta).min_shares} or more needed")
+            raise ShareError(f"not enough shares: {progress.entered} given, {_scheme(meta).min_shares} or more needed")
         if meta.get("passphrase") == "1" and not passphrase:
             raise ShareError("this vault has a passphrase: give it with the shares")
         root = seal.root_from_unseal_key(progress.recover(passphrase or ""), vault_id(meta), wrapped_root(meta))
@@ -159,16 +162,23 @@ def generate_root(ctx: Context, given: list[str], passphrase: str | None) -> dic
     return {"root_token": token, "id": record.id}
 
 
-def rekey(ctx: Context, given: list[str], passphrase: str | None, scheme: shares.ShareScheme,
-          new_passphrase: str) -> dict[str, Any]:
+def rekey(
+    ctx: Context, given: list[str], passphrase: str | None, scheme: shares.ShareScheme, new_passphrase: str
+) -> dict[str, Any]:
     """New shares (a new unseal key, the root key wrapped under it) from a threshold of the current
     ones: the old shares open nothing stored from now on."""
     root, meta = recover_root(ctx, given, passphrase, "sys.rekey")
     with ctx.store.write() as tx:
         _with_root(ctx, tx, root)
         groups = store_shamir(tx, root, vault_id(meta), scheme, new_passphrase)
-        ctx.auditor.record(tx, "operator", "sys.rekey", outcome="ok", shares=sum(c for _, c in scheme.groups),
-                           threshold=scheme.min_shares)
+        ctx.auditor.record(
+            tx,
+            "operator",
+            "sys.rekey",
+            outcome="ok",
+            shares=sum(c for _, c in scheme.groups),
+            threshold=scheme.min_shares,
+        )
     out: dict[str, Any] = {"shares": [m for g in groups for m in g], "threshold": scheme.min_shares}
     if len(groups) > 1:
         out["groups"] = groups
@@ -221,8 +231,9 @@ def rotate(ctx: Context, who: Principal) -> dict[str, Any]:
         for region, key_version, wrapped, root_version in tx.list_region_keys():
             old = ctx.barrier.wrap_key(root_version, tx.root_key_versions)
             key = envelope.unwrap_region_key(old, region, key_version, wrapped)
-            tx.rewrap_region_key(region, key_version, envelope.wrap_region_key(new_key, region, key_version, key),
-                                 version)
+            tx.rewrap_region_key(
+                region, key_version, envelope.wrap_region_key(new_key, region, key_version, key), version
+            )
             count += 1
         tx.delete_root_versions_before(version)
         ctx.auditor.record(tx, who.actor, "sys.rotate", outcome="ok", root_version=version, region_keys=count)

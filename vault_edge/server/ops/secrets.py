@@ -145,8 +145,14 @@ def _set_regions(ctx: Context, tx: Tx, secret: Secret, regions: tuple[str, ...])
 
 
 def put(
-    ctx: Context, who: Principal, name: str, value: bytes | None, generate: str | None = None,
-    regions: list[str] | None = None, rotate_every_s: int | None = None, grace_s: int | None = None,
+    ctx: Context,
+    who: Principal,
+    name: str,
+    value: bytes | None,
+    generate: str | None = None,
+    regions: list[str] | None = None,
+    rotate_every_s: int | None = None,
+    grace_s: int | None = None,
     rotator: str | None = None,
 ) -> dict[str, Any]:
     _check_name(name)
@@ -166,8 +172,10 @@ def put(
         wanted = _parse_regions(tx, regions)
         secret = tx.get_secret(name)
         if secret is not None and secret.deleted_at is None and secret.rotator:
-            raise conflict(f"{name!r} is kept by rotator {secret.rotator!r}: its values come from rotations "
-                           f"(`rotate {name}`); change its settings with `put {name} --rotator {secret.rotator}`")
+            raise conflict(
+                f"{name!r} is kept by rotator {secret.rotator!r}: its values come from rotations "
+                f"(`rotate {name}`); change its settings with `put {name} --rotator {secret.rotator}`"
+            )
         schedule: dict[str, Any] = {}
         if generate is not None:
             schedule["generate"] = generate
@@ -183,14 +191,20 @@ def put(
                 # A new life: nothing of the deleted one stays staged or scheduled (its old schedule
                 # would otherwise replace the value put now). Its regions stay: never wider by surprise.
                 tx.clear_stages(secret.id, tx.next_revision(), now)
-                schedule = {"generate": None, "rotate_every_s": None, "next_rotation_at": None, "grace_s": None,
-                            **schedule}
+                schedule = {
+                    "generate": None,
+                    "rotate_every_s": None,
+                    "next_rotation_at": None,
+                    "grace_s": None,
+                    **schedule,
+                }
             if schedule or secret.deleted_at is not None:
                 tx.update_secret(secret.id, deleted_at=None, destroyed=False, **schedule)
             if wanted is not None and wanted != secret.regions:
                 if keyring.control_plane_only(secret):
-                    raise conflict(f"{name!r} belongs to no region (a rotator's admin credential): it stays on the "
-                                   "control plane")
+                    raise conflict(
+                        f"{name!r} belongs to no region (a rotator's admin credential): it stays on the control plane"
+                    )
                 secret = _set_regions(ctx, tx, secret, wanted)
             secret = tx.get_secret(name) or secret
         if (secret.rotate_every_s or 0) and not secret.generate and not secret.rotator:
@@ -204,8 +218,14 @@ def put(
 
 
 def _bind_rotator(
-    ctx: Context, who: Principal, name: str, value: bytes | None, regions: list[str] | None, rotator: str,
-    rotate_every_s: int | None, grace_s: int | None,
+    ctx: Context,
+    who: Principal,
+    name: str,
+    value: bytes | None,
+    regions: list[str] | None,
+    rotator: str,
+    rotate_every_s: int | None,
+    grace_s: int | None,
 ) -> dict[str, Any]:
     """``put NAME --rotator R``: the secret's value is the credential R keeps at its source. Its first
     value comes from a rotation (``rotate NAME``, or the schedule), or, when given, is the credential
@@ -243,8 +263,16 @@ def _bind_rotator(
         version = rev = None
         if value is not None:
             version, rev = _add_version(ctx, tx, secret, value, "put", "current", _grace(ctx, secret, grace_s))
-        ctx.auditor.record(tx, who.actor, "secret.bind_rotator", name, rotator=rotator, version=version,
-                           regions=list(secret.regions), rotate_every_s=secret.rotate_every_s)
+        ctx.auditor.record(
+            tx,
+            who.actor,
+            "secret.bind_rotator",
+            name,
+            rotator=rotator,
+            version=version,
+            regions=list(secret.regions),
+            rotate_every_s=secret.rotate_every_s,
+        )
     return {"name": name, "version": version, "revision": rev, "regions": list(secret.regions), "rotator": rotator}
 
 
@@ -261,8 +289,14 @@ def _credential(value: bytes) -> dict[str, Any]:
 
 
 def rotate(
-    ctx: Context, who: Principal, name: str, value: bytes | None, generate: str | None = None,
-    grace_s: int | None = None, stage: str = "current", origin: str | None = None,
+    ctx: Context,
+    who: Principal,
+    name: str,
+    value: bytes | None,
+    generate: str | None = None,
+    grace_s: int | None = None,
+    stage: str = "current",
+    origin: str | None = None,
 ) -> dict[str, Any]:
     """A new version: the value given, or one generated from the spec given or the secret's own."""
     out = _rotate(ctx, who, name, value, generate, grace_s, stage, origin)
@@ -277,8 +311,14 @@ def rotate_if_due(ctx: Context, who: Principal, name: str, claim: tuple[int, flo
 
 
 def _rotate(
-    ctx: Context, who: Principal, name: str, value: bytes | None, generate: str | None = None,
-    grace_s: int | None = None, stage: str = "current", origin: str | None = None,
+    ctx: Context,
+    who: Principal,
+    name: str,
+    value: bytes | None,
+    generate: str | None = None,
+    grace_s: int | None = None,
+    stage: str = "current",
+    origin: str | None = None,
     claim: tuple[int, float, float] | None = None,
 ) -> dict[str, Any] | None:
     _check_name(name)
@@ -299,7 +339,12 @@ def _rotate(
             raise bad_request(f"{name!r} has no generate spec: give a value, or --generate SPEC")
         data = _check_value(ctx, value) if value is not None else gen.generate(spec or "")
         version, rev = _add_version(
-            ctx, tx, secret, data, origin or ("rotate" if value is not None else "generated"), stage,
+            ctx,
+            tx,
+            secret,
+            data,
+            origin or ("rotate" if value is not None else "generated"),
+            stage,
             _grace(ctx, secret, grace_s),
         )
         ctx.auditor.record(tx, who.actor, "secret.rotate", name, version=version, stage=stage)
@@ -329,8 +374,9 @@ def promote_in(ctx: Context, tx: Tx, secret: Secret, grace_s: int | None = None)
         # A newer version became current after this one was staged. Versions only move forward
         # (agents refuse to go back), so the staged value becomes current as a new version.
         tx.set_stage(secret.id, "pending", None, tx.next_revision(), ctx.clock())
-        version, rev = _add_version(ctx, tx, secret, _value_of(ctx, tx, secret, pending),
-                                    f"promote:{pending}", "current", grace)
+        version, rev = _add_version(
+            ctx, tx, secret, _value_of(ctx, tx, secret, pending), f"promote:{pending}", "current", grace
+        )
     else:
         version, rev, now = pending, tx.next_revision(), ctx.clock()
         _make_current(tx, secret, version, stages, grace, rev, now)
@@ -363,8 +409,9 @@ def delete(ctx: Context, who: Principal, name: str, destroy: bool = False) -> di
         if destroy:
             tx.destroy_versions(secret.id)
             tx.clear_stages(secret.id, rev, now)
-        tx.update_secret(secret.id, deleted_at=secret.deleted_at or now, destroyed=destroy, revision=rev,
-                         next_rotation_at=None)
+        tx.update_secret(
+            secret.id, deleted_at=secret.deleted_at or now, destroyed=destroy, revision=rev, next_rotation_at=None
+        )
         tx.touch_regions(regions, rev)
         ctx.auditor.record(tx, who.actor, "secret.destroy" if destroy else "secret.delete", name)
     return {"name": name, "deleted": True, "destroyed": destroy, "revision": rev}
@@ -393,8 +440,13 @@ def get(
     with ctx.store.write(serialize=False) as tx:
         ctx.auditor.record(tx, who.actor, "secret.read", name, version=version)
     stage_of = next((k for k, s in stages.items() if s.version == version), None)
-    return {"name": name, **wire.value_fields(value), "version": version, "stage": stage_of,
-            "revision": secret.revision}
+    return {
+        "name": name,
+        **wire.value_fields(value),
+        "version": version,
+        "stage": stage_of,
+        "revision": secret.revision,
+    }
 
 
 def list_secrets(ctx: Context, who: Principal, prefix: str = "") -> dict[str, Any]:
@@ -403,8 +455,14 @@ def list_secrets(ctx: Context, who: Principal, prefix: str = "") -> dict[str, An
         rows = tx.list_secrets(prefix)
     return {
         "secrets": [
-            {"name": s.name, "version": s.latest_version, "regions": list(s.regions), "updated_at": s.updated_at,
-             "rotate_every_s": s.rotate_every_s, "next_rotation_at": s.next_rotation_at}
+            {
+                "name": s.name,
+                "version": s.latest_version,
+                "regions": list(s.regions),
+                "updated_at": s.updated_at,
+                "rotate_every_s": s.rotate_every_s,
+                "next_rotation_at": s.next_rotation_at,
+            }
             for s in rows
             if who.covers(s.name)
         ]
@@ -424,9 +482,7 @@ def history(ctx: Context, who: Principal, name: str) -> dict[str, Any]:
     by_version: dict[int, list[dict[str, Any]]] = {}
     for s in stages.values():
         expired = s.expires_at is not None and s.expires_at <= now
-        by_version.setdefault(s.version, []).append(
-            {"stage": s.stage, "expires_at": s.expires_at, "expired": expired}
-        )
+        by_version.setdefault(s.version, []).append({"stage": s.stage, "expires_at": s.expires_at, "expired": expired})
     return {
         "name": name,
         "regions": list(secret.regions),
@@ -435,8 +491,14 @@ def history(ctx: Context, who: Principal, name: str) -> dict[str, Any]:
         "next_rotation_at": secret.next_rotation_at,
         "generate": secret.generate,
         "versions": [
-            {"version": v.version, "created_at": v.created_at, "revision": v.revision, "origin": v.origin,
-             "destroyed": v.ciphertext is None, "stages": by_version.get(v.version, [])}
+            {
+                "version": v.version,
+                "created_at": v.created_at,
+                "revision": v.revision,
+                "origin": v.origin,
+                "destroyed": v.ciphertext is None,
+                "stages": by_version.get(v.version, []),
+            }
             for v in versions
         ],
     }
@@ -478,9 +540,13 @@ def propagation(ctx: Context, who: Principal, name: str, revision: int | None = 
         is_down = n.last_seen is None or now - n.last_seen > down_after
         done = n.applied_revision >= target
         entry = {
-            "id": n.id, "region": n.region, "applied_revision": n.applied_revision,
-            "serving": served_version(log, n.applied_revision), "last_seen": n.last_seen,
-            "state": "down" if is_down else ("in_sync" if done else "lagging"), "done": done,
+            "id": n.id,
+            "region": n.region,
+            "applied_revision": n.applied_revision,
+            "serving": served_version(log, n.applied_revision),
+            "last_seen": n.last_seen,
+            "state": "down" if is_down else ("in_sync" if done else "lagging"),
+            "done": done,
         }
         if fleet:
             entry["hostname"] = n.hostname
@@ -490,6 +556,12 @@ def propagation(ctx: Context, who: Principal, name: str, revision: int | None = 
         elif not done:
             lagging.append(n.id)
     return {
-        "name": name, "current": current, "revision": target, "regions": regions, "nodes": out_nodes,
-        "complete": not lagging, "lagging": lagging, "down": down,
+        "name": name,
+        "current": current,
+        "revision": target,
+        "regions": regions,
+        "nodes": out_nodes,
+        "complete": not lagging,
+        "lagging": lagging,
+        "down": down,
     }

@@ -83,8 +83,14 @@ def initialize(
                 raise ApiError(503, "seal_unavailable", f"init needs the HSM: {exc}") from None
         token, _ = auth.create_token(tx, "root", ("",), auth.VERBS, now, secret=root_token)
         tx.record_change(0, BASE_TARGET)  # the change log is whole from the start
-        ctx.auditor.record(tx, "operator", "sys.init", outcome="ok",
-                           shares=sum(c for _, c in scheme.groups), threshold=scheme.min_shares)
+        ctx.auditor.record(
+            tx,
+            "operator",
+            "sys.init",
+            outcome="ok",
+            shares=sum(c for _, c in scheme.groups),
+            threshold=scheme.min_shares,
+        )
     if ctx.hsm is not None:
         seal_ops.auto_unseal(ctx)
     del root
@@ -106,7 +112,10 @@ def unseal(ctx: Context, share: str | None, passphrase: str | None, reset: bool 
         raise bad_request("give a share (and, with the share that completes the unseal, the passphrase)")
     try:
         result = ctx.barrier.add_share(
-            share, passphrase, identifier=int(meta["share_identifier"]), canary=wire.b64d(meta["canary"]),
+            share,
+            passphrase,
+            identifier=int(meta["share_identifier"]),
+            canary=wire.b64d(meta["canary"]),
             has_passphrase=meta.get("passphrase") == "1",
             wrapped_root=wire.b64d(meta["root_shamir"]) if meta.get("root_shamir") else None,
             vault_id=wire.b64d(meta["server_key"]),

@@ -16,12 +16,21 @@ def list_tokens(ctx: Context, who: Principal) -> dict[str, Any]:
     who.require("admin")
     with ctx.store.read() as tx:
         tokens = tx.list_operator_tokens()
-    return {"tokens": [
-        {"id": t.id, "name": t.name, "prefixes": list(t.prefixes), "verbs": list(t.verbs),
-         "created_at": t.created_at, "expires_at": t.expires_at, "revoked": t.revoked_at is not None}
-        for t in tokens
-        if who.may_grant(t.prefixes, t.verbs)
-    ]}
+    return {
+        "tokens": [
+            {
+                "id": t.id,
+                "name": t.name,
+                "prefixes": list(t.prefixes),
+                "verbs": list(t.verbs),
+                "created_at": t.created_at,
+                "expires_at": t.expires_at,
+                "revoked": t.revoked_at is not None,
+            }
+            for t in tokens
+            if who.may_grant(t.prefixes, t.verbs)
+        ]
+    }
 
 
 def revoke(ctx: Context, who: Principal, token_id: str) -> dict[str, Any]:

@@ -52,8 +52,9 @@ def driver(kind: str) -> Driver:
     try:
         module = importlib.import_module(f"vault_edge.server.rotators.{kind}")
     except ImportError as exc:
-        raise RotatorError(f"the {kind} rotator needs its client library: pip install 'vault-edge[rotators]' "
-                           f"({exc.name} is missing)") from None
+        raise RotatorError(
+            f"the {kind} rotator needs its client library: pip install 'vault-edge[rotators]' ({exc.name} is missing)"
+        ) from None
     return module.DRIVER  # type: ignore[no-any-return]
 
 
@@ -80,8 +81,10 @@ def common(config: dict[str, Any], default_port: int, users: int | None) -> dict
     spec = need(config, "password_spec", str, "32:alnum")
     _, alphabet = generate.parse_spec(spec)
     if alphabet not in ("alnum", "hex", "alpha", "digits", "base64url"):
-        raise ValueError("config.password_spec: a LENGTH:ALPHABET whose alphabet needs no quoting "
-                         "(alnum, hex, alpha, digits, base64url)")
+        raise ValueError(
+            "config.password_spec: a LENGTH:ALPHABET whose alphabet needs no quoting "
+            "(alnum, hex, alpha, digits, base64url)"
+        )
     out["password_spec"] = spec
     if users is not None:
         strategy = need(config, "strategy", str, "alternate")
@@ -89,10 +92,14 @@ def common(config: dict[str, Any], default_port: int, users: int | None) -> dict
             raise ValueError("config.strategy: alternate (two roles, overlapping) or single (one role, no overlap)")
         names = need(config, "usernames", list)
         want = 2 if strategy == "alternate" else 1
-        if len(names) != want or not all(isinstance(n, str) and n.replace("_", "").isalnum() and len(n) <= 63
-                                          for n in names) or len(set(names)) != want:
-            raise ValueError(f"config.usernames: {want} distinct name(s) of letters, digits and '_' "
-                             f"for strategy {strategy}")
+        if (
+            len(names) != want
+            or not all(isinstance(n, str) and n.replace("_", "").isalnum() and len(n) <= 63 for n in names)
+            or len(set(names)) != want
+        ):
+            raise ValueError(
+                f"config.usernames: {want} distinct name(s) of letters, digits and '_' for strategy {strategy}"
+            )
         out["strategy"], out["usernames"] = strategy, names
     return out
 

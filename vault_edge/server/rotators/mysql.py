@@ -52,16 +52,27 @@ class MySQL:
         return bool(config["strategy"] == "alternate")
 
     def plan(self, config: dict[str, Any], current: Credential | None) -> Credential:
-        return {"username": next_user(config, current), "password": new_password(config), "host": config["host"],
-                "port": config["port"], "database": config["database"]}
+        return {
+            "username": next_user(config, current),
+            "password": new_password(config),
+            "host": config["host"],
+            "port": config["port"],
+            "database": config["database"],
+        }
 
     def _account(self, config: dict[str, Any], name: str) -> str:
         return f"{_literal(name)}@{_literal(config['user_host'])}"
 
     def _admin(self, config: dict[str, Any], admin: Credential, what: str, stmt: str) -> None:
         try:
-            conn = pymysql.connect(host=config["host"], port=config["port"], user=str(admin.get("username", "")),
-                                   password=str(admin.get("password", "")), connect_timeout=5, autocommit=True)
+            conn = pymysql.connect(
+                host=config["host"],
+                port=config["port"],
+                user=str(admin.get("username", "")),
+                password=str(admin.get("password", "")),
+                connect_timeout=5,
+                autocommit=True,
+            )
             try:
                 with conn.cursor() as cur:
                     cur.execute(stmt)
@@ -72,15 +83,23 @@ class MySQL:
 
     def create(self, config: dict[str, Any], admin: Credential, new: Credential | None, key: str) -> Credential:
         assert new is not None
-        stmt = (f"ALTER USER {self._account(config, new['username'])} IDENTIFIED BY PASSWORD "
-                f"{_literal(verifiers.mysql_native(new['password']))} ACCOUNT UNLOCK")
+        stmt = (
+            f"ALTER USER {self._account(config, new['username'])} IDENTIFIED BY PASSWORD "
+            f"{_literal(verifiers.mysql_native(new['password']))} ACCOUNT UNLOCK"
+        )
         self._admin(config, admin, f"set the password of {new['username']}", stmt)
         return new
 
     def test(self, config: dict[str, Any], new: Credential) -> None:
         try:
-            conn = pymysql.connect(host=config["host"], port=config["port"], user=new["username"],
-                                   password=new["password"], database=config["database"] or None, connect_timeout=5)
+            conn = pymysql.connect(
+                host=config["host"],
+                port=config["port"],
+                user=new["username"],
+                password=new["password"],
+                database=config["database"] or None,
+                connect_timeout=5,
+            )
             try:
                 with conn.cursor() as cur:
                     cur.execute("SELECT 1")

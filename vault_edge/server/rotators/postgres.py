@@ -27,8 +27,12 @@ from vault_edge.server.rotators import (
 _AUTH_FAILED = ("28P01", "28000", "42501")
 # What the server answers a refused login with (psycopg gives connection failures no SQLSTATE): read
 # only to classify, never repeated (a driver's text can quote a statement).
-_REFUSALS = ("password authentication failed", "not permitted to log in", "permission denied for database",
-             "no pg_hba.conf entry")
+_REFUSALS = (
+    "password authentication failed",
+    "not permitted to log in",
+    "permission denied for database",
+    "no pg_hba.conf entry",
+)
 
 
 def _error(what: str, exc: Exception) -> RotatorError:
@@ -42,8 +46,15 @@ def _error(what: str, exc: Exception) -> RotatorError:
 
 
 def _connect(config: dict[str, Any], user: str, password: str) -> psycopg.Connection[Any]:
-    return psycopg.connect(host=config["host"], port=config["port"], dbname=config["database"], user=user,
-                           password=password, connect_timeout=5, autocommit=True)
+    return psycopg.connect(
+        host=config["host"],
+        port=config["port"],
+        dbname=config["database"],
+        user=user,
+        password=password,
+        connect_timeout=5,
+        autocommit=True,
+    )
 
 
 class Postgres:
@@ -56,8 +67,13 @@ class Postgres:
         return bool(config["strategy"] == "alternate")
 
     def plan(self, config: dict[str, Any], current: Credential | None) -> Credential:
-        return {"username": next_user(config, current), "password": new_password(config), "host": config["host"],
-                "port": config["port"], "database": config["database"]}
+        return {
+            "username": next_user(config, current),
+            "password": new_password(config),
+            "host": config["host"],
+            "port": config["port"],
+            "database": config["database"],
+        }
 
     def _admin(self, config: dict[str, Any], admin: Credential, what: str, stmt: sql.Composed) -> None:
         try:
@@ -69,7 +85,8 @@ class Postgres:
     def create(self, config: dict[str, Any], admin: Credential, new: Credential | None, key: str) -> Credential:
         assert new is not None
         stmt = sql.SQL("ALTER ROLE {} WITH LOGIN PASSWORD {}").format(
-            sql.Identifier(new["username"]), sql.Literal(verifiers.scram_sha256(new["password"])))
+            sql.Identifier(new["username"]), sql.Literal(verifiers.scram_sha256(new["password"]))
+        )
         self._admin(config, admin, f"set the password of {new['username']}", stmt)
         return new
 

@@ -18,8 +18,15 @@ from vault_edge.server.rotators import Credential, Refused, RotatorError, common
 def _client(config: dict[str, Any], user: str, password: str) -> redis.Redis:
     # No retries inside the client: the state machine retries with back-off, and redis-py's own retries
     # take a refused password (an AuthenticationError is a ConnectionError) for a transient failure.
-    return redis.Redis(host=config["host"], port=config["port"], username=user or None, password=password or None,
-                       socket_timeout=5, socket_connect_timeout=5, retry=Retry(NoBackoff(), 0))
+    return redis.Redis(
+        host=config["host"],
+        port=config["port"],
+        username=user or None,
+        password=password or None,
+        socket_timeout=5,
+        socket_connect_timeout=5,
+        retry=Retry(NoBackoff(), 0),
+    )
 
 
 class Redis:
@@ -35,11 +42,16 @@ class Redis:
         return True
 
     def plan(self, config: dict[str, Any], current: Credential | None) -> Credential:
-        return {"username": config["username"], "password": new_password(config), "host": config["host"],
-                "port": config["port"]}
+        return {
+            "username": config["username"],
+            "password": new_password(config),
+            "host": config["host"],
+            "port": config["port"],
+        }
 
-    def _admin(self, config: dict[str, Any], admin: Credential, what: str, *args: str,
-               unless_absent: str | None = None) -> None:
+    def _admin(
+        self, config: dict[str, Any], admin: Credential, what: str, *args: str, unless_absent: str | None = None
+    ) -> None:
         """``ACL SETUSER *args``; with ``unless_absent`` (a password hash), only if the user has it (a
         resumed retire runs twice: Redis refuses to remove a password the user no longer has)."""
         try:
@@ -59,8 +71,14 @@ class Redis:
 
     def create(self, config: dict[str, Any], admin: Credential, new: Credential | None, key: str) -> Credential:
         assert new is not None
-        self._admin(config, admin, f"add a password to {new['username']}", new["username"], "on",
-                    "#" + verifiers.redis_acl(new["password"]))
+        self._admin(
+            config,
+            admin,
+            f"add a password to {new['username']}",
+            new["username"],
+            "on",
+            "#" + verifiers.redis_acl(new["password"]),
+        )
         return new
 
     def test(self, config: dict[str, Any], new: Credential) -> None:
@@ -81,8 +99,14 @@ class Redis:
         if current is not None and current.get("password") == old["password"]:
             return
         digest = verifiers.redis_acl(old["password"])
-        self._admin(config, admin, f"remove a password of {old['username']}", old["username"], "!" + digest,
-                    unless_absent=digest)
+        self._admin(
+            config,
+            admin,
+            f"remove a password of {old['username']}",
+            old["username"],
+            "!" + digest,
+            unless_absent=digest,
+        )
 
 
 DRIVER = Redis()

@@ -27,7 +27,7 @@ _METHODS = ("GET", "POST", "PUT", "PATCH", "DELETE")
 def _call(config: dict[str, Any], which: str) -> dict[str, Any]:
     call = config.get(which)
     if not isinstance(call, dict) or set(call) - {"method", "url", "bearer_field"}:
-        raise ValueError(f"config.{which}: {{\"method\", \"url\"[, \"bearer_field\"]}}")
+        raise ValueError(f'config.{which}: {{"method", "url"[, "bearer_field"]}}')
     method, url = str(call.get("method", "POST")).upper(), call.get("url")
     if method not in _METHODS:
         raise ValueError(f"config.{which}.method: one of {', '.join(_METHODS)}")

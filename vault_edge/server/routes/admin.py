@@ -48,7 +48,8 @@ def join_token(
 
 @router.get("/nodes")
 def list_nodes(
-    region: str | None = Query(None, max_length=63), who: Principal = Depends(principal),
+    region: str | None = Query(None, max_length=63),
+    who: Principal = Depends(principal),
     ctx: Context = Depends(get_ctx),
 ) -> dict[str, Any]:
     if region is not None and not wire.valid_region(region):
@@ -70,10 +71,18 @@ def create_token(
     ttl = duration(body.ttl, "ttl")
     with ctx.store.write() as tx:
         auth.still_valid(tx, who, ctx.clock())  # not revoked since it was authenticated (writers are serialized)
-        secret, token = auth.create_token(tx, body.name, prefixes, verbs, ctx.clock(), ttl, not_after=who.expires_at,
-                                          parent=who.id)
-        ctx.auditor.record(tx, who.actor, "token.create", body.name, token_id=token.id, verbs=list(token.verbs),
-                           prefixes=list(token.prefixes))
+        secret, token = auth.create_token(
+            tx, body.name, prefixes, verbs, ctx.clock(), ttl, not_after=who.expires_at, parent=who.id
+        )
+        ctx.auditor.record(
+            tx,
+            who.actor,
+            "token.create",
+            body.name,
+            token_id=token.id,
+            verbs=list(token.verbs),
+            prefixes=list(token.prefixes),
+        )
     return {"token": secret, "id": token.id, "name": token.name, "expires_at": token.expires_at}
 
 
@@ -86,8 +95,14 @@ def list_tokens(who: Principal = Depends(principal), ctx: Context = Depends(get_
 @router.get("/tokens/self")
 def lookup_self(who: Principal = Depends(principal)) -> dict[str, Any]:
     """The token this request carries (`vault-edge token lookup`, `login`): any valid token may ask."""
-    return {"id": who.id, "name": who.name, "actor": who.actor, "prefixes": list(who.prefixes),
-            "verbs": list(who.verbs), "expires_at": who.expires_at}
+    return {
+        "id": who.id,
+        "name": who.name,
+        "actor": who.actor,
+        "prefixes": list(who.prefixes),
+        "verbs": list(who.verbs),
+        "expires_at": who.expires_at,
+    }
 
 
 @router.delete("/tokens/{token_id}")
@@ -97,24 +112,40 @@ def revoke_token(token_id: str, who: Principal = Depends(principal), ctx: Contex
 
 @router.get("/audit")
 def audit_log(
-    after: int = Query(0, ge=0, le=2**62), limit: int = Query(100, ge=1, le=1000),
-    who: Principal = Depends(principal), ctx: Context = Depends(get_ctx),
+    after: int = Query(0, ge=0, le=2**62),
+    limit: int = Query(100, ge=1, le=1000),
+    who: Principal = Depends(principal),
+    ctx: Context = Depends(get_ctx),
 ) -> dict[str, Any]:
     who.require_global_admin()
     with ctx.store.read() as tx:
         entries = tx.list_audit(after, limit)
-    return {"entries": [
-        {"seq": e.seq, "at": e.at, "actor": e.actor, "action": e.action, "target": e.target,
-         "outcome": e.outcome, "detail": e.detail, "hash": e.hash.hex(), "mac": e.mac is not None}
-        for e in entries
-    ]}
+    return {
+        "entries": [
+            {
+                "seq": e.seq,
+                "at": e.at,
+                "actor": e.actor,
+                "action": e.action,
+                "target": e.target,
+                "outcome": e.outcome,
+                "detail": e.detail,
+                "hash": e.hash.hex(),
+                "mac": e.mac is not None,
+            }
+            for e in entries
+        ]
+    }
 
 
 @router.get("/audit/verify")
 def audit_verify(who: Principal = Depends(principal), ctx: Context = Depends(get_ctx)) -> dict[str, Any]:
     who.require_global_admin()
     v = ctx.auditor.verify()
-    return {"ok": v.ok, "entries": v.entries, "sealed_events": v.sealed_events, "first_bad": v.first_bad,
-            "reason": v.reason}
-
-
+    return {
+        "ok": v.ok,
+        "entries": v.entries,
+        "sealed_events": v.sealed_events,
+        "first_bad": v.first_bad,
+        "reason": v.reason,
+    }

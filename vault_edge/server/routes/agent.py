@@ -43,8 +43,9 @@ def _target(request: Request) -> str:
 
 
 def _signed(body: bytes, signature: bytes, status: int = 200) -> Response:
-    return Response(body, status, media_type="application/json",
-                    headers={wire.H_SERVER_SIGNATURE: wire.b64e(signature)})
+    return Response(
+        body, status, media_type="application/json", headers={wire.H_SERVER_SIGNATURE: wire.b64e(signature)}
+    )
 
 
 @router.post("/enroll")
@@ -64,8 +65,9 @@ async def enroll(request: Request, ctx: Context = Depends(unsealed)) -> Response
     return _signed(out, sig)
 
 
-async def sync_answer(ctx: Context, hub: Hub, contacts: ContactLog, target: str, headers: Mapping[str, str],
-                      body: bytes, q: SyncQuery) -> tuple[int, bytes, bytes]:
+async def sync_answer(
+    ctx: Context, hub: Hub, contacts: ContactLog, target: str, headers: Mapping[str, str], body: bytes, q: SyncQuery
+) -> tuple[int, bytes, bytes]:
     """(status, body, control-plane signature) of a sync request, or an ApiError (401, 503...).
 
     Answers at once when anything after ``since`` is visible to the node, else holds up to ``wait``
@@ -77,9 +79,7 @@ async def sync_answer(ctx: Context, hub: Hub, contacts: ContactLog, target: str,
     if ctx.barrier.sealed:
         await unsealed(ctx)  # raises the right 503 (sealed, or not initialized)
     try:
-        node_id, region, member = await nodeauth.authenticate(
-            ctx, hub, contacts, "GET", target, headers, body, q.since
-        )
+        node_id, region, member = await nodeauth.authenticate(ctx, hub, contacts, "GET", target, headers, body, q.since)
     except nodeauth.Revoked as exc:
         return (403, *nodeauth.revocation(ctx, exc.node, exc.nonce))
     hold = min(q.wait, ctx.settings.sync_max_wait_s)
@@ -105,6 +105,13 @@ async def sync(
     ctx: Context = Depends(unsealed),
 ) -> Response:
     """Signed long-poll (see :func:`sync_answer`); served by ``server/fastpath.py`` in practice."""
-    status, body, sig = await sync_answer(ctx, request.app.state.hub, request.app.state.contacts, _target(request),
-                                          request.headers, await request.body(), SyncQuery(since, wait, proto, full))
+    status, body, sig = await sync_answer(
+        ctx,
+        request.app.state.hub,
+        request.app.state.contacts,
+        _target(request),
+        request.headers,
+        await request.body(),
+        SyncQuery(since, wait, proto, full),
+    )
     return _signed(body, sig, status)

@@ -20,8 +20,9 @@ class EgressCreate(Strict):
     name: str = Field(max_length=63)
     upstream: str = Field(max_length=2048, description="https://host[:port][/base]")
     secret: str = Field(max_length=256)
-    inject: list[str] = Field(min_length=1, max_length=8,
-                              description="header:NAME=TEMPLATE, query:NAME=TEMPLATE or basic:USER:PASSWORD")
+    inject: list[str] = Field(
+        min_length=1, max_length=8, description="header:NAME=TEMPLATE, query:NAME=TEMPLATE or basic:USER:PASSWORD"
+    )
     methods: list[str] | None = Field(None, max_length=16)
     paths: list[str] | None = Field(None, max_length=32)
     regions: list[str] | None = Field(None, max_length=256, description="default: the secret's regions")

@@ -34,7 +34,9 @@ def delete_rotator(name: str, who: Principal = Depends(principal), ctx: Context 
 
 @router.get("/rotations/{name:path}")
 def rotation_status(
-    name: str, limit: int = Query(10, ge=1, le=100), who: Principal = Depends(principal),
+    name: str,
+    limit: int = Query(10, ge=1, le=100),
+    who: Principal = Depends(principal),
     ctx: Context = Depends(get_ctx),
 ) -> dict[str, Any]:
     return rotation.status(ctx, who, name, limit)

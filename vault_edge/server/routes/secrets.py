@@ -38,8 +38,15 @@ def put(
     name: str, body: PutSecret, who: Principal = Depends(principal), ctx: Context = Depends(get_ctx)
 ) -> dict[str, Any]:
     return secrets.put(
-        ctx, who, name, _value(body), body.generate, body.regions,
-        duration(body.rotate_every, "rotate_every"), duration(body.grace, "grace"), body.rotator,
+        ctx,
+        who,
+        name,
+        _value(body),
+        body.generate,
+        body.regions,
+        duration(body.rotate_every, "rotate_every"),
+        duration(body.grace, "grace"),
+        body.rotator,
     )
 
 

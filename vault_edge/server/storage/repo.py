@@ -67,8 +67,12 @@ class TamperedRow(Exception):
     """A row failed its MAC: written by someone without the root key. The message names the table and
     the row's key, never a value."""
 
-    def __init__(self, table: str, key: str, what: str = "failed its integrity check (written without the root key)",
-                 ) -> None:
+    def __init__(
+        self,
+        table: str,
+        key: str,
+        what: str = "failed its integrity check (written without the root key)",
+    ) -> None:
         super().__init__(f"{table} row {key!r} {what}")
         self.table, self.key = table, key
 
@@ -264,9 +268,7 @@ class Tx:
         return self.revision
 
     def current_revision(self) -> int:
-        return int(
-            self.conn.execute(select(t.counter.c.revision).where(t.counter.c.id == _REVISION_ROW)).scalar_one()
-        )
+        return int(self.conn.execute(select(t.counter.c.revision).where(t.counter.c.id == _REVISION_ROW)).scalar_one())
 
     # -- regions -------------------------------------------------------------------------------
     def insert_region(self, name: str, rev: int, at: float) -> bool:
@@ -283,9 +285,7 @@ class Tx:
         """region → (active nodes, secrets wrapped for it)."""
         nodes = dict(
             self.conn.execute(
-                select(t.nodes.c.region, func.count())
-                .where(t.nodes.c.status == "active")
-                .group_by(t.nodes.c.region)
+                select(t.nodes.c.region, func.count()).where(t.nodes.c.status == "active").group_by(t.nodes.c.region)
             ).all()
         )
         secrets = dict(
@@ -310,8 +310,9 @@ class Tx:
 
     def insert_region_key(self, region: str, version: int, wrapped: bytes, at: float, root_version: int = 1) -> None:
         self.conn.execute(
-            insert(t.region_keys).values(region=region, version=version, wrapped=wrapped, created_at=at,
-                                         root_version=root_version)
+            insert(t.region_keys).values(
+                region=region, version=version, wrapped=wrapped, created_at=at, root_version=root_version
+            )
         )
 
     def get_region_key(self, region: str, version: int) -> bytes | None:
@@ -335,8 +336,11 @@ class Tx:
 
     def rewrap_region_key(self, region: str, version: int, wrapped: bytes, root_version: int) -> None:
         rk = t.region_keys
-        self.conn.execute(update(rk).where(rk.c.region == region, rk.c.version == version)
-                          .values(wrapped=wrapped, root_version=root_version))
+        self.conn.execute(
+            update(rk)
+            .where(rk.c.region == region, rk.c.version == version)
+            .values(wrapped=wrapped, root_version=root_version)
+        )
 
     # -- root key versions (crypto/seal.py) ------------------------------------------------------------
     def root_key_versions(self) -> dict[int, bytes]:
@@ -364,10 +368,19 @@ class Tx:
         """What a secret's MAC covers: its identity, where it may be decrypted, how far its versions
         go, the revision of its last change (checked against the change log), whether it is deleted,
         and its schedule (not the scheduler's next due time)."""
-        fields = (m["id"], m["name"], _json_list(m["regions"]) if isinstance(m["regions"], str) else m["regions"],
-                  m["latest_version"], m["revision"], m["deleted_at"], int(m["destroyed"]), m["generate"],
-                  m["rotate_every_s"], m["grace_s"],
-                  None if m["stages_digest"] is None else bytes(m["stages_digest"]))
+        fields = (
+            m["id"],
+            m["name"],
+            _json_list(m["regions"]) if isinstance(m["regions"], str) else m["regions"],
+            m["latest_version"],
+            m["revision"],
+            m["deleted_at"],
+            int(m["destroyed"]),
+            m["generate"],
+            m["rotate_every_s"],
+            m["grace_s"],
+            None if m["stages_digest"] is None else bytes(m["stages_digest"]),
+        )
         # The rotator binding (0005) joins the MAC only when set: a record made before it keeps its MAC.
         return (*fields, m["rotator"]) if m.get("rotator") is not None else fields
 
@@ -379,8 +392,11 @@ class Tx:
         if not self.keys().check("secret", m.pop("mac"), *self._secret_fields(row._mapping)):
             raise TamperedRow("secrets", str(m["name"]))
         if m["revision"] < self.last_change(m["name"]):
-            raise TamperedRow("secrets", str(m["name"]), "is older than its last change in the change log "
-                              "(rows copied back from an older copy)")
+            raise TamperedRow(
+                "secrets",
+                str(m["name"]),
+                "is older than its last change in the change log (rows copied back from an older copy)",
+            )
         m["regions"] = _json_list(m["regions"])
         m["destroyed"] = bool(m["destroyed"])
         self._names[m["id"]] = m["name"]
@@ -402,8 +418,14 @@ class Tx:
         sid = self.conn.execute(
             insert(t.secrets)
             .values(
-                name=name, regions=json.dumps(list(regions)), latest_version=0, created_at=at, updated_at=at,
-                revision=rev, destroyed=0, **extra,
+                name=name,
+                regions=json.dumps(list(regions)),
+                latest_version=0,
+                created_at=at,
+                updated_at=at,
+                revision=rev,
+                destroyed=0,
+                **extra,
             )
             .returning(t.secrets.c.id)
         ).scalar_one()
@@ -458,12 +480,14 @@ class Tx:
         )
 
     # -- versions and wrapped data keys ---------------------------------------------------------
-    def insert_version(
-        self, secret_id: int, version: int, ciphertext: bytes, at: float, rev: int, origin: str
-    ) -> None:
+    def insert_version(self, secret_id: int, version: int, ciphertext: bytes, at: float, rev: int, origin: str) -> None:
         self.conn.execute(
             insert(t.secret_versions).values(
-                secret_id=secret_id, version=version, ciphertext=ciphertext, created_at=at, revision=rev,
+                secret_id=secret_id,
+                version=version,
+                ciphertext=ciphertext,
+                created_at=at,
+                revision=rev,
                 origin=origin,
             )
         )
@@ -515,8 +539,7 @@ class Tx:
             .where(t.data_key_wraps.c.region == region)
         )
         return [
-            (r.name, Wrap(r.secret_id, r.version, r.region, r.key_version, r.wrapped))
-            for r in self.conn.execute(q)
+            (r.name, Wrap(r.secret_id, r.version, r.region, r.key_version, r.wrapped)) for r in self.conn.execute(q)
         ]
 
     def delete_wraps(self, secret_id: int, regions: Iterable[str]) -> None:
@@ -565,8 +588,9 @@ class Tx:
         """Point ``stage`` at ``version`` (None removes it), and log the move."""
         self.conn.execute(delete(t.stages).where(t.stages.c.secret_id == secret_id, t.stages.c.stage == stage))
         if version is not None:
-            tag = self.keys().mac("stage", *self._stage_fields(self._name_of(secret_id), stage, version, rev,
-                                                              expires_at))
+            tag = self.keys().mac(
+                "stage", *self._stage_fields(self._name_of(secret_id), stage, version, rev, expires_at)
+            )
             self.conn.execute(
                 insert(t.stages).values(
                     secret_id=secret_id, stage=stage, version=version, revision=rev, expires_at=expires_at, mac=tag
@@ -608,11 +632,30 @@ class Tx:
         is left out (named in ``self.tampered``): the rest still syncs."""
         s, st, v, w = t.secrets, t.stages, t.secret_versions, t.data_key_wraps
         q = (
-            select(s.c.id, s.c.name, s.c.regions, s.c.latest_version, s.c.revision, s.c.deleted_at, s.c.destroyed,
-                   s.c.generate, s.c.rotate_every_s, s.c.grace_s, s.c.stages_digest, s.c.rotator,
-                   s.c.mac.label("secret_mac"),
-                   st.c.version, st.c.stage, st.c.revision.label("stage_revision"), st.c.expires_at,
-                   st.c.mac.label("stage_mac"), v.c.created_at, v.c.ciphertext, w.c.key_version, w.c.wrapped)
+            select(
+                s.c.id,
+                s.c.name,
+                s.c.regions,
+                s.c.latest_version,
+                s.c.revision,
+                s.c.deleted_at,
+                s.c.destroyed,
+                s.c.generate,
+                s.c.rotate_every_s,
+                s.c.grace_s,
+                s.c.stages_digest,
+                s.c.rotator,
+                s.c.mac.label("secret_mac"),
+                st.c.version,
+                st.c.stage,
+                st.c.revision.label("stage_revision"),
+                st.c.expires_at,
+                st.c.mac.label("stage_mac"),
+                v.c.created_at,
+                v.c.ciphertext,
+                w.c.key_version,
+                w.c.wrapped,
+            )
             .join(st, st.c.secret_id == s.c.id)
             .join(v, and_(v.c.secret_id == s.c.id, v.c.version == st.c.version))
             .join(w, and_(w.c.secret_id == s.c.id, w.c.version == st.c.version, w.c.region == region))
@@ -629,14 +672,16 @@ class Tx:
         rows = self.conn.execute(q).all()
         keys, bad = self.keys(), set()
         for r in {r.id: r for r in rows}.values():  # each secret's record once
-            if not (keys.check("secret", r.secret_mac, *self._secret_fields(r._mapping))
-                    and r.revision >= self.last_change(r.name)):
+            if not (
+                keys.check("secret", r.secret_mac, *self._secret_fields(r._mapping))
+                and r.revision >= self.last_change(r.name)
+            ):
                 bad.add(r.id)
                 self.tampered.append(("secrets", r.name))
         pointers: dict[int, list[Any]] = {}
         ids = sorted({r.id for r in rows} - bad)
         for i in range(0, len(ids), 500):  # every pointer, expired ones too: the digest covers them all
-            for p in self.conn.execute(select(st).where(st.c.secret_id.in_(ids[i:i + 500]))):
+            for p in self.conn.execute(select(st).where(st.c.secret_id.in_(ids[i : i + 500]))):
                 pointers.setdefault(p.secret_id, []).append(p)
         for r in {r.id: r for r in rows if r.id not in bad}.values():
             if stages_digest(pointers.get(r.id, [])) != bytes(r.stages_digest or b""):
@@ -646,12 +691,16 @@ class Tx:
         for r in rows:
             if r.id in bad:
                 continue
-            if not keys.check("stage", r.stage_mac,
-                              *self._stage_fields(r.name, r.stage, r.version, r.stage_revision, r.expires_at)):
+            if not keys.check(
+                "stage", r.stage_mac, *self._stage_fields(r.name, r.stage, r.version, r.stage_revision, r.expires_at)
+            ):
                 self.tampered.append(("stages", f"{r.name}:{r.stage}"))
                 continue
-            out.append(SnapshotRow(r.name, r.version, r.stage, r.expires_at, r.created_at, r.ciphertext,
-                                   r.key_version, r.wrapped))
+            out.append(
+                SnapshotRow(
+                    r.name, r.version, r.stage, r.expires_at, r.created_at, r.ciphertext, r.key_version, r.wrapped
+                )
+            )
         return out
 
     # -- nodes and grants ----------------------------------------------------------------------
@@ -677,9 +726,20 @@ class Tx:
         if revoked is None:
             revoked = self.revoked()
         status = "revoked" if ("node", row.id) in revoked else row.status
-        return Node(row.id, row.region, bytes(row.box_public), bytes(row.sign_public), row.hostname, status,
-                    row.enrolled_at, row.last_seen, row.applied_revision, row.node_rev, row.join_token_id,
-                    row.enrolled_rev)
+        return Node(
+            row.id,
+            row.region,
+            bytes(row.box_public),
+            bytes(row.sign_public),
+            row.hostname,
+            status,
+            row.enrolled_at,
+            row.last_seen,
+            row.applied_revision,
+            row.node_rev,
+            row.join_token_id,
+            row.enrolled_rev,
+        )
 
     def _nodes(self, q: Any) -> list[Node]:
         revoked = self.revoked()
@@ -730,9 +790,7 @@ class Tx:
         node = self.get_node(node_id)
         assert node is not None
         tag = self.keys().mac("node", *self._node_fields(replace(node, status=status)))
-        self.conn.execute(
-            update(t.nodes).where(t.nodes.c.id == node_id).values(status=status, node_rev=rev, mac=tag)
-        )
+        self.conn.execute(update(t.nodes).where(t.nodes.c.id == node_id).values(status=status, node_rev=rev, mac=tag))
 
     def put_grant(self, node_id: str, region: str, key_version: int, sealed: bytes, rev: int) -> None:
         self.conn.execute(
@@ -809,8 +867,17 @@ class Tx:
     @staticmethod
     def _op_fields(tok: OperatorToken, digest: bytes, legacy: int) -> tuple[Any, ...]:
         """Everything but ``revoked_at``, which the revocation chain decides."""
-        return (tok.id, bytes(digest), tok.name, tuple(tok.prefixes), tuple(tok.verbs), tok.created_at,
-                tok.expires_at, tok.parent_id, legacy)
+        return (
+            tok.id,
+            bytes(digest),
+            tok.name,
+            tuple(tok.prefixes),
+            tuple(tok.verbs),
+            tok.created_at,
+            tok.expires_at,
+            tok.parent_id,
+            legacy,
+        )
 
     def insert_operator_token(self, token: OperatorToken, digest: bytes) -> None:
         values = dict(token.__dict__, digest=digest, legacy_digest=0)
@@ -835,8 +902,12 @@ class Tx:
         whose plain SHA-256 is ``legacy_digest``: its MAC says which it is)."""
         tok = t.operator_tokens
         row = self.conn.execute(
-            select(tok).where(or_(and_(tok.c.digest == digest, tok.c.legacy_digest == 0),
-                                  and_(tok.c.digest == legacy_digest, tok.c.legacy_digest == 1)))
+            select(tok).where(
+                or_(
+                    and_(tok.c.digest == digest, tok.c.legacy_digest == 0),
+                    and_(tok.c.digest == legacy_digest, tok.c.legacy_digest == 1),
+                )
+            )
         ).first()
         return self._op_token(row) if row else None
 
@@ -854,9 +925,13 @@ class Tx:
         tok = t.operator_tokens
         seen, revoked, layer = {token_id}, [], [token_id]
         while layer:
-            active = {i for i in self.conn.execute(
-                select(tok.c.id).where(tok.c.id.in_(layer), tok.c.revoked_at.is_(None))
-            ).scalars() if not self.is_revoked("token", i)}
+            active = {
+                i
+                for i in self.conn.execute(
+                    select(tok.c.id).where(tok.c.id.in_(layer), tok.c.revoked_at.is_(None))
+                ).scalars()
+                if not self.is_revoked("token", i)
+            }
             if active:
                 self.conn.execute(update(tok).where(tok.c.id.in_(active)).values(revoked_at=at))
             revoked += [i for i in layer if i in active]
@@ -870,16 +945,28 @@ class Tx:
     # -- rotators and rotations (0005) ---------------------------------------------------------------
     @staticmethod
     def _rotator_fields(r: Rotator) -> tuple[Any, ...]:
-        return (r.name, r.type, r.admin_secret, json.dumps(r.config, sort_keys=True, separators=(",", ":")),
-                r.created_at)
+        return (
+            r.name,
+            r.type,
+            r.admin_secret,
+            json.dumps(r.config, sort_keys=True, separators=(",", ":")),
+            r.created_at,
+        )
 
     def put_rotator(self, r: Rotator) -> None:
         """Insert or replace a rotator (MAC'd: where it connects and which secret it logs in with)."""
         tag = self.keys().mac("rotator", *self._rotator_fields(r))
         self.conn.execute(delete(t.rotators).where(t.rotators.c.name == r.name))
-        self.conn.execute(insert(t.rotators).values(
-            name=r.name, type=r.type, admin_secret=r.admin_secret, created_at=r.created_at, mac=tag,
-            config=json.dumps(r.config, sort_keys=True, separators=(",", ":"))))
+        self.conn.execute(
+            insert(t.rotators).values(
+                name=r.name,
+                type=r.type,
+                admin_secret=r.admin_secret,
+                created_at=r.created_at,
+                mac=tag,
+                config=json.dumps(r.config, sort_keys=True, separators=(",", ":")),
+            )
+        )
 
     def _rotator(self, row: Any) -> Rotator:
         r = Rotator(row.name, row.type, row.admin_secret, json.loads(row.config), row.created_at)
@@ -910,11 +997,32 @@ class Tx:
     def _rotation_fields(r: Any) -> tuple[Any, ...]:
         """What a rotation's MAC covers: which secret and rotator, the step and since when, the versions
         it moves between, the revision that published it and the end of its grace."""
-        return (r.id, r.secret, r.rotator, r.step, r.since, r.started_at, r.origin, r.version, r.previous_version,
-                r.published_rev, r.retire_after)
+        return (
+            r.id,
+            r.secret,
+            r.rotator,
+            r.step,
+            r.since,
+            r.started_at,
+            r.origin,
+            r.version,
+            r.previous_version,
+            r.published_rev,
+            r.retire_after,
+        )
 
-    _ROTATION_MACD = ("secret", "rotator", "step", "since", "started_at", "origin", "version", "previous_version",
-                      "published_rev", "retire_after")
+    _ROTATION_MACD = (
+        "secret",
+        "rotator",
+        "step",
+        "since",
+        "started_at",
+        "origin",
+        "version",
+        "previous_version",
+        "published_rev",
+        "retire_after",
+    )
 
     def _rotation(self, row: Any) -> Rotation:
         if not self.keys().check("rotation", row.mac, *self._rotation_fields(row)):
@@ -925,10 +1033,20 @@ class Tx:
         return Rotation(**m)
 
     def insert_rotation(self, secret: str, rotator: str, at: float, origin: str) -> Rotation:
-        rid = self.conn.execute(insert(t.rotations).values(
-            secret=secret, rotator=rotator, step="create", since=at, started_at=at, origin=origin, attempts=0,
-            mac=b"",
-        ).returning(t.rotations.c.id)).scalar_one()
+        rid = self.conn.execute(
+            insert(t.rotations)
+            .values(
+                secret=secret,
+                rotator=rotator,
+                step="create",
+                since=at,
+                started_at=at,
+                origin=origin,
+                attempts=0,
+                mac=b"",
+            )
+            .returning(t.rotations.c.id)
+        ).scalar_one()
         row = self.conn.execute(select(t.rotations).where(t.rotations.c.id == rid)).one()
         tag = self.keys().mac("rotation", *self._rotation_fields(row))
         self.conn.execute(update(t.rotations).where(t.rotations.c.id == rid).values(mac=tag))
@@ -957,8 +1075,7 @@ class Tx:
         res = self.conn.execute(
             update(t.rotations)
             .where(t.rotations.c.id == rotation.id, t.rotations.c.step == expect_step)
-            .values(**macd, mac=tag, lease_owner=None, lease_until=None, attempts=0, next_try_at=None,
-                    last_error=None)
+            .values(**macd, mac=tag, lease_owner=None, lease_until=None, attempts=0, next_try_at=None, last_error=None)
         )
         return new if res.rowcount == 1 else None
 
@@ -966,12 +1083,19 @@ class Tx:
         """Claim a rotation's step for ``owner`` until ``until`` (a compare-and-set: a step whose lease
         is held by another replica, or whose back-off has not passed, is not claimed)."""
         r = t.rotations.c
-        return self.conn.execute(
-            update(t.rotations)
-            .where(r.id == rotation_id, r.step == step, or_(r.lease_until.is_(None), r.lease_until < now),
-                   or_(r.next_try_at.is_(None), r.next_try_at <= now))
-            .values(lease_owner=owner, lease_until=until)
-        ).rowcount == 1
+        return (
+            self.conn.execute(
+                update(t.rotations)
+                .where(
+                    r.id == rotation_id,
+                    r.step == step,
+                    or_(r.lease_until.is_(None), r.lease_until < now),
+                    or_(r.next_try_at.is_(None), r.next_try_at <= now),
+                )
+                .values(lease_owner=owner, lease_until=until)
+            ).rowcount
+            == 1
+        )
 
     def release_leases(self, prefix: str, keep: str) -> int:
         """End the leases held under ``prefix`` (this replica) by anyone but ``keep`` (this process)."""
@@ -1020,7 +1144,7 @@ class Tx:
                     raise TamperedRow("changes", str(r.revision))
                 if r.target and cache.last.get(r.target, 0) < r.revision:
                     cache.last[r.target] = r.revision
-                    cache.recent[r.target] = (*cache.recent.get(r.target, ()), r.revision)[-ChangeIndex.KEEP:]
+                    cache.recent[r.target] = (*cache.recent.get(r.target, ()), r.revision)[-ChangeIndex.KEEP :]
                 cache.read_to = max(cache.read_to, r.revision)
             if rows:  # this snapshot holds rows past what the process had read: so it holds all it has read
                 self._changes_floor = max(self._changes_floor, cache.read_to)
@@ -1053,8 +1177,10 @@ class Tx:
         if seen or len(recent) < ChangeIndex.KEEP:
             return max(seen, default=0)
         row = self.conn.execute(  # more changes since this transaction began than kept: ask the log
-            select(t.changes).where(t.changes.c.target == name, t.changes.c.revision <= self._changes_floor)
-            .order_by(t.changes.c.revision.desc()).limit(1)
+            select(t.changes)
+            .where(t.changes.c.target == name, t.changes.c.revision <= self._changes_floor)
+            .order_by(t.changes.c.revision.desc())
+            .limit(1)
         ).first()
         if row is None:
             return 0
@@ -1068,10 +1194,13 @@ class Tx:
         base = self.conn.execute(select(t.changes).where(t.changes.c.target == BASE_TARGET)).first()
         if base is None or not self.keys().check("change", base.mac, base.revision, BASE_TARGET):
             return "the change log has no valid base"
-        have = int(self.conn.execute(
-            select(func.count(func.distinct(t.changes.c.revision)))
-            .where(t.changes.c.revision > base.revision, t.changes.c.revision <= current)
-        ).scalar_one())
+        have = int(
+            self.conn.execute(
+                select(func.count(func.distinct(t.changes.c.revision))).where(
+                    t.changes.c.revision > base.revision, t.changes.c.revision <= current
+                )
+            ).scalar_one()
+        )
         missing = current - base.revision - have
         return f"{missing} revision(s) missing from the change log" if missing > 0 else None
 
@@ -1102,18 +1231,23 @@ class Tx:
         return self._revoked
 
     def _read_revocations(self, cache: Revocations) -> frozenset[tuple[str, str]]:
-        head = int(self.conn.execute(
-            select(t.counter.c.revision).where(t.counter.c.id == _REVOCATION_ROW)).scalar_one())
+        head = int(
+            self.conn.execute(select(t.counter.c.revision).where(t.counter.c.id == _REVOCATION_ROW)).scalar_one()
+        )
         if head == cache.count:
             return cache.revoked
         with cache.lock:
             if head < self._revocations_floor:
-                raise TamperedRow("revocations", f"shorter ({head}) than this process had seen "
-                                                 f"({self._revocations_floor}) when the transaction began")
+                raise TamperedRow(
+                    "revocations",
+                    f"shorter ({head}) than this process had seen "
+                    f"({self._revocations_floor}) when the transaction began",
+                )
             if head <= cache.count:  # an older snapshot than the chain verified since: take the newer
                 return cache.revoked  # (what was revoked meanwhile counts as revoked here too)
             rows = self.conn.execute(
-                select(t.revocations).where(t.revocations.c.seq > cache.count, t.revocations.c.seq <= head)
+                select(t.revocations)
+                .where(t.revocations.c.seq > cache.count, t.revocations.c.seq <= head)
                 .order_by(t.revocations.c.seq)
             ).all()
             keys, count, last, added = self.keys(), cache.count, cache.last_mac, set()
@@ -1160,8 +1294,9 @@ class Tx:
         counts["secrets"] = len(rows)
         rows = self.conn.execute(select(st).where(st.c.mac.is_(None))).all()
         for r in rows:
-            tag = keys.mac("stage", *self._stage_fields(self._name_of(r.secret_id), r.stage, r.version, r.revision,
-                                                        r.expires_at))
+            tag = keys.mac(
+                "stage", *self._stage_fields(self._name_of(r.secret_id), r.stage, r.version, r.revision, r.expires_at)
+            )
             self.conn.execute(update(st).where(st.c.secret_id == r.secret_id, st.c.stage == r.stage).values(mac=tag))
         counts["stages"] = len(rows)
         rows = self.conn.execute(select(n).where(n.c.mac.is_(None))).all()
@@ -1203,7 +1338,7 @@ class Tx:
         fresh: set[tuple[str, str]] = set()
         ins = pg_insert if self.dialect == "postgresql" else sqlite_insert
         for i in range(0, len(rows), 500):
-            chunk = [{"node_id": n, "nonce": c, "expires_at": e} for n, c, e in rows[i:i + 500]]
+            chunk = [{"node_id": n, "nonce": c, "expires_at": e} for n, c, e in rows[i : i + 500]]
             stmt = ins(t.nonces).values(chunk).on_conflict_do_nothing().returning(t.nonces.c.node_id, t.nonces.c.nonce)
             fresh.update((r.node_id, r.nonce) for r in self.conn.execute(stmt))
         return fresh
@@ -1216,8 +1351,9 @@ class Tx:
         stmt = (
             update(t.nodes)
             .where(t.nodes.c.id == bindparam("nid"), t.nodes.c.status == "active")  # a revoked node is not "seen"
-            .values(last_seen=bindparam("at"),
-                    applied_revision=biggest(t.nodes.c.applied_revision, bindparam("applied")))
+            .values(
+                last_seen=bindparam("at"), applied_revision=biggest(t.nodes.c.applied_revision, bindparam("applied"))
+            )
         )
         self.conn.execute(stmt, [{"nid": n, "at": at, "applied": a} for n, at, a in rows])
 
@@ -1239,8 +1375,9 @@ class Tx:
         return [AuditEntry(**r._mapping) for r in self.conn.execute(q)]
 
     def insert_sealed_event(self, at: float, actor: str, action: str, outcome: str, detail: str) -> None:
-        self.conn.execute(insert(t.sealed_events).values(at=at, actor=actor, action=action, outcome=outcome,
-                                                         detail=detail))
+        self.conn.execute(
+            insert(t.sealed_events).values(at=at, actor=actor, action=action, outcome=outcome, detail=detail)
+        )
 
     def count_sealed_events(self) -> int:
         return int(self.conn.execute(select(func.count()).select_from(t.sealed_events)).scalar_one())
@@ -1250,9 +1387,7 @@ class Tx:
         return [dict(r._mapping) for r in self.conn.execute(q)][::-1]
 
     def last_audit_seq(self) -> int:
-        return int(
-            self.conn.execute(select(t.counter.c.revision).where(t.counter.c.id == _AUDIT_ROW)).scalar_one()
-        )
+        return int(self.conn.execute(select(t.counter.c.revision).where(t.counter.c.id == _AUDIT_ROW)).scalar_one())
 
     # -- egress routes -------------------------------------------------------------------------
     def _egress(self, row: Any) -> EgressRoute | None:
@@ -1293,8 +1428,11 @@ class Tx:
     def insert_egress(self, route: wegress.Route, regions: Sequence[str], at: float, rev: int) -> None:
         text_, regs = route.canonical(), tuple(regions)
         tag = self.keys().mac("egress", route.name, text_, regs, at, rev)
-        self.conn.execute(insert(t.egress_routes).values(name=route.name, route=text_, regions=json.dumps(list(regs)),
-                                                         created_at=at, revision=rev, mac=tag))
+        self.conn.execute(
+            insert(t.egress_routes).values(
+                name=route.name, route=text_, regions=json.dumps(list(regs)), created_at=at, revision=rev, mac=tag
+            )
+        )
         self.record_change(rev, EGRESS_TARGET + route.name)
 
     def delete_egress(self, name: str, rev: int) -> None:

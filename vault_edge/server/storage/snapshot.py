@@ -28,10 +28,10 @@ def _enc(v: Any) -> Any:
 def _dec(v: Any) -> Any:
     if isinstance(v, dict):
         if set(v) != {"b"} or not isinstance(v["b"], str):
-            raise ValueError("a value is neither a scalar nor {\"b\": base64}")
+            raise ValueError('a value is neither a scalar nor {"b": base64}')
         return base64.urlsafe_b64decode(v["b"])
     if v is not None and not isinstance(v, int | float | str):
-        raise ValueError("a value is neither a scalar nor {\"b\": base64}")
+        raise ValueError('a value is neither a scalar nor {"b": base64}')
     return v
 
 
@@ -85,7 +85,7 @@ def load(conn: Connection, data: list[Table]) -> dict[str, int]:
         if table is t.counter:
             conn.execute(delete(t.counter))
         for i in range(0, len(rows), 500):
-            conn.execute(insert(table), rows[i:i + 500])
+            conn.execute(insert(table), rows[i : i + 500])
         written[table.name] = len(rows)
     if conn.dialect.name == "postgresql":
         _fix_sequences(conn)
@@ -97,9 +97,12 @@ def _fix_sequences(conn: Connection) -> None:
     for tb in tables():
         pk = list(tb.primary_key.columns)
         if len(pk) == 1 and isinstance(pk[0].type, Integer) and pk[0].autoincrement is True:
-            conn.execute(text(
-                f"SELECT setval(pg_get_serial_sequence('{tb.name}', '{pk[0].name}'), "  # noqa: S608 (schema names)
-                f"COALESCE(MAX({pk[0].name}), 1), MAX({pk[0].name}) IS NOT NULL) FROM {tb.name}"))
+            conn.execute(
+                text(
+                    f"SELECT setval(pg_get_serial_sequence('{tb.name}', '{pk[0].name}'), "  # noqa: S608 (schema names)
+                    f"COALESCE(MAX({pk[0].name}), 1), MAX({pk[0].name}) IS NOT NULL) FROM {tb.name}"
+                )
+            )
 
 
 def iter_audit(conn: Connection, batch: int = 1000) -> Iterator[Any]:

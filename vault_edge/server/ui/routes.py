@@ -38,8 +38,10 @@ STREAM_S = 25.0  # an event stream ends after this; the browser reconnects (so n
 POLL_S = 0.5  # how often a stream looks for a change
 MAX_STREAMS, MAX_STREAMS_PER_SESSION = 64, 4
 
-CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; connect-src 'self'; "
-       "form-action 'self'; frame-ancestors 'none'; base-uri 'none'")
+CSP = (
+    "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; connect-src 'self'; "
+    "form-action 'self'; frame-ancestors 'none'; base-uri 'none'"
+)
 HEADERS = {
     "Content-Security-Policy": CSP,
     "X-Frame-Options": "DENY",
@@ -52,8 +54,12 @@ HEADERS = {
     "Permissions-Policy": "camera=(), microphone=(), geolocation=()",
 }
 
-env = Environment(loader=FileSystemLoader(HERE / "templates"), autoescape=select_autoescape(default=True),
-                  trim_blocks=True, lstrip_blocks=True)
+env = Environment(
+    loader=FileSystemLoader(HERE / "templates"),
+    autoescape=select_autoescape(default=True),
+    trim_blocks=True,
+    lstrip_blocks=True,
+)
 env.filters["path"] = lambda s: quote(str(s), safe="/")
 
 
@@ -87,13 +93,21 @@ def pre_cookie_name(request: Request) -> str:
 
 
 def _set_cookie(request: Request, response: Response, name: str, value: str, max_age: int | None = None) -> None:
-    response.set_cookie(name, value, max_age=max_age, path="/" if _secure(request) else "/ui",
-                        secure=_secure(request), httponly=True, samesite="strict")
+    response.set_cookie(
+        name,
+        value,
+        max_age=max_age,
+        path="/" if _secure(request) else "/ui",
+        secure=_secure(request),
+        httponly=True,
+        samesite="strict",
+    )
 
 
 def _del_cookie(request: Request, response: Response, name: str) -> None:
-    response.delete_cookie(name, path="/" if _secure(request) else "/ui", secure=_secure(request), httponly=True,
-                           samesite="strict")
+    response.delete_cookie(
+        name, path="/" if _secure(request) else "/ui", secure=_secure(request), httponly=True, samesite="strict"
+    )
 
 
 def ctx_of(request: Request) -> Context:
@@ -138,8 +152,9 @@ async def form_of(request: Request, caller_: Caller | None = None, pre: str | No
     if len(raw) > MAX_FORM_BYTES:
         raise ApiError(413, "too_large", "form too large")
     try:
-        fields = dict(reversed(parse_qsl(raw.decode(), keep_blank_values=True, strict_parsing=False,
-                                         max_num_fields=16)))
+        fields = dict(
+            reversed(parse_qsl(raw.decode(), keep_blank_values=True, strict_parsing=False, max_num_fields=16))
+        )
     except (ValueError, UnicodeDecodeError):
         raise bad_request("malformed form") from None
     expected = caller_.session.csrf if caller_ is not None else (pre or "")
@@ -148,13 +163,16 @@ async def form_of(request: Request, caller_: Caller | None = None, pre: str | No
     return fields
 
 
-def page(request: Request, template: str, code: int = 200, caller_: Caller | None = None,
-         **data: Any) -> HTMLResponse:
+def page(request: Request, template: str, code: int = 200, caller_: Caller | None = None, **data: Any) -> HTMLResponse:
     who = caller_.who if caller_ else None
     html = env.get_template(template).render(
-        who=who, csrf=caller_.session.csrf if caller_ else "", path=request.url.path,
-        fleet=bool(who and views.fleet_visible(who)), audit=bool(who and views.audit_visible(who)),
-        tokens=bool(who and "admin" in who.verbs), **data,
+        who=who,
+        csrf=caller_.session.csrf if caller_ else "",
+        path=request.url.path,
+        fleet=bool(who and views.fleet_visible(who)),
+        audit=bool(who and views.audit_visible(who)),
+        tokens=bool(who and "admin" in who.verbs),
+        **data,
     )
     return HTMLResponse(html, status_code=code)
 
@@ -164,9 +182,15 @@ def _refused(request: Request, exc: ApiError) -> None:
     who = getattr(request.state, "principal", None)
     route = request.scope.get("route")
     ctx_of(request).auditor.record_alone(
-        who.actor if who is not None else "anonymous", f"ui.{getattr(route, 'name', 'unknown')}", outcome="refused",
-        reason=exc.code, status=exc.status, message=exc.message[:300],
-        remote=request.client.host if request.client else "", method=request.method, path=request.url.path[:512],
+        who.actor if who is not None else "anonymous",
+        f"ui.{getattr(route, 'name', 'unknown')}",
+        outcome="refused",
+        reason=exc.code,
+        status=exc.status,
+        message=exc.message[:300],
+        remote=request.client.host if request.client else "",
+        method=request.method,
+        path=request.url.path[:512],
     )
 
 
@@ -211,8 +235,9 @@ router = APIRouter(prefix="/ui", include_in_schema=False, route_class=UiRoute)
 def static(name: str) -> Response:
     if name not in STATIC:
         raise ApiError(404, "not_found", "no such file")
-    return Response((HERE / "static" / name).read_bytes(), media_type=STATIC[name],
-                    headers={"Cache-Control": "no-cache"})
+    return Response(
+        (HERE / "static" / name).read_bytes(), media_type=STATIC[name], headers={"Cache-Control": "no-cache"}
+    )
 
 
 @router.get("/signin")
@@ -249,8 +274,7 @@ async def signin(request: Request) -> Response:
         who = await run_in_threadpool(check)
     except ApiError as exc:
         await run_in_threadpool(_refused, request, exc)
-        return page(request, "signin.html", 401, pre=pre, error="That token was refused (invalid, revoked or "
-                    "expired).")
+        return page(request, "signin.html", 401, pre=pre, error="That token was refused (invalid, revoked or expired).")
 
     def record() -> None:
         with ctx.store.write(serialize=False) as tx:
@@ -307,8 +331,13 @@ def secrets_page(request: Request) -> Response:
 @router.get("/secrets/{name:path}")
 def secret_page(name: str, request: Request) -> Response:
     c = caller(request)
-    return page(request, "secret.html", caller_=c, s=views.secret_detail(c.ctx, c.who, name),
-                live=views.rotation(c.ctx, c.who, name))
+    return page(
+        request,
+        "secret.html",
+        caller_=c,
+        s=views.secret_detail(c.ctx, c.who, name),
+        live=views.rotation(c.ctx, c.who, name),
+    )
 
 
 @router.get("/audit")
@@ -329,10 +358,16 @@ def tokens_page(request: Request) -> Response:
 def revoke_node_confirm(node_id: str, request: Request) -> Response:
     c = caller(request)
     c.who.require_global_admin()
-    return page(request, "confirm.html", caller_=c, action=f"/ui/nodes/{quote(node_id)}/revoke",
-                title=f"Revoke node {node_id}",
-                text="The node is refused from now on, wipes its cache and stops; its region is re-keyed. "
-                     "Values it held must still be rotated.", button="Revoke node")
+    return page(
+        request,
+        "confirm.html",
+        caller_=c,
+        action=f"/ui/nodes/{quote(node_id)}/revoke",
+        title=f"Revoke node {node_id}",
+        text="The node is refused from now on, wipes its cache and stops; its region is re-keyed. "
+        "Values it held must still be rotated.",
+        button="Revoke node",
+    )
 
 
 @router.post("/nodes/{node_id}/revoke")
@@ -340,18 +375,29 @@ async def revoke_node(node_id: str, request: Request) -> Response:
     c = await run_in_threadpool(caller, request)
     await form_of(request, c)
     out = await run_in_threadpool(nodes.revoke, c.ctx, c.who, node_id)
-    return page(request, "done.html", caller_=c, title="Node revoked",
-                text=f"Node {out['id']} is revoked; region {out['region']} is now on key version {out['key_version']}.",
-                back="/ui/regions")
+    return page(
+        request,
+        "done.html",
+        caller_=c,
+        title="Node revoked",
+        text=f"Node {out['id']} is revoked; region {out['region']} is now on key version {out['key_version']}.",
+        back="/ui/regions",
+    )
 
 
 @router.get("/tokens/{token_id}/revoke")
 def revoke_token_confirm(token_id: str, request: Request) -> Response:
     c = caller(request)
     c.who.require("admin")
-    return page(request, "confirm.html", caller_=c, action=f"/ui/tokens/{quote(token_id)}/revoke",
-                title=f"Revoke token {token_id}",
-                text="The token, and every token made from it, stops working at once.", button="Revoke token")
+    return page(
+        request,
+        "confirm.html",
+        caller_=c,
+        action=f"/ui/tokens/{quote(token_id)}/revoke",
+        title=f"Revoke token {token_id}",
+        text="The token, and every token made from it, stops working at once.",
+        button="Revoke token",
+    )
 
 
 @router.post("/tokens/{token_id}/revoke")
@@ -360,8 +406,14 @@ async def revoke_token(token_id: str, request: Request) -> Response:
     await form_of(request, c)
     out = await run_in_threadpool(tokens.revoke, c.ctx, c.who, token_id)
     extra = f" and {len(out['descendants_revoked'])} made from it" if out["descendants_revoked"] else ""
-    return page(request, "done.html", caller_=c, title="Token revoked",
-                text=f"Token {out['id']}{extra} revoked.", back="/ui/tokens")
+    return page(
+        request,
+        "done.html",
+        caller_=c,
+        title="Token revoked",
+        text=f"Token {out['id']}{extra} revoked.",
+        back="/ui/tokens",
+    )
 
 
 @router.get("/rotate/{name:path}")

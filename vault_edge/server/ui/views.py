@@ -73,9 +73,14 @@ def fleet(ctx: Context, who: Principal) -> dict[str, Any]:
         lag = max(0, data_rev.get(n["region"], 0) - n["revision"])
         state = n["status"] if n["status"] in ("down", "revoked") else ("lagging" if lag else "ok")
         counts[state] += 1
-        by_region.setdefault(n["region"], []).append({
-            **n, "state": state, "lag": lag, "last_contact": ago(n["last_seen"], now),
-        })
+        by_region.setdefault(n["region"], []).append(
+            {
+                **n,
+                "state": state,
+                "lag": lag,
+                "last_contact": ago(n["last_seen"], now),
+            }
+        )
     return {
         "regions": [{**r, "node_list": by_region.get(r["name"], [])} for r in region_list],
         "counts": counts,
@@ -105,12 +110,17 @@ def secret_detail(ctx: Context, who: Principal, name: str) -> dict[str, Any]:
     versions = []
     for v in reversed(hist["versions"]):
         live = [s["stage"] for s in v["stages"] if not s["expired"]]
-        versions.append({**v, "live_stages": live, "served_by": served.get(v["version"], []),
-                         "created": when(v["created_at"])})
+        versions.append(
+            {**v, "live_stages": live, "served_by": served.get(v["version"], []), "created": when(v["created_at"])}
+        )
     return {
-        "name": name, "regions": hist["regions"], "deleted": hist["deleted"], "versions": versions,
+        "name": name,
+        "regions": hist["regions"],
+        "deleted": hist["deleted"],
+        "versions": versions,
         "latest": max((v["version"] for v in hist["versions"]), default=0),
-        "schedule": duration(hist["rotate_every_s"]), "scheduled": bool(hist["rotate_every_s"]),
+        "schedule": duration(hist["rotate_every_s"]),
+        "scheduled": bool(hist["rotate_every_s"]),
         "next_rotation": when(hist["next_rotation_at"]),
         "generate": hist["generate"],
     }
@@ -122,10 +132,16 @@ def rotation(ctx: Context, who: Principal, name: str) -> dict[str, Any]:
     now = ctx.clock()
     grid: dict[str, list[dict[str, Any]]] = {r: [] for r in prop["regions"]}
     for n in prop["nodes"]:
-        grid.setdefault(n["region"], []).append({
-            "id": n["id"], "hostname": n.get("hostname", ""), "serving": n["serving"], "state": n["state"],
-            "done": n["done"], "last_contact": ago(n["last_seen"], now),
-        })
+        grid.setdefault(n["region"], []).append(
+            {
+                "id": n["id"],
+                "hostname": n.get("hostname", ""),
+                "serving": n["serving"],
+                "state": n["state"],
+                "done": n["done"],
+                "last_contact": ago(n["last_seen"], now),
+            }
+        )
     live = [n for n in prop["nodes"] if n["state"] != "down"]
     done = sum(1 for n in live if n["done"])
     if not prop["nodes"]:
@@ -137,8 +153,12 @@ def rotation(ctx: Context, who: Principal, name: str) -> dict[str, Any]:
     else:
         summary = f"v{prop['current']} served by {done} of {len(live)} live nodes ({len(prop['lagging'])} lagging)"
     return {
-        "name": name, "current": prop["current"], "revision": prop["revision"], "complete": prop["complete"],
-        "summary": summary, "regions": [{"name": r, "nodes": grid[r]} for r in grid],
+        "name": name,
+        "current": prop["current"],
+        "revision": prop["revision"],
+        "complete": prop["complete"],
+        "summary": summary,
+        "regions": [{"name": r, "nodes": grid[r]} for r in grid],
     }
 
 
@@ -151,8 +171,15 @@ def rotations_24h(ctx: Context, who: Principal) -> list[dict[str, Any]]:
             continue
         for v in secrets.history(ctx, who, s["name"])["versions"]:
             if v["version"] > 1 and v["created_at"] >= since:
-                out.append({"name": s["name"], "version": v["version"], "origin": v["origin"],
-                            "at": v["created_at"], "ago": ago(v["created_at"], ctx.clock())})
+                out.append(
+                    {
+                        "name": s["name"],
+                        "version": v["version"],
+                        "origin": v["origin"],
+                        "at": v["created_at"],
+                        "ago": ago(v["created_at"], ctx.clock()),
+                    }
+                )
     return sorted(out, key=lambda r: -r["at"])
 
 
@@ -203,13 +230,23 @@ class AuditFilter:
         before = text("before")
         if before and (not before.isdigit() or len(before) > 18):
             raise bad_request("before: an audit sequence number")
-        return cls(text("actor"), text("action"), text("target"), moment("since"), moment("until"),
-                   int(before) if before else None)
+        return cls(
+            text("actor"),
+            text("action"),
+            text("target"),
+            moment("since"),
+            moment("until"),
+            int(before) if before else None,
+        )
 
     def matches(self, e: Any) -> bool:
-        return (self.actor.lower() in e.actor.lower() and self.action.lower() in e.action.lower()
-                and self.target.lower() in e.target.lower()
-                and (self.since is None or e.at >= self.since) and (self.until is None or e.at < self.until))
+        return (
+            self.actor.lower() in e.actor.lower()
+            and self.action.lower() in e.action.lower()
+            and self.target.lower() in e.target.lower()
+            and (self.since is None or e.at >= self.since)
+            and (self.until is None or e.at < self.until)
+        )
 
     def query(self) -> dict[str, str]:
         return {k: v for k, v in (("actor", self.actor), ("action", self.action), ("target", self.target)) if v}
@@ -235,9 +272,17 @@ def audit(ctx: Context, who: Principal, f: AuditFilter) -> dict[str, Any]:
                     detail = json.loads(e.detail) if e.detail else {}
                 except ValueError:
                     detail = {"unreadable": True}
-                found.append({"seq": e.seq, "at": when(e.at), "actor": e.actor, "action": e.action,
-                              "target": e.target, "outcome": e.outcome,
-                              "detail": ", ".join(f"{k}={v}" for k, v in sorted(detail.items()))[:300]})
+                found.append(
+                    {
+                        "seq": e.seq,
+                        "at": when(e.at),
+                        "actor": e.actor,
+                        "action": e.action,
+                        "target": e.target,
+                        "outcome": e.outcome,
+                        "detail": ", ".join(f"{k}={v}" for k, v in sorted(detail.items()))[:300],
+                    }
+                )
         scanned += hi - lo
         hi = lo
     older = found[-1]["seq"] if len(found) == AUDIT_PAGE else (hi if hi > 0 else None)

@@ -162,7 +162,20 @@ def upgrade() -> None:
 
 def downgrade() -> None:
     for table in (
-        "audit", "nonces", "operator_tokens", "join_tokens", "grants", "nodes", "stage_log", "stages",
-        "data_key_wraps", "secret_versions", "secrets", "region_keys", "regions", "counter", "meta",
+        "audit",
+        "nonces",
+        "operator_tokens",
+        "join_tokens",
+        "grants",
+        "nodes",
+        "stage_log",
+        "stages",
+        "data_key_wraps",
+        "secret_versions",
+        "secrets",
+        "region_keys",
+        "regions",
+        "counter",
+        "meta",
     ):
         op.drop_table(table)
