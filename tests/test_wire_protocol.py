@@ -113,3 +113,31 @@ def test_decoding_anything_raises_only_wire_errors(raw: bytes) -> None:
     for decode in (wsync.Envelope.decode, lambda r: wsync.RegionBody.decode(r, 1 << 20), revoke.Revocation.decode):
         with contextlib.suppress(WireError):
             decode(raw)
+
+
+def test_enrolment_messages_round_trip_and_hide_the_token() -> None:
+    from vault_edge.wire import enrol
+
+    req = enrol.Request("vej1.0123456789abcdef.c2VjcmV0.cGlu", b"\x01" * 32, b"\x02" * 32, "pop-1\x07")
+    got = enrol.Request.decode(req.encode())
+    assert (got.token, got.box_public, got.sign_public, got.hostname) == (
+        req.token,
+        req.box_public,
+        req.sign_public,
+        "pop-1",
+    )
+    assert "c2VjcmV0" not in repr(req)  # the join token's secret never in a repr
+    assert enrol.open_envelope(enrol.seal_envelope(b"sealed")) == b"sealed"
+    ans = enrol.Answer(NODE, "eu", b"\x03" * 32, 7, b"\x02" * 32, "bm9uY2U")
+    assert enrol.Answer.decode(ans.encode()) == ans
+    for bad in (b"[]", b'{"token": 5}', _edit(req.encode(), box_public="AAAA"), _edit(req.encode(), token="nope")):
+        with pytest.raises(WireError):
+            enrol.Request.decode(bad)
+    for bad in (
+        b"{}",
+        _edit(ans.encode(), node="n-XYZ"),
+        _edit(ans.encode(), revision=-1),
+        _edit(ans.encode(), nonce=1),
+    ):
+        with pytest.raises(WireError):
+            enrol.Answer.decode(bad)

@@ -39,6 +39,7 @@ from vault_edge.agent.cache import DiskCache
 from vault_edge.agent.identity import Enrolment, Identity, save_enrolment
 from vault_edge.agent.view import AgentState
 from vault_edge.crypto import signing
+from vault_edge.wire import enrol as wenrol
 from vault_edge.wire import revoke
 from vault_edge.wire import sync as wsync
 
@@ -170,15 +171,8 @@ def _refusal_proven(key: bytes, resp: Answer, nonce: str, request_body: bytes) -
 
 def enrolment_body(server_key: bytes, token: str, box_public: bytes, sign_public: bytes, hostname: str) -> bytes:
     """The enrolment request, sealed to the (pinned) control-plane key: the token is readable by it alone."""
-    inner = json.dumps(
-        {
-            "token": token,
-            "box_public": wire.b64e(box_public),
-            "sign_public": wire.b64e(sign_public),
-            "hostname": hostname,
-        }
-    ).encode()
-    return json.dumps({"sealed": wire.b64e(signing.seal_to_server(server_key, inner))}).encode()
+    inner = wenrol.Request(token, box_public, sign_public, hostname).encode()
+    return wenrol.seal_envelope(signing.seal_to_server(server_key, inner))
 
 
 ENROLL_TIMEOUT_S = 30.0  # one enrolment exchange, connect to last byte (a retry is answered the same)
@@ -293,18 +287,17 @@ class Syncer:
             break
         if resp.status_code != 200:
             raise EnrolError(f"enrolment refused: {_error_message(resp)}")
-        if not _server_signed(pinned, "enroll", resp):
+        if not _server_signed(pinned, wenrol.KIND, resp):
             raise EnrolError("enrolment answer is not signed by the pinned control-plane key")
         try:
-            doc = json.loads(resp.content)
-            server_key, node, region = wire.b64d(doc["server_key"]), str(doc["node"]), str(doc["region"])
-        except (ValueError, KeyError, TypeError, RecursionError, wire.WireError):
-            raise EnrolError("enrolment answer is malformed") from None
-        if server_key != pinned:
+            answer = wenrol.Answer.decode(resp.content)
+        except wire.WireError as exc:
+            raise EnrolError(str(exc)) from None
+        if answer.server_key != pinned:
             raise EnrolError("the enrolment answer names another control-plane key than the pinned one")
-        if doc.get("nonce") != headers[wire.H_NONCE] or doc.get("sign_public") != wire.b64e(keys.sign_public):
+        if answer.nonce != headers[wire.H_NONCE] or answer.sign_public != keys.sign_public:
             raise EnrolError("the enrolment answer was made for another request")
-        enrolment = Enrolment(node, region, self.server, server_key, time.time())
+        enrolment = Enrolment(answer.node, answer.region, self.server, answer.server_key, time.time())
         self.identity = save_enrolment(self.identity, enrolment)
         self.state.node, self.state.region = enrolment.node, enrolment.region
         self.backoff.reset()

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import json
 import logging
 import threading
 from dataclasses import dataclass, field
@@ -113,21 +112,8 @@ class RegionView:
         """Sync protocol 1's secrets list (agents from before deltas): the whole view, every answer."""
         got = self.bodies.get("v1")
         if got is None:
-            doc = [
-                {
-                    "name": v.name,
-                    "version": v.version,
-                    "stage": v.stage,
-                    "expires_at": v.expires_at,
-                    "created_at": v.created_at,
-                    "ct": wire.b64e(v.ciphertext),
-                    "kv": v.key_version,
-                    "dek": wire.b64e(v.wrapped_dek),
-                }
-                for name in sorted(self.entries)
-                for v in self.entries[name]
-            ]
-            got = self.bodies["v1"] = (json.dumps(doc, separators=(",", ":")).encode(), b"")
+            body = wsync.v1_secrets(v for name in sorted(self.entries) for v in self.entries[name])
+            got = self.bodies["v1"] = (body, b"")
         return got[0]
 
 
@@ -408,17 +394,20 @@ class Hub:
     ) -> tuple[bytes, bytes]:
         """Sync protocol 1, for agents from before deltas: the node's whole view on every change."""
         keys = self.ctx.barrier.keys()
-        head = {"v": 1, "node": node_id, "nonce": nonce, "issued_at": int(self.ctx.clock())}
+        issued = int(self.ctx.clock())
         if view is None or member is None:
-            body = json.dumps({**head, "kind": "unchanged", "revision": since}, separators=(",", ":")).encode()
+            body = wsync.v1_answer(node_id, nonce, issued, since)
         else:
-            revision = max(view.data_rev, member.node_rev)
-            prefix = json.dumps(
-                {**head, "kind": "sync", "region": view.region, "revision": revision}, separators=(",", ":")
-            ).encode()
-            grants = json.dumps([g.to_json() for g in member.grants], separators=(",", ":")).encode()
-            body = b"".join([prefix[:-1], b',"grants":', grants, b',"secrets":', view.legacy_secrets_json(), b"}"])
-        return body, signing.sign(keys.signer, wire.response_message("sync", body))
+            body = wsync.v1_answer(
+                node_id,
+                nonce,
+                issued,
+                max(view.data_rev, member.node_rev),
+                view.region,
+                member.grants,
+                view.legacy_secrets_json(),
+            )
+        return body, signing.sign(keys.signer, wire.response_message(wsync.V1_KIND, body))
 
 
 def _history(

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -257,6 +258,48 @@ def split(raw: bytes) -> tuple[bytes, bytes]:
     if cut < 0:
         raise WireError("a sync answer without its envelope line")
     return raw[:cut], raw[cut + 1 :]
+
+
+# -- protocol 1, for agents from before deltas (the control plane still answers them) ----------------
+V1_KIND: Final = "sync"  # what a protocol-1 answer's signature is domain-separated by
+
+
+def v1_secrets(versions: Iterable[SealedVersion]) -> bytes:
+    """A protocol-1 answer's secrets list (the whole view), encoded once per region and revision."""
+    return json.dumps(
+        [
+            {
+                "name": v.name,
+                "version": v.version,
+                "stage": v.stage,
+                "expires_at": v.expires_at,
+                "created_at": v.created_at,
+                "ct": b64e(v.ciphertext),
+                "kv": v.key_version,
+                "dek": b64e(v.wrapped_dek),
+            }
+            for v in versions
+        ],
+        separators=(",", ":"),
+    ).encode()
+
+
+def v1_answer(
+    node: str,
+    nonce: str,
+    issued_at: int,
+    revision: int,
+    region: str | None = None,
+    grants: Iterable[Grant] = (),
+    secrets_json: bytes | None = None,
+) -> bytes:
+    """A protocol-1 answer: ``unchanged`` when ``secrets_json`` is None, else the node's whole view."""
+    head: dict[str, Any] = {"v": 1, "node": node, "nonce": nonce, "issued_at": issued_at}
+    if secrets_json is None:
+        return _dumps({**head, "kind": "unchanged", "revision": revision})
+    prefix = _dumps({**head, "kind": "sync", "region": region, "revision": revision})
+    grants_json = json.dumps([g.to_json() for g in grants], separators=(",", ":")).encode()
+    return b"".join([prefix[:-1], b',"grants":', grants_json, b',"secrets":', secrets_json, b"}"])
 
 
 # -- strict field readers -------------------------------------------------------------------------

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import secrets
 from collections.abc import Mapping
 from typing import Any
@@ -16,6 +15,7 @@ from vault_edge.server.errors import ApiError, bad_request, not_found, unauthori
 from vault_edge.server.ops import keyring, regions
 from vault_edge.server.storage.records import JoinToken, Node
 from vault_edge.server.storage.repo import TamperedRow, Tx
+from vault_edge.wire import enrol as wenrol
 
 MAX_TTL_S = 7 * 86400
 TOKEN_USED = "join token already used: make a new one with `vault-edge node token`"
@@ -85,23 +85,19 @@ def enroll(ctx: Context, target: str, headers: Mapping[str, str], body: bytes) -
     or not at all."""
     keys = ctx.barrier.keys()
     try:
-        sealed = wire.b64d(json.loads(body)["sealed"], max_len=8192)
-    except (ValueError, KeyError, TypeError, RecursionError, wire.WireError):
-        raise bad_request("enrolment needs {sealed}: the request sealed to the control plane's key") from None
+        sealed = wenrol.open_envelope(body)
+    except wire.WireError as exc:
+        raise bad_request(str(exc)) from None
     try:
         inner = signing.open_for_server(keys.signer, sealed)
     except DecryptionError:
         raise bad_request("the enrolment request is not sealed to this control plane's key") from None
     try:
-        req = json.loads(inner)
-        token_id, token_secret, _pin = wire.parse_join_token(req["token"])
-        box_public = wire.b64d(req["box_public"], max_len=64)
-        sign_public = wire.b64d(req["sign_public"], max_len=64)
-        hostname = "".join(c for c in str(req.get("hostname") or "") if c.isprintable())[:255]
-        if len(box_public) != 32 or len(sign_public) != 32:
-            raise ValueError
-    except (ValueError, KeyError, TypeError, RecursionError, wire.WireError):
-        raise bad_request("enrolment needs {token, box_public, sign_public, hostname}") from None
+        req = wenrol.Request.decode(inner)
+    except wire.WireError as exc:
+        raise bad_request(str(exc)) from None
+    token_id, token_secret, _pin = wire.parse_join_token(req.token)
+    box_public, sign_public, hostname = req.box_public, req.sign_public, req.hostname
     if headers.get(wire.H_NODE) != wire.ENROLL_NODE:
         raise bad_request("enrolment is signed with node id '-'")
     try:
@@ -166,18 +162,10 @@ def enroll(ctx: Context, target: str, headers: Mapping[str, str], body: bytes) -
             region=token.region,
             token_id=token_id,
         )
-    out = json.dumps(
-        {
-            "v": wire.PROTOCOL_VERSION,
-            "node": node_id,
-            "region": token.region,
-            "server_key": wire.b64e(keys.server_public),
-            "revision": rev,
-            "sign_public": wire.b64e(sign_public),
-            "nonce": headers.get(wire.H_NONCE, ""),
-        }
+    out = wenrol.Answer(
+        node_id, token.region, keys.server_public, rev, sign_public, headers.get(wire.H_NONCE, "")
     ).encode()
-    return out, signing.sign(keys.signer, wire.response_message("enroll", out))
+    return out, signing.sign(keys.signer, wire.response_message(wenrol.KIND, out))
 
 
 def _repeat(tx: Tx, token: JoinToken, box_public: bytes, sign_public: bytes) -> Node:
@@ -210,7 +198,7 @@ def enrolment_refusal(ctx: Context, exc: ApiError, nonce: str, request_body: byt
     """The signed refusal of an enrolment: the plain JSON error shape, signed over the request's nonce
     and body digest as well (``wire.refusal_message``), so it proves the control plane refused *this*
     request; a relay that altered the request, or answers on its own, cannot produce it."""
-    body = json.dumps({"error": {"code": exc.code, "message": exc.message}}, separators=(",", ":")).encode()
+    body = wenrol.refusal(exc.code, exc.message)
     return body, signing.sign(ctx.barrier.keys().signer, wire.refusal_message(nonce, request_body, body))
 
 
