@@ -25,7 +25,7 @@ log = logging.getLogger("vault_edge.agent")
 EXIT_REVOKED = 3  # systemd: RestartPreventExitStatus=3
 
 
-class AgentError(Exception):
+class StartError(Exception):
     """The agent cannot start or must stop; the message says why."""
 
 
@@ -116,18 +116,18 @@ async def run(cfg: AgentConfig) -> int:
     try:
         identity = ident.load_or_create(cfg.state_dir)
     except (ident.IdentityError, OSError) as exc:
-        raise AgentError(str(exc)) from None
+        raise StartError(str(exc)) from None
     server = cfg.server or (identity.enrolment.server if identity.enrolment else None)
     if not server:
-        raise AgentError("give --server URL (the control plane)")
+        raise StartError("give --server URL (the control plane)")
     if not identity.enrolled and not cfg.join_token:
-        raise AgentError("this node is not enrolled: give --join-token (from `vault-edge node token --region R`)")
+        raise StartError("this node is not enrolled: give --join-token (from `vault-edge node token --region R`)")
     if identity.enrolled and cfg.join_token:
         log.warning("already enrolled as %s; ignoring --join-token", identity.enrolment.node)  # type: ignore[union-attr]
     try:
         policy = Policy.load(cfg.policy)
     except ValueError as exc:
-        raise AgentError(str(exc)) from None
+        raise StartError(str(exc)) from None
     warn_about_policy(policy)
     nofile = raise_fd_limit()
 
@@ -160,7 +160,7 @@ async def run(cfg: AgentConfig) -> int:
             max_conns_per_uid=cfg.max_conns_per_uid,
         )
     except (OSError, ValueError) as exc:
-        raise AgentError(f"cannot listen on {cfg.socket}: {getattr(exc, 'strerror', None) or exc}") from None
+        raise StartError(f"cannot listen on {cfg.socket}: {getattr(exc, 'strerror', None) or exc}") from None
     log.info(
         "serving on %s (open-files limit %d, per-uid connection cap %d, idle connections closed after %gs)",
         cfg.socket,
@@ -193,7 +193,7 @@ async def run(cfg: AgentConfig) -> int:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(cfg.socket)
             await syncer.close()
-            raise AgentError(f"cannot listen for metrics on {host}:{port}: {exc.strerror or exc}") from None
+            raise StartError(f"cannot listen for metrics on {host}:{port}: {exc.strerror or exc}") from None
         log.info(
             "metrics on http://%s:%d/metrics%s",
             host if ":" not in host else f"[{host}]",
@@ -214,7 +214,7 @@ async def run(cfg: AgentConfig) -> int:
                 ident.forget(cfg.state_dir)
                 code = EXIT_REVOKED
             elif isinstance(ended, EnrolError):
-                raise AgentError(str(ended))
+                raise StartError(str(ended))
             elif ended is not None:
                 raise ended
     finally:

@@ -230,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
         join_token = Path(args.join_token_file).read_text().strip()
 
     from vault_edge.agent.egress import EgressSettings
-    from vault_edge.agent.run import AgentConfig, AgentError
+    from vault_edge.agent.run import AgentConfig, StartError
     from vault_edge.agent.run import main as run_agent
 
     cfg = AgentConfig(
@@ -257,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         return run_agent(cfg)
-    except (AgentError, OSError, ValueError) as exc:  # expected failures: one line, exit 1, no traceback
+    except (StartError, OSError, ValueError) as exc:  # expected failures: one line, exit 1, no traceback
         print(f"error: {str(exc) or type(exc).__name__}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

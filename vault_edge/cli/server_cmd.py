@@ -7,9 +7,7 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import subprocess
-import sys
 import tempfile
 import time
 from typing import Any
@@ -94,10 +92,8 @@ def server(
 
     Every option also reads VAULT_EDGE_<OPTION> (e.g. VAULT_EDGE_DB, VAULT_EDGE_PORT,
     VAULT_EDGE_AUDIT_FILE, VAULT_EDGE_METRICS_TOKEN); the flag wins."""
-    import uvicorn
-
     from vault_edge import logs
-    from vault_edge.server.app import create_app
+    from vault_edge.server.serve import ServeError, serve
     from vault_edge.server.settings import Settings
 
     if bool(tls_cert) != bool(tls_key):
@@ -127,54 +123,12 @@ def server(
         tmpdir = tempfile.mkdtemp(prefix="vault-edge-dev-")
         settings.db = os.path.join(tmpdir, "dev.db")
     try:
-        from vault_edge.server.hsm import SealError
-
-        try:
-            app = create_app(settings, on_ready=_dev_bootstrap(settings) if settings.dev else None)
-        except SealError as exc:
-            raise CliError(str(exc)) from None
-        except ModuleNotFoundError as exc:
-            if (exc.name or "").startswith("psycopg"):
-                raise CliError("the PostgreSQL driver is not installed: pip install 'vault-edge[postgres]'") from None
-            raise
-        except OSError as exc:
-            if settings.audit_file and exc.filename == settings.audit_file:
-                raise CliError(f"cannot open the audit file {settings.audit_file}: {exc.strerror}") from None
-            raise CliError(f"cannot open the database: {exc.strerror or exc}") from None
-        except Exception as exc:  # a bad --db URL, an unreachable database, a failed migration
-            first_line = (str(exc).splitlines() or [""])[0][:200]
-            raise CliError(f"cannot open the database: {type(exc).__name__}: {first_line}") from None
-        # uvicorn re-raises the signal it stopped on; turn it into SystemExit so `finally` runs
-        signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
-        # uvicorn's loggers propagate to the root handler logs.setup() installed: one format for all
-        config = uvicorn.Config(
-            app,
-            host=settings.host,
-            port=settings.port,
-            log_level=log_level,
-            log_config=None,
-            access_log=settings.access_log,
-            ssl_certfile=settings.tls_cert,
-            ssl_keyfile=settings.tls_key,
-            timeout_graceful_shutdown=5,
-        )
-        _server_class()(config).run()
+        serve(settings, log_level, on_ready=_dev_bootstrap(settings) if settings.dev else None)
+    except ServeError as exc:
+        raise CliError(str(exc)) from None
     finally:
         if tmpdir:
             shutil.rmtree(tmpdir, ignore_errors=True)
-
-
-def _server_class() -> Any:
-    import uvicorn
-
-    class Server(uvicorn.Server):
-        """Releases the held long-polls first, so a graceful stop does not wait out their holds."""
-
-        async def shutdown(self, sockets: Any = None) -> None:
-            self.config.app.state.hub.release()
-            await super().shutdown(sockets)
-
-    return Server
 
 
 def _dev_bootstrap(settings: Any) -> Any:

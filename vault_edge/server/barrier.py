@@ -87,6 +87,10 @@ class Barrier:
             raise sealed()
         return keys
 
+    def require_unsealed(self) -> None:
+        """A 503 ``sealed`` error unless unsealed: the seal check of an operation."""
+        self.keys()
+
     def keys_or_none(self) -> Keys | None:
         return self._keys
 

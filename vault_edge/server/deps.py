@@ -22,7 +22,7 @@ async def unsealed(ctx: Context = Depends(get_ctx)) -> Context:
         with ctx.store.read() as tx:
             if "canary" not in tx.get_meta():
                 raise not_initialized()
-    ctx.barrier.keys()
+    ctx.barrier.require_unsealed()
     return ctx
 
 

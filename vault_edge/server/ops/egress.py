@@ -32,7 +32,7 @@ def create(ctx: Context, who: Principal, doc: dict[str, Any], regions: list[str]
         route = wegress.route_from_json(doc).route
     except wire.WireError as exc:
         raise bad_request(str(exc)) from None
-    ctx.barrier.keys()
+    ctx.barrier.require_unsealed()
     now = ctx.clock()
     with ctx.store.write() as tx:
         secret = tx.get_secret(route.secret)
@@ -81,7 +81,7 @@ def delete(ctx: Context, who: Principal, name: str) -> dict[str, Any]:
     who.require_global_admin()
     if not wegress.valid_route_name(name):
         raise not_found(f"no egress route {name!r}")
-    ctx.barrier.keys()
+    ctx.barrier.require_unsealed()
     with ctx.store.write() as tx:
         try:
             route = tx.get_egress(name)

@@ -230,7 +230,7 @@ def node_json(ctx: Context, n: Node, now: float) -> dict[str, Any]:
 def revoke(ctx: Context, who: Principal, node_id: str) -> dict[str, Any]:
     """Refuse the node from now on, and re-key its region so its region key opens nothing new."""
     who.require_global_admin()
-    ctx.barrier.keys()
+    ctx.barrier.require_unsealed()
     with ctx.store.write() as tx:
         node = tx.get_node(node_id) if wire.valid_node_id(node_id) else None
         if node is None:

@@ -19,7 +19,7 @@ def create(ctx: Context, who: Principal, name: str) -> dict[str, Any]:
         wire.check_region(name)
     except wire.WireError as exc:
         raise bad_request(str(exc)) from None
-    ctx.barrier.keys()
+    ctx.barrier.require_unsealed()
     now = ctx.clock()
     with ctx.store.write() as tx:
         rev = tx.next_revision()
@@ -60,7 +60,7 @@ def list_regions(ctx: Context, who: Principal) -> dict[str, Any]:
 
 def rekey(ctx: Context, who: Principal, name: str) -> dict[str, Any]:
     who.require_global_admin()
-    ctx.barrier.keys()
+    ctx.barrier.require_unsealed()
     with ctx.store.write() as tx:
         if tx.get_region(name) is None:
             raise not_found(f"no region {name!r}")

@@ -140,7 +140,7 @@ def create_rotator(
         raise ApiError(501, "not_available", str(exc)) from None
     if admin_value is not None:
         _check_admin(kind, admin_value)
-    ctx.barrier.keys()
+    ctx.barrier.require_unsealed()
     now = ctx.clock()
     with ctx.store.write() as tx:
         secret = tx.get_secret(admin_secret)
@@ -245,7 +245,7 @@ def start(
     credential sealed as the ``pending`` version. The scheduler's start passes its ``claim`` (secret id,
     due at, next due at): only the replica that wins it starts, and a secret mid-rotation is skipped."""
     who.require("write", name)
-    ctx.barrier.keys()
+    ctx.barrier.require_unsealed()
     now = ctx.clock()
     with ctx.store.write() as tx:
         if claim is not None and not tx.claim_rotation(*claim):

@@ -166,7 +166,7 @@ def put(
     floor = ctx.settings.min_rotate_every_s
     if rotate_every_s is not None and rotate_every_s != 0 and rotate_every_s < floor:
         raise bad_request(f"rotate_every: at least {floor} seconds (or 0 to stop scheduled rotation)")
-    ctx.barrier.keys()
+    ctx.barrier.require_unsealed()
     now = ctx.clock()
     with ctx.store.write() as tx:
         wanted = _parse_regions(tx, regions)
@@ -235,7 +235,7 @@ def _bind_rotator(
         raise bad_request(f"rotate_every: at least {floor} seconds (or 0 to stop scheduled rotation)")
     if value is not None:
         _credential(value)
-    ctx.barrier.keys()
+    ctx.barrier.require_unsealed()
     now = ctx.clock()
     with ctx.store.write() as tx:
         if tx.get_rotator(rotator) is None:
@@ -329,7 +329,7 @@ def _rotate(
         raise bad_request("give a value or a generate spec, not both")
     if generate is not None:
         _check_spec(generate)
-    ctx.barrier.keys()
+    ctx.barrier.require_unsealed()
     with ctx.store.write() as tx:
         if claim is not None and not tx.claim_rotation(*claim):
             return None
@@ -354,7 +354,7 @@ def _rotate(
 def promote(ctx: Context, who: Principal, name: str, grace_s: int | None = None) -> dict[str, Any]:
     _check_name(name)
     who.require("write", name)
-    ctx.barrier.keys()
+    ctx.barrier.require_unsealed()
     with ctx.store.write() as tx:
         secret = _live(tx, name)
         version, rev, pending = promote_in(ctx, tx, secret, grace_s)
@@ -388,7 +388,7 @@ def promote_in(ctx: Context, tx: Tx, secret: Secret, grace_s: int | None = None)
 def rollback(ctx: Context, who: Principal, name: str, to: int, grace_s: int | None = None) -> dict[str, Any]:
     _check_name(name)
     who.require("write", name)
-    ctx.barrier.keys()
+    ctx.barrier.require_unsealed()
     with ctx.store.write() as tx:
         secret = _live(tx, name)
         value = _value_of(ctx, tx, secret, to)
@@ -426,7 +426,7 @@ def get(
         raise bad_request("give a version or a stage, not both")
     if stage is not None and stage not in wire.STAGES:
         raise bad_request(f"stage: one of {', '.join(wire.STAGES)}")
-    ctx.barrier.keys()
+    ctx.barrier.require_unsealed()
     now = ctx.clock()
     with ctx.store.read() as tx:
         secret = _live(tx, name)
