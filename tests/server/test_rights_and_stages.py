@@ -160,16 +160,18 @@ def test_revoking_a_token_revokes_every_token_made_from_it(api: Api) -> None:
 def test_a_token_revoked_while_its_request_is_in_flight_makes_nothing(api: Api, monkeypatch: Any) -> None:
     """The maker is checked again inside the write: a child made by a token revoked between its
     authentication and the write would escape the cascade."""
-    from vault_edge.server.routes import admin
+    from vault_edge.server.auth import Principal
 
     _, parent = _token(api, prefixes=["team-a/"], verbs=["read", "admin"])
-    real = admin.duration
+    real, done = Principal.require_grant, []
 
-    def revoke_meanwhile(value: Any, field: str) -> Any:
-        assert api.call("DELETE", f"/v1/tokens/{parent['id']}")[0] == 200
-        return real(value, field)
+    def revoke_meanwhile(self: Principal, *args: Any) -> Any:  # after authentication, before the write
+        if not done:
+            done.append(True)
+            assert api.call("DELETE", f"/v1/tokens/{parent['id']}")[0] == 200
+        return real(self, *args)
 
-    monkeypatch.setattr(admin, "duration", revoke_meanwhile)
+    monkeypatch.setattr(Principal, "require_grant", revoke_meanwhile)
     st, err = _token(Api(api.client, parent["token"]), name="late", prefixes=["team-a/x/"], verbs=["read"])
     assert st == 401, err
     assert "late" not in [t["name"] for t in api.call("GET", "/v1/tokens")[1]["tokens"]]

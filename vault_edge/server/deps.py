@@ -7,8 +7,7 @@ from fastapi import Depends, Request
 from vault_edge.server import auth
 from vault_edge.server.auth import Principal
 from vault_edge.server.context import Context
-from vault_edge.server.errors import bad_request, not_initialized
-from vault_edge.server.schemas import seconds
+from vault_edge.server.errors import not_initialized
 
 
 async def get_ctx(request: Request) -> Context:
@@ -38,10 +37,3 @@ def principal(request: Request, ctx: Context = Depends(unsealed)) -> Principal:
         who = auth.authenticate(tx, token_of(request), ctx.clock())
     request.state.principal = who  # names the actor if the request is refused later (a 403)
     return who
-
-
-def duration(value: str | int | None, field: str) -> int | None:
-    try:
-        return seconds(value)
-    except ValueError as exc:
-        raise bad_request(f"{field}: {exc}") from None

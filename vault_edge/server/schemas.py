@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema, field_validator
 
 from vault_edge import wire
 from vault_edge.durations import MAX_SECONDS, parse_duration
@@ -23,13 +23,26 @@ def seconds(value: str | int | None) -> int | None:
     return parse_duration(value)
 
 
-def _valid_duration(value: str | int) -> str | int:
-    seconds(value)
-    return value
+def _to_seconds(value: Any) -> Any:
+    if isinstance(value, (str, int)):
+        return seconds(value)
+    return value  # anything else fails the int check below, with pydantic's message
 
 
-# A duration as operators type it ("15m", "1h30m") or a number of seconds; checked at the edge.
-Duration = Annotated[str | int, AfterValidator(_valid_duration)]
+# A duration as operators type it ("15m", "1h30m") or a number of seconds: parsed once, at the edge,
+# into seconds (handlers get an int).
+Duration = Annotated[
+    int,
+    BeforeValidator(_to_seconds),
+    WithJsonSchema(
+        {
+            "anyOf": [
+                {"type": "string", "examples": ["15m", "1h30m", "7d"]},
+                {"type": "integer", "minimum": 0, "maximum": MAX_SECONDS},
+            ]
+        }
+    ),
+]
 
 
 class Strict(BaseModel):

@@ -47,3 +47,26 @@ def revoke(ctx: Context, who: Principal, token_id: str) -> dict[str, Any]:
         revoked = tx.revoke_operator_token(token_id, ctx.clock())
         ctx.auditor.record(tx, who.actor, "token.revoke", token_id, with_descendants=revoked[1:])
     return {"id": token_id, "revoked": True, "descendants_revoked": revoked[1:]}
+
+
+def create(
+    ctx: Context, who: Principal, name: str, asked_prefixes: list[str], asked_verbs: list[str], ttl: int | None
+) -> dict[str, Any]:
+    """A token made by ``who``, within its own rights and lifetime; its secret is shown once."""
+    prefixes, verbs = tuple(dict.fromkeys(asked_prefixes)), tuple(dict.fromkeys(asked_verbs))
+    who.require_grant(prefixes, verbs)
+    with ctx.store.write() as tx:
+        auth.still_valid(tx, who, ctx.clock())  # not revoked since it was authenticated (writers are serialized)
+        secret, token = auth.create_token(
+            tx, name, prefixes, verbs, ctx.clock(), ttl, not_after=who.expires_at, parent=who.id
+        )
+        ctx.auditor.record(
+            tx,
+            who.actor,
+            "token.create",
+            name,
+            token_id=token.id,
+            verbs=list(token.verbs),
+            prefixes=list(token.prefixes),
+        )
+    return {"token": secret, "id": token.id, "name": token.name, "expires_at": token.expires_at}

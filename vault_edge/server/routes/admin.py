@@ -7,10 +7,9 @@ from typing import Any
 from fastapi import APIRouter, Depends, Query
 
 from vault_edge import wire
-from vault_edge.server import auth
 from vault_edge.server.auth import Principal
 from vault_edge.server.context import Context
-from vault_edge.server.deps import duration, get_ctx, principal
+from vault_edge.server.deps import get_ctx, principal
 from vault_edge.server.errors import bad_request, not_found
 from vault_edge.server.ops import nodes, regions, tokens
 from vault_edge.server.schemas import JoinTokenRequest, RegionCreate, TokenCreate
@@ -43,7 +42,7 @@ def join_token(
 ) -> dict[str, Any]:
     if not wire.valid_region(body.region):
         raise not_found(f"no region {body.region!r}")
-    return nodes.create_join_token(ctx, who, body.region, duration(body.ttl, "ttl"))
+    return nodes.create_join_token(ctx, who, body.region, body.ttl)
 
 
 @router.get("/nodes")
@@ -66,24 +65,7 @@ def revoke_node(node_id: str, who: Principal = Depends(principal), ctx: Context 
 def create_token(
     body: TokenCreate, who: Principal = Depends(principal), ctx: Context = Depends(get_ctx)
 ) -> dict[str, Any]:
-    prefixes, verbs = tuple(dict.fromkeys(body.prefixes)), tuple(dict.fromkeys(body.verbs))
-    who.require_grant(prefixes, verbs)
-    ttl = duration(body.ttl, "ttl")
-    with ctx.store.write() as tx:
-        auth.still_valid(tx, who, ctx.clock())  # not revoked since it was authenticated (writers are serialized)
-        secret, token = auth.create_token(
-            tx, body.name, prefixes, verbs, ctx.clock(), ttl, not_after=who.expires_at, parent=who.id
-        )
-        ctx.auditor.record(
-            tx,
-            who.actor,
-            "token.create",
-            body.name,
-            token_id=token.id,
-            verbs=list(token.verbs),
-            prefixes=list(token.prefixes),
-        )
-    return {"token": secret, "id": token.id, "name": token.name, "expires_at": token.expires_at}
+    return tokens.create(ctx, who, body.name, body.prefixes, body.verbs, body.ttl)
 
 
 @router.get("/tokens")

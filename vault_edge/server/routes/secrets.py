@@ -9,7 +9,7 @@ from fastapi import APIRouter, Depends, Query
 from vault_edge import wire
 from vault_edge.server.auth import Principal
 from vault_edge.server.context import Context
-from vault_edge.server.deps import duration, get_ctx, principal
+from vault_edge.server.deps import get_ctx, principal
 from vault_edge.server.errors import bad_request
 from vault_edge.server.ops import rotation, secrets
 from vault_edge.server.schemas import PromoteRequest, PutSecret, RollbackRequest, RotateRequest, ValueFields
@@ -44,8 +44,8 @@ def put(
         _value(body),
         body.generate,
         body.regions,
-        duration(body.rotate_every, "rotate_every"),
-        duration(body.grace, "grace"),
+        body.rotate_every,
+        body.grace,
         body.rotator,
     )
 
@@ -77,21 +77,21 @@ def history(name: str, who: Principal = Depends(principal), ctx: Context = Depen
 def rotate(
     name: str, body: RotateRequest, who: Principal = Depends(principal), ctx: Context = Depends(get_ctx)
 ) -> dict[str, Any]:
-    return rotation.rotate(ctx, who, name, _value(body), body.generate, duration(body.grace, "grace"), body.stage)
+    return rotation.rotate(ctx, who, name, _value(body), body.generate, body.grace, body.stage)
 
 
 @router.post("/promote/{name:path}")
 def promote(
     name: str, body: PromoteRequest, who: Principal = Depends(principal), ctx: Context = Depends(get_ctx)
 ) -> dict[str, Any]:
-    return secrets.promote(ctx, who, name, duration(body.grace, "grace"))
+    return secrets.promote(ctx, who, name, body.grace)
 
 
 @router.post("/rollback/{name:path}")
 def rollback(
     name: str, body: RollbackRequest, who: Principal = Depends(principal), ctx: Context = Depends(get_ctx)
 ) -> dict[str, Any]:
-    return secrets.rollback(ctx, who, name, body.to, duration(body.grace, "grace"))
+    return secrets.rollback(ctx, who, name, body.to, body.grace)
 
 
 @router.get("/propagation/{name:path}")
