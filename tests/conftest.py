@@ -320,3 +320,16 @@ def cli(
         timeout=timeout,
         check=False,
     )
+
+
+def two_replicas(make_app: Any) -> tuple[Api, Any, Any]:
+    """Two control planes on one database, the first initialized and unsealed, the second unsealed with
+    its shares; region eu; (the first's Api with the root token, app1, app2)."""
+    c1, app1 = make_app(min_rotate_every_s=1, scheduler_interval_s=3600)
+    shares, token = init_and_unseal(c1)
+    c2, app2 = make_app(min_rotate_every_s=1, scheduler_interval_s=3600)
+    for share in shares[:2]:
+        assert c2.post("/v1/sys/unseal", json={"share": share}).status_code == 200
+    api = Api(c1, token)
+    api.call("POST", "/v1/regions", json={"name": "eu"})
+    return api, app1, app2

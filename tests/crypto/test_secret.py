@@ -1,5 +1,5 @@
-"""Secret holders never leak through repr, str, logs, pickling or timing: ``SecretBytes``, the control
-plane's ``Keys`` and a node's ``KeyPair``."""
+"""Secret holders never leak through repr, str, logs, pickling or timing: ``SecretBytes`` and a node's
+``KeyPair`` (the control plane's ``Keys``: tests/server/test_barrier_keys.py)."""
 
 from __future__ import annotations
 
@@ -12,9 +12,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from vault_edge.crypto import envelope, secret, signing
+from vault_edge.crypto import secret, signing
 from vault_edge.crypto.secret import SecretBytes
-from vault_edge.server.barrier import Keys
 
 RAW = bytes(range(200, 232))
 
@@ -132,23 +131,7 @@ def test_no_instance_dict() -> None:
         s.extra = 1  # type: ignore[attr-defined]
 
 
-# -- Keys (control plane) and KeyPair (node) ------------------------------------------------------------
-def test_control_plane_keys_print_no_key_material() -> None:
-    root = bytes(range(32))
-    keys = Keys.from_root(root)
-    hidden = [root, envelope.region_wrap_key(root), envelope.audit_key(root), envelope.signing_seed(root)]
-    for text in (repr(keys), str(keys), f"{keys}", repr([keys])):
-        _assert_hidden(text, *hidden)
-    assert keys.server_public == signing.public_of(envelope.signing_seed(root))
-
-
-def test_control_plane_keys_refuse_pickling() -> None:
-    keys = Keys.from_root(bytes(range(32)))
-    for protocol in range(pickle.HIGHEST_PROTOCOL + 1):
-        with pytest.raises(TypeError):
-            pickle.dumps(keys, protocol=protocol)
-
-
+# -- KeyPair (node) ------------------------------------------------------------------------------------
 def test_node_key_pair_prints_no_key_material() -> None:
     pair = signing.KeyPair.generate()
     for text in (repr(pair), str(pair), f"{pair!r}", repr({"pair": pair})):

@@ -347,7 +347,8 @@ def _rotate(
             stage,
             _grace(ctx, secret, grace_s),
         )
-        ctx.auditor.record(tx, who.actor, "secret.rotate", name, version=version, stage=stage)
+        slot = {"due": claim[1]} if claim is not None else {}  # the scheduled slot it ran (each runs once)
+        ctx.auditor.record(tx, who.actor, "secret.rotate", name, version=version, stage=stage, **slot)
     return {"name": name, "version": version, "revision": rev, "stage": stage}
 
 
