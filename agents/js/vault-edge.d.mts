@@ -69,7 +69,10 @@ export declare class VaultEdgeClient {
   constructor(options?: ClientOptions);
   readonly socket: string;
   readonly stats: ClientStats;
-  get(name: string, options?: { version?: number; stage?: "current" | "previous" | "pending" }): Promise<Secret>;
+  get(
+    name: string,
+    options?: { version?: number; stage?: "current" | "previous" | "pending"; field?: string },
+  ): Promise<Secret>;
   /** One round trip, one revision, all or nothing. */
   getMany(names: string[]): Promise<Record<string, Secret>>;
   names(): Promise<string[]>;

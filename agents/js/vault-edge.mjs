@@ -291,9 +291,10 @@ export class VaultEdgeClient {
     return { doc, age: age !== null && /^\d+$/.test(age) ? Number(age) : null };
   }
 
-  /** One secret: the current version, or `{ version }`, or `{ stage: "previous" | "pending" }`. */
-  async get(name, { version, stage } = {}) {
-    const { doc, age } = await this.#get(secretPath(name) + query({ version, stage }));
+  /** One secret: the current version, or `{ version }`, or `{ stage: "previous" | "pending" }`;
+   *  `{ field }`: one field of a structured (JSON object) value, e.g. a rotated credential's "password". */
+  async get(name, { version, stage, field } = {}) {
+    const { doc, age } = await this.#get(secretPath(name) + query({ version, stage, field }));
     return secretOf(doc, age);
   }
 

@@ -20,6 +20,7 @@ before(async () => {
   await stack.put("app/unicode", UNICODE);
   await stack.put("app/bin", BINARY);
   await stack.put("__proto__", "not-a-prototype");
+  await stack.put("db/main", JSON.stringify({ username: "app_a", password: "pw-1", port: 5432 }));
   agent = await stack.startAgent("a1", { region: "eu" });
   client = new VaultEdgeClient({ socket: agent.socket });
 });
@@ -40,6 +41,12 @@ describe("reads", () => {
     assert.equal(s.stage, "current");
     assert.equal(typeof s.revision, "number");
     assert.ok(Number.isInteger(s.age) && s.age >= 0, `age ${s.age}`);
+  });
+
+  test("get one field of a structured value", async () => {
+    assert.equal((await client.get("db/main", { field: "password" })).value, "pw-1");
+    assert.equal((await client.get("db/main", { field: "port" })).value, "5432");
+    await assert.rejects(client.get("db/main", { field: "nope" }), (e) => e instanceof VaultEdgeError && e.status === 404);
   });
 
   test("get by stage and by version", async () => {
@@ -84,12 +91,12 @@ describe("reads", () => {
   });
 
   test("names and health", async () => {
-    assert.deepEqual((await client.names()).sort(), ["__proto__", "app/bin", "app/key", "app/unicode"]);
+    assert.deepEqual((await client.names()).sort(), ["__proto__", "app/bin", "app/key", "app/unicode", "db/main"]);
     const h = await client.health();
     assert.equal(h.status, "ok");
     assert.equal(h.region, "eu");
     assert.match(h.node, /^n-[0-9a-f]{16}$/);
-    assert.equal(h.secrets, 4);
+    assert.equal(h.secrets, 5);
     assert.equal(typeof h.revision, "number");
   });
 });
