@@ -158,11 +158,15 @@ def test_join_tokens_are_single_use_and_expire(control_plane: ControlPlane, work
 def test_agent_get_and_exec_through_the_cli(control_plane: ControlPlane, start_agent: Any) -> None:
     control_plane.op.put("db/password", value="pa55", regions=["eu"])
     control_plane.op.put("db/user", value="app", regions=["eu"])
+    control_plane.op.put("db/main", value=json.dumps({"username": "app_a", "password": "pw-1"}), regions=["eu"])
     a = start_agent("eu1", "eu")
     env = {**os.environ, "VAULT_EDGE_SOCKET": str(a.socket)}
     run = [sys.executable, "-m", "vault_edge", "agent"]
     got = subprocess.run([*run, "get", "db/password"], env=env, capture_output=True, timeout=30)
     assert got.returncode == 0 and got.stdout == b"pa55"
+    for args in (["db/main", "--field", "password"], ["db/main#password"]):  # one field of a structured value
+        got = subprocess.run([*run, "get", *args], env=env, capture_output=True, timeout=30)
+        assert got.returncode == 0 and got.stdout == b"pw-1", got.stderr
     doc = json.loads(
         subprocess.run([*run, "get", "db/user", "-o", "json"], env=env, capture_output=True, timeout=30).stdout
     )

@@ -62,16 +62,25 @@ token_option = click.option("--token", envvar="VAULT_EDGE_AGENT_TOKEN", help="ca
 @click.argument("name")
 @click.option("--version", type=click.IntRange(min=1))
 @click.option("--stage", type=click.Choice(["current", "previous", "pending"]))
+@click.option("--field", help="one field of a structured (JSON object) value, e.g. password")
 @socket_option
 @token_option
 @output_option
 @_agent_errors
 def agent_get(
-    name: str, version: int | None, stage: str | None, socket_path: str | None, token: str | None, fmt: str
+    name: str,
+    version: int | None,
+    stage: str | None,
+    field: str | None,
+    socket_path: str | None,
+    token: str | None,
+    fmt: str,
 ) -> None:
-    """Read a secret from the local agent."""
+    """Read a secret from the local agent (NAME#FIELD, or --field, for one field of a structured value)."""
+    if field is None and "#" in name:
+        name, _, field = name.partition("#")
     with _client(socket_path, token) as c:
-        s = c.get(name, version, stage)
+        s = c.get(name, version, stage, field)
     if fmt == "json":
         from vault_edge.wire import value_fields
 
