@@ -21,7 +21,7 @@ import httpx
 from vault_edge import wire
 
 DEFAULT_SOCKET = "/run/vault-edge/agent.sock"
-TOKEN_HEADER = "X-Vault-Edge-Token"
+TOKEN_HEADER = wire.H_TOKEN
 
 
 class AgentError(Exception):

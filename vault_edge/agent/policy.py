@@ -60,9 +60,10 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, Final
 
+from vault_edge import wire
 from vault_edge.agent.peercred import Caller
 
-TOKEN_HEADER: Final = "x-vault-edge-token"
+TOKEN_HEADER: Final = wire.H_TOKEN
 _MEMO_MAX: Final = 16_384  # decisions kept; the memo is dropped whole past this (hostile names)...
 _MEMO_BYTES: Final = 4 << 20  # ...or past this many bytes of keys (exe paths and names are the variable part)
 _MEMO_ENTRY: Final = 200  # bytes an entry costs besides its strings (tuple, dict slot, digest, ints)

@@ -34,6 +34,7 @@ H_TIMESTAMP: Final = "x-vault-edge-timestamp"
 H_NONCE: Final = "x-vault-edge-nonce"
 H_SIGNATURE: Final = "x-vault-edge-signature"
 H_SERVER_SIGNATURE: Final = "x-vault-edge-server-signature"
+H_TOKEN: Final = "x-vault-edge-token"  # an operator's token (control plane), a worker's binding token (agent)
 ENROLL_NODE: Final = "-"  # the node header while enrolling, before the node has an id
 ENROLL_REFUSED: Final = "enroll-refused"  # the kind of a signed enrolment refusal (final for the agent)
 

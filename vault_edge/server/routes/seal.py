@@ -7,11 +7,9 @@ from typing import Any
 from fastapi import APIRouter, Depends
 from fastapi.responses import Response
 
-from vault_edge.crypto.shares import ShareScheme
 from vault_edge.server.auth import Principal
 from vault_edge.server.context import Context
-from vault_edge.server.deps import get_ctx, principal
-from vault_edge.server.errors import bad_request
+from vault_edge.server.deps import get_ctx, principal, share_scheme
 from vault_edge.server.ops import backup
 from vault_edge.server.ops import seal as seal_ops
 from vault_edge.server.schemas import RekeyRequest, SealMigrateRequest, SharesRequest
@@ -26,15 +24,7 @@ def generate_root(body: SharesRequest, ctx: Context = Depends(get_ctx)) -> dict[
 
 @router.post("/rekey")
 def rekey(body: RekeyRequest, ctx: Context = Depends(get_ctx)) -> dict[str, Any]:
-    try:
-        if body.groups:
-            scheme = ShareScheme(tuple((g.threshold, g.shares) for g in body.groups), body.group_threshold)
-        else:
-            scheme = ShareScheme.simple(body.new_threshold, body.new_shares)
-    except ValueError as exc:
-        raise bad_request(str(exc)) from None
-    if any(not 32 <= ord(c) <= 126 for c in body.new_passphrase):
-        raise bad_request("the passphrase must be printable ASCII")
+    scheme = share_scheme(body.groups, body.group_threshold, body.new_threshold, body.new_shares, body.new_passphrase)
     return seal_ops.rekey(ctx, body.shares, body.passphrase, scheme, body.new_passphrase)
 
 

@@ -7,11 +7,9 @@ from typing import Any
 from fastapi import APIRouter, Depends
 from fastapi.responses import JSONResponse
 
-from vault_edge.crypto.shares import ShareScheme
 from vault_edge.server.auth import Principal
 from vault_edge.server.context import Context
-from vault_edge.server.deps import get_ctx, principal
-from vault_edge.server.errors import bad_request
+from vault_edge.server.deps import get_ctx, principal, share_scheme
 from vault_edge.server.ops import system
 from vault_edge.server.schemas import InitRequest, UnsealRequest
 
@@ -32,15 +30,7 @@ def health(ctx: Context = Depends(get_ctx)) -> JSONResponse:
 
 @router.post("/init")
 def init(body: InitRequest, ctx: Context = Depends(get_ctx)) -> dict[str, Any]:
-    try:
-        if body.groups:
-            scheme = ShareScheme(tuple((g.threshold, g.shares) for g in body.groups), body.group_threshold)
-        else:
-            scheme = ShareScheme.simple(body.threshold, body.shares)
-    except ValueError as exc:
-        raise bad_request(str(exc)) from None
-    if any(not 32 <= ord(c) <= 126 for c in body.passphrase):
-        raise bad_request("the passphrase must be printable ASCII")
+    scheme = share_scheme(body.groups, body.group_threshold, body.threshold, body.shares, body.passphrase)
     return system.initialize(ctx, scheme, body.passphrase)
 
 
