@@ -54,6 +54,7 @@ def serve(settings: Settings, log_level: str = "info", on_ready: Callable[[Conte
         ssl_certfile=settings.tls_cert,
         ssl_keyfile=settings.tls_key,
         timeout_graceful_shutdown=5,
+        timeout_keep_alive=settings.keep_alive_s,
     )
     _releasing_server_class()(config).run()
 

@@ -21,6 +21,10 @@ class Settings(BaseSettings):
     default_grace_s: int = 86400  # how long `previous` stays readable after a rotation
     node_down_after_s: int = 90  # a node silent this long counts as down, not lagging
     sync_max_wait_s: int = 60
+    # An idle keep-alive connection is kept this long: every agent re-polls on its one connection right
+    # after an answer, and a busy PoP (or a fleet re-polling at once) can take seconds to; closing it
+    # sooner makes that re-poll fail and reconnect (uvicorn's default is 5 s).
+    keep_alive_s: int = 75
     join_token_ttl_s: int = 3600
     # Enrolments in progress at once; past it, 503 with Retry-After at once (server/admission.py): an
     # admitted enrolment then waits at most this many enrolments' time, far inside the 60 s window
