@@ -234,3 +234,24 @@ def test_agent_run_metrics_and_log_options_are_checked_as_usage() -> None:
     r = cli("agent", "run", "--help")
     for option in ("--metrics-addr", "--metrics-token", "--log-format", "VAULT_EDGE_METRICS_TOKEN", "SIGHUP"):
         assert option.encode() in r.stdout, option
+
+
+def test_a_supervised_command_takes_fields_of_structured_values() -> None:
+    """``agent exec --restart-on-change --env PW=db/main#password``: one round trip, the field's value."""
+    from types import SimpleNamespace
+
+    from vault_edge.cli.supervise import read_env
+
+    asked: list[list[str]] = []
+
+    class Client:
+        def get_many(self, names: list[str]) -> dict[str, Any]:
+            asked.append(names)
+            return {
+                "db/main": SimpleNamespace(value=b'{"user": "app_a", "password": "pw-1"}', version=3, revision=9),
+                "api/key": SimpleNamespace(value=b"sk-1", version=1, revision=9),
+            }
+
+    env, versions, revision = read_env(Client(), {"PW": "db/main#password", "U": "db/main#user", "K": "api/key"})  # type: ignore[arg-type]
+    assert env == {"PW": "pw-1", "U": "app_a", "K": "sk-1"} and asked == [["api/key", "db/main"]]
+    assert versions == {"db/main": 3, "api/key": 1} and revision == 9

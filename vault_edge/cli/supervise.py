@@ -36,12 +36,22 @@ def parse_signal(text: str) -> signal.Signals:
 
 
 def read_env(c: AgentClient, mapping: dict[str, str]) -> tuple[dict[str, str], dict[str, int], int]:
-    """(the variables, each name's version, the revision they were read at)."""
-    got = c.get_many(sorted(set(mapping.values())))
+    """(the variables, each name's version, the revision they were read at). A reference may be
+    ``NAME#FIELD``: one field of a structured value (read in the same round trip as the rest)."""
+    from vault_edge.wire.fields import FieldError, select, split_ref
+
+    try:
+        refs = {var: split_ref(ref) for var, ref in mapping.items()}
+    except FieldError as exc:
+        raise ValueError(str(exc)) from None
+    got = c.get_many(sorted({name for name, _ in refs.values()}))
     env: dict[str, str] = {}
-    for var, name in mapping.items():
+    for var, (name, field) in refs.items():
         try:
-            env[var] = got[name].text
+            raw = got[name].value if field is None else select(got[name].value, field, repr(name))
+            env[var] = raw.decode("utf-8")
+        except FieldError as exc:
+            raise ValueError(str(exc)) from None
         except UnicodeDecodeError:
             raise ValueError(f"{name} is binary; it cannot go into an environment variable") from None
     revision = max((s.revision for s in got.values()), default=0)
