@@ -149,6 +149,30 @@ def test_the_history_gives_shared_deltas_back_to_the_first_change_it_saw() -> No
     run(go)
 
 
+def test_a_notice_wakes_only_the_polls_of_the_regions_it_names() -> None:
+    async def go(hub: Hub, store: FakeStore) -> None:
+        looks, real_view = [], hub.view
+
+        async def view(region: str, refresh: bool = False) -> Any:
+            looks.append(region)  # every wake-up of a held poll looks at its region's view again
+            return await real_view(region, refresh)
+
+        hub.view = view  # type: ignore[method-assign]
+        waiter = asyncio.create_task(hub.wait(NODE, "eu", 1, 5, timeout=10))
+        await asyncio.sleep(0.05)
+        assert looks == ["eu"]
+        for _ in range(50):  # changes elsewhere (say, enrolments in other regions)
+            hub.on_change(6, frozenset({"us"}))
+        await asyncio.sleep(0.05)
+        assert not waiter.done() and looks == ["eu"]  # never woken by them
+        store.set({"a": 4, "b": 1}, 9)
+        hub.on_change(9, frozenset({"*"}))  # "everything" (a LISTEN reconnect) wakes it
+        got = await asyncio.wait_for(waiter, 5)
+        assert got is not None and got[0].data_rev == 9
+
+    run(go)
+
+
 def test_after_the_first_load_only_what_changed_is_read() -> None:
     async def go(hub: Hub, store: FakeStore) -> None:
         store.set({f"s{i:03d}": 1 for i in range(300)}, 6)

@@ -125,7 +125,7 @@ class Hub:
         self._gen: dict[str, int] = {}  # region -> generation, bumped by every change notice
         self._where: dict[str, str] = {}  # node -> its region, from the views loaded
         self._loading: dict[str, tuple[int, asyncio.Future[RegionView]]] = {}
-        self._changed: asyncio.Future[None] | None = None
+        self._changed: dict[str, asyncio.Future[None]] = {}  # region -> resolved by the next notice naming it
         self._seen_revision = 0
         self._stop = threading.Event()
         self._closing = False
@@ -136,7 +136,6 @@ class Hub:
     # -- lifecycle -----------------------------------------------------------------------------
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
-        self._changed = loop.create_future()
         self.ctx.store.add_listener(self.notify_threadsafe)
         if self.ctx.store.dialect == "postgresql":
             self._spawn(self._listen_postgres, "vault-edge-listen")
@@ -146,9 +145,9 @@ class Hub:
         """Shutting down: answer every held long-poll now (``unchanged``), so agents re-poll, perhaps
         another replica, instead of holding this process up until their hold ends."""
         self._closing = True
-        fut = self._changed
-        if fut is not None and not fut.done():
-            fut.set_result(None)
+        for fut in self._changed.values():
+            if not fut.done():
+                fut.set_result(None)
 
     def stop(self) -> None:
         self._stop.set()
@@ -167,14 +166,25 @@ class Hub:
             loop.call_soon_threadsafe(self.on_change, revision, regions)
 
     def on_change(self, revision: int, regions: frozenset[str]) -> None:
+        """A notice: the regions it names (all, for "*") are reloaded before their next use, and only
+        their held long-polls wake (a change in one region costs nothing to the others' polls)."""
         self._seen_revision = max(self._seen_revision, revision)
-        for region in (set(self._views) | set(self._loading)) if "*" in regions else regions:
+        named = set(self._views) | set(self._loading) | set(self._changed) if "*" in regions else regions
+        for region in named:
             self._gen[region] = self._gen.get(region, 0) + 1
-        fut, self._changed = self._changed, asyncio.get_running_loop().create_future()
-        if self._closing:
-            self._changed.set_result(None)
-        if fut is not None and not fut.done():
-            fut.set_result(None)
+            fut = self._changed.pop(region, None)
+            if fut is not None and not fut.done():
+                fut.set_result(None)
+
+    def _changed_future(self, region: str) -> asyncio.Future[None]:
+        """Resolved by the next notice naming ``region`` (or at once while closing)."""
+        fut = self._changed.get(region)
+        if fut is None or fut.done():
+            assert self.loop is not None
+            fut = self._changed[region] = self.loop.create_future()
+            if self._closing:
+                fut.set_result(None)
+        return fut
 
     def _listen_postgres(self) -> None:
         import psycopg  # only with PostgreSQL
@@ -342,7 +352,7 @@ class Hub:
         reloaded first (the node may have enrolled through another replica a moment ago)."""
         assert self.loop is not None
         deadline = self.loop.time() + timeout
-        changed = self._changed  # taken before reading the view: a notice during the read still wakes us
+        changed = self._changed_future(region)  # before reading the view: a notice during the read still wakes us
         view = await self.view(region)
         member = view.members.get(node_id)
         if member is None or member.node_rev < node_rev:
@@ -356,12 +366,11 @@ class Hub:
                 remaining = deadline - self.loop.time()
                 if remaining <= 0 or self._closing:
                     return None
-                assert changed is not None
                 try:
                     await asyncio.wait_for(asyncio.shield(changed), remaining)
                 except TimeoutError:
                     return None
-                changed = self._changed
+                changed = self._changed_future(region)
                 view = await self.view(region)
                 member = view.members.get(node_id)
         finally:
