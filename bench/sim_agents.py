@@ -5,17 +5,16 @@ state dir, enrolled with its own join token (``Syncer.enroll``: pinned control-p
 request, verified answer), then ``Syncer.run`` (signed long-poll, protocol 2: deltas, ``open_answer``:
 signature check, nonce echo, anti-rollback, grant / data key / value decryption, ``AgentState.install``,
 disk cache).
-The only differences from ``vault-edge agent run``: no socket server, one event loop for all agents,
-and one shared SSL context (httpx builds a fresh one per client otherwise, 20 ms and ~1 MB each; the
-URLs are plain HTTP so it is never used). Each agent still has its own ``httpx.AsyncClient`` with
-the limits and timeouts ``Syncer`` gives itself, so every agent holds its own connection.
+The only differences from ``vault-edge agent run``: no socket server, and one event loop for all
+agents. Each agent has its own HTTP client (``vault_edge.agent.http1.Client``, the agent's own, with
+the timeouts ``Syncer`` gives itself), so every agent holds its own connection.
 
 "Serving" is measured where the socket server would read: :class:`TimedState` records
 ``time.monotonic()`` right after ``install`` when the installed view's current value of the secret
 is the expected one. CLOCK_MONOTONIC is system-wide on Linux, so the controller compares it with its
 own ``time.monotonic()`` taken when ``rotate`` returned.
 
-Bytes: ``Syncer.received_bytes`` counts the sync answers' bodies; an httpx response hook adds up
+Bytes: ``Syncer.received_bytes`` counts the sync answers' bodies; :class:`CountingClient` adds up
 each answer's status line and headers as well (what the wire carried, short of TCP/IP). For each
 agent the ``done`` event carries what it received from ``expect`` to serving the value (``bytes``,
 ``header_bytes``), and ``total_bytes`` everything the process's agents received from ``expect`` to
@@ -46,7 +45,6 @@ import json
 import logging
 import resource
 import shutil
-import ssl
 import sys
 import tempfile
 import time
@@ -55,12 +53,12 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-import httpx
 import uvloop
 
 from vault_edge.agent.bundle import Piece
 from vault_edge.agent.cache import DiskCache
 from vault_edge.agent.files import ensure_private_dir
+from vault_edge.agent.http1 import Answer, Client
 from vault_edge.agent.identity import Identity
 from vault_edge.agent.sync import Syncer
 from vault_edge.agent.view import AgentState, View
@@ -98,6 +96,19 @@ class NullCache(DiskCache):
 
     def touch(self, received_at: float) -> None:
         return None
+
+
+class CountingClient(Client):
+    """The agent's client, adding up the status line and header bytes of every answer it reads."""
+
+    def __init__(self, fleet: Fleet, idx: int, base_url: str, timeout: float) -> None:
+        super().__init__(base_url, connect_timeout=10.0, timeout=timeout)
+        self.fleet, self.idx = fleet, idx
+
+    async def request(self, method: str, target: str, **kw: Any) -> Answer:
+        answer = await super().request(method, target, **kw)
+        self.fleet.header_bytes[self.idx] += answer.head_size
+        return answer
 
 
 class Fleet:
@@ -201,31 +212,14 @@ async def main(args: argparse.Namespace) -> int:
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     fleet = Fleet(n, args.secret)
     base = Path(tempfile.mkdtemp(prefix="ve-sim-", dir=args.state_root))
-    ssl_ctx = ssl.create_default_context()
     syncers = fleet.syncers
-
-    def counter(idx: int) -> Any:
-        async def on_response(resp: httpx.Response) -> None:
-            # "HTTP/1.1 200 OK\r\n", each "name: value\r\n", the blank line
-            fleet.header_bytes[idx] += (
-                15 + len(resp.reason_phrase) + 2 + 2 + sum(len(k) + len(v) + 4 for k, v in resp.headers.raw)
-            )
-
-        return on_response
 
     for i, fields in enumerate(lines):
         server, token = (fields[0], fields[1]) if len(fields) > 1 else (args.server, fields[0])
         state_dir = ensure_private_dir(base / f"a{i:05d}")
         identity = Identity(state_dir, KeyPair.generate(), None)
-        # The same client Syncer makes for itself, except for the shared (unused) SSL context and
-        # the hook counting header bytes.
-        http = httpx.AsyncClient(
-            base_url=server.rstrip("/"),
-            verify=ssl_ctx,
-            timeout=httpx.Timeout(10.0, read=args.wait + 20.0),
-            limits=httpx.Limits(max_connections=2),
-            event_hooks={"response": [counter(i)]},
-        )
+        # The same client Syncer makes for itself, counting header bytes.
+        http = CountingClient(fleet, i, server.rstrip("/"), args.wait + 20.0)
         cache = NullCache(state_dir) if args.no_disk_cache else DiskCache(state_dir)
         syncers.append(
             Syncer(identity, TimedState(fleet, i), cache, server, join_token=token, wait=args.wait, http=http)

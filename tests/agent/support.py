@@ -172,3 +172,36 @@ def run_as(uid: int, gid: int, fn: Callable[[], bytes]) -> bytes:
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0, out.decode(errors="replace")
     return out
+
+
+class MockExchange:
+    """A fake control plane for :class:`vault_edge.agent.sync.Syncer` in one process: ``handler`` (an
+    ``httpx.MockTransport`` handler) answers each request; the answer is read whole, as
+    :class:`vault_edge.agent.http1.Client` would give it (the real client's reading of hostile answers
+    is tested on real sockets in test_http1.py)."""
+
+    def __init__(self, handler: Callable[[httpx.Request], Any]) -> None:
+        self.http = httpx.AsyncClient(transport=httpx.MockTransport(handler), base_url="http://cp")
+
+    async def request(
+        self,
+        method: str,
+        target: str,
+        *,
+        headers: Any,
+        content: bytes | None = None,
+        limit: int,
+        error_limit: int | None = None,
+        timeout: float | None = None,
+    ) -> Any:
+        from vault_edge.agent.http1 import Answer, PathFailure
+
+        try:
+            resp = await self.http.request(method, target, headers=dict(headers), content=content)
+            body = await resp.aread()
+        except (httpx.HTTPError, OSError) as exc:
+            raise PathFailure(type(exc).__name__) from None
+        return Answer(resp.status_code, resp.headers, body)
+
+    async def aclose(self) -> None:
+        await self.http.aclose()

@@ -13,6 +13,7 @@ from urllib.parse import parse_qs, urlsplit
 import httpx
 import pytest
 
+from tests.agent.support import MockExchange
 from vault_edge import wire
 from vault_edge.agent.bundle import BundleError, Piece, open_answer
 from vault_edge.agent.cache import DiskCache
@@ -183,7 +184,7 @@ class Script:
 
 
 def _syncer(plane: Plane, script: Script, state: AgentState, cache: DiskCache, restored=None) -> Syncer:  # type: ignore[no-untyped-def]
-    http = httpx.AsyncClient(transport=httpx.MockTransport(script), base_url="http://cp")
+    http = MockExchange(script)
     return Syncer(plane.identity, state, cache, "http://cp", http=http, restored=restored)
 
 

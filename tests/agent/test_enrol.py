@@ -14,6 +14,7 @@ from typing import Any
 import httpx
 import pytest
 
+from tests.agent.support import MockExchange
 from vault_edge import wire
 from vault_edge.agent import identity as ident
 from vault_edge.agent.cache import DiskCache
@@ -114,7 +115,7 @@ def _enrol(
     monkeypatch.setattr("vault_edge.agent.sync.asyncio.sleep", sleep)
 
     async def go() -> ident.Identity:
-        http = httpx.AsyncClient(transport=httpx.MockTransport(cp.handle), base_url="http://cp")
+        http = MockExchange(cp.handle)
         identity = ident.load_or_create(tmp_path / "state")
         syncer = Syncer(
             identity,

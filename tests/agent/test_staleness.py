@@ -18,6 +18,7 @@ import httpx
 import pytest
 
 from tests.agent.inproc import FakeClock
+from tests.agent.support import MockExchange
 from tests.agent.test_api import ask, error_of
 from tests.agent.test_delta import NODE, REGION, Plane
 from vault_edge import wire
@@ -82,7 +83,7 @@ class Agent:
         self.api = Api(self.state, Policy(None))
         cache = DiskCache(state_dir)
         self.restored = load_cached(plane.identity, self.state, cache)
-        http = httpx.AsyncClient(transport=httpx.MockTransport(cp), base_url="http://cp")
+        http = MockExchange(cp)
         self.syncer = Syncer(plane.identity, self.state, cache, "http://cp", http=http, restored=self.restored)
         self.syncer.backoff = Backoff(base=0.001, cap=0.001)  # retry at once: the test moves the time
         self.task: asyncio.Task[None] | None = None

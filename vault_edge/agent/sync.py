@@ -1,4 +1,4 @@
-"""Enrolment and the long-poll sync loop with the control plane (httpx, signed requests).
+"""Enrolment and the long-poll sync loop with the control plane (signed requests over :mod:`http1`).
 
     GET /v1/agent/sync?since=R&wait=S&proto=2[&full=1]   (signed by the node; ``since`` is the
                                                           applied revision)
@@ -14,10 +14,12 @@ When the control plane is away the agent keeps serving what it has and retries w
 exponential back-off (full jitter, capped), so a fleet does not reconnect in lockstep.
 
 Anything on the path is a transient failure, never a reason to exit: every exchange goes through
-:func:`fetch`, which turns whatever the exchange raises (any ``httpx.HTTPError``: transport,
-protocol, decoding, timeouts) into :class:`PathFailure`. It asks for ``Accept-Encoding: identity``,
+:meth:`vault_edge.agent.http1.Client.request`, which turns whatever the exchange raises (transport,
+TLS, framing, timeouts) into :class:`PathFailure`. It asks for ``Accept-Encoding: identity``,
 refuses any other ``Content-Encoding`` without reading the body (a relay's gzip bomb is never
-inflated), and reads the body raw, in chunks, stopping past a limit (``MAX_BUNDLE``).
+inflated), and reads the body raw, stopping past a limit (``MAX_BUNDLE``; ``MAX_ERROR_BODY`` for a
+refusal). Tests and the fleet simulator may give :class:`Syncer` any object with the same
+``request`` and ``aclose`` (:class:`Exchange`).
 """
 
 from __future__ import annotations
@@ -29,13 +31,14 @@ import random
 import secrets
 import socket
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-
-import httpx
+from typing import Protocol
 
 from vault_edge import wire
 from vault_edge.agent.bundle import MAX_BUNDLE, BundleError, GrantCache, Opened, Piece, open_answer
 from vault_edge.agent.cache import DiskCache
+from vault_edge.agent.http1 import Answer, Client, PathFailure
 from vault_edge.agent.identity import Enrolment, Identity, save_enrolment
 from vault_edge.agent.view import AgentState
 from vault_edge.crypto import signing
@@ -54,11 +57,6 @@ class Revoked(Exception):
     """The control plane revoked this node."""
 
 
-class PathFailure(Exception):
-    """The exchange with the control plane failed on the path (transport, protocol, encoding, size):
-    transient. The message names the exception class or the limit, never the body."""
-
-
 MAX_ERROR_BODY = 64 * 1024  # refusals are small JSON documents
 REFRESH_RATIO = 4  # a full view is asked for once the deltas on disk outweigh the base this many times
 REFRESH_MIN = 256 * 1024  # ... and weigh this much (a small region is cheap to replay)
@@ -75,51 +73,22 @@ class Chain:
     floor: dict[str, int] = field(default_factory=dict)  # the anti-rollback floor once the base was installed
 
 
-@dataclass(frozen=True)
-class Answer:
-    status_code: int
-    headers: httpx.Headers
-    content: bytes
+class Exchange(Protocol):
+    """What :class:`Syncer` needs of an HTTP client: :class:`vault_edge.agent.http1.Client`'s calls."""
 
+    async def request(
+        self,
+        method: str,
+        target: str,
+        *,
+        headers: Mapping[str, str],
+        content: bytes | None = None,
+        limit: int,
+        error_limit: int | None = None,
+        timeout: float | None = None,
+    ) -> Answer: ...
 
-async def fetch(
-    http: httpx.AsyncClient,
-    method: str,
-    target: str,
-    *,
-    headers: dict[str, str],
-    content: bytes | None = None,
-    limit: int = MAX_BUNDLE,
-) -> Answer:
-    """One HTTP exchange, its body read raw and at most ``limit`` bytes; PathFailure on anything else.
-
-    The body is never decoded: identity is asked for and any other ``Content-Encoding`` refused
-    unread, so no compressed stream is ever inflated. Error answers are held to ``MAX_ERROR_BODY``.
-    """
-    try:
-        async with http.stream(
-            method, target, content=content, headers={**headers, "accept-encoding": "identity"}
-        ) as resp:
-            encoding = resp.headers.get("content-encoding", "identity").strip().lower()
-            if encoding not in ("", "identity"):
-                raise PathFailure(f"an answer with Content-Encoding {encoding[:40]!r} (only identity is accepted)")
-            cap = limit if resp.status_code == 200 else min(limit, MAX_ERROR_BODY)
-            declared = resp.headers.get("content-length", "")
-            if declared.isdigit() and int(declared) > cap:
-                raise PathFailure(f"an answer of {int(declared)} bytes, over the {cap} accepted")
-            chunks, size = [], 0
-            async for chunk in resp.aiter_raw():
-                size += len(chunk)
-                if size > cap:
-                    raise PathFailure(f"an answer over the {cap} bytes accepted (reading stopped)")
-                chunks.append(chunk)
-            return Answer(resp.status_code, resp.headers, b"".join(chunks))
-    except PathFailure:
-        raise
-    except (httpx.HTTPError, httpx.StreamError, OSError, ValueError) as exc:
-        # httpx.HTTPError: every transport, protocol, timeout and decoding error httpx raises;
-        # StreamError, OSError, ValueError: what a broken stream or malformed framing can raise besides.
-        raise PathFailure(type(exc).__name__) from None
+    async def aclose(self) -> None: ...
 
 
 class Backoff:
@@ -199,7 +168,7 @@ class Syncer:
         join_token: str | None = None,
         wait: float = 30.0,
         verify: bool | str = True,
-        http: httpx.AsyncClient | None = None,
+        http: Exchange | None = None,
         restored: Chain | None = None,
         enroll_timeout: float = ENROLL_TIMEOUT_S,
     ) -> None:
@@ -208,12 +177,7 @@ class Syncer:
         self.join_token = join_token
         self.enroll_timeout = enroll_timeout
         self.wait = wait
-        self.http = http or httpx.AsyncClient(
-            base_url=self.server,
-            verify=verify,
-            timeout=httpx.Timeout(10.0, read=wait + 20.0),
-            limits=httpx.Limits(max_connections=2),
-        )
+        self.http: Exchange = http or Client(self.server, verify=verify, connect_timeout=10.0, timeout=wait + 20.0)
         self.grants = GrantCache()
         self.backoff = Backoff()
         self.applied = 0  # answers installed, for logs and tests
@@ -247,8 +211,7 @@ class Syncer:
             headers = signed_headers(self.identity, "POST", target, body, wire.ENROLL_NODE)
             try:
                 resp = await asyncio.wait_for(
-                    fetch(
-                        self.http,
+                    self.http.request(
                         "POST",
                         target,
                         content=body,
@@ -319,7 +282,7 @@ class Syncer:
             # Nothing here is trusted yet (the pin is checked below): an answer that cannot be used, from
             # the control plane or from anything on the path, is retried like an unreachable one.
             try:
-                resp = await fetch(self.http, "GET", "/v1/sys/status", headers={}, limit=MAX_ERROR_BODY)
+                resp = await self.http.request("GET", "/v1/sys/status", headers={}, limit=MAX_ERROR_BODY)
                 doc = json.loads(resp.content) if resp.status_code == 200 else {}
                 if doc.get("server_key"):
                     key = wire.b64d(doc["server_key"])
@@ -354,7 +317,7 @@ class Syncer:
         if self.want_full or held.revision == 0:
             target += "&full=1"
         headers = signed_headers(self.identity, "GET", target, b"", enrolment.node)
-        resp = await fetch(self.http, "GET", target, headers=headers)
+        resp = await self.http.request("GET", target, headers=headers, limit=MAX_BUNDLE, error_limit=MAX_ERROR_BODY)
         if resp.status_code == 403 and self._proves_revocation(resp, headers[wire.H_NONCE]):
             raise Revoked(_error_message(resp))
         if resp.status_code != 200:
