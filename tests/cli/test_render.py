@@ -198,3 +198,28 @@ def test_the_watch_says_an_absent_agent_once_and_its_return_once() -> None:
     assert [w.next(), w.next(), w.next()] == [None, None, None]
     assert said == ["cannot reach the agent (no agent); the files stay; retrying", "the agent answers again"]
     assert w.next() == 6 and w.revision == 5  # the caller moves it once it has read
+
+
+def test_files_sharing_a_command_are_all_written_before_it_runs_once(tmp_path: Path) -> None:
+    """A certificate and its key: both files in place, then one reload (not one per file)."""
+    from vault_edge.cli.render import Renderer
+
+    class Client(Agent):
+        def __enter__(self) -> Client:
+            return self
+
+        def __exit__(self, *exc: object) -> None:
+            pass
+
+        def health(self) -> dict[str, int]:
+            return {"revision": self.revision}
+
+    (tmp_path / "crt.tpl").write_text('{{ secret("tls#crt") }}')
+    (tmp_path / "key.tpl").write_text('{{ secret("tls#key") }}')
+    reload = f"cat {tmp_path}/tls.crt {tmp_path}/tls.key >> {tmp_path}/reloads"
+    specs = [Spec(tmp_path / f"{n}.tpl", tmp_path / f"tls.{n}", command=reload) for n in ("crt", "key")]
+    said: list[str] = []
+    client = Client({"tls": b'{"crt": "C1", "key": "K1"}'})
+    assert Renderer(specs, lambda: client, say=said.append).run(once=True) == 0  # type: ignore[arg-type,return-value]
+    assert (tmp_path / "reloads").read_text() == "C1K1"
+    assert said == [f"wrote {tmp_path}/tls.crt (tls v3)", f"wrote {tmp_path}/tls.key (tls v3)"]

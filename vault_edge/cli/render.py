@@ -499,6 +499,7 @@ class Renderer:
         self.specs, self.client = specs, client
         self.say = say or (lambda msg: print(f"vault-edge agent render: {msg}", file=sys.stderr, flush=True))
         self.stopping = False
+        self.start_revision = 0
 
     def _stop(self, _signum: int, _frame: Any) -> None:
         self.stopping = True
@@ -508,36 +509,46 @@ class Renderer:
         follow the agent until SIGTERM or SIGINT (exit 0)."""
         templates = load_templates(self.specs)
         remove_stale_temps(self.specs)
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, self._stop)
-        with self.client() as c:
-            try:
-                revision = int(c.health()["revision"])  # before the reads: a change meanwhile is seen
-            except AgentError as exc:
-                raise RenderError(exc.message) from None
-            results = [render(t, c) for t in templates]
-            for r in results:
-                if r.away is not None:
-                    raise RenderError(r.away.message)
-                if r.error is not None:
-                    raise RenderError(r.error)
-            self._apply(templates, results, fatal=True)
-            if once:
-                return 0
-            watch = AgentWatch(c, revision, self.say, "the files stay as they are")
-            while not self.stopping:
-                seen = watch.next()
-                if seen is None:
-                    continue
-                results = [render(t, c) for t in templates]
-                away = next((r.away for r in results if r.away is not None), None)
-                if away is not None:
-                    watch.away(away)  # the revision stays: every template is tried again once it answers
-                else:
-                    watch.back()
-                    watch.revision = seen
-                self._apply(templates, results, fatal=False)
+        previous = {sig: signal.signal(sig, self._stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            with self.client() as c:
+                self._first(c, templates)
+                if not once:
+                    self._follow(c, templates)
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
         return 0
+
+    def _first(self, c: AgentClient, templates: list[Template]) -> None:
+        """Render every template, then write: any error is fatal, before any file is written."""
+        try:
+            self.start_revision = int(c.health()["revision"])  # before the reads: a change meanwhile is seen
+        except AgentError as exc:
+            raise RenderError(exc.message) from None
+        results = [render(t, c) for t in templates]
+        for r in results:
+            if r.away is not None:
+                raise RenderError(r.away.message)
+            if r.error is not None:
+                raise RenderError(r.error)
+        self._apply(templates, results, fatal=True)
+
+    def _follow(self, c: AgentClient, templates: list[Template]) -> None:
+        """Render again at each revision the agent passes, until SIGTERM or SIGINT."""
+        watch = AgentWatch(c, self.start_revision, self.say, "the files stay as they are")
+        while not self.stopping:
+            seen = watch.next()
+            if seen is None:
+                continue
+            results = [render(t, c) for t in templates]
+            away = next((r.away for r in results if r.away is not None), None)
+            if away is not None:
+                watch.away(away)  # the revision stays: every template is tried again once it answers
+            else:
+                watch.back()
+                watch.revision = seen
+            self._apply(templates, results, fatal=False)
 
     def _apply(self, templates: list[Template], results: list[Rendered], *, fatal: bool) -> None:
         """Write the files whose bytes (or mode, owner) changed, then run their commands, once each."""
