@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import sys
+from pathlib import Path
 
 import click
 
@@ -208,3 +209,63 @@ def agent_token(fmt: str) -> None:
     else:
         click.echo(token)
         click.echo(f'# policy.toml:\n[[rule]]\ntoken_sha256 = "{digest}"\nsecrets = ["..."]', err=True)
+
+
+@agent.command("render")
+@click.option(
+    "--template",
+    "pairs",
+    multiple=True,
+    metavar="SRC:DEST",
+    help="render template file SRC into DEST (repeat); for per-file settings use --config",
+)
+@click.option(
+    "--config",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="a TOML file of [[template]] entries: source, destination, perms, user, group, command, command_timeout",
+)
+@click.option("--perms", metavar="MODE", help='with --template: the files\' mode, an octal string [default: "0600"]')
+@click.option("--user", metavar="USER", help="with --template: the files' owner, a name or uid (needs root)")
+@click.option("--group", metavar="GROUP", help="with --template: the files' group, a name or gid (needs root)")
+@click.option("--command", metavar="CMD", help="with --template: run `sh -c CMD` after a file changed")
+@click.option("--command-timeout", metavar="DUR", help="with --command: kill it after this long [default: 30s]")
+@click.option("--once", is_flag=True, help="render every file once and exit (for init containers)")
+@socket_option
+@token_option
+def agent_render(
+    pairs: tuple[str, ...],
+    config: Path | None,
+    perms: str | None,
+    user: str | None,
+    group: str | None,
+    command: str | None,
+    command_timeout: str | None,
+    once: bool,
+    socket_path: str | None,
+    token: str | None,
+) -> None:
+    """Render files from templates with secrets from the agent, and render them again when those
+    secrets rotate (atomic writes, mode and owner, a command run after), as Vault Agent templates do.
+
+    A template is Jinja2 text with secret(NAME) and secret(NAME, FIELD) (or secret("NAME#FIELD")):
+
+    \b
+        password = {{ secret("db/main", "password") }}
+
+    Every secret a file names is read at one revision, so a file never mixes versions. A file is
+    rewritten (and its command run) only when its content changes. At start any error is one line
+    and exit 1, with no file written; later, a template that fails keeps its previous file (logged,
+    tried again at the next change), and an agent that goes away leaves every file as it is."""
+    from vault_edge.cli.render import Renderer, RenderError, cli_specs, load_config
+
+    if not pairs and config is None:
+        raise click.UsageError("give --template SRC:DEST (repeatable) or --config FILE")
+    if not pairs and any(v is not None for v in (perms, user, group, command, command_timeout)):
+        raise click.UsageError("--perms, --user, --group, --command apply to --template; in --config set them per file")
+    specs = cli_specs(pairs, perms=perms, user=user, group=group, command=command, command_timeout=command_timeout)
+    try:
+        if config is not None:
+            specs += load_config(config)
+        sys.exit(Renderer(specs, lambda: _client(socket_path, token)).run(once=once))
+    except RenderError as exc:
+        raise CliError(str(exc)) from None

@@ -10,8 +10,8 @@ from __future__ import annotations
 import json
 import sys
 import time
-from collections.abc import Iterable, Sequence
-from typing import Any, NoReturn
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, NoReturn, TypeVar
 
 import click
 from rich.console import Console
@@ -20,6 +20,7 @@ from rich.table import Table
 out = Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 1_000_000)
 err = Console(stderr=True, highlight=False)
 FORMATS = ("table", "json")
+T = TypeVar("T")
 
 
 def _format(ctx: click.Context, _param: click.Parameter, value: str | None) -> str:
@@ -81,13 +82,18 @@ def ago(ts: float | None, now: float | None = None) -> str:
     return f"{s}s ago" if s < 120 else f"{s // 60}m ago" if s < 7200 else f"{s // 3600}h ago"
 
 
+def checked(parse: Callable[[str], T], value: str, param: click.Parameter | str) -> T:
+    """``parse(value)``; its ValueError is a usage error (exit 2) about ``param`` (an option, or its name)."""
+    try:
+        return parse(value)
+    except ValueError as exc:
+        if isinstance(param, str):
+            raise click.BadParameter(str(exc), param_hint=param) from None
+        raise click.BadParameter(str(exc), param=param) from None
+
+
 def duration_option(_ctx: click.Context, param: click.Parameter, value: str | None) -> int | None:
     """A click callback: a duration option checked (into seconds) before the command does anything."""
     from vault_edge.durations import parse_duration
 
-    if value is None:
-        return None
-    try:
-        return parse_duration(value)
-    except ValueError as exc:
-        raise click.BadParameter(str(exc), param=param) from None
+    return None if value is None else checked(parse_duration, value, param)

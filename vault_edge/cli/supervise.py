@@ -2,7 +2,7 @@
 restart it (or signal it) when one of those secrets changes, as Vault Agent's process supervisor does.
 
 The child runs under this process (not exec'd over it): the supervisor long-polls the agent
-(``/v1/watch``, local, one request a second at most while nothing changes), and when the revision
+(:class:`vault_edge.cli.watch.AgentWatch`, shared with ``agent render``), and when the revision
 moves it reads the mapped names again; only if a mapped secret's version changed does it act:
 ``restart`` stops the child (``stop_signal``, then SIGKILL after ``stop_timeout``) and starts it with
 the new environment; ``signal`` sends ``change_signal`` to the running child (for programs that read
@@ -17,13 +17,11 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Callable
 from typing import Any
 
+from vault_edge.cli.watch import AgentWatch
 from vault_edge.client import AgentClient, AgentError
-
-WATCH_S = 1.0
 
 
 def parse_signal(text: str) -> signal.Signals:
@@ -107,27 +105,21 @@ class Supervisor:
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             signal.signal(sig, self._forward)
         self._start(env)
-        agent_down = False
         with self.client() as c:
+            watch = AgentWatch(c, revision, self.say, "the command keeps running")
             while True:
                 assert self.child is not None
                 code = self.child.poll()
                 if code is not None:
                     return code if code >= 0 else 128 - code
-                try:
-                    seen = c.watch(revision, WATCH_S)["revision"]
-                    if seen == revision:
-                        continue
-                    new_env, new_versions, revision = read_env(c, self.mapping)
-                    if agent_down:
-                        agent_down = False
-                        self.say("the agent answers again")
-                except AgentError as exc:
-                    if not agent_down:
-                        agent_down = True
-                        self.say(f"cannot watch the agent ({exc.message}); the command keeps running; retrying")
-                    time.sleep(WATCH_S)
+                if watch.next() is None:
                     continue
+                try:
+                    new_env, new_versions, watch.revision = read_env(c, self.mapping)
+                except AgentError as exc:
+                    watch.away(exc)
+                    continue
+                watch.back()
                 if new_versions == versions or self.stopping:
                     continue
                 changed = sorted(n for n in new_versions if new_versions[n] != versions.get(n))
