@@ -495,3 +495,69 @@ def test_a_refused_call_with_a_body_gets_its_refusal(make_agent: Callable[..., A
     assert status == 403 and json.loads(body)["error"]["code"] == "forbidden"
     assert conn.request("GET", "/v1/health")[0] == 200  # the body was read: the connection is still in step
     assert upstream.seen == []
+
+
+def test_upstream_connections_are_kept_alive_and_reused(make_agent: Callable[..., Agent], upstream: Upstream) -> None:
+    agent = make_agent([route("api", upstream.url)])
+    for _ in range(3):
+        assert agent.call("GET", "/v1/egress/api/ok")[0] == 200
+    assert agent.call("POST", "/v1/egress/api/echo", body=b"x" * 100)[0] == 200
+    assert len(upstream.conns) == 1  # one TLS connection for all four calls, from separate worker connections
+
+
+def test_a_pooled_connection_the_upstream_closed_is_not_used(
+    make_agent: Callable[..., Agent], upstream: Upstream
+) -> None:
+    agent = make_agent([route("api", upstream.url)])
+    assert agent.call("GET", "/v1/egress/api/ok")[0] == 200
+    for conn in upstream.conns:  # the upstream drops its idle keep-alive connection
+        conn.shutdown(socket.SHUT_RDWR)
+    assert agent.call("GET", "/v1/egress/api/ok")[0] == 200  # a new one (or a retry), not a 502
+    assert agent.call("POST", "/v1/egress/api/echo", body=b"hello")[0] == 200
+    assert len(upstream.conns) == 2
+
+
+def test_a_half_read_answer_does_not_go_back_to_the_pool(make_agent: Callable[..., Agent], upstream: Upstream) -> None:
+    agent = make_agent([route("api", upstream.url)])
+    conn = agent.conn()
+    conn.send(f"GET /v1/egress/api/stream?n={4 << 20} HTTP/1.1\r\nHost: a\r\n\r\n".encode())
+    assert conn.head()[0] == 200
+    conn.sock.close()  # the worker leaves mid-answer: that upstream connection is out of step, so closed
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and not upstream.aborted:
+        time.sleep(0.02)
+    assert upstream.aborted == 1
+    status, _, doc = agent.call("GET", "/v1/egress/api/ok")
+    assert status == 200 and doc == {"ok": True}
+    assert len(upstream.conns) == 2
+
+
+def test_the_request_body_streams_up_before_it_is_whole(make_agent: Callable[..., Agent], upstream: Upstream) -> None:
+    agent = make_agent([route("api", upstream.url)])
+    conn = agent.conn()
+    conn.send(b"POST /v1/egress/api/echo HTTP/1.1\r\nHost: a\r\nContent-Length: 2000000\r\n\r\n" + b"a" * 1000)
+    deadline = time.monotonic() + 5  # the agent has gone upstream with what it has: no waiting for the rest
+    while time.monotonic() < deadline and not upstream.conns:
+        time.sleep(0.02)
+    assert len(upstream.conns) == 1 and upstream.seen == []
+    for _ in range(1999):
+        conn.send(b"b" * 1000)
+    status, _, body = conn.response()
+    doc = json.loads(body)
+    assert status == 200 and len(doc["body"]) == 2_000_000 and doc["body"].startswith("a" * 1000 + "b")
+
+
+def test_a_stalled_body_gets_408_and_the_upstream_call_is_dropped(
+    monkeypatch: pytest.MonkeyPatch, make_agent: Callable[..., Agent], upstream: Upstream
+) -> None:
+    from vault_edge.agent import endpoint
+
+    monkeypatch.setattr(endpoint, "BODY_TIMEOUT_S", 0.5)
+    agent = make_agent([route("api", upstream.url)])
+    conn = agent.conn()
+    conn.send(b"POST /v1/egress/api/echo HTTP/1.1\r\nHost: a\r\nContent-Length: 10\r\n\r\nhel")
+    status, _, body = conn.response()
+    assert status == 408 and json.loads(body)["error"]["message"] == "the request body was not finished in time"
+    # the call went up as the body came, and was cut: the upstream never got a whole request
+    assert all(len(seen.body) < 10 for seen in upstream.seen)
+    assert agent.call("POST", "/v1/egress/api/echo", body=b"hello")[0] == 200

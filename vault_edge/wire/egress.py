@@ -45,6 +45,7 @@ _PARAM_RE = re.compile(r"[A-Za-z0-9_.\-\[\]]{1,128}")
 _PLACEHOLDER_RE = re.compile(r"\{value(?:\.([A-Za-z0-9_\-]{1,64}))?\}")
 _TEMPLATE_TEXT_RE = re.compile(r"[\x20-\x7e]*")
 _PATH_RE = re.compile(r"/[\x21-\x7e]{0,511}")
+_CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
 _HOST_RE = re.compile(r"[a-z0-9\-.]{1,253}|\[[0-9a-f:.]{2,45}\]")
 # headers a route may never set: framing, routing and hop-by-hop ones are the agent's business
 _RESERVED_HEADERS: Final = frozenset(
@@ -195,7 +196,7 @@ class Injection:
             encoded = quote(result, safe="")
             needles.extend(quote(n.decode(), safe="").encode() for n in needles[:])
             return encoded, tuple(needles)
-        if any(c < " " or c == "\x7f" for c in result):
+        if _CONTROL_RE.search(result):
             raise InjectError("the secret holds a control character (CR, LF, NUL...) and cannot go in a header")
         return result, tuple(needles)
 
