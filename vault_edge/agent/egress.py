@@ -45,8 +45,10 @@ from __future__ import annotations
 import logging
 import re
 import ssl
+import time
+from bisect import bisect_left
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from http import HTTPStatus
 from typing import Final
 from urllib.parse import unquote, urlsplit
@@ -111,12 +113,36 @@ class _Call:
     needles: tuple[bytes, ...]
     keep_alive: bool
     http10: bool
+    retry: _Call | None = None  # the same call with the previous value (a 401 during the grace)
 
     def __repr__(self) -> str:
         return f"_Call(route={self.route!r}, method={self.method})"
 
 
 Error = Callable[..., bytes]  # Api.error(status, code, message, *, close=False, extra=b"")
+
+# upper bounds (seconds) of the histogram of the time from a call reaching the agent to its upstream
+# answer's head (what the agent and the upstream add, the worker's own hop aside)
+LATENCY_BUCKETS: Final = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+class RouteStats:
+    """Per-route counters for the metrics endpoint (read at scrape time): calls that went upstream,
+    upstream answers by status class, calls that failed by kind, and the answer-head latency."""
+
+    __slots__ = ("buckets", "classes", "failures", "latency_sum", "requests")
+
+    def __init__(self) -> None:
+        self.requests = 0
+        self.classes = [0, 0, 0, 0, 0]  # 1xx..5xx
+        self.failures: dict[str, int] = {}  # connect, timeout, closed, protocol
+        self.buckets = [0] * (len(LATENCY_BUCKETS) + 1)  # the last: over the largest bound
+        self.latency_sum = 0.0
+
+    def answered(self, status: int, seconds: float) -> None:
+        self.classes[min(max(status // 100, 1), 5) - 1] += 1
+        self.buckets[bisect_left(LATENCY_BUCKETS, seconds)] += 1
+        self.latency_sum += seconds
 
 
 class Egress:
@@ -131,6 +157,7 @@ class Egress:
         self._upstreams: Pool | None = None
         # injections rendered, by (spec, value): the next value after a rotation is a new key
         self._rendered: dict[tuple[str, bytes], tuple[str, tuple[bytes, ...]]] = {}
+        self.stats: dict[str, RouteStats] = {}  # by route name (metrics)
 
     async def aclose(self) -> None:
         if self._upstreams is not None:
@@ -206,10 +233,22 @@ class Egress:
         _check_path(path)
         if not route.allows_path(path):
             raise _Refusal(403, "forbidden", f"egress route {route.name!r} does not allow this path")
-        entry = self.state.view.lookup(route.route.secret)
+        view = self.state.view
+        entry = view.lookup(route.route.secret)
         if entry is None:
             raise _Refusal(503, "not_ready", f"this agent holds no value of egress route {route.name!r}'s secret")
-        return self._build(req, route, path, query, entry.value)
+        call = self._build(req, route, path, query, entry.value)
+        if route.route.retry_previous_on_401:
+            prev = view.lookup(route.route.secret, stage="previous", now=self.state.clock.wall())
+            if prev is not None and prev.value != entry.value:
+                try:
+                    retry = self._build(req, route, path, query, prev.value)
+                except _Refusal:  # the previous value cannot be injected: no retry with it
+                    return call
+                # either answer is scrubbed of both values: an upstream may echo either
+                needles = call.needles + retry.needles
+                call = replace(call, needles=needles, retry=replace(retry, needles=needles))
+        return call
 
     def _by_url(self, req: Request, caller: Caller, target: str) -> tuple[wegress.Parsed, str, str]:
         try:
@@ -305,45 +344,35 @@ class Egress:
         return self._upstreams
 
     async def _run(self, ex: Exchange, call: _Call, body: Body) -> AsyncIterator[bytes]:
-        t = self.settings.timeout
         pool = self._pool()
-        # the body is kept as it goes up while it is small enough to send again (a pooled connection
-        # the upstream closed as the request went out is retried once, for idempotent methods)
+        # The body is kept as it goes up while it is small enough to send again: a pooled connection
+        # the upstream closed as the request went out is retried once (idempotent methods), and a 401
+        # during a rotation's grace once with the previous value (routes that ask for it).
         kept: bytearray | None = bytearray() if body.length <= REPLAY_MAX else None
         conn: Connection | None = None
         ok = False
+        stats = self.stats.get(call.route)
+        if stats is None:
+            stats = self.stats[call.route] = RouteStats()
+        stats.requests += 1
+        started = time.monotonic()
         try:
-            for attempt in (0, 1):
-                reused = False
-                try:
-                    conn, reused = await pool.get(call.origin, t)
-                    conn.begin(call.method == "HEAD")
-                    if attempt:
-                        assert kept is not None
-                        await conn.send(call.head + kept, t)
-                    else:
-                        await self._send(conn, call, body, kept, t)
-                    await conn.head(t)
-                    break
-                except UpstreamError as exc:
-                    retry = (
-                        not attempt
-                        and reused
-                        and exc.kind == "closed"
-                        and conn is not None
-                        and not conn.got_bytes
-                        and call.method in _IDEMPOTENT
-                        and kept is not None
-                        and len(kept) == body.length
+            try:
+                conn = await self._call(pool, call, body, kept)
+                if conn.status == 401 and call.retry is not None and kept is not None and len(kept) == body.length:
+                    await self._discard(conn)
+                    pool.release(conn)
+                    conn = None
+                    log.info(
+                        "egress %s: upstream 401 to the current value; retrying once with the previous", call.route
                     )
-                    if conn is not None:
-                        conn.close()
-                        conn = None
-                    if retry:
-                        continue
-                    yield self._failed(call, exc)
-                    return
-            assert conn is not None
+                    call = call.retry
+                    conn = await self._call(pool, call, Body.of(bytes(kept)), None)
+            except UpstreamError as exc:
+                stats.failures[exc.kind] = stats.failures.get(exc.kind, 0) + 1
+                yield self._failed(call, exc)
+                return
+            stats.answered(conn.status, time.monotonic() - started)
             async for piece in self._relay(ex, call, conn):
                 yield piece
             ok = True
@@ -353,6 +382,53 @@ class Egress:
                     pool.release(conn)
                 else:
                     conn.close()
+
+    async def _call(self, pool: Pool, call: _Call, body: Body, kept: bytearray | None) -> Connection:
+        """Send ``call`` (its body as it comes, kept in ``kept`` if given) and wait for the answer's head
+        on a pooled connection; once more on a new one if the pooled one turns out closed."""
+        t = self.settings.timeout
+        for attempt in (0, 1):
+            conn: Connection | None = None
+            reused = False
+            try:
+                conn, reused = await pool.get(call.origin, t)
+                conn.begin(call.method == "HEAD")
+                if attempt:
+                    assert kept is not None
+                    await conn.send(call.head + kept, t)
+                else:
+                    await self._send(conn, call, body, kept, t)
+                await conn.head(t)
+                return conn
+            except UpstreamError as exc:
+                retry = (
+                    not attempt
+                    and reused
+                    and exc.kind == "closed"
+                    and conn is not None
+                    and not conn.got_bytes
+                    and call.method in _IDEMPOTENT
+                    and kept is not None
+                    and len(kept) == body.length
+                )
+                if conn is not None:
+                    conn.close()
+                if not retry:
+                    raise
+            except BaseException:
+                if conn is not None:
+                    conn.close()
+                raise
+        raise AssertionError("unreachable")
+
+    async def _discard(self, conn: Connection) -> None:
+        """Read an answer to its end and drop it (a 401 retried), within the answer limit."""
+        left = self.settings.max_answer
+        while chunk := await conn.read(self.settings.timeout):
+            left -= len(chunk)
+            if left < 0:
+                conn.keep_alive = False
+                return
 
     @staticmethod
     async def _send(conn: Connection, call: _Call, body: Body, kept: bytearray | None, t: float) -> None:
