@@ -282,3 +282,15 @@ def test_value_fields(value: bytes) -> None:
         assert fields["encoding"] == "base64" and wire.b64d(fields["value"]) == value
         with pytest.raises(UnicodeDecodeError):
             value.decode("utf-8")
+
+
+def test_an_egress_route_without_retry_previous_keeps_its_canonical_text() -> None:
+    from vault_edge.wire.egress import route_from_json
+
+    doc = {"name": "a", "upstream": "https://x.example", "secret": "a/b", "inject": ["header:X={value}"]}
+    plain = route_from_json(doc).route
+    assert "retry_previous_on_401" not in plain.canonical() and plain.retry_previous_on_401 is False
+    on = route_from_json({**doc, "retry_previous_on_401": True}).route
+    assert on.retry_previous_on_401 and route_from_json(on.to_json()).route == on
+    with pytest.raises(wire.WireError):
+        route_from_json({**doc, "retry_previous_on_401": "yes"})

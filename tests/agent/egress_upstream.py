@@ -3,6 +3,8 @@ that records every request it gets (method, path, headers, body) and answers by 
 
     /echo            200 JSON: what it got (headers included: an upstream that echoes the key)
     /ok              200 JSON {"ok": true}
+    /auth            200 JSON {"ok": true} if Authorization is ``Upstream.accept``, else 401 echoing what it got
+                     (an upstream that has not yet taken a rotated key)
     /redirect?to=U   302 to U
     /slow?s=N        waits N seconds, then 200
     /big?n=N         200 with a Content-Length of N (and N bytes)
@@ -127,6 +129,12 @@ class _Handler(BaseHTTPRequestHandler):
             )
         elif path.endswith("/ok"):
             self._json(200, {"ok": True})
+        elif path.endswith("/auth"):
+            got = self.headers.get("Authorization")
+            if got == self.server.upstream.accept:
+                self._json(200, {"ok": True, "body": body.decode("latin-1")})
+            else:
+                self._json(401, {"error": "bad key", "got": got})
         elif path.endswith("/redirect"):
             self.send_response(302)
             self.send_header("Location", q["to"])
@@ -206,6 +214,7 @@ class Upstream:
     def __init__(self, cert: Path, key: Path) -> None:
         self.seen: list[Seen] = []
         self.aborted = 0  # streams the agent hung up on
+        self.accept: str | None = None  # the Authorization /auth takes
         self.conns: list[Any] = []
         self._lock = threading.Lock()
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)

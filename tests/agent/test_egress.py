@@ -495,3 +495,152 @@ def test_a_refused_call_with_a_body_gets_its_refusal(make_agent: Callable[..., A
     assert status == 403 and json.loads(body)["error"]["code"] == "forbidden"
     assert conn.request("GET", "/v1/health")[0] == 200  # the body was read: the connection is still in step
     assert upstream.seen == []
+
+
+def test_upstream_connections_are_kept_alive_and_reused(make_agent: Callable[..., Agent], upstream: Upstream) -> None:
+    agent = make_agent([route("api", upstream.url)])
+    for _ in range(3):
+        assert agent.call("GET", "/v1/egress/api/ok")[0] == 200
+    assert agent.call("POST", "/v1/egress/api/echo", body=b"x" * 100)[0] == 200
+    assert len(upstream.conns) == 1  # one TLS connection for all four calls, from separate worker connections
+
+
+def test_a_pooled_connection_the_upstream_closed_is_not_used(
+    make_agent: Callable[..., Agent], upstream: Upstream
+) -> None:
+    agent = make_agent([route("api", upstream.url)])
+    assert agent.call("GET", "/v1/egress/api/ok")[0] == 200
+    for conn in upstream.conns:  # the upstream drops its idle keep-alive connection
+        conn.shutdown(socket.SHUT_RDWR)
+    assert agent.call("GET", "/v1/egress/api/ok")[0] == 200  # a new one (or a retry), not a 502
+    assert agent.call("POST", "/v1/egress/api/echo", body=b"hello")[0] == 200
+    assert len(upstream.conns) == 2
+
+
+def test_a_half_read_answer_does_not_go_back_to_the_pool(make_agent: Callable[..., Agent], upstream: Upstream) -> None:
+    agent = make_agent([route("api", upstream.url)])
+    conn = agent.conn()
+    conn.send(f"GET /v1/egress/api/stream?n={48 << 20} HTTP/1.1\r\nHost: a\r\n\r\n".encode())
+    assert conn.head()[0] == 200
+    conn.sock.close()  # the worker leaves mid-answer: that upstream connection is out of step, so closed
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and not upstream.aborted:
+        time.sleep(0.02)
+    assert upstream.aborted == 1
+    status, _, doc = agent.call("GET", "/v1/egress/api/ok")
+    assert status == 200 and doc == {"ok": True}
+    assert len(upstream.conns) == 2
+
+
+def test_the_request_body_streams_up_before_it_is_whole(make_agent: Callable[..., Agent], upstream: Upstream) -> None:
+    agent = make_agent([route("api", upstream.url)])
+    conn = agent.conn()
+    conn.send(b"POST /v1/egress/api/echo HTTP/1.1\r\nHost: a\r\nContent-Length: 2000000\r\n\r\n" + b"a" * 1000)
+    deadline = time.monotonic() + 5  # the agent has gone upstream with what it has: no waiting for the rest
+    while time.monotonic() < deadline and not upstream.conns:
+        time.sleep(0.02)
+    assert len(upstream.conns) == 1 and upstream.seen == []
+    for _ in range(1999):
+        conn.send(b"b" * 1000)
+    status, _, body = conn.response()
+    doc = json.loads(body)
+    assert status == 200 and len(doc["body"]) == 2_000_000 and doc["body"].startswith("a" * 1000 + "b")
+
+
+def test_a_stalled_body_gets_408_and_the_upstream_call_is_dropped(
+    monkeypatch: pytest.MonkeyPatch, make_agent: Callable[..., Agent], upstream: Upstream
+) -> None:
+    from vault_edge.agent import endpoint
+
+    monkeypatch.setattr(endpoint, "BODY_TIMEOUT_S", 0.5)
+    agent = make_agent([route("api", upstream.url)])
+    conn = agent.conn()
+    conn.send(b"POST /v1/egress/api/echo HTTP/1.1\r\nHost: a\r\nContent-Length: 10\r\n\r\nhel")
+    status, _, body = conn.response()
+    assert status == 408 and json.loads(body)["error"]["message"] == "the request body was not finished in time"
+    # the call went up as the body came, and was cut: the upstream never got a whole request
+    assert all(len(seen.body) < 10 for seen in upstream.seen)
+    assert agent.call("POST", "/v1/egress/api/echo", body=b"hello")[0] == 200
+
+
+def _rotated(agent: Agent, routes: list[dict[str, Any]], grace_s: float = 100.0) -> None:
+    """KEY2 current, KEY previous (within its grace on the agent's clock)."""
+    clock = agent.served.state.clock
+    entries = [
+        Entry("api/key", 2, "current", KEY2.encode()),
+        Entry("api/key", 1, "previous", KEY.encode(), clock.wall() + grace_s),
+    ]
+    parsed = tuple(route_from_json(r).route for r in routes)
+    rev = agent.served.state.view.revision + 1
+    agent.served.call(lambda: agent.served.state.install(View(NODE, REGION, rev, entries, parsed)))
+
+
+def test_a_401_during_the_grace_is_retried_once_with_the_previous_value(
+    make_agent: Callable[..., Agent], upstream: Upstream
+) -> None:
+    routes = [route("api", upstream.url, retry_previous_on_401=True), route("plain", upstream.url)]
+    agent = make_agent(routes)
+    _rotated(agent, routes)
+    upstream.accept = f"Bearer {KEY}"  # the upstream has not taken the new key yet
+    conn = agent.conn()
+    status, _, body = conn.request("POST", "/v1/egress/api/auth", body=b'{"q": 1}')
+    assert status == 200 and json.loads(body) == {"ok": True, "body": '{"q": 1}'}  # the body sent again, whole
+    assert [s.header("Authorization") for s in upstream.seen] == [[f"Bearer {KEY2}"], [f"Bearer {KEY}"]]
+    assert len(upstream.conns) == 1  # the 401's connection was read to its end and used again
+    # off by default: a route without the flag gives the worker the 401 (scrubbed of the key it echoes)
+    status, _, body = conn.request("GET", "/v1/egress/plain/auth")
+    assert status == 401 and json.loads(body)["got"] == "Bearer " + "*" * len(KEY2)
+    # the upstream takes the new key: one call, no retry
+    upstream.accept = f"Bearer {KEY2}"
+    n = len(upstream.seen)
+    assert conn.request("GET", "/v1/egress/api/auth")[0] == 200 and len(upstream.seen) == n + 1
+    # both keys refused: one retry, then the worker gets the 401, neither key in it
+    upstream.accept = "Bearer something-else"
+    status, _, body = conn.request("GET", "/v1/egress/api/auth")
+    assert status == 401 and len(upstream.seen) == n + 3
+    assert json.loads(body)["got"] == "Bearer " + "*" * len(KEY)
+
+
+def test_no_retry_with_previous_past_its_grace_or_for_a_body_too_large_to_replay(
+    make_agent: Callable[..., Agent], upstream: Upstream
+) -> None:
+    routes = [route("api", upstream.url, retry_previous_on_401=True)]
+    agent = make_agent(routes)
+    _rotated(agent, routes)
+    upstream.accept = f"Bearer {KEY}"
+    status, _, _ = agent.call("POST", "/v1/egress/api/auth", body=b"x" * (64 * 1024 + 1))
+    assert status == 401 and len(upstream.seen) == 1  # over 64 KiB: not kept, so not sent again
+    agent.served.state.clock.advance(101)  # the grace is over: previous is no longer served
+    status, _, _ = agent.call("GET", "/v1/egress/api/auth")
+    assert status == 401 and len(upstream.seen) == 2
+
+
+def test_metrics_per_route(make_agent: Callable[..., Agent], upstream: Upstream) -> None:
+    from vault_edge.agent.metrics import render
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        dead = s.getsockname()[1]
+    agent = make_agent([route("api", upstream.url), route("down", f"https://127.0.0.1:{dead}")])
+    assert agent.call("GET", "/v1/egress/api/ok")[0] == 200
+    assert agent.call("GET", "/v1/egress/api/ok")[0] == 200
+    assert agent.call("GET", "/v1/egress/api/nothing-here")[0] == 404
+    assert agent.call("GET", "/v1/egress/down/ok")[0] == 502
+    assert agent.call("GET", "/v1/egress/nope/ok")[0] == 404  # no route: no upstream call, not counted per route
+
+    class Listener:
+        conns: set[object] = set()
+
+        def cache_hits(self) -> int:
+            return 0
+
+    text = agent.served.call(lambda: render(agent.served.api, None, Listener())).decode()
+    lines = set(text.splitlines())
+    assert 'vault_edge_agent_egress_requests_total{route="api"} 3' in lines
+    assert 'vault_edge_agent_egress_requests_total{route="down"} 1' in lines
+    assert 'vault_edge_agent_egress_upstream_answers_total{route="api",class="2xx"} 2' in lines
+    assert 'vault_edge_agent_egress_upstream_answers_total{route="api",class="4xx"} 1' in lines
+    assert 'vault_edge_agent_egress_upstream_failures_total{route="down",kind="connect"} 1' in lines
+    assert 'vault_edge_agent_egress_upstream_seconds_bucket{route="api",le="+Inf"} 3' in lines
+    assert 'vault_edge_agent_egress_upstream_seconds_count{route="api"} 3' in lines
+    assert 'vault_edge_agent_egress_upstream_seconds_count{route="down"} 0' in lines

@@ -78,12 +78,13 @@ def test_keyless_workers_end_to_end(
         "POST",
         "--path",
         "/v1/",
+        "--retry-previous-on-401",
         "-o",
         "json",
         env=env,
     )
     assert r.returncode == 0, r.stderr
-    assert json.loads(r.stdout)["regions"] == ["eu"]
+    assert json.loads(r.stdout)["regions"] == ["eu"] and json.loads(r.stdout)["retry_previous_on_401"] is True
     r = cli(
         "egress",
         "create",
@@ -99,6 +100,7 @@ def test_keyless_workers_end_to_end(
     assert r.returncode == 1 and r.stderr.decode().count("\n") == 1 and "https" in r.stderr.decode()
     r = cli("egress", "list", "-o", "json", env=env)
     assert r.returncode == 0 and [x["name"] for x in json.loads(r.stdout)["routes"]] == ["openai"]
+    assert json.loads(r.stdout)["routes"][0]["retry_previous_on_401"] is True
 
     policy = workdir / "policy.toml"
     policy.write_text(

@@ -5,6 +5,7 @@ carries them only when they changed."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -151,3 +152,31 @@ def test_a_deleted_route_copied_back_is_refused(eu_api: Api, tmp_path: Path) -> 
     n = Node(eu_api, tmp_path)
     n.sync()
     assert n.view.egress == ()
+
+
+def test_retry_previous_on_401_is_off_by_default_and_rides_in_the_macd_route_and_the_sync(
+    eu_api: Api, tmp_path: Path
+) -> None:
+    st, doc = eu_api.call("POST", "/v1/egress", json=ROUTE)
+    assert st == 200 and "retry_previous_on_401" not in doc  # off: the route's text is as before the flag
+    st, doc = eu_api.call("POST", "/v1/egress", json={**ROUTE, "name": "retrying", "retry_previous_on_401": True})
+    assert st == 200 and doc["retry_previous_on_401"] is True
+    listed = {r["name"]: r for r in eu_api.call("GET", "/v1/egress")[1]["routes"]}
+    assert listed["retrying"]["retry_previous_on_401"] is True and "retry_previous_on_401" not in listed["openai"]
+    n = Node(eu_api, tmp_path)
+    n.sync()
+    assert {r.name: r.retry_previous_on_401 for r in n.view.egress} == {"openai": False, "retrying": True}
+    assert eu_api.call("POST", "/v1/egress", json={**ROUTE, "name": "x", "retry_previous_on_401": "sometimes"})[0] in (
+        400,
+        422,
+    )
+    # the flag is inside the MAC'd text: a writer cannot switch it on
+    with _db(eu_api).begin() as c:
+        text = c.execute(select(t.egress_routes.c.route).where(t.egress_routes.c.name == "openai")).scalar_one()
+        doc = {**json.loads(text), "retry_previous_on_401": True}
+        c.execute(
+            update(t.egress_routes)
+            .where(t.egress_routes.c.name == "openai")
+            .values(route=json.dumps(doc, separators=(",", ":"), sort_keys=True))
+        )
+    assert eu_api.call("GET", "/v1/egress")[1]["refused"] == ["openai"]

@@ -20,9 +20,10 @@ and with them Host (set from the route), Expect, X-Vault-Edge-Token (the worker'
 the upstream's business), Accept-Encoding (so the answer can be scrubbed, below) and the worker's own
 credential where the route injects one (the injected header, Authorization for Basic, the injected
 query parameter), before the injection is added. TLS is verified (system CAs, or ``--egress-ca``);
-connections are kept alive and pooled per upstream (httpx's transport: HTTP/1.1; HTTP/2 needs ``h2``,
-not installed). No redirect is followed: a 3xx goes back to the worker, which may call the new URL
-through the agent like any other (judged by the routes again).
+connections are kept alive and pooled per upstream (``agent/upstream.py``: HTTP/1.1 on plain asyncio
+Protocols, answers parsed by httptools; no HTTP/2). The request body streams up as the worker sends
+it (Content-Length framed), never held whole. No redirect is followed: a 3xx goes back to the worker,
+which may call the new URL through the agent like any other (judged by the routes again).
 
 On the way down: hop-by-hop headers dropped, the body streamed as it comes (server-sent events
 arrive one by one), framed by its Content-Length, chunked, or by the close; every form of the
@@ -44,20 +45,20 @@ from __future__ import annotations
 import logging
 import re
 import ssl
+import time
+from bisect import bisect_left
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from http import HTTPStatus
-from typing import TYPE_CHECKING, Final
+from typing import Final
 from urllib.parse import unquote, urlsplit
 
-from vault_edge.agent.endpoint import Answer, Exchange, Request
+from vault_edge.agent.endpoint import STATUS_LINE, Answer, Body, Exchange, Request
 from vault_edge.agent.peercred import Caller
 from vault_edge.agent.policy import Policy
+from vault_edge.agent.upstream import Connection, Pool, UpstreamError
 from vault_edge.agent.view import AgentState, View
 from vault_edge.wire import egress as wegress
-
-if TYPE_CHECKING:  # httpx is imported at the first egress call: the socket API's import stays light
-    import httpx
 
 log = logging.getLogger("vault_edge.agent.egress")
 
@@ -65,6 +66,7 @@ PREFIX: Final = "/v1/egress/"
 MAX_BODY: Final = 8 << 20  # request body bytes
 MAX_ANSWER: Final = 64 << 20  # answer body bytes relayed
 TIMEOUT_S: Final = 60.0
+REPLAY_MAX: Final = 64 << 10  # request bodies up to this are kept as they go up, to be sent again
 SCRUB_MIN: Final = 6  # shorter values are not scrubbed from answers (they would match by chance)
 HOP_BY_HOP: Final = frozenset(
     {
@@ -80,6 +82,8 @@ HOP_BY_HOP: Final = frozenset(
     }
 )
 _DROP_UP: Final = HOP_BY_HOP | {b"host", b"content-length", b"expect", b"x-vault-edge-token", b"accept-encoding"}
+_IDEMPOTENT: Final = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE"})
+_STATUS: Final = {200: STATUS_LINE[200]}
 _ROUTE_RE = re.compile(r"([a-z0-9][a-z0-9_\-]{0,62})(?=[/?]|$)")
 _BAD_ESCAPES = re.compile(r"%(2[fF]|5[cC]|00)")
 
@@ -104,17 +108,41 @@ class _Call:
 
     route: str
     method: str
-    url: str
-    headers: list[tuple[bytes, bytes]]
+    origin: tuple[str, str, int]
+    head: bytes  # the request head for the upstream, framing included (holds the key)
     needles: tuple[bytes, ...]
     keep_alive: bool
     http10: bool
+    retry: _Call | None = None  # the same call with the previous value (a 401 during the grace)
 
     def __repr__(self) -> str:
         return f"_Call(route={self.route!r}, method={self.method})"
 
 
 Error = Callable[..., bytes]  # Api.error(status, code, message, *, close=False, extra=b"")
+
+# upper bounds (seconds) of the histogram of the time from a call reaching the agent to its upstream
+# answer's head (what the agent and the upstream add, the worker's own hop aside)
+LATENCY_BUCKETS: Final = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+class RouteStats:
+    """Per-route counters for the metrics endpoint (read at scrape time): calls that went upstream,
+    upstream answers by status class, calls that failed by kind, and the answer-head latency."""
+
+    __slots__ = ("buckets", "classes", "failures", "latency_sum", "requests")
+
+    def __init__(self) -> None:
+        self.requests = 0
+        self.classes = [0, 0, 0, 0, 0]  # 1xx..5xx
+        self.failures: dict[str, int] = {}  # connect, timeout, closed, protocol
+        self.buckets = [0] * (len(LATENCY_BUCKETS) + 1)  # the last: over the largest bound
+        self.latency_sum = 0.0
+
+    def answered(self, status: int, seconds: float) -> None:
+        self.classes[min(max(status // 100, 1), 5) - 1] += 1
+        self.buckets[bisect_left(LATENCY_BUCKETS, seconds)] += 1
+        self.latency_sum += seconds
 
 
 class Egress:
@@ -126,12 +154,15 @@ class Egress:
         self._view: View | None = None
         self._by_name: dict[str, wegress.Parsed] = {}
         self._by_origin: dict[tuple[str, str, int], list[wegress.Parsed]] = {}
-        self._transport: httpx.AsyncHTTPTransport | None = None
+        self._upstreams: Pool | None = None
+        # injections rendered, by (spec, value): the next value after a rotation is a new key
+        self._rendered: dict[tuple[str, bytes], tuple[str, tuple[bytes, ...]]] = {}
+        self.stats: dict[str, RouteStats] = {}  # by route name (metrics)
 
     async def aclose(self) -> None:
-        if self._transport is not None:
-            await self._transport.aclose()
-            self._transport = None
+        if self._upstreams is not None:
+            self._upstreams.close()
+            self._upstreams = None
 
     # -- routing and policy -------------------------------------------------------------------
     def _index(self) -> None:
@@ -167,7 +198,8 @@ class Egress:
         if not req.body_len:
             return Answer(data, False)
 
-        async def once(_body: bytes) -> AsyncIterator[bytes]:
+        async def once(body: Body) -> AsyncIterator[bytes]:
+            await body.drain()
             yield data
 
         return Exchange(self.settings.max_body, once)
@@ -201,10 +233,22 @@ class Egress:
         _check_path(path)
         if not route.allows_path(path):
             raise _Refusal(403, "forbidden", f"egress route {route.name!r} does not allow this path")
-        entry = self.state.view.lookup(route.route.secret)
+        view = self.state.view
+        entry = view.lookup(route.route.secret)
         if entry is None:
             raise _Refusal(503, "not_ready", f"this agent holds no value of egress route {route.name!r}'s secret")
-        return self._build(req, route, path, query, entry.value)
+        call = self._build(req, route, path, query, entry.value)
+        if route.route.retry_previous_on_401:
+            prev = view.lookup(route.route.secret, stage="previous", now=self.state.clock.wall())
+            if prev is not None and prev.value != entry.value:
+                try:
+                    retry = self._build(req, route, path, query, prev.value)
+                except _Refusal:  # the previous value cannot be injected: no retry with it
+                    return call
+                # either answer is scrubbed of both values: an upstream may echo either
+                needles = call.needles + retry.needles
+                call = replace(call, needles=needles, retry=replace(retry, needles=needles))
+        return call
 
     def _by_url(self, req: Request, caller: Caller, target: str) -> tuple[wegress.Parsed, str, str]:
         try:
@@ -236,10 +280,17 @@ class Egress:
         inject_query: list[tuple[str, str]] = []
         needles: list[bytes] = []
         for inj in route.injections:
-            try:
-                text, forms = inj.render(value)
-            except wegress.InjectError as exc:
-                raise _Refusal(502, "bad_secret", f"egress route {route.name!r}: {exc}") from None
+            key = (inj.spec, value)
+            done = self._rendered.get(key)
+            if done is None:
+                try:
+                    done = inj.render(value)
+                except wegress.InjectError as exc:
+                    raise _Refusal(502, "bad_secret", f"egress route {route.name!r}: {exc}") from None
+                if len(self._rendered) >= 256:
+                    self._rendered.clear()
+                self._rendered[key] = done
+            text, forms = done
             needles.extend(forms)
             if inj.kind == "query":
                 inject_query.append((inj.name, text))
@@ -267,86 +318,163 @@ class Egress:
             names = {k for k, _ in inject_query}
             kept = [p for p in query.split("&") if p and unquote(p.partition("=")[0]) not in names]
             query = "&".join([*kept, *(f"{k}={v}" for k, v in inject_query)])
-        url = route.upstream.url(path + ("?" + query if query else ""))
+        up = route.upstream
+        target = path + ("?" + query if query else "")
+        if req.body_len > 0:
+            headers.append((b"content-length", b"%d" % req.body_len))
+        elif req.method in ("POST", "PUT", "PATCH"):
+            headers.append((b"content-length", b"0"))
+        head = b"".join(
+            (
+                f"{req.method} {target} HTTP/1.1\r\nhost: {up.authority}\r\n".encode("ascii"),
+                *(n + b": " + v + b"\r\n" for n, v in headers),
+                b"\r\n",
+            )
+        )
         return _Call(
-            route.name, req.method, url, headers, tuple(needles), req.keep_alive, lines[0].endswith(b"HTTP/1.0")
+            route.name, req.method, up.origin, head, tuple(needles), req.keep_alive, lines[0].endswith(b"HTTP/1.0")
         )
 
     # -- the call ------------------------------------------------------------------------------
-    def _client(self) -> httpx.AsyncHTTPTransport:
-        import httpx
-
-        if self._transport is None:
+    def _pool(self) -> Pool:
+        if self._upstreams is None:
             s = self.settings
             ctx = ssl.create_default_context(cafile=s.ca_file) if s.ca_file else ssl.create_default_context()
-            # The transport alone: no cookie jar shared between callers, no redirects, no .netrc or proxy
-            # settings from the environment, no default headers. httpx's own loggers stay at WARNING
-            # (``agent run`` sets them), so no URL (which may hold a query-injected key) is logged.
-            self._transport = httpx.AsyncHTTPTransport(
-                verify=ctx,
-                trust_env=False,
-                retries=0,
-                limits=httpx.Limits(max_connections=512, max_keepalive_connections=64, keepalive_expiry=30.0),
-            )
-        return self._transport
+            self._upstreams = Pool(ctx)
+        return self._upstreams
 
-    async def _run(self, ex: Exchange, call: _Call, body: bytes) -> AsyncIterator[bytes]:
-        import httpx
+    async def _run(self, ex: Exchange, call: _Call, body: Body) -> AsyncIterator[bytes]:
+        pool = self._pool()
+        # The body is kept as it goes up while it is small enough to send again: a pooled connection
+        # the upstream closed as the request went out is retried once (idempotent methods), and a 401
+        # during a rotation's grace once with the previous value (routes that ask for it).
+        kept: bytearray | None = bytearray() if body.length <= REPLAY_MAX else None
+        conn: Connection | None = None
+        ok = False
+        stats = self.stats.get(call.route)
+        if stats is None:
+            stats = self.stats[call.route] = RouteStats()
+        stats.requests += 1
+        started = time.monotonic()
+        try:
+            try:
+                conn = await self._call(pool, call, body, kept)
+                if conn.status == 401 and call.retry is not None and kept is not None and len(kept) == body.length:
+                    await self._discard(conn)
+                    pool.release(conn)
+                    conn = None
+                    log.info(
+                        "egress %s: upstream 401 to the current value; retrying once with the previous", call.route
+                    )
+                    call = call.retry
+                    conn = await self._call(pool, call, Body.of(bytes(kept)), None)
+            except UpstreamError as exc:
+                stats.failures[exc.kind] = stats.failures.get(exc.kind, 0) + 1
+                yield self._failed(call, exc)
+                return
+            stats.answered(conn.status, time.monotonic() - started)
+            async for piece in self._relay(ex, call, conn):
+                yield piece
+            ok = True
+        finally:
+            if conn is not None:
+                if ok:
+                    pool.release(conn)
+                else:
+                    conn.close()
 
-        s = self.settings
-        t = s.timeout
-        close = b"" if call.keep_alive else b"Connection: close\r\n"
-        try:
-            request = httpx.Request(
-                call.method,
-                call.url,
-                headers=call.headers,
-                content=body if body or call.method in ("POST", "PUT", "PATCH") else None,
-                extensions={"timeout": {"connect": t, "read": t, "write": t, "pool": t}},
-            )
-        except (httpx.InvalidURL, ValueError, TypeError):
-            yield self.error(
-                400,
-                "bad_request",
-                f"egress route {call.route!r}: the request cannot be sent upstream (an invalid URL or header)",
-                close=not call.keep_alive,
-            )
-            return
-        try:
-            resp = await self._client().handle_async_request(request)
-        except httpx.TimeoutException:
+    async def _call(self, pool: Pool, call: _Call, body: Body, kept: bytearray | None) -> Connection:
+        """Send ``call`` (its body as it comes, kept in ``kept`` if given) and wait for the answer's head
+        on a pooled connection; once more on a new one if the pooled one turns out closed."""
+        t = self.settings.timeout
+        for attempt in (0, 1):
+            conn: Connection | None = None
+            reused = False
+            try:
+                conn, reused = await pool.get(call.origin, t)
+                conn.begin(call.method == "HEAD")
+                if attempt:
+                    assert kept is not None
+                    await conn.send(call.head + kept, t)
+                else:
+                    await self._send(conn, call, body, kept, t)
+                await conn.head(t)
+                return conn
+            except UpstreamError as exc:
+                retry = (
+                    not attempt
+                    and reused
+                    and exc.kind == "closed"
+                    and conn is not None
+                    and not conn.got_bytes
+                    and call.method in _IDEMPOTENT
+                    and kept is not None
+                    and len(kept) == body.length
+                )
+                if conn is not None:
+                    conn.close()
+                if not retry:
+                    raise
+            except BaseException:
+                if conn is not None:
+                    conn.close()
+                raise
+        raise AssertionError("unreachable")
+
+    async def _discard(self, conn: Connection) -> None:
+        """Read an answer to its end and drop it (a 401 retried), within the answer limit."""
+        left = self.settings.max_answer
+        while chunk := await conn.read(self.settings.timeout):
+            left -= len(chunk)
+            if left < 0:
+                conn.keep_alive = False
+                return
+
+    @staticmethod
+    async def _send(conn: Connection, call: _Call, body: Body, kept: bytearray | None, t: float) -> None:
+        """The request head with what has come of the body, then the rest of the body as it comes."""
+        data = await body.read()
+        if kept is not None:
+            kept += data
+        await conn.send(call.head + data, t)
+        while data:
+            data = await body.read()
+            if data:
+                if kept is not None:
+                    kept += data
+                await conn.send(data, t)
+
+    def _failed(self, call: _Call, exc: UpstreamError) -> bytes:
+        close = not call.keep_alive
+        if exc.kind == "timeout":
             log.warning("egress %s: upstream timed out", call.route)
-            yield self.error(
+            return self.error(
                 504,
                 "upstream_timeout",
-                f"egress route {call.route!r}: the upstream did not answer in {t:g}s",
-                close=not call.keep_alive,
+                f"egress route {call.route!r}: the upstream did not answer in {self.settings.timeout:g}s",
+                close=close,
             )
-            return
-        except (httpx.HTTPError, OSError, ssl.SSLError) as exc:
-            log.warning("egress %s: upstream unreachable (%s)", call.route, type(exc).__name__)
-            yield self.error(
-                502,
-                "upstream_unreachable",
-                f"egress route {call.route!r}: the upstream could not be reached ({type(exc).__name__})",
-                close=not call.keep_alive,
+        if exc.kind == "protocol":
+            log.warning("egress %s: malformed upstream answer (%s)", call.route, exc)
+            return self.error(
+                502, "bad_upstream", f"egress route {call.route!r}: the upstream's answer is malformed", close=close
             )
-            return
-        try:
-            async for piece in self._relay(ex, call, resp, close):
-                yield piece
-        finally:
-            await resp.aclose()
+        log.warning("egress %s: upstream unreachable (%s)", call.route, exc)
+        return self.error(
+            502,
+            "upstream_unreachable",
+            f"egress route {call.route!r}: the upstream could not be reached ({exc})",
+            close=close,
+        )
 
-    async def _relay(self, ex: Exchange, call: _Call, resp: httpx.Response, close: bytes) -> AsyncIterator[bytes]:
-        import httpx
-
+    async def _relay(self, ex: Exchange, call: _Call, conn: Connection) -> AsyncIterator[bytes]:
         s = self.settings
-        status = resp.status_code
+        status = conn.status
         length: int | None = None
-        named = {t.strip().lower() for k, v in resp.headers.raw if k.lower() == b"connection" for t in v.split(b",")}
+        raw = conn.headers
+        named = {t.strip().lower() for k, v in raw if k.lower() == b"connection" for t in v.split(b",")}
         out: list[bytes] = []
-        for k, v in resp.headers.raw:
+        for k, v in raw:
             n = k.lower()
             if n in HOP_BY_HOP or n in named:
                 continue
@@ -358,6 +486,7 @@ class Egress:
                         f"egress route {call.route!r}: the upstream's answer is malformed (Content-Length)",
                         close=not call.keep_alive,
                     )
+                    conn.keep_alive = False
                     return
                 if length is not None:
                     continue
@@ -365,8 +494,9 @@ class Egress:
             if b"\r" in v or b"\n" in v:
                 continue
             out.append(k + b": " + _scrub_all(v, call.needles) + b"\r\n")
-        bodyless = call.method == "HEAD" or status in (204, 304) or status < 200
+        bodyless = call.method == "HEAD" or status in (204, 304)
         if not bodyless and length is not None and length > s.max_answer:
+            conn.keep_alive = False
             yield self.error(
                 502,
                 "answer_too_large",
@@ -374,6 +504,7 @@ class Egress:
                 close=not call.keep_alive,
             )
             return
+        close = b"" if call.keep_alive else b"Connection: close\r\n"
         chunked = False
         if not bodyless and length is None:
             if call.keep_alive and not call.http10:
@@ -381,39 +512,56 @@ class Egress:
                 out.append(b"Transfer-Encoding: chunked\r\n")
             else:
                 ex.close = True
-                if not close:
-                    close = b"Connection: close\r\n"
-        try:
-            phrase = HTTPStatus(status).phrase
-        except ValueError:
-            phrase = "Unknown"
-        yield b"HTTP/1.1 %d %s\r\n%b%b\r\n" % (status, phrase.encode(), b"".join(out), close)
+                close = b"Connection: close\r\n"
+        line = _STATUS.get(status)
+        if line is None:
+            try:
+                phrase = HTTPStatus(status).phrase
+            except ValueError:
+                phrase = "Unknown"
+            line = b"HTTP/1.1 %d %s\r\n" % (status, phrase.encode())
+        pending = [line, *out, close, b"\r\n"]
         log.debug("egress %s: %s %d", call.route, call.method, status)
         if bodyless:
+            yield b"".join(pending)
             return
         scrub = _Scrubber(call.needles)
         relayed = 0
-        try:
-            async for chunk in resp.aiter_raw():
-                relayed += len(chunk)
-                if relayed > s.max_answer:
-                    log.warning("egress %s: answer over %d bytes; connection cut", call.route, s.max_answer)
-                    ex.close = True
-                    return
-                data = scrub.feed(chunk)
-                if data:
-                    yield b"%x\r\n%b\r\n" % (len(data), data) if chunked else data
-        except (httpx.HTTPError, OSError) as exc:  # the answer is cut: so is the worker's
-            log.warning("egress %s: upstream answer cut (%s)", call.route, type(exc).__name__)
-            ex.close = True
-            return
+        t = s.timeout
+        while True:
+            if pending and not conn.chunks and not conn.complete:  # about to wait: send what is here
+                yield b"".join(pending)
+                pending.clear()
+            try:
+                chunk = await conn.read(t)
+            except UpstreamError as exc:  # the answer is cut: so is the worker's
+                log.warning("egress %s: upstream answer cut (%s)", call.route, exc)
+                ex.close = True
+                if pending:
+                    yield b"".join(pending)
+                return
+            if not chunk:
+                break
+            relayed += len(chunk)
+            if relayed > s.max_answer:
+                log.warning("egress %s: answer over %d bytes; connection cut", call.route, s.max_answer)
+                ex.close = True
+                conn.keep_alive = False
+                if pending:
+                    yield b"".join(pending)
+                return
+            data = scrub.feed(chunk)
+            if data:
+                pending.append(b"%x\r\n%b\r\n" % (len(data), data) if chunked else data)
         tail = scrub.flush()
         if tail:
-            yield b"%x\r\n%b\r\n" % (len(tail), tail) if chunked else tail
+            pending.append(b"%x\r\n%b\r\n" % (len(tail), tail) if chunked else tail)
         if chunked:
-            yield b"0\r\n\r\n"
+            pending.append(b"0\r\n\r\n")
         if length is not None and relayed != length:
             ex.close = True
+        if pending:
+            yield b"".join(pending)
 
 
 def _check_path(path: str) -> None:
@@ -443,12 +591,15 @@ class _Scrubber:
         if not self.needles:
             return chunk
         data = _scrub_all(self.held + chunk, tuple(self.needles))
-        hold = 0
-        for n in self.needles:
-            for k in range(min(len(n) - 1, len(data)), hold, -1):
-                if data.endswith(n[:k]):
-                    hold = k
+        hold, end = 0, len(data)
+        for n in self.needles:  # the longest tail of data that begins a needle: where its first byte is
+            first = n[:1]
+            i = data.find(first, max(0, end - len(n) + 1))
+            while i >= 0 and end - i > hold:
+                if n.startswith(data[i:]):
+                    hold = end - i
                     break
+                i = data.find(first, i + 1)
         self.held = data[len(data) - hold :] if hold else b""
         return data[: len(data) - hold]
 

@@ -74,7 +74,8 @@ T = TypeVar("T")
 
 MAX_HEAD: Final = 8192  # bytes of request line + headers
 HEAD_TIMEOUT_S: Final = 10.0  # an unfinished head older than this is answered 408 and closed
-BODY_TIMEOUT_S: Final = 30.0  # an Exchange's request body not finished within this is answered 408
+BODY_TIMEOUT_S: Final = 30.0  # an Exchange's request body stalled this long is answered 408
+BODY_BUFFER: Final = 1 << 20  # request body bytes held unread before the client is paused
 _CACHE_MAX: Final = 64  # cached answers per connection...
 _CACHE_BYTES: Final = 65_536  # ...and their bytes: bounded memory per connection, whatever the clients ask
 _CACHE_ANSWER_MAX: Final = 16_384  # larger answers are rebuilt each time rather than held
@@ -148,16 +149,101 @@ class Hold(NamedTuple):
     wait: Callable[[], Awaitable[bytes]]
 
 
+class BodyError(Exception):
+    """The request body did not arrive: the client went away, or (:class:`BodyTimeout`) stalled."""
+
+
+class BodyTimeout(BodyError):
+    """No byte of the request body came within ``BODY_TIMEOUT_S``."""
+
+
+class Body:
+    """A request body as it arrives (Content-Length framed), for an :class:`Exchange`: ``await read()``
+    gives the bytes that have come since the last read (waiting for some), ``b""`` at the end. The
+    client is paused while more than ``BODY_BUFFER`` bytes wait unread, so a body streams through the
+    agent (to the upstream) without being held whole. ``length`` is the Content-Length."""
+
+    __slots__ = ("_flow", "buffered", "chunks", "failed", "length", "need", "timeout", "waiter")
+
+    def __init__(self, length: int, flow: Callable[[], None] | None = None, timeout: float | None = None) -> None:
+        self.length, self.need, self._flow = length, length, flow
+        self.timeout = BODY_TIMEOUT_S if timeout is None else timeout
+        self.chunks: list[bytes] = []
+        self.buffered = 0
+        self.failed = False
+        self.waiter: asyncio.Future[None] | None = None
+
+    @classmethod
+    def of(cls, data: bytes) -> Body:
+        """A body already whole (tests, replays)."""
+        b = cls(len(data))
+        b.feed(data)
+        return b
+
+    def feed(self, data: bytes) -> None:
+        if data:
+            self.chunks.append(data)
+            self.need -= len(data)
+            self.buffered += len(data)
+            self._wake()
+
+    def fail(self) -> None:
+        self.failed = True
+        self._wake()
+
+    def _wake(self) -> None:
+        w = self.waiter
+        if w is not None and not w.done():
+            w.set_result(None)
+
+    @property
+    def backlog(self) -> bool:
+        return self.buffered > BODY_BUFFER
+
+    async def read(self) -> bytes:
+        while not self.chunks:
+            if self.need <= 0:
+                return b""
+            if self.failed:
+                raise BodyError("the client went away before the request body was finished")
+            loop = asyncio.get_running_loop()
+            fut = self.waiter = loop.create_future()
+            timer = loop.call_later(self.timeout, _stalled, fut)
+            try:
+                await fut
+            finally:
+                timer.cancel()
+                self.waiter = None
+        data = self.chunks[0] if len(self.chunks) == 1 else b"".join(self.chunks)
+        self.chunks.clear()
+        was_backlogged, self.buffered = self.backlog, 0
+        if was_backlogged and self._flow is not None:
+            self._flow()
+        return data
+
+    async def drain(self) -> None:
+        """Read and drop the rest (a refused request whose connection stays in step)."""
+        while await self.read():
+            pass
+
+
+def _stalled(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_exception(BodyTimeout("the request body was not finished in time"))
+
+
 class Exchange:
-    """A request the app takes whole and answers as a stream (the egress proxy): the transport reads
-    the request's body (at most ``max_body`` bytes, Content-Length framed), then writes every piece
-    ``run(body)`` yields (the response's head first, framed by the app), as it comes. A client that
-    goes away cancels ``run``. The app sets ``close`` to have the connection closed after the answer
-    (a body delimited by the close). Never cached; holds the requests pipelined behind it."""
+    """A request the app takes whole and answers as a stream (the egress proxy): ``run(body)`` reads
+    the request's :class:`Body` as it arrives (at most ``max_body`` bytes, Content-Length framed) and
+    yields the answer's pieces (its head first, framed by the app), written as they come. A client
+    that goes away cancels ``run``; a :class:`BodyError` it lets through is answered here (408 for a
+    stalled body). The app sets ``close`` to have the connection closed after the answer (a body
+    delimited by the close); a body ``run`` left unread closes it too. Never cached; holds the
+    requests pipelined behind it."""
 
     __slots__ = ("close", "max_body", "run")
 
-    def __init__(self, max_body: int, run: Callable[[bytes], AsyncIterator[bytes]]) -> None:
+    def __init__(self, max_body: int, run: Callable[[Body], AsyncIterator[bytes]]) -> None:
         self.max_body, self.run, self.close = max_body, run, False
 
 
@@ -598,9 +684,7 @@ class _Conn(asyncio.Protocol):
         self.heads: HeadParser | None = None  # made at the first cache miss
         self.eof = False  # the client has finished sending (half-close) while a watch was pending
         self.hits = 0  # answers replayed from the cache (metrics; a plain int on the hot path)
-        self.body = bytearray()  # an Exchange's request body, as it arrives
-        self.body_need = 0  # bytes of it still to come
-        self.body_done: asyncio.Future[None] | None = None
+        self.body: Body | None = None  # an Exchange's request body while bytes of it are still to come
         self.drain: asyncio.Future[None] | None = None  # an Exchange waiting for the client to read
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -630,6 +714,9 @@ class _Conn(asyncio.Protocol):
             self.released = True
             self.listener.release(self.caller.uid)
         self.closing = True
+        if self.body is not None:
+            self.body.fail()
+            self.body = None
         if self.watch is not None:
             self.watch.cancel()
         self.buf = b""
@@ -657,7 +744,11 @@ class _Conn(asyncio.Protocol):
     def _flow(self) -> None:
         if self.closing or self.transport is None:
             return
-        pause = self.write_blocked or (self.watch is not None and len(self.buf) > MAX_HEAD)
+        pause = (
+            self.write_blocked
+            or (self.watch is not None and len(self.buf) > MAX_HEAD)
+            or (self.body is not None and self.body.backlog)
+        )
         if pause != self.reading_paused:
             self.reading_paused = pause
             if pause:
@@ -693,13 +784,13 @@ class _Conn(asyncio.Protocol):
 
     def _process(self) -> None:
         """Answer every complete request in the buffer, in order, until a hold or a close."""
-        if self.body_need:  # an Exchange's body arriving
-            take = self.buf[: self.body_need]
-            self.body += take
-            self.body_need -= len(take)
+        body = self.body
+        if body is not None:  # an Exchange's body arriving: handed over as it comes
+            take = self.buf[: body.need]
             self.buf = self.buf[len(take) :]
-            if not self.body_need and self.body_done is not None and not self.body_done.done():
-                self.body_done.set_result(None)
+            body.feed(take)
+            if body.need <= 0:
+                self.body = None
         out: list[bytes] = []
         buf, pos = self.buf, 0
         app, caller, transport = self.app, self.caller, self.transport
@@ -726,14 +817,16 @@ class _Conn(asyncio.Protocol):
                     if req.body_len:
                         self.heads = None  # its parser expects the body it was not fed: a new one for the next
                     got = min(req.body_len, len(buf) - pos)
-                    self.body, self.body_need = bytearray(buf[pos : pos + got]), req.body_len - got
+                    body = Body(req.body_len, self._flow)
+                    body.feed(buf[pos : pos + got])
+                    self.body = body if body.need else None
                     pos += got
-                    if self.body_need and _EXPECT_CONTINUE.search(head):
+                    if body.need and _EXPECT_CONTINUE.search(head):
                         out.append(b"HTTP/1.1 100 Continue\r\n\r\n")  # curl waits a second for it otherwise
                     if out:
                         transport.write(b"".join(out))
                         out.clear()
-                    self._start_exchange(ans, req.keep_alive)
+                    self._start_exchange(ans, body, req.keep_alive)
                     break
                 if req.body_len < 0:
                     raise BadRequest(400, "request bodies are not accepted (Transfer-Encoding)")
@@ -813,21 +906,12 @@ class _Conn(asyncio.Protocol):
 
         self.watch = asyncio.get_running_loop().create_task(held())
 
-    def _start_exchange(self, ex: Exchange, keep_alive: bool) -> None:
+    def _start_exchange(self, ex: Exchange, body: Body, keep_alive: bool) -> None:
         loop = asyncio.get_running_loop()
-        self.body_done = loop.create_future() if self.body_need else None
 
         async def exchanged() -> None:
             sent = False
             try:
-                if self.body_done is not None:
-                    try:
-                        await asyncio.wait_for(asyncio.shield(self.body_done), BODY_TIMEOUT_S)
-                    except TimeoutError:
-                        self.watch = None
-                        self.refuse(408, "the request body was not finished in time")
-                        return
-                body, self.body, self.body_done = bytes(self.body), bytearray(), None
                 # an async generator in practice (closed here, so a client that left cancels the app's work)
                 async with aclosing(cast(AsyncGenerator[bytes, None], ex.run(body))) as pieces:
                     async for piece in pieces:
@@ -838,6 +922,14 @@ class _Conn(asyncio.Protocol):
                         while self.write_blocked and not self.closing:
                             self.drain = loop.create_future()
                             await self.drain
+            except BodyError as exc:
+                self.watch = None
+                if not sent and isinstance(exc, BodyTimeout):
+                    self.refuse(408, str(exc))
+                elif self.transport is not None and not self.closing:
+                    self.closing = True
+                    self.transport.close()
+                return
             except Exception as exc:  # a bug costs this connection, never the agent, and leaks nothing
                 log.error("internal error streaming an answer on the agent socket (%s)", type(exc).__name__)
                 self.watch = None
@@ -847,6 +939,9 @@ class _Conn(asyncio.Protocol):
                     self.closing = True
                     self.transport.close()
                 return
+            if body.need > 0 or body.chunks:  # the app left some of the body unread: out of step
+                ex.close = True
+                self.body = None
             self.watch = None
             if self.closing or self.transport is None:
                 return

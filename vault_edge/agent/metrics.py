@@ -118,6 +118,7 @@ def render(api: Any, syncer: Any, listener: Any) -> bytes:
         [({}, listener.cache_hits())],
     )
     e.family("vault_edge_agent_connections", "gauge", "open socket connections", [({}, len(listener.conns))])
+    _egress(e, getattr(api, "egress", None))
     if syncer is not None:
         e.family(
             "vault_edge_agent_sync_failures",
@@ -144,6 +145,44 @@ def render(api: Any, syncer: Any, listener: Any) -> bytes:
             [({}, float(bool(syncer.cache_behind)))],
         )
     return e.render()
+
+
+def _egress(e: Exposition, egress: Any) -> None:
+    """Per egress route (route names are the operator's, never a secret's): calls sent upstream, upstream
+    answers by status class, failed calls by kind, and a histogram of the time to the answer's head."""
+    stats = sorted(getattr(egress, "stats", {}).items())
+    e.family(
+        "vault_edge_agent_egress_requests",
+        "counter",
+        "egress calls sent upstream, by route",
+        [({"route": r}, s.requests) for r, s in stats],
+    )
+    e.family(
+        "vault_edge_agent_egress_upstream_answers",
+        "counter",
+        "upstream answers relayed, by route and status class",
+        [({"route": r, "class": f"{i + 1}xx"}, n) for r, s in stats for i, n in enumerate(s.classes)],
+    )
+    e.family(
+        "vault_edge_agent_egress_upstream_failures",
+        "counter",
+        "egress calls that got no upstream answer, by route and kind (connect, timeout, closed, protocol)",
+        [({"route": r, "kind": k}, n) for r, s in stats for k, n in sorted(s.failures.items())],
+    )
+    from vault_edge.agent.egress import LATENCY_BUCKETS
+
+    name = "vault_edge_agent_egress_upstream_seconds"
+    e.lines.append(f"# HELP {name} time from an egress call reaching the agent to its upstream answer's head")
+    e.lines.append(f"# TYPE {name} histogram")
+    for r, s in stats:
+        lbl = f'route="{_esc(r)}"'
+        total = 0
+        for bound, n in zip((*LATENCY_BUCKETS, math.inf), s.buckets, strict=True):
+            total += n
+            le = "+Inf" if bound == math.inf else repr(bound)
+            e.lines.append(f'{name}_bucket{{{lbl},le="{le}"}} {total}')
+        e.lines.append(f"{name}_sum{{{lbl}}} {_num(round(s.latency_sum, 6))}")
+        e.lines.append(f"{name}_count{{{lbl}}} {total}")
 
 
 async def serve_metrics(host: str, port: int, page: Callable[[], bytes], token: str | None = None) -> asyncio.Server:

@@ -44,6 +44,12 @@ def egress() -> None:
     "--path", "paths", multiple=True, metavar="PREFIX", help="a path prefix workers may call (repeatable; default: /)"
 )
 @click.option("--regions", help="regions whose agents serve it: a,b or * (default: the secret's regions)")
+@click.option(
+    "--retry-previous-on-401",
+    is_flag=True,
+    help="during a rotation's grace, retry an upstream 401 once with the previous value (request bodies up to "
+    "64 KiB only: larger ones are not kept to be sent again)",
+)
 @output_option
 def create(
     name: str,
@@ -53,6 +59,7 @@ def create(
     methods: tuple[str, ...],
     paths: tuple[str, ...],
     regions: str | None,
+    retry_previous_on_401: bool,
     fmt: str,
 ) -> None:
     """Define an egress route NAME."""
@@ -63,6 +70,8 @@ def create(
         body["paths"] = list(paths)
     if regions:
         body["regions"] = regions.split(",")
+    if retry_previous_on_401:
+        body["retry_previous_on_401"] = True
     with OperatorClient() as c:
         res = c.request("POST", "/v1/egress", json=body)
     if fmt == "json":
@@ -85,7 +94,7 @@ def list_routes(fmt: str) -> None:
         return
     table(
         None,
-        ["name", "upstream", "secret", "inject", "methods", "paths", "regions", "created"],
+        ["name", "upstream", "secret", "inject", "methods", "paths", "regions", "retry 401", "created"],
         (
             (
                 r["name"],
@@ -95,6 +104,7 @@ def list_routes(fmt: str) -> None:
                 ",".join(r["methods"]),
                 " ".join(r["paths"]),
                 ",".join(r["regions"]),
+                "previous" if r.get("retry_previous_on_401") else "-",
                 when(r["created_at"]),
             )
             for r in res["routes"]

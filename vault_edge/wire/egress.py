@@ -15,6 +15,10 @@ A route (``to_json``)::
   and ``basic:USER:PASSWORD`` (HTTP Basic; both parts templates). A template is text with
   placeholders: ``{value}`` (the secret's current value, UTF-8) or ``{value.FIELD}`` (a field of a
   structured secret: the value is a JSON object, the field a string or a number).
+* ``retry_previous_on_401`` (optional, off unless ``true``): during a rotation's grace, an upstream
+  401 to a call made with the current value is retried once with the ``previous`` one (an upstream
+  that has not yet taken the new key). Written only when on, so routes made before it keep their
+  canonical text (and MAC).
 * ``methods``: the methods a worker may use (never CONNECT or TRACE: TRACE echoes the request's
   headers, the injected key among them). ``paths``: prefixes of the upstream URL's path a worker may
   call (the upstream's base path included).
@@ -45,6 +49,7 @@ _PARAM_RE = re.compile(r"[A-Za-z0-9_.\-\[\]]{1,128}")
 _PLACEHOLDER_RE = re.compile(r"\{value(?:\.([A-Za-z0-9_\-]{1,64}))?\}")
 _TEMPLATE_TEXT_RE = re.compile(r"[\x20-\x7e]*")
 _PATH_RE = re.compile(r"/[\x21-\x7e]{0,511}")
+_CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
 _HOST_RE = re.compile(r"[a-z0-9\-.]{1,253}|\[[0-9a-f:.]{2,45}\]")
 # headers a route may never set: framing, routing and hop-by-hop ones are the agent's business
 _RESERVED_HEADERS: Final = frozenset(
@@ -195,7 +200,7 @@ class Injection:
             encoded = quote(result, safe="")
             needles.extend(quote(n.decode(), safe="").encode() for n in needles[:])
             return encoded, tuple(needles)
-        if any(c < " " or c == "\x7f" for c in result):
+        if _CONTROL_RE.search(result):
             raise InjectError("the secret holds a control character (CR, LF, NUL...) and cannot go in a header")
         return result, tuple(needles)
 
@@ -259,9 +264,10 @@ class Route:
     inject: tuple[str, ...]
     methods: tuple[str, ...] = METHODS
     paths: tuple[str, ...] = ("/",)
+    retry_previous_on_401: bool = False
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        doc: dict[str, Any] = {
             "name": self.name,
             "upstream": self.upstream,
             "secret": self.secret,
@@ -269,6 +275,9 @@ class Route:
             "methods": list(self.methods),
             "paths": list(self.paths),
         }
+        if self.retry_previous_on_401:
+            doc["retry_previous_on_401"] = True
+        return doc
 
     def canonical(self) -> str:
         """The route as stored and MAC'd: one JSON text per route."""
@@ -322,7 +331,18 @@ def route_from_json(doc: Any) -> Parsed:
     for p in paths:
         if not _PATH_RE.fullmatch(p) or _dot_segment(p) or "%" in p or "\\" in p:
             raise WireError("paths: prefixes starting with '/', visible ASCII, no '.'/'..' segments or '%'")
-    route = Route(name, upstream, secret, inject, tuple(dict.fromkeys(methods)), tuple(dict.fromkeys(paths)))  # type: ignore[arg-type]
+    retry = doc.get("retry_previous_on_401", False)
+    if not isinstance(retry, bool):
+        raise WireError("retry_previous_on_401: true or false")
+    route = Route(
+        name,  # type: ignore[arg-type]
+        upstream,  # type: ignore[arg-type]
+        secret,
+        inject,
+        tuple(dict.fromkeys(methods)),
+        tuple(dict.fromkeys(paths)),
+        retry,
+    )
     return Parsed(route, up, injections)
 
 

@@ -26,6 +26,9 @@ class EgressCreate(Strict):
     methods: list[str] | None = Field(None, max_length=16)
     paths: list[str] | None = Field(None, max_length=32)
     regions: list[str] | None = Field(None, max_length=256, description="default: the secret's regions")
+    retry_previous_on_401: bool | None = Field(
+        None, description="during a rotation's grace, retry an upstream 401 once with the previous value"
+    )
 
 
 @router.post("/egress")
