@@ -23,6 +23,7 @@ from vault_edge import __version__
 from vault_edge.crypto.errors import DecryptionError
 from vault_edge.server import ui
 from vault_edge.server.admission import InFlight
+from vault_edge.server.audit import REMOTE
 from vault_edge.server.barrier import Barrier
 from vault_edge.server.contacts import ContactLog
 from vault_edge.server.context import Context
@@ -110,6 +111,24 @@ class BodyLimit:
         except Exception:
             if not refused:
                 raise
+
+
+class RemoteAddress:
+    """Names the caller's address (the connection's peer) for the audit entries its request makes
+    (``audit.REMOTE``), accepted or refused, whichever route or thread makes them."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        client = scope.get("client")
+        token = REMOTE.set(str(client[0])[:128] if client else None)
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            REMOTE.reset(token)
 
 
 class Metrics:
@@ -367,5 +386,6 @@ def create_app(
         limit=settings.max_body_bytes,
         answers=sync_answers,
         sealhold=sealhold,
-    )  # outermost: the hot path meets nothing else
+    )  # the hot path meets nothing else but the audit's remote address
+    app.add_middleware(RemoteAddress)  # outermost: node refusals on the fast path name their caller too
     return app
