@@ -248,8 +248,8 @@ def test_a_supervised_command_takes_fields_of_structured_values() -> None:
         def get_many(self, names: list[str]) -> dict[str, Any]:
             asked.append(names)
             return {
-                "db/main": SimpleNamespace(value=b'{"user": "app_a", "password": "pw-1"}', version=3, revision=9),
-                "api/key": SimpleNamespace(value=b"sk-1", version=1, revision=9),
+                "db/main": SimpleNamespace(bytes=b'{"user": "app_a", "password": "pw-1"}', version=3, revision=9),
+                "api/key": SimpleNamespace(bytes=b"sk-1", version=1, revision=9),
             }
 
     env, versions, revision = read_env(Client(), {"PW": "db/main#password", "U": "db/main#user", "K": "api/key"})  # type: ignore[arg-type]

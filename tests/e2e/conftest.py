@@ -145,10 +145,11 @@ class ControlPlane:
     def kill(self) -> None:
         self.server.stop(9)
 
-    def restart(self) -> None:
+    def restart(self, unseal: bool = True) -> None:
         self.server.stop()
         self.server = ServerProcess(self.db, self.workdir / "server.log", port=self.server.port, env=self.env).start()
-        self.unseal()
+        if unseal:
+            self.unseal()
 
     def join_token(self, region: str) -> str:
         return str(self.op.join_token(region)["token"])

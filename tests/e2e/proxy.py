@@ -20,8 +20,8 @@ class Proxy:
         self.upstream = upstream.rstrip("/")
         self.mode = "pass"  # pass | tamper | other_node | replay | forge_revoked
         # A hostile path, apart from `mode`: every answer to a request under one of `hostile_paths` is
-        # replaced by `hostile` (bad_gzip | gzip_bomb | oversized | refuse | overloaded) without asking
-        # the control plane.
+        # replaced by `hostile` (bad_gzip | gzip_bomb | oversized | refuse | overloaded | sealed_now)
+        # without asking the control plane.
         self.hostile: str | None = None
         self.hostile_paths: tuple[str, ...] = ("/v1/agent/sync",)
         self.hostile_sent = 0
@@ -112,11 +112,18 @@ class Proxy:
     def hostile_answer(self, h: BaseHTTPRequestHandler, kind: str) -> None:
         with self.lock:
             self.hostile_sent += 1
-        if kind == "overloaded":  # a load-shedding 503, as the control plane sends it past its in-flight limit
-            out = json.dumps({"error": {"code": "overloaded", "message": "too many enrolments in progress"}}).encode()
+        if kind in ("overloaded", "sealed_now"):
+            # overloaded: a load-shedding 503, as the control plane sends it past its in-flight limit;
+            # sealed_now: a sealed control plane's "poll again at once", sent at once, without the hold
+            code, retry, message = (
+                ("overloaded", "2", "too many enrolments in progress")
+                if kind == "overloaded"
+                else ("sealed", "0", "the vault is sealed")
+            )
+            out = json.dumps({"error": {"code": code, "message": message}}).encode()
             h.send_response(503)
             h.send_header("content-type", "application/json")
-            h.send_header("retry-after", "2")
+            h.send_header("retry-after", retry)
             h.send_header("content-length", str(len(out)))
             h.end_headers()
             h.wfile.write(out)

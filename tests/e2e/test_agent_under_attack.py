@@ -106,6 +106,31 @@ def test_a_relay_garbling_the_encoding_of_sync_answers_is_a_transient_failure(
     assert a.alive()
 
 
+def test_a_relay_answering_poll_again_at_once_cannot_make_the_agent_spin(
+    control_plane: ControlPlane, start_agent: Any, proxy: Proxy
+) -> None:
+    """A sealed control plane that held a poll says ``503 Retry-After: 0`` (poll again at once); a relay
+    can send the same without holding anything, on every poll: the agent's polls stay at least a second
+    apart (no tight loop), it keeps serving, and it catches up once the relay behaves."""
+    op = control_plane.op
+    op.put("eu/db", value="spin-v1", regions=["eu"])
+    a = start_agent("eu1", "eu", server=proxy.addr)
+    with Bystander(a, "eu/db", "relay answers every sync with 503 Retry-After: 0") as reader:
+        proxy.hostile = "sealed_now"
+        wait_until(lambda: proxy.hostile_sent >= 1, 15, "the first hostile answer")
+        t0, sent0 = time.monotonic(), proxy.hostile_sent
+        time.sleep(6)
+        polls, took = proxy.hostile_sent - sent0, time.monotonic() - t0
+        print(f"\n[relay 503 Retry-After: 0] {polls} polls in {took:.1f}s")
+        assert 2 <= polls <= took / 1.0 + 1, polls  # retried, and never closer than a second apart
+        assert a.alive(), a.log()[-3000:]
+        proxy.hostile = None
+        op.rotate("eu/db", value="spin-v2")
+        wait_until(lambda: a.get("eu/db") == "spin-v2", 30, "catch-up once the relay behaves")
+    reader.check()
+    assert a.alive()
+
+
 @pytest.mark.parametrize("path", ["/v1/sys/status", "/v1/agent/enroll"])
 def test_a_relay_garbling_enrolment_is_a_transient_failure(
     control_plane: ControlPlane, start_agent: Any, proxy: Proxy, path: str

@@ -1,5 +1,5 @@
 """Day-2 operations, for real (issue 13): metrics scraped and checked by promtool, JSON logs parsed,
-a refused call in the audit file sink, the policy reloaded on SIGHUP. Real processes throughout."""
+a refused call in the audit file sink, the audit stdout sink, the policy reloaded on SIGHUP. Real processes throughout."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import IN_CI, free_port, vault_edge_cmd
+from tests.conftest import IN_CI, free_port, stop_process, vault_edge_cmd
 from tests.e2e.conftest import AgentProcess, ControlPlane, wait_until
 from vault_edge.client import AgentError
 
@@ -152,6 +152,68 @@ def test_metrics_logs_and_audit_sink(
         for line in agent.log().splitlines()
         if line.strip()
     )
+
+
+def test_audit_stdout_sink(workdir: Path) -> None:
+    """``vault-edge server --audit-stdout``: a real server's stdout holds only audit entries, one JSON
+    line each, accepted and refused alike naming the remote address, and no token, share or value
+    (logs go to stderr)."""
+    from vault_edge.operator import OperatorClient
+
+    port = free_port()
+    addr = f"http://127.0.0.1:{port}"
+    out_path, err_path = workdir / "server.stdout", workdir / "server.stderr"
+    cmd = [*vault_edge_cmd(), "server", "--db", str(workdir / "vault.db"), "--port", str(port), "--audit-stdout"]
+    with open(out_path, "wb") as out, open(err_path, "wb") as err:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=err, env={**os.environ, "VAULT_EDGE_LOG_FORMAT": "json"})
+    bad_token = "vet_" + os.urandom(16).hex()  # a token-shaped guess: refused, and never written out
+    try:
+
+        def up() -> bool:
+            assert proc.poll() is None, err_path.read_text()[-2000:]
+            try:
+                return httpx.get(addr + "/v1/sys/status", timeout=1).status_code == 200
+            except httpx.TransportError:
+                return False
+
+        wait_until(up, 30, "the server")
+        with OperatorClient(addr, "") as c:
+            doc = c.init(shares=3, threshold=2)
+            for share in doc["shares"][:2]:
+                c.unseal(share)
+        shares, root_token = doc["shares"], doc["root_token"]
+        with OperatorClient(addr, root_token) as op:
+            op.create_region("eu")
+            op.put("app/key", value=VALUE, regions=["eu"])  # accepted
+        with httpx.Client(base_url=addr, timeout=5) as h:  # refused: a bad token
+            assert h.get("/v1/secrets", headers={"Authorization": f"Bearer {bad_token}"}).status_code == 401
+
+        def entries() -> list[dict[str, Any]] | None:
+            text = out_path.read_text()
+            if not text.endswith("\n"):
+                return None  # a line being written
+            docs = [json.loads(line) for line in text.splitlines()]  # every line is JSON: nothing else on stdout
+            done = any(d["action"] == "api.auth" for d in docs)
+            return docs if done else None
+
+        docs = wait_until(entries, 15, "the refusal on stdout")
+    finally:
+        stop_process(proc)
+    assert docs and all(d["type"] == "audit" for d in docs)
+    refused = [d for d in docs if d["action"] == "api.auth" and d["outcome"] == "refused"]
+    assert len(refused) == 1 and refused[0]["seq"] >= 1
+    assert refused[0]["detail"]["remote"] == "127.0.0.1" and refused[0]["detail"]["status"] == 401
+    assert refused[0]["detail"]["path"] == "/v1/secrets" and refused[0]["actor"] == "anonymous"
+    accepted = [d for d in docs if d["action"] == "secret.put" and d["target"] == "app/key"]
+    assert len(accepted) == 1 and accepted[0]["outcome"] == "ok"
+    assert accepted[0]["actor"].startswith("token:root/")  # the token's id, never the token
+    assert accepted[0]["detail"]["remote"] == "127.0.0.1"
+    assert {"sys.init", "sys.unseal", "region.create"} <= {d["action"] for d in docs}
+    seqs = [d["seq"] for d in docs if d["seq"] is not None]
+    assert seqs == sorted(seqs) and len(set(seqs)) == len(seqs)
+    written = out_path.read_text() + err_path.read_text()
+    for secret in (VALUE, root_token, bad_token, *shares, *(" ".join(s.split()[4:]) for s in shares)):
+        assert secret not in written
 
 
 def test_policy_reloads_on_sighup(control_plane: ControlPlane, workdir: Path) -> None:

@@ -29,8 +29,13 @@ MAX_HEADERS = 100
 
 
 class PathFailure(Exception):
-    """The exchange with the control plane failed on the path (transport, protocol, encoding, size):
-    transient. The message names the exception class or the limit, never the body."""
+    """The exchange with the control plane failed on the path (transport, protocol, encoding, size), or
+    was answered with an error: transient. The message names the exception class, the limit or the
+    status, never the body. ``retry_after``: the wait a 503 asked for (capped), if any."""
+
+    def __init__(self, message: str, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
 
 
 class Headers(Mapping[str, str]):

@@ -11,7 +11,9 @@ cache (a full answer as its base, a delta appended to its log), then installed i
 answer it refused, and when the deltas on disk outweigh ``REFRESH_RATIO`` times the base (which
 bounds the cache and its replay at start, at an amortised cost of 1/REFRESH_RATIO of each delta).
 When the control plane is away the agent keeps serving what it has and retries with jittered
-exponential back-off (full jitter, capped), so a fleet does not reconnect in lockstep.
+exponential back-off (full jitter, capped), so a fleet does not reconnect in lockstep; a 503's
+``Retry-After`` replaces the back-off (a sealed control plane holds the poll until it unseals, then
+says 0: see :meth:`Syncer._sync_delay`), within a floor between polls that no answer can lower.
 
 Anything on the path is a transient failure, never a reason to exit: every exchange goes through
 :meth:`vault_edge.agent.http1.Client.request`, which turns whatever the exchange raises (transport,
@@ -146,6 +148,7 @@ def enrolment_body(server_key: bytes, token: str, box_public: bytes, sign_public
 
 ENROLL_TIMEOUT_S = 30.0  # one enrolment exchange, connect to last byte (a retry is answered the same)
 RETRY_AFTER_CAP_S = 120.0  # the most of a 503's Retry-After honoured (a relay can send any)
+MIN_POLL_GAP_S = 1.0  # after a failed sync poll, the next starts at least this long (to twice it) after it
 
 
 def retry_after(resp: Answer) -> float | None:
@@ -321,7 +324,7 @@ class Syncer:
         if resp.status_code == 403 and self._proves_revocation(resp, headers[wire.H_NONCE]):
             raise Revoked(_error_message(resp))
         if resp.status_code != 200:
-            raise PathFailure(f"{resp.status_code}: {_error_message(resp)}")
+            raise PathFailure(f"{resp.status_code}: {_error_message(resp)}", retry_after(resp))
         self.received_bytes += len(resp.content)
         try:
             return open_answer(
@@ -432,12 +435,31 @@ class Syncer:
             self.cache.append(piece, self.received_at)
         chain.written = len(deltas)
 
+    def _sync_delay(self, exc: PathFailure, elapsed: float) -> float:
+        """How long to wait after a failed poll that took ``elapsed`` seconds.
+
+        Without a hint: the jittered exponential back-off. A 503's ``Retry-After`` is honoured in its
+        place, spread over [hint, 2 * hint], and never longer than the back-off's cap: a sealed
+        control plane that held the poll (``server/sealhold.py``) says 0, meaning "the hold was the
+        wait, poll again", and the agent is back in a held poll at once, so it hears of the unseal
+        within a round trip instead of after up to 30 s of back-off. Whatever a relay sends (a 503
+        with ``Retry-After: 0``, at once, forever), two poll starts are never closer than
+        ``MIN_POLL_GAP_S`` (jittered up to twice that): no tight loop, and a fleet stays spread."""
+        delay = self.backoff.next()
+        hint = exc.retry_after
+        if hint is None:
+            return delay
+        rng = self.backoff.rng
+        delay = min(hint + rng.uniform(0, hint), self.backoff.cap)
+        return max(delay, rng.uniform(MIN_POLL_GAP_S, 2 * MIN_POLL_GAP_S) - elapsed)
+
     async def run(self) -> None:
         if not self.identity.enrolled:
             await self.enroll()
         while True:
             if self.cache_behind:
                 await self.flush_cache()  # a failed write is retried every round (at most --wait apart)
+            started = time.monotonic()
             try:
                 opened = await self.poll_once()
             except Revoked:
@@ -445,7 +467,7 @@ class Syncer:
             except PathFailure as exc:
                 self.failures += 1
                 self.state.lost_contact()
-                delay = self.backoff.next()
+                delay = self._sync_delay(exc, time.monotonic() - started)
                 log.warning("sync failed (%s); serving what we hold; retrying in %.1fs", exc, delay)
                 await asyncio.sleep(delay)
                 continue

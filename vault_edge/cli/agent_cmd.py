@@ -86,10 +86,10 @@ def agent_get(
         from vault_edge.wire import value_fields
 
         emit_json(
-            {"name": s.name, **value_fields(s.value), "version": s.version, "stage": s.stage, "revision": s.revision}
+            {"name": s.name, **value_fields(s.bytes), "version": s.version, "stage": s.stage, "revision": s.revision}
         )
     else:
-        sys.stdout.buffer.write(s.value + (b"\n" if sys.stdout.isatty() else b""))
+        sys.stdout.buffer.write(s.bytes + (b"\n" if sys.stdout.isatty() else b""))
         sys.stdout.flush()
 
 
@@ -185,7 +185,7 @@ def agent_exec(
             got = c.get_many(sorted({name for name, _ in refs.values()}))
         for var, (name, field) in refs.items():
             try:
-                raw = got[name].value if field is None else select(got[name].value, field, repr(name))
+                raw = got[name].bytes if field is None else select(got[name].bytes, field, repr(name))
                 env[var] = raw.decode("utf-8")
             except FieldError as exc:
                 raise CliError(str(exc)) from None

@@ -302,7 +302,7 @@ class _Pass:
             self.missing.add(name)
             return ""
         try:
-            raw = s.value if ref_field is None else select(s.value, ref_field, repr(name))
+            raw = s.bytes if ref_field is None else select(s.bytes, ref_field, repr(name))
             return raw.decode("utf-8")
         except FieldError as exc:
             raise RenderError(str(exc)) from None

@@ -46,7 +46,7 @@ def read_env(c: AgentClient, mapping: dict[str, str]) -> tuple[dict[str, str], d
     env: dict[str, str] = {}
     for var, (name, field) in refs.items():
         try:
-            raw = got[name].value if field is None else select(got[name].value, field, repr(name))
+            raw = got[name].bytes if field is None else select(got[name].bytes, field, repr(name))
             env[var] = raw.decode("utf-8")
         except FieldError as exc:
             raise ValueError(str(exc)) from None

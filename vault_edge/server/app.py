@@ -23,6 +23,7 @@ from vault_edge import __version__
 from vault_edge.crypto.errors import DecryptionError
 from vault_edge.server import ui
 from vault_edge.server.admission import InFlight
+from vault_edge.server.audit import REMOTE
 from vault_edge.server.barrier import Barrier
 from vault_edge.server.contacts import ContactLog
 from vault_edge.server.context import Context
@@ -33,6 +34,7 @@ from vault_edge.server.metrics import authorized, install
 from vault_edge.server.routes import admin, agent, egress, rotation, secrets, sys
 from vault_edge.server.routes import seal as seal_routes
 from vault_edge.server.scheduler import Scheduler
+from vault_edge.server.sealhold import SealHold
 from vault_edge.server.settings import Settings
 from vault_edge.server.storage.engine import make_engine, migrate
 from vault_edge.server.storage.repo import Store, TamperedRow
@@ -109,6 +111,24 @@ class BodyLimit:
         except Exception:
             if not refused:
                 raise
+
+
+class RemoteAddress:
+    """Names the caller's address (the connection's peer) for the audit entries its request makes
+    (``audit.REMOTE``), accepted or refused, whichever route or thread makes them."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        client = scope.get("client")
+        token = REMOTE.set(str(client[0])[:128] if client else None)
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            REMOTE.reset(token)
 
 
 class Metrics:
@@ -227,11 +247,20 @@ def create_app(
     hub = Hub(ctx)
     contacts = ContactLog(ctx)
     scheduler = Scheduler(ctx)
+    sealhold = SealHold(ctx.barrier, settings.sealed_hold_max)
     registry = CollectorRegistry()
     requests = Counter("vault_edge_requests", "HTTP requests", ["method", "route", "status"], registry=registry)
     latency = Histogram("vault_edge_request_seconds", "HTTP request latency", ["route"], registry=registry)
     Gauge("vault_edge_sealed", "1 while sealed", registry=registry).set_function(lambda: float(ctx.barrier.sealed))
     Gauge("vault_edge_sync_waiting", "long-polls held", registry=registry).set_function(lambda: float(hub.waiting))
+    Gauge("vault_edge_sync_held_sealed", "long-polls held until the unseal", registry=registry).set_function(
+        lambda: float(sealhold.held)
+    )
+    Gauge(
+        "vault_edge_sync_sealed_shed",
+        "long-polls refused at once while sealed (over VAULT_EDGE_SEALED_HOLD_MAX) since start",
+        registry=registry,
+    ).set_function(lambda: float(sealhold.shed))
     enrolments = InFlight("enrolments", settings.enroll_max_in_flight, settings.enroll_retry_after_s)
     Gauge("vault_edge_enrolments_in_flight", "enrolments in progress", registry=registry).set_function(
         lambda: float(enrolments.active)
@@ -247,6 +276,7 @@ def create_app(
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         hub.start(asyncio.get_running_loop())
+        sealhold.start(asyncio.get_running_loop())  # before auto-unseal: its release finds the loop
         if ctx.hsm is not None:
             from vault_edge.server.ops import seal as seal_ops
 
@@ -263,7 +293,7 @@ def create_app(
 
     app = FastAPI(title="vault-edge control plane", version=__version__, lifespan=lifespan)
     app.state.ctx, app.state.hub, app.state.scheduler, app.state.contacts = ctx, hub, scheduler, contacts
-    app.state.enrolments = enrolments
+    app.state.enrolments, app.state.sealhold = enrolments, sealhold
     for router in (
         sys.router,
         seal_routes.router,
@@ -349,6 +379,13 @@ def create_app(
         registry=registry,
     )
     app.add_middleware(
-        SyncFastPath, ctx=ctx, hub=hub, contacts=contacts, limit=settings.max_body_bytes, answers=sync_answers
-    )  # outermost: the hot path meets nothing else
+        SyncFastPath,
+        ctx=ctx,
+        hub=hub,
+        contacts=contacts,
+        limit=settings.max_body_bytes,
+        answers=sync_answers,
+        sealhold=sealhold,
+    )  # the hot path meets nothing else but the audit's remote address
+    app.add_middleware(RemoteAddress)  # outermost: node refusals on the fast path name their caller too
     return app

@@ -20,6 +20,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterable
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,6 +33,9 @@ from vault_edge.server.storage.repo import Store, TamperedRow, Tx
 
 log = logging.getLogger("vault_edge.audit")
 REFUSALS_PER_WINDOW = 20
+# The address of the HTTP caller whose request is being served (set per request by the app's
+# ``RemoteAddress`` middleware): every entry a request makes, accepted or refused, names it.
+REMOTE: ContextVar[str | None] = ContextVar("vault_edge_audit_remote", default=None)
 REFUSAL_WINDOW_S = 60
 
 
@@ -229,8 +233,12 @@ class Auditor:
                 sink(line)
 
     def record(self, tx: Tx, actor: str, action: str, target: str = "", outcome: str = "ok", **detail: Any) -> None:
-        """Append an entry in ``tx``: it commits, or rolls back, with the change it describes."""
+        """Append an entry in ``tx``: it commits, or rolls back, with the change it describes. Made
+        while serving a request, it names the caller's address (``remote``) unless given."""
         at = self.clock()
+        remote = REMOTE.get()
+        if remote is not None and "remote" not in detail:
+            detail["remote"] = remote
         detail_s = json.dumps(detail, sort_keys=True, separators=(",", ":"), default=str)
         keys = self.barrier.keys_or_none()
         if keys is None:  # sealed: nothing can MAC it, so it stays out of the chain

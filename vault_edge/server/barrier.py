@@ -70,6 +70,18 @@ class Barrier:
         self._progress: UnsealProgress | None = None
         self._region_keys: dict[tuple[str, int], SecretBytes] = {}
         self._wraps: dict[int, SecretBytes] = {}  # root key versions ≥ 2, unwrapped
+        self._unseal_listeners: list[Callable[[], None]] = []
+
+    def add_unseal_listener(self, listener: Callable[[], None]) -> None:
+        """Call ``listener()`` after every unseal (shares, HSM or recovery shares), from the unsealing
+        thread and under the barrier's lock: it must not block (``loop.call_soon_threadsafe`` is its use)."""
+        self._unseal_listeners.append(listener)
+
+    def _unsealed(self, keys: Keys) -> None:
+        self._keys = keys
+        self._progress = None
+        for listener in self._unseal_listeners:
+            listener()
 
     @property
     def sealed(self) -> bool:
@@ -165,8 +177,7 @@ class Barrier:
                     "the shares and passphrase do not open this vault (wrong passphrase, or shares of "
                     "another vault); progress was reset: enter the shares again",
                 )
-            self._keys = Keys.from_root(root, fmt)
-            self._progress = None
+            self._unsealed(Keys.from_root(root, fmt))
             return UnsealResult(False, 0, "unsealed")
 
     def unseal_with_root(self, root: bytes, canary: bytes) -> bool:
@@ -178,8 +189,7 @@ class Barrier:
             fmt = envelope.canary_format(root, canary)
             if fmt is None:
                 return False
-            self._keys = Keys.from_root(root, fmt)
-            self._progress = None
+            self._unsealed(Keys.from_root(root, fmt))
             return True
 
     # -- root key versions (the keyring of region-wrap keys; see crypto/seal.py) ------------------------

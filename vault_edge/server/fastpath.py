@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Mapping
 from urllib.parse import parse_qsl
 
 from prometheus_client import Counter
@@ -27,6 +28,7 @@ from vault_edge.server.context import Context
 from vault_edge.server.errors import ApiError
 from vault_edge.server.hub import Hub
 from vault_edge.server.routes.agent import SYNC_PATH, SyncQuery, sync_answer
+from vault_edge.server.sealhold import SealHold
 from vault_edge.server.storage.repo import TamperedRow
 
 log = logging.getLogger("vault_edge.server")
@@ -68,9 +70,17 @@ def parse_query(raw: bytes) -> SyncQuery:
 
 class SyncFastPath:
     def __init__(
-        self, app: ASGIApp, ctx: Context, hub: Hub, contacts: ContactLog, limit: int, answers: Counter
+        self,
+        app: ASGIApp,
+        ctx: Context,
+        hub: Hub,
+        contacts: ContactLog,
+        limit: int,
+        answers: Counter,
+        sealhold: SealHold,
     ) -> None:
         self.app, self.ctx, self.hub, self.contacts, self.limit, self.answers = app, ctx, hub, contacts, limit, answers
+        self.sealhold = sealhold
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["path"] != SYNC_PATH or scope["method"] != "GET":
@@ -100,12 +110,14 @@ class SyncFastPath:
             headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
             qs = scope.get("query_string", b"").decode("latin-1")
             target = scope["path"] + ("?" + qs if qs else "")
-            status, out, sig = await sync_answer(self.ctx, self.hub, self.contacts, target, headers, body, q)
+            status, out, sig = await sync_answer(
+                self.ctx, self.hub, self.contacts, target, headers, body, q, self.sealhold
+            )
             return status, out, [(wire.H_SERVER_SIGNATURE.encode(), wire.b64e(sig).encode())]
         except BadQuery as exc:
             return _error(400, "bad_request", str(exc))
         except ApiError as exc:  # node refusals are audited where they are judged (ops.nodes.refuse)
-            return _error(exc.status, exc.code, exc.message)
+            return _error(exc.status, exc.code, exc.message, exc.headers)
         except (TamperedRow, DecryptionError) as exc:
             log.error("integrity check failed on GET %s: %s", SYNC_PATH, exc)
             what = f"{exc.table}:{exc.key}" if isinstance(exc, TamperedRow) else SYNC_PATH
@@ -131,6 +143,9 @@ class SyncFastPath:
         return b"".join(chunks)
 
 
-def _error(status: int, code: str, message: str) -> tuple[int, bytes, list[tuple[bytes, bytes]]]:
+def _error(
+    status: int, code: str, message: str, headers: Mapping[str, str] | None = None
+) -> tuple[int, bytes, list[tuple[bytes, bytes]]]:
     body = json.dumps({"error": {"code": code, "message": message}}, ensure_ascii=True, separators=(",", ":"))
-    return status, body.encode(), []
+    extra = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in (headers or {}).items()]
+    return status, body.encode(), extra

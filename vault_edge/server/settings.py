@@ -21,6 +21,10 @@ class Settings(BaseSettings):
     default_grace_s: int = 86400  # how long `previous` stays readable after a rotation
     node_down_after_s: int = 90  # a node silent this long counts as down, not lagging
     sync_max_wait_s: int = 60
+    # While sealed, agents' sync polls are held until the unseal (server/sealhold.py): at most this many
+    # at once; past it, a 503 with this Retry-After (agents spread it over [N, 2N]).
+    sealed_hold_max: int = Field(20000, ge=0)
+    sealed_retry_after_s: int = Field(10, ge=1, le=3600)
     # An idle keep-alive connection is kept this long: every agent re-polls on its one connection right
     # after an answer, and a busy PoP (or a fleet re-polling at once) can take seconds to; closing it
     # sooner makes that re-poll fail and reconnect (uvicorn's default is 5 s).

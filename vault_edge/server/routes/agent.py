@@ -20,10 +20,11 @@ from vault_edge import wire
 from vault_edge.server import nodeauth
 from vault_edge.server.contacts import ContactLog
 from vault_edge.server.context import Context
-from vault_edge.server.deps import unsealed
-from vault_edge.server.errors import ApiError
+from vault_edge.server.deps import get_ctx, unsealed
+from vault_edge.server.errors import ApiError, sealed
 from vault_edge.server.hub import Hub
 from vault_edge.server.ops import nodes
+from vault_edge.server.sealhold import SealHold
 
 router = APIRouter(prefix="/v1/agent", tags=["agent"])
 SYNC_PATH = "/v1/agent/sync"
@@ -65,8 +66,38 @@ async def enroll(request: Request, ctx: Context = Depends(unsealed)) -> Response
     return _signed(out, sig)
 
 
+async def _until_unsealed(ctx: Context, held: SealHold, headers: Mapping[str, str], q: SyncQuery) -> float:
+    """Return once unsealed (the seconds spent held), or raise the 503: ``not_initialized``; ``sealed``
+    with ``Retry-After: 0`` after a hold that ended still sealed (the hold was the wait); ``sealed`` with
+    the configured Retry-After when the poll cannot be held (see ``server/sealhold.py``)."""
+    try:
+        await unsealed(ctx)  # a database read while sealed only: not initialized, or sealed
+        return 0.0
+    except ApiError as exc:
+        if exc.code != "sealed":
+            raise
+    budget = held.budget(headers, q.wait, ctx.clock(), ctx.settings.sync_max_wait_s)
+    if budget > 0:
+        budget += random.uniform(0, budget / 16)  # noqa: S311 - not crypto: spreads the fleet's re-polls
+        t0 = asyncio.get_running_loop().time()
+        got = await held.hold(budget)
+        if got:
+            return asyncio.get_running_loop().time() - t0
+        if got is False:
+            raise ApiError(503, "sealed", sealed().message, headers={"Retry-After": "0"})
+    retry = str(ctx.settings.sealed_retry_after_s)
+    raise ApiError(503, "sealed", sealed().message, headers={"Retry-After": retry})
+
+
 async def sync_answer(
-    ctx: Context, hub: Hub, contacts: ContactLog, target: str, headers: Mapping[str, str], body: bytes, q: SyncQuery
+    ctx: Context,
+    hub: Hub,
+    contacts: ContactLog,
+    target: str,
+    headers: Mapping[str, str],
+    body: bytes,
+    q: SyncQuery,
+    held: SealHold,
 ) -> tuple[int, bytes, bytes]:
     """(status, body, control-plane signature) of a sync request, or an ApiError (401, 503...).
 
@@ -75,14 +106,16 @@ async def sync_answer(
     (``wire/sync.py``): a delta from ``since`` when the region's history reaches back to it, else the
     full view; ``full`` asks for the full view at once (an agent whose cache it cannot trust, or
     whose chain of deltas grew long). Protocol 1 (no ``proto``: agents from before deltas): the whole
-    view on every change."""
-    if ctx.barrier.sealed:
-        await unsealed(ctx)  # raises the right 503 (sealed, or not initialized)
+    view on every change.
+
+    While sealed, the poll is held until the unseal (``_until_unsealed``), and its hold for a change is
+    shortened by the time that took."""
+    spent = await _until_unsealed(ctx, held, headers, q) if ctx.barrier.sealed else 0.0
     try:
         node_id, region, member = await nodeauth.authenticate(ctx, hub, contacts, "GET", target, headers, body, q.since)
     except nodeauth.Revoked as exc:
         return (403, *nodeauth.revocation(ctx, exc.node, exc.nonce))
-    hold = min(q.wait, ctx.settings.sync_max_wait_s)
+    hold = max(0.0, min(q.wait, ctx.settings.sync_max_wait_s) - spent)
     hold += random.uniform(0, hold / 16)  # noqa: S311 - not crypto: spreads the fleet's re-polls, as Consul does
     full = q.full and q.proto >= 2
     got = await hub.wait(node_id, region, member.node_rev, -1 if full else q.since, hold)
@@ -102,7 +135,7 @@ async def sync(
     wait: float = Query(30.0, ge=0, le=300),
     proto: int = Query(1, ge=1, le=2),
     full: bool = Query(False),
-    ctx: Context = Depends(unsealed),
+    ctx: Context = Depends(get_ctx),  # the seal is checked (and waited for) by sync_answer
 ) -> Response:
     """Signed long-poll (see :func:`sync_answer`); served by ``server/fastpath.py`` in practice."""
     status, body, sig = await sync_answer(
@@ -113,5 +146,6 @@ async def sync(
         request.headers,
         await request.body(),
         SyncQuery(since, wait, proto, full),
+        request.app.state.sealhold,
     )
     return _signed(body, sig, status)
