@@ -18,6 +18,9 @@ from tests.conftest import cli
 # What the agent never uses: the operator CLI's framework and printing (and what they bring), the
 # operator client, the server and its stack, and httpx's own command-line client.
 NOT_IN_THE_AGENT = (
+    "httpx",  # the agent speaks HTTP with its own client (agent/http1.py, agent/upstream.py)
+    "httpcore",
+    "anyio",
     "rich",
     "click",
     "pygments",
@@ -71,13 +74,13 @@ print(json.dumps({{"code": code, "modules": [m for m, v in sys.modules.items() i
     modules = doc["modules"]
     assert isinstance(modules, list)
     assert doc["code"] == 1  # "give --server URL": the agent itself refused, after its imports
-    assert {"vault_edge.agent.run", "vault_edge.agent.sync", "vault_edge.agent.endpoint", "httpx"} <= set(modules)
+    assert {"vault_edge.agent.run", "vault_edge.agent.sync", "vault_edge.agent.endpoint"} <= set(modules)
     assert loaded(modules) == []
 
 
 def test_importing_the_agent_alone_loads_nothing_of_the_cli_or_the_server() -> None:
-    """``import httpx`` would bring httpx's command-line client (click, rich, pygments): the agent
-    package keeps it out, in any process that imports the agent before httpx."""
+    """The agent's modules and its command line's parser load nothing of the operator CLI, the server
+    or httpx (whose ``import`` alone brings its own command-line client: click, rich, pygments)."""
     doc = run_python(
         "import json, sys, vault_edge.agent.run, vault_edge.cli.agent_run, vault_edge.cli.entry; "
         "print(json.dumps({'modules': [m for m, v in sys.modules.items() if v is not None]}))"

@@ -1,4 +1,5 @@
-"""The egress proxy's HTTP/1.1 client: a keep-alive pool of upstream connections on plain asyncio.
+"""HTTP/1.1 on plain asyncio: a keep-alive pool of connections, for the egress proxy's upstreams (and,
+through :mod:`vault_edge.agent.http1`, the agent's exchanges with its control plane).
 
 Why not httpx: the agent's egress path measured ~1.5 ms of CPU per request through
 httpx/httpcore/anyio (bench/egress.py, agent CPU-bound at ~450 req/s). This module is what the path
@@ -41,6 +42,7 @@ LOW_WATER: Final = 64 << 10
 MAX_IDLE: Final = 64  # idle connections kept per origin
 IDLE_EXPIRY_S: Final = 30.0
 _MAX_HEAD_BYTES: Final = 64 << 10  # an answer's status line and headers
+_MAX_HEADERS: Final = 100  # header fields in one answer
 
 Origin = tuple[str, str, int]  # scheme, host (IPv6 in brackets), port
 
@@ -99,14 +101,17 @@ class Connection(asyncio.Protocol):
         self.got_bytes = True
         if self.complete or self.error is not None or self.idle_since:
             # bytes nobody asked for (after a whole answer, or while idle): the connection is out of step
-            self._fail(UpstreamError("protocol", "the upstream sent bytes outside an answer"))
+            self._fail(UpstreamError("protocol", f"{self.pool.peer} sent bytes outside an answer"))
             return
         try:
             self.parser.feed_data(data)
+        except httptools.HttpParserCallbackError as exc:  # raised by a callback below: its own error
+            ctx = exc.__context__
+            self._fail(ctx if isinstance(ctx, UpstreamError) else UpstreamError("protocol", type(ctx).__name__))
         except httptools.HttpParserUpgrade:
-            self._fail(UpstreamError("protocol", "the upstream switched protocols"))
+            self._fail(UpstreamError("protocol", f"{self.pool.peer} switched protocols"))
         except httptools.HttpParserError as exc:
-            self._fail(UpstreamError("protocol", f"the upstream's answer is malformed ({type(exc).__name__})"))
+            self._fail(UpstreamError("protocol", f"{self.pool.peer}'s answer is malformed ({type(exc).__name__})"))
         self._wake()
 
     def eof_received(self) -> bool:
@@ -118,7 +123,7 @@ class Connection(asyncio.Protocol):
             self.complete = True  # the close ends a body framed by it
         elif not self.complete and self.error is None:
             what = "before its answer" if not self.head_done else "in the middle of its answer"
-            self.error = UpstreamError("closed", f"the upstream closed the connection {what}")
+            self.error = UpstreamError("closed", f"{self.pool.peer} closed the connection {what}")
         self.keep_alive = False
         self._wake()
         self.pool._forget(self)
@@ -133,8 +138,8 @@ class Connection(asyncio.Protocol):
     # -- httptools callbacks
     def on_header(self, name: bytes, value: bytes) -> None:
         self.head_bytes += len(name) + len(value) + 4
-        if self.head_bytes > _MAX_HEAD_BYTES:
-            raise UpstreamError("protocol", "the upstream's answer head is too large")
+        if self.head_bytes > _MAX_HEAD_BYTES or len(self.headers) >= _MAX_HEADERS:
+            raise UpstreamError("protocol", f"{self.pool.peer}'s answer head is too large")
         self.headers.append((name, value))
 
     def on_headers_complete(self) -> None:
@@ -200,19 +205,19 @@ class Connection(asyncio.Protocol):
     async def send(self, data: bytes, timeout: float) -> None:
         """Write request bytes; wait (at most ``timeout``) while the upstream does not take them."""
         if self.lost or self.transport is None:
-            raise self.error or UpstreamError("closed", "the upstream closed the connection")
+            raise self.error or UpstreamError("closed", f"{self.pool.peer} closed the connection")
         self.transport.write(data)
         while self.write_paused and not self.lost:
-            await self._wait(timeout, "writing to the upstream")
+            await self._wait(timeout, f"writing to {self.pool.peer}")
         if self.lost and not self.head_done:
-            raise self.error or UpstreamError("closed", "the upstream closed the connection")
+            raise self.error or UpstreamError("closed", f"{self.pool.peer} closed the connection")
 
     async def head(self, timeout: float) -> None:
         """Wait for the answer's status and headers (``status``, ``headers``)."""
         while not self.head_done:
             if self.error is not None:
                 raise self.error
-            await self._wait(timeout, "waiting for the upstream's answer")
+            await self._wait(timeout, f"waiting for {self.pool.peer}'s answer")
 
     async def read(self, timeout: float) -> bytes:
         """The answer's body bytes that have arrived (waiting for some); ``b""`` at its end."""
@@ -221,7 +226,7 @@ class Connection(asyncio.Protocol):
                 return b""
             if self.error is not None:
                 raise self.error
-            await self._wait(timeout, "reading the upstream's answer")
+            await self._wait(timeout, f"reading {self.pool.peer}'s answer")
         data = self.chunks.popleft() if len(self.chunks) == 1 else b"".join(self.chunks)
         self.chunks.clear()
         self.buffered = 0
@@ -251,8 +256,9 @@ class Pool:
         max_idle: int = MAX_IDLE,
         idle_expiry: float = IDLE_EXPIRY_S,
         loop: asyncio.AbstractEventLoop | None = None,
+        peer: str = "the upstream",
     ) -> None:
-        self.ssl_context = ssl_context
+        self.ssl_context, self.peer = ssl_context, peer  # ``peer``: what messages call the other side
         self.max_idle, self.idle_expiry = max_idle, idle_expiry
         self.loop = loop or asyncio.get_running_loop()
         self.idle: dict[Origin, list[Connection]] = {}
@@ -285,9 +291,11 @@ class Pool:
                     ssl_handshake_timeout=timeout if tls is not None else None,
                 )
         except TimeoutError:
-            raise UpstreamError("timeout", "timed out connecting to the upstream") from None
+            raise UpstreamError("timeout", f"timed out connecting to {self.peer}") from None
+        except ssl.SSLCertVerificationError as exc:
+            raise UpstreamError("connect", f"{self.peer}'s certificate was refused ({exc.verify_message})") from None
         except (OSError, ssl.SSLError) as exc:
-            raise UpstreamError("connect", f"the upstream could not be reached ({type(exc).__name__})") from None
+            raise UpstreamError("connect", f"{self.peer} could not be reached ({type(exc).__name__})") from None
         self.opened += 1
         return proto
 
