@@ -440,6 +440,23 @@ def test_bad_input(vault: Vault, pg: ThrowawayPostgres) -> None:
     assert st == 409
 
 
+@sqlite_only
+def test_a_deleted_secret_bound_to_a_rotator_starts_a_new_life(vault: Vault, pg: ThrowawayPostgres) -> None:
+    """``put NAME --rotator R`` on a deleted secret revives it as ``put`` does: none of its old stages
+    serves its old value, none of its old schedule (a generate spec) stays; its first value comes from
+    the rotator."""
+    vault.call("PUT", "/v1/secrets/db/main", json={"generate": "16:hex", "rotate_every": "1h", "regions": ["eu"]})
+    vault.call("DELETE", "/v1/secrets/db/main")
+    _pg_setup(vault, pg)  # binds db/main to the rotator
+    st, doc = vault.api.call("GET", "/v1/secrets/db/main")
+    assert st == 404, doc
+    history = vault.call("GET", "/v1/history/db/main")
+    assert history["generate"] is None and history["rotate_every_s"] is None
+    assert all(not v["stages"] for v in history["versions"])
+    assert rotation.advance(vault.ctx, vault.rotate("db/main")) == "done"
+    assert set(vault.value("db/main")) >= {"username", "password"}
+
+
 def test_two_replicas_run_each_step_once(make_app: Any, pg: ThrowawayPostgres) -> None:
     """Two control planes on one database, both driving the same rotation at once: the leases and the
     compare-and-set on the step let each step run (and be audited) once."""

@@ -24,10 +24,10 @@ from vault_edge.crypto.errors import DecryptionError
 from vault_edge.server import ui
 from vault_edge.server.admission import InFlight
 from vault_edge.server.audit import REMOTE
-from vault_edge.server.barrier import Barrier
+from vault_edge.server.barrier import Barrier, Sealed, UnsealRefused
 from vault_edge.server.contacts import ContactLog
 from vault_edge.server.context import Context
-from vault_edge.server.errors import ApiError, body
+from vault_edge.server.errors import ApiError, answer_of, body
 from vault_edge.server.fastpath import SyncFastPath
 from vault_edge.server.hub import Hub
 from vault_edge.server.metrics import authorized, install
@@ -317,6 +317,11 @@ def create_app(
         if exc.status in (401, 403):
             await asyncio.to_thread(_audit_refusal, ctx, request, exc)
         return error(exc.status, exc.code, exc.message, exc.headers)
+
+    @app.exception_handler(Sealed)
+    @app.exception_handler(UnsealRefused)
+    async def barrier_refusal(request: Request, exc: Sealed | UnsealRefused) -> JSONResponse:
+        return await api_error(request, answer_of(exc))
 
     @app.exception_handler(RequestValidationError)
     async def invalid(_: Request, exc: RequestValidationError) -> JSONResponse:

@@ -24,7 +24,22 @@ from vault_edge.crypto.errors import DecryptionError, ShareError
 from vault_edge.crypto.rowmac import RowKeys
 from vault_edge.crypto.secret import SecretBytes
 from vault_edge.crypto.shares import UnsealProgress
-from vault_edge.server.errors import ApiError, bad_request, sealed
+
+
+class Sealed(Exception):
+    """The vault is sealed: no root key in memory, so nothing that needs one can run. The HTTP edge
+    answers it with the 503 ``sealed`` error (``errors.answer_of``)."""
+
+
+class UnsealRefused(ValueError):
+    """A share (or a passphrase) refused by unseal; ``code`` says why (``bad_request``,
+    ``passphrase_not_final``, ``passphrase_required``, ``unseal_failed``). The message never quotes the
+    share or the passphrase. The HTTP edge answers it with a 400 of that code."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
 
 
 @dataclass(frozen=True)
@@ -93,21 +108,21 @@ class Barrier:
         return p.entered if p else 0
 
     def keys(self) -> Keys:
-        """The keys, or a 503 ``sealed`` error."""
+        """The keys; :class:`Sealed` while sealed."""
         keys = self._keys
         if keys is None:
-            raise sealed()
+            raise Sealed("the vault is sealed")
         return keys
 
     def require_unsealed(self) -> None:
-        """A 503 ``sealed`` error unless unsealed: the seal check of an operation."""
+        """:class:`Sealed` unless unsealed: the seal check of an operation."""
         self.keys()
 
     def keys_or_none(self) -> Keys | None:
         return self._keys
 
     def row_keys(self) -> RowKeys:
-        """The row-MAC keys, or a 503 ``sealed`` error (the storage layer asks for them)."""
+        """The row-MAC keys; :class:`Sealed` while sealed (the storage layer asks for them)."""
         return self.keys().rows
 
     def add_share(
@@ -127,8 +142,7 @@ class Barrier:
             if self._keys is not None:
                 return UnsealResult(False, 0, "already unsealed")
             if not share:
-                raise ApiError(
-                    400,
+                raise UnsealRefused(
                     "passphrase_not_final",
                     "the passphrase is accepted only with the share that "
                     "completes the unseal: send it with that share; progress unchanged",
@@ -139,20 +153,20 @@ class Barrier:
                 if passphrase:
                     shares.check_passphrase(passphrase)
             except ShareError as exc:  # never quotes the share or the passphrase
-                raise bad_request(f"share refused: {exc}; progress unchanged") from None
+                raise UnsealRefused("bad_request", f"share refused: {exc}; progress unchanged") from None
             if passphrase and not completes:
-                raise ApiError(
-                    400,
+                raise UnsealRefused(
                     "passphrase_not_final",
                     "the passphrase is accepted only with the share that "
                     "completes the unseal, and this one does not: send it without the passphrase; "
                     "progress unchanged",
                 )
             if passphrase and not has_passphrase:
-                raise bad_request("this vault has no passphrase: send the share without one; progress unchanged")
+                raise UnsealRefused(
+                    "bad_request", "this vault has no passphrase: send the share without one; progress unchanged"
+                )
             if completes and has_passphrase and not passphrase:
-                raise ApiError(
-                    400,
+                raise UnsealRefused(
                     "passphrase_required",
                     "this share completes the unseal and the vault has a "
                     "passphrase: send the passphrase with it; progress unchanged",
@@ -165,14 +179,13 @@ class Barrier:
                 root = seal.root_from_unseal_key(progress.recover(passphrase or ""), vault_id, wrapped_root)
             except ShareError as exc:
                 self._reset()
-                raise bad_request(f"unseal failed: {exc}; progress was reset") from None
+                raise UnsealRefused("bad_request", f"unseal failed: {exc}; progress was reset") from None
             except DecryptionError:
                 root = b"\0" * envelope.ROOT_KEY_SIZE  # fails the canary below: one message for both
             fmt = envelope.canary_format(root, canary)
             if fmt is None:
                 self._reset()
-                raise ApiError(
-                    400,
+                raise UnsealRefused(
                     "unseal_failed",
                     "the shares and passphrase do not open this vault (wrong passphrase, or shares of "
                     "another vault); progress was reset: enter the shares again",

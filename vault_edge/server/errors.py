@@ -1,6 +1,12 @@
-"""API errors: one JSON shape, ``{"error": {"code": ..., "message": ...}}``, never a traceback."""
+"""API errors: one JSON shape, ``{"error": {"code": ..., "message": ...}}``, never a traceback.
+
+The domain's own refusals (the barrier's :class:`~vault_edge.server.barrier.Sealed` and
+:class:`~vault_edge.server.barrier.UnsealRefused`) are not HTTP types: ``answer_of`` maps them to
+their answer here, at the edge (the app's exception handlers, the sync fast path)."""
 
 from __future__ import annotations
+
+from vault_edge.server.barrier import Sealed, UnsealRefused
 
 
 class ApiError(Exception):
@@ -34,6 +40,13 @@ def conflict(message: str) -> ApiError:
 
 def sealed() -> ApiError:
     return ApiError(503, "sealed", "the vault is sealed: unseal it with `vault-edge unseal` (threshold shares)")
+
+
+def answer_of(exc: Sealed | UnsealRefused) -> ApiError:
+    """The HTTP answer to a refusal of the barrier: 503 ``sealed``, or an unseal refusal's 400."""
+    if isinstance(exc, UnsealRefused):
+        return ApiError(400, exc.code, exc.message)
+    return sealed()
 
 
 def not_initialized() -> ApiError:

@@ -23,9 +23,10 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from vault_edge import wire
 from vault_edge.crypto.errors import DecryptionError
+from vault_edge.server.barrier import Sealed
 from vault_edge.server.contacts import ContactLog
 from vault_edge.server.context import Context
-from vault_edge.server.errors import ApiError
+from vault_edge.server.errors import ApiError, answer_of
 from vault_edge.server.hub import Hub
 from vault_edge.server.routes.agent import SYNC_PATH, SyncQuery, sync_answer
 from vault_edge.server.sealhold import SealHold
@@ -118,6 +119,9 @@ class SyncFastPath:
             return _error(400, "bad_request", str(exc))
         except ApiError as exc:  # node refusals are audited where they are judged (ops.nodes.refuse)
             return _error(exc.status, exc.code, exc.message, exc.headers)
+        except Sealed as exc:
+            api = answer_of(exc)
+            return _error(api.status, api.code, api.message, api.headers)
         except (TamperedRow, DecryptionError) as exc:
             log.error("integrity check failed on GET %s: %s", SYNC_PATH, exc)
             what = f"{exc.table}:{exc.key}" if isinstance(exc, TamperedRow) else SYNC_PATH

@@ -94,14 +94,10 @@ def _cred(ctx: Context, tx: Tx, secret: Secret, version: int | None) -> Credenti
     if version is None:
         return None
     try:
-        doc = json.loads(secret_ops._value_of(ctx, tx, secret, version))
+        doc = json.loads(secret_ops.value_of(ctx, tx, secret, version))
     except (ApiError, ValueError):
         return None
     return doc if isinstance(doc, dict) else None
-
-
-def _live(tx: Tx, name: str) -> Secret:
-    return secret_ops._live(tx, name)
 
 
 # -- rotators ------------------------------------------------------------------------------------
@@ -129,7 +125,7 @@ def create_rotator(
     who.require_global_admin()
     if not _NAME.fullmatch(name):
         raise bad_request("a rotator name: a lowercase letter, then letters, digits, '_' or '-' (at most 63)")
-    secret_ops._check_name(admin_secret)
+    secret_ops.check_name(admin_secret)
     if kind not in TYPES:
         raise bad_request(f"type: one of {', '.join(TYPES)}")
     try:
@@ -154,7 +150,7 @@ def create_rotator(
                 secret = tx.insert_secret(admin_secret, (), now, tx.next_revision())
             elif secret.deleted_at is not None:
                 raise conflict(f"{admin_secret!r} was deleted: give another name")
-            secret_ops._add_version(ctx, tx, secret, _dump(admin_value), "put", "current", 0)
+            secret_ops.add_version(ctx, tx, secret, _dump(admin_value), "put", "current", 0)
         elif secret is None or secret.deleted_at is not None:
             raise bad_request(f"no secret {admin_secret!r}: give the admin credential (admin_value)")
         rotator = Rotator(name, kind, admin_secret, config, now)
@@ -218,7 +214,7 @@ def rotate(
 ) -> dict[str, Any]:
     """``rotate NAME``: a secret kept by a rotator starts a rotation at the source; any other gets a new
     version (``ops.secrets.rotate``)."""
-    secret_ops._check_name(name)
+    secret_ops.check_name(name)
     with ctx.store.read() as tx:
         secret = tx.get_secret(name)
     if secret is None or secret.deleted_at is not None or not secret.rotator:
@@ -250,7 +246,7 @@ def start(
     with ctx.store.write() as tx:
         if claim is not None and not tx.claim_rotation(*claim):
             return None
-        secret = _live(tx, name)
+        secret = secret_ops.live(tx, name)
         if not secret.rotator:
             raise bad_request(f"{name!r} has no rotator: put it with --rotator NAME")
         running = [r for r in tx.rotations_of(name, 1) if r.active]
@@ -271,7 +267,7 @@ def start(
         new = drv.plan(rotator.config, _cred(ctx, tx, secret, previous))
         fields: dict[str, Any] = {"previous_version": previous}
         if new is not None:
-            fields["version"], _ = secret_ops._add_version(ctx, tx, secret, _dump(new), "rotation", "pending", 0)
+            fields["version"], _ = secret_ops.add_version(ctx, tx, secret, _dump(new), "rotation", "pending", 0)
         moved = tx.update_rotation(rotation, "create", **fields)
         assert moved is not None
         ctx.auditor.record(
@@ -323,7 +319,7 @@ def _inputs(ctx: Context, tx: Tx, r: Rotation) -> _Inputs:
     rotator = tx.get_rotator(r.rotator)
     if rotator is None:
         raise RotatorError(f"rotator {r.rotator!r} no longer exists")
-    secret = _live(tx, r.secret)
+    secret = secret_ops.live(tx, r.secret)
     return _Inputs(
         rotator,
         driver(rotator.type),
@@ -432,13 +428,13 @@ def _finish(ctx: Context, r: Rotation, made: Credential | None, gated: dict[str,
             fields: dict[str, Any] = {"step": "test", "since": now}
             if cur.version is None:  # the source made it (webhook): sealed now, as pending
                 assert made is not None
-                secret = _live(tx, r.secret)
-                fields["version"], _ = secret_ops._add_version(ctx, tx, secret, _dump(made), "rotation", "pending", 0)
+                secret = secret_ops.live(tx, r.secret)
+                fields["version"], _ = secret_ops.add_version(ctx, tx, secret, _dump(made), "rotation", "pending", 0)
                 detail["version"] = fields["version"]
         elif r.step == "test":
             fields = {"step": "publish", "since": now}
         elif r.step == "publish":
-            secret = _live(tx, r.secret)
+            secret = secret_ops.live(tx, r.secret)
             pending = tx.get_stages(secret.id).get("pending")
             if pending is None or pending.version != cur.version:
                 reason = "the pending version changed under the rotation"
@@ -448,7 +444,7 @@ def _finish(ctx: Context, r: Rotation, made: Credential | None, gated: dict[str,
                 )
                 return False, "aborted"
             version, rev, _ = secret_ops.promote_in(ctx, tx, secret)
-            grace = secret_ops._grace(ctx, secret, None)
+            grace = secret_ops.grace_of(ctx, secret, None)
             fields = {
                 "step": "retire",
                 "since": now,
@@ -592,13 +588,13 @@ def _doc(r: Rotation, gated: dict[str, Any] | None, now: float) -> dict[str, Any
 def status(ctx: Context, who: Principal, name: str, limit: int = 10) -> dict[str, Any]:
     """``rotation status NAME``: the rotator, the schedule, and the last rotations (step, since when,
     which nodes a retire waits for and which it counts down)."""
-    secret_ops._check_name(name)
+    secret_ops.check_name(name)
     who.require("list", name)
     if not 1 <= limit <= 100:
         raise bad_request("limit: 1 to 100")
     now = ctx.clock()
     with ctx.store.read() as tx:
-        secret = _live(tx, name)
+        secret = secret_ops.live(tx, name)
         if not secret.rotator:
             raise not_found(f"{name!r} has no rotator")
         rotator = tx.get_rotator(secret.rotator)

@@ -21,7 +21,8 @@ from vault_edge.server.storage.records import Secret, Stage
 from vault_edge.server.storage.repo import Tx
 
 
-def _check_name(name: str) -> str:
+def check_name(name: str) -> str:
+    """``name`` if it is a valid secret name, else a 400 (``ops.rotation`` uses it too)."""
     try:
         return wire.check_name(name)
     except wire.WireError as exc:
@@ -44,11 +45,18 @@ def _check_spec(spec: str) -> str:
     return spec
 
 
-def _live(tx: Tx, name: str) -> Secret:
+def live(tx: Tx, name: str) -> Secret:
+    """The secret ``name``, unless it does not exist or is deleted (a 404)."""
     secret = tx.get_secret(name)
     if secret is None or secret.deleted_at is not None:
         raise not_found(f"no secret {name!r}")
     return secret
+
+
+def _check_rotate_every(ctx: Context, rotate_every_s: int | None) -> None:
+    floor = ctx.settings.min_rotate_every_s
+    if rotate_every_s is not None and rotate_every_s != 0 and rotate_every_s < floor:
+        raise bad_request(f"rotate_every: at least {floor} seconds (or 0 to stop scheduled rotation)")
 
 
 def _parse_regions(tx: Tx, regions: list[str] | None) -> tuple[str, ...] | None:
@@ -65,7 +73,7 @@ def _parse_regions(tx: Tx, regions: list[str] | None) -> tuple[str, ...] | None:
     return names
 
 
-def _value_of(
+def value_of(
     ctx: Context, tx: Tx, secret: Secret, version: int, destroyed: Callable[[str], ApiError] = conflict
 ) -> bytes:
     row = tx.get_version(secret.id, version)
@@ -77,7 +85,7 @@ def _value_of(
     return envelope.decrypt_value(dek, secret.name, version, row.ciphertext)
 
 
-def _grace(ctx: Context, secret: Secret, grace_s: int | None) -> int:
+def grace_of(ctx: Context, secret: Secret, grace_s: int | None) -> int:
     if grace_s is not None:
         return grace_s
     return secret.grace_s if secret.grace_s is not None else ctx.settings.default_grace_s
@@ -100,7 +108,7 @@ def _make_current(
         tx.set_stage(secret.id, "pending", None, rev, now)
 
 
-def _add_version(
+def add_version(
     ctx: Context, tx: Tx, secret: Secret, value: bytes, origin: str, stage: str, grace_s: int
 ) -> tuple[int, int]:
     rev, now = tx.next_revision(), ctx.clock()
@@ -144,6 +152,53 @@ def _set_regions(ctx: Context, tx: Tx, secret: Secret, regions: tuple[str, ...])
     return updated
 
 
+def _schedule(now: float, rotate_every_s: int | None, grace_s: int | None, **given: Any) -> dict[str, Any]:
+    """The schedule fields a put sets: those given (None leaves a field as it is; a ``rotate_every_s``
+    of 0 stops scheduled rotation), and ``given`` (``generate``, ``rotator``) when not None."""
+    fields = {k: v for k, v in given.items() if v is not None}
+    if rotate_every_s is not None:
+        fields["rotate_every_s"] = rotate_every_s or None
+        fields["next_rotation_at"] = now + rotate_every_s if rotate_every_s else None
+    if grace_s is not None:
+        fields["grace_s"] = grace_s
+    return fields
+
+
+# What a deleted secret put again starts from: nothing of its old life stays scheduled.
+_NEW_LIFE = {"generate": None, "rotate_every_s": None, "next_rotation_at": None, "grace_s": None}
+
+
+def _upsert(
+    ctx: Context,
+    tx: Tx,
+    name: str,
+    secret: Secret | None,
+    wanted: tuple[str, ...] | None,
+    schedule: dict[str, Any],
+    now: float,
+) -> Secret:
+    """The put side of ``put`` and of ``put --rotator``: make ``name`` (in ``wanted``, default every
+    region) with ``schedule``, or update it (a deleted one starts a new life), and move it to the
+    regions ``wanted`` when given."""
+    if secret is None:
+        return tx.insert_secret(name, wanted or ("*",), now, tx.next_revision(), **schedule)
+    if secret.deleted_at is not None:
+        # A new life: nothing of the deleted one stays staged or scheduled (its old schedule would
+        # otherwise replace the value put now, its old stages serve its old value). Its regions
+        # stay: never wider by surprise.
+        tx.clear_stages(secret.id, tx.next_revision(), now)
+        schedule = {**_NEW_LIFE, **schedule}
+    if schedule or secret.deleted_at is not None:
+        tx.update_secret(secret.id, deleted_at=None, destroyed=False, **schedule)
+    if wanted is not None and wanted != secret.regions:
+        if keyring.control_plane_only(secret):
+            raise conflict(
+                f"{name!r} belongs to no region (a rotator's admin credential): it stays on the control plane"
+            )
+        _set_regions(ctx, tx, secret, wanted)
+    return tx.get_secret(name) or secret
+
+
 def put(
     ctx: Context,
     who: Principal,
@@ -155,7 +210,7 @@ def put(
     grace_s: int | None = None,
     rotator: str | None = None,
 ) -> dict[str, Any]:
-    _check_name(name)
+    check_name(name)
     who.require("write", name)
     if rotator is not None:
         return _bind_rotator(ctx, who, name, value, regions, rotator, rotate_every_s, grace_s)
@@ -163,9 +218,7 @@ def put(
         raise bad_request("give exactly one of a value or a generate spec")
     if generate is not None:
         _check_spec(generate)
-    floor = ctx.settings.min_rotate_every_s
-    if rotate_every_s is not None and rotate_every_s != 0 and rotate_every_s < floor:
-        raise bad_request(f"rotate_every: at least {floor} seconds (or 0 to stop scheduled rotation)")
+    _check_rotate_every(ctx, rotate_every_s)
     ctx.barrier.require_unsealed()
     now = ctx.clock()
     with ctx.store.write() as tx:
@@ -176,42 +229,18 @@ def put(
                 f"{name!r} is kept by rotator {secret.rotator!r}: its values come from rotations "
                 f"(`rotate {name}`); change its settings with `put {name} --rotator {secret.rotator}`"
             )
-        schedule: dict[str, Any] = {}
-        if generate is not None:
-            schedule["generate"] = generate
-        if rotate_every_s is not None:
-            schedule["rotate_every_s"] = rotate_every_s or None
-            schedule["next_rotation_at"] = now + rotate_every_s if rotate_every_s else None
-        if grace_s is not None:
-            schedule["grace_s"] = grace_s
-        if secret is None:
-            secret = tx.insert_secret(name, wanted or ("*",), now, tx.next_revision(), **schedule)
-        else:
-            if secret.deleted_at is not None:
-                # A new life: nothing of the deleted one stays staged or scheduled (its old schedule
-                # would otherwise replace the value put now). Its regions stay: never wider by surprise.
-                tx.clear_stages(secret.id, tx.next_revision(), now)
-                schedule = {
-                    "generate": None,
-                    "rotate_every_s": None,
-                    "next_rotation_at": None,
-                    "grace_s": None,
-                    **schedule,
-                }
-            if schedule or secret.deleted_at is not None:
-                tx.update_secret(secret.id, deleted_at=None, destroyed=False, **schedule)
-            if wanted is not None and wanted != secret.regions:
-                if keyring.control_plane_only(secret):
-                    raise conflict(
-                        f"{name!r} belongs to no region (a rotator's admin credential): it stays on the control plane"
-                    )
-                secret = _set_regions(ctx, tx, secret, wanted)
-            secret = tx.get_secret(name) or secret
+        secret = _upsert(ctx, tx, name, secret, wanted, _schedule(now, rotate_every_s, grace_s, generate=generate), now)
         if (secret.rotate_every_s or 0) and not secret.generate and not secret.rotator:
             raise bad_request("scheduled rotation needs a generate spec (--generate SPEC)")
         data = _check_value(ctx, value) if value is not None else gen.generate(generate or "")
-        version, rev = _add_version(
-            ctx, tx, secret, data, "put" if value is not None else "generated", "current", _grace(ctx, secret, grace_s)
+        version, rev = add_version(
+            ctx,
+            tx,
+            secret,
+            data,
+            "put" if value is not None else "generated",
+            "current",
+            grace_of(ctx, secret, grace_s),
         )
         ctx.auditor.record(tx, who.actor, "secret.put", name, version=version, regions=list(secret.regions))
     return {"name": name, "version": version, "revision": rev, "regions": list(secret.regions)}
@@ -230,9 +259,7 @@ def _bind_rotator(
     """``put NAME --rotator R``: the secret's value is the credential R keeps at its source. Its first
     value comes from a rotation (``rotate NAME``, or the schedule), or, when given, is the credential
     as it stands now (a JSON object, e.g. the role in use before vault-edge rotated it)."""
-    floor = ctx.settings.min_rotate_every_s
-    if rotate_every_s is not None and rotate_every_s != 0 and rotate_every_s < floor:
-        raise bad_request(f"rotate_every: at least {floor} seconds (or 0 to stop scheduled rotation)")
+    _check_rotate_every(ctx, rotate_every_s)
     if value is not None:
         _credential(value)
     ctx.barrier.require_unsealed()
@@ -245,24 +272,12 @@ def _bind_rotator(
                 raise conflict(f"rotator {rotator!r} already keeps {other!r}: one secret per rotator")
         wanted = _parse_regions(tx, regions)
         secret = tx.get_secret(name)
-        schedule: dict[str, Any] = {"rotator": rotator}
-        if rotate_every_s is not None:
-            schedule["rotate_every_s"] = rotate_every_s or None
-            schedule["next_rotation_at"] = now + rotate_every_s if rotate_every_s else None
-        if grace_s is not None:
-            schedule["grace_s"] = grace_s
-        if secret is None:
-            secret = tx.insert_secret(name, wanted or ("*",), now, tx.next_revision(), **schedule)
-        else:
-            if keyring.control_plane_only(secret):
-                raise conflict(f"{name!r} belongs to no region: a rotator's own credential cannot be rotated here")
-            tx.update_secret(secret.id, deleted_at=None, destroyed=False, **schedule)
-            if wanted is not None and wanted != secret.regions:
-                _set_regions(ctx, tx, secret, wanted)
-            secret = tx.get_secret(name) or secret
+        if secret is not None and keyring.control_plane_only(secret):
+            raise conflict(f"{name!r} belongs to no region: a rotator's own credential cannot be rotated here")
+        secret = _upsert(ctx, tx, name, secret, wanted, _schedule(now, rotate_every_s, grace_s, rotator=rotator), now)
         version = rev = None
         if value is not None:
-            version, rev = _add_version(ctx, tx, secret, value, "put", "current", _grace(ctx, secret, grace_s))
+            version, rev = add_version(ctx, tx, secret, value, "put", "current", grace_of(ctx, secret, grace_s))
         ctx.auditor.record(
             tx,
             who.actor,
@@ -321,7 +336,7 @@ def _rotate(
     origin: str | None = None,
     claim: tuple[int, float, float] | None = None,
 ) -> dict[str, Any] | None:
-    _check_name(name)
+    check_name(name)
     who.require("write", name)
     if stage not in ("current", "pending"):
         raise bad_request("stage: current or pending")
@@ -333,19 +348,19 @@ def _rotate(
     with ctx.store.write() as tx:
         if claim is not None and not tx.claim_rotation(*claim):
             return None
-        secret = _live(tx, name)
+        secret = live(tx, name)
         spec = generate or (secret.generate if value is None else None)
         if value is None and spec is None:
             raise bad_request(f"{name!r} has no generate spec: give a value, or --generate SPEC")
         data = _check_value(ctx, value) if value is not None else gen.generate(spec or "")
-        version, rev = _add_version(
+        version, rev = add_version(
             ctx,
             tx,
             secret,
             data,
             origin or ("rotate" if value is not None else "generated"),
             stage,
-            _grace(ctx, secret, grace_s),
+            grace_of(ctx, secret, grace_s),
         )
         slot = {"due": claim[1]} if claim is not None else {}  # the scheduled slot it ran (each runs once)
         ctx.auditor.record(tx, who.actor, "secret.rotate", name, version=version, stage=stage, **slot)
@@ -353,11 +368,11 @@ def _rotate(
 
 
 def promote(ctx: Context, who: Principal, name: str, grace_s: int | None = None) -> dict[str, Any]:
-    _check_name(name)
+    check_name(name)
     who.require("write", name)
     ctx.barrier.require_unsealed()
     with ctx.store.write() as tx:
-        secret = _live(tx, name)
+        secret = live(tx, name)
         version, rev, pending = promote_in(ctx, tx, secret, grace_s)
         ctx.auditor.record(tx, who.actor, "secret.promote", name, version=version, pending=pending)
     return {"name": name, "version": version, "revision": rev, "stage": "current"}
@@ -369,14 +384,14 @@ def promote_in(ctx: Context, tx: Tx, secret: Secret, grace_s: int | None = None)
     stages = tx.get_stages(secret.id)
     if "pending" not in stages:
         raise conflict(f"{secret.name!r} has no pending version to promote")
-    pending, grace = stages["pending"].version, _grace(ctx, secret, grace_s)
+    pending, grace = stages["pending"].version, grace_of(ctx, secret, grace_s)
     current = stages.get("current")
     if current is not None and current.version > pending:
         # A newer version became current after this one was staged. Versions only move forward
         # (agents refuse to go back), so the staged value becomes current as a new version.
         tx.set_stage(secret.id, "pending", None, tx.next_revision(), ctx.clock())
-        version, rev = _add_version(
-            ctx, tx, secret, _value_of(ctx, tx, secret, pending), f"promote:{pending}", "current", grace
+        version, rev = add_version(
+            ctx, tx, secret, value_of(ctx, tx, secret, pending), f"promote:{pending}", "current", grace
         )
     else:
         version, rev, now = pending, tx.next_revision(), ctx.clock()
@@ -387,19 +402,19 @@ def promote_in(ctx: Context, tx: Tx, secret: Secret, grace_s: int | None = None)
 
 
 def rollback(ctx: Context, who: Principal, name: str, to: int, grace_s: int | None = None) -> dict[str, Any]:
-    _check_name(name)
+    check_name(name)
     who.require("write", name)
     ctx.barrier.require_unsealed()
     with ctx.store.write() as tx:
-        secret = _live(tx, name)
-        value = _value_of(ctx, tx, secret, to)
-        version, rev = _add_version(ctx, tx, secret, value, f"rollback:{to}", "current", _grace(ctx, secret, grace_s))
+        secret = live(tx, name)
+        value = value_of(ctx, tx, secret, to)
+        version, rev = add_version(ctx, tx, secret, value, f"rollback:{to}", "current", grace_of(ctx, secret, grace_s))
         ctx.auditor.record(tx, who.actor, "secret.rollback", name, version=version, to=to)
     return {"name": name, "version": version, "revision": rev, "rolled_back_to": to}
 
 
 def delete(ctx: Context, who: Principal, name: str, destroy: bool = False) -> dict[str, Any]:
-    _check_name(name)
+    check_name(name)
     who.require("delete", name)
     with ctx.store.write() as tx:
         secret = tx.get_secret(name)
@@ -421,7 +436,7 @@ def delete(ctx: Context, who: Principal, name: str, destroy: bool = False) -> di
 def get(
     ctx: Context, who: Principal, name: str, version: int | None = None, stage: str | None = None
 ) -> dict[str, Any]:
-    _check_name(name)
+    check_name(name)
     who.require("read", name)
     if version is not None and stage is not None:
         raise bad_request("give a version or a stage, not both")
@@ -430,14 +445,14 @@ def get(
     ctx.barrier.require_unsealed()
     now = ctx.clock()
     with ctx.store.read() as tx:
-        secret = _live(tx, name)
+        secret = live(tx, name)
         stages = {k: s for k, s in tx.get_stages(secret.id).items() if s.expires_at is None or s.expires_at > now}
         if version is None:
             staged = stages.get(stage or "current")
             if staged is None:
                 raise not_found(f"{name!r} has no {stage or 'current'} version")
             version = staged.version
-        value = _value_of(ctx, tx, secret, version, destroyed=not_found)
+        value = value_of(ctx, tx, secret, version, destroyed=not_found)
     with ctx.store.write(serialize=False) as tx:
         ctx.auditor.record(tx, who.actor, "secret.read", name, version=version)
     stage_of = next((k for k, s in stages.items() if s.version == version), None)
@@ -471,7 +486,7 @@ def list_secrets(ctx: Context, who: Principal, prefix: str = "") -> dict[str, An
 
 
 def history(ctx: Context, who: Principal, name: str) -> dict[str, Any]:
-    _check_name(name)
+    check_name(name)
     who.require("list", name)
     now = ctx.clock()
     with ctx.store.read() as tx:
@@ -518,11 +533,11 @@ def served_version(log: list[tuple[int, int | None]], applied: int) -> int | Non
 def propagation(ctx: Context, who: Principal, name: str, revision: int | None = None) -> dict[str, Any]:
     """Per region and node: the version served, the lag, up or down. ``complete`` when every up node
     of the secret's regions has applied ``revision`` (default: the secret's last change)."""
-    _check_name(name)
+    check_name(name)
     who.require("list", name)
     now = ctx.clock()
     with ctx.store.read() as tx:
-        secret = _live(tx, name)
+        secret = live(tx, name)
         stages = tx.get_stages(secret.id)
         log = tx.stage_log(secret.id, "current")
         regions = keyring.effective_regions(tx, secret)

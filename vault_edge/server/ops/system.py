@@ -12,6 +12,7 @@ from vault_edge.crypto.rowmac import RowKeys
 from vault_edge.server import auth
 from vault_edge.server.audit import entry_mac
 from vault_edge.server.auth import Principal
+from vault_edge.server.barrier import UnsealRefused
 from vault_edge.server.context import Context
 from vault_edge.server.errors import ApiError, bad_request, conflict, not_initialized
 from vault_edge.server.storage.repo import BASE_TARGET
@@ -120,7 +121,7 @@ def unseal(ctx: Context, share: str | None, passphrase: str | None, reset: bool 
             wrapped_root=wire.b64d(meta["root_shamir"]) if meta.get("root_shamir") else None,
             vault_id=wire.b64d(meta["server_key"]),
         )
-    except ApiError as exc:
+    except UnsealRefused as exc:
         ctx.auditor.record_alone("operator", "sys.unseal", outcome="refused", reason=exc.code)
         raise
     if not result.sealed and result.message == "unsealed":

@@ -71,8 +71,8 @@ def new_password(config: dict[str, Any]) -> str:
     return generate.generate(config.get("password_spec", "32:alnum")).decode()
 
 
-def common(config: dict[str, Any], default_port: int, users: int | None) -> dict[str, Any]:
-    """host, port, password_spec and the user names (``usernames``), checked; strategy for databases."""
+def common(config: dict[str, Any], default_port: int) -> dict[str, Any]:
+    """host, port and password_spec, checked."""
     from vault_edge.server import generate
 
     out = {"host": need(config, "host", str, "127.0.0.1"), "port": need(config, "port", int, default_port)}
@@ -86,7 +86,21 @@ def common(config: dict[str, Any], default_port: int, users: int | None) -> dict
             "(alnum, hex, alpha, digits, base64url)"
         )
     out["password_spec"] = spec
-    if users is not None:
+    return out
+
+
+class Roles:
+    """What the database rotators (postgres, mysql) share: their strategy. ``alternate``: two roles
+    with the same grants, made by the operator; each rotation gives the one not in use a new
+    password and switches to it, and retire disables the other, so callers holding either log in
+    until then. ``single``: one role whose password changes at create (no overlap; retire is a
+    no-op). A driver gives its defaults and ``disable`` (retire's statement)."""
+
+    default_port: int
+    default_database: str
+
+    def validate(self, config: dict[str, Any]) -> dict[str, Any]:
+        out = common(config, self.default_port)
         strategy = need(config, "strategy", str, "alternate")
         if strategy not in ("alternate", "single"):
             raise ValueError("config.strategy: alternate (two roles, overlapping) or single (one role, no overlap)")
@@ -101,7 +115,29 @@ def common(config: dict[str, Any], default_port: int, users: int | None) -> dict
                 f"config.usernames: {want} distinct name(s) of letters, digits and '_' for strategy {strategy}"
             )
         out["strategy"], out["usernames"] = strategy, names
-    return out
+        out["database"] = need(config, "database", str, self.default_database)
+        return out
+
+    def overlaps(self, config: dict[str, Any]) -> bool:
+        return bool(config["strategy"] == "alternate")
+
+    def plan(self, config: dict[str, Any], current: Credential | None) -> Credential:
+        return {
+            "username": next_user(config, current),
+            "password": new_password(config),
+            "host": config["host"],
+            "port": config["port"],
+            "database": config["database"],
+        }
+
+    def retire(self, config: dict[str, Any], admin: Credential, old: Credential, current: Credential | None) -> None:
+        user = retiring_user(config, old, current)
+        if user is not None:
+            self.disable(config, admin, user)
+
+    def disable(self, config: dict[str, Any], admin: Credential, user: str) -> None:
+        """Make ``user`` unable to log in (retire, ``alternate`` only)."""
+        raise NotImplementedError
 
 
 def next_user(config: dict[str, Any], current: Credential | None) -> str:

@@ -15,12 +15,9 @@ from vault_edge.crypto import verifiers
 from vault_edge.server.rotators import (
     Credential,
     Refused,
+    Roles,
     RotatorError,
-    common,
     need,
-    new_password,
-    next_user,
-    retiring_user,
 )
 
 _REFUSED = (1045, 4151, 1044)  # access denied, account locked, no access to the database
@@ -39,26 +36,15 @@ def _literal(text: str) -> str:
     return f"'{text}'"
 
 
-class MySQL:
+class MySQL(Roles):
+    default_port, default_database = 3306, ""
+
     def validate(self, config: dict[str, Any]) -> dict[str, Any]:
-        out = common(config, 3306, users=2)
-        out["database"] = need(config, "database", str, "")
+        out = super().validate(config)
         out["user_host"] = need(config, "user_host", str, "%")
         if not out["user_host"] or not all(c.isalnum() or c in "_%.-" for c in out["user_host"]):
             raise ValueError("config.user_host: a host pattern of letters, digits, '_', '%', '.' and '-'")
         return out
-
-    def overlaps(self, config: dict[str, Any]) -> bool:
-        return bool(config["strategy"] == "alternate")
-
-    def plan(self, config: dict[str, Any], current: Credential | None) -> Credential:
-        return {
-            "username": next_user(config, current),
-            "password": new_password(config),
-            "host": config["host"],
-            "port": config["port"],
-            "database": config["database"],
-        }
 
     def _account(self, config: dict[str, Any], name: str) -> str:
         return f"{_literal(name)}@{_literal(config['user_host'])}"
@@ -108,10 +94,7 @@ class MySQL:
         except pymysql.MySQLError as exc:
             raise _error(f"log in as {new['username']}", exc) from None
 
-    def retire(self, config: dict[str, Any], admin: Credential, old: Credential, current: Credential | None) -> None:
-        user = retiring_user(config, old, current)
-        if user is None:
-            return
+    def disable(self, config: dict[str, Any], admin: Credential, user: str) -> None:
         unknown = verifiers.mysql_native(secrets.token_urlsafe(32))  # a password no one holds
         stmt = f"ALTER USER {self._account(config, user)} IDENTIFIED BY PASSWORD {_literal(unknown)} ACCOUNT LOCK"
         self._admin(config, admin, f"disable {user}", stmt)

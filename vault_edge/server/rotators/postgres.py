@@ -16,12 +16,8 @@ from vault_edge.crypto import verifiers
 from vault_edge.server.rotators import (
     Credential,
     Refused,
+    Roles,
     RotatorError,
-    common,
-    need,
-    new_password,
-    next_user,
-    retiring_user,
 )
 
 _AUTH_FAILED = ("28P01", "28000", "42501")
@@ -57,23 +53,8 @@ def _connect(config: dict[str, Any], user: str, password: str) -> psycopg.Connec
     )
 
 
-class Postgres:
-    def validate(self, config: dict[str, Any]) -> dict[str, Any]:
-        out = common(config, 5432, users=2)
-        out["database"] = need(config, "database", str, "postgres")
-        return out
-
-    def overlaps(self, config: dict[str, Any]) -> bool:
-        return bool(config["strategy"] == "alternate")
-
-    def plan(self, config: dict[str, Any], current: Credential | None) -> Credential:
-        return {
-            "username": next_user(config, current),
-            "password": new_password(config),
-            "host": config["host"],
-            "port": config["port"],
-            "database": config["database"],
-        }
+class Postgres(Roles):
+    default_port, default_database = 5432, "postgres"
 
     def _admin(self, config: dict[str, Any], admin: Credential, what: str, stmt: sql.Composed) -> None:
         try:
@@ -102,10 +83,7 @@ class Postgres:
                 raise Refused(f"postgres: {what}: refused (SQLSTATE {exc.sqlstate})") from None
             raise err from None
 
-    def retire(self, config: dict[str, Any], admin: Credential, old: Credential, current: Credential | None) -> None:
-        user = retiring_user(config, old, current)
-        if user is None:
-            return
+    def disable(self, config: dict[str, Any], admin: Credential, user: str) -> None:
         stmt = sql.SQL("ALTER ROLE {} WITH NOLOGIN PASSWORD NULL").format(sql.Identifier(user))
         self._admin(config, admin, f"disable {user}", stmt)
 

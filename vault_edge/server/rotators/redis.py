@@ -31,7 +31,7 @@ def _client(config: dict[str, Any], user: str, password: str) -> redis.Redis:
 
 class Redis:
     def validate(self, config: dict[str, Any]) -> dict[str, Any]:
-        out = common(config, 6379, users=None)
+        out = common(config, 6379)
         user = need(config, "username", str)
         if not user.replace("_", "").replace("-", "").isalnum() or user == "default":
             raise ValueError("config.username: letters, digits, '_' and '-' (not 'default')")

@@ -24,6 +24,7 @@ from starlette.concurrency import run_in_threadpool
 
 from vault_edge.server import auth
 from vault_edge.server.auth import Principal
+from vault_edge.server.barrier import Sealed  # the console shows only the seal status then
 from vault_edge.server.context import Context
 from vault_edge.server.errors import ApiError, bad_request, forbidden, unauthorized
 from vault_edge.server.ops import nodes, tokens
@@ -65,10 +66,6 @@ env.filters["path"] = lambda s: quote(str(s), safe="/")
 
 class SignIn(Exception):
     """No live session: go to the sign-in page."""
-
-
-class Sealed(Exception):
-    """The vault is sealed: nothing but its status can be shown."""
 
 
 @dataclass
