@@ -18,6 +18,7 @@ from fastapi.responses import Response
 
 from vault_edge import wire
 from vault_edge.server import nodeauth
+from vault_edge.server.barrier import Sealed
 from vault_edge.server.contacts import ContactLog
 from vault_edge.server.context import Context
 from vault_edge.server.deps import get_ctx, unsealed
@@ -73,9 +74,8 @@ async def _until_unsealed(ctx: Context, held: SealHold, headers: Mapping[str, st
     try:
         await unsealed(ctx)  # a database read while sealed only: not initialized, or sealed
         return 0.0
-    except ApiError as exc:
-        if exc.code != "sealed":
-            raise
+    except Sealed:
+        pass
     budget = held.budget(headers, q.wait, ctx.clock(), ctx.settings.sync_max_wait_s)
     if budget > 0:
         budget += random.uniform(0, budget / 16)  # noqa: S311 - not crypto: spreads the fleet's re-polls
