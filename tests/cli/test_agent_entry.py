@@ -14,9 +14,11 @@ from importlib.metadata import entry_points
 from pathlib import Path
 
 from tests.conftest import cli
+from vault_edge.crypto import aead
 
 # What the agent never uses: the operator CLI's framework and printing (and what they bring), the
-# operator client, the server and its stack, and httpx's own command-line client.
+# operator client, the server and its stack, httpx (and its own command-line client), and, where
+# libsodium computes AES-GCM, cryptography.
 NOT_IN_THE_AGENT = (
     "httpx",  # the agent speaks HTTP with its own client (agent/http1.py, agent/upstream.py)
     "httpcore",
@@ -38,6 +40,8 @@ NOT_IN_THE_AGENT = (
     "vault_edge.cli.output",
     "vault_edge.cli.agent_cmd",
 )
+if aead._sodium_available():  # the agent opens AES-256-GCM with libsodium: cryptography stays out
+    NOT_IN_THE_AGENT += ("cryptography",)
 
 
 def loaded(modules: list[str]) -> list[str]:

@@ -1,4 +1,7 @@
-"""AES-256-GCM with a version byte, and canonical associated data (``vault_edge.crypto.aead``)."""
+"""AES-256-GCM with a version byte, and canonical associated data (``vault_edge.crypto.aead``).
+
+Every test runs with each library that computes AES-256-GCM (libsodium, the agent's, where the CPU
+has hardware AES; ``cryptography`` otherwise), and the two are crossed both ways."""
 
 from __future__ import annotations
 
@@ -28,6 +31,37 @@ GCM_CT = bytes.fromhex(
 )
 GCM_TAG = bytes.fromhex("76fc6ece0f4e1768cddf8853bb2d551b")
 GCM_SEALED = bytes([aead.VERSION]) + GCM_IV + GCM_CT + GCM_TAG
+
+
+BACKENDS = ["sodium", "cryptography"] if aead._sodium_available() else ["cryptography"]
+
+
+@pytest.fixture(autouse=True, params=BACKENDS)
+def backend(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    monkeypatch.setattr(aead, "SODIUM", request.param == "sodium")
+    return str(request.param)
+
+
+def test_the_agents_library_is_used_where_the_cpu_allows_it() -> None:
+    """On this machine's CPU (x86-64 with AES-NI, as every PoP host of the last decade) libsodium does it."""
+    import platform
+
+    if platform.machine() in ("x86_64", "AMD64"):
+        assert "sodium" in BACKENDS
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.binary(max_size=2048), st.binary(max_size=64))
+def test_the_two_libraries_open_each_others_ciphertexts(plaintext: bytes, associated_data: bytes) -> None:
+    if len(BACKENDS) < 2:
+        pytest.skip("libsodium has no AES-256-GCM on this CPU: one library only")
+    for seal_with, open_with in ((True, False), (False, True)):
+        aead.SODIUM = seal_with
+        sealed = aead.encrypt(KEY, plaintext, associated_data)
+        aead.SODIUM = open_with
+        assert aead.decrypt(KEY, sealed, associated_data) == plaintext
+        with pytest.raises(DecryptionError):
+            aead.decrypt(KEY, _flip(sealed, len(sealed) - 1), associated_data)
 
 
 def _fixed(raw: bytes) -> Callable[[int], bytes]:

@@ -1,4 +1,10 @@
-"""Authenticated encryption with associated data: AES-256-GCM from ``cryptography``.
+"""Authenticated encryption with associated data: AES-256-GCM, from libsodium (``pynacl``) where the
+CPU accelerates it (x86 AES-NI, ARMv8 crypto extensions), else from ``cryptography``.
+
+One algorithm and one layout whichever library computes it (the tests cross them both ways). The
+choice matters for the agent: on a PoP it needs AES-GCM only to open values, and ``cryptography``'s
+extension alone is ~8 MiB resident in every agent; libsodium is loaded anyway (signatures, sealed
+boxes). ``cryptography`` is imported only where libsodium cannot do it.
 
 Ciphertext layout (version 1), self-describing so that a future algorithm can coexist::
 
@@ -15,8 +21,8 @@ import secrets
 import struct
 from collections.abc import Callable
 
-from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from nacl import bindings as sodium
+from nacl.exceptions import CryptoError, UnavailableError
 
 from vault_edge.crypto.errors import DecryptionError
 
@@ -26,6 +32,41 @@ NONCE_SIZE = 12
 TAG_SIZE = 16
 OVERHEAD = 1 + NONCE_SIZE + TAG_SIZE
 _AD_PREFIX = b"vault-edge/v1/"
+
+
+def _sodium_available() -> bool:
+    try:
+        sodium.crypto_aead_aes256gcm_encrypt(b"", None, bytes(NONCE_SIZE), bytes(KEY_SIZE))
+    except UnavailableError:  # no hardware AES on this CPU: libsodium does not offer it
+        return False
+    return True
+
+
+SODIUM = _sodium_available()  # which library computes AES-256-GCM here (tests switch it)
+
+
+def _seal(key: bytes, nonce: bytes, plaintext: bytes, associated_data: bytes) -> bytes:
+    if SODIUM:
+        return sodium.crypto_aead_aes256gcm_encrypt(plaintext, associated_data, nonce, key)
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+    return AESGCM(key).encrypt(nonce, plaintext, associated_data)
+
+
+def _open(key: bytes, nonce: bytes, sealed: bytes, associated_data: bytes) -> bytes:
+    """The plaintext, or DecryptionError (wrong key, associated data or nonce; any tampering)."""
+    if SODIUM:
+        try:
+            return sodium.crypto_aead_aes256gcm_decrypt(sealed, associated_data, nonce, key)
+        except CryptoError:
+            raise DecryptionError() from None
+    from cryptography.exceptions import InvalidTag
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+    try:
+        return AESGCM(key).decrypt(nonce, sealed, associated_data)
+    except InvalidTag:
+        raise DecryptionError() from None
 
 
 def new_key(random_bytes: Callable[[int], bytes] = secrets.token_bytes) -> bytes:
@@ -42,18 +83,14 @@ def encrypt(
     if len(key) != KEY_SIZE:
         raise ValueError("AES-256-GCM takes a 32-byte key")
     nonce = random_bytes(NONCE_SIZE)
-    return bytes([VERSION]) + nonce + AESGCM(key).encrypt(nonce, plaintext, associated_data)
+    return bytes([VERSION]) + nonce + _seal(key, nonce, plaintext, associated_data)
 
 
 def decrypt(key: bytes, ciphertext: bytes, associated_data: bytes) -> bytes:
     """Open ``ciphertext``; any failure (layout, key, associated data, tamper) is DecryptionError."""
     if len(key) != KEY_SIZE or len(ciphertext) < OVERHEAD or ciphertext[0] != VERSION:
         raise DecryptionError()
-    nonce = ciphertext[1 : 1 + NONCE_SIZE]
-    try:
-        return AESGCM(key).decrypt(nonce, ciphertext[1 + NONCE_SIZE :], associated_data)
-    except InvalidTag as exc:
-        raise DecryptionError() from exc
+    return _open(key, ciphertext[1 : 1 + NONCE_SIZE], ciphertext[1 + NONCE_SIZE :], associated_data)
 
 
 def ad(purpose: str, *fields: str | int | bytes) -> bytes:

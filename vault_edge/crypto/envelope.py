@@ -16,9 +16,6 @@ A ciphertext moved to another name, version, region or key version does not open
 
 from __future__ import annotations
 
-from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.kdf.hkdf import HKDF
-
 from vault_edge.crypto import aead
 from vault_edge.crypto.errors import DecryptionError
 
@@ -28,7 +25,12 @@ _CANARY_PLAINTEXT = b"vault-edge canary: the root key is right"
 
 
 def derive(root_key: bytes, purpose: str, length: int = 32) -> bytes:
-    """A subkey of the root key for one purpose (HKDF-SHA256, RFC 5869)."""
+    """A subkey of the root key for one purpose (HKDF-SHA256, RFC 5869). The control plane's alone:
+    imported here so that an agent, which opens values and never holds the root key, loads nothing
+    of ``cryptography`` (see ``aead``)."""
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
     if len(root_key) != ROOT_KEY_SIZE:
         raise ValueError("the root key is 32 bytes")
     return HKDF(algorithm=hashes.SHA256(), length=length, salt=_HKDF_SALT, info=purpose.encode()).derive(root_key)
