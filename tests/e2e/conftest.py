@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 
+from tests import debian
 from tests.conftest import ServerProcess, stop_process, vault_edge_cmd
 from vault_edge.client import AgentClient, AgentError
 from vault_edge.operator import OperatorClient
@@ -32,6 +33,29 @@ def wait_until(pred: Callable[[], Any], timeout: float = 15.0, what: str = "cond
             last_exc = exc
         time.sleep(0.05)
     raise AssertionError(f"timed out waiting for {what}" + (f" (last error: {last_exc})" if last_exc else ""))
+
+
+@pytest.fixture(scope="session")
+def promtool() -> str:
+    """Debian's ``prometheus`` package: installed when missing (as root); under CI=true a promtool that
+    still cannot be had fails the test, naming what is missing."""
+    return debian.command("promtool", "prometheus", "the metrics tests (promtool check metrics)")
+
+
+def check_metrics(promtool: str, text: str) -> None:
+    """``promtool check metrics``: a valid exposition, and no lint warning either."""
+    r = subprocess.run([promtool, "check", "metrics"], input=text.encode(), capture_output=True, timeout=30)
+    assert r.returncode == 0 and not r.stdout.strip() and not r.stderr.strip(), (r.stdout, r.stderr, text)
+
+
+def samples(text: str) -> dict[str, float]:
+    """``name{labels}`` → value, for the sample lines of a text exposition."""
+    out = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            key, _, value = line.rpartition(" ")
+            out[key] = float(value)
+    return out
 
 
 class AgentProcess:

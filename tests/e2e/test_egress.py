@@ -12,12 +12,13 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 from tests.agent.egress_upstream import Upstream, make_ca
 from tests.agent.test_egress import Conn
-from tests.conftest import cli
-from tests.e2e.conftest import AgentProcess, ControlPlane, wait_until
+from tests.conftest import cli, free_port
+from tests.e2e.conftest import AgentProcess, ControlPlane, check_metrics, samples, wait_until
 
 KEY, KEY2 = "sk-live-e2e-000111222333", "sk-live-e2e-rotated-444555"
 TOKEN = "tenant-a-binding-token-0123456789"
@@ -57,7 +58,12 @@ class Worker:
 
 
 def test_keyless_workers_end_to_end(
-    control_plane: ControlPlane, start_agent: Any, workdir: Path, pki: tuple[Path, Path, Path], upstream: Upstream
+    control_plane: ControlPlane,
+    start_agent: Any,
+    workdir: Path,
+    pki: tuple[Path, Path, Path],
+    upstream: Upstream,
+    promtool: str,
 ) -> None:
     op = control_plane.op
     op.put("openai/api-key", value=KEY, regions=["eu"])
@@ -107,7 +113,19 @@ def test_keyless_workers_end_to_end(
         f'[[rule]]\nuid = {os.getuid()}\nsecrets = ["public/*"]\n\n'
         f'[[rule]]\ntoken_sha256 = "{hashlib.sha256(TOKEN.encode()).hexdigest()}"\negress = ["openai"]\n'
     )
-    agent = start_agent("eu1", "eu", "--policy", str(policy), "--egress-ca", str(pki[0]), "--egress-timeout", "2s")
+    metrics_port = free_port()
+    agent = start_agent(
+        "eu1",
+        "eu",
+        "--policy",
+        str(policy),
+        "--egress-ca",
+        str(pki[0]),
+        "--egress-timeout",
+        "2s",
+        "--metrics-addr",
+        str(metrics_port),
+    )
     worker, stranger = Worker(agent, TOKEN), Worker(agent)
 
     # through a binding to the socket
@@ -140,6 +158,16 @@ def test_keyless_workers_end_to_end(
     upstream.close()
     status, _, doc = worker.call("GET", "/v1/egress/openai/v1/ok")
     assert status == 502 and doc["error"]["code"] == "upstream_unreachable"
+
+    # the egress seen by Prometheus (issue 13), per route, checked by promtool; never the key
+    text = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).text
+    check_metrics(promtool, text)
+    m = samples(text)
+    assert m['vault_edge_agent_egress_requests_total{route="openai"}'] >= 3
+    assert m['vault_edge_agent_egress_upstream_answers_total{route="openai",class="2xx"}'] >= 3
+    assert m['vault_edge_agent_egress_upstream_failures_total{route="openai",kind="connect"}'] == 1
+    assert m['vault_edge_agent_egress_upstream_seconds_count{route="openai"}'] >= 3
+    assert KEY not in text and KEY2 not in text and TOKEN not in text
 
     # the route deleted: gone from the agent at its next sync
     r = cli("egress", "delete", "openai", env=env)

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -18,38 +17,12 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import IN_CI, free_port, stop_process, vault_edge_cmd
-from tests.e2e.conftest import AgentProcess, ControlPlane, wait_until
+from tests.conftest import free_port, stop_process, vault_edge_cmd
+from tests.e2e.conftest import AgentProcess, ControlPlane, check_metrics, samples, wait_until
 from vault_edge.client import AgentError
 
 METRICS_TOKEN = "mt-5b1f0e2a"
 VALUE = "ops-value-4471-never-in-metrics-or-logs"
-
-
-@pytest.fixture(scope="module")
-def promtool() -> str:
-    """Debian's ``prometheus`` package (``apt-get install prometheus``); under CI=true missing fails."""
-    path = shutil.which("promtool")
-    if path is None:
-        if IN_CI:
-            pytest.fail("promtool is required under CI=true: apt-get install -y prometheus")
-        pytest.skip("promtool not installed (apt-get install -y prometheus)")
-    return path
-
-
-def check_metrics(promtool: str, text: str) -> None:
-    r = subprocess.run([promtool, "check", "metrics"], input=text.encode(), capture_output=True, timeout=30)
-    assert r.returncode == 0 and not r.stdout.strip() and not r.stderr.strip(), (r.stdout, r.stderr, text)
-
-
-def samples(text: str) -> dict[str, float]:
-    """``name{labels}`` → value, for the sample lines of a text exposition."""
-    out = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            key, _, value = line.rpartition(" ")
-            out[key] = float(value)
-    return out
 
 
 @pytest.fixture
