@@ -93,21 +93,42 @@ class OperatorClient:
         return data
 
     def _unreachable(self, exc: httpx.TransportError) -> ClientError:
-        """A transport failure, said truthfully: a TLS failure names the certificate problem and the
-        CA option; anything else, the address and the exception's class."""
+        """A transport failure, said truthfully: a TLS failure names the certificate problem and what
+        would fix it (the CA option only when the chain is the problem); anything else, the address and
+        the exception's class."""
         tls = tls_problem(exc)
-        if tls is not None:
-            ca = (
+        if tls is None and self.addr.startswith("http://") and isinstance(exc, httpx.RemoteProtocolError):
+            return ClientError(  # what a TLS listener does with a plain-HTTP request: hang up
+                0,
+                "unreachable",
+                f"the control plane at {self.addr} hung up without an answer ({type(exc).__name__}): "
+                f"does it serve https ({self.addr.replace('http://', 'https://', 1)})?",
+            )
+        if tls is None:
+            return ClientError(
+                0,
+                "unreachable",
+                f"cannot reach the control plane at {self.addr} ({type(exc).__name__}); "
+                "is `vault-edge server` running?",
+            )
+        problem, kind = tls
+        if kind == "chain":
+            hint = (
                 f"the CA in {self.cacert} does not vouch for it"
                 if self.cacert
                 else "give the CA that signed it with --ca-cert FILE or VAULT_EDGE_CACERT"
             )
-            return ClientError(0, "tls", f"TLS with the control plane at {self.addr} failed: {tls}; {ca}")
-        return ClientError(
-            0,
-            "unreachable",
-            f"cannot reach the control plane at {self.addr} ({type(exc).__name__}); is `vault-edge server` running?",
-        )
+        elif kind == "hostname":
+            hint = "use an address the certificate names (--addr / VAULT_EDGE_ADDR), or a certificate naming this one"
+        elif kind == "not_tls":
+            hint = f"nothing speaks TLS there: is it {self.addr.replace('https://', 'http://', 1)}?"
+        else:
+            hint = (
+                "renew or replace the control plane's certificate"
+                if kind == "validity"
+                else "no certificate was checked"
+            )
+        return ClientError(0, "tls", f"TLS with the control plane at {self.addr} failed: {problem}; {hint}")
 
     # -- sys -----------------------------------------------------------------------------------
     def status(self) -> dict[str, Any]:
@@ -239,9 +260,19 @@ class OperatorClient:
         return resp.content
 
 
-def tls_problem(exc: BaseException) -> str | None:
-    """The certificate problem behind a transport error ("certificate verify failed: self-signed
-    certificate", "hostname mismatch, ..."), or None when it is no TLS failure."""
+# OpenSSL's reasons when the peer's first bytes are no TLS record (a plain-HTTP server, say).
+_NOT_TLS = ("WRONG_VERSION_NUMBER", "RECORD_LAYER_FAILURE", "PACKET_LENGTH_TOO_LONG", "HTTP_REQUEST")
+# X509_V_ERR_* codes of the validity period and of the name; any other verify failure is the chain's
+# (self-signed, unknown issuer, ...), which a CA option fixes.
+_VALIDITY = {9, 10}  # not yet valid, expired
+_HOSTNAME = {62, 64}  # hostname, IP address mismatch
+
+
+def tls_problem(exc: BaseException) -> tuple[str, str] | None:
+    """The TLS problem behind a transport error and its kind, or None when it is no TLS failure:
+    ("certificate verify failed: self-signed certificate", "chain"), ("... Hostname mismatch, ...",
+    "hostname"), ("... certificate has expired", "validity"), ("TLS error: WRONG_VERSION_NUMBER",
+    "not_tls"), or another handshake failure ("handshake")."""
     import ssl
 
     seen: BaseException | None = exc
@@ -249,9 +280,12 @@ def tls_problem(exc: BaseException) -> str | None:
         if seen is None:
             return None
         if isinstance(seen, ssl.SSLCertVerificationError):
-            return f"certificate verify failed: {seen.verify_message or seen.reason}"
+            code = seen.verify_code
+            kind = "validity" if code in _VALIDITY else "hostname" if code in _HOSTNAME else "chain"
+            return f"certificate verify failed: {str(seen.verify_message or seen.reason).rstrip('.')}", kind
         if isinstance(seen, ssl.SSLError):
-            return f"TLS error: {seen.reason or seen}"
+            reason = str(seen.reason or seen)
+            return f"TLS error: {reason}", "not_tls" if any(r in reason for r in _NOT_TLS) else "handshake"
         seen = seen.__cause__ or seen.__context__
     return None
 

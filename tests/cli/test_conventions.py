@@ -73,11 +73,34 @@ def test_global_output_format_env_and_usage_errors(vault: dict[str, Any]) -> Non
     assert cli("init", "--group", "two-of-three", env=env).returncode == 2
     assert cli("no-such-verb", env=env).returncode == 2
     assert cli("--ca-cert", "/nonexistent.pem", "status", env=env).returncode == 2
+    # durations the control plane takes as text are checked here too: a typo is a usage error
+    for args in (
+        ["put", "a/b", "--generate", "8:hex", "--rotate-every", "1q"],
+        ["put", "a/b", "v", "--grace", "1y"],
+        ["rotate", "a/b", "v", "--grace", "soon"],
+        ["node", "token", "--region", "eu", "--ttl", "-1"],
+        ["token", "create", "--name", "t", "--verb", "read", "--ttl", "1 h"],
+    ):
+        r = cli(*args, env=env)
+        assert r.returncode == 2 and b"invalid duration" in r.stderr, (args, r.stderr)
+    assert json.loads(cli("list", "-o", "json", env=env).stdout)["secrets"] == []  # nothing was stored
     # --addr wins over VAULT_EDGE_ADDR
     r = cli("--addr", vault["server"].addr, "status", env={**env, "VAULT_EDGE_ADDR": "http://127.0.0.1:1"})
     assert r.returncode == 0, r.stderr
     r = cli("--addr", "http://127.0.0.1:1", "status", env=env)
     assert r.returncode == 1 and b"127.0.0.1:1" in r.stderr
+
+
+def test_node_token_prints_only_the_token_and_hints_at_the_join_token_file(vault: dict[str, Any]) -> None:
+    env = {**vault["env"], "VAULT_EDGE_TOKEN": vault["token"]}
+    assert cli("region", "create", "eu", env=env).returncode == 0
+    r = cli("node", "token", "--region", "eu", "--ttl", "10m", env=env)
+    assert r.returncode == 0 and r.stdout.decode().count("\n") == 1 and r.stdout.startswith(b"vej1.")
+    hint = r.stderr.decode()
+    assert hint.count("\n") == 1 and "vault-edge agent run --join-token-file FILE" in hint, (
+        hint
+    )  # one line: pastes whole
+    assert r.stdout.strip().decode() not in hint
 
 
 def test_piped_tables_keep_whole_ids(vault: dict[str, Any]) -> None:
@@ -130,7 +153,7 @@ def test_help_documents_the_environment_and_completion() -> None:
     assert r.returncode == 0 and b"complete " in r.stdout and b"_VAULT_EDGE_COMPLETE" in r.stdout
 
 
-def _self_signed(tmp: Path) -> tuple[Path, Path]:
+def _self_signed(tmp: Path, expired: bool = False) -> tuple[Path, Path]:
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.asymmetric import ec
@@ -138,7 +161,7 @@ def _self_signed(tmp: Path) -> tuple[Path, Path]:
 
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "vault-edge test")])
-    now = datetime.datetime.now(datetime.UTC)
+    now = datetime.datetime.now(datetime.UTC) - datetime.timedelta(days=30 if expired else 0)
     cert = (
         x509.CertificateBuilder()
         .subject_name(name)
@@ -151,7 +174,8 @@ def _self_signed(tmp: Path) -> tuple[Path, Path]:
         .add_extension(x509.BasicConstraints(ca=True, path_length=None), True)
         .sign(key, hashes.SHA256())
     )
-    cert_path, key_path = tmp / "cert.pem", tmp / "key.pem"
+    tag = "-expired" if expired else ""
+    cert_path, key_path = tmp / f"cert{tag}.pem", tmp / f"key{tag}.pem"
     cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
     key_path.write_bytes(
         key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
@@ -159,55 +183,79 @@ def _self_signed(tmp: Path) -> tuple[Path, Path]:
     return cert_path, key_path
 
 
-def test_a_tls_failure_names_the_certificate_problem_and_the_ca_option(sqlite_url: str, tmp_path: Path) -> None:
-    cert, key = _self_signed(tmp_path)
+def _tls_server(db: str, cert: Path, key: Path, log: Path) -> tuple[str, subprocess.Popen[bytes]]:
     port = free_port()
-    addr = f"https://127.0.0.1:{port}"
-    with open(tmp_path / "server.log", "wb") as log:
-        proc = subprocess.Popen(
-            [
-                *vault_edge_cmd(),
-                "server",
-                "--db",
-                sqlite_url,
-                "--port",
-                str(port),
-                "--tls-cert",
-                str(cert),
-                "--tls-key",
-                str(key),
-            ],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-    try:
-        _tls_checks(addr, cert, proc)
-    finally:
-        stop_process(proc)
+    cmd = [*vault_edge_cmd(), "server", "--db", db, "--port", str(port), "--tls-cert", str(cert), "--tls-key", str(key)]
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
+    return f"https://127.0.0.1:{port}", proc
 
 
-def _tls_checks(addr: str, cert: Path, proc: subprocess.Popen[bytes]) -> None:
+def _wait_tls(addr: str, cert: Path | None, proc: subprocess.Popen[bytes]) -> None:
     import ssl
     import time
 
     import httpx
 
+    ctx = ssl.create_default_context(cafile=str(cert)) if cert else ssl._create_unverified_context()
     deadline = time.monotonic() + 30
     while True:
         assert proc.poll() is None and time.monotonic() < deadline, "the TLS server did not start"
         try:
-            httpx.get(addr + "/v1/sys/status", verify=ssl.create_default_context(cafile=str(cert)), timeout=1)
-            break
+            httpx.get(addr + "/v1/sys/status", verify=ctx, timeout=1)
+            return
         except httpx.TransportError:
             time.sleep(0.1)
-    env = {"VAULT_EDGE_ADDR": addr, "VAULT_EDGE_CACERT": "", "SSL_CERT_FILE": ""}
-    r = cli("status", env=env)
-    assert r.returncode == 1 and r.stderr.decode().count("\n") == 1, r.stderr
-    assert b"certificate verify failed" in r.stderr and b"--ca-cert" in r.stderr and b"VAULT_EDGE_CACERT" in r.stderr
-    r = cli("--ca-cert", str(cert), "status", env=env)
-    assert r.returncode == 2, r.stderr  # reached it: not initialized, so sealed
-    r = cli("status", env={**env, "VAULT_EDGE_CACERT": str(cert)})
-    assert r.returncode == 2, r.stderr
+
+
+def test_a_tls_failure_names_the_certificate_problem_and_the_ca_option(sqlite_url: str, tmp_path: Path) -> None:
+    cert, key = _self_signed(tmp_path)
+    addr, proc = _tls_server(sqlite_url, cert, key, tmp_path / "server.log")
+    try:
+        _wait_tls(addr, cert, proc)
+        env = {"VAULT_EDGE_ADDR": addr, "VAULT_EDGE_CACERT": "", "SSL_CERT_FILE": ""}
+        r = cli("status", env=env)
+        assert r.returncode == 1 and r.stderr.decode().count("\n") == 1, r.stderr
+        assert b"certificate verify failed: self-signed certificate;" in r.stderr
+        assert b"--ca-cert" in r.stderr and b"VAULT_EDGE_CACERT" in r.stderr
+        r = cli("--ca-cert", str(cert), "status", env=env)
+        assert r.returncode == 2, r.stderr  # reached it: not initialized, so sealed
+        r = cli("status", env={**env, "VAULT_EDGE_CACERT": str(cert)})
+        assert r.returncode == 2, r.stderr
+    finally:
+        stop_process(proc)
+
+
+def test_tls_errors_say_what_would_fix_them(start_server: Any, tmp_path: Path) -> None:
+    """A CA only helps when the chain is the problem: a wrong name, an expired certificate, or no TLS
+    at either end each say what is wrong instead."""
+    cert, key = _self_signed(tmp_path)
+    old_cert, old_key = _self_signed(tmp_path, expired=True)
+    addr, proc = _tls_server(str(tmp_path / "a.db"), cert, key, tmp_path / "a.log")
+    old_addr, old_proc = _tls_server(str(tmp_path / "b.db"), old_cert, old_key, tmp_path / "b.log")
+    try:
+        plain = start_server(str(tmp_path / "c.db"))
+        _wait_tls(addr, cert, proc)
+        _wait_tls(old_addr, None, old_proc)
+        env = {"VAULT_EDGE_ADDR": "", "VAULT_EDGE_CACERT": "", "SSL_CERT_FILE": ""}
+
+        def one_line(*args: str) -> str:
+            r = cli(*args, env=env)
+            assert r.returncode == 1 and r.stderr.decode().count("\n") == 1, r.stderr
+            return r.stderr.decode()
+
+        port = addr.rsplit(":", 1)[1]
+        msg = one_line("--addr", f"https://localhost:{port}", "--ca-cert", str(cert), "status")
+        assert "Hostname mismatch" in msg and "'localhost';" in msg and "--addr" in msg and "--ca-cert" not in msg
+        msg = one_line("--addr", old_addr, "--ca-cert", str(old_cert), "status")
+        assert "certificate has expired" in msg and "renew or replace" in msg and "vouch" not in msg
+        msg = one_line("--addr", plain.addr.replace("http://", "https://"), "status")
+        assert "WRONG_VERSION_NUMBER" in msg and f"is it {plain.addr}?" in msg and "--ca-cert" not in msg
+        msg = one_line("--addr", addr.replace("https://", "http://"), "status")
+        assert "hung up without an answer" in msg and f"does it serve https ({addr})?" in msg
+    finally:
+        stop_process(proc)
+        stop_process(old_proc)
 
 
 def test_a_postgresql_url_without_its_driver_says_what_to_install() -> None:

@@ -94,7 +94,8 @@ def test_rotate_wait_returns_when_three_agents_in_two_regions_serve_it(
     stopped.stop()
     r = _cli(control_plane, "rotate", "shared/key", "v3", "--wait", "--timeout", "4s")
     assert r.returncode == 1
-    assert stopped_id in r.stderr and r.stderr.startswith("error: timed out")
+    assert stopped_id in r.stderr and r.stderr.startswith("error: timed out") and r.stderr.count("\n") == 1
+    assert "version 3 of shared/key was committed" in r.stderr and "1 node(s) still lag" in r.stderr
     assert agents[0].get("shared/key") == "v3"
 
 

@@ -19,6 +19,7 @@ from vault_edge.cli.output import (
     CliError,
     ago,
     duration_option,
+    duration_text,
     emit_json,
     err,
     out,
@@ -352,8 +353,12 @@ def region_rekey(name: str, fmt: str) -> None:
 @click.option("--from-file", type=click.Path(dir_okay=False), help="read the value from a file (exact bytes)")
 @click.option("--regions", help="regions allowed to decrypt it: a,b or * (default *)")
 @click.option("--generate", "spec", help="generate the value: LENGTH:ALPHABET, e.g. 32:base64url")
-@click.option("--rotate-every", help="rotate (generate) on a schedule, e.g. 30d (needs --generate)")
-@click.option("--grace", help="how long the replaced version stays readable as previous (e.g. 1h)")
+@click.option(
+    "--rotate-every", callback=duration_text, help="rotate (generate) on a schedule, e.g. 30d (needs --generate)"
+)
+@click.option(
+    "--grace", callback=duration_text, help="how long the replaced version stays readable as previous (e.g. 1h)"
+)
 @click.option("--rotator", help="keep it with this rotator, at its source (see `vault-edge rotator`)")
 @output_option
 def put(
@@ -466,7 +471,9 @@ def history(name: str, fmt: str) -> None:
 @click.argument("value", required=False)
 @click.option("--from-file", type=click.Path(dir_okay=False))
 @click.option("--generate", "spec", help="generate the new value: LENGTH:ALPHABET (default: the secret's spec)")
-@click.option("--grace", help="how long the replaced version stays readable as previous (e.g. 1h, 0)")
+@click.option(
+    "--grace", callback=duration_text, help="how long the replaced version stays readable as previous (e.g. 1h, 0)"
+)
 @click.option(
     "--stage",
     type=click.Choice(["current", "pending"]),
@@ -519,7 +526,7 @@ def rotate(
 
 @cli.command()
 @click.argument("name")
-@click.option("--grace", help="how long the replaced version stays readable as previous")
+@click.option("--grace", callback=duration_text, help="how long the replaced version stays readable as previous")
 @output_option
 def promote(name: str, grace: str | None, fmt: str) -> None:
     """Make the pending version current."""
@@ -531,7 +538,7 @@ def promote(name: str, grace: str | None, fmt: str) -> None:
 @cli.command()
 @click.argument("name")
 @click.option("--to", "to", type=click.IntRange(min=1), required=True, help="the version whose value to restore")
-@click.option("--grace")
+@click.option("--grace", callback=duration_text, help="how long the replaced version stays readable as previous")
 @output_option
 def rollback(name: str, to: int, grace: str | None, fmt: str) -> None:
     """A new version holding version V's value."""
@@ -559,7 +566,7 @@ def node() -> None:
 
 @node.command("token")
 @click.option("--region", required=True)
-@click.option("--ttl", help="how long the token is valid (default 1h, at most 7d)")
+@click.option("--ttl", callback=duration_text, help="how long the token is valid (default 1h, at most 7d)")
 @output_option
 def node_token(region: str, ttl: str | None, fmt: str) -> None:
     """A single-use join token for one agent of REGION."""
@@ -617,7 +624,11 @@ def token() -> None:
 @click.option(
     "--verb", "verbs", multiple=True, required=True, type=click.Choice(["read", "list", "write", "delete", "admin"])
 )
-@click.option("--ttl")
+@click.option(
+    "--ttl",
+    callback=duration_text,
+    help="how long the token is valid (default: no expiry; never past the creating token)",
+)
 @output_option
 def token_create(name: str, prefixes: tuple[str, ...], verbs: tuple[str, ...], ttl: str | None, fmt: str) -> None:
     """Create a scoped operator token (shown once)."""

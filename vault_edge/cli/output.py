@@ -18,7 +18,7 @@ from rich.console import Console
 from rich.table import Table
 
 out = Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 1_000_000)
-err = Console(stderr=True, highlight=False)
+err = Console(stderr=True, highlight=False, soft_wrap=True)  # a hint is one line: its command pastes whole
 FORMATS = ("table", "json")
 T = TypeVar("T")
 
@@ -97,3 +97,14 @@ def duration_option(_ctx: click.Context, param: click.Parameter, value: str | No
     from vault_edge.durations import parse_duration
 
     return None if value is None else checked(parse_duration, value, param)
+
+
+def duration_text(_ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """A click callback for a duration the control plane takes as text (``--grace``, ``--ttl``,
+    ``--rotate-every``): checked here, so a typo is a usage error (exit 2) before anything is sent."""
+    from vault_edge.durations import parse_duration
+
+    if value is None:
+        return None
+    checked(parse_duration, value, param)
+    return value.strip()
