@@ -9,6 +9,7 @@ import ipaddress
 import json
 import os
 import queue
+import re
 import subprocess
 import threading
 from pathlib import Path
@@ -151,6 +152,29 @@ def test_help_documents_the_environment_and_completion() -> None:
         assert var in r.stdout.decode(), var
     r = cli(env={"_VAULT_EDGE_COMPLETE": "bash_source"})
     assert r.returncode == 0 and b"complete " in r.stdout and b"_VAULT_EDGE_COMPLETE" in r.stdout
+
+
+def test_every_environment_variable_is_in_the_help_and_the_readme() -> None:
+    """Each VAULT_EDGE_* the code reads (a literal in vault_edge/, or a field of the server's Settings)
+    is named in `vault-edge --help`, `server --help` or `agent run --help`, and in the README."""
+    from tests.conftest import ROOT
+    from vault_edge.server.settings import Settings
+
+    read = {
+        m
+        for f in (ROOT / "vault_edge").rglob("*.py")
+        for m in re.findall(r"_?VAULT_EDGE_[A-Z0-9_]*[A-Z0-9]", f.read_text())
+    }
+    read |= {f"VAULT_EDGE_{name.upper()}" for name in Settings.model_fields}
+    assert len(read) > 40 and "VAULT_EDGE_MIN_ROTATE_EVERY_S" in read and "VAULT_EDGE_SOCKET" in read
+    helps = ""
+    for args in (["--help"], ["server", "--help"], ["agent", "run", "--help"]):
+        r = cli(*args, env={"COLUMNS": "200"})
+        assert r.returncode == 0, r.stderr
+        helps += r.stdout.decode()
+    readme = (ROOT / "README.md").read_text()
+    assert sorted(v for v in read if not re.search(rf"\b{v}\b", helps)) == []
+    assert sorted(v for v in read if not re.search(rf"\b{v}\b", readme)) == []
 
 
 def _self_signed(tmp: Path, expired: bool = False) -> tuple[Path, Path]:

@@ -16,8 +16,36 @@ import click
 
 from vault_edge.cli.output import CliError, err
 
+# Every field of server/settings.py is a VAULT_EDGE_* variable (tests/cli/test_conventions.py checks
+# this text, `vault-edge --help` and the README name them all); kept as text so `--help` loads no server.
+ENVIRONMENT = """\b
+Environment: each option above also reads VAULT_EDGE_<OPTION> (the flag wins):
+  VAULT_EDGE_DB, VAULT_EDGE_HOST, VAULT_EDGE_PORT, VAULT_EDGE_DEV, VAULT_EDGE_DEV_TOKEN,
+  VAULT_EDGE_TLS_CERT, VAULT_EDGE_TLS_KEY, VAULT_EDGE_LOG_FORMAT, VAULT_EDGE_ACCESS_LOG,
+  VAULT_EDGE_METRICS_TOKEN, VAULT_EDGE_AUDIT_FILE, VAULT_EDGE_AUDIT_STDOUT, VAULT_EDGE_SEAL,
+  VAULT_EDGE_PKCS11_LIB, VAULT_EDGE_PKCS11_SLOT, VAULT_EDGE_PKCS11_KEY_LABEL,
+  VAULT_EDGE_PKCS11_PIN_FILE, VAULT_EDGE_PKCS11_GENERATE_KEY (not --log-level);
+  VAULT_EDGE_PKCS11_PIN holds the HSM's PIN when there is no --pkcs11-pin-file.
 
-@click.command()
+\b
+Tunables, environment only [default]:
+  VAULT_EDGE_MAX_BODY_BYTES        largest request body [1048576]
+  VAULT_EDGE_MAX_VALUE_BYTES       largest secret value [262144]
+  VAULT_EDGE_DEFAULT_GRACE_S       how long `previous` stays readable after a rotation [86400]
+  VAULT_EDGE_NODE_DOWN_AFTER_S     a node silent this long counts as down, not lagging [90]
+  VAULT_EDGE_SYNC_MAX_WAIT_S       the longest long-poll hold an agent may ask [60]
+  VAULT_EDGE_SEALED_HOLD_MAX       agents' polls held while sealed, answered at the unseal [20000]
+  VAULT_EDGE_SEALED_RETRY_AFTER_S  the Retry-After of the polls past that [10]
+  VAULT_EDGE_KEEP_ALIVE_S          how long an idle keep-alive connection is kept [75]
+  VAULT_EDGE_JOIN_TOKEN_TTL_S      a join token's lifetime when `node token` gives no --ttl [3600]
+  VAULT_EDGE_ENROLL_MAX_IN_FLIGHT  enrolments at once; past it, 503 overloaded [32]
+  VAULT_EDGE_ENROLL_RETRY_AFTER_S  the Retry-After of that 503 [2]
+  VAULT_EDGE_SCHEDULER_INTERVAL_S  how often due scheduled rotations are looked for [1.0]
+  VAULT_EDGE_MIN_ROTATE_EVERY_S    the shortest --rotate-every accepted [60]
+"""
+
+
+@click.command(epilog=ENVIRONMENT)
 @click.option("--dev", is_flag=True, help="initialize with one share, unseal, use a throw-away database")
 @click.option("--dev-token", help="the root token to use in --dev mode (default: random)")
 @click.option("--db", help="database URL (postgresql+psycopg://...) or SQLite path; default: per-user SQLite")
@@ -88,10 +116,7 @@ def server(
     audit_stdout: bool | None,
     **seal: Any,
 ) -> None:
-    """Run the control plane (FastAPI on uvicorn).
-
-    Every option also reads VAULT_EDGE_<OPTION> (e.g. VAULT_EDGE_DB, VAULT_EDGE_PORT,
-    VAULT_EDGE_AUDIT_FILE, VAULT_EDGE_METRICS_TOKEN); the flag wins."""
+    """Run the control plane (FastAPI on uvicorn). Its environment variables are listed below."""
     from vault_edge import logs
     from vault_edge.server.serve import ServeError, serve
     from vault_edge.server.settings import Settings
