@@ -295,6 +295,39 @@ def test_a_postgresql_url_without_its_driver_says_what_to_install() -> None:
     assert b"pw" not in r.stderr
 
 
+def test_the_start_up_line_hides_the_database_password(start_server: Any, pg_url: str) -> None:
+    """On PostgreSQL (trust auth: the passwords are never asked for), in the userinfo and as libpq's
+    query parameter alike; the line still names the database, the seal state and the address."""
+    url = pg_url.replace("://postgres@", "://postgres:pw-in-userinfo-7f3a@") + "?password=pw-in-query-91c2"
+    server = start_server(url, env={"VAULT_EDGE_LOG_FORMAT": "json"})
+    lines = [json.loads(x)["msg"] for x in server.log().splitlines() if x.strip()]
+    start = [m for m in lines if "control plane on" in m]
+    assert len(start) == 1, lines
+    db_name = pg_url.rsplit("/", 1)[1]
+    assert (
+        f"on {server.addr}; database postgresql+psycopg://postgres:***@127.0.0.1:5432/{db_name}?password=***;"
+        in (start[0])
+    )
+    assert "seal shamir, sealed" in start[0]
+    assert "pw-in-userinfo" not in server.log() and "pw-in-query" not in server.log()
+
+
+def test_offline_database_verbs_say_what_is_wrong_in_one_line(tmp_path: Path) -> None:
+    """`migrate` and `restore` open databases themselves: an unreachable one is one line, no traceback
+    and no password."""
+    down = "postgresql://u:pw-never-shown@127.0.0.1:1/x"
+    for args in (
+        ["migrate", "--from", down, "--to", str(tmp_path / "a.db")],
+        ["migrate", "--from", str(tmp_path / "b.db"), "--to", down],
+    ):
+        r = cli(*args)
+        err = r.stderr.decode()
+        assert r.returncode == 1 and err.count("\n") == 1 and err.startswith("error: cannot open the database:"), err
+        assert "Connection refused" in err and "pw-never-shown" not in err
+    r = cli("migrate", "--from", "mysql://u:pw@h/x", "--to", str(tmp_path / "c.db"))
+    assert r.returncode == 1 and r.stderr == b"error: unsupported database 'mysql': use sqlite or postgresql+psycopg\n"
+
+
 def test_agent_run_metrics_and_log_options_are_checked_as_usage() -> None:
     env = {"VAULT_EDGE_SOCKET": "", "VAULT_EDGE_ADDR": ""}
     base = ["agent", "run", "--state-dir", "/nonexistent/s", "--socket", "/nonexistent/a.sock"]

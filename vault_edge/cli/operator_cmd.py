@@ -8,10 +8,12 @@ as arguments (``ps`` would show them); the passphrase comes from VAULT_EDGE_PASS
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -180,6 +182,23 @@ def _hsm_options(f: Any) -> Any:
     return f
 
 
+@contextlib.contextmanager
+def _database_errors() -> Iterator[None]:
+    """The offline verbs open databases themselves: a missing driver, a bad URL or an unreachable
+    database is one line on stderr (as `vault-edge server` says it), never a traceback."""
+    from sqlalchemy.exc import ArgumentError, SQLAlchemyError
+
+    try:
+        yield
+    except ModuleNotFoundError as exc:
+        if (exc.name or "").startswith("psycopg"):
+            raise CliError("the PostgreSQL driver is not installed: pip install 'vault-edge[postgres]'") from None
+        raise
+    except (SQLAlchemyError, ArgumentError) as exc:
+        first_line = (str(exc).splitlines() or [""])[0][:200]
+        raise CliError(f"cannot open the database: {type(exc).__name__}: {first_line}") from None
+
+
 @click.command()
 @click.argument("file", type=click.Path(exists=True, dir_okay=False))
 @click.option("--db", required=True, help="the empty database to restore into (URL or SQLite path)")
@@ -221,7 +240,8 @@ def restore(
         return seal_ops.root_from_shares(meta, given, _passphrase(meta.get("passphrase") == "1"))
 
     try:
-        res = ops.restore(raw, db, get_root, time.time())
+        with _database_errors():
+            res = ops.restore(raw, db, get_root, time.time())
     except (ops.BackupError, SealError, ShareError) as exc:
         raise CliError(str(exc)) from None
     doc = {
@@ -248,7 +268,8 @@ def migrate(source: str, target: str, fmt: str) -> None:
     from vault_edge.server.ops import backup as ops
 
     try:
-        res = ops.migrate_db(source, target)
+        with _database_errors():
+            res = ops.migrate_db(source, target)
     except ops.BackupError as exc:
         raise CliError(str(exc)) from None
     if fmt == "json":

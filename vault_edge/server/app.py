@@ -36,7 +36,7 @@ from vault_edge.server.routes import seal as seal_routes
 from vault_edge.server.scheduler import Scheduler
 from vault_edge.server.sealhold import SealHold
 from vault_edge.server.settings import Settings
-from vault_edge.server.storage.engine import make_engine, migrate
+from vault_edge.server.storage.engine import display_url, make_engine, migrate
 from vault_edge.server.storage.repo import Store, TamperedRow
 
 log = logging.getLogger("vault_edge.server")
@@ -224,7 +224,7 @@ def _startup_line(ctx: Context, settings: Settings) -> None:
         scheme,
         host,
         settings.port,
-        ctx.store.engine.url.render_as_string(hide_password=True),
+        display_url(ctx.store.engine.url),
         settings.seal,
         state,
         ", ".join(sinks) or "database only",

@@ -8,7 +8,7 @@ from pathlib import Path
 from alembic import command
 from alembic.config import Config
 from sqlalchemy import Engine, create_engine, event, text
-from sqlalchemy.engine import make_url
+from sqlalchemy.engine import URL, make_url
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 _PG_MIGRATION_LOCK = 0x7661756C74  # "vault": one migrator at a time among replicas
@@ -30,6 +30,13 @@ def normalize_url(db: str | None) -> str:
     if db.startswith("postgresql://") or db.startswith("postgres://"):
         return "postgresql+psycopg://" + db.split("://", 1)[1]
     return db
+
+
+def display_url(url: URL) -> str:
+    """The database URL for a log line: the password hidden, in the userinfo (SQLAlchemy's ``***``)
+    and as libpq's ``?password=`` query parameter alike."""
+    query = {k: "***" if k.lower() in ("password", "sslpassword") else v for k, v in url.query.items()}
+    return url.set(query=query).render_as_string(hide_password=True).replace("=%2A%2A%2A", "=***")
 
 
 def make_engine(db: str | None) -> Engine:
