@@ -64,4 +64,5 @@ def setup(level: str = "info", fmt: str = "text", stream: TextIO | None = None) 
     root.setLevel(level.upper())
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per long-poll is noise
     logging.getLogger("httpcore").setLevel(logging.WARNING)
+    logging.getLogger("alembic").setLevel(logging.WARNING)  # its plugins and steps: the server logs one line
     return handler

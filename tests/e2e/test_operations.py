@@ -120,6 +120,11 @@ def test_metrics_logs_and_audit_sink(
         r"http://127\.0\.0\.1:\d+; database sqlite:///.*vault\.db; seal shamir, sealed", start[0]
     )
     assert not any('"GET /v1/agent/sync' in d["msg"] for d in server_docs)  # request logs are off by default
+    # the schema's migration is one line of ours, not Alembic's dozen (multi-line ones among them)
+    migrated = [d["msg"] for d in server_docs if "schema" in d["msg"]]
+    assert len(migrated) == 1 and migrated[0].startswith("database schema migrated from empty to 0")
+    assert not any(d["logger"].startswith("alembic") for d in server_docs)
+    assert not any("\n" in d["msg"] for d in server_docs)  # so the text format is one line a record too
     assert any(
         f"metrics on http://127.0.0.1:{port}/metrics (bearer token required)" in json.loads(line)["msg"]
         for line in agent.log().splitlines()
