@@ -137,3 +137,21 @@ def test_both_clients_give_the_same_answers(agent: AgentProcess) -> None:
         )
         assert c.get("app/key").value == "sk-two" and c.get("app/bin").bytes == BINARY
     assert asyncio.run(read_async()) == blocking
+
+
+def test_the_public_client_api_is_documented() -> None:
+    """Issue 13: docstrings on the public client API, both clients, the Secret and the error."""
+    import inspect
+
+    import vault_edge.client as client
+
+    public = [client.AgentClient, client.AsyncAgentClient, client.Secret, client.AgentError, client.socket_path]
+    missing = [obj.__qualname__ for obj in public if not inspect.getdoc(obj)]
+    for cls in public[:3]:
+        for name, member in vars(cls).items():
+            if not name.startswith("_") and (inspect.isfunction(member) or isinstance(member, property)):
+                doc = member.__doc__
+                if not doc or not doc.strip():
+                    missing.append(f"{cls.__qualname__}.{name}")
+    assert missing == []
+    assert {"get", "get_many", "names", "health", "watch"} <= set(vars(client.AsyncAgentClient))
