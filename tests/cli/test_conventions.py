@@ -295,6 +295,15 @@ def test_a_postgresql_url_without_its_driver_says_what_to_install() -> None:
     assert b"pw" not in r.stderr
 
 
+def test_make_dev_installs_the_postgresql_driver() -> None:
+    """The README's PostgreSQL line works after `make dev`: its install takes the postgres extra."""
+    from tests.conftest import ROOT
+
+    makefile = (ROOT / "Makefile").read_text()
+    rule = re.search(r"^\$\(VENV\)/\.installed:.*?\n((?:\t.*\n)+)", makefile, re.M)
+    assert rule and "pip install" in rule.group(1) and ".[postgres]" in rule.group(1), makefile
+
+
 def test_the_start_up_line_hides_the_database_password(start_server: Any, pg_url: str) -> None:
     """On PostgreSQL (trust auth: the passwords are never asked for), in the userinfo and as libpq's
     query parameter alike; the line still names the database, the seal state and the address."""

@@ -125,6 +125,8 @@ def test_keyless_workers_end_to_end(
         "2s",
         "--metrics-addr",
         str(metrics_port),
+        "--metrics-token",  # the flag (test_operations gives the agent VAULT_EDGE_METRICS_TOKEN)
+        "egress-metrics-token",
     )
     worker, stranger = Worker(agent, TOKEN), Worker(agent)
 
@@ -160,7 +162,9 @@ def test_keyless_workers_end_to_end(
     assert status == 502 and doc["error"]["code"] == "upstream_unreachable"
 
     # the egress seen by Prometheus (issue 13), per route, checked by promtool; never the key
-    text = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).text
+    url = f"http://127.0.0.1:{metrics_port}/metrics"
+    assert httpx.get(url, timeout=5).status_code == 401
+    text = httpx.get(url, headers={"Authorization": "Bearer egress-metrics-token"}, timeout=5).text
     check_metrics(promtool, text)
     m = samples(text)
     assert m['vault_edge_agent_egress_requests_total{route="openai"}'] >= 3
