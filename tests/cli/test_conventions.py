@@ -51,6 +51,11 @@ def test_login_stores_the_token_and_later_verbs_use_it(vault: dict[str, Any]) ->
     assert r.returncode == 0 and b"Logged in as" in r.stdout and vault["token"].encode() not in r.stdout, r.stderr
     assert oct(token_file.stat().st_mode & 0o777) == "0o600" and token_file.read_text().strip() == vault["token"]
     assert cli("region", "create", "eu", env=env).returncode == 0
+    for group in ("egress", "rotator"):  # every verb group takes the stored token, and --addr
+        r = cli(group, "list", "-o", "json", env=env)
+        assert r.returncode == 0, (group, r.stderr)
+        r = cli("--addr", "http://127.0.0.1:1", group, "list", env=env)
+        assert r.returncode == 1 and b"http://127.0.0.1:1" in r.stderr, (group, r.stderr)
     doc = json.loads(cli("token", "lookup", "-o", "json", env=env).stdout)
     assert doc["name"] == "root" and "admin" in doc["verbs"] and doc["expires_at"] is None
     # VAULT_EDGE_TOKEN still wins over the file

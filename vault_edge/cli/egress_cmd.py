@@ -11,8 +11,8 @@ from urllib.parse import quote
 
 import click
 
+from vault_edge.cli import session
 from vault_edge.cli.output import emit_json, out, output_option, table, when
-from vault_edge.operator import OperatorClient
 
 
 @click.group()
@@ -72,7 +72,7 @@ def create(
         body["regions"] = regions.split(",")
     if retry_previous_on_401:
         body["retry_previous_on_401"] = True
-    with OperatorClient() as c:
+    with session.client() as c:
         res = c.request("POST", "/v1/egress", json=body)
     if fmt == "json":
         emit_json(res)
@@ -87,7 +87,7 @@ def create(
 @output_option
 def list_routes(fmt: str) -> None:
     """List egress routes."""
-    with OperatorClient() as c:
+    with session.client() as c:
         res = c.request("GET", "/v1/egress")
     if fmt == "json":
         emit_json(res)
@@ -119,7 +119,7 @@ def list_routes(fmt: str) -> None:
 @output_option
 def delete(name: str, fmt: str) -> None:
     """Delete the egress route NAME (agents stop serving it at their next sync)."""
-    with OperatorClient() as c:
+    with session.client() as c:
         res = c.request("DELETE", f"/v1/egress/{quote(name, safe='')}")
     if fmt == "json":
         emit_json(res)

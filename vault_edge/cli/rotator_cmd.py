@@ -16,6 +16,7 @@ from typing import Any
 
 import click
 
+from vault_edge.cli import session
 from vault_edge.cli.output import CliError, ago, emit_json, out, output_option, table, when
 from vault_edge.operator import OperatorClient
 
@@ -23,7 +24,8 @@ POLL_S = 0.2
 
 
 def _client() -> OperatorClient:
-    return OperatorClient()
+    """The client of every verb here: --addr, --ca-cert and the token `login` stored, as elsewhere."""
+    return session.client()
 
 
 def _json_object(text: str, what: str) -> dict[str, Any]:

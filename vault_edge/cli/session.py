@@ -14,6 +14,7 @@ from pathlib import Path
 
 import click
 
+from vault_edge.cli.output import checked
 from vault_edge.operator import OperatorClient
 
 
@@ -57,8 +58,27 @@ def store_token(token: str) -> Path:
     return path
 
 
+def control_plane_url(text: str) -> str:
+    """``--addr`` / ``VAULT_EDGE_ADDR``: an http(s) URL with a host; a usage error (exit 2) otherwise."""
+    from urllib.parse import urlsplit
+
+    try:
+        url = urlsplit(text.strip())
+        url.port  # noqa: B018 - raises ValueError on a port that is no number or out of range
+    except ValueError:
+        url = None
+    if url is None or url.scheme not in ("http", "https") or not url.hostname:
+        raise ValueError(f"not a control-plane address: {text!r} (e.g. http://127.0.0.1:8420)")
+    return text.strip()
+
+
 def client(token: str | None = None) -> OperatorClient:
+    """The operator client of a verb; a malformed ``--addr`` / ``VAULT_EDGE_ADDR`` is a usage error
+    (exit 2), checked here rather than when the option is read, so verbs that do not talk to the
+    control plane (``agent get``, ``agent exec``) do not trip on it."""
     g = globals_()
+    if g.addr:
+        checked(control_plane_url, g.addr, "--addr / VAULT_EDGE_ADDR")
     if token is None:
         token = os.environ.get("VAULT_EDGE_TOKEN") or stored_token()
     return OperatorClient(
