@@ -44,7 +44,7 @@ def vault(start_server: Any, sqlite_url: str, tmp_path: Path) -> dict[str, Any]:
 def test_login_stores_the_token_and_later_verbs_use_it(vault: dict[str, Any]) -> None:
     env, token_file = vault["env"], vault["tmp"] / "tok"
     r = cli("region", "list", env=env)
-    assert r.returncode == 1 and r.stderr.startswith(b"error: ")  # no token yet
+    assert r.returncode == 1 and r.stderr.startswith(b"error: missing token: run `vault-edge login`")  # none yet
     r = cli("login", "vet_not-a-token", env=env)
     assert r.returncode == 1 and not token_file.exists()  # a refused token is never stored
     r = cli("login", "-", env=env, input=(vault["token"] + "\n").encode())

@@ -140,7 +140,9 @@ def still_valid(tx: Tx, who: Principal, now: float) -> None:
 
 def authenticate(tx: Tx, secret: str | None, now: float) -> Principal:
     if not secret:
-        raise unauthorized("missing token: set VAULT_EDGE_TOKEN (Authorization: Bearer ...)")
+        raise unauthorized(
+            "missing token: run `vault-edge login` or set VAULT_EDGE_TOKEN (API: Authorization: Bearer ...)"
+        )
     token = _live(tx.find_operator_token(tx.keys().token_digest(secret), wire.token_digest(secret)), now)
     return Principal(token.id, token.name, token.prefixes, token.verbs, token.expires_at)
 
