@@ -3,6 +3,8 @@ documented route, and everything else passed on to the FastAPI app."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
 from tests.conftest import Api, enroll_node, signed_headers
@@ -58,3 +60,38 @@ def test_answers_are_signed_and_counted_apart_from_the_request_metrics(api: Api)
     assert "/v1/agent/sync" not in metrics  # long-polls stay out of the latency histogram
     # the rest of the API is the FastAPI app's, as before
     assert api.call("GET", "/v1/sys/status")[0] == 200 and api.client.get("/v1/nope").status_code == 404
+
+
+def test_a_sync_request_meets_no_middleware_and_names_its_caller(api: Api, monkeypatch: Any) -> None:
+    """The app hands a sync request to the fast path before Starlette's stack: a middleware that
+    would see it sees only the other requests."""
+    from vault_edge.server import app as app_module
+
+    seen: list[str] = []
+    stack = app_module.ControlPlane.build_middleware_stack
+
+    def spying(self: Any) -> Any:
+        inner = stack(self)
+
+        async def asgi(scope: Any, receive: Any, send: Any) -> None:
+            seen.append(scope.get("path", ""))
+            await inner(scope, receive, send)
+
+        return asgi
+
+    api.client.app.middleware_stack = None  # type: ignore[attr-defined]
+    monkeypatch.setattr(app_module.ControlPlane, "build_middleware_stack", spying)
+    node, pair = enroll_node(api)
+    target = "/v1/agent/sync?wait=0&proto=2"
+    resp = api.client.get(target, headers=signed_headers(pair, "GET", target, node, b""))
+    assert resp.status_code == 200
+    assert api.call("GET", "/v1/sys/status")[0] == 200
+    assert "/v1/sys/status" in seen and "/v1/agent/sync" not in seen
+
+
+def test_a_scrape_can_ask_for_some_families_only(api: Api) -> None:
+    enroll_node(api)
+    whole = api.client.get("/metrics").text
+    assert "vault_edge_nodes{" in whole and "vault_edge_sync_waiting " in whole
+    some = api.client.get("/metrics", params={"name[]": "vault_edge_sync_waiting"}).text
+    assert "vault_edge_sync_waiting " in some and "vault_edge_nodes" not in some and "vault_edge_audit" not in some

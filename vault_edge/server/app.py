@@ -131,6 +131,21 @@ class RemoteAddress:
             REMOTE.reset(token)
 
 
+class ControlPlane(FastAPI):
+    """The control plane's ASGI app: a sync long-poll (the hot path: every node holds one and re-polls
+    after each change) goes straight to ``fastpath``, before Starlette's and FastAPI's middleware
+    stack (error and telemetry wrappers, body limits, request metrics), which every other request
+    takes as usual. The route ``GET /v1/agent/sync`` stays declared for the OpenAPI schema."""
+
+    fastpath: SyncFastPath | None = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if self.fastpath is not None and SyncFastPath.wants(scope):
+            await self.fastpath.serve(scope, receive, send)
+            return
+        await super().__call__(scope, receive, send)
+
+
 class Metrics:
     """Request counts and latency per route template, as plain ASGI (no per-request task group)."""
 
@@ -291,7 +306,7 @@ def create_app(
             scheduler.stop()
             hub.stop()
 
-    app = FastAPI(title="vault-edge control plane", version=__version__, lifespan=lifespan)
+    app = ControlPlane(title="vault-edge control plane", version=__version__, lifespan=lifespan)
     app.state.ctx, app.state.hub, app.state.scheduler, app.state.contacts = ctx, hub, scheduler, contacts
     app.state.enrolments, app.state.sealhold = enrolments, sealhold
     for router in (
@@ -310,7 +325,9 @@ def create_app(
     def metrics(request: Request) -> Response:
         if not authorized(request.headers.get("authorization"), settings.metrics_token):
             return error(401, "unauthorized", "give Authorization: Bearer <the --metrics-token>")
-        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+        names = request.query_params.getlist("name[]")  # only these families (Prometheus' convention)
+        chosen = registry.restricted_registry(names) if names else registry
+        return Response(generate_latest(chosen), media_type=CONTENT_TYPE_LATEST)
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, exc: ApiError) -> JSONResponse:
@@ -383,14 +400,14 @@ def create_app(
         ["status"],
         registry=registry,
     )
-    app.add_middleware(
-        SyncFastPath,
+    app.fastpath = SyncFastPath(
+        None,
         ctx=ctx,
         hub=hub,
         contacts=contacts,
         limit=settings.max_body_bytes,
         answers=sync_answers,
         sealhold=sealhold,
-    )  # the hot path meets nothing else but the audit's remote address
-    app.add_middleware(RemoteAddress)  # outermost: node refusals on the fast path name their caller too
+    )  # the hot path meets no middleware (it names its caller for the audit itself)
+    app.add_middleware(RemoteAddress)  # outermost: every audit entry a request makes names its caller
     return app

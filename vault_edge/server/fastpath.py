@@ -23,6 +23,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from vault_edge import wire
 from vault_edge.crypto.errors import DecryptionError
+from vault_edge.server.audit import REMOTE
 from vault_edge.server.barrier import Sealed
 from vault_edge.server.contacts import ContactLog
 from vault_edge.server.context import Context
@@ -70,9 +71,13 @@ def parse_query(raw: bytes) -> SyncQuery:
 
 
 class SyncFastPath:
+    """``GET /v1/agent/sync`` as plain ASGI. The app (:class:`vault_edge.server.app.ControlPlane`)
+    hands it the sync requests before any middleware (``serve``); as a middleware itself (``app``
+    given) it passes everything else on."""
+
     def __init__(
         self,
-        app: ASGIApp,
+        app: ASGIApp | None,
         ctx: Context,
         hub: Hub,
         contacts: ContactLog,
@@ -83,10 +88,24 @@ class SyncFastPath:
         self.app, self.ctx, self.hub, self.contacts, self.limit, self.answers = app, ctx, hub, contacts, limit, answers
         self.sealhold = sealhold
 
+    @staticmethod
+    def wants(scope: Scope) -> bool:
+        return scope["type"] == "http" and scope["path"] == SYNC_PATH and scope["method"] == "GET"
+
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] != SYNC_PATH or scope["method"] != "GET":
+        if not self.wants(scope):
+            assert self.app is not None
             return await self.app(scope, receive, send)
-        status, body, extra = await self._answer(scope, receive)
+        await self.serve(scope, receive, send)
+
+    async def serve(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Answer one sync request (the caller checked ``wants``)."""
+        client = scope.get("client")
+        token = REMOTE.set(str(client[0])[:128] if client else None)  # node refusals name their caller
+        try:
+            status, body, extra = await self._answer(scope, receive)
+        finally:
+            REMOTE.reset(token)
         self.answers.labels(str(status)).inc()
         await send(
             {

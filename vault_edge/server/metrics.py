@@ -15,10 +15,10 @@ Labels carry region names, node states, audit actions and outcomes: never a secr
 
 from __future__ import annotations
 
+import bisect
 import logging
 import threading
 import time
-from collections import OrderedDict
 from collections.abc import Iterator
 from typing import Any
 
@@ -46,15 +46,20 @@ class PropagationLag:
             registry=registry,
         )
         self._lock = threading.Lock()
-        self._commits: OrderedDict[int, float] = OrderedDict()  # revision → commit time, oldest first
+        # Commit revisions in order, and their times: a node's report finds the oldest change it had not
+        # applied by bisection (every long-poll reports, so a scan per report grew with the changes kept).
+        self._revs: list[int] = []
+        self._times: list[float] = []
         self._applied: dict[str, int] = {}
 
     def committed(self, revision: int, regions: frozenset[str]) -> None:
         """A Store listener: runs after each local commit that changed something nodes see."""
         with self._lock:
-            self._commits[revision] = self.clock()
-            while len(self._commits) > _COMMITS_KEPT:
-                self._commits.popitem(last=False)
+            at = bisect.bisect_right(self._revs, revision)  # in order, even if listeners ran out of it
+            self._revs.insert(at, revision)
+            self._times.insert(at, self.clock())
+            if len(self._revs) > 2 * _COMMITS_KEPT:
+                del self._revs[:_COMMITS_KEPT], self._times[:_COMMITS_KEPT]
 
     def applied(self, reports: dict[str, int]) -> None:
         """Nodes' applied revisions, as their signed requests report them (ContactLog, after commit)."""
@@ -69,9 +74,9 @@ class PropagationLag:
                 self._applied[node] = revision
                 if before is None:
                     continue  # first report since this replica started: no baseline
-                oldest = next((t for r, t in self._commits.items() if before < r <= revision), None)
-                if oldest is not None:
-                    self.histogram.observe(max(0.0, now - oldest))
+                at = bisect.bisect_right(self._revs, before)  # the first change after what it had
+                if at < len(self._revs) and self._revs[at] <= revision:
+                    self.histogram.observe(max(0.0, now - self._times[at]))
 
 
 class FleetCollector(Collector):
@@ -79,7 +84,14 @@ class FleetCollector(Collector):
         self.ctx, self.scheduler = ctx, scheduler
 
     def describe(self) -> Iterator[Any]:
-        return iter(())  # collected on each scrape (no names registered up front: they never clash)
+        """The families' names, without samples: a scrape restricted to other names (``/metrics?name[]=``,
+        Prometheus' convention) then skips this collector and its read of the database."""
+        yield CounterMetricFamily("vault_edge_audit_entries", "", labels=["action", "outcome"])
+        yield CounterMetricFamily("vault_edge_rotations", "")
+        yield CounterMetricFamily("vault_edge_scheduler_failures", "")
+        yield GaugeMetricFamily("vault_edge_nodes", "", labels=["region", "state"])
+        yield GaugeMetricFamily("vault_edge_region_key_version", "", labels=["region"])
+        yield GaugeMetricFamily("vault_edge_fleet_scrape_ok", "")
 
     def collect(self) -> Iterator[Any]:
         counts = self.ctx.auditor.counts

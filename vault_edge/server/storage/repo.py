@@ -1335,13 +1335,14 @@ class Tx:
     # -- nonces --------------------------------------------------------------------------------
     def spend_nonces(self, rows: Sequence[tuple[str, str, float]]) -> set[tuple[str, str]]:
         """Spend many (node, nonce, expires_at) at once; the (node, nonce) pairs that were fresh."""
-        fresh: set[tuple[str, str]] = set()
+        if not rows:
+            return set()
         ins = pg_insert if self.dialect == "postgresql" else sqlite_insert
-        for i in range(0, len(rows), 500):
-            chunk = [{"node_id": n, "nonce": c, "expires_at": e} for n, c, e in rows[i : i + 500]]
-            stmt = ins(t.nonces).values(chunk).on_conflict_do_nothing().returning(t.nonces.c.node_id, t.nonces.c.nonce)
-            fresh.update((r.node_id, r.nonce) for r in self.conn.execute(stmt))
-        return fresh
+        # One statement with parameter sets (SQLAlchemy's "insertmanyvalues": batched VALUES with
+        # RETURNING), compiled once and cached; a VALUES list built per call was compiled every time.
+        stmt = ins(t.nonces).on_conflict_do_nothing().returning(t.nonces.c.node_id, t.nonces.c.nonce)
+        params = [{"node_id": n, "nonce": c, "expires_at": e} for n, c, e in rows]
+        return {(r.node_id, r.nonce) for r in self.conn.execute(stmt, params)}
 
     def touch_nodes(self, rows: Sequence[tuple[str, float, int]]) -> None:
         """Record contact for many (node, at, applied) in one statement (applied only moves forward)."""
