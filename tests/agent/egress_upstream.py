@@ -10,6 +10,7 @@ that records every request it gets (method, path, headers, body) and answers by 
     /big?n=N         200 with a Content-Length of N (and N bytes)
     /stream?n=N      200, N bytes in chunks of 64 KiB, chunked (no Content-Length)
     /sse?n=N&gap=S   200 text/event-stream, N events S seconds apart, each with its send time
+    /status?code=N   N with a small JSON body
     anything else    404
 """
 
@@ -140,6 +141,8 @@ class _Handler(BaseHTTPRequestHandler):
             self.send_header("Location", q["to"])
             self.send_header("Content-Length", "0")
             self.end_headers()
+        elif path.endswith("/status"):
+            self._json(int(q["code"]), {"status": int(q["code"])})
         elif path.endswith("/slow"):
             time.sleep(float(q.get("s", "3")))
             self._json(200, {"slow": True})

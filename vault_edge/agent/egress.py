@@ -158,6 +158,18 @@ class Egress:
         # injections rendered, by (spec, value): the next value after a rotation is a new key
         self._rendered: dict[tuple[str, bytes], tuple[str, tuple[bytes, ...]]] = {}
         self.stats: dict[str, RouteStats] = {}  # by route name (metrics)
+        self.counting_since = int(time.time())  # the stats are cumulative from here (the agent's start)
+
+    def report(self) -> str | None:
+        """The per-route counters as the sync request carries them to the control plane
+        (``wire.egress.Report``), or None before any egress call."""
+        if not self.stats:
+            return None
+        counts = {
+            name: (s.requests, *s.classes, sum(s.failures.values()), round(s.latency_sum * 1000))
+            for name, s in self.stats.items()
+        }
+        return wegress.Report.of(self.counting_since, counts).encode()
 
     async def aclose(self) -> None:
         if self._upstreams is not None:
