@@ -22,8 +22,9 @@ credential where the route injects one (the injected header, Authorization for B
 query parameter), before the injection is added. TLS is verified (system CAs, or ``--egress-ca``);
 connections are kept alive and pooled per upstream (``agent/upstream.py``: HTTP/1.1 on plain asyncio
 Protocols, answers parsed by httptools; no HTTP/2). The request body streams up as the worker sends
-it (Content-Length framed), never held whole. No redirect is followed: a 3xx goes back to the worker,
-which may call the new URL through the agent like any other (judged by the routes again).
+it (Content-Length framed, or chunked when the worker's was), never held whole. No redirect is
+followed: a 3xx goes back to the worker, which may call the new URL through the agent like any other
+(judged by the routes again).
 
 On the way down: hop-by-hop headers dropped, the body streamed as it comes (server-sent events
 arrive one by one), framed by its Content-Length, chunked, or by the close; every form of the
@@ -34,9 +35,9 @@ upstream compresses anyway is not scrubbed). Errors the agent makes itself (502 
 504 ``upstream_timeout``, 502 ``answer_too_large``, 502 ``bad_secret``...) say what happened and
 never hold the value, nor does a log line: logs name routes, statuses and exception types only.
 
-Bounds: the request body (Content-Length, ``max_body``; the transport refuses chunked uploads with
-411), the answer (``max_answer`` bytes relayed; past it the connection is cut), ``timeout`` for
-connecting, each write and each read (a stream may last as long as data keeps coming). A failure of
+Bounds: the request body (``max_body``; Content-Length framed, or chunked: the transport decodes it,
+strictly, and it goes up chunked as it comes, extensions and trailers dropped), the answer
+(``max_answer`` bytes relayed; past it the connection is cut), ``timeout`` for connecting, each write and each read (a stream may last as long as data keeps coming). A failure of
 any kind costs the request it belongs to, never the agent.
 """
 
@@ -113,6 +114,7 @@ class _Call:
     needles: tuple[bytes, ...]
     keep_alive: bool
     http10: bool
+    chunked: bool = False  # the body goes up chunked (the worker's was: its length is not known)
     retry: _Call | None = None  # the same call with the previous value (a 401 during the grace)
 
     def __repr__(self) -> str:
@@ -334,6 +336,8 @@ class Egress:
         target = path + ("?" + query if query else "")
         if req.body_len > 0:
             headers.append((b"content-length", b"%d" % req.body_len))
+        elif req.body_len < 0:
+            headers.append((b"transfer-encoding", b"chunked"))
         elif req.method in ("POST", "PUT", "PATCH"):
             headers.append((b"content-length", b"0"))
         head = b"".join(
@@ -344,7 +348,14 @@ class Egress:
             )
         )
         return _Call(
-            route.name, req.method, up.origin, head, tuple(needles), req.keep_alive, lines[0].endswith(b"HTTP/1.0")
+            route.name,
+            req.method,
+            up.origin,
+            head,
+            tuple(needles),
+            req.keep_alive,
+            lines[0].endswith(b"HTTP/1.0"),
+            req.body_len < 0,
         )
 
     # -- the call ------------------------------------------------------------------------------
@@ -360,7 +371,7 @@ class Egress:
         # The body is kept as it goes up while it is small enough to send again: a pooled connection
         # the upstream closed as the request went out is retried once (idempotent methods), and a 401
         # during a rotation's grace once with the previous value (routes that ask for it).
-        kept: bytearray | None = bytearray() if body.length <= REPLAY_MAX else None
+        kept: bytearray | None = bytearray() if body.length <= REPLAY_MAX else None  # chunked: -1
         conn: Connection | None = None
         ok = False
         stats = self.stats.get(call.route)
@@ -371,7 +382,7 @@ class Egress:
         try:
             try:
                 conn = await self._call(pool, call, body, kept)
-                if conn.status == 401 and call.retry is not None and kept is not None and len(kept) == body.length:
+                if conn.status == 401 and call.retry is not None and _whole(kept, body):
                     await self._discard(conn)
                     pool.release(conn)
                     conn = None
@@ -379,6 +390,7 @@ class Egress:
                         "egress %s: upstream 401 to the current value; retrying once with the previous", call.route
                     )
                     call = call.retry
+                    assert kept is not None
                     conn = await self._call(pool, call, Body.of(bytes(kept)), None)
             except UpstreamError as exc:
                 stats.failures[exc.kind] = stats.failures.get(exc.kind, 0) + 1
@@ -407,7 +419,7 @@ class Egress:
                 conn.begin(call.method == "HEAD")
                 if attempt:
                     assert kept is not None
-                    await conn.send(call.head + kept, t)
+                    await conn.send(call.head + (_chunk(kept) + _LAST_CHUNK if call.chunked else kept), t)
                 else:
                     await self._send(conn, call, body, kept, t)
                 await conn.head(t)
@@ -420,8 +432,7 @@ class Egress:
                     and conn is not None
                     and not conn.got_bytes
                     and call.method in _IDEMPOTENT
-                    and kept is not None
-                    and len(kept) == body.length
+                    and _whole(kept, body)
                 )
                 if conn is not None:
                     conn.close()
@@ -444,16 +455,24 @@ class Egress:
 
     @staticmethod
     async def _send(conn: Connection, call: _Call, body: Body, kept: bytearray | None, t: float) -> None:
-        """The request head with what has come of the body, then the rest of the body as it comes."""
+        """The request head with what has come of the body, then the rest of the body as it comes
+        (each piece a chunk when the body goes up chunked). ``kept`` takes the body while it stays
+        within ``REPLAY_MAX`` bytes (see ``_whole``)."""
+        chunked = call.chunked
         data = await body.read()
-        if kept is not None:
+        if kept is not None and len(kept) + len(data) <= REPLAY_MAX:
             kept += data
-        await conn.send(call.head + data, t)
+        if chunked:
+            await conn.send(call.head + (_chunk(data) if data else _LAST_CHUNK), t)
+        else:
+            await conn.send(call.head + data, t)
         while data:
             data = await body.read()
-            if data:
-                if kept is not None:
-                    kept += data
+            if kept is not None and len(kept) + len(data) <= REPLAY_MAX:
+                kept += data
+            if chunked:
+                await conn.send(_chunk(data) if data else _LAST_CHUNK, t)
+            elif data:
                 await conn.send(data, t)
 
     def _failed(self, call: _Call, exc: UpstreamError) -> bytes:
@@ -574,6 +593,18 @@ class Egress:
             ex.close = True
         if pending:
             yield b"".join(pending)
+
+
+_LAST_CHUNK: Final = b"0\r\n\r\n"
+
+
+def _chunk(data: bytes | bytearray) -> bytes:
+    return b"%x\r\n" % len(data) + data + b"\r\n" if data else b""
+
+
+def _whole(kept: bytearray | None, body: Body) -> bool:
+    """``kept`` holds the whole request body (all of it read, none of it left out): it can be sent again."""
+    return kept is not None and body.complete and len(kept) == body.received
 
 
 def _check_path(path: str) -> None:
