@@ -751,3 +751,57 @@ def test_a_chunked_body_is_sent_again_on_a_401_during_the_grace(
     assert status == 200 and json.loads(body) == {"ok": True, "body": '{"q": 1}'}
     assert [s.header("Authorization") for s in upstream.seen] == [[f"Bearer {KEY2}"], [f"Bearer {KEY}"]]
     assert [s.body for s in upstream.seen] == [b'{"q": 1}', b'{"q": 1}']
+
+
+def test_a_worker_that_reads_slowly_gets_the_whole_answer(make_agent: Callable[..., Agent], upstream: Upstream) -> None:
+    """Flow control on the way down: the agent stops relaying while the worker does not read (the upstream
+    is paused in turn) and goes on when it reads again."""
+    agent = make_agent([route("api", upstream.url)])
+    conn = agent.conn()
+    conn.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)
+    size = 24 << 20
+    conn.send(f"GET /v1/egress/api/big?n={size} HTTP/1.1\r\nHost: a\r\n\r\n".encode())
+    time.sleep(0.5)  # not reading: the agent's writes to this worker block
+    status, headers = conn.head()
+    assert status == 200 and int(headers["content-length"]) == size
+    got = len(conn.buf)
+    while got < size:
+        chunk = conn.sock.recv(1 << 20)
+        assert chunk
+        got += len(chunk)
+    assert got == size
+    assert conn.request("GET", "/v1/egress/api/ok")[0] == 200  # in step, and the upstream connection reused
+    assert len(upstream.conns) == 1
+
+
+def test_an_answer_that_stops_coming_is_cut_after_the_timeout(
+    make_agent: Callable[..., Agent], upstream: Upstream
+) -> None:
+    agent = make_agent([route("api", upstream.url)], timeout=0.5)
+    conn = agent.conn()
+    conn.send(b"GET /v1/egress/api/sse?n=2&gap=2 HTTP/1.1\r\nHost: a\r\n\r\n")
+    status, _ = conn.head()
+    assert status == 200
+    started = time.monotonic()
+    with pytest.raises(EOFError):  # the first event, then nothing for longer than the timeout: cut
+        for _ in conn.chunks():
+            pass
+    assert time.monotonic() - started < 1.9
+    assert agent.call("GET", "/v1/egress/api/ok")[0] == 200
+
+
+def test_a_bug_in_the_relay_costs_that_call_only(
+    monkeypatch: pytest.MonkeyPatch, make_agent: Callable[..., Agent], upstream: Upstream
+) -> None:
+    from vault_edge.agent import egress
+
+    agent = make_agent([route("api", upstream.url)])
+
+    def broken(self: Any, conn: Any) -> bytes:
+        raise RuntimeError(KEY)  # even an exception holding the key: its type is all that is logged
+
+    monkeypatch.setattr(egress._Relay, "head", broken)
+    status, _, doc = agent.call("GET", "/v1/egress/api/ok")
+    assert status == 500 and doc["error"]["code"] == "internal"
+    monkeypatch.undo()
+    assert agent.call("GET", "/v1/egress/api/ok")[0] == 200

@@ -24,7 +24,8 @@ Edge workers read secrets here on every request, so the path is built for that r
 * An app may take a request whole and stream its answer (:class:`Exchange`: the agent's egress
   proxy): the transport reads the request's body (Content-Length framed, or chunked: decoded here,
   extensions and trailers dropped; up to the app's limit), then writes what the app yields as it comes, pausing while the client does not read, and cancels
-  the app's work when the client goes away. Only then may a request carry a body, or an absolute
+  the app's work when the client goes away (or, when the body is whole at the head, lets the app
+  answer from callbacks: :class:`Direct`, no task). Only then may a request carry a body, or an absolute
   URI (``GET https://host/path``, as forward-proxy clients send) for a target.
 
 Local callers cannot exhaust the agent's descriptors (``Listener``): the listener accepts connections
@@ -254,6 +255,13 @@ class Body:
             self._flow()
         return data
 
+    def take(self) -> bytes:
+        """What has come of the body, without waiting (a whole body, for a :class:`Direct` exchange)."""
+        data = b"".join(self.chunks)
+        self.chunks.clear()
+        self.buffered = 0
+        return data
+
     async def drain(self) -> None:
         """Read and drop the rest (a refused request whose connection stays in step)."""
         while await self.read():
@@ -341,17 +349,47 @@ class Dechunker:
 
 class Exchange:
     """A request the app takes whole and answers as a stream (the egress proxy): ``run(body)`` reads
-    the request's :class:`Body` as it arrives (at most ``max_body`` bytes, Content-Length framed) and
-    yields the answer's pieces (its head first, framed by the app), written as they come. A client
-    that goes away cancels ``run``; a :class:`BodyError` it lets through is answered here (408 for a
-    stalled body). The app sets ``close`` to have the connection closed after the answer (a body
-    delimited by the close); a body ``run`` left unread closes it too. Never cached; holds the
-    requests pipelined behind it."""
+    the request's :class:`Body` as it arrives (at most ``max_body`` bytes) and yields the answer's
+    pieces (its head first, framed by the app), written as they come. A client that goes away cancels
+    ``run``; a :class:`BodyError` it lets through is answered here (408 for a stalled body). The app
+    sets ``close`` to have the connection closed after the answer (a body delimited by the close); a
+    body ``run`` left unread closes it too. Never cached; holds the requests pipelined behind it.
 
-    __slots__ = ("close", "max_body", "run")
+    ``direct``, when the app gives one, serves the request without a task when its body is already
+    whole (the common case: no body, or a small one that came with the head): ``direct(body, sink)``
+    starts it and returns a :class:`Direct`; the app then writes the answer with ``sink.write``
+    (stopping while ``sink.write_blocked``, until ``Direct.resume``) and calls ``sink.done(ex)`` once,
+    never from within ``direct`` itself."""
+
+    __slots__ = ("close", "direct", "max_body", "run")
 
     def __init__(self, max_body: int, run: Callable[[Body], AsyncIterator[bytes]]) -> None:
         self.max_body, self.run, self.close = max_body, run, False
+        self.direct: Callable[[bytes, Sink], Direct] | None = None
+
+
+class Sink(Protocol):
+    """Where a :class:`Direct` exchange writes its answer: the client's connection."""
+
+    write_blocked: bool  # the client is not reading: stop until Direct.resume()
+
+    def write(self, data: bytes) -> None: ...
+
+    def done(self, ex: Exchange) -> None:
+        """The answer is whole (or cut, with ``ex.close``): the connection goes on with the next request."""
+        ...
+
+
+class Direct(Protocol):
+    """A request served from callbacks (see :class:`Exchange`)."""
+
+    def cancel(self) -> None:
+        """The client went away: drop the work, write nothing more, never call ``done``."""
+        ...
+
+    def resume(self) -> None:
+        """The client reads again."""
+        ...
 
 
 class App(Protocol):
@@ -787,7 +825,9 @@ class _Conn(asyncio.Protocol):
         self.epoch = -1
         self.closing = False
         self.partial_since: float | None = None  # when an unfinished head started waiting (slow clients)
-        self.watch: asyncio.Task[None] | None = None  # a Hold in progress
+        self.watch: asyncio.Task[None] | Direct | None = None  # a Hold or an Exchange in progress
+        self.direct: Direct | None = None  # the watch, when it is a Direct exchange
+        self.exchange_keep_alive = False
         self.write_blocked = False  # the client is not reading its answers
         self.reading_paused = False
         self.heads: HeadParser | None = None  # made at the first cache miss
@@ -829,6 +869,7 @@ class _Conn(asyncio.Protocol):
             self.body, self.dechunk = None, None
         if self.watch is not None:
             self.watch.cancel()
+            self.direct = None
         self.buf = b""
         self.cache.clear()
 
@@ -849,6 +890,8 @@ class _Conn(asyncio.Protocol):
         self.write_blocked = False
         if self.drain is not None and not self.drain.done():
             self.drain.set_result(None)
+        if self.direct is not None:
+            self.direct.resume()
         self._flow()
 
     def _flow(self) -> None:
@@ -1046,7 +1089,34 @@ class _Conn(asyncio.Protocol):
 
         self.watch = asyncio.get_running_loop().create_task(held())
 
+    # -- a Direct exchange's Sink
+    def write(self, data: bytes) -> None:
+        if not self.closing and self.transport is not None:
+            self.transport.write(data)
+
+    def done(self, ex: Exchange) -> None:
+        self.watch = self.direct = None
+        if self.closing or self.transport is None:
+            return
+        if not self.exchange_keep_alive or ex.close:
+            self.closing = True
+            self.transport.close()
+            return
+        if self.epoch != self.app.epoch:
+            self._drop_cache()
+        if self.buf:
+            self._process_safely()
+        else:
+            self._flow()
+        if self.eof and self.watch is None and not self.closing:
+            self.closing = True
+            self.transport.close()
+
     def _start_exchange(self, ex: Exchange, body: Body, keep_alive: bool) -> None:
+        if ex.direct is not None and body.need <= 0:  # the body is whole: no task needed
+            self.exchange_keep_alive = keep_alive
+            self.watch = self.direct = ex.direct(body.take(), self)
+            return
         loop = asyncio.get_running_loop()
 
         async def exchanged() -> None:
