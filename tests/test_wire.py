@@ -294,3 +294,54 @@ def test_an_egress_route_without_retry_previous_keeps_its_canonical_text() -> No
     assert on.retry_previous_on_401 and route_from_json(on.to_json()).route == on
     with pytest.raises(wire.WireError):
         route_from_json({**doc, "retry_previous_on_401": "yes"})
+
+
+# -- egress reports (the agent's counters in its sync query) --------------------------------------
+BAD_REPORTS = [
+    "",
+    "/",  # no since
+    "x/",
+    "-1/",
+    "01/",
+    "1/A:1:1:1:1:1:1:1:1",  # route names are lowercase
+    "1/a:1:1:1:1:1:1:1",  # a count missing
+    "1/a:1:1:1:1:1:1:1:1:1",  # one too many
+    "1/a:01:0:0:0:0:0:0:0",  # not canonical
+    "1/a:+1:0:0:0:0:0:0:0",
+    "1/a:9007199254740992:0:0:0:0:0:0:0",  # 2^53
+    "1/b:0:0:0:0:0:0:0:0,a:0:0:0:0:0:0:0:0",  # not sorted
+    "1/a:0:0:0:0:0:0:0:0,a:0:0:0:0:0:0:0:0",  # twice
+    "1/a:0:0:0:0:0:0:0:0,",
+    "1/a%3A0:0:0:0:0:0:0:0",
+    "1/" + ",".join(f"r{i:03d}:0:0:0:0:0:0:0:0" for i in range(65)),  # 65 routes
+]
+
+
+@pytest.mark.parametrize("text", BAD_REPORTS)
+def test_malformed_egress_reports_are_refused(text: str) -> None:
+    from vault_edge.wire.egress import Report
+
+    with pytest.raises(wire.WireError, match="egress report"):
+        Report.decode(text)
+
+
+@given(
+    st.integers(0, 2**40),
+    st.dictionaries(
+        st.from_regex(r"[a-z0-9][a-z0-9_\-]{0,62}", fullmatch=True),
+        st.tuples(*[st.integers(0, 2**60)] * 8),
+        max_size=80,
+    ),
+)
+@settings(max_examples=60)
+def test_egress_reports_round_trip_within_their_bounds(since: int, counts: dict[str, tuple[int, ...]]) -> None:
+    from vault_edge.wire.egress import REPORT_MAX, REPORT_ROUTES, Report
+
+    report = Report.of(since, counts)
+    text = report.encode()
+    assert Report.decode(text) == report and len(text) <= REPORT_MAX and len(report.routes) <= REPORT_ROUTES
+    assert all(c <= 2**53 - 1 for _, cs in report.routes for c in cs)
+    if len(report.routes) < len(counts):  # the busiest routes are the ones kept
+        kept = {n for n, _ in report.routes}
+        least_kept = min(min(counts[n][0], 2**53 - 1) for n in kept)
+        assert all(min(c[0], 2**53 - 1) <= least_kept for n, c in counts.items() if n not in kept)

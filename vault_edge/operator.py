@@ -206,6 +206,9 @@ class OperatorClient:
     def nodes(self, region: str | None = None) -> dict[str, Any]:
         return self.request("GET", "/v1/nodes", params={"region": region})
 
+    def node(self, node_id: str) -> dict[str, Any]:
+        return self.request("GET", f"/v1/nodes/{_id('node', node_id, wire.valid_node_id)}")
+
     def revoke_node(self, node_id: str) -> dict[str, Any]:
         return self.request("POST", f"/v1/nodes/{_id('node', node_id, wire.valid_node_id)}/revoke")
 

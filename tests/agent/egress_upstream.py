@@ -10,6 +10,7 @@ that records every request it gets (method, path, headers, body) and answers by 
     /big?n=N         200 with a Content-Length of N (and N bytes)
     /stream?n=N      200, N bytes in chunks of 64 KiB, chunked (no Content-Length)
     /sse?n=N&gap=S   200 text/event-stream, N events S seconds apart, each with its send time
+    /status?code=N   N with a small JSON body
     anything else    404
 """
 
@@ -115,8 +116,11 @@ class _Handler(BaseHTTPRequestHandler):
         pass
 
     def _any(self) -> None:
-        n = int(self.headers.get("Content-Length") or 0)
-        body = self.rfile.read(n) if n else b""
+        if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
+            body = self._read_chunked()
+        else:
+            n = int(self.headers.get("Content-Length") or 0)
+            body = self.rfile.read(n) if n else b""
         seen = Seen(self.command, self.path, list(self.headers.items()), body)
         self.server.upstream.record(seen)
         u = urlsplit(self.path)
@@ -140,6 +144,8 @@ class _Handler(BaseHTTPRequestHandler):
             self.send_header("Location", q["to"])
             self.send_header("Content-Length", "0")
             self.end_headers()
+        elif path.endswith("/status"):
+            self._json(int(q["code"]), {"status": int(q["code"])})
         elif path.endswith("/slow"):
             time.sleep(float(q.get("s", "3")))
             self._json(200, {"slow": True})
@@ -167,6 +173,21 @@ class _Handler(BaseHTTPRequestHandler):
             self._chunked("text/event-stream", events())
         else:
             self._json(404, {"error": "no such path"})
+
+    def _read_chunked(self) -> bytes:
+        """A chunked request body, strictly (what the agent sends up must be well framed); each chunk's
+        arrival time is kept in ``Upstream.chunk_times``."""
+        out = b""
+        while True:
+            line = self.rfile.readline(1024)
+            assert line.endswith(b"\r\n") and line[:-2].isalnum(), line
+            size = int(line[:-2], 16)
+            if not size:
+                assert self.rfile.readline(1024) == b"\r\n"  # the agent sends no trailers
+                return out
+            out += self.rfile.read(size)
+            self.server.upstream.chunk_times.append(time.monotonic())
+            assert self.rfile.read(2) == b"\r\n"
 
     do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = do_OPTIONS = do_HEAD = _any
 
@@ -213,6 +234,7 @@ class Upstream:
 
     def __init__(self, cert: Path, key: Path) -> None:
         self.seen: list[Seen] = []
+        self.chunk_times: list[float] = []  # when each chunk of a chunked request body arrived
         self.aborted = 0  # streams the agent hung up on
         self.accept: str | None = None  # the Authorization /auth takes
         self.conns: list[Any] = []

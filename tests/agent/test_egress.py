@@ -26,7 +26,7 @@ from tests.agent.inproc import ME, NODE, REGION, FakeClock, Served, make_state
 from vault_edge.agent.egress import EgressSettings
 from vault_edge.agent.policy import Policy, parse_rules
 from vault_edge.agent.view import Entry, View
-from vault_edge.wire.egress import route_from_json
+from vault_edge.wire.egress import REPORT_FIELDS, Report, route_from_json
 
 KEY = "sk-live-0123456789abcdef"
 KEY2 = "sk-live-rotated-9876543210"
@@ -352,9 +352,12 @@ def test_errors_say_what_happened_never_the_key(make_agent: Callable[..., Agent]
     assert status == 502 and doc["error"]["code"] == "answer_too_large"
     status, _, doc = agent.call("POST", "/v1/egress/api/echo", body=b"x" * 2048)
     assert status == 413
-    conn = agent.conn()
-    conn.send(b"POST /v1/egress/api/echo HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n1\r\nx\r\n0\r\n\r\n")
-    assert conn.response()[0] == 411
+    conn = agent.conn()  # a chunked body over the limit: refused too, once the agent counts past it
+    conn.send(b"POST /v1/egress/api/echo HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n")
+    conn.send(b"400\r\n" + b"x" * 1024 + b"\r\n1\r\nx\r\n0\r\n\r\n")
+    status, _, body = conn.response()
+    assert status == 413 and "over 1024 bytes" in json.loads(body)["error"]["message"]
+    assert all(len(seen.body) <= 1024 for seen in upstream.seen)
     # streamed past the limit: the answer is cut (the worker sees a broken body, not a whole one)
     conn = agent.conn()
     conn.send(f"GET /v1/egress/api/stream?n={2 << 20} HTTP/1.1\r\nHost: a\r\n\r\n".encode())
@@ -644,3 +647,161 @@ def test_metrics_per_route(make_agent: Callable[..., Agent], upstream: Upstream)
     assert 'vault_edge_agent_egress_upstream_seconds_bucket{route="api",le="+Inf"} 3' in lines
     assert 'vault_edge_agent_egress_upstream_seconds_count{route="api"} 3' in lines
     assert 'vault_edge_agent_egress_upstream_seconds_count{route="down"} 0' in lines
+    # the same counters, as the sync poll carries them to the control plane
+    report = Report.decode(agent.served.call(agent.served.api.egress.report))
+    counts = {n: dict(zip(REPORT_FIELDS, c, strict=True)) for n, c in report.routes}
+    assert counts["api"] == {**counts["api"], "requests": 3, "2xx": 2, "4xx": 1, "failed": 0}
+    assert counts["down"] == {**counts["down"], "requests": 1, "failed": 1, "ms": 0}
+    assert abs(report.since - time.time()) < 60
+
+
+CHUNKED = "POST /v1/egress/api/echo HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n"
+
+
+def test_a_chunked_upload_streams_up_chunked(make_agent: Callable[..., Agent], upstream: Upstream) -> None:
+    agent = make_agent([route("api", upstream.url)])
+    conn = agent.conn()
+    conn.send(f"{CHUNKED}\r\n".encode() + b"5;ext=1\r\nhello\r\n")
+    deadline = time.monotonic() + 5  # the first chunk is upstream before the worker sends the rest
+    while time.monotonic() < deadline and not upstream.chunk_times:
+        time.sleep(0.02)
+    assert len(upstream.chunk_times) == 1 and upstream.seen == []
+    conn.send(b"6\r\n world\r\n")
+    conn.send(b"0\r\nX-Trailer: dropped\r\n\r\n" + b"GET /v1/health HTTP/1.1\r\nHost: a\r\n\r\n")
+    status, _, body = conn.response()
+    assert status == 200 and json.loads(body)["body"] == "hello world"
+    seen = upstream.last()
+    assert seen.header("Transfer-Encoding") == ["chunked"] and seen.header("Content-Length") == []
+    assert seen.header("X-Trailer") == []
+    assert conn.response()[0] == 200  # the request pipelined behind the body, in step
+    # an empty chunked body, and a large one in many pieces, on the same connection
+    conn.send(f"{CHUNKED}\r\n0\r\n\r\n".encode())
+    status, _, body = conn.response()
+    assert status == 200 and json.loads(body)["body"] == ""
+    conn.send(f"{CHUNKED}\r\n".encode())
+    for i in range(200):
+        conn.send(b"1388\r\n" + bytes([97 + i % 26]) * 5000 + b"\r\n")
+    conn.send(b"0\r\n\r\n")
+    status, _, body = conn.response()
+    got = json.loads(body)["body"]
+    assert status == 200 and len(got) == 1_000_000 and got.startswith("a" * 5000 + "b")
+
+
+@pytest.mark.parametrize(
+    ("framing", "status"),
+    [
+        (b"5\nhello\r\n0\r\n\r\n", 400),  # a bare LF
+        (b"0x5\r\nhello\r\n0\r\n\r\n", 400),
+        (b" 5\r\nhello\r\n0\r\n\r\n", 400),
+        (b"-1\r\n", 400),
+        (b"5\r\nhelloXX0\r\n\r\n", 400),  # no CRLF after the data
+        (b"ffffffffffffffff\r\n", 400),  # 16 hex digits
+        (b"1;" + b"e" * 5000 + b"\r\n", 400),  # extensions past the bound
+        (b"7fffffffffffffff"[:15] + b"\r\n", 413),  # a size past the limit
+    ],
+)
+def test_malformed_chunked_uploads_are_refused(
+    make_agent: Callable[..., Agent], upstream: Upstream, framing: bytes, status: int
+) -> None:
+    agent = make_agent([route("api", upstream.url)])
+    conn = agent.conn()
+    conn.send(f"{CHUNKED}\r\n".encode() + framing)
+    got, _, body = conn.response()
+    assert got == status and json.loads(body)["error"]["code"] == "bad_request"
+    assert conn.sock.recv(1) == b""  # closed: the connection is out of step
+    assert upstream.seen == []  # nothing whole reached it
+
+
+def test_transfer_codings_other_than_chunked_get_501(make_agent: Callable[..., Agent], upstream: Upstream) -> None:
+    agent = make_agent([route("api", upstream.url)])
+    # a coding the agent does not decode (RFC 9112 §6.1: 501); framings llhttp refuses itself are 400s
+    for coding, status in (("gzip, chunked", 501), ("chunked, chunked", 400), ("gzip", 400)):
+        conn = agent.conn()
+        conn.send(f"POST /v1/egress/api/echo HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: {coding}\r\n\r\n".encode())
+        assert conn.response()[0] == status, coding
+    assert upstream.seen == []
+
+
+def test_a_chunked_body_that_stalls_gets_408(
+    monkeypatch: pytest.MonkeyPatch, make_agent: Callable[..., Agent], upstream: Upstream
+) -> None:
+    from vault_edge.agent import endpoint
+
+    monkeypatch.setattr(endpoint, "BODY_TIMEOUT_S", 0.5)
+    agent = make_agent([route("api", upstream.url)])
+    conn = agent.conn()
+    conn.send(f"{CHUNKED}\r\n3\r\nhel\r\n".encode())
+    status, _, body = conn.response()
+    assert status == 408 and "not finished in time" in json.loads(body)["error"]["message"]
+    assert all(seen.body != b"hel" for seen in upstream.seen)  # the upstream never got a whole request
+
+
+def test_a_chunked_body_is_sent_again_on_a_401_during_the_grace(
+    make_agent: Callable[..., Agent], upstream: Upstream
+) -> None:
+    routes = [route("api", upstream.url, retry_previous_on_401=True)]
+    agent = make_agent(routes)
+    _rotated(agent, routes)
+    upstream.accept = f"Bearer {KEY}"
+    conn = agent.conn()
+    conn.send(b"POST /v1/egress/api/auth HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n")
+    conn.send(b'4\r\n{"q"\r\n')
+    conn.send(b"3\r\n: 1\r\n1\r\n}\r\n0\r\n\r\n")
+    status, _, body = conn.response()
+    assert status == 200 and json.loads(body) == {"ok": True, "body": '{"q": 1}'}
+    assert [s.header("Authorization") for s in upstream.seen] == [[f"Bearer {KEY2}"], [f"Bearer {KEY}"]]
+    assert [s.body for s in upstream.seen] == [b'{"q": 1}', b'{"q": 1}']
+
+
+def test_a_worker_that_reads_slowly_gets_the_whole_answer(make_agent: Callable[..., Agent], upstream: Upstream) -> None:
+    """Flow control on the way down: the agent stops relaying while the worker does not read (the upstream
+    is paused in turn) and goes on when it reads again."""
+    agent = make_agent([route("api", upstream.url)])
+    conn = agent.conn()
+    conn.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)
+    size = 24 << 20
+    conn.send(f"GET /v1/egress/api/big?n={size} HTTP/1.1\r\nHost: a\r\n\r\n".encode())
+    time.sleep(0.5)  # not reading: the agent's writes to this worker block
+    status, headers = conn.head()
+    assert status == 200 and int(headers["content-length"]) == size
+    got = len(conn.buf)
+    while got < size:
+        chunk = conn.sock.recv(1 << 20)
+        assert chunk
+        got += len(chunk)
+    assert got == size
+    assert conn.request("GET", "/v1/egress/api/ok")[0] == 200  # in step, and the upstream connection reused
+    assert len(upstream.conns) == 1
+
+
+def test_an_answer_that_stops_coming_is_cut_after_the_timeout(
+    make_agent: Callable[..., Agent], upstream: Upstream
+) -> None:
+    agent = make_agent([route("api", upstream.url)], timeout=0.5)
+    conn = agent.conn()
+    conn.send(b"GET /v1/egress/api/sse?n=2&gap=2 HTTP/1.1\r\nHost: a\r\n\r\n")
+    status, _ = conn.head()
+    assert status == 200
+    started = time.monotonic()
+    with pytest.raises(EOFError):  # the first event, then nothing for longer than the timeout: cut
+        for _ in conn.chunks():
+            pass
+    assert time.monotonic() - started < 1.9
+    assert agent.call("GET", "/v1/egress/api/ok")[0] == 200
+
+
+def test_a_bug_in_the_relay_costs_that_call_only(
+    monkeypatch: pytest.MonkeyPatch, make_agent: Callable[..., Agent], upstream: Upstream
+) -> None:
+    from vault_edge.agent import egress
+
+    agent = make_agent([route("api", upstream.url)])
+
+    def broken(self: Any, conn: Any) -> bytes:
+        raise RuntimeError(KEY)  # even an exception holding the key: its type is all that is logged
+
+    monkeypatch.setattr(egress._Relay, "head", broken)
+    status, _, doc = agent.call("GET", "/v1/egress/api/ok")
+    assert status == 500 and doc["error"]["code"] == "internal"
+    monkeypatch.undo()
+    assert agent.call("GET", "/v1/egress/api/ok")[0] == 200

@@ -343,3 +343,37 @@ def test_idle_connections_are_closed_after_the_idle_timeout(serve: Callable[...,
         assert agent.open_conns() == 2  # the busy one, and the one holding a watch
         agent.install_next()
         assert watching.response().json() == {"revision": 2, "changed": True}
+
+
+# -- chunked request bodies (an Exchange's) --------------------------------------------------------
+@pytest.mark.parametrize(
+    ("framing", "body"),
+    [
+        (b"0\r\n\r\n", b""),
+        (b"5\r\nhello\r\n0\r\n\r\n", b"hello"),
+        (b"5;a=b;c\r\nhello\r\n6\r\n world\r\n0\r\n\r\n", b"hello world"),
+        (b"A\r\n0123456789\r\n0\r\nX-T: 1\r\nY-T: 2\r\n\r\n", b"0123456789"),
+        (b"000001\r\n\n\r\n0;x\r\n\r\n", b"\n"),
+    ],
+)
+def test_the_dechunker_decodes_however_the_bytes_are_split(framing: bytes, body: bytes) -> None:
+    from vault_edge.agent.endpoint import Dechunker
+
+    after = b"GET /next HTTP/1.1\r\n\r\n"
+    for cut in range(len(framing) + 1):
+        d, got, rest = Dechunker(1 << 20), b"", b""
+        for part in (framing[:cut], framing[cut:] + after):
+            used, pieces = d.feed(part)
+            got += b"".join(pieces)
+            rest = part[used:]
+        assert d.done and got == body and rest == after, cut
+
+
+def test_the_dechunker_counts_against_its_limit() -> None:
+    from vault_edge.agent.endpoint import BadRequest, Dechunker
+
+    d = Dechunker(10)
+    d.feed(b"6\r\nabcdef\r\n")
+    with pytest.raises(BadRequest) as exc:
+        d.feed(b"5\r\n")
+    assert exc.value.status == 413

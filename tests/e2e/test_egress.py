@@ -8,6 +8,7 @@ import hashlib
 import json
 import os
 import socket
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -185,3 +186,65 @@ def test_keyless_workers_end_to_end(
     for value in (KEY, KEY2):
         assert value.encode() not in everything
         assert value not in log
+
+
+def test_the_control_plane_shows_each_nodes_egress_counts(
+    control_plane: ControlPlane, start_agent: Any, workdir: Path, pki: tuple[Path, Path, Path], upstream: Upstream
+) -> None:
+    """A real agent's egress calls, counted per route and status class, reach `vault-edge node list`
+    and `vault-edge node status` through its signed sync polls (the e2e agents poll with --wait 2s)."""
+    op = control_plane.op
+    op.put("openai/api-key", value=KEY, regions=["eu"])
+    env = {"VAULT_EDGE_ADDR": control_plane.addr, "VAULT_EDGE_TOKEN": control_plane.token}
+    r = cli(
+        "egress",
+        "create",
+        "openai",
+        "--upstream",
+        upstream.url,
+        "--secret",
+        "openai/api-key",
+        "--inject",
+        "header:Authorization=Bearer {value}",
+        env=env,
+    )
+    assert r.returncode == 0, r.stderr
+    policy = workdir / "policy.toml"
+    policy.write_text(f'[[rule]]\nuid = {os.getuid()}\negress = ["openai"]\n')
+    agent = start_agent("eu1", "eu", "--policy", str(policy), "--egress-ca", str(pki[0]))
+    node = agent.node_id
+    r = cli("node", "list", "-o", "json", env=env)
+    assert r.returncode == 0 and json.loads(r.stdout)["nodes"][0]["egress"] is None  # no call yet
+
+    worker = Worker(agent)
+    for _ in range(3):
+        assert worker.call("GET", "/v1/egress/openai/v1/ok")[0] == 200
+    assert worker.call("GET", f"{upstream.url}/v1/nothing-here")[0] == 404
+    assert worker.call("GET", "/v1/egress/openai/v1/ok")[0] == 200
+    assert worker.call("POST", "/v1/egress/openai/v1/status?code=503", body=b"{}")[0] == 503
+
+    def reported() -> dict[str, Any] | None:
+        r = cli("node", "list", "-o", "json", env=env)
+        assert r.returncode == 0, r.stderr
+        eg = json.loads(r.stdout)["nodes"][0]["egress"]
+        return eg if eg and eg["requests"] == 6 else None
+
+    eg = wait_until(reported, 20, "the agent's egress counts in `node list`")
+    counts = eg["routes"]["openai"]
+    assert (counts["2xx"], counts["4xx"], counts["5xx"], counts["failed"]) == (4, 1, 1, 0)
+    assert abs(eg["since"] - time.time()) < 120 and counts["ms"] >= 0
+
+    r = cli("node", "list", env=env)
+    assert r.returncode == 0 and node in r.stdout.decode() and "6 (2 4xx/5xx)" in r.stdout.decode()
+    r = cli("node", "status", node, env=env)
+    text = r.stdout.decode()
+    assert r.returncode == 0, r.stderr
+    assert "6 calls since" in text
+    rows = ([c for c in line.split() if c != "│"] for line in text.splitlines())
+    row = next(r for r in rows if r[:1] == ["openai"])
+    assert row[1:8] == ["6", "0", "4", "0", "1", "1", "0"]  # calls, 1xx..5xx, failed
+    r = cli("node", "status", node, "-o", "json", env=env)
+    assert r.returncode == 0 and json.loads(r.stdout)["egress"]["routes"]["openai"] == counts
+    r = cli("node", "status", "n-0000000000000000", env=env)
+    assert r.returncode == 1 and r.stderr.decode().count("\n") == 1 and "no node" in r.stderr.decode()
+    assert KEY not in agent.log() and KEY.encode() not in b"".join(worker.received)

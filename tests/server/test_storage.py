@@ -67,7 +67,7 @@ def test_migrations_are_idempotent(db_url: str) -> None:
     migrate(engine)
     migrate(engine)
     with engine.connect() as conn:
-        assert conn.execute(text("SELECT version_num FROM alembic_version")).scalar_one() == "0007"
+        assert conn.execute(text("SELECT version_num FROM alembic_version")).scalar_one() == "0008"
         assert set(inspect(conn).get_table_names()) >= {tbl.name for tbl in t.metadata.sorted_tables}
         # The migrations build exactly the schema the code declares (columns, types, indexes).
         assert compare_metadata(MigrationContext.configure(conn), t.metadata) == []

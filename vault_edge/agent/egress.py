@@ -22,8 +22,9 @@ credential where the route injects one (the injected header, Authorization for B
 query parameter), before the injection is added. TLS is verified (system CAs, or ``--egress-ca``);
 connections are kept alive and pooled per upstream (``agent/upstream.py``: HTTP/1.1 on plain asyncio
 Protocols, answers parsed by httptools; no HTTP/2). The request body streams up as the worker sends
-it (Content-Length framed), never held whole. No redirect is followed: a 3xx goes back to the worker,
-which may call the new URL through the agent like any other (judged by the routes again).
+it (Content-Length framed, or chunked when the worker's was), never held whole. No redirect is
+followed: a 3xx goes back to the worker, which may call the new URL through the agent like any other
+(judged by the routes again).
 
 On the way down: hop-by-hop headers dropped, the body streamed as it comes (server-sent events
 arrive one by one), framed by its Content-Length, chunked, or by the close; every form of the
@@ -34,26 +35,34 @@ upstream compresses anyway is not scrubbed). Errors the agent makes itself (502 
 504 ``upstream_timeout``, 502 ``answer_too_large``, 502 ``bad_secret``...) say what happened and
 never hold the value, nor does a log line: logs name routes, statuses and exception types only.
 
-Bounds: the request body (Content-Length, ``max_body``; the transport refuses chunked uploads with
-411), the answer (``max_answer`` bytes relayed; past it the connection is cut), ``timeout`` for
-connecting, each write and each read (a stream may last as long as data keeps coming). A failure of
+Two ways through, one behaviour: a call whose request body is whole when its head arrives (no body,
+or one that came with it: nearly every API call) is served from callbacks (``_Direct``: the request
+written on an idle pooled connection at once, the answer relayed to the worker from the upstream
+connection's callbacks; no task or generator per call, the agent's hot path); a streamed upload, or a
+route that retries a 401 with the previous value, by a coroutine (``_run``). Both relay the answer
+through ``_Relay``.
+
+Bounds: the request body (``max_body``; Content-Length framed, or chunked: the transport decodes it,
+strictly, and it goes up chunked as it comes, extensions and trailers dropped), the answer
+(``max_answer`` bytes relayed; past it the connection is cut), ``timeout`` for connecting, each write and each read (a stream may last as long as data keeps coming). A failure of
 any kind costs the request it belongs to, never the agent.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 import ssl
 import time
 from bisect import bisect_left
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from http import HTTPStatus
-from typing import Final
+from typing import Final, NamedTuple
 from urllib.parse import unquote, urlsplit
 
-from vault_edge.agent.endpoint import STATUS_LINE, Answer, Body, Exchange, Request
+from vault_edge.agent.endpoint import STATUS_LINE, Answer, Body, Exchange, Request, Sink
 from vault_edge.agent.peercred import Caller
 from vault_edge.agent.policy import Policy
 from vault_edge.agent.upstream import Connection, Pool, UpstreamError
@@ -102,9 +111,9 @@ class _Refusal(Exception):
         self.status, self.code, self.extra = status, code, extra
 
 
-@dataclass(frozen=True)
-class _Call:
-    """One upstream call, ready to go: nothing in its repr (headers and URL may hold the key)."""
+class _Call(NamedTuple):
+    """One upstream call, ready to go: nothing in its repr (headers and URL may hold the key). (A named
+    tuple: one is made per request, and a frozen dataclass's __init__ costs several times more.)"""
 
     route: str
     method: str
@@ -113,10 +122,14 @@ class _Call:
     needles: tuple[bytes, ...]
     keep_alive: bool
     http10: bool
+    chunked: bool = False  # the body goes up chunked (the worker's was: its length is not known)
     retry: _Call | None = None  # the same call with the previous value (a 401 during the grace)
 
     def __repr__(self) -> str:
         return f"_Call(route={self.route!r}, method={self.method})"
+
+    def __str__(self) -> str:
+        return self.__repr__()
 
 
 Error = Callable[..., bytes]  # Api.error(status, code, message, *, close=False, extra=b"")
@@ -157,7 +170,20 @@ class Egress:
         self._upstreams: Pool | None = None
         # injections rendered, by (spec, value): the next value after a rotation is a new key
         self._rendered: dict[tuple[str, bytes], tuple[str, tuple[bytes, ...]]] = {}
+        self._orders: dict[tuple[bytes, ...], tuple[bytes, ...]] = {}  # needles → scrub order (as _rendered)
         self.stats: dict[str, RouteStats] = {}  # by route name (metrics)
+        self.counting_since = int(time.time())  # the stats are cumulative from here (the agent's start)
+
+    def report(self) -> str | None:
+        """The per-route counters as the sync request carries them to the control plane
+        (``wire.egress.Report``), or None before any egress call."""
+        if not self.stats:
+            return None
+        counts = {
+            name: (s.requests, *s.classes, sum(s.failures.values()), round(s.latency_sum * 1000))
+            for name, s in self.stats.items()
+        }
+        return wegress.Report.of(self.counting_since, counts).encode()
 
     async def aclose(self) -> None:
         if self._upstreams is not None:
@@ -190,6 +216,8 @@ class Egress:
             log.error("internal error routing an egress request (%s)", type(exc).__name__)
             return self._refuse(req, self.error(500, "internal", "internal error", close=not req.keep_alive))
         ex = Exchange(self.settings.max_body, lambda body: self._run(ex, call, body))
+        if call.retry is None:  # (a 401 retried with the previous value takes the coroutine's way)
+            ex.direct = lambda body, sink: _Direct(self, ex, call, body, sink)
         return ex
 
     def _refuse(self, req: Request, data: bytes) -> Answer | Exchange:
@@ -247,7 +275,7 @@ class Egress:
                     return call
                 # either answer is scrubbed of both values: an upstream may echo either
                 needles = call.needles + retry.needles
-                call = replace(call, needles=needles, retry=replace(retry, needles=needles))
+                call = call._replace(needles=needles, retry=retry._replace(needles=needles))
         return call
 
     def _by_url(self, req: Request, caller: Caller, target: str) -> tuple[wegress.Parsed, str, str]:
@@ -289,6 +317,7 @@ class Egress:
                     raise _Refusal(502, "bad_secret", f"egress route {route.name!r}: {exc}") from None
                 if len(self._rendered) >= 256:
                     self._rendered.clear()
+                    self._orders.clear()
                 self._rendered[key] = done
             text, forms = done
             needles.extend(forms)
@@ -296,23 +325,21 @@ class Egress:
                 inject_query.append((inj.name, text))
             else:
                 inject_headers.append((inj.name.encode(), text.encode()))
-        dropped = {n for n, _ in inject_headers}
+        drop = _DROP_UP.union(n for n, _ in inject_headers) if inject_headers else _DROP_UP
         lines = req.head.split(b"\r\n")
         headers: list[tuple[bytes, bytes]] = []
         named: set[bytes] = set()
-        raw: list[tuple[bytes, bytes]] = []
         for line in lines[1:]:
             if not line:
                 continue
             name, _, v = line.partition(b":")
-            n, v = name.strip().lower(), v.strip(b" \t")
+            n = name.strip().lower()
             if n == b"connection":
                 named.update(t.strip().lower() for t in v.split(b","))
-            raw.append((n, v))
-        for n, v in raw:
-            if n in _DROP_UP or n in named or n in dropped:
-                continue
-            headers.append((n, v))
+            if n not in drop:
+                headers.append((n, v.strip(b" \t")))
+        if named:  # the headers Connection names are hop-by-hop too (wherever they came)
+            headers = [(n, v) for n, v in headers if n not in named]
         headers.extend(inject_headers)
         if inject_query:
             names = {k for k, _ in inject_query}
@@ -322,6 +349,8 @@ class Egress:
         target = path + ("?" + query if query else "")
         if req.body_len > 0:
             headers.append((b"content-length", b"%d" % req.body_len))
+        elif req.body_len < 0:
+            headers.append((b"transfer-encoding", b"chunked"))
         elif req.method in ("POST", "PUT", "PATCH"):
             headers.append((b"content-length", b"0"))
         head = b"".join(
@@ -332,10 +361,31 @@ class Egress:
             )
         )
         return _Call(
-            route.name, req.method, up.origin, head, tuple(needles), req.keep_alive, lines[0].endswith(b"HTTP/1.0")
+            route.name,
+            req.method,
+            up.origin,
+            head,
+            tuple(needles),
+            req.keep_alive,
+            lines[0].endswith(b"HTTP/1.0"),
+            req.body_len < 0,
         )
 
     # -- the call ------------------------------------------------------------------------------
+    def _scrub_order(self, needles: tuple[bytes, ...]) -> tuple[bytes, ...]:
+        order = self._orders.get(needles)
+        if order is None:
+            if len(self._orders) >= 256:
+                self._orders.clear()
+            order = self._orders[needles] = _scrub_order(needles)
+        return order
+
+    def _stats(self, route: str) -> RouteStats:
+        stats = self.stats.get(route)
+        if stats is None:
+            stats = self.stats[route] = RouteStats()
+        return stats
+
     def _pool(self) -> Pool:
         if self._upstreams is None:
             s = self.settings
@@ -348,18 +398,16 @@ class Egress:
         # The body is kept as it goes up while it is small enough to send again: a pooled connection
         # the upstream closed as the request went out is retried once (idempotent methods), and a 401
         # during a rotation's grace once with the previous value (routes that ask for it).
-        kept: bytearray | None = bytearray() if body.length <= REPLAY_MAX else None
+        kept: bytearray | None = bytearray() if body.length <= REPLAY_MAX else None  # chunked: -1
         conn: Connection | None = None
         ok = False
-        stats = self.stats.get(call.route)
-        if stats is None:
-            stats = self.stats[call.route] = RouteStats()
+        stats = self._stats(call.route)
         stats.requests += 1
         started = time.monotonic()
         try:
             try:
                 conn = await self._call(pool, call, body, kept)
-                if conn.status == 401 and call.retry is not None and kept is not None and len(kept) == body.length:
+                if conn.status == 401 and call.retry is not None and _whole(kept, body):
                     await self._discard(conn)
                     pool.release(conn)
                     conn = None
@@ -367,6 +415,7 @@ class Egress:
                         "egress %s: upstream 401 to the current value; retrying once with the previous", call.route
                     )
                     call = call.retry
+                    assert kept is not None
                     conn = await self._call(pool, call, Body.of(bytes(kept)), None)
             except UpstreamError as exc:
                 stats.failures[exc.kind] = stats.failures.get(exc.kind, 0) + 1
@@ -395,7 +444,7 @@ class Egress:
                 conn.begin(call.method == "HEAD")
                 if attempt:
                     assert kept is not None
-                    await conn.send(call.head + kept, t)
+                    await conn.send(call.head + (_chunk(kept) + _LAST_CHUNK if call.chunked else kept), t)
                 else:
                     await self._send(conn, call, body, kept, t)
                 await conn.head(t)
@@ -408,8 +457,7 @@ class Egress:
                     and conn is not None
                     and not conn.got_bytes
                     and call.method in _IDEMPOTENT
-                    and kept is not None
-                    and len(kept) == body.length
+                    and _whole(kept, body)
                 )
                 if conn is not None:
                     conn.close()
@@ -432,16 +480,24 @@ class Egress:
 
     @staticmethod
     async def _send(conn: Connection, call: _Call, body: Body, kept: bytearray | None, t: float) -> None:
-        """The request head with what has come of the body, then the rest of the body as it comes."""
+        """The request head with what has come of the body, then the rest of the body as it comes
+        (each piece a chunk when the body goes up chunked). ``kept`` takes the body while it stays
+        within ``REPLAY_MAX`` bytes (see ``_whole``)."""
+        chunked = call.chunked
         data = await body.read()
-        if kept is not None:
+        if kept is not None and len(kept) + len(data) <= REPLAY_MAX:
             kept += data
-        await conn.send(call.head + data, t)
+        if chunked:
+            await conn.send(call.head + (_chunk(data) if data else _LAST_CHUNK), t)
+        else:
+            await conn.send(call.head + data, t)
         while data:
             data = await body.read()
-            if data:
-                if kept is not None:
-                    kept += data
+            if kept is not None and len(kept) + len(data) <= REPLAY_MAX:
+                kept += data
+            if chunked:
+                await conn.send(_chunk(data) if data else _LAST_CHUNK, t)
+            elif data:
                 await conn.send(data, t)
 
     def _failed(self, call: _Call, exc: UpstreamError) -> bytes:
@@ -468,7 +524,271 @@ class Egress:
         )
 
     async def _relay(self, ex: Exchange, call: _Call, conn: Connection) -> AsyncIterator[bytes]:
-        s = self.settings
+        relay = _Relay(self, ex, call)
+        try:
+            head = relay.head(conn)
+        except _Bad as bad:
+            yield bad.data
+            return
+        if relay.bodyless:
+            yield head
+            return
+        pending = [head]
+        t = self.settings.timeout
+        while True:
+            if pending and not conn.chunks and not conn.complete:  # about to wait: send what is here
+                yield b"".join(pending)
+                pending.clear()
+            try:
+                chunk = await conn.read(t)
+            except UpstreamError as exc:  # the answer is cut: so is the worker's
+                relay.cut(exc)
+                if pending:
+                    yield b"".join(pending)
+                return
+            if not chunk:
+                break
+            piece = relay.feed(chunk)
+            if piece is None:  # over the limit: cut
+                if pending:
+                    yield b"".join(pending)
+                return
+            if piece:
+                pending.append(piece)
+        pending.append(relay.end())
+        yield b"".join(pending)
+
+
+class _Direct:
+    """One egress call with its request body whole, served from callbacks (no task, no generator):
+    the request goes up at once on an idle pooled connection (a new one is made by a small task when
+    there is none), the upstream connection's callbacks (``Connection.notify``) call :meth:`wake`, which
+    relays what has arrived to the worker (``Sink.write``) through the same :class:`_Relay` as the
+    coroutine's way, pausing while the worker does not read (the upstream connection buffers up to its
+    high-water mark, then stops reading). One timer per call: no progress for ``timeout`` seconds
+    (connecting, sending, waiting for the head or for more of the body) ends it, as a 504 before the
+    head, a cut answer after. A pooled connection the upstream had closed before answering is replaced
+    once for idempotent methods, as on the other way. The worker leaving (``cancel``) drops the
+    upstream connection."""
+
+    __slots__ = (
+        "body",
+        "call",
+        "conn",
+        "connecting",
+        "egress",
+        "ex",
+        "finished",
+        "last",
+        "loop",
+        "relay",
+        "retried",
+        "reused",
+        "sink",
+        "started",
+        "stats",
+        "timer",
+    )
+
+    def __init__(self, egress: Egress, ex: Exchange, call: _Call, body: bytes, sink: Sink) -> None:
+        self.egress, self.ex, self.call, self.sink = egress, ex, call, sink
+        self.body = (_chunk(body) + _LAST_CHUNK) if call.chunked else body
+        self.conn: Connection | None = None
+        self.connecting: asyncio.Task[None] | None = None
+        self.relay: _Relay | None = None
+        self.finished = self.retried = self.reused = False
+        self.stats = egress._stats(call.route)
+        self.stats.requests += 1
+        self.started = time.monotonic()
+        pool = egress._pool()
+        loop = self.loop = pool.loop
+        self.last = loop.time()
+        self.timer = loop.call_later(egress.settings.timeout, self._tick)
+        conn = pool.idle_conn(call.origin)
+        if conn is None:
+            self._connect()
+        else:
+            self._send(conn, True)
+
+    # -- Direct (the worker's side)
+    def cancel(self) -> None:
+        self._end(False, notify=False)
+
+    def resume(self) -> None:
+        if not self.finished and self.relay is not None:
+            self.loop.call_soon(self.wake)  # not from within the transport's callback
+
+    # -- the upstream's side
+    def _connect(self) -> None:
+        self.connecting = self.loop.create_task(self._connected())
+
+    async def _connected(self) -> None:
+        try:
+            conn = await self.egress._pool().connect(self.call.origin, self.egress.settings.timeout)
+        except UpstreamError as exc:
+            self.connecting = None
+            self._fail(exc)
+            return
+        self.connecting = None
+        if self.finished:
+            conn.close()
+            return
+        self._send(conn, False)
+
+    def _send(self, conn: Connection, reused: bool) -> None:
+        self.conn, self.reused = conn, reused
+        conn.begin(self.call.method == "HEAD")
+        conn.notify = self.wake
+        try:
+            conn.push(self.call.head + self.body)
+        except UpstreamError as exc:
+            self.loop.call_soon(self._fail, exc)  # never done() from within the start
+
+    def wake(self) -> None:
+        """Relay whatever the upstream connection has for the worker now (from the upstream connection's
+        callbacks, and when the worker reads again). A bug costs this call, and says nothing of it."""
+        try:
+            self._relay_now()
+        except Exception as exc:
+            log.error("internal error relaying an egress answer (%s)", type(exc).__name__)
+            self.ex.close = True
+            if self.relay is None and not self.finished:
+                self.sink.write(self.egress.error(500, "internal", "internal error", close=True))
+            self._end(False)
+
+    def _relay_now(self) -> None:
+        conn = self.conn
+        if self.finished or conn is None:
+            return
+        self.last = self.loop.time()
+        pending: list[bytes] = []
+        relay = self.relay
+        if relay is None:
+            if not conn.head_done:
+                if conn.error is not None:
+                    self._fail(conn.error)
+                return
+            self.stats.answered(conn.status, time.monotonic() - self.started)
+            relay = _Relay(self.egress, self.ex, self.call)
+            try:
+                pending.append(relay.head(conn))
+            except _Bad as bad:
+                self.sink.write(bad.data)
+                self._end(False)
+                return
+            self.relay = relay  # from here on, the worker has (or is about to have) the head
+            if relay.bodyless:
+                self.sink.write(pending[0])
+                self._end(True)
+                return
+        sink = self.sink
+        if sink.write_blocked:
+            return
+        while conn.chunks:
+            piece = relay.feed(conn.take())
+            if piece is None:  # over the limit: the answer is cut
+                if pending:
+                    sink.write(b"".join(pending))
+                self._end(False)
+                return
+            if piece:
+                pending.append(piece)
+        if conn.complete:
+            pending.append(relay.end())
+            sink.write(b"".join(pending))
+            self._end(True)
+            return
+        if pending:
+            sink.write(b"".join(pending))
+        if conn.error is not None:  # the answer is cut: so is the worker's
+            relay.cut(conn.error)
+            self._end(False)
+
+    def _fail(self, exc: UpstreamError) -> None:
+        """No answer from the upstream: once more on a new connection where that is safe, else an error."""
+        if self.finished:
+            return
+        conn = self.conn
+        if (
+            not self.retried
+            and self.reused
+            and exc.kind == "closed"
+            and conn is not None
+            and not conn.got_bytes
+            and self.call.method in _IDEMPOTENT
+        ):
+            self.retried = True
+            conn.notify = None
+            conn.close()
+            self.conn = None
+            self._connect()
+            return
+        self.stats.failures[exc.kind] = self.stats.failures.get(exc.kind, 0) + 1
+        self.sink.write(self.egress._failed(self.call, exc))
+        self._end(False)
+
+    def _tick(self) -> None:
+        if self.finished:
+            return
+        t = self.egress.settings.timeout
+        left = self.last + t - self.loop.time()
+        if left > 0 or self.sink.write_blocked:  # progress meanwhile, or the worker is the slow one
+            self.timer = self.loop.call_later(left if left > 0 else t, self._tick)
+            return
+        exc = UpstreamError("timeout", "timed out")
+        if self.relay is None:
+            if self.connecting is not None:
+                self.connecting.cancel()
+                self.connecting = None
+            self._fail(exc)
+        else:
+            self.relay.cut(exc)
+            self._end(False)
+
+    def _end(self, ok: bool, *, notify: bool = True) -> None:
+        if self.finished:
+            return
+        self.finished = True
+        self.timer.cancel()
+        if self.connecting is not None:
+            self.connecting.cancel()
+        conn = self.conn
+        if conn is not None:
+            conn.notify = None
+            if ok:
+                self.egress._pool().release(conn)
+            else:
+                conn.close()
+        if notify:
+            self.sink.done(self.ex)
+
+
+class _Bad(Exception):
+    """An answer the agent makes instead of the upstream's (its head was unusable)."""
+
+    def __init__(self, data: bytes) -> None:
+        super().__init__("unusable upstream answer")
+        self.data = data
+
+
+class _Relay:
+    """The answer on its way down, for either path (the coroutine's ``_relay``, the callbacks'
+    ``_Direct``): ``head`` rewrites the head (hop-by-hop headers dropped, the key scrubbed, the framing
+    chosen) or raises ``_Bad``; ``feed`` scrubs and frames each piece of the body (None past
+    ``max_answer``: the answer is cut); ``end`` the rest. The connection to the worker is marked to close
+    (``ex.close``) wherever the answer cannot be framed whole."""
+
+    __slots__ = ("bodyless", "call", "chunked", "egress", "ex", "length", "relayed", "scrub")
+
+    def __init__(self, egress: Egress, ex: Exchange, call: _Call) -> None:
+        self.egress, self.ex, self.call = egress, ex, call
+        self.length: int | None = None
+        self.chunked = self.bodyless = False
+        self.relayed = 0
+        self.scrub: _Scrubber | None = None
+
+    def head(self, conn: Connection) -> bytes:
+        call, eg = self.call, self.egress
         status = conn.status
         length: int | None = None
         raw = conn.headers
@@ -480,38 +800,41 @@ class Egress:
                 continue
             if n == b"content-length":
                 if not v.isdigit() or len(v) > 18 or (length is not None and int(v) != length):
-                    yield self.error(
-                        502,
-                        "bad_upstream",
-                        f"egress route {call.route!r}: the upstream's answer is malformed (Content-Length)",
-                        close=not call.keep_alive,
-                    )
                     conn.keep_alive = False
-                    return
+                    raise _Bad(
+                        eg.error(
+                            502,
+                            "bad_upstream",
+                            f"egress route {call.route!r}: the upstream's answer is malformed (Content-Length)",
+                            close=not call.keep_alive,
+                        )
+                    )
                 if length is not None:
                     continue
                 length = int(v)
             if b"\r" in v or b"\n" in v:
                 continue
             out.append(k + b": " + _scrub_all(v, call.needles) + b"\r\n")
-        bodyless = call.method == "HEAD" or status in (204, 304)
-        if not bodyless and length is not None and length > s.max_answer:
+        self.length = length
+        bodyless = self.bodyless = call.method == "HEAD" or status in (204, 304)
+        max_answer = eg.settings.max_answer
+        if not bodyless and length is not None and length > max_answer:
             conn.keep_alive = False
-            yield self.error(
-                502,
-                "answer_too_large",
-                f"egress route {call.route!r}: the upstream's answer is over {s.max_answer} bytes",
-                close=not call.keep_alive,
+            raise _Bad(
+                eg.error(
+                    502,
+                    "answer_too_large",
+                    f"egress route {call.route!r}: the upstream's answer is over {max_answer} bytes",
+                    close=not call.keep_alive,
+                )
             )
-            return
         close = b"" if call.keep_alive else b"Connection: close\r\n"
-        chunked = False
         if not bodyless and length is None:
             if call.keep_alive and not call.http10:
-                chunked = True
+                self.chunked = True
                 out.append(b"Transfer-Encoding: chunked\r\n")
             else:
-                ex.close = True
+                self.ex.close = True
                 close = b"Connection: close\r\n"
         line = _STATUS.get(status)
         if line is None:
@@ -520,48 +843,51 @@ class Egress:
             except ValueError:
                 phrase = "Unknown"
             line = b"HTTP/1.1 %d %s\r\n" % (status, phrase.encode())
-        pending = [line, *out, close, b"\r\n"]
         log.debug("egress %s: %s %d", call.route, call.method, status)
-        if bodyless:
-            yield b"".join(pending)
-            return
-        scrub = _Scrubber(call.needles)
-        relayed = 0
-        t = s.timeout
-        while True:
-            if pending and not conn.chunks and not conn.complete:  # about to wait: send what is here
-                yield b"".join(pending)
-                pending.clear()
-            try:
-                chunk = await conn.read(t)
-            except UpstreamError as exc:  # the answer is cut: so is the worker's
-                log.warning("egress %s: upstream answer cut (%s)", call.route, exc)
-                ex.close = True
-                if pending:
-                    yield b"".join(pending)
-                return
-            if not chunk:
-                break
-            relayed += len(chunk)
-            if relayed > s.max_answer:
-                log.warning("egress %s: answer over %d bytes; connection cut", call.route, s.max_answer)
-                ex.close = True
-                conn.keep_alive = False
-                if pending:
-                    yield b"".join(pending)
-                return
-            data = scrub.feed(chunk)
-            if data:
-                pending.append(b"%x\r\n%b\r\n" % (len(data), data) if chunked else data)
-        tail = scrub.flush()
-        if tail:
-            pending.append(b"%x\r\n%b\r\n" % (len(tail), tail) if chunked else tail)
-        if chunked:
-            pending.append(b"0\r\n\r\n")
-        if length is not None and relayed != length:
-            ex.close = True
-        if pending:
-            yield b"".join(pending)
+        if not bodyless:
+            self.scrub = _Scrubber(eg._scrub_order(call.needles), ordered=True)
+        return b"".join((line, *out, close, b"\r\n"))
+
+    def feed(self, chunk: bytes) -> bytes | None:
+        self.relayed += len(chunk)
+        if self.relayed > self.egress.settings.max_answer:
+            log.warning(
+                "egress %s: answer over %d bytes; connection cut", self.call.route, self.egress.settings.max_answer
+            )
+            self.ex.close = True
+            return None
+        assert self.scrub is not None
+        data = self.scrub.feed(chunk)
+        if data and self.chunked:
+            return b"%x\r\n%b\r\n" % (len(data), data)
+        return data
+
+    def end(self) -> bytes:
+        assert self.scrub is not None
+        tail = self.scrub.flush()
+        if tail and self.chunked:
+            tail = b"%x\r\n%b\r\n" % (len(tail), tail)
+        if self.chunked:
+            tail += b"0\r\n\r\n"
+        if self.length is not None and self.relayed != self.length:
+            self.ex.close = True
+        return tail
+
+    def cut(self, exc: UpstreamError) -> None:
+        log.warning("egress %s: upstream answer cut (%s)", self.call.route, exc)
+        self.ex.close = True
+
+
+_LAST_CHUNK: Final = b"0\r\n\r\n"
+
+
+def _chunk(data: bytes | bytearray) -> bytes:
+    return b"%x\r\n" % len(data) + data + b"\r\n" if data else b""
+
+
+def _whole(kept: bytearray | None, body: Body) -> bool:
+    """``kept`` holds the whole request body (all of it read, none of it left out): it can be sent again."""
+    return kept is not None and body.complete and len(kept) == body.received
 
 
 def _check_path(path: str) -> None:
@@ -579,18 +905,23 @@ def _scrub_all(data: bytes, needles: tuple[bytes, ...]) -> bytes:
     return data
 
 
+def _scrub_order(needles: tuple[bytes, ...]) -> tuple[bytes, ...]:
+    """The needles worth scrubbing, longest first."""
+    return tuple(sorted({n for n in needles if len(n) >= SCRUB_MIN}, key=len, reverse=True))
+
+
 class _Scrubber:
     """Overwrites the needles in a stream, across chunk boundaries: a chunk's tail that could begin a
     needle is held back until the next chunk (or the end) tells. Same length in and out."""
 
-    def __init__(self, needles: tuple[bytes, ...]) -> None:
-        self.needles = sorted({n for n in needles if len(n) >= SCRUB_MIN}, key=len, reverse=True)
+    def __init__(self, needles: tuple[bytes, ...], ordered: bool = False) -> None:
+        self.needles = needles if ordered else _scrub_order(needles)
         self.held = b""
 
     def feed(self, chunk: bytes) -> bytes:
         if not self.needles:
             return chunk
-        data = _scrub_all(self.held + chunk, tuple(self.needles))
+        data = _scrub_all(self.held + chunk, self.needles)
         hold, end = 0, len(data)
         for n in self.needles:  # the longest tail of data that begins a needle: where its first byte is
             first = n[:1]

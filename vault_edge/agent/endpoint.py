@@ -22,9 +22,10 @@ Edge workers read secrets here on every request, so the path is built for that r
 * Pipelined requests are answered in order; a long-poll (the app answers :class:`Hold`) holds the
   ones behind it.
 * An app may take a request whole and stream its answer (:class:`Exchange`: the agent's egress
-  proxy): the transport reads the request's body (Content-Length framed, up to the app's limit),
-  then writes what the app yields as it comes, pausing while the client does not read, and cancels
-  the app's work when the client goes away. Only then may a request carry a body, or an absolute
+  proxy): the transport reads the request's body (Content-Length framed, or chunked: decoded here,
+  extensions and trailers dropped; up to the app's limit), then writes what the app yields as it comes, pausing while the client does not read, and cancels
+  the app's work when the client goes away (or, when the body is whole at the head, lets the app
+  answer from callbacks: :class:`Direct`, no task). Only then may a request carry a body, or an absolute
   URI (``GET https://host/path``, as forward-proxy clients send) for a target.
 
 Local callers cannot exhaust the agent's descriptors (``Listener``): the listener accepts connections
@@ -38,8 +39,9 @@ request brings its connection's epoch up to date, so a connection whose epoch is
 previous pass has sent nothing since.
 
 Hostile input: heads over 8 KiB get 431, malformed ones 400, request bodies and Transfer-Encoding are
-refused (answer, then close) but where an :class:`Exchange` takes them (a chunked body gets 411, one
-over its limit 413, one not finished within ``BODY_TIMEOUT_S`` 408), heads left unfinished for 10 s
+refused (answer, then close) but where an :class:`Exchange` takes them (a body over its limit gets
+413, a malformed chunked one 400, a transfer coding other than chunked 501, one not finished within
+``BODY_TIMEOUT_S`` 408), heads left unfinished for 10 s
 (``head_timeout``) get 408; all close the connection (the app renders these errors, so they carry
 its headers), and a client that stops reading is paused at the transport's write-buffer limit.
 Nothing here logs or raises with request bytes in it.
@@ -96,12 +98,16 @@ REASONS: Final = {
     413: "Content Too Large",
     431: "Request Header Fields Too Large",
     500: "Internal Server Error",
+    501: "Not Implemented",
     502: "Bad Gateway",
     503: "Service Unavailable",
     504: "Gateway Timeout",
     505: "HTTP Version Not Supported",
 }
 STATUS_LINE: Final = {code: f"HTTP/1.1 {code} {reason}\r\n".encode() for code, reason in REASONS.items()}
+_CHUNK_LINE_MAX: Final = 4096  # a chunk-size line with its extensions
+_TRAILERS_MAX: Final = 8192  # a chunked body's trailer section (read and dropped)
+_CHUNK_SIZE_RE = re.compile(rb"([0-9A-Fa-f]{1,15})(?:;[\x09\x20-\x7e]*)?")
 _EXPECT_CONTINUE = re.compile(rb"\r\nexpect:[ \t]*100-continue", re.IGNORECASE)
 _TARGET_RE = re.compile(rb"/[\x21-\x7e]*|https?://[\x21-\x7e]+")  # origin- or absolute-form, visible ASCII
 
@@ -119,7 +125,7 @@ class Request(NamedTuple):
     accept: str | None
     token: str | None
     keep_alive: bool
-    body_len: int  # -1: chunked (Transfer-Encoding)
+    body_len: int  # -1: chunked (Transfer-Encoding: chunked)
     head: bytes = b""  # the raw head, for apps that read more of it (Exchange)
 
 
@@ -157,20 +163,32 @@ class BodyTimeout(BodyError):
     """No byte of the request body came within ``BODY_TIMEOUT_S``."""
 
 
-class Body:
-    """A request body as it arrives (Content-Length framed), for an :class:`Exchange`: ``await read()``
-    gives the bytes that have come since the last read (waiting for some), ``b""`` at the end. The
-    client is paused while more than ``BODY_BUFFER`` bytes wait unread, so a body streams through the
-    agent (to the upstream) without being held whole. ``length`` is the Content-Length."""
+class BodyRefused(BodyError):
+    """The transport refused the rest of a chunked body (malformed framing, over the limit): ``status``
+    and the message (safe to show) are the answer, if none was begun."""
 
-    __slots__ = ("_flow", "buffered", "chunks", "failed", "length", "need", "timeout", "waiter")
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class Body:
+    """A request body as it arrives, for an :class:`Exchange`: ``await read()`` gives the bytes that
+    have come since the last read (waiting for some), ``b""`` at the end. The client is paused while
+    more than ``BODY_BUFFER`` bytes wait unread, so a body streams through the agent (to the upstream)
+    without being held whole. ``length`` is the Content-Length, or -1 for a chunked body (decoded by
+    the transport, which calls ``end()`` at its last chunk); ``received`` counts the bytes so far."""
+
+    __slots__ = ("_flow", "buffered", "chunks", "error", "length", "need", "received", "timeout", "waiter")
 
     def __init__(self, length: int, flow: Callable[[], None] | None = None, timeout: float | None = None) -> None:
-        self.length, self.need, self._flow = length, length, flow
+        self.length, self._flow = length, flow
+        self.need = length if length >= 0 else 1  # chunked: 1 until the last chunk
         self.timeout = BODY_TIMEOUT_S if timeout is None else timeout
         self.chunks: list[bytes] = []
         self.buffered = 0
-        self.failed = False
+        self.received = 0
+        self.error: BodyError | None = None
         self.waiter: asyncio.Future[None] | None = None
 
     @classmethod
@@ -180,15 +198,31 @@ class Body:
         b.feed(data)
         return b
 
+    @property
+    def failed(self) -> bool:
+        return self.error is not None
+
+    @property
+    def complete(self) -> bool:
+        """All of the body has come and been read."""
+        return self.need <= 0 and not self.chunks
+
     def feed(self, data: bytes) -> None:
         if data:
             self.chunks.append(data)
-            self.need -= len(data)
+            if self.length >= 0:
+                self.need -= len(data)
+            self.received += len(data)
             self.buffered += len(data)
             self._wake()
 
-    def fail(self) -> None:
-        self.failed = True
+    def end(self) -> None:
+        """A chunked body's last chunk came."""
+        self.need = 0
+        self._wake()
+
+    def fail(self, error: BodyError | None = None) -> None:
+        self.error = error or BodyError("the client went away before the request body was finished")
         self._wake()
 
     def _wake(self) -> None:
@@ -204,8 +238,8 @@ class Body:
         while not self.chunks:
             if self.need <= 0:
                 return b""
-            if self.failed:
-                raise BodyError("the client went away before the request body was finished")
+            if self.error is not None:
+                raise self.error
             loop = asyncio.get_running_loop()
             fut = self.waiter = loop.create_future()
             timer = loop.call_later(self.timeout, _stalled, fut)
@@ -221,6 +255,13 @@ class Body:
             self._flow()
         return data
 
+    def take(self) -> bytes:
+        """What has come of the body, without waiting (a whole body, for a :class:`Direct` exchange)."""
+        data = b"".join(self.chunks)
+        self.chunks.clear()
+        self.buffered = 0
+        return data
+
     async def drain(self) -> None:
         """Read and drop the rest (a refused request whose connection stays in step)."""
         while await self.read():
@@ -232,19 +273,123 @@ def _stalled(fut: asyncio.Future[None]) -> None:
         fut.set_exception(BodyTimeout("the request body was not finished in time"))
 
 
+class Dechunker:
+    """Decodes a chunked request body (RFC 9112 §7.1) as its bytes arrive, strictly: CRLF line ends,
+    a chunk size of hex digits only (at most 15), extensions bounded and dropped, the trailer section
+    bounded and dropped. ``feed(data)`` gives (bytes of ``data`` consumed, the body bytes they held);
+    ``done`` once the last chunk and the trailers are in (what follows is the next request's).
+    BadRequest (400, or 413 past ``limit`` body bytes) on anything else."""
+
+    __slots__ = ("done", "left", "limit", "line", "state", "total", "trailers")
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.state = 0  # 0: size line, 1: data, 2: CRLF after data, 3: trailer section
+        self.left = 0  # data bytes left in the current chunk
+        self.line = b""  # a partial line (size line, the CRLF after data, trailers)
+        self.total = 0
+        self.trailers = 0  # bytes of the trailer section so far
+        self.done = False
+
+    def feed(self, data: bytes) -> tuple[int, list[bytes]]:
+        out: list[bytes] = []
+        pos, n = 0, len(data)
+        while pos < n and not self.done:
+            if self.state == 1:
+                size = min(self.left, n - pos)
+                out.append(data[pos : pos + size])
+                pos += size
+                self.left -= size
+                if not self.left:
+                    self.state = 2
+                continue
+            if self.state == 2:
+                take = data[pos : pos + 2 - len(self.line)]
+                self.line += take
+                pos += len(take)
+                if len(self.line) < 2:
+                    break
+                if self.line != b"\r\n":
+                    raise BadRequest(400, "malformed chunked body (no CRLF after a chunk's data)")
+                self.line, self.state = b"", 0
+                continue
+            end = data.find(b"\n", pos)
+            if end < 0:
+                self.line += data[pos:]
+                pos = n
+                self._bound()
+                break
+            line, pos = self.line + data[pos : end + 1], end + 1
+            self.line = b""
+            if self.state == 3:
+                self.trailers += len(line)
+            if len(line) > _CHUNK_LINE_MAX or self.trailers > _TRAILERS_MAX:
+                raise BadRequest(400, "malformed chunked body (a chunk-size line or the trailers too long)")
+            if not line.endswith(b"\r\n") or b"\r" in line[:-2]:
+                raise BadRequest(400, "malformed chunked body (lines must end in CRLF)")
+            line = line[:-2]
+            if self.state == 3:
+                if not line:
+                    self.done = True
+                continue
+            m = _CHUNK_SIZE_RE.fullmatch(line)
+            if m is None:
+                raise BadRequest(400, "malformed chunked body (a chunk size is hex digits)")
+            size = int(m.group(1), 16)
+            self.total += size
+            if self.total > self.limit:
+                raise BadRequest(413, f"the request body is over {self.limit} bytes")
+            self.left, self.state = size, (1 if size else 3)
+        return pos, out
+
+    def _bound(self) -> None:
+        if len(self.line) > _CHUNK_LINE_MAX or self.trailers + len(self.line) > _TRAILERS_MAX:
+            raise BadRequest(400, "malformed chunked body (a chunk-size line or the trailers too long)")
+
+
 class Exchange:
     """A request the app takes whole and answers as a stream (the egress proxy): ``run(body)`` reads
-    the request's :class:`Body` as it arrives (at most ``max_body`` bytes, Content-Length framed) and
-    yields the answer's pieces (its head first, framed by the app), written as they come. A client
-    that goes away cancels ``run``; a :class:`BodyError` it lets through is answered here (408 for a
-    stalled body). The app sets ``close`` to have the connection closed after the answer (a body
-    delimited by the close); a body ``run`` left unread closes it too. Never cached; holds the
-    requests pipelined behind it."""
+    the request's :class:`Body` as it arrives (at most ``max_body`` bytes) and yields the answer's
+    pieces (its head first, framed by the app), written as they come. A client that goes away cancels
+    ``run``; a :class:`BodyError` it lets through is answered here (408 for a stalled body). The app
+    sets ``close`` to have the connection closed after the answer (a body delimited by the close); a
+    body ``run`` left unread closes it too. Never cached; holds the requests pipelined behind it.
 
-    __slots__ = ("close", "max_body", "run")
+    ``direct``, when the app gives one, serves the request without a task when its body is already
+    whole (the common case: no body, or a small one that came with the head): ``direct(body, sink)``
+    starts it and returns a :class:`Direct`; the app then writes the answer with ``sink.write``
+    (stopping while ``sink.write_blocked``, until ``Direct.resume``) and calls ``sink.done(ex)`` once,
+    never from within ``direct`` itself."""
+
+    __slots__ = ("close", "direct", "max_body", "run")
 
     def __init__(self, max_body: int, run: Callable[[Body], AsyncIterator[bytes]]) -> None:
         self.max_body, self.run, self.close = max_body, run, False
+        self.direct: Callable[[bytes, Sink], Direct] | None = None
+
+
+class Sink(Protocol):
+    """Where a :class:`Direct` exchange writes its answer: the client's connection."""
+
+    write_blocked: bool  # the client is not reading: stop until Direct.resume()
+
+    def write(self, data: bytes) -> None: ...
+
+    def done(self, ex: Exchange) -> None:
+        """The answer is whole (or cut, with ``ex.close``): the connection goes on with the next request."""
+        ...
+
+
+class Direct(Protocol):
+    """A request served from callbacks (see :class:`Exchange`)."""
+
+    def cancel(self) -> None:
+        """The client went away: drop the work, write nothing more, never call ``done``."""
+        ...
+
+    def resume(self) -> None:
+        """The client reads again."""
+        ...
 
 
 class App(Protocol):
@@ -583,9 +728,9 @@ class HeadParser:
         "_parser",
         "accept",
         "body_len",
-        "chunked",
         "keep_alive",
         "method",
+        "te",
         "token",
         "tokens",
         "url",
@@ -602,7 +747,7 @@ class HeadParser:
         self.token: bytes | None = None
         self.tokens = 0
         self.body_len = 0
-        self.chunked = False
+        self.te: bytes | None = None
         self.method = b""
         self.version = ""
         self.keep_alive = False
@@ -620,7 +765,7 @@ class HeadParser:
         elif n == b"content-length":
             self.body_len = int(value)  # llhttp has checked the digits, the size and duplicates
         elif n == b"transfer-encoding":
-            self.chunked = True
+            self.te = value if self.te is None else self.te + b"," + value
 
     def on_headers_complete(self) -> None:  # llhttp resets these when the message completes
         p = self._parser
@@ -647,13 +792,15 @@ class HeadParser:
             raise BadRequest(400, "the request target must be a path (origin-form, ASCII)")
         if self.tokens > 1:
             raise BadRequest(400, "more than one X-Vault-Edge-Token header")
+        if self.te is not None and self.te.strip(b" \t").lower() != b"chunked":
+            raise BadRequest(501, "the only transfer coding served is chunked")
         return Request(
             self.method.decode("ascii"),
             self.url.decode("ascii"),
             None if self.accept is None else self.accept.decode("latin-1"),
             None if self.token is None else self.token.decode("latin-1"),
             self.keep_alive,
-            -1 if self.chunked else self.body_len,
+            -1 if self.te is not None else self.body_len,
             head,
         )
 
@@ -678,13 +825,16 @@ class _Conn(asyncio.Protocol):
         self.epoch = -1
         self.closing = False
         self.partial_since: float | None = None  # when an unfinished head started waiting (slow clients)
-        self.watch: asyncio.Task[None] | None = None  # a Hold in progress
+        self.watch: asyncio.Task[None] | Direct | None = None  # a Hold or an Exchange in progress
+        self.direct: Direct | None = None  # the watch, when it is a Direct exchange
+        self.exchange_keep_alive = False
         self.write_blocked = False  # the client is not reading its answers
         self.reading_paused = False
         self.heads: HeadParser | None = None  # made at the first cache miss
         self.eof = False  # the client has finished sending (half-close) while a watch was pending
         self.hits = 0  # answers replayed from the cache (metrics; a plain int on the hot path)
         self.body: Body | None = None  # an Exchange's request body while bytes of it are still to come
+        self.dechunk: Dechunker | None = None  # ... and its decoder, when chunked
         self.drain: asyncio.Future[None] | None = None  # an Exchange waiting for the client to read
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -716,9 +866,10 @@ class _Conn(asyncio.Protocol):
         self.closing = True
         if self.body is not None:
             self.body.fail()
-            self.body = None
+            self.body, self.dechunk = None, None
         if self.watch is not None:
             self.watch.cancel()
+            self.direct = None
         self.buf = b""
         self.cache.clear()
 
@@ -739,6 +890,8 @@ class _Conn(asyncio.Protocol):
         self.write_blocked = False
         if self.drain is not None and not self.drain.done():
             self.drain.set_result(None)
+        if self.direct is not None:
+            self.direct.resume()
         self._flow()
 
     def _flow(self) -> None:
@@ -785,12 +938,8 @@ class _Conn(asyncio.Protocol):
     def _process(self) -> None:
         """Answer every complete request in the buffer, in order, until a hold or a close."""
         body = self.body
-        if body is not None:  # an Exchange's body arriving: handed over as it comes
-            take = self.buf[: body.need]
-            self.buf = self.buf[len(take) :]
-            body.feed(take)
-            if body.need <= 0:
-                self.body = None
+        if body is not None and not self._body_bytes(body, self.buf):  # an Exchange's body, as it comes
+            return  # refused: the Exchange answers it
         out: list[bytes] = []
         buf, pos = self.buf, 0
         app, caller, transport = self.app, self.caller, self.transport
@@ -810,17 +959,24 @@ class _Conn(asyncio.Protocol):
                 req = self.heads.parse(head)
                 ans = app.answer(req, caller)  # the one call into the app, on a cache miss
                 if isinstance(ans, Exchange):
-                    if req.body_len < 0:
-                        raise BadRequest(411, "a request body must be sent with a Content-Length")
                     if req.body_len > ans.max_body:
                         raise BadRequest(413, f"the request body is over {ans.max_body} bytes")
                     if req.body_len:
                         self.heads = None  # its parser expects the body it was not fed: a new one for the next
-                    got = min(req.body_len, len(buf) - pos)
                     body = Body(req.body_len, self._flow)
-                    body.feed(buf[pos : pos + got])
+                    if req.body_len < 0:
+                        self.dechunk = Dechunker(ans.max_body)
+                        used, pieces = self.dechunk.feed(buf[pos:])  # BadRequest before the app runs
+                        for piece in pieces:
+                            body.feed(piece)
+                        if self.dechunk.done:
+                            body.end()
+                            self.dechunk = None
+                    else:
+                        used = min(req.body_len, len(buf) - pos)
+                        body.feed(buf[pos : pos + used])
                     self.body = body if body.need else None
-                    pos += got
+                    pos += used
                     if body.need and _EXPECT_CONTINUE.search(head):
                         out.append(b"HTTP/1.1 100 Continue\r\n\r\n")  # curl waits a second for it otherwise
                     if out:
@@ -855,6 +1011,33 @@ class _Conn(asyncio.Protocol):
         else:
             self.partial_since = None
         self._flow()
+
+    def _body_bytes(self, body: Body, data: bytes) -> bool:
+        """Hand what ``data`` holds of the body in flight over to it; the rest stays in the buffer.
+        False when the body is refused (a malformed chunked one, or over the limit): the app's read
+        raises, and the connection, out of step, ends with its answer."""
+        dechunk = self.dechunk
+        if dechunk is None:
+            take = data[: body.need]
+            body.feed(take)
+        else:
+            try:
+                used, pieces = dechunk.feed(data)
+            except BadRequest as bad:
+                self.buf, self.body, self.dechunk = b"", None, None
+                body.fail(BodyRefused(bad.status, str(bad)))
+                self._flow()
+                return False
+            for piece in pieces:
+                body.feed(piece)
+            take = data[:used]
+            if dechunk.done:
+                body.end()
+                self.dechunk = None
+        self.buf = data[len(take) :]
+        if body.need <= 0:
+            self.body = None
+        return True
 
     def _drop_cache(self) -> None:
         self.cache.clear()
@@ -906,7 +1089,34 @@ class _Conn(asyncio.Protocol):
 
         self.watch = asyncio.get_running_loop().create_task(held())
 
+    # -- a Direct exchange's Sink
+    def write(self, data: bytes) -> None:
+        if not self.closing and self.transport is not None:
+            self.transport.write(data)
+
+    def done(self, ex: Exchange) -> None:
+        self.watch = self.direct = None
+        if self.closing or self.transport is None:
+            return
+        if not self.exchange_keep_alive or ex.close:
+            self.closing = True
+            self.transport.close()
+            return
+        if self.epoch != self.app.epoch:
+            self._drop_cache()
+        if self.buf:
+            self._process_safely()
+        else:
+            self._flow()
+        if self.eof and self.watch is None and not self.closing:
+            self.closing = True
+            self.transport.close()
+
     def _start_exchange(self, ex: Exchange, body: Body, keep_alive: bool) -> None:
+        if ex.direct is not None and body.need <= 0:  # the body is whole: no task needed
+            self.exchange_keep_alive = keep_alive
+            self.watch = self.direct = ex.direct(body.take(), self)
+            return
         loop = asyncio.get_running_loop()
 
         async def exchanged() -> None:
@@ -926,6 +1136,8 @@ class _Conn(asyncio.Protocol):
                 self.watch = None
                 if not sent and isinstance(exc, BodyTimeout):
                     self.refuse(408, str(exc))
+                elif not sent and isinstance(exc, BodyRefused):
+                    self.refuse(exc.status, str(exc))
                 elif self.transport is not None and not self.closing:
                     self.closing = True
                     self.transport.close()
@@ -941,7 +1153,7 @@ class _Conn(asyncio.Protocol):
                 return
             if body.need > 0 or body.chunks:  # the app left some of the body unread: out of step
                 ex.close = True
-                self.body = None
+                self.body, self.dechunk = None, None
             self.watch = None
             if self.closing or self.transport is None:
                 return

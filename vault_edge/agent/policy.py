@@ -140,6 +140,7 @@ class Policy:
         )
         self._memo: dict[tuple[int, int, str | None, bytes | None, str], bool] = {}
         self.memo_bytes = 0
+        self._egress_memo: dict[tuple[int, int, str | None, bytes | None, str], bool] = {}
 
     def __repr__(self) -> str:
         where = self.source or ("<default: owner and root>" if self.rules is None else "<rules>")
@@ -177,11 +178,19 @@ class Policy:
 
     def allows_egress(self, caller: Caller, token: str | None, route: str) -> bool:
         """Whether the caller may call the egress route ``route`` (judged as reads are, by its own
-        patterns; not memoized: an egress call costs a network round trip anyway)."""
+        patterns; memoized as reads are, in a memo of its own)."""
         digest = None if token is None else _digest(token)
-        if self.rules is None:
-            return digest is None and caller.uid in (0, self.owner_uid)
-        return any(r.matches_identity(caller) and r.covers_route(route) for r in self._candidates(digest))
+        key = (caller.uid, caller.gid, caller.exe, digest, route)
+        hit = self._egress_memo.get(key)
+        if hit is None:
+            if len(self._egress_memo) >= _MEMO_MAX:  # entries are small: route names are at most 63 bytes
+                self._egress_memo.clear()
+            if self.rules is None:
+                hit = digest is None and caller.uid in (0, self.owner_uid)
+            else:
+                hit = any(r.matches_identity(caller) and r.covers_route(route) for r in self._candidates(digest))
+            self._egress_memo[key] = hit
+        return hit
 
     def _candidates(self, digest: bytes | None) -> list[Rule]:
         if self.rules is None:

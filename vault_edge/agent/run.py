@@ -180,6 +180,7 @@ async def run(cfg: AgentConfig) -> int:
         verify=cfg.tls_ca or True,
         restored=restored,
         enroll_timeout=cfg.enroll_timeout,
+        report=api.egress.report,
     )
     metrics_server = None
     if cfg.metrics_addr is not None:

@@ -1,9 +1,14 @@
 """Enrolment and the long-poll sync loop with the control plane (signed requests over :mod:`http1`).
 
-    GET /v1/agent/sync?since=R&wait=S&proto=2[&full=1]   (signed by the node; ``since`` is the
-                                                          applied revision)
+    GET /v1/agent/sync?since=R&wait=S&proto=2[&full=1][&egress=REPORT]
+                            (signed by the node, query included; ``since`` is the applied revision,
+                            ``egress`` the egress proxy's counters: ``wire.egress.Report``)
       → what changed after R (a delta), or the full view (at enrolment, after a gap the control plane
         no longer holds, or when asked with ``full=1``), or, after S seconds, a signed ``unchanged``
+
+The control plane records each poll as the node's contact, with its applied revision and its egress
+report (cumulative counters since the agent started, per route): ``vault-edge node list|status``
+shows them. They are as fresh as the poll that carried them: up to one ``--wait`` old.
 
 Each answer is verified and decrypted off to the side (``bundle.open_answer``), written to the disk
 cache (a full answer as its base, a delta appended to its log), then installed in one assignment
@@ -33,7 +38,7 @@ import random
 import secrets
 import socket
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -44,6 +49,7 @@ from vault_edge.agent.http1 import Answer, Client, PathFailure
 from vault_edge.agent.identity import Enrolment, Identity, save_enrolment
 from vault_edge.agent.view import AgentState
 from vault_edge.crypto import signing
+from vault_edge.wire import egress as wegress
 from vault_edge.wire import enrol as wenrol
 from vault_edge.wire import revoke
 from vault_edge.wire import sync as wsync
@@ -174,6 +180,7 @@ class Syncer:
         http: Exchange | None = None,
         restored: Chain | None = None,
         enroll_timeout: float = ENROLL_TIMEOUT_S,
+        report: Callable[[], str | None] | None = None,
     ) -> None:
         self.identity, self.state, self.cache = identity, state, cache
         self.server = server.rstrip("/")
@@ -189,6 +196,7 @@ class Syncer:
         self.chain = restored  # the answers behind the installed view, for the disk cache
         self.want_full = restored is None or restored.written is None
         self.received_at = state.clock.wall()
+        self.report = report  # the egress counters, carried in each poll's (signed) query
 
     async def close(self) -> None:
         await self.http.aclose()
@@ -319,6 +327,9 @@ class Syncer:
         target = f"/v1/agent/sync?since={held.revision}&wait={self.wait:g}&proto={wsync.PROTOCOL}"
         if self.want_full or held.revision == 0:
             target += "&full=1"
+        counts = self.report() if self.report is not None else None
+        if counts:  # in the signed target: the control plane stores it as this node's report
+            target += f"&{wegress.REPORT_PARAM}={counts}"
         headers = signed_headers(self.identity, "GET", target, b"", enrolment.node)
         resp = await self.http.request("GET", target, headers=headers, limit=MAX_BUNDLE, error_limit=MAX_ERROR_BODY)
         if resp.status_code == 403 and self._proves_revocation(resp, headers[wire.H_NONCE]):

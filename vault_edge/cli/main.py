@@ -561,7 +561,7 @@ def delete(name: str, destroy: bool, fmt: str) -> None:
 # -- nodes ---------------------------------------------------------------------------------------
 @cli.group()
 def node() -> None:
-    """Nodes (agents): join tokens, listing, revocation."""
+    """Nodes (agents): join tokens, listing, status (with egress counts), revocation."""
 
 
 @node.command("token")
@@ -594,9 +594,77 @@ def node_list(region: str | None, fmt: str) -> None:
         return
     table(
         None,
-        ["node", "region", "status", "revision", "last seen", "hostname"],
-        [(n["id"], n["region"], n["status"], n["revision"], ago(n["last_seen"]), n["hostname"]) for n in res["nodes"]],
+        ["node", "region", "status", "revision", "last seen", "egress calls", "hostname"],
+        [
+            (n["id"], n["region"], n["status"], n["revision"], ago(n["last_seen"]), _calls(n), n["hostname"])
+            for n in res["nodes"]
+        ],
     )
+
+
+def _calls(n: dict[str, Any]) -> str:
+    """A node's egress calls in a cell: the total, and the upstream answers that were not 2xx/3xx."""
+    eg = n.get("egress")
+    if not eg:
+        return "-"
+    routes = eg["routes"].values()
+    bad = sum(r["4xx"] + r["5xx"] for r in routes)
+    failed = sum(r["failed"] for r in routes)
+    extra = ", ".join(x for x in (f"{bad} 4xx/5xx" if bad else "", f"{failed} failed" if failed else "") if x)
+    return f"{eg['requests']}" + (f" ({extra})" if extra else "")
+
+
+@node.command("status")
+@click.argument("node_id")
+@output_option
+def node_status(node_id: str, fmt: str) -> None:
+    """One node: status, applied revision, last contact, and its egress calls per route (as of its
+    last contact, counted since the agent started)."""
+    with client() as c:
+        n = c.node(node_id)
+    if fmt == "json":
+        emit_json(n)
+        return
+    for label, v in (
+        ("node", n["id"]),
+        ("region", n["region"]),
+        ("hostname", n["hostname"]),
+        ("status", n["status"]),
+        ("revision", n["revision"]),
+        ("last seen", f"{ago(n['last_seen'])} ({when(n['last_seen'])})" if n["last_seen"] else "never"),
+        ("enrolled", when(n["enrolled_at"])),
+    ):
+        out.print(f"{label + ':':<10} {v}")
+    eg = n.get("egress")
+    if not eg:
+        out.print("egress:    no calls reported")
+        return
+    out.print(
+        f"egress:    {eg['requests']} calls since {when(eg['since'])} (the agent's start), as of its last contact"
+    )
+    table(
+        None,
+        ["route", "calls", "1xx", "2xx", "3xx", "4xx", "5xx", "failed", "mean ms"],
+        [
+            (
+                name,
+                r["requests"],
+                r["1xx"],
+                r["2xx"],
+                r["3xx"],
+                r["4xx"],
+                r["5xx"],
+                r["failed"],
+                _mean_ms(r),
+            )
+            for name, r in sorted(eg["routes"].items())
+        ],
+    )
+
+
+def _mean_ms(r: dict[str, int]) -> str:
+    answered = r["1xx"] + r["2xx"] + r["3xx"] + r["4xx"] + r["5xx"]
+    return f"{r['ms'] / answered:.1f}" if answered else "-"
 
 
 @node.command("revoke")

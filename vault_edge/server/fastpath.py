@@ -29,9 +29,10 @@ from vault_edge.server.contacts import ContactLog
 from vault_edge.server.context import Context
 from vault_edge.server.errors import ApiError, answer_of
 from vault_edge.server.hub import Hub
-from vault_edge.server.routes.agent import SYNC_PATH, SyncQuery, sync_answer
+from vault_edge.server.routes.agent import SYNC_PATH, SyncQuery, parse_report, sync_answer
 from vault_edge.server.sealhold import SealHold
 from vault_edge.server.storage.repo import TamperedRow
+from vault_edge.wire import egress as wegress
 
 log = logging.getLogger("vault_edge.server")
 
@@ -67,7 +68,11 @@ def parse_query(raw: bytes) -> SyncQuery:
     full = got.get("full", "false").lower()
     if full not in _TRUE | _FALSE:
         raise BadQuery("invalid request: query.full: a boolean")
-    return SyncQuery(since, wait, proto, full in _TRUE)
+    try:
+        report = parse_report(got.get(wegress.REPORT_PARAM))
+    except ApiError as exc:
+        raise BadQuery(exc.message) from None
+    return SyncQuery(since, wait, proto, full in _TRUE, report)
 
 
 class SyncFastPath:

@@ -22,6 +22,7 @@ from vault_edge.server.context import Context
 from vault_edge.server.errors import ApiError, unauthorized
 from vault_edge.server.hub import Hub, Member
 from vault_edge.server.ops.nodes import check_signature, refuse
+from vault_edge.wire import egress as wegress
 from vault_edge.wire import revoke
 
 
@@ -48,8 +49,10 @@ async def authenticate(
     headers: Mapping[str, str],
     body: bytes,
     applied: int,
+    report: wegress.Report | None = None,
 ) -> tuple[str, str, Member]:
-    """(node id, region, membership) of the caller, or an ApiError (401/403)."""
+    """(node id, region, membership) of the caller, or an ApiError (401/403). ``applied`` and
+    ``report`` (its egress counters) are recorded with its contact, once the signature holds."""
     node_id = headers.get(wire.H_NODE, "")
     if not wire.valid_node_id(node_id):
         raise unauthorized("missing or malformed node id")
@@ -60,7 +63,7 @@ async def authenticate(
             raise unauthorized("unknown node")
         region, member = found
         _, nonce = check_signature(ctx, method, target, headers, body, node_id, member.sign_public)
-        if not await contacts.record(node_id, nonce, applied):  # spent first: a replay earns nothing
+        if not await contacts.record(node_id, nonce, applied, report):  # spent first: a replay earns nothing
             raise unauthorized("replayed request (nonce already used)")
         if not member.active:
             raise Revoked(node_id, nonce)

@@ -350,3 +350,79 @@ def _strings(v: Any, what: str, limit: int) -> tuple[str, ...]:
     if not isinstance(v, list) or len(v) > limit or not all(isinstance(x, str) for x in v):
         raise WireError(f"{what}: a list of at most {limit} strings")
     return tuple(v)
+
+
+# -- the agent's egress counts, reported in its signed sync request ---------------------------------
+REPORT_PARAM: Final = "egress"  # the sync query parameter (in the signed target: the node vouches for it)
+REPORT_FIELDS: Final = ("requests", "1xx", "2xx", "3xx", "4xx", "5xx", "failed", "ms")
+REPORT_MAX: Final = 4096  # characters of an encoded report
+REPORT_ROUTES: Final = 64
+_COUNT_MAX: Final = 2**53 - 1  # exact in JSON and in JavaScript
+_COUNT_RE = re.compile(r"0|[1-9][0-9]{0,15}")
+
+
+@dataclass(frozen=True, slots=True)
+class Report:
+    """An agent's cumulative egress counters, since ``since`` (unix seconds: when it began counting,
+    its start), per route: calls sent upstream (``requests``), upstream answers by status class,
+    calls that got no upstream answer (``failed``), and the summed time to the answers' heads in
+    milliseconds (``ms``, for a mean). Counters, not rates: a report replaces the one before, and a
+    new ``since`` says the agent restarted.
+
+    Encoded for a query parameter with no character that needs escaping (route names are
+    ``[a-z0-9_-]``)::
+
+        SINCE/ROUTE:REQUESTS:1XX:2XX:3XX:4XX:5XX:FAILED:MS,ROUTE:...
+    """
+
+    since: int
+    routes: tuple[tuple[str, tuple[int, ...]], ...]  # (route, one count per REPORT_FIELDS), by name
+
+    def encode(self) -> str:
+        parts = ",".join(name + ":" + ":".join(map(str, counts)) for name, counts in self.routes)
+        return f"{self.since}/{parts}"
+
+    def to_json(self) -> dict[str, Any]:
+        return {"since": self.since, "routes": {n: dict(zip(REPORT_FIELDS, c, strict=True)) for n, c in self.routes}}
+
+    @property
+    def requests(self) -> int:
+        return sum(c[0] for _, c in self.routes)
+
+    @classmethod
+    def decode(cls, text: str) -> Report:
+        """Strictly: WireError (its message safe to show) on anything but what :meth:`encode` writes
+        within the bounds (``REPORT_MAX`` characters, ``REPORT_ROUTES`` routes, counts below 2^53)."""
+        if not isinstance(text, str) or len(text) > REPORT_MAX:
+            raise WireError(f"egress report: at most {REPORT_MAX} characters")
+        since, sep, rest = text.partition("/")
+        if not sep or not _COUNT_RE.fullmatch(since):
+            raise WireError("egress report: SINCE/ROUTE:COUNTS,... (SINCE in unix seconds)")
+        routes: list[tuple[str, tuple[int, ...]]] = []
+        for item in rest.split(",") if rest else ():
+            name, *counts = item.split(":")
+            if not valid_route_name(name) or len(counts) != len(REPORT_FIELDS):
+                raise WireError(f"egress report: ROUTE:{':'.join(f.upper() for f in REPORT_FIELDS)} per route")
+            if not all(_COUNT_RE.fullmatch(c) and int(c) <= _COUNT_MAX for c in counts):
+                raise WireError("egress report: counts are integers from 0 to 2^53 - 1")
+            routes.append((name, tuple(int(c) for c in counts)))
+        if len(routes) > REPORT_ROUTES:
+            raise WireError(f"egress report: at most {REPORT_ROUTES} routes")
+        names = [n for n, _ in routes]
+        if names != sorted(set(names)):
+            raise WireError("egress report: routes once each, sorted by name")
+        return cls(int(since), tuple(routes))
+
+    @classmethod
+    def of(cls, since: int, counts: dict[str, tuple[int, ...]]) -> Report:
+        """A report of ``counts`` (route → counts, as REPORT_FIELDS), each clamped to the bounds; past
+        ``REPORT_ROUTES`` routes or ``REPORT_MAX`` characters, the busiest routes are kept."""
+        clamped = {
+            n: tuple(min(max(int(v), 0), _COUNT_MAX) for v in c) for n, c in counts.items() if valid_route_name(n)
+        }
+        kept = sorted(clamped, key=lambda n: (-clamped[n][0], n))[:REPORT_ROUTES]
+        while True:
+            report = cls(max(since, 0), tuple((n, clamped[n]) for n in sorted(kept)))
+            if len(report.encode()) <= REPORT_MAX:
+                return report
+            kept.pop()

@@ -15,6 +15,7 @@ from vault_edge.server.errors import ApiError, bad_request, not_found, unauthori
 from vault_edge.server.ops import keyring, regions
 from vault_edge.server.storage.records import JoinToken, Node
 from vault_edge.server.storage.repo import TamperedRow, Tx
+from vault_edge.wire import egress as wegress
 from vault_edge.wire import enrol as wenrol
 
 MAX_TTL_S = 7 * 86400
@@ -212,6 +213,29 @@ def list_nodes(ctx: Context, who: Principal, region: str | None = None) -> dict[
     return {"nodes": [node_json(ctx, n, now) for n in nodes]}
 
 
+def get_node(ctx: Context, who: Principal, node_id: str) -> dict[str, Any]:
+    """One node's status: ``node_json``, its egress counters per route among it."""
+    who.require_global("list")
+    with ctx.store.read() as tx:
+        node = tx.get_node(node_id) if wire.valid_node_id(node_id) else None
+    if node is None:
+        raise not_found(f"no node {node_id!r}")
+    return node_json(ctx, node, ctx.clock())
+
+
+def egress_json(raw: str | None) -> dict[str, Any] | None:
+    """The node's last egress report as JSON (``wire.egress.Report.to_json`` with the total of
+    ``requests``), or None when it sent none. The column is a report, outside the row's MAC: what
+    does not decode (a database writer's) is shown as none rather than trusted."""
+    if raw is None:
+        return None
+    try:
+        report = wegress.Report.decode(raw)
+    except wire.WireError:
+        return None
+    return {**report.to_json(), "requests": report.requests}
+
+
 def node_json(ctx: Context, n: Node, now: float) -> dict[str, Any]:
     status = n.status
     if status == "active" and (n.last_seen is None or now - n.last_seen > ctx.settings.node_down_after_s):
@@ -224,6 +248,7 @@ def node_json(ctx: Context, n: Node, now: float) -> dict[str, Any]:
         "last_seen": n.last_seen,
         "hostname": n.hostname,
         "enrolled_at": n.enrolled_at,
+        "egress": egress_json(n.egress),
     }
 
 

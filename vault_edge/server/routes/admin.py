@@ -56,6 +56,12 @@ def list_nodes(
     return nodes.list_nodes(ctx, who, region)
 
 
+@router.get("/nodes/{node_id}")
+def get_node(node_id: str, who: Principal = Depends(principal), ctx: Context = Depends(get_ctx)) -> dict[str, Any]:
+    """One node: status, applied revision, last contact, and its egress counters per route."""
+    return nodes.get_node(ctx, who, node_id)
+
+
 @router.post("/nodes/{node_id}/revoke")
 def revoke_node(node_id: str, who: Principal = Depends(principal), ctx: Context = Depends(get_ctx)) -> dict[str, Any]:
     return nodes.revoke(ctx, who, node_id)

@@ -26,6 +26,7 @@ from vault_edge.server.errors import ApiError, sealed
 from vault_edge.server.hub import Hub
 from vault_edge.server.ops import nodes
 from vault_edge.server.sealhold import SealHold
+from vault_edge.wire import egress as wegress
 
 router = APIRouter(prefix="/v1/agent", tags=["agent"])
 SYNC_PATH = "/v1/agent/sync"
@@ -37,6 +38,17 @@ class SyncQuery:
     wait: float = 30.0
     proto: int = 1
     full: bool = False
+    egress: wegress.Report | None = None  # the node's egress counters (its signed query's ``egress``)
+
+
+def parse_report(text: str | None) -> wegress.Report | None:
+    """The sync query's ``egress`` report (``wire.egress.Report``), or a 400."""
+    if text is None:
+        return None
+    try:
+        return wegress.Report.decode(text)
+    except wire.WireError as exc:
+        raise ApiError(400, "bad_request", f"invalid request: query.{wegress.REPORT_PARAM}: {exc}") from None
 
 
 def _target(request: Request) -> str:
@@ -112,7 +124,9 @@ async def sync_answer(
     shortened by the time that took."""
     spent = await _until_unsealed(ctx, held, headers, q) if ctx.barrier.sealed else 0.0
     try:
-        node_id, region, member = await nodeauth.authenticate(ctx, hub, contacts, "GET", target, headers, body, q.since)
+        node_id, region, member = await nodeauth.authenticate(
+            ctx, hub, contacts, "GET", target, headers, body, q.since, q.egress
+        )
     except nodeauth.Revoked as exc:
         return (403, *nodeauth.revocation(ctx, exc.node, exc.nonce))
     hold = max(0.0, min(q.wait, ctx.settings.sync_max_wait_s) - spent)
@@ -135,6 +149,7 @@ async def sync(
     wait: float = Query(30.0, ge=0, le=300),
     proto: int = Query(1, ge=1, le=2),
     full: bool = Query(False),
+    egress: str | None = Query(None, max_length=wegress.REPORT_MAX, description="the node's egress counters"),
     ctx: Context = Depends(get_ctx),  # the seal is checked (and waited for) by sync_answer
 ) -> Response:
     """Signed long-poll (see :func:`sync_answer`); served by ``server/fastpath.py`` in practice."""
@@ -145,7 +160,7 @@ async def sync(
         _target(request),
         request.headers,
         await request.body(),
-        SyncQuery(since, wait, proto, full),
+        SyncQuery(since, wait, proto, full, parse_report(egress)),
         request.app.state.sealhold,
     )
     return _signed(body, sig, status)

@@ -93,6 +93,7 @@ class Node:
     node_rev: int
     join_token_id: str | None = None  # the join token that enrolled it (None: enrolled before 0004)
     enrolled_rev: int | None = None  # the revision its enrolment took
+    egress: str | None = None  # its last egress report (wire.egress.Report, encoded), not MAC'd
 
 
 @dataclass(frozen=True)

@@ -27,7 +27,7 @@ from contextlib import contextmanager
 from dataclasses import replace
 from typing import Any
 
-from sqlalchemy import Connection, Engine, and_, bindparam, delete, func, insert, or_, select, text, update
+from sqlalchemy import Connection, Engine, Text, and_, bindparam, delete, func, insert, or_, select, text, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
@@ -739,6 +739,7 @@ class Tx:
             row.node_rev,
             row.join_token_id,
             row.enrolled_rev,
+            row.egress,
         )
 
     def _nodes(self, q: Any) -> list[Node]:
@@ -1344,8 +1345,9 @@ class Tx:
         params = [{"node_id": n, "nonce": c, "expires_at": e} for n, c, e in rows]
         return {(r.node_id, r.nonce) for r in self.conn.execute(stmt, params)}
 
-    def touch_nodes(self, rows: Sequence[tuple[str, float, int]]) -> None:
-        """Record contact for many (node, at, applied) in one statement (applied only moves forward)."""
+    def touch_nodes(self, rows: Sequence[tuple[str, float, int, str | None]]) -> None:
+        """Record contact for many (node, at, applied, egress report) in one statement (applied only
+        moves forward; a report replaces the one before, no report keeps it)."""
         if not rows:
             return
         biggest = func.max if self.dialect == "sqlite" else func.greatest
@@ -1353,10 +1355,12 @@ class Tx:
             update(t.nodes)
             .where(t.nodes.c.id == bindparam("nid"), t.nodes.c.status == "active")  # a revoked node is not "seen"
             .values(
-                last_seen=bindparam("at"), applied_revision=biggest(t.nodes.c.applied_revision, bindparam("applied"))
+                last_seen=bindparam("at"),
+                applied_revision=biggest(t.nodes.c.applied_revision, bindparam("applied")),
+                egress=func.coalesce(bindparam("report", type_=Text), t.nodes.c.egress),
             )
         )
-        self.conn.execute(stmt, [{"nid": n, "at": at, "applied": a} for n, at, a in rows])
+        self.conn.execute(stmt, [{"nid": n, "at": at, "applied": a, "report": r} for n, at, a, r in rows])
 
     def purge_nonces(self, now: float) -> int:
         return self.conn.execute(delete(t.nonces).where(t.nonces.c.expires_at < now)).rowcount

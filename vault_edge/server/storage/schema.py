@@ -157,6 +157,9 @@ nodes = Table(
     # node, and a database writer cannot tie a token to another node. Unique: one node per token.
     Column("join_token_id", String(32), nullable=True),
     Column("enrolled_rev", BigInteger, nullable=True),
+    # The node's last egress counters (migration 0008; wire.egress.Report, encoded): a report like
+    # last_seen and applied_revision, not in the MAC.
+    Column("egress", Text, nullable=True),
     Index("ix_nodes_region", "region"),
     Index("ix_nodes_join_token", "join_token_id", unique=True),
 )
