@@ -51,6 +51,8 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+from agent_footprint import http_get  # a GET over the agent's socket (bench/ is the script's path)
+
 ROOT = Path(__file__).resolve().parent.parent
 ROUTE, SECRET, REGION = "bench", "bench/key", "bench"
 FIXED = b'{"ok":true,"pad":"' + b"x" * 44 + b'"}'  # 64 bytes
@@ -270,18 +272,6 @@ def wait_for(pred: Callable[[], Any], timeout: float, what: str, proc: subproces
     raise RuntimeError(f"timed out waiting for {what}")
 
 
-def http_unix(sock: str, path: str) -> tuple[int, bytes]:
-    with socket.socket(socket.AF_UNIX) as s:
-        s.settimeout(5)
-        s.connect(sock)
-        s.sendall(f"GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n".encode())
-        data = b""
-        while chunk := s.recv(65536):
-            data += chunk
-    head, _, body = data.partition(b"\r\n\r\n")
-    return int(head.split(b" ", 2)[1]), body
-
-
 def cpu_s(pid: int) -> float:
     fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
@@ -359,7 +349,12 @@ class Stack:
             ],
             "agent.log",
         )
-        wait_for(lambda: http_unix(self.socket, f"/v1/egress/{ROUTE}/v1/fixed")[0] == 200, 60, "the route", self.agent)
+        wait_for(
+            lambda: http_get(self.socket, f"/v1/egress/{ROUTE}/v1/fixed", timeout=5)[0] == 200,
+            60,
+            "the route",
+            self.agent,
+        )
 
     def close(self) -> None:
         for p in reversed(self.procs):

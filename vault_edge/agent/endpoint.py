@@ -1077,17 +1077,22 @@ class _Conn(asyncio.Protocol):
                 self._finish([], _with_close(data))
                 return
             self.transport.write(data)
-            if self.epoch != self.app.epoch:
-                self._drop_cache()
-            if self.buf:
-                self._process_safely()
-            else:
-                self._flow()
-            if self.eof and self.watch is None and not self.closing:
-                self.closing = True
-                self.transport.close()  # everything owed is written; the client sends no more
+            self._resume()
 
         self.watch = asyncio.get_running_loop().create_task(held())
+
+    def _resume(self) -> None:
+        """After an answer that was held or streamed: serve the requests that arrived meanwhile (or read
+        on), and close once everything owed is written and the client sends no more."""
+        if self.epoch != self.app.epoch:
+            self._drop_cache()
+        if self.buf:
+            self._process_safely()
+        else:
+            self._flow()
+        if self.eof and self.watch is None and not self.closing and self.transport is not None:
+            self.closing = True
+            self.transport.close()
 
     # -- a Direct exchange's Sink
     def write(self, data: bytes) -> None:
@@ -1102,15 +1107,7 @@ class _Conn(asyncio.Protocol):
             self.closing = True
             self.transport.close()
             return
-        if self.epoch != self.app.epoch:
-            self._drop_cache()
-        if self.buf:
-            self._process_safely()
-        else:
-            self._flow()
-        if self.eof and self.watch is None and not self.closing:
-            self.closing = True
-            self.transport.close()
+        self._resume()
 
     def _start_exchange(self, ex: Exchange, body: Body, keep_alive: bool) -> None:
         if ex.direct is not None and body.need <= 0:  # the body is whole: no task needed
@@ -1154,22 +1151,8 @@ class _Conn(asyncio.Protocol):
             if body.need > 0 or body.chunks:  # the app left some of the body unread: out of step
                 ex.close = True
                 self.body, self.dechunk = None, None
-            self.watch = None
-            if self.closing or self.transport is None:
-                return
-            if not keep_alive or ex.close:
-                self.closing = True
-                self.transport.close()
-                return
-            if self.epoch != self.app.epoch:
-                self._drop_cache()
-            if self.buf:
-                self._process_safely()
-            else:
-                self._flow()
-            if self.eof and self.watch is None and not self.closing:
-                self.closing = True
-                self.transport.close()
+            self.exchange_keep_alive = keep_alive
+            self.done(ex)  # ends a streamed exchange as a direct one ends
 
         self.watch = loop.create_task(exchanged())
 

@@ -38,10 +38,9 @@ class PathFailure(Exception):
 class Headers(Mapping[str, str]):
     """An answer's header fields, case-insensitive; a repeated field's values joined with ", "."""
 
-    __slots__ = ("_map", "raw")
+    __slots__ = ("_map",)
 
     def __init__(self, raw: list[tuple[str, str]]) -> None:
-        self.raw = raw
         joined: dict[str, str] = {}
         for name, value in raw:
             key = name.lower()
@@ -69,14 +68,6 @@ class Answer:
     head_size: int = 0  # bytes of the header fields, as received
 
 
-def tls_context(verify: bool | str | ssl.SSLContext) -> ssl.SSLContext:
-    """The context an https control plane is checked with: ``True`` the system's CAs, a path a CA
-    bundle (``--tls-ca``), or a context made by the caller."""
-    if isinstance(verify, ssl.SSLContext):
-        return verify
-    return ssl.create_default_context(cafile=verify if isinstance(verify, str) else None)
-
-
 class Client:
     """Requests to one control plane (``base_url``), over at most ``max_idle`` kept-alive connections."""
 
@@ -84,7 +75,7 @@ class Client:
         self,
         base_url: str,
         *,
-        verify: bool | str | ssl.SSLContext = True,
+        ca_file: str | None = None,
         connect_timeout: float = 10.0,
         timeout: float = 60.0,
         max_idle: int = 2,
@@ -97,14 +88,14 @@ class Client:
         self.origin = (url.scheme, host, port)
         self.prefix = url.path.rstrip("/")
         self.authority = host if port == (443 if url.scheme == "https" else 80) else f"{host}:{port}"
-        self.verify = verify
+        self.ca_file = ca_file
         self.connect_timeout, self.timeout, self.max_idle = connect_timeout, timeout, max_idle
         self._pool: Pool | None = None
 
     def _connections(self) -> Pool:
         if self._pool is None:  # made on the loop that uses it; the CAs are loaded only for https
             https = self.origin[0] == "https"
-            ctx = tls_context(self.verify) if https else ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+            ctx = ssl.create_default_context(cafile=self.ca_file) if https else ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
             self._pool = Pool(ctx, max_idle=self.max_idle, peer="the control plane")
         return self._pool
 

@@ -177,7 +177,7 @@ async def run(cfg: AgentConfig) -> int:
         server,
         join_token=cfg.join_token,
         wait=cfg.wait,
-        verify=cfg.tls_ca or True,
+        ca_file=cfg.tls_ca,
         restored=restored,
         enroll_timeout=cfg.enroll_timeout,
         report=api.egress.report,

@@ -176,7 +176,7 @@ class Syncer:
         *,
         join_token: str | None = None,
         wait: float = 30.0,
-        verify: bool | str = True,
+        ca_file: str | None = None,
         http: Exchange | None = None,
         restored: Chain | None = None,
         enroll_timeout: float = ENROLL_TIMEOUT_S,
@@ -187,7 +187,7 @@ class Syncer:
         self.join_token = join_token
         self.enroll_timeout = enroll_timeout
         self.wait = wait
-        self.http: Exchange = http or Client(self.server, verify=verify, connect_timeout=10.0, timeout=wait + 20.0)
+        self.http: Exchange = http or Client(self.server, ca_file=ca_file, connect_timeout=10.0, timeout=wait + 20.0)
         self.grants = GrantCache()
         self.backoff = Backoff()
         self.applied = 0  # answers installed, for logs and tests

@@ -113,37 +113,28 @@ class BodyLimit:
                 raise
 
 
-class RemoteAddress:
-    """Names the caller's address (the connection's peer) for the audit entries its request makes
-    (``audit.REMOTE``), accepted or refused, whichever route or thread makes them."""
-
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        client = scope.get("client")
-        token = REMOTE.set(str(client[0])[:128] if client else None)
-        try:
-            await self.app(scope, receive, send)
-        finally:
-            REMOTE.reset(token)
-
-
 class ControlPlane(FastAPI):
-    """The control plane's ASGI app: a sync long-poll (the hot path: every node holds one and re-polls
-    after each change) goes straight to ``fastpath``, before Starlette's and FastAPI's middleware
-    stack (error and telemetry wrappers, body limits, request metrics), which every other request
-    takes as usual. The route ``GET /v1/agent/sync`` stays declared for the OpenAPI schema."""
+    """The control plane's ASGI app. Every HTTP request names its caller's address (the connection's
+    peer) for the audit entries it makes (``audit.REMOTE``), accepted or refused, whichever route or
+    thread makes them. A sync long-poll (the hot path: every node holds one and re-polls after each
+    change) then goes straight to ``fastpath``, before Starlette's and FastAPI's middleware stack
+    (error and telemetry wrappers, body limits, request metrics), which every other request takes as
+    usual. The route ``GET /v1/agent/sync`` stays declared for the OpenAPI schema."""
 
     fastpath: SyncFastPath | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if self.fastpath is not None and SyncFastPath.wants(scope):
-            await self.fastpath.serve(scope, receive, send)
-            return
-        await super().__call__(scope, receive, send)
+        if scope["type"] != "http":
+            return await super().__call__(scope, receive, send)
+        client = scope.get("client")
+        token = REMOTE.set(str(client[0])[:128] if client else None)
+        try:
+            if self.fastpath is not None and SyncFastPath.wants(scope):
+                await self.fastpath.serve(scope, receive, send)
+            else:
+                await super().__call__(scope, receive, send)
+        finally:
+            REMOTE.reset(token)
 
 
 class Metrics:
@@ -401,13 +392,11 @@ def create_app(
         registry=registry,
     )
     app.fastpath = SyncFastPath(
-        None,
         ctx=ctx,
         hub=hub,
         contacts=contacts,
         limit=settings.max_body_bytes,
         answers=sync_answers,
         sealhold=sealhold,
-    )  # the hot path meets no middleware (it names its caller for the audit itself)
-    app.add_middleware(RemoteAddress)  # outermost: every audit entry a request makes names its caller
+    )  # the hot path meets no middleware
     return app

@@ -34,7 +34,7 @@ from vault_edge.server.storage.repo import Store, TamperedRow, Tx
 log = logging.getLogger("vault_edge.audit")
 REFUSALS_PER_WINDOW = 20
 # The address of the HTTP caller whose request is being served (set per request by the app's
-# ``RemoteAddress`` middleware): every entry a request makes, accepted or refused, names it.
+# ``app.ControlPlane``): every entry a request makes, accepted or refused, names it.
 REMOTE: ContextVar[str | None] = ContextVar("vault_edge_audit_remote", default=None)
 REFUSAL_WINDOW_S = 60
 

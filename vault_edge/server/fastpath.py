@@ -19,11 +19,10 @@ from collections.abc import Mapping
 from urllib.parse import parse_qsl
 
 from prometheus_client import Counter
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import Receive, Scope, Send
 
 from vault_edge import wire
 from vault_edge.crypto.errors import DecryptionError
-from vault_edge.server.audit import REMOTE
 from vault_edge.server.barrier import Sealed
 from vault_edge.server.contacts import ContactLog
 from vault_edge.server.context import Context
@@ -76,41 +75,22 @@ def parse_query(raw: bytes) -> SyncQuery:
 
 
 class SyncFastPath:
-    """``GET /v1/agent/sync`` as plain ASGI. The app (:class:`vault_edge.server.app.ControlPlane`)
-    hands it the sync requests before any middleware (``serve``); as a middleware itself (``app``
-    given) it passes everything else on."""
+    """``GET /v1/agent/sync`` as plain ASGI: the app (:class:`vault_edge.server.app.ControlPlane`)
+    hands it the sync requests (``wants``) before any middleware (``serve``)."""
 
     def __init__(
-        self,
-        app: ASGIApp | None,
-        ctx: Context,
-        hub: Hub,
-        contacts: ContactLog,
-        limit: int,
-        answers: Counter,
-        sealhold: SealHold,
+        self, ctx: Context, hub: Hub, contacts: ContactLog, limit: int, answers: Counter, sealhold: SealHold
     ) -> None:
-        self.app, self.ctx, self.hub, self.contacts, self.limit, self.answers = app, ctx, hub, contacts, limit, answers
+        self.ctx, self.hub, self.contacts, self.limit, self.answers = ctx, hub, contacts, limit, answers
         self.sealhold = sealhold
 
     @staticmethod
     def wants(scope: Scope) -> bool:
         return scope["type"] == "http" and scope["path"] == SYNC_PATH and scope["method"] == "GET"
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if not self.wants(scope):
-            assert self.app is not None
-            return await self.app(scope, receive, send)
-        await self.serve(scope, receive, send)
-
     async def serve(self, scope: Scope, receive: Receive, send: Send) -> None:
-        """Answer one sync request (the caller checked ``wants``)."""
-        client = scope.get("client")
-        token = REMOTE.set(str(client[0])[:128] if client else None)  # node refusals name their caller
-        try:
-            status, body, extra = await self._answer(scope, receive)
-        finally:
-            REMOTE.reset(token)
+        """Answer one sync request (the caller checked ``wants``; the app named its caller for the audit)."""
+        status, body, extra = await self._answer(scope, receive)
         self.answers.labels(str(status)).inc()
         await send(
             {
