@@ -63,6 +63,24 @@ Listener = Callable[[int, frozenset[str]], None]
 _SECRET_FIELDS = frozenset(c.name for c in t.secrets.columns)
 
 
+# The contact group commit's two statements on PostgreSQL (``Tx.spend_nonces``, ``Tx.touch_nodes``):
+# each batch is one fixed statement over arrays (``unnest``), so its text is parsed and planned once per
+# connection. As parameter sets, SQLAlchemy's insertmanyvalues sends a new VALUES list per batch size,
+# which psycopg converts anew each time (a tenth of the control plane's CPU in a rotation at 3,000 nodes).
+_PG_SPEND = text(
+    "INSERT INTO nonces (node_id, nonce, expires_at)"
+    " SELECT * FROM unnest(CAST(:n AS text[]), CAST(:c AS text[]), CAST(:e AS double precision[]))"
+    " ON CONFLICT DO NOTHING RETURNING node_id, nonce"
+)
+_PG_TOUCH = text(
+    "UPDATE nodes SET last_seen = v.at, applied_revision = GREATEST(nodes.applied_revision, v.applied),"
+    " egress = COALESCE(v.report, nodes.egress)"
+    " FROM unnest(CAST(:nid AS text[]), CAST(:at AS double precision[]), CAST(:applied AS bigint[]),"
+    " CAST(:report AS text[])) AS v(nid, at, applied, report)"
+    " WHERE nodes.id = v.nid AND nodes.status = 'active'"  # a revoked node is not "seen"
+)
+
+
 class TamperedRow(Exception):
     """A row failed its MAC: written by someone without the root key. The message names the table and
     the row's key, never a value."""
@@ -1338,10 +1356,12 @@ class Tx:
         """Spend many (node, nonce, expires_at) at once; the (node, nonce) pairs that were fresh."""
         if not rows:
             return set()
-        ins = pg_insert if self.dialect == "postgresql" else sqlite_insert
+        if self.dialect == "postgresql":  # one fixed statement over arrays (see _PG_SPEND)
+            n, c, e = (list(col) for col in zip(*rows, strict=True))  # lists: psycopg sends them as arrays
+            return {(r.node_id, r.nonce) for r in self.conn.execute(_PG_SPEND, {"n": n, "c": c, "e": e})}
         # One statement with parameter sets (SQLAlchemy's "insertmanyvalues": batched VALUES with
         # RETURNING), compiled once and cached; a VALUES list built per call was compiled every time.
-        stmt = ins(t.nonces).on_conflict_do_nothing().returning(t.nonces.c.node_id, t.nonces.c.nonce)
+        stmt = sqlite_insert(t.nonces).on_conflict_do_nothing().returning(t.nonces.c.node_id, t.nonces.c.nonce)
         params = [{"node_id": n, "nonce": c, "expires_at": e} for n, c, e in rows]
         return {(r.node_id, r.nonce) for r in self.conn.execute(stmt, params)}
 
@@ -1350,13 +1370,16 @@ class Tx:
         moves forward; a report replaces the one before, no report keeps it)."""
         if not rows:
             return
-        biggest = func.max if self.dialect == "sqlite" else func.greatest
+        if self.dialect == "postgresql":
+            nid, at, applied, report = (list(col) for col in zip(*rows, strict=True))
+            self.conn.execute(_PG_TOUCH, {"nid": nid, "at": at, "applied": applied, "report": report})
+            return
         stmt = (
             update(t.nodes)
             .where(t.nodes.c.id == bindparam("nid"), t.nodes.c.status == "active")  # a revoked node is not "seen"
             .values(
                 last_seen=bindparam("at"),
-                applied_revision=biggest(t.nodes.c.applied_revision, bindparam("applied")),
+                applied_revision=func.max(t.nodes.c.applied_revision, bindparam("applied")),
                 egress=func.coalesce(bindparam("report", type_=Text), t.nodes.c.egress),
             )
         )
