@@ -201,3 +201,28 @@ def test_a_held_long_poll_is_answered_by_a_notice() -> None:
         assert await hub.wait(NODE, "eu", 1, 8, timeout=0.05) is None  # nothing new: times out
 
     run(go)
+
+
+def test_a_held_poll_that_ends_leaves_the_regions_change_future_to_the_others() -> None:
+    """A poll whose caller went away (its task cancelled) or whose hold ran out neither cancels nor
+    keeps a callback on the region's shared change future: the other polls held there still wake."""
+
+    async def go(hub: Hub, store: FakeStore) -> None:
+        stays = asyncio.create_task(hub.wait(NODE, "eu", 1, 5, timeout=10))
+        leaves = asyncio.create_task(hub.wait(NODE, "eu", 1, 5, timeout=10))
+        short = asyncio.create_task(hub.wait(NODE, "eu", 1, 5, timeout=0.05))
+        await asyncio.sleep(0.02)
+        changed = hub._changed["eu"]
+        callbacks = len(changed._callbacks)  # type: ignore[attr-defined]
+        assert callbacks == 3
+        leaves.cancel()
+        assert await short is None  # its hold ran out
+        await asyncio.gather(leaves, return_exceptions=True)
+        assert not changed.cancelled() and not changed.done() and hub.waiting == 1
+        assert len(changed._callbacks) == 1  # type: ignore[attr-defined]
+        store.set({"a": 2, "b": 1}, 7)
+        hub.on_change(7, frozenset({"eu"}))
+        got = await asyncio.wait_for(stays, 5)
+        assert got is not None and got[0].data_rev == 7 and hub.waiting == 0
+
+    run(go)
