@@ -40,6 +40,7 @@ Tunables, environment only [default]:
   VAULT_EDGE_JOIN_TOKEN_TTL_S      a join token's lifetime when `node token` gives no --ttl [3600]
   VAULT_EDGE_ENROLL_MAX_IN_FLIGHT  enrolments at once; past it, 503 overloaded [32]
   VAULT_EDGE_ENROLL_RETRY_AFTER_S  the Retry-After of that 503 [2]
+  VAULT_EDGE_CONTACT_LINGER_MS     how long a small batch of node contacts waits for more before its commit [20]
   VAULT_EDGE_SCHEDULER_INTERVAL_S  how often due scheduled rotations are looked for [1.0]
   VAULT_EDGE_MIN_ROTATE_EVERY_S    the shortest --rotate-every accepted [60]
 """

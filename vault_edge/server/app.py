@@ -251,7 +251,7 @@ def create_app(
 
         ctx.hsm = hsm.from_settings(settings)  # SealError: a missing option or PIN, said at start
     hub = Hub(ctx)
-    contacts = ContactLog(ctx)
+    contacts = ContactLog(ctx, settings.contact_linger_ms / 1000)
     scheduler = Scheduler(ctx)
     sealhold = SealHold(ctx.barrier, settings.sealed_hold_max)
     registry = CollectorRegistry()

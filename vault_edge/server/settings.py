@@ -35,6 +35,9 @@ class Settings(BaseSettings):
     # of a signed request's timestamp.
     enroll_max_in_flight: int = Field(32, ge=1)
     enroll_retry_after_s: int = Field(2, ge=1, le=3600)  # the Retry-After of that 503 (agents add jitter)
+    # How long a small batch of node contacts waits for more before its commit (server/contacts.py): a
+    # request that arrives alone is delayed by at most this; 0 commits each batch at once.
+    contact_linger_ms: int = Field(20, ge=0, le=1000)
     scheduler_interval_s: float = 1.0
     min_rotate_every_s: int = 60  # the shortest --rotate-every accepted
     # The seal: "shamir" (operators enter shares) or "pkcs11" (auto-unseal through an HSM; the shares
