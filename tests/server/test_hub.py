@@ -28,6 +28,9 @@ class FakeStore:
         self.last = {"a": 5, "b": 5}  # the change log: name -> revision of its last change
         self.loads = 0
         self.rows_read: list[str] = []
+        self.nodes = {NODE: 1}  # the region's node rows: id -> node_rev
+        self.revoked_ids: set[str] = set()  # the revocation chain
+        self.nodes_read: list[str] = []
         self.gate: threading.Event | None = None
 
     def set(self, rows: dict[str, int], rev: int) -> None:
@@ -71,8 +74,17 @@ class FakeStore:
     def changes_read_to(self) -> int:
         return self.data_rev
 
-    def region_members(self, region: str) -> tuple[list[Node], list[Any]]:
-        return [Node(NODE, region, b"x" * 32, b"y" * 32, "pop", "active", 0.0, None, 0, 1)], []
+    def region_members(self, region: str, only: Any = None) -> tuple[list[Node], list[Any]]:
+        ids = [i for i in self.nodes if only is None or i in only]
+        self.nodes_read += ids
+        status = {i: "revoked" if i in self.revoked_ids else "active" for i in ids}
+        return [Node(i, region, b"x" * 32, b"y" * 32, "pop", status[i], 0.0, None, 0, self.nodes[i]) for i in ids], []
+
+    def region_member_revs(self, region: str) -> dict[str, int]:
+        return dict(self.nodes)
+
+    def revoked(self) -> frozenset[tuple[str, str]]:
+        return frozenset(("node", i) for i in self.revoked_ids)
 
     def list_egress(self) -> list[Any]:
         return []
@@ -224,5 +236,41 @@ def test_a_held_poll_that_ends_leaves_the_regions_change_future_to_the_others() 
         hub.on_change(7, frozenset({"eu"}))
         got = await asyncio.wait_for(stays, 5)
         assert got is not None and got[0].data_rev == 7 and hub.waiting == 0
+
+    run(go)
+
+
+def test_a_change_rereads_only_the_members_whose_rows_changed() -> None:
+    """After the first load, a change reads again only new nodes and those whose node_rev moved; a
+    node whose row is gone leaves; and a revocation in the (verified) chain applies to a kept member
+    even when its row's node_rev was put back, as a database writer could."""
+
+    async def go(hub: Hub, store: FakeStore) -> None:
+        store.nodes = {f"n-{i:016x}": 1 for i in range(100)}
+        view = await hub.view("eu")
+        assert len(view.members) == 100 and len(store.nodes_read) == 100
+        store.nodes_read.clear()
+        store.nodes["n-new0000000000000"] = 6  # an enrolment
+        store.nodes["n-0000000000000001"] = 6  # a grant or status change
+        del store.nodes["n-0000000000000002"]  # a row gone
+        store.data_rev = 6
+        hub.on_change(6, frozenset({"eu"}))
+        view = await hub.view("eu")
+        assert sorted(store.nodes_read) == ["n-0000000000000001", "n-new0000000000000"]
+        assert len(view.members) == 100 and "n-0000000000000002" not in view.members
+        assert view.members["n-0000000000000001"].node_rev == 6
+        store.nodes_read.clear()
+        store.revoked_ids.add("n-0000000000000003")  # revoked, its node_rev left as it was
+        store.data_rev = 7
+        hub.on_change(7, frozenset({"eu"}))
+        view = await hub.view("eu")
+        assert store.nodes_read == [] and not view.members["n-0000000000000003"].active
+        assert view.members["n-0000000000000004"].active
+        for i in range(10, 50):  # many changed at once: the region's members are read whole
+            store.nodes[f"n-{i:016x}"] = 8
+        store.data_rev = 8
+        hub.on_change(8, frozenset({"eu"}))
+        view = await hub.view("eu")
+        assert len(store.nodes_read) == 100 and not view.members["n-0000000000000003"].active
 
     run(go)

@@ -14,6 +14,7 @@ import json
 import secrets
 from typing import Any
 
+import pytest
 from sqlalchemy import Engine, delete, insert, select, update
 
 from tests.conftest import Api, enroll_body, enroll_node, server_key, signed_headers
@@ -336,6 +337,31 @@ def test_a_revoked_node_row_copied_back_stays_revoked(api: Api) -> None:
     target = "/v1/agent/sync?since=0&wait=0"
     resp = api.client.get(target, headers=signed_headers(pair, "GET", target, node, b""))
     assert resp.status_code == 403 and resp.json()["error"]["code"] == "revoked"
+
+
+@pytest.mark.parametrize("copied_rev", ["old", "new"])
+def test_a_revoked_node_row_copied_back_under_either_node_rev_stays_revoked(api: Api, copied_rev: str) -> None:
+    """The sync hub reads again only the node rows whose node_rev moved since its last view. A writer
+    who copies a revoked node's old row ("active", its valid MAC) back at once, under the node_rev
+    the hub last saw ("old": the row looks unchanged, the member the hub kept is from before the
+    revocation) or under its new one: the revocation chain applies to every kept member."""
+    engine = _db(api)
+    node, pair = enroll_node(api, "eu")
+    target = "/v1/agent/sync?since=0&wait=0&proto=2"
+    assert api.client.get(target, headers=signed_headers(pair, "GET", target, node, b"")).status_code == 200
+    before = _row(engine, t.nodes, t.nodes.c.id == node)
+    assert api.call("POST", f"/v1/nodes/{node}/revoke")[0] == 200
+    after = _row(engine, t.nodes, t.nodes.c.id == node)
+    assert after["node_rev"] > before["node_rev"]
+    rev = before["node_rev"] if copied_rev == "old" else after["node_rev"]
+    _exec(engine, delete(t.nodes).where(t.nodes.c.id == node))
+    _exec(engine, insert(t.nodes).values(**{**before, "node_rev": rev}))
+    # A change in the region: its view is loaded again, this node's row looking unchanged.
+    assert api.call("PUT", "/v1/secrets/app/k", json={"value": "v", "regions": ["eu"]})[0] in (200, 201)
+    for since in (0, after["node_rev"]):
+        target = f"/v1/agent/sync?since={since}&wait=0&proto=2"
+        resp = api.client.get(target, headers=signed_headers(pair, "GET", target, node, b""))
+        assert resp.status_code == 403 and resp.json()["error"]["code"] == "revoked"
 
 
 # -- 3. the audit log ----------------------------------------------------------------------------

@@ -22,7 +22,8 @@ from dataclasses import dataclass, field
 from vault_edge import wire
 from vault_edge.crypto import signing
 from vault_edge.server.context import Context
-from vault_edge.server.storage.repo import NOTIFY_CHANNEL, decode_notice
+from vault_edge.server.storage.records import Grant, Node
+from vault_edge.server.storage.repo import NOTIFY_CHANNEL, Tx, decode_notice
 from vault_edge.wire import egress as wegress
 from vault_edge.wire import sync as wsync
 
@@ -225,7 +226,10 @@ class Hub:
         secrets the change log says changed since are read (the rest is the previous view's, made
         from rows that passed their checks): a change costs the rows it changed, not the region's
         size. A full read when the region's key changed (every data key re-wrapped), when many
-        secrets changed, or when the change log as read does not cover the step."""
+        secrets changed, or when the change log as read does not cover the step.
+
+        Members likewise: the rows read again are those whose ``node_rev`` differs from the previous
+        view's, and new ones (``_members``)."""
         cached = self._views.get(region)
         previous = cached[1] if cached is not None else None
         with self.ctx.store.read() as tx:
@@ -242,7 +246,8 @@ class Hub:
                 if names is not None and (len(names) > INCREMENTAL_MAX or tx.changes_read_to() < data_rev):
                     names = None
             rows = tx.region_snapshot(region, self.ctx.clock(), names)
-            nodes, grants = tx.region_members(region)
+            same_key = previous is not None and r is not None and r.key_version == previous.key_version
+            kept, nodes, grants = _members(tx, region, previous.members if same_key and previous else None)
             egress = tuple(r for r in tx.list_egress() if r.regions == ("*",) or region in r.regions)
             tampered = list(tx.tampered)
         for table, key in tampered:  # left out of the view; reported once per row per process
@@ -281,7 +286,7 @@ class Hub:
                 name = key.rsplit(":", 1)[0] if table == "stages" and ":" in key else key
                 if table in ("secrets", "stages") and name in previous.entries and name not in view_entries:
                     view_entries[name] = previous.entries[name]
-        members = {
+        members = kept | {
             n.id: Member(n.node_rev, n.status == "active", tuple(by_node.get(n.id, ())), n.sign_public) for n in nodes
         }
         routes = tuple(e.route for e in egress)
@@ -416,6 +421,37 @@ class Hub:
                 view.legacy_secrets_json(),
             )
         return body, signing.sign(keys.signer, wire.response_message(wsync.V1_KIND, body))
+
+
+MEMBERS_REREAD_MAX = 0.25  # past this share of a region's nodes changed, its members are read whole
+
+
+def _members(
+    tx: Tx, region: str, previous: dict[str, Member] | None
+) -> tuple[dict[str, Member], list[Node], list[Grant]]:
+    """(members kept from ``previous``, nodes and grants read again) for a region's new view.
+
+    Without ``previous`` (a first load, or the region's key changed: every grant re-wrapped), or when
+    many changed, every row is read and checked. Else the rows read again are the new ones and those
+    whose ``node_rev`` is not the kept member's; a node whose row is gone leaves. ``node_rev`` is
+    outside the row's MAC, so a database writer can make a changed row look unchanged: the member
+    kept is then the one checked before, never more than it was, and the revocation chain (verified,
+    append-only) is applied to every kept member, so a revocation cannot be hidden that way. Every
+    legitimate change to a node's status or grants sets its ``node_rev`` to the change's revision."""
+    if previous is not None:
+        revs = tx.region_member_revs(region)
+        stale = [i for i, rev in revs.items() if (m := previous.get(i)) is None or m.node_rev != rev]
+        if len(stale) <= max(8, MEMBERS_REREAD_MAX * len(revs)):
+            revoked = tx.revoked()
+            kept = {
+                i: dataclasses.replace(m, active=False) if m.active and ("node", i) in revoked else m
+                for i, m in previous.items()
+                if i in revs and revs[i] == m.node_rev
+            }
+            nodes, grants = tx.region_members(region, stale) if stale else ([], [])
+            return kept, nodes, grants
+    nodes, grants = tx.region_members(region)
+    return {}, nodes, grants
 
 
 def _settle(fut: asyncio.Future[bool], value: bool, *_: object) -> None:

@@ -827,21 +827,31 @@ class Tx:
             q = q.where(t.grants.c.key_version < before_version)
         self.conn.execute(q)
 
-    def region_members(self, region: str) -> tuple[list[Node], list[Grant]]:
-        """Every intact node of ``region`` and their grants, for the sync hub's per-region view."""
-        nodes = self._nodes(select(t.nodes).where(t.nodes.c.region == region))
+    def region_members(self, region: str, only: Collection[str] | None = None) -> tuple[list[Node], list[Grant]]:
+        """Every intact node of ``region`` (or only those of ids ``only``) and their grants, for the
+        sync hub's per-region view."""
+        where = [t.nodes.c.region == region]
+        if only is not None:
+            where.append(t.nodes.c.id.in_(list(only)))
+        nodes = self._nodes(select(t.nodes).where(*where))
         intact = {n.id for n in nodes}
         grants = [
             Grant(**r._mapping)
             for r in self.conn.execute(
                 select(t.grants)
                 .join(t.nodes, t.nodes.c.id == t.grants.c.node_id)
-                .where(t.nodes.c.region == region)
+                .where(*where)
                 .order_by(t.grants.c.node_id, t.grants.c.key_version)
             )
             if r.node_id in intact
         ]
         return nodes, grants
+
+    def region_member_revs(self, region: str) -> dict[str, int]:
+        """Each node row of ``region``: its id and ``node_rev``, unchecked (``node_rev`` is outside the
+        row's MAC). A hint of which rows changed since the hub last read them, never authority."""
+        q = select(t.nodes.c.id, t.nodes.c.node_rev).where(t.nodes.c.region == region)
+        return {r.id: r.node_rev for r in self.conn.execute(q)}
 
     # -- join tokens ---------------------------------------------------------------------------
     @staticmethod
