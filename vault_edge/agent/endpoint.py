@@ -1110,8 +1110,8 @@ class _Conn(asyncio.Protocol):
         self._resume()
 
     def _start_exchange(self, ex: Exchange, body: Body, keep_alive: bool) -> None:
+        self.exchange_keep_alive = keep_alive  # for ``done``, however the exchange ends
         if ex.direct is not None and body.need <= 0:  # the body is whole: no task needed
-            self.exchange_keep_alive = keep_alive
             self.watch = self.direct = ex.direct(body.take(), self)
             return
         loop = asyncio.get_running_loop()
@@ -1151,7 +1151,6 @@ class _Conn(asyncio.Protocol):
             if body.need > 0 or body.chunks:  # the app left some of the body unread: out of step
                 ex.close = True
                 self.body, self.dechunk = None, None
-            self.exchange_keep_alive = keep_alive
             self.done(ex)  # ends a streamed exchange as a direct one ends
 
         self.watch = loop.create_task(exchanged())

@@ -59,13 +59,12 @@ class ContactLog:
         """Linger (at most ``linger`` seconds) while the pending batch is smaller than FULL."""
         if self.linger <= 0 or len(self._pending) >= self.FULL:
             return
-        loop = asyncio.get_running_loop()
-        self._full = full = loop.create_future()
-        timer = loop.call_later(self.linger, _settle, full)
+        self._full = asyncio.get_running_loop().create_future()
         try:
-            await full
+            await asyncio.wait_for(self._full, self.linger)  # once per batch: the plain way will do
+        except TimeoutError:
+            pass
         finally:
-            timer.cancel()
             self._full = None
 
     async def _drain(self) -> None:
@@ -106,8 +105,3 @@ class ContactLog:
         if self.on_applied is not None and applied:
             self.on_applied(applied)
         return fresh
-
-
-def _settle(fut: asyncio.Future[None]) -> None:
-    if not fut.done():
-        fut.set_result(None)
