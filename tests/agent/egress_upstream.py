@@ -229,16 +229,33 @@ class _Server(ThreadingHTTPServer):
         return conn, addr
 
 
-class Upstream:
-    """``Upstream(ca_dir)`` serves HTTPS on 127.0.0.1 (a free port) until ``close()``."""
+class Record:
+    """What an upstream got, for the tests to look at (either protocol's)."""
 
-    def __init__(self, cert: Path, key: Path) -> None:
+    def __init__(self) -> None:
         self.seen: list[Seen] = []
-        self.chunk_times: list[float] = []  # when each chunk of a chunked request body arrived
+        self.chunk_times: list[float] = []  # when each piece of a streamed request body arrived
         self.aborted = 0  # streams the agent hung up on
         self.accept: str | None = None  # the Authorization /auth takes
-        self.conns: list[Any] = []
+        self.conns: list[Any] = []  # the connections accepted (``shutdown`` drops one)
         self._lock = threading.Lock()
+
+    def record(self, seen: Seen) -> None:
+        with self._lock:
+            self.seen.append(seen)
+
+    def last(self) -> Seen:
+        with self._lock:
+            return self.seen[-1]
+
+
+class Upstream(Record):
+    """``Upstream(ca_dir)`` serves HTTPS on 127.0.0.1 (a free port) until ``close()``."""
+
+    protocol = "http/1.1"
+
+    def __init__(self, cert: Path, key: Path) -> None:
+        super().__init__()
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         ctx.load_cert_chain(cert, key)
         self.server = _Server(("127.0.0.1", 0), _Handler)
@@ -248,14 +265,6 @@ class Upstream:
         self.url = f"https://127.0.0.1:{self.port}"
         self.thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
         self.thread.start()
-
-    def record(self, seen: Seen) -> None:
-        with self._lock:
-            self.seen.append(seen)
-
-    def last(self) -> Seen:
-        with self._lock:
-            return self.seen[-1]
 
     def close(self) -> None:
         """Stop listening and drop the connections kept alive: the upstream is down."""

@@ -22,6 +22,7 @@ from typing import Any
 import pytest
 
 from tests.agent.egress_upstream import Upstream, make_ca
+from tests.agent.egress_upstream_h2 import H2Upstream
 from tests.agent.inproc import ME, NODE, REGION, FakeClock, Served, make_state
 from vault_edge.agent.egress import EgressSettings
 from vault_edge.agent.policy import Policy, parse_rules
@@ -39,9 +40,10 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
     return make_ca(tmp_path_factory.mktemp("pki"))
 
 
-@pytest.fixture
-def upstream(pki: tuple[Path, Path, Path]) -> Iterator[Upstream]:
-    u = Upstream(pki[1], pki[2])
+@pytest.fixture(params=["h1", "h2"])
+def upstream(request: pytest.FixtureRequest, pki: tuple[Path, Path, Path]) -> Iterator[Upstream]:
+    """Every test of the egress path runs against an HTTP/1.1 upstream and one that speaks HTTP/2 only."""
+    u: Any = Upstream(pki[1], pki[2]) if request.param == "h1" else H2Upstream(pki[1], pki[2])
     yield u
     u.close()
 
@@ -171,6 +173,10 @@ def make_agent(pki: tuple[Path, Path, Path], caplog: pytest.LogCaptureFixture) -
         asyncio.run_coroutine_threadsafe(s.api.egress.aclose(), s.loop).result(timeout=10)  # its upstream pool
         s.close()
     everything = b"".join(received)
+    # every phase's records (caplog.text in a fixture's teardown holds only the teardown's)
+    logged = "\n".join(
+        logging.Formatter().format(r) for when in ("setup", "call", "teardown") for r in caplog.get_records(when)
+    )
     for value in (
         KEY,
         KEY2,
@@ -178,7 +184,7 @@ def make_agent(pki: tuple[Path, Path, Path], caplog: pytest.LogCaptureFixture) -
         base64.b64encode(f"{CREDS['user']}:{CREDS['password']}".encode()).decode(),
     ):
         assert value.encode() not in everything, "a secret reached a worker"
-        assert value not in caplog.text, "a secret reached the log"
+        assert value not in logged, "a secret reached the log"
 
 
 def test_the_key_is_injected_and_the_workers_own_credential_and_hop_by_hop_headers_dropped(
@@ -532,7 +538,8 @@ def test_a_half_read_answer_does_not_go_back_to_the_pool(make_agent: Callable[..
     assert upstream.aborted == 1
     status, _, doc = agent.call("GET", "/v1/egress/api/ok")
     assert status == 200 and doc == {"ok": True}
-    assert len(upstream.conns) == 2
+    # HTTP/1.1: that connection was closed, a new one made; HTTP/2: that stream was reset, the connection kept
+    assert len(upstream.conns) == (1 if upstream.protocol == "h2" else 2)
 
 
 def test_the_request_body_streams_up_before_it_is_whole(make_agent: Callable[..., Agent], upstream: Upstream) -> None:
@@ -671,7 +678,9 @@ def test_a_chunked_upload_streams_up_chunked(make_agent: Callable[..., Agent], u
     status, _, body = conn.response()
     assert status == 200 and json.loads(body)["body"] == "hello world"
     seen = upstream.last()
-    assert seen.header("Transfer-Encoding") == ["chunked"] and seen.header("Content-Length") == []
+    # HTTP/1.1 frames it chunked; HTTP/2 in DATA frames, with no Transfer-Encoding (not allowed there)
+    assert seen.header("Transfer-Encoding") == ([] if upstream.protocol == "h2" else ["chunked"])
+    assert seen.header("Content-Length") == []
     assert seen.header("X-Trailer") == []
     assert conn.response()[0] == 200  # the request pipelined behind the body, in step
     # an empty chunked body, and a large one in many pieces, on the same connection
@@ -805,3 +814,132 @@ def test_a_bug_in_the_relay_costs_that_call_only(
     assert status == 500 and doc["error"]["code"] == "internal"
     monkeypatch.undo()
     assert agent.call("GET", "/v1/egress/api/ok")[0] == 200
+
+
+# -- HTTP/2 only ---------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def h2up(pki: tuple[Path, Path, Path]) -> Iterator[H2Upstream]:
+    u = H2Upstream(pki[1], pki[2], max_streams=4)
+    yield u
+    u.close()
+
+
+def _at_once(agent: Agent, n: int, target: str) -> list[tuple[int, dict[str, str], bytes]]:
+    """``n`` calls at once, each from its own worker connection."""
+    conns = [agent.conn() for _ in range(n)]
+    for c in conns:
+        c.send(f"GET {target} HTTP/1.1\r\nHost: a\r\n\r\n".encode())
+    return [c.response() for c in conns]
+
+
+def test_http2_calls_share_one_connection_up_to_the_upstreams_limit(
+    make_agent: Callable[..., Agent], h2up: H2Upstream
+) -> None:
+    agent = make_agent([route("api", h2up.url)])
+    assert agent.call("GET", "/v1/egress/api/ok")[0] == 200  # the pool learns the upstream speaks HTTP/2
+    got = _at_once(agent, 4, "/v1/egress/api/hold?s=0.5")
+    assert [g[0] for g in got] == [200] * 4
+    assert len(h2up.conns) == 1 and h2up.most_streams == 4  # four calls at once, as streams of one connection
+    # past the upstream's SETTINGS_MAX_CONCURRENT_STREAMS (4) the pool opens another connection
+    got = _at_once(agent, 6, "/v1/egress/api/hold?s=0.5")
+    assert [g[0] for g in got] == [200] * 6
+    assert len(h2up.conns) == 2 and h2up.most_streams == 4
+    assert all(s.header("Authorization") == [f"Bearer {KEY}"] for s in h2up.seen)
+
+
+def test_http2_a_refused_stream_is_retried_once_on_a_new_stream(
+    make_agent: Callable[..., Agent], h2up: H2Upstream
+) -> None:
+    agent = make_agent([route("api", h2up.url)])
+    status, _, doc = agent.call("GET", "/v1/egress/api/refuse-once")
+    assert status == 200 and doc == {"ok": True}
+    assert h2up.refused == 1 and len(h2up.seen) == 2 and len(h2up.conns) == 1
+
+
+def test_http2_after_the_upstreams_goaway_a_new_connection_is_made(
+    make_agent: Callable[..., Agent], h2up: H2Upstream
+) -> None:
+    agent = make_agent([route("api", h2up.url)])
+    assert agent.call("GET", "/v1/egress/api/goaway")[0] == 200  # answered, then GOAWAY
+    assert agent.call("GET", "/v1/egress/api/ok")[0] == 200
+    assert agent.call("POST", "/v1/egress/api/echo", body=b"hello")[0] == 200
+    assert len(h2up.conns) == 2 and h2up.errors == 0
+
+
+def test_http2_a_worker_leaving_resets_its_stream_only(make_agent: Callable[..., Agent], h2up: H2Upstream) -> None:
+    agent = make_agent([route("api", h2up.url)])
+    streaming = agent.conn()
+    streaming.send(b"GET /v1/egress/api/sse?n=50&gap=0.1 HTTP/1.1\r\nHost: a\r\n\r\n")
+    assert streaming.head()[0] == 200
+    other = agent.conn()  # another call on the same upstream connection, in flight meanwhile
+    other.send(b"GET /v1/egress/api/hold?s=0.6 HTTP/1.1\r\nHost: a\r\n\r\n")
+    time.sleep(0.2)
+    streaming.sock.close()
+    deadline = time.monotonic() + 3
+    while time.monotonic() < deadline and not h2up.aborted:
+        time.sleep(0.02)
+    assert h2up.aborted == 1  # the upstream was told (RST_STREAM) and stopped sending
+    status, _, body = other.response()
+    assert status == 200 and json.loads(body) == {"slow": True}  # the other stream went on
+    assert len(h2up.conns) == 1
+
+
+def test_an_upstream_that_speaks_http2_only_is_not_offered_it_by_the_control_plane_client(
+    pki: tuple[Path, Path, Path],
+) -> None:
+    """The pool offers HTTP/2 only where asked (the egress proxy); the control plane's stays HTTP/1.1."""
+    import ssl
+
+    from vault_edge.agent.upstream import Pool, UpstreamError
+
+    up = H2Upstream(pki[1], pki[2])
+
+    async def go() -> None:
+        pool = Pool(ssl.create_default_context(cafile=str(pki[0])))
+        conn, _ = await pool.get(("https", "127.0.0.1", up.port), 5)
+        conn.begin(False)
+        conn.start(b"GET /ok HTTP/1.1\r\nhost: 127.0.0.1\r\n\r\n", b"", False, True)
+        with pytest.raises(UpstreamError):
+            await conn.head(5)  # the HTTP/2-only upstream cannot read an HTTP/1.1 request
+        conn.close()
+        pool.close()
+
+    try:
+        asyncio.run(go())
+    finally:
+        up.close()
+
+
+def test_http2_the_fields_holding_the_key_are_never_indexed(make_agent: Callable[..., Agent], h2up: H2Upstream) -> None:
+    """HPACK keeps fields in a table per connection unless told not to (RFC 7541 §7.1.3): the injected
+    fields are sent never-indexed, so no intermediary that re-encodes them keeps the key either."""
+    agent = make_agent(
+        [
+            route("api", h2up.url, inject=["header:X-Api-Key={value}"]),
+            route("q", h2up.url, inject=["query:key={value}"]),
+        ]
+    )
+    assert agent.call("GET", "/v1/egress/api/ok", "X-Keep: yes\r\n")[0] == 200
+    assert h2up.last().header("X-Api-Key") == [KEY]
+    assert "x-api-key" in h2up.never_indexed[-1] and "x-keep" not in h2up.never_indexed[-1]
+    assert ":path" not in h2up.never_indexed[-1]
+    assert agent.call("GET", "/v1/egress/q/ok?x=1")[0] == 200
+    assert h2up.last().query == {"x": ["1"], "key": [KEY]} and ":path" in h2up.never_indexed[-1]
+
+
+def test_http2_an_upstream_that_breaks_the_protocol_costs_its_calls_only(
+    make_agent: Callable[..., Agent], h2up: H2Upstream
+) -> None:
+    agent = make_agent([route("api", h2up.url)])
+    waiting = agent.conn()  # a call in flight on the same connection when it breaks
+    waiting.send(b"GET /v1/egress/api/hold?s=2 HTTP/1.1\r\nHost: a\r\n\r\n")
+    time.sleep(0.2)
+    status, _, doc = agent.call("GET", "/v1/egress/api/garbage")
+    assert status == 502 and doc["error"]["code"] == "bad_upstream"
+    status, _, body = waiting.response()
+    assert status == 502 and json.loads(body)["error"]["code"] in ("bad_upstream", "upstream_unreachable")
+    assert agent.call("GET", "/v1/egress/api/ok")[0] == 200  # a new connection; the agent serves on
+    assert agent.call("GET", "/v1/secrets/other/key")[0] == 200
+    assert len(h2up.conns) == 2

@@ -33,6 +33,9 @@ NOT_IN_THE_AGENT = (
     "alembic",
     "pydantic",
     "psycopg",
+    "h2",  # HTTP/2 to an egress upstream: loaded only when one picks it (agent/upstream_h2.py)
+    "hpack",
+    "vault_edge.agent.upstream_h2",
     "httpx._main",
     "vault_edge.operator",
     "vault_edge.server",

@@ -17,6 +17,7 @@ import httpx
 import pytest
 
 from tests.agent.egress_upstream import Upstream, make_ca
+from tests.agent.egress_upstream_h2 import H2Upstream
 from tests.agent.test_egress import Conn
 from tests.conftest import cli, free_port
 from tests.e2e.conftest import AgentProcess, ControlPlane, check_metrics, samples, wait_until
@@ -32,9 +33,10 @@ def pki(workdir: Path) -> tuple[Path, Path, Path]:
     return make_ca(d)
 
 
-@pytest.fixture
-def upstream(pki: tuple[Path, Path, Path]) -> Iterator[Upstream]:
-    u = Upstream(pki[1], pki[2])
+@pytest.fixture(params=["h1", "h2"])
+def upstream(request: pytest.FixtureRequest, pki: tuple[Path, Path, Path]) -> Iterator[Upstream]:
+    """An upstream on HTTP/1.1, and one that speaks HTTP/2 only."""
+    u: Any = Upstream(pki[1], pki[2]) if request.param == "h1" else H2Upstream(pki[1], pki[2])
     yield u
     u.close()
 
@@ -128,6 +130,8 @@ def test_keyless_workers_end_to_end(
         str(metrics_port),
         "--metrics-token",  # the flag (test_operations gives the agent VAULT_EDGE_METRICS_TOKEN)
         "egress-metrics-token",
+        "--log-level",  # everything it logs, HTTP/2's header compression included, is checked for the key
+        "debug",
     )
     worker, stranger = Worker(agent, TOKEN), Worker(agent)
 

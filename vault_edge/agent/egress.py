@@ -21,7 +21,8 @@ the upstream's business), Accept-Encoding (so the answer can be scrubbed, below)
 credential where the route injects one (the injected header, Authorization for Basic, the injected
 query parameter), before the injection is added. TLS is verified (system CAs, or ``--egress-ca``);
 connections are kept alive and pooled per upstream (``agent/upstream.py``: HTTP/1.1 on plain asyncio
-Protocols, answers parsed by httptools; no HTTP/2). The request body streams up as the worker sends
+Protocols, answers parsed by httptools; HTTP/2 where the upstream picks it in the TLS handshake,
+``agent/upstream_h2.py``: one connection per upstream carrying the calls as streams). The request body streams up as the worker sends
 it (Content-Length framed, or chunked when the worker's was), never held whole. No redirect is
 followed: a 3xx goes back to the worker, which may call the new URL through the agent like any other
 (judged by the routes again).
@@ -65,7 +66,7 @@ from urllib.parse import unquote, urlsplit
 from vault_edge.agent.endpoint import STATUS_LINE, Answer, Body, Exchange, Request, Sink
 from vault_edge.agent.peercred import Caller
 from vault_edge.agent.policy import Policy
-from vault_edge.agent.upstream import Connection, Pool, UpstreamError
+from vault_edge.agent.upstream import Leg, Pool, UpstreamError
 from vault_edge.agent.view import AgentState, View
 from vault_edge.wire import egress as wegress
 
@@ -123,6 +124,7 @@ class _Call(NamedTuple):
     keep_alive: bool
     http10: bool
     chunked: bool = False  # the body goes up chunked (the worker's was: its length is not known)
+    secret: frozenset[bytes] = frozenset()  # the fields the key is in (lower-case; ``:path`` for a query)
     retry: _Call | None = None  # the same call with the previous value (a 401 during the grace)
 
     def __repr__(self) -> str:
@@ -171,6 +173,7 @@ class Egress:
         # injections rendered, by (spec, value): the next value after a rotation is a new key
         self._rendered: dict[tuple[str, bytes], tuple[str, tuple[bytes, ...]]] = {}
         self._orders: dict[tuple[bytes, ...], tuple[bytes, ...]] = {}  # needles → scrub order (as _rendered)
+        self._secret: dict[tuple[bytes, ...], frozenset[bytes]] = {}  # injected field names → _Call.secret
         self.stats: dict[str, RouteStats] = {}  # by route name (metrics)
         self.counting_since = int(time.time())  # the stats are cumulative from here (the agent's start)
 
@@ -369,7 +372,17 @@ class Egress:
             req.keep_alive,
             lines[0].endswith(b"HTTP/1.0"),
             req.body_len < 0,
+            self._secret_fields(tuple(n for n, _ in inject_headers), bool(inject_query)),
         )
+
+    def _secret_fields(self, names: tuple[bytes, ...], query: bool) -> frozenset[bytes]:
+        key = (*names, b":path") if query else names
+        got = self._secret.get(key)
+        if got is None:
+            if len(self._secret) >= 256:
+                self._secret.clear()
+            got = self._secret[key] = frozenset(n.lower() for n in key)
+        return got
 
     # -- the call ------------------------------------------------------------------------------
     def _scrub_order(self, needles: tuple[bytes, ...]) -> tuple[bytes, ...]:
@@ -390,7 +403,7 @@ class Egress:
         if self._upstreams is None:
             s = self.settings
             ctx = ssl.create_default_context(cafile=s.ca_file) if s.ca_file else ssl.create_default_context()
-            self._upstreams = Pool(ctx)
+            self._upstreams = Pool(ctx, http2=True)
         return self._upstreams
 
     async def _run(self, ex: Exchange, call: _Call, body: Body) -> AsyncIterator[bytes]:
@@ -399,7 +412,7 @@ class Egress:
         # the upstream closed as the request went out is retried once (idempotent methods), and a 401
         # during a rotation's grace once with the previous value (routes that ask for it).
         kept: bytearray | None = bytearray() if body.length <= REPLAY_MAX else None  # chunked: -1
-        conn: Connection | None = None
+        conn: Leg | None = None
         ok = False
         stats = self._stats(call.route)
         stats.requests += 1
@@ -432,19 +445,20 @@ class Egress:
                 else:
                     conn.close()
 
-    async def _call(self, pool: Pool, call: _Call, body: Body, kept: bytearray | None) -> Connection:
+    async def _call(self, pool: Pool, call: _Call, body: Body, kept: bytearray | None) -> Leg:
         """Send ``call`` (its body as it comes, kept in ``kept`` if given) and wait for the answer's head
         on a pooled connection; once more on a new one if the pooled one turns out closed."""
         t = self.settings.timeout
         for attempt in (0, 1):
-            conn: Connection | None = None
+            conn: Leg | None = None
             reused = False
             try:
                 conn, reused = await pool.get(call.origin, t)
                 conn.begin(call.method == "HEAD")
                 if attempt:
                     assert kept is not None
-                    await conn.send(call.head + (_chunk(kept) + _LAST_CHUNK if call.chunked else kept), t)
+                    conn.start(call.head, bytes(kept), call.chunked, True, call.secret)
+                    await conn.drain(t)
                 else:
                     await self._send(conn, call, body, kept, t)
                 await conn.head(t)
@@ -452,7 +466,7 @@ class Egress:
             except UpstreamError as exc:
                 retry = (
                     not attempt
-                    and reused
+                    and (reused or exc.unprocessed)
                     and exc.kind == "closed"
                     and conn is not None
                     and not conn.got_bytes
@@ -469,7 +483,7 @@ class Egress:
                 raise
         raise AssertionError("unreachable")
 
-    async def _discard(self, conn: Connection) -> None:
+    async def _discard(self, conn: Leg) -> None:
         """Read an answer to its end and drop it (a 401 retried), within the answer limit."""
         left = self.settings.max_answer
         while chunk := await conn.read(self.settings.timeout):
@@ -479,26 +493,20 @@ class Egress:
                 return
 
     @staticmethod
-    async def _send(conn: Connection, call: _Call, body: Body, kept: bytearray | None, t: float) -> None:
+    async def _send(conn: Leg, call: _Call, body: Body, kept: bytearray | None, t: float) -> None:
         """The request head with what has come of the body, then the rest of the body as it comes
-        (each piece a chunk when the body goes up chunked). ``kept`` takes the body while it stays
-        within ``REPLAY_MAX`` bytes (see ``_whole``)."""
-        chunked = call.chunked
+        (the connection frames it: chunks when the body goes up chunked). ``kept`` takes the body
+        while it stays within ``REPLAY_MAX`` bytes (see ``_whole``)."""
         data = await body.read()
         if kept is not None and len(kept) + len(data) <= REPLAY_MAX:
             kept += data
-        if chunked:
-            await conn.send(call.head + (_chunk(data) if data else _LAST_CHUNK), t)
-        else:
-            await conn.send(call.head + data, t)
+        conn.start(call.head, data, call.chunked, not data, call.secret)
+        await conn.drain(t)
         while data:
             data = await body.read()
             if kept is not None and len(kept) + len(data) <= REPLAY_MAX:
                 kept += data
-            if chunked:
-                await conn.send(_chunk(data) if data else _LAST_CHUNK, t)
-            elif data:
-                await conn.send(data, t)
+            await conn.more(data, t)
 
     def _failed(self, call: _Call, exc: UpstreamError) -> bytes:
         close = not call.keep_alive
@@ -523,7 +531,7 @@ class Egress:
             close=close,
         )
 
-    async def _relay(self, ex: Exchange, call: _Call, conn: Connection) -> AsyncIterator[bytes]:
+    async def _relay(self, ex: Exchange, call: _Call, conn: Leg) -> AsyncIterator[bytes]:
         relay = _Relay(self, ex, call)
         try:
             head = relay.head(conn)
@@ -568,7 +576,8 @@ class _Direct:
     high-water mark, then stops reading). One timer per call: no progress for ``timeout`` seconds
     (connecting, sending, waiting for the head or for more of the body) ends it, as a 504 before the
     head, a cut answer after. A pooled connection the upstream had closed before answering is replaced
-    once for idempotent methods, as on the other way. The worker leaving (``cancel``) drops the
+    once for idempotent methods, as on the other way (and a stream an HTTP/2 upstream refused, by a
+    new stream). The worker leaving (``cancel``) drops the
     upstream connection."""
 
     __slots__ = (
@@ -592,8 +601,8 @@ class _Direct:
 
     def __init__(self, egress: Egress, ex: Exchange, call: _Call, body: bytes, sink: Sink) -> None:
         self.egress, self.ex, self.call, self.sink = egress, ex, call, sink
-        self.body = (_chunk(body) + _LAST_CHUNK) if call.chunked else body
-        self.conn: Connection | None = None
+        self.body = body
+        self.conn: Leg | None = None
         self.connecting: asyncio.Task[None] | None = None
         self.relay: _Relay | None = None
         self.finished = self.retried = self.reused = False
@@ -635,12 +644,12 @@ class _Direct:
             return
         self._send(conn, False)
 
-    def _send(self, conn: Connection, reused: bool) -> None:
+    def _send(self, conn: Leg, reused: bool) -> None:
         self.conn, self.reused = conn, reused
         conn.begin(self.call.method == "HEAD")
         conn.notify = self.wake
         try:
-            conn.push(self.call.head + self.body)
+            conn.start(self.call.head, self.body, self.call.chunked, True, self.call.secret)
         except UpstreamError as exc:
             self.loop.call_soon(self._fail, exc)  # never done() from within the start
 
@@ -711,7 +720,7 @@ class _Direct:
         conn = self.conn
         if (
             not self.retried
-            and self.reused
+            and (self.reused or exc.unprocessed)
             and exc.kind == "closed"
             and conn is not None
             and not conn.got_bytes
@@ -721,7 +730,13 @@ class _Direct:
             conn.notify = None
             conn.close()
             self.conn = None
-            self._connect()
+            # a stream the upstream did not act on: a new stream (on any connection with room); else
+            # a new connection, not another pooled one that may be as stale
+            leg = self.egress._pool().idle_conn(self.call.origin) if exc.unprocessed else None
+            if leg is None:
+                self._connect()
+            else:
+                self._send(leg, True)
             return
         self.stats.failures[exc.kind] = self.stats.failures.get(exc.kind, 0) + 1
         self.sink.write(self.egress._failed(self.call, exc))
@@ -787,7 +802,7 @@ class _Relay:
         self.relayed = 0
         self.scrub: _Scrubber | None = None
 
-    def head(self, conn: Connection) -> bytes:
+    def head(self, conn: Leg) -> bytes:
         call, eg = self.call, self.egress
         status = conn.status
         length: int | None = None
@@ -876,13 +891,6 @@ class _Relay:
     def cut(self, exc: UpstreamError) -> None:
         log.warning("egress %s: upstream answer cut (%s)", self.call.route, exc)
         self.ex.close = True
-
-
-_LAST_CHUNK: Final = b"0\r\n\r\n"
-
-
-def _chunk(data: bytes | bytearray) -> bytes:
-    return b"%x\r\n" % len(data) + data + b"\r\n" if data else b""
 
 
 def _whole(kept: bytearray | None, body: Body) -> bool:

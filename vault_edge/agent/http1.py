@@ -129,7 +129,9 @@ class Client:
         for attempt in (1, 2):
             conn: Connection | None = None
             try:
-                conn, reused = await pool.get(self.origin, self.connect_timeout)
+                leg, reused = await pool.get(self.origin, self.connect_timeout)
+                assert isinstance(leg, Connection)  # this pool never offers HTTP/2
+                conn = leg
                 conn.begin(head_only=False)
                 await conn.send(request, wait)
                 answer = await _read(conn, limit, limit if error_limit is None else error_limit, wait)

@@ -1,5 +1,6 @@
 """HTTP/1.1 on plain asyncio: a keep-alive pool of connections, for the egress proxy's upstreams (and,
-through :mod:`vault_edge.agent.http1`, the agent's exchanges with its control plane).
+through :mod:`vault_edge.agent.http1`, the agent's exchanges with its control plane). For the egress
+proxy the pool offers HTTP/2 as well, taken where an upstream picks it (:mod:`vault_edge.agent.upstream_h2`).
 
 Why not httpx: the agent's egress path measured ~1.5 ms of CPU per request through
 httpx/httpcore/anyio (bench/egress.py, agent CPU-bound at ~450 req/s). This module is what the path
@@ -36,9 +37,12 @@ import asyncio
 import ssl
 from collections import deque
 from collections.abc import Callable
-from typing import Final, cast
+from typing import TYPE_CHECKING, Final, TypeAlias, cast
 
 import httptools
+
+if TYPE_CHECKING:
+    from vault_edge.agent.upstream_h2 import H2Conn, Stream
 
 HIGH_WATER: Final = 256 << 10  # answer bytes buffered unread before the upstream is paused
 LOW_WATER: Final = 64 << 10
@@ -49,23 +53,78 @@ _MAX_HEAD_BYTES: Final = 64 << 10  # an answer's status line and headers
 _MAX_HEADERS: Final = 100  # header fields in one answer
 
 Origin = tuple[str, str, int]  # scheme, host (IPv6 in brackets), port
+_LAST_CHUNK: Final = b"0\r\n\r\n"
 
 
 class UpstreamError(Exception):
-    """The upstream call failed: ``kind`` is ``connect``, ``timeout``, ``closed`` or ``protocol``.
-    The message holds no request bytes."""
+    """The upstream call failed: ``kind`` is ``connect``, ``timeout``, ``closed`` or ``protocol``;
+    ``unprocessed``: the upstream said it did not act on the request (HTTP/2's REFUSED_STREAM, or a
+    GOAWAY before its stream), so it may be sent again. The message holds no request bytes."""
 
-    def __init__(self, kind: str, message: str) -> None:
+    def __init__(self, kind: str, message: str, *, unprocessed: bool = False) -> None:
         super().__init__(message)
-        self.kind = kind
+        self.kind, self.unprocessed = kind, unprocessed
 
 
-def _expire(fut: asyncio.Future[None], what: str) -> None:
+def expire(fut: asyncio.Future[None], what: str) -> None:
     if not fut.done():
         fut.set_exception(UpstreamError("timeout", f"timed out {what}"))
 
 
-class Connection(asyncio.BufferedProtocol):
+class Answering:
+    """What a caller waits on, over either protocol (an HTTP/1.1 :class:`Connection`, an HTTP/2
+    ``Stream``): the answer's head, then its body as it arrives; ``wake`` tells the caller (its waiter,
+    or its ``notify`` callback) that something changed."""
+
+    pool: Pool
+    loop: asyncio.AbstractEventLoop
+    waiter: asyncio.Future[None] | None
+    notify: Callable[[], None] | None
+    head_done: bool
+    complete: bool
+    chunks: deque[bytes]
+    error: UpstreamError | None
+
+    def wake(self) -> None:
+        if self.notify is not None:
+            self.notify()
+            return
+        w = self.waiter
+        if w is not None and not w.done():
+            w.set_result(None)
+
+    async def _wait(self, timeout: float, what: str) -> None:
+        fut = self.loop.create_future()
+        self.waiter = fut
+        timer = self.loop.call_later(timeout, expire, fut, what)
+        try:
+            await fut
+        finally:
+            timer.cancel()
+            self.waiter = None
+
+    async def head(self, timeout: float) -> None:
+        """Wait for the answer's status and headers (``status``, ``headers``)."""
+        while not self.head_done:
+            if self.error is not None:
+                raise self.error
+            await self._wait(timeout, f"waiting for {self.pool.peer}'s answer")
+
+    async def read(self, timeout: float) -> bytes:
+        """The answer's body bytes that have arrived (waiting for some); ``b""`` at its end."""
+        while not self.chunks:
+            if self.complete:
+                return b""
+            if self.error is not None:
+                raise self.error
+            await self._wait(timeout, f"reading {self.pool.peer}'s answer")
+        return self.take()
+
+    def take(self) -> bytes:
+        raise NotImplementedError
+
+
+class Connection(Answering, asyncio.BufferedProtocol):
     """One upstream connection: one request at a time, its answer parsed as it arrives.
 
     A buffered protocol: the transport reads into the pool's buffer (``get_buffer``), parsed at once
@@ -84,6 +143,8 @@ class Connection(asyncio.BufferedProtocol):
         self.notify: Callable[[], None] | None = None  # called instead of waking a waiter (a callback relay)
         self.idle_since = 0.0
         self.uses = 0
+        self.chunked_up = False  # the request body goes up chunked (``start``, ``more``)
+        self.upgraded: H2Conn | None = None  # the upstream picked HTTP/2: this connection is now that
         self._clear()
 
     def _clear(self) -> None:
@@ -107,6 +168,13 @@ class Connection(asyncio.BufferedProtocol):
     # -- asyncio.BufferedProtocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
+        if self.pool.http2:  # the TLS handshake is over: did the upstream pick HTTP/2 (ALPN)?
+            tls = transport.get_extra_info("ssl_object")
+            if tls is not None and tls.selected_alpn_protocol() == "h2":
+                from vault_edge.agent.upstream_h2 import H2Conn  # loaded only for an upstream that speaks it
+
+                self.upgraded = H2Conn(self.pool, self.origin, self.transport)
+                self.transport.set_protocol(self.upgraded)  # before any byte is read
 
     def get_buffer(self, sizehint: int) -> memoryview:
         return self.pool.read_buffer
@@ -129,7 +197,7 @@ class Connection(asyncio.BufferedProtocol):
             self._fail(UpstreamError("protocol", f"{self.pool.peer} switched protocols"))
         except httptools.HttpParserError as exc:
             self._fail(UpstreamError("protocol", f"{self.pool.peer}'s answer is malformed ({type(exc).__name__})"))
-        self._wake()
+        self.wake()
 
     def eof_received(self) -> bool:
         return False  # the transport closes itself; connection_lost follows
@@ -142,7 +210,7 @@ class Connection(asyncio.BufferedProtocol):
             what = "before its answer" if not self.head_done else "in the middle of its answer"
             self.error = UpstreamError("closed", f"{self.pool.peer} closed the connection {what}")
         self.keep_alive = False
-        self._wake()
+        self.wake()
         self.pool._forget(self)
 
     def pause_writing(self) -> None:
@@ -150,7 +218,7 @@ class Connection(asyncio.BufferedProtocol):
 
     def resume_writing(self) -> None:
         self.write_paused = False
-        self._wake()
+        self.wake()
 
     # -- httptools callbacks
     def on_header(self, name: bytes, value: bytes) -> None:
@@ -196,24 +264,6 @@ class Connection(asyncio.BufferedProtocol):
         self.keep_alive = False
         self.close()
 
-    def _wake(self) -> None:
-        if self.notify is not None:
-            self.notify()
-            return
-        w = self.waiter
-        if w is not None and not w.done():
-            w.set_result(None)
-
-    async def _wait(self, timeout: float, what: str) -> None:
-        fut = self.loop.create_future()
-        self.waiter = fut
-        timer = self.loop.call_later(timeout, _expire, fut, what)
-        try:
-            await fut
-        finally:
-            timer.cancel()
-            self.waiter = None
-
     # -- the caller's side
     def begin(self, head_only: bool) -> None:
         """Ready for a new request (``head_only``: it is a HEAD, no body will follow its answer)."""
@@ -228,6 +278,27 @@ class Connection(asyncio.BufferedProtocol):
             raise self.error or UpstreamError("closed", f"{self.pool.peer} closed the connection")
         self.transport.write(data)
 
+    def start(self, head: bytes, body: bytes, chunked: bool, end: bool, secret: frozenset[bytes] = frozenset()) -> None:
+        """Write the request's head and what there is of its body (``end``: that is all of it),
+        framed (``chunked``: as chunks, the last one with ``end``), without waiting. (``secret``, the
+        fields that hold the key, matters to HTTP/2's header compression only.)"""
+        self.chunked_up = chunked
+        if chunked:
+            body = _chunk(body) + (_LAST_CHUNK if end else b"")
+        self.push(head + body)
+
+    async def more(self, data: bytes, timeout: float) -> None:
+        """More of the request body (``b""``: its end), framed as ``start`` began; waits while the
+        upstream does not take it."""
+        if self.chunked_up:
+            await self.send(_chunk(data) if data else _LAST_CHUNK, timeout)
+        elif data:
+            await self.send(data, timeout)
+
+    async def drain(self, timeout: float) -> None:
+        """Wait (at most ``timeout``) while the upstream does not take what was written."""
+        await self.send(b"", timeout)
+
     async def send(self, data: bytes, timeout: float) -> None:
         """Write request bytes; wait (at most ``timeout``) while the upstream does not take them."""
         if self.lost or self.transport is None:
@@ -237,23 +308,6 @@ class Connection(asyncio.BufferedProtocol):
             await self._wait(timeout, f"writing to {self.pool.peer}")
         if self.lost and not self.head_done:
             raise self.error or UpstreamError("closed", f"{self.pool.peer} closed the connection")
-
-    async def head(self, timeout: float) -> None:
-        """Wait for the answer's status and headers (``status``, ``headers``)."""
-        while not self.head_done:
-            if self.error is not None:
-                raise self.error
-            await self._wait(timeout, f"waiting for {self.pool.peer}'s answer")
-
-    async def read(self, timeout: float) -> bytes:
-        """The answer's body bytes that have arrived (waiting for some); ``b""`` at its end."""
-        while not self.chunks:
-            if self.complete:
-                return b""
-            if self.error is not None:
-                raise self.error
-            await self._wait(timeout, f"reading {self.pool.peer}'s answer")
-        return self.take()
 
     def take(self) -> bytes:
         """The answer's body bytes that have arrived, without waiting (``b""``: none yet)."""
@@ -275,9 +329,18 @@ class Connection(asyncio.BufferedProtocol):
             self.transport.abort()  # connection_lost follows (forgotten by the pool then)
 
 
+def _chunk(data: bytes | bytearray) -> bytes:
+    return b"%x\r\n" % len(data) + bytes(data) + b"\r\n" if data else b""
+
+
+Leg: TypeAlias = "Connection | Stream"  # one call's way to its upstream: a connection, or an HTTP/2 stream
+
+
 class Pool:
     """Keep-alive connections per origin. ``get`` gives one (idle or new); ``release`` takes it back
-    if it can serve another request, else closes it."""
+    if it can serve another request, else closes it. With ``http2``, TLS connections offer HTTP/2 too
+    (ALPN): an upstream that picks it gets one connection carrying many calls, each a stream
+    (:mod:`vault_edge.agent.upstream_h2`), for as long as it has room."""
 
     def __init__(
         self,
@@ -287,8 +350,15 @@ class Pool:
         idle_expiry: float = IDLE_EXPIRY_S,
         loop: asyncio.AbstractEventLoop | None = None,
         peer: str = "the upstream",
+        http2: bool = False,
     ) -> None:
         self.ssl_context, self.peer = ssl_context, peer  # ``peer``: what messages call the other side
+        self.http2 = http2
+        if http2:
+            ssl_context.set_alpn_protocols(["h2", "http/1.1"])
+        self.h2: dict[Origin, list[H2Conn]] = {}  # HTTP/2 connections by origin
+        self.h2_origins: set[Origin] = set()  # the upstreams whose last new connection picked HTTP/2
+        self.connecting: dict[Origin, asyncio.Future[None]] = {}  # a connection being made, by origin
         self.max_idle, self.idle_expiry = max_idle, idle_expiry
         self.loop = loop or asyncio.get_running_loop()
         self.idle: dict[Origin, list[Connection]] = {}
@@ -296,15 +366,24 @@ class Pool:
         self.read_buffer = memoryview(bytearray(READ_BUFFER))
         self.opened = 0  # connections made since start (metrics, tests)
 
-    async def get(self, origin: Origin, timeout: float) -> tuple[Connection, bool]:
+    async def get(self, origin: Origin, timeout: float) -> tuple[Leg, bool]:
         """A connection to ``origin`` and whether it was reused from the pool."""
         conn = self.idle_conn(origin)
         if conn is not None:
             return conn, True
         return await self.connect(origin, timeout), False
 
-    def idle_conn(self, origin: Origin) -> Connection | None:
-        """An idle connection to ``origin`` from the pool (the warmest), or None."""
+    def idle_conn(self, origin: Origin) -> Leg | None:
+        """A new stream on an HTTP/2 connection to ``origin`` with room for it, or an idle connection
+        to ``origin`` from the pool (the warmest), or None."""
+        multi = self.h2.get(origin)
+        if multi:
+            now = self.loop.time()
+            for h2c in list(multi):
+                if h2c.idle_since and now - h2c.idle_since >= self.idle_expiry:
+                    h2c.close()  # unused for too long (connection_lost forgets it)
+                elif h2c.has_room():
+                    return h2c.stream()
         idle = self.idle.get(origin)
         if idle:
             now = self.loop.time()
@@ -315,7 +394,37 @@ class Pool:
                 conn.close()
         return None
 
-    async def connect(self, origin: Origin, timeout: float) -> Connection:
+    async def connect(self, origin: Origin, timeout: float) -> Leg:
+        """A new connection to ``origin`` (a stream on it if the upstream picks HTTP/2). To an upstream
+        known to speak HTTP/2, one connection is made at a time: the calls that come meanwhile wait for
+        it and take streams on it while it has room."""
+        while origin in self.h2_origins and (pending := self.connecting.get(origin)) is not None:
+            try:
+                async with asyncio.timeout(timeout):
+                    await asyncio.shield(pending)
+            except TimeoutError:
+                raise UpstreamError("timeout", f"timed out connecting to {self.peer}") from None
+            leg = self.idle_conn(origin)
+            if leg is not None:
+                return leg
+        done: asyncio.Future[None] = self.loop.create_future()
+        first = self.connecting.setdefault(origin, done) is done  # (HTTP/1.1: several at once)
+        try:
+            proto = await self._connect(origin, timeout)
+        finally:
+            if first:
+                del self.connecting[origin]
+            done.set_result(None)
+        self.opened += 1
+        h2c = proto.upgraded
+        if h2c is None:
+            self.h2_origins.discard(origin)
+            return proto
+        self.h2_origins.add(origin)
+        self.h2.setdefault(origin, []).append(h2c)
+        return h2c.stream()
+
+    async def _connect(self, origin: Origin, timeout: float) -> Connection:
         scheme, host, port = origin
         bare = host.strip("[]")
         tls = self.ssl_context if scheme == "https" else None
@@ -335,14 +444,14 @@ class Pool:
             raise UpstreamError("connect", f"{self.peer}'s certificate was refused ({exc.verify_message})") from None
         except (OSError, ssl.SSLError) as exc:
             raise UpstreamError("connect", f"{self.peer} could not be reached ({type(exc).__name__})") from None
-        self.opened += 1
         return proto
 
-    def release(self, conn: Connection) -> None:
+    def release(self, conn: Leg) -> None:
         if not conn.reusable():
             conn.close()
             return
         now = self.loop.time()
+        assert isinstance(conn, Connection)  # a stream is never reusable
         idle = self.idle.setdefault(conn.origin, [])
         while idle and (idle[0].lost or now - idle[0].idle_since >= self.idle_expiry):
             idle.pop(0).close()  # the oldest first: expired ones go
@@ -356,6 +465,11 @@ class Pool:
         if idle and conn in idle:
             idle.remove(conn)
 
+    def _forget_h2(self, h2c: H2Conn) -> None:
+        multi = self.h2.get(h2c.origin)
+        if multi and h2c in multi:
+            multi.remove(h2c)
+
     def idle_count(self) -> int:
         return sum(len(v) for v in self.idle.values())
 
@@ -364,3 +478,7 @@ class Pool:
             for conn in idle:
                 conn.close()
         self.idle.clear()
+        for multi in self.h2.values():
+            for h2c in list(multi):
+                h2c.close()
+        self.h2.clear()

@@ -1,0 +1,420 @@
+"""HTTP/2 to an upstream that offers it: one TLS connection per upstream carrying many calls at once.
+
+The egress pool (:mod:`vault_edge.agent.upstream`) offers ALPN ``h2`` and ``http/1.1`` on its TLS
+connections; when the upstream picks ``h2``, the connection is handed to an :class:`H2Conn` here as
+soon as the handshake ends (``Connection.connection_made``), before any byte of it is read. The
+framing, HPACK and the protocol's state machine are the ``h2`` package's (the hyper project's; what
+httpx speaks HTTP/2 with); sockets, timers and flow control towards the worker are ours, on the same
+loop, with the same face as an HTTP/1.1 connection: each call is a :class:`Stream` the egress proxy
+drives exactly as it drives a :class:`~vault_edge.agent.upstream.Connection` (``begin``, ``start``,
+``more``, ``head``, ``read``/``take``, ``notify``, ``close``).
+
+* **Multiplexing**: calls to one upstream share its connection while it has room (the peer's
+  ``SETTINGS_MAX_CONCURRENT_STREAMS``); past that, or after the peer's GOAWAY, the pool opens another.
+  A connection with no streams for ``idle_expiry`` seconds is closed when next looked at.
+* **The request**: the egress proxy's HTTP/1.1 head (which it builds the same for both) turned into
+  HTTP/2's fields (``:method``, ``:scheme``, ``:authority`` from ``Host``, ``:path``; names lower-case;
+  framing headers dropped: HTTP/2 frames the body itself), the body in DATA frames as the flow-control
+  windows allow, END_STREAM with its last piece.
+* **The answer**: ``:status`` and the fields (validated by ``h2``: no connection-specific field gets
+  through), interim (1xx) answers and trailers dropped, DATA handed over as it arrives. Flow control
+  towards the upstream is the worker's pace: a stream's received bytes are acknowledged (WINDOW_UPDATE)
+  only as the caller takes them, and its window is ``HIGH_WATER`` as for HTTP/1.1's pause.
+* **Ending**: a stream whose answer was read whole ends quietly; any other (the worker left, a
+  timeout, an unusable answer) is reset (RST_STREAM CANCEL): the upstream stops, the connection and
+  its other streams go on. A stream the upstream refused or never processed (REFUSED_STREAM, a
+  GOAWAY naming an earlier stream, the connection lost before any answer) fails as ``closed`` with
+  nothing received: the egress proxy retries idempotent calls on a new stream, as it does a stale
+  HTTP/1.1 connection.
+
+Errors are :class:`~vault_edge.agent.upstream.UpstreamError`; as there, their messages name what
+happened, never a header or body bytes (the request holds the key). ``h2`` is imported only when an
+upstream picks HTTP/2: an agent with no such upstream never loads it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import deque
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Final
+
+import h2.config
+import h2.connection
+import h2.errors
+import h2.events
+import h2.exceptions
+import h2.settings
+from hpack import HeaderTuple, NeverIndexedHeaderTuple
+
+from vault_edge.agent.upstream import HIGH_WATER, Answering, UpstreamError
+
+if TYPE_CHECKING:
+    from vault_edge.agent.upstream import Origin, Pool
+
+log = logging.getLogger("vault_edge.agent.upstream")
+# HPACK logs every field it encodes or decodes, values included, at DEBUG: the request carries the key
+logging.getLogger("hpack").setLevel(logging.WARNING)
+
+CONN_WINDOW: Final = 16 << 20  # the connection's receive window: the sum of what all its streams may hold unread
+MAX_HEADER_LIST: Final = 64 << 10  # an answer's fields (HPACK-decoded), as HTTP/1.1's head limit
+_MAX_HEADERS: Final = 100
+_SEND_HIGH: Final = 64 << 10  # request bytes waiting for the peer's window before ``more`` waits
+_FRAMING: Final = frozenset({b"host", b"transfer-encoding", b"connection", b"keep-alive", b"upgrade", b"te"})
+_CANCEL: Final = h2.errors.ErrorCodes.CANCEL
+_REFUSED: Final = h2.errors.ErrorCodes.REFUSED_STREAM
+
+
+class H2Conn(asyncio.Protocol):
+    """One HTTP/2 connection to an upstream: the streams open on it, by id."""
+
+    def __init__(self, pool: Pool, origin: Origin, transport: asyncio.Transport) -> None:
+        self.pool, self.origin, self.loop, self.transport = pool, origin, pool.loop, transport
+        config = h2.config.H2Configuration(client_side=True, header_encoding=None)
+        self.h2 = h2.connection.H2Connection(config=config)
+        self.h2.local_settings = h2.settings.Settings(
+            client=True,
+            initial_values={
+                h2.settings.SettingCodes.ENABLE_PUSH: 0,
+                h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: HIGH_WATER,
+                h2.settings.SettingCodes.MAX_HEADER_LIST_SIZE: MAX_HEADER_LIST,
+            },
+        )
+        self.h2.initiate_connection()
+        self.h2.increment_flow_control_window(CONN_WINDOW - 65535)
+        self.streams: dict[int, Stream] = {}
+        self.lost = self.closing = False  # closing: GOAWAY received (or ids ran out): no new streams
+        self.write_paused = False
+        self.idle_since = self.loop.time()
+        self.flush()
+
+    def __repr__(self) -> str:
+        return f"<upstream H2Conn {self.origin[1]}:{self.origin[2]} streams={len(self.streams)}>"
+
+    # -- the pool's side
+    def has_room(self) -> bool:
+        if self.lost or self.closing:
+            return False
+        return len(self.streams) < self.h2.remote_settings.max_concurrent_streams
+
+    def stream(self) -> Stream:
+        self.idle_since = 0.0
+        return Stream(self)
+
+    def close(self) -> None:
+        if not self.lost:
+            self.transport.abort()  # connection_lost follows
+
+    # -- asyncio.Protocol
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        pass  # made in __init__ (the HTTP/1.1 protocol it replaces saw the transport first)
+
+    def data_received(self, data: bytes) -> None:
+        touched: set[Stream] = set()
+        try:
+            for ev in self.h2.receive_data(data):
+                self._event(ev, touched)
+        except Exception as exc:  # h2's ProtocolError (HPACK's and framing's included), or a bug here:
+            # this connection's calls fail, never the agent
+            if not isinstance(exc, h2.exceptions.ProtocolError):
+                log.error("internal error reading an HTTP/2 upstream (%s)", type(exc).__name__)
+            self._fail_all(UpstreamError("protocol", f"{self.pool.peer} broke HTTP/2 ({type(exc).__name__})"))
+            self.flush()  # the GOAWAY h2 prepared, if it did
+            self.close()
+            return
+        self.flush()
+        for s in touched:
+            s.wake()
+
+    def _event(self, ev: h2.events.Event, touched: set[Stream]) -> None:
+        if isinstance(ev, h2.events.DataReceived):
+            sid = ev.stream_id or 0
+            st = self.streams.get(sid)
+            if st is None:  # a stream already ended here: its bytes go back to the connection's window
+                self.h2.acknowledge_received_data(ev.flow_controlled_length or 0, sid)
+                return
+            st.data(ev.data or b"", ev.flow_controlled_length or 0)
+            touched.add(st)
+        elif isinstance(ev, h2.events.ResponseReceived):
+            st = self.streams.get(ev.stream_id or 0)
+            if st is not None:
+                st.response(ev.headers or [])
+                touched.add(st)
+        elif isinstance(ev, h2.events.StreamEnded):
+            st = self.streams.get(ev.stream_id or 0)
+            if st is not None:
+                st.ended()
+                touched.add(st)
+        elif isinstance(ev, h2.events.StreamReset):
+            st = self.streams.get(ev.stream_id or 0)
+            if st is not None:
+                refused = ev.error_code == _REFUSED and not st.got_bytes
+                what = "refused" if refused else "reset"
+                st.fail(UpstreamError("closed", f"{self.pool.peer} {what} the stream", unprocessed=refused))
+                touched.add(st)
+        elif isinstance(ev, h2.events.WindowUpdated | h2.events.RemoteSettingsChanged):
+            sid = getattr(ev, "stream_id", 0) or 0
+            for st in [self.streams[sid]] if sid in self.streams else list(self.streams.values()):
+                if st.pump():
+                    touched.add(st)
+        elif isinstance(ev, h2.events.ConnectionTerminated):
+            self.closing = True
+            last = ev.last_stream_id if ev.last_stream_id is not None else 0
+            for sid, st in list(self.streams.items()):
+                if sid > last:  # never processed: as a stale keep-alive connection (retried if idempotent)
+                    err = UpstreamError(
+                        "closed", f"{self.pool.peer} closed the connection before its answer", unprocessed=True
+                    )
+                    st.fail(err)
+                    touched.add(st)
+            if not self.streams:
+                self.close()
+        # interim answers, trailers, pings (answered by h2), settings acks, priority: nothing to do
+
+    def eof_received(self) -> bool:
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = True
+        self._fail_all(UpstreamError("closed", f"{self.pool.peer} closed the connection"))
+        self.pool._forget_h2(self)
+
+    def pause_writing(self) -> None:
+        self.write_paused = True
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        for st in list(self.streams.values()):
+            st.wake()
+
+    # -- internals
+    def _fail_all(self, err: UpstreamError) -> None:
+        for st in list(self.streams.values()):
+            st.fail(err)
+            st.wake()
+
+    def flush(self) -> None:
+        data = self.h2.data_to_send()
+        if data and not self.lost:
+            self.transport.write(data)
+
+    def open(self, st: Stream, fields: list[HeaderTuple], end: bool) -> int:
+        try:
+            sid = self.h2.get_next_available_stream_id()
+        except h2.exceptions.NoAvailableStreamIDError:
+            self.closing = True
+            raise UpstreamError("closed", f"{self.pool.peer}'s connection has no stream ids left") from None
+        try:
+            self.h2.send_headers(sid, fields, end_stream=end)
+        except h2.exceptions.ProtocolError as exc:  # a field HTTP/2 does not allow (h2 validates them all)
+            raise UpstreamError("protocol", f"the request cannot go over HTTP/2 ({type(exc).__name__})") from None
+        self.streams[sid] = st
+        return sid
+
+    def forget(self, st: Stream, reset: bool) -> None:
+        sid = st.stream_id
+        if self.streams.pop(sid, None) is None:
+            return
+        if st.unacked:  # what it left unread goes back to the connection's window
+            self.h2.acknowledge_received_data(st.unacked, sid)
+            st.unacked = 0
+        if reset and not self.lost:
+            with contextlib.suppress(h2.exceptions.StreamClosedError):  # the peer closed it meanwhile
+                self.h2.reset_stream(sid, _CANCEL)
+        self.flush()
+        if not self.streams:
+            self.idle_since = self.loop.time()
+            if self.closing:
+                self.close()
+
+
+class Stream(Answering):
+    """One call on an :class:`H2Conn`: the face of an HTTP/1.1 ``Connection`` for the egress proxy.
+    Used once: ``close`` ends it (quietly if its answer was read whole, else with a reset)."""
+
+    __slots__ = (
+        "buffered",
+        "chunks",
+        "complete",
+        "conn",
+        "error",
+        "got_bytes",
+        "head_done",
+        "head_only",
+        "headers",
+        "keep_alive",
+        "loop",
+        "notify",
+        "origin",
+        "out",
+        "out_end",
+        "pool",
+        "sent_end",
+        "status",
+        "stream_id",
+        "unacked",
+        "waiter",
+    )
+
+    def __init__(self, conn: H2Conn) -> None:
+        self.conn, self.pool, self.origin, self.loop = conn, conn.pool, conn.origin, conn.loop
+        self.stream_id = 0
+        self.status = 0
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.head_done = self.complete = self.got_bytes = self.head_only = False
+        self.keep_alive = True
+        self.chunks: deque[bytes] = deque()
+        self.buffered = self.unacked = 0
+        self.error: UpstreamError | None = None
+        self.notify: Callable[[], None] | None = None
+        self.waiter: asyncio.Future[None] | None = None
+        self.out = bytearray()  # request body bytes waiting for the peer's flow-control window
+        self.out_end = self.sent_end = False
+
+    def __repr__(self) -> str:
+        return f"<upstream Stream {self.origin[1]}:{self.origin[2]} id={self.stream_id}>"
+
+    # -- from the connection
+    def response(self, fields: list[tuple[bytes, bytes]]) -> None:
+        self.got_bytes = True
+        status, headers, size = 0, [], 0
+        for n, v in fields:
+            if n == b":status":
+                status = int(v) if v.isdigit() else 0
+            elif not n.startswith(b":"):
+                headers.append((n, v))
+                size += len(n) + len(v) + 32
+        if not 200 <= status <= 599 or len(headers) > _MAX_HEADERS or size > MAX_HEADER_LIST:
+            self.fail(UpstreamError("protocol", f"{self.pool.peer}'s answer head is unusable"))
+            return
+        self.status, self.headers, self.head_done = status, headers, True
+        if self.head_only:
+            self.complete = True
+
+    def data(self, data: bytes, flow: int) -> None:
+        self.got_bytes = True
+        self.unacked += flow
+        if self.head_only or not data:
+            self.ack()
+            return
+        self.chunks.append(data)
+        self.buffered += len(data)
+
+    def ended(self) -> None:
+        if self.head_done:
+            self.complete = True
+        elif self.error is None:
+            self.fail(UpstreamError("protocol", f"{self.pool.peer} ended the stream without an answer"))
+
+    def fail(self, err: UpstreamError) -> None:
+        if self.error is None and not self.complete:
+            self.error = err
+        self.keep_alive = False
+
+    def pump(self) -> bool:
+        """Send what the peer's windows now allow of the waiting body; True if any went."""
+        if self.error is not None or self.sent_end or not self.stream_id:
+            return False
+        h2c, sid, moved = self.conn.h2, self.stream_id, False
+        try:
+            while self.out:
+                n = min(h2c.local_flow_control_window(sid), h2c.max_outbound_frame_size, len(self.out))
+                if n <= 0:
+                    break
+                last = self.out_end and n == len(self.out)
+                h2c.send_data(sid, bytes(self.out[:n]), end_stream=last)
+                del self.out[:n]
+                self.sent_end, moved = last, True
+            if not self.out and self.out_end and not self.sent_end:
+                h2c.end_stream(sid)
+                self.sent_end = moved = True
+        except h2.exceptions.StreamClosedError:  # the upstream ended it (answered early, or reset it)
+            self.out.clear()
+            self.sent_end = True
+        return moved
+
+    def ack(self) -> None:
+        if self.unacked and self.stream_id in self.conn.streams:
+            self.conn.h2.acknowledge_received_data(self.unacked, self.stream_id)
+            self.unacked = 0
+            self.conn.flush()
+
+    # -- the caller's side (as ``upstream.Connection``)
+    def begin(self, head_only: bool) -> None:
+        self.head_only = head_only
+
+    def start(self, head: bytes, body: bytes, chunked: bool, end: bool, secret: frozenset[bytes] = frozenset()) -> None:
+        """Open the stream with the request (its HTTP/1.1 head as the egress proxy builds it, and what
+        there is of the body; ``end``: that is all of it). Does not wait. The fields named in ``secret``
+        (``:path`` for the path) hold the key: HPACK never indexes them (RFC 7541 §7.1.3), here or in
+        any intermediary that re-encodes them."""
+        conn = self.conn
+        if conn.lost or conn.closing:
+            raise UpstreamError("closed", f"{self.pool.peer} closed the connection")
+        lines = head.split(b"\r\n")
+        method, target, _ = lines[0].split(b" ", 2)
+        authority = b""
+        fields: list[HeaderTuple] = []
+        for line in lines[1:]:
+            if not line:
+                continue
+            name, _, value = line.partition(b": ")
+            name = name.lower()
+            if name == b"host":
+                authority = value
+            elif name not in _FRAMING:
+                fields.append(_field(name, value, secret))
+        pseudo = [
+            HeaderTuple(b":method", method),
+            HeaderTuple(b":scheme", b"https"),
+            HeaderTuple(b":authority", authority),
+            _field(b":path", target, secret),
+        ]
+        self.stream_id = conn.open(self, pseudo + fields, end and not body)
+        self.out += body
+        self.out_end = end
+        self.sent_end = end and not body
+        self.pump()
+        conn.flush()
+
+    async def more(self, data: bytes, timeout: float) -> None:
+        """More of the request body (``b""``: its end); waits while the peer does not take it."""
+        if self.error is not None:
+            raise self.error
+        if data:
+            self.out += data
+        else:
+            self.out_end = True
+        self.pump()
+        self.conn.flush()
+        await self.drain(timeout)
+
+    async def drain(self, timeout: float) -> None:
+        while (len(self.out) > _SEND_HIGH or self.conn.write_paused) and self.error is None:
+            await self._wait(timeout, f"writing to {self.pool.peer}")
+        if self.error is not None and not self.head_done:
+            raise self.error
+
+    def take(self) -> bytes:
+        data = self.chunks.popleft() if len(self.chunks) == 1 else b"".join(self.chunks)
+        self.chunks.clear()
+        self.buffered = 0
+        self.ack()  # the upstream may send as much again
+        return data
+
+    def reusable(self) -> bool:
+        return False  # a stream serves one call; its connection stays with the pool
+
+    def close(self) -> None:
+        """End the stream: quietly if the answer was read whole and the request sent whole, else with
+        a reset (the upstream stops sending)."""
+        self.notify = None
+        if self.stream_id:
+            whole = self.complete and self.error is None and not self.chunks and self.sent_end
+            self.conn.forget(self, reset=not whole)
+
+
+def _field(name: bytes, value: bytes, secret: frozenset[bytes]) -> HeaderTuple:
+    return NeverIndexedHeaderTuple(name, value) if name in secret else HeaderTuple(name, value)
