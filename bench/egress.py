@@ -27,6 +27,12 @@ the upstream's when it wrote them.
 
     .venv/bin/python bench/egress.py                      # 3 runs x (c1, c16) x (direct, agent), -d 2 -W 0.5
     .venv/bin/python bench/egress.py --runs 5 -d 3 --events 1000 --out results.json
+    .venv/bin/python bench/egress.py --http2 --runs 5 -d 3    # the upstream speaks HTTP/2 only
+
+``--http2``: the upstream speaks HTTP/2 only (ALPN ``h2``; the ``h2`` package's server side), so the
+agent's pool takes HTTP/2 to it (one connection, the calls as streams); *direct* is then HTTP/2 too,
+through the agent's own pool (``vault_edge.agent.upstream.Pool``) as the client, one connection per
+closed loop. The worker's side is HTTP/1.1 on the socket either way.
 """
 
 from __future__ import annotations
@@ -109,15 +115,92 @@ class _Upstream(asyncio.Protocol):
         t.write(b"0\r\n\r\n")
 
 
-def serve_upstream(port: int, cert: str, key: str, secret: str) -> None:
+class _H2Upstream(asyncio.Protocol):
+    """The same upstream over HTTP/2 only (``--http2``; the ``h2`` package's server side): the same
+    paths, answers and key check, each request a stream."""
+
+    def __init__(self, key: bytes) -> None:
+        import h2.config
+        import h2.connection
+
+        self.auth = b"bearer " + key.lower()
+        self.h2 = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False, header_encoding=None))
+        self.heads: dict[int, dict[bytes, bytes]] = {}
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        _Upstream.accepted += 1
+        self.h2.initiate_connection()
+        self.transport.write(self.h2.data_to_send())  # type: ignore[union-attr]
+
+    def data_received(self, data: bytes) -> None:
+        import h2.events
+        import h2.exceptions
+
+        assert self.transport is not None
+        try:
+            events = self.h2.receive_data(data)
+        except h2.exceptions.ProtocolError:
+            self.transport.write(self.h2.data_to_send())
+            self.transport.close()
+            return
+        for ev in events:
+            if isinstance(ev, h2.events.RequestReceived):
+                self.heads[ev.stream_id] = {k: v for k, v in ev.headers}  # type: ignore[misc, union-attr]
+            elif isinstance(ev, h2.events.DataReceived):
+                self.h2.acknowledge_received_data(ev.flow_controlled_length, ev.stream_id)  # type: ignore[arg-type]
+            elif isinstance(ev, h2.events.StreamEnded):
+                self.request(ev.stream_id, self.heads.pop(ev.stream_id))  # type: ignore[arg-type]
+        self.transport.write(self.h2.data_to_send())
+
+    def answer(self, sid: int, status: int, headers: list[tuple[bytes, bytes]], body: bytes, end: bool = True) -> None:
+        self.h2.send_headers(sid, [(b":status", b"%d" % status), *headers], end_stream=not body and end)
+        if body:
+            self.h2.send_data(sid, body, end_stream=end)
+
+    def request(self, sid: int, head: dict[bytes, bytes]) -> None:
+        target = head[b":path"]
+        if head.get(b"authorization", b"").lower() != self.auth:
+            self.answer(sid, 401, [(b"content-length", b"0")], b"")
+        elif target == b"/v1/stats":
+            body = b'{"accepted":%d}' % _Upstream.accepted
+            self.answer(sid, 200, [(b"content-length", b"%d" % len(body))], body)
+        elif target.startswith(b"/v1/sse"):
+            q = dict(p.split(b"=", 1) for p in target.partition(b"?")[2].split(b"&") if b"=" in p)
+            self.answer(sid, 200, [(b"content-type", b"text/event-stream")], b"", end=False)
+            asyncio.get_running_loop().create_task(
+                self.sse(sid, int(q.get(b"n", b"10")), int(q.get(b"gap_us", b"5000")))
+            )
+        else:
+            self.answer(
+                sid, 200, [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(FIXED))], FIXED
+            )
+
+    async def sse(self, sid: int, n: int, gap_us: int) -> None:
+        t = self.transport
+        assert t is not None
+        for i in range(n):
+            if i:
+                await asyncio.sleep(gap_us / 1e6)
+            if t.is_closing():
+                return
+            self.h2.send_data(sid, b"id: %d\ndata: %d\n\n" % (i, time.monotonic_ns()), end_stream=i == n - 1)
+            t.write(self.h2.data_to_send())
+
+
+def serve_upstream(port: int, cert: str, key: str, secret: str, http2: bool = False) -> None:
     import uvloop
 
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.load_cert_chain(cert, key)
+    if http2:
+        ctx.set_alpn_protocols(["h2"])
+    proto = _H2Upstream if http2 else _Upstream
 
     async def main() -> None:
         server = await asyncio.get_running_loop().create_server(
-            lambda: _Upstream(secret.encode()), "127.0.0.1", port, ssl=ctx, backlog=1024
+            lambda: proto(secret.encode()), "127.0.0.1", port, ssl=ctx, backlog=1024
         )
         print("ready", flush=True)
         await server.serve_forever()
@@ -187,34 +270,66 @@ async def read_head(r: asyncio.StreamReader) -> tuple[int, dict[bytes, bytes]]:
     return int(lines[0].split(b" ", 2)[1]), headers
 
 
-async def closed_loop(
-    opener: Opener, req: bytes, warm_at: int, stop_at: int, out: list[int], errors: list[str]
-) -> None:
-    r, w = await opener()
+Call = Callable[[], Awaitable[int]]  # one request, its answer read whole: its status
+Client = Callable[[], Awaitable[tuple[Call, Callable[[], None]]]]  # a connection: (call, close)
+
+
+def h1_client(opener: Opener, req: bytes) -> Client:
+    async def make() -> tuple[Call, Callable[[], None]]:
+        r, w = await opener()
+
+        async def call() -> int:
+            w.write(req)
+            status, h = await read_head(r)
+            await r.readexactly(int(h.get(b"content-length", b"0")))
+            return status
+
+        return call, w.close
+
+    return make
+
+
+async def closed_loop(client: Client, warm_at: int, stop_at: int, out: list[int], errors: list[str]) -> None:
+    call, close = await client()
     try:
         while True:
             t0 = time.perf_counter_ns()
             if t0 >= stop_at:
                 break
-            w.write(req)
-            status, h = await read_head(r)
-            await r.readexactly(int(h.get(b"content-length", b"0")))
+            status = await call()
             t1 = time.perf_counter_ns()
             if status != 200:
                 errors.append(f"HTTP {status}")
             elif t0 >= warm_at:
                 out.append(t1 - t0)
     finally:
-        w.close()
+        close()
 
 
-async def latency_series(opener: Opener, req: bytes, conns: int, warmup: float, duration: float) -> dict[str, Any]:
+async def latency_series(client: Client, conns: int, warmup: float, duration: float) -> dict[str, Any]:
     now = time.perf_counter_ns()
     warm_at, stop_at = now + int(warmup * 1e9), now + int((warmup + duration) * 1e9)
     lats: list[list[int]] = [[] for _ in range(conns)]
     errors: list[str] = []
-    await asyncio.gather(*(closed_loop(opener, req, warm_at, stop_at, lats[i], errors) for i in range(conns)))
+    await asyncio.gather(*(closed_loop(client, warm_at, stop_at, lats[i], errors) for i in range(conns)))
     return {"samples": sorted(x for lat in lats for x in lat), "errors": errors}
+
+
+class Events:
+    """Server-sent events as their bytes arrive: each event's delay (now minus the upstream's send
+    time in its ``data:``) goes to ``delays``."""
+
+    def __init__(self, delays: list[int]) -> None:
+        self.delays, self.buf = delays, b""
+
+    def feed(self, data: bytes) -> None:
+        arrived = time.monotonic_ns()
+        self.buf += data
+        *events, self.buf = self.buf.split(b"\n\n")
+        for ev in events:
+            for line in ev.split(b"\n"):
+                if line.startswith(b"data: "):
+                    self.delays.append(arrived - int(line[6:]))
 
 
 async def sse_series(opener: Opener, req: bytes, n: int) -> dict[str, Any]:
@@ -225,22 +340,71 @@ async def sse_series(opener: Opener, req: bytes, n: int) -> dict[str, Any]:
         status, h = await read_head(r)
         if status != 200 or h.get(b"transfer-encoding") != b"chunked":
             return {"samples": [], "errors": [f"HTTP {status} {h!r}"]}
-        buf = b""
+        events = Events(delays)
         while True:
             size = int((await r.readuntil(b"\r\n")).strip(), 16)
             data = (await r.readexactly(size + 2))[:-2] if size else b""
             if not size:
                 await r.readuntil(b"\r\n")
                 break
-            arrived = time.monotonic_ns()
-            buf += data
-            *events, buf = buf.split(b"\n\n")
-            for ev in events:
-                for line in ev.split(b"\n"):
-                    if line.startswith(b"data: "):
-                        delays.append(arrived - int(line[6:]))
+            events.feed(data)
     finally:
         w.close()
+    return {"samples": sorted(delays), "errors": [] if len(delays) == n else [f"{len(delays)} of {n} events"]}
+
+
+# HTTP/2 to the upstream directly (``--http2``): the agent's own pool (``vault_edge.agent.upstream``,
+# HTTP/2 through ``h2``) as the client, one pool and so one connection per closed loop; the request is
+# the same HTTP/1.1 head the HTTP/1.1 series sends, which the pool turns into HTTP/2's fields.
+Origin = tuple[str, str, int]
+
+
+def h2_pool(ctx: ssl.SSLContext) -> Any:
+    from vault_edge.agent.upstream import Pool
+
+    return Pool(ctx, http2=True)
+
+
+async def h2_exchange(pool: Any, origin: Origin, req: bytes) -> Any:
+    leg = pool.idle_conn(origin) or await pool.connect(origin, 10)
+    leg.begin(False)
+    leg.start(req, b"", False, True)
+    await leg.head(10)
+    return leg
+
+
+async def h2_call(pool: Any, origin: Origin, req: bytes) -> tuple[int, bytes]:
+    leg = await h2_exchange(pool, origin, req)
+    body = b""
+    while chunk := await leg.read(10):
+        body += chunk
+    pool.release(leg)
+    return int(leg.status), body
+
+
+def h2_client(ctx: ssl.SSLContext, origin: Origin, req: bytes) -> Client:
+    async def make() -> tuple[Call, Callable[[], None]]:
+        pool = h2_pool(ctx)
+
+        async def call() -> int:
+            return (await h2_call(pool, origin, req))[0]
+
+        return call, pool.close
+
+    return make
+
+
+async def sse_series_h2(ctx: ssl.SSLContext, origin: Origin, req: bytes, n: int) -> dict[str, Any]:
+    pool = h2_pool(ctx)
+    delays: list[int] = []
+    try:
+        leg = await h2_exchange(pool, origin, req)
+        events = Events(delays)
+        while data := await leg.read(10):
+            events.feed(data)
+        pool.release(leg)
+    finally:
+        pool.close()
     return {"samples": sorted(delays), "errors": [] if len(delays) == n else [f"{len(delays)} of {n} events"]}
 
 
@@ -280,8 +444,10 @@ def cpu_s(pid: int) -> float:
 class Stack:
     """Upstream, control plane, agent: real processes in a temporary directory."""
 
-    def __init__(self, vault_edge: list[str], verbose: bool, agent_prefix: list[str] | None = None) -> None:
-        self.agent_prefix = agent_prefix or []
+    def __init__(
+        self, vault_edge: list[str], verbose: bool, agent_prefix: list[str] | None = None, http2: bool = False
+    ) -> None:
+        self.agent_prefix, self.http2 = agent_prefix or [], http2
         self.dir = Path(tempfile.mkdtemp(prefix="ve-egb-", dir="/tmp"))
         self.cmd, self.verbose = vault_edge, verbose
         self.procs: list[subprocess.Popen[bytes]] = []
@@ -302,7 +468,10 @@ class Stack:
         self.ca, cert, key = make_ca(self.dir)
         self.up_port = free_port()
         self.upstream = self.popen(
-            [sys.executable, __file__, "--serve-upstream", str(self.up_port), str(cert), str(key), self.key],
+            [
+                *(sys.executable, __file__, "--serve-upstream", str(self.up_port), str(cert), str(key), self.key),
+                *(["--http2"] if self.http2 else []),
+            ],
             "upstream.log",
         )
         wait_for(lambda: "ready" in (self.dir / "upstream.log").read_text(), 20, "the upstream", self.upstream)
@@ -387,8 +556,17 @@ async def run(stack: Stack, args: argparse.Namespace) -> dict[str, Any]:
     }
     results: dict[str, Any] = {"latency": {}, "sse": {}, "agent_cpu": {}, "upstream_conns": {}}
 
+    origin = ("https", "127.0.0.1", port)
+
     async def accepted() -> int:
         """Connections the upstream has accepted, this one's included."""
+        if args.http2:
+            pool = h2_pool(ctx)
+            try:
+                _, body = await h2_call(pool, origin, b"GET /v1/stats HTTP/1.1\r\n" + host + auth + b"\r\n")
+            finally:
+                pool.close()
+            return int(json.loads(body)["accepted"])
         r, w = await direct()
         w.write(b"GET /v1/stats HTTP/1.1\r\n" + host + auth + b"\r\n")
         _, h = await read_head(r)
@@ -401,7 +579,8 @@ async def run(stack: Stack, args: argparse.Namespace) -> dict[str, Any]:
             for target in ("direct", "agent"):
                 opener, req = reqs[target]
                 a0, c0 = await accepted(), cpu_s(stack.agent.pid)
-                res = await latency_series(opener, req, conns, args.warmup, args.duration)
+                client = h2_client(ctx, origin, req) if target == "direct" and args.http2 else h1_client(opener, req)
+                res = await latency_series(client, conns, args.warmup, args.duration)
                 cpu = cpu_s(stack.agent.pid) - c0
                 opened = await accepted() - a0 - 1 - (conns if target == "direct" else 0)
                 slot = results["latency"].setdefault(f"{target} c{conns}", {"samples": [], "errors": [], "runs": []})
@@ -430,7 +609,10 @@ async def run(stack: Stack, args: argparse.Namespace) -> dict[str, Any]:
                 req = f"GET {path} HTTP/1.1\r\n".encode() + host + auth + b"\r\n"
             else:
                 req = f"GET /v1/egress/{ROUTE}{path} HTTP/1.1\r\nHost: localhost\r\n\r\n".encode()
-            res = await sse_series(opener, req, per)
+            if target == "direct" and args.http2:
+                res = await sse_series_h2(ctx, origin, req, per)
+            else:
+                res = await sse_series(opener, req, per)
             slot = results["sse"].setdefault(target, {"samples": [], "errors": []})
             slot["samples"] = sorted(slot["samples"] + res["samples"])
             slot["errors"] += res["errors"]
@@ -482,8 +664,8 @@ def table(results: dict[str, Any], args: argparse.Namespace) -> str:
 
 
 def main() -> None:
-    if len(sys.argv) == 6 and sys.argv[1] == "--serve-upstream":
-        serve_upstream(int(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5])
+    if len(sys.argv) in (6, 7) and sys.argv[1] == "--serve-upstream":
+        serve_upstream(int(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5], sys.argv[6:] == ["--http2"])
         return
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--runs", type=int, default=3, help="rounds of alternated series (default 3)")
@@ -494,13 +676,14 @@ def main() -> None:
     ap.add_argument("--gap-us", type=int, default=3000, help="µs between SSE events (default 3000)")
     ap.add_argument("--vault-edge", default=str(Path(sys.executable).parent / "vault-edge"), help="the CLI to run")
     ap.add_argument("--agent-prefix", default="", help="run the agent under this (e.g. 'python -m cProfile -o F')")
+    ap.add_argument("--http2", action="store_true", help="the upstream speaks HTTP/2 only (ALPN h2)")
     ap.add_argument("--out", help="write the summary (no raw samples) as JSON here")
     ap.add_argument("-v", "--verbose", action="store_true", help="print each series as it ends")
     args = ap.parse_args()
     args.conns = [int(c) for c in args.conns.split(",")]
     import uvloop
 
-    stack = Stack([args.vault_edge], args.verbose, shlex.split(args.agent_prefix))
+    stack = Stack([args.vault_edge], args.verbose, shlex.split(args.agent_prefix), args.http2)
     load0 = os.getloadavg()
     try:
         stack.start()
@@ -510,7 +693,7 @@ def main() -> None:
     load1 = os.getloadavg()
     when = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
     print(
-        f"bench/egress.py --runs {args.runs} -d {args.duration:g} -W {args.warmup:g} --events {args.events} "
+        f"bench/egress.py{' --http2' if args.http2 else ''} --runs {args.runs} -d {args.duration:g} -W {args.warmup:g} --events {args.events} "
         f"--gap-us {args.gap_us}, {when}, {platform.python_implementation()} {platform.python_version()}, "
         f"{os.cpu_count()} CPUs; load average at start {load0[0]:.2f} {load0[1]:.2f} {load0[2]:.2f}, "
         f"at end {load1[0]:.2f} {load1[1]:.2f} {load1[2]:.2f}\n"

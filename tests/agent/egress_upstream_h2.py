@@ -7,6 +7,7 @@ loop in a thread, with flow control both ways. Also:
     /goaway          200 {"ok": true}, then GOAWAY naming this stream as the last: the connection ends
     /hold?s=N        200 after N seconds (counts the streams open at once: ``most_streams``)
     /garbage         a HEADERS frame HPACK cannot decode (a connection error for the client)
+    /evil-header?kind=K  an answer with a field HTTP/2 forbids (crlf, upper, colon, pseudo, nul)
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import h2.errors
 import h2.events
 import h2.exceptions
 import h2.settings
+import hpack
 from hpack import NeverIndexedHeaderTuple
 
 from tests.agent.egress_upstream import Record, Seen
@@ -216,6 +218,19 @@ class _Serve(asyncio.Protocol):
             self.flush()
         elif path.endswith("/refuse-once"):
             await self.json(sid, 200, {"ok": True})
+        elif path.endswith("/evil-header"):  # a field HTTP/2 forbids, sent as h2 would never send it
+            name, value = {
+                "crlf": (b"x-evil", b"a\r\nset-cookie: pwned=1"),
+                "upper": (b"X-Evil", b"1"),
+                "colon": (b"x:evil", b"1"),
+                "pseudo": (b":path", b"/"),
+                "nul": (b"x-evil", b"a\x00b"),
+            }[q["kind"]]
+            block = hpack.Encoder().encode(
+                [NeverIndexedHeaderTuple(b":status", b"200"), NeverIndexedHeaderTuple(name, value)], huffman=False
+            )
+            frame = len(block).to_bytes(3, "big") + b"\x01\x05" + sid.to_bytes(4, "big") + block
+            self.transport.write(frame)  # (the upstream's own h2 state thinks the stream still open)
         elif path.endswith("/garbage"):  # a HEADERS frame whose HPACK block cannot be decoded
             self.gone = True
             self.transport.write(b"\x00\x00\x03\x01\x05" + sid.to_bytes(4, "big") + b"\xff\xff\xff")

@@ -943,3 +943,28 @@ def test_http2_an_upstream_that_breaks_the_protocol_costs_its_calls_only(
     assert agent.call("GET", "/v1/egress/api/ok")[0] == 200  # a new connection; the agent serves on
     assert agent.call("GET", "/v1/secrets/other/key")[0] == 200
     assert len(h2up.conns) == 2
+
+
+def test_http2_off_offers_only_http1(make_agent: Callable[..., Agent], h2up: H2Upstream, upstream: Upstream) -> None:
+    """``--egress-http2 off``: the handshake offers HTTP/1.1 only; an upstream that speaks nothing else
+    gets no call it can read (a clear 502), one that speaks HTTP/1.1 is served as ever."""
+    agent = make_agent([route("h2only", h2up.url), route("api", upstream.url)], http2=False)
+    status, _, doc = agent.call("GET", "/v1/egress/h2only/ok")
+    assert status == 502 and doc["error"]["code"] in ("bad_upstream", "upstream_unreachable")
+    assert h2up.seen == []
+    assert agent.call("GET", "/v1/egress/api/ok")[0] == (200 if upstream.protocol == "http/1.1" else 502)
+
+
+@pytest.mark.parametrize("kind", ["crlf", "upper", "colon", "pseudo", "nul"])
+def test_http2_an_answer_with_a_forbidden_field_is_refused_never_relayed(
+    make_agent: Callable[..., Agent], h2up: H2Upstream, kind: str
+) -> None:
+    """A field value with CR LF would split the worker's HTTP/1.1 answer; a name that is no lower-case
+    token, or a pseudo-field past ``:status``, is a broken answer (RFC 9113 §8.2.1, §8.3)."""
+    agent = make_agent([route("api", h2up.url)])
+    conn = agent.conn()
+    status, headers, body = conn.request("GET", f"/v1/egress/api/evil-header?kind={kind}")
+    assert status == 502 and json.loads(body)["error"]["code"] == "bad_upstream"
+    assert "set-cookie" not in headers and "x-evil" not in headers
+    assert conn.request("GET", "/v1/egress/api/ok")[0] == 200  # the stream was reset; the connection serves on
+    assert len(h2up.conns) == 1

@@ -104,6 +104,7 @@ class EgressSettings:
     timeout: float = TIMEOUT_S
     max_body: int = MAX_BODY
     max_answer: int = MAX_ANSWER
+    http2: bool = True  # offered to upstreams (ALPN), taken where they pick it
 
 
 class _Refusal(Exception):
@@ -403,7 +404,7 @@ class Egress:
         if self._upstreams is None:
             s = self.settings
             ctx = ssl.create_default_context(cafile=s.ca_file) if s.ca_file else ssl.create_default_context()
-            self._upstreams = Pool(ctx, http2=True)
+            self._upstreams = Pool(ctx, http2=s.http2)
         return self._upstreams
 
     async def _run(self, ex: Exchange, call: _Call, body: Body) -> AsyncIterator[bytes]:

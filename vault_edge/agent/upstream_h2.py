@@ -37,6 +37,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Final
@@ -47,6 +48,8 @@ import h2.errors
 import h2.events
 import h2.exceptions
 import h2.settings
+import hpack.hpack
+import hpack.table
 from hpack import HeaderTuple, NeverIndexedHeaderTuple
 
 from vault_edge.agent.upstream import HIGH_WATER, Answering, UpstreamError
@@ -55,25 +58,54 @@ if TYPE_CHECKING:
     from vault_edge.agent.upstream import Origin, Pool
 
 log = logging.getLogger("vault_edge.agent.upstream")
-# HPACK logs every field it encodes or decodes, values included, at DEBUG: the request carries the key
-logging.getLogger("hpack").setLevel(logging.WARNING)
+
+
+class _Dropped:
+    """HPACK logs every field it encodes or decodes, values included (the request carries the key), at
+    DEBUG only, ~20 calls per request: its modules' loggers are replaced by this, which drops them
+    whatever the levels are, at the cost of a call."""
+
+    def debug(self, *args: object, **kwargs: object) -> None:
+        pass
+
+
+hpack.hpack.log = hpack.table.log = _Dropped()  # type: ignore[assignment]
 
 CONN_WINDOW: Final = 16 << 20  # the connection's receive window: the sum of what all its streams may hold unread
 MAX_HEADER_LIST: Final = 64 << 10  # an answer's fields (HPACK-decoded), as HTTP/1.1's head limit
 _MAX_HEADERS: Final = 100
 _SEND_HIGH: Final = 64 << 10  # request bytes waiting for the peer's window before ``more`` waits
 _FRAMING: Final = frozenset({b"host", b"transfer-encoding", b"connection", b"keep-alive", b"upgrade", b"te"})
+_NAME: Final = re.compile(rb"[!#$%&'*+\-.^_`|~0-9a-z]+\Z")  # a lower-case token (no pseudo-field)
+_BAD_VALUE: Final = re.compile(rb"[\x00\r\n]")
+_ALWAYS_SECRET: Final = frozenset({b"authorization", b"proxy-authorization", b"cookie"})  # never indexed either
 _CANCEL: Final = h2.errors.ErrorCodes.CANCEL
 _REFUSED: Final = h2.errors.ErrorCodes.REFUSED_STREAM
 
 
-class H2Conn(asyncio.Protocol):
-    """One HTTP/2 connection to an upstream: the streams open on it, by id."""
+class H2Conn(asyncio.BufferedProtocol):
+    """One HTTP/2 connection to an upstream: the streams open on it, by id. A buffered protocol, as
+    the HTTP/1.1 connection is: TLS reads land in the pool's buffer (a plain Protocol's would each
+    allocate a 256 KiB object)."""
 
     def __init__(self, pool: Pool, origin: Origin, transport: asyncio.Transport) -> None:
         self.pool, self.origin, self.loop, self.transport = pool, origin, pool.loop, transport
-        config = h2.config.H2Configuration(client_side=True, header_encoding=None)
+        # h2's own checks of header fields walk every byte in Python (most of its cost per call): the
+        # fields going up are the egress proxy's (names lower-case tokens, values without CR, LF or
+        # NUL: the socket's parser and the injection checks see to that), and those coming down are
+        # checked here, with regular expressions (``Stream.response``)
+        config = h2.config.H2Configuration(
+            client_side=True,
+            header_encoding=None,
+            validate_outbound_headers=False,
+            normalize_outbound_headers=False,
+            validate_inbound_headers=False,
+            normalize_inbound_headers=False,
+        )
         self.h2 = h2.connection.H2Connection(config=config)
+        encode = self.h2.encoder.encode  # HPACK without Huffman coding (pure Python, bit by bit): fields
+        # repeated on one connection are indexed anyway; the key's are sent as they are either way
+        self.h2.encoder.encode = lambda headers, huffman=False: encode(headers, huffman=False)  # type: ignore[method-assign]
         self.h2.local_settings = h2.settings.Settings(
             client=True,
             initial_values={
@@ -110,6 +142,12 @@ class H2Conn(asyncio.Protocol):
     # -- asyncio.Protocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         pass  # made in __init__ (the HTTP/1.1 protocol it replaces saw the transport first)
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self.pool.read_buffer
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self.data_received(bytes(self.pool.read_buffer[:nbytes]))
 
     def data_received(self, data: bytes) -> None:
         touched: set[Stream] = set()
@@ -278,15 +316,20 @@ class Stream(Answering):
 
     # -- from the connection
     def response(self, fields: list[tuple[bytes, bytes]]) -> None:
+        """The answer's head: one ``:status`` first, then fields whose names are lower-case tokens and
+        whose values hold no CR, LF or NUL (RFC 9113 §8.2.1, §8.3): anything else is a broken answer,
+        never relayed (a CR LF would split the worker's HTTP/1.1 answer)."""
         self.got_bytes = True
-        status, headers, size = 0, [], 0
-        for n, v in fields:
-            if n == b":status":
-                status = int(v) if v.isdigit() else 0
-            elif not n.startswith(b":"):
-                headers.append((n, v))
+        status, headers, size, bad = 0, [], 0, False
+        for i, (n, v) in enumerate(fields):
+            if n == b":status" and not i:
+                status = int(v) if v.isdigit() and len(v) == 3 else 0
+            elif _NAME.match(n) is None or _BAD_VALUE.search(v) is not None:
+                bad = True
+            else:
+                headers.append((n, v.strip(b" \t")))
                 size += len(n) + len(v) + 32
-        if not 200 <= status <= 599 or len(headers) > _MAX_HEADERS or size > MAX_HEADER_LIST:
+        if bad or not 200 <= status <= 599 or len(headers) > _MAX_HEADERS or size > MAX_HEADER_LIST:
             self.fail(UpstreamError("protocol", f"{self.pool.peer}'s answer head is unusable"))
             return
         self.status, self.headers, self.head_done = status, headers, True
@@ -380,9 +423,13 @@ class Stream(Answering):
         conn.flush()
 
     async def more(self, data: bytes, timeout: float) -> None:
-        """More of the request body (``b""``: its end); waits while the peer does not take it."""
+        """More of the request body (``b""``: its end); waits while the peer does not take it. Once
+        the answer's head is here, a stream the upstream ended takes no more and the call goes on with
+        the answer (as on HTTP/1.1)."""
         if self.error is not None:
-            raise self.error
+            if not self.head_done:
+                raise self.error
+            return
         if data:
             self.out += data
         else:
@@ -417,4 +464,6 @@ class Stream(Answering):
 
 
 def _field(name: bytes, value: bytes, secret: frozenset[bytes]) -> HeaderTuple:
-    return NeverIndexedHeaderTuple(name, value) if name in secret else HeaderTuple(name, value)
+    if name in secret or name in _ALWAYS_SECRET:
+        return NeverIndexedHeaderTuple(name, value)
+    return HeaderTuple(name, value)

@@ -204,6 +204,13 @@ def parser() -> argparse.ArgumentParser:
         type=_positive_int,
         help="egress: most answer bytes relayed from an upstream (default: 64 MiB)",
     )
+    p.add_argument(
+        "--egress-http2",
+        choices=("on", "off"),
+        default="on",
+        help="egress: offer HTTP/2 to upstreams (TLS ALPN) and take it where they pick it; off: HTTP/1.1 only "
+        "(HTTP/2 costs the agent several times the CPU per call) (default: on)",
+    )
     p.add_argument("--log-level", choices=LOG_LEVELS, default="info", help="(default: info)")
     p.add_argument(
         "--log-format",
@@ -253,6 +260,7 @@ def main(argv: list[str] | None = None) -> int:
             timeout=float(args.egress_timeout),
             max_body=args.egress_max_body,
             max_answer=args.egress_max_answer,
+            http2=args.egress_http2 == "on",
         ),
     )
     try:
