@@ -209,7 +209,7 @@ def parser() -> argparse.ArgumentParser:
         choices=("on", "off"),
         default="on",
         help="egress: offer HTTP/2 to upstreams (TLS ALPN) and take it where they pick it; off: HTTP/1.1 only "
-        "(HTTP/2 costs the agent several times the CPU per call) (default: on)",
+        "(HTTP/2 costs the agent 2-3 times the CPU per call) (default: on)",
     )
     p.add_argument("--log-level", choices=LOG_LEVELS, default="info", help="(default: info)")
     p.add_argument(
