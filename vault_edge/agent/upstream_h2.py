@@ -246,7 +246,7 @@ class H2Conn(asyncio.BufferedProtocol):
             raise UpstreamError("closed", f"{self.pool.peer}'s connection has no stream ids left") from None
         try:
             self.h2.send_headers(sid, fields, end_stream=end)
-        except h2.exceptions.ProtocolError as exc:  # a field HTTP/2 does not allow (h2 validates them all)
+        except h2.exceptions.ProtocolError as exc:  # the connection's state takes no new stream
             raise UpstreamError("protocol", f"the request cannot go over HTTP/2 ({type(exc).__name__})") from None
         self.streams[sid] = st
         return sid
@@ -255,12 +255,13 @@ class H2Conn(asyncio.BufferedProtocol):
         sid = st.stream_id
         if self.streams.pop(sid, None) is None:
             return
-        if st.unacked:  # what it left unread goes back to the connection's window
-            self.h2.acknowledge_received_data(st.unacked, sid)
-            st.unacked = 0
-        if reset and not self.lost:
-            with contextlib.suppress(h2.exceptions.StreamClosedError):  # the peer closed it meanwhile
+        # (ProtocolError: the peer closed the stream meanwhile, or broke the connection, which is closing)
+        with contextlib.suppress(h2.exceptions.ProtocolError):
+            if st.unacked:  # what it left unread goes back to the connection's window
+                self.h2.acknowledge_received_data(st.unacked, sid)
+            if reset and not self.lost:
                 self.h2.reset_stream(sid, _CANCEL)
+        st.unacked = 0
         self.flush()
         if not self.streams:
             self.idle_since = self.loop.time()
