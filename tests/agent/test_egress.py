@@ -155,7 +155,9 @@ def route(name: str, url: str, **kw: Any) -> dict[str, Any]:
 
 
 @pytest.fixture
-def make_agent(pki: tuple[Path, Path, Path], caplog: pytest.LogCaptureFixture) -> Iterator[Callable[..., Agent]]:
+def make_agent(
+    request: pytest.FixtureRequest, pki: tuple[Path, Path, Path], caplog: pytest.LogCaptureFixture
+) -> Iterator[Callable[..., Agent]]:
     caplog.set_level(logging.DEBUG)
     served_list: list[Served] = []
     received: list[bytes] = []
@@ -177,6 +179,9 @@ def make_agent(pki: tuple[Path, Path, Path], caplog: pytest.LogCaptureFixture) -
     logged = "\n".join(
         logging.Formatter().format(r) for when in ("setup", "call", "teardown") for r in caplog.get_records(when)
     )
+    # whatever an upstream does is its fault, handled as such: no test but the planted bug's logs a bug
+    if request.node.originalname != "test_a_bug_in_the_relay_costs_that_call_only":
+        assert "internal error" not in logged and "Traceback" not in logged, logged[-2000:]
     for value in (
         KEY,
         KEY2,
