@@ -8,6 +8,10 @@ loop in a thread, with flow control both ways. Also:
     /hold?s=N        200 after N seconds (counts the streams open at once: ``most_streams``)
     /garbage         a HEADERS frame HPACK cannot decode (a connection error for the client)
     /evil-header?kind=K  an answer with a field HTTP/2 forbids (crlf, upper, colon, pseudo, nul)
+    /graceful        GOAWAY naming this stream as the last (it is processed), then, 0.3 s later, 200
+    /flood?n=N       N HEADERS frames on even stream ids (streams a server may not open), then 200
+    ...?goaway-on-headers   any path: GOAWAY naming this stream as soon as its HEADERS arrive (an
+                     upload still coming goes on)
 """
 
 from __future__ import annotations
@@ -33,6 +37,15 @@ import hpack
 from hpack import NeverIndexedHeaderTuple
 
 from tests.agent.egress_upstream import Record, Seen
+
+
+def _frame(kind: int, flags: int, sid: int, payload: bytes) -> bytes:
+    """A frame written as it is, past this side's own h2 state (what a broken or hostile server sends)."""
+    return len(payload).to_bytes(3, "big") + bytes([kind, flags]) + sid.to_bytes(4, "big") + payload
+
+
+def _goaway(last: int) -> bytes:
+    return _frame(7, 0, 0, last.to_bytes(4, "big") + b"\0\0\0\0")
 
 
 class _Gone(Exception):
@@ -85,6 +98,8 @@ class _Serve(asyncio.Protocol):
         for ev in events:
             if isinstance(ev, h2.events.RequestReceived):
                 fields = [(k.decode(), v.decode()) for k, v in ev.headers or []]
+                if "goaway-on-headers" in dict(fields)[":path"]:
+                    self.transport.write(_goaway(ev.stream_id or 0))
                 hidden = {h[0].decode() for h in ev.headers or [] if isinstance(h, NeverIndexedHeaderTuple)}
                 self.up.never_indexed.append(hidden)
                 self.reqs[ev.stream_id or 0] = (fields, bytearray())
@@ -229,11 +244,22 @@ class _Serve(asyncio.Protocol):
             block = hpack.Encoder().encode(
                 [NeverIndexedHeaderTuple(b":status", b"200"), NeverIndexedHeaderTuple(name, value)], huffman=False
             )
-            frame = len(block).to_bytes(3, "big") + b"\x01\x05" + sid.to_bytes(4, "big") + block
-            self.transport.write(frame)  # (the upstream's own h2 state thinks the stream still open)
+            self.transport.write(
+                _frame(1, 0x5, sid, block)
+            )  # (the upstream's own h2 state thinks the stream still open)
+        elif path.endswith("/graceful"):
+            self.transport.write(_goaway(sid))
+            await asyncio.sleep(0.3)
+            await self.json(sid, 200, {"ok": True})
+        elif path.endswith("/flood"):
+            block = hpack.Encoder().encode(
+                [NeverIndexedHeaderTuple(b":method", b"GET"), NeverIndexedHeaderTuple(b":path", b"/")], huffman=False
+            )
+            self.transport.write(b"".join(_frame(1, 0x4, 2 * (i + 1), block) for i in range(int(q["n"]))))
+            await self.json(sid, 200, {"ok": True})
         elif path.endswith("/garbage"):  # a HEADERS frame whose HPACK block cannot be decoded
             self.gone = True
-            self.transport.write(b"\x00\x00\x03\x01\x05" + sid.to_bytes(4, "big") + b"\xff\xff\xff")
+            self.transport.write(_frame(1, 0x5, sid, b"\xff\xff\xff"))
         elif path.endswith("/goaway"):
             await self.json(sid, 200, {"ok": True})
             self.gone = True

@@ -974,3 +974,103 @@ def test_http2_an_answer_with_a_forbidden_field_is_refused_never_relayed(
     assert "set-cookie" not in headers and "x-evil" not in headers
     assert conn.request("GET", "/v1/egress/api/ok")[0] == 200  # the stream was reset; the connection serves on
     assert len(h2up.conns) == 1
+
+
+def test_http2_a_graceful_goaway_lets_the_streams_in_flight_finish(
+    make_agent: Callable[..., Agent], h2up: H2Upstream
+) -> None:
+    """A GOAWAY naming a stream as processed (as nginx sends after keepalive_requests): that stream's
+    answer still comes and is relayed; new calls go on a new connection."""
+    agent = make_agent([route("api", h2up.url)])
+    status, _, doc = agent.call("GET", "/v1/egress/api/graceful")
+    assert status == 200 and doc == {"ok": True}
+    conn = agent.conn()  # an upload under way when the GOAWAY comes: it is finished and answered
+    conn.send(b"POST /v1/egress/api/echo?goaway-on-headers HTTP/1.1\r\nHost: a\r\nContent-Length: 8\r\n\r\nabcd")
+    time.sleep(0.3)
+    conn.send(b"efgh")
+    status, _, body = conn.response()
+    assert status == 200 and json.loads(body)["body"] == "abcdefgh"
+    assert agent.call("GET", "/v1/egress/api/ok")[0] == 200
+    assert len(h2up.conns) == 3 and h2up.errors == 0
+
+
+def test_http2_streams_the_upstream_opens_end_its_connection_at_once(
+    make_agent: Callable[..., Agent], h2up: H2Upstream
+) -> None:
+    """A server may not open streams to a client that allows none (SETTINGS_MAX_CONCURRENT_STREAMS 0):
+    thousands of such HEADERS cost the agent nothing kept, and its other callers nothing at all."""
+    agent = make_agent([route("api", h2up.url)])
+    status, _, doc = agent.call("GET", "/v1/egress/api/flood?n=5000")
+    assert status == 502 and doc["error"]["code"] == "bad_upstream"
+    pool = agent.served.api.egress._upstreams
+    assert pool is not None and agent.served.call(lambda: sum(len(v) for v in pool.h2.values())) == 0
+    assert agent.call("GET", "/v1/secrets/other/key")[0] == 200
+    assert agent.call("GET", "/v1/egress/api/ok")[0] == 200
+
+
+def test_http2_a_refused_post_is_sent_again(make_agent: Callable[..., Agent], h2up: H2Upstream) -> None:
+    """REFUSED_STREAM says the upstream did nothing with the request (RFC 9113 §8.7): safe to send
+    again whatever the method."""
+    agent = make_agent([route("api", h2up.url)])
+    status, _, doc = agent.call("POST", "/v1/egress/api/refuse-once", body=b"x")
+    assert status == 200 and doc == {"ok": True} and h2up.refused == 1 and len(h2up.seen) == 2
+
+
+@pytest.mark.parametrize("warm", [True, False])
+def test_http2_never_more_streams_than_the_upstream_allows(
+    make_agent: Callable[..., Agent], pki: tuple[Path, Path, Path], warm: bool
+) -> None:
+    """Streams handed out count against the upstream's limit before they open (a streamed upload waits
+    for its body first), and a new connection takes none before the upstream's SETTINGS say how many."""
+    up = H2Upstream(pki[1], pki[2], max_streams=2)
+    try:
+        agent = make_agent([route("api", up.url)])
+        if warm:
+            assert agent.call("GET", "/v1/egress/api/ok")[0] == 200
+        conns = [agent.conn() for _ in range(5)]
+        for c in conns:  # streamed uploads: each call holds its stream while its body comes
+            c.send(b"PUT /v1/egress/api/echo HTTP/1.1\r\nHost: a\r\nContent-Length: 4\r\n\r\n")
+        time.sleep(0.3)
+        for c in conns:
+            c.send(b"abcd")
+        assert [c.response()[0] for c in conns] == [200] * 5
+        got = _at_once(agent, 6, "/v1/egress/api/hold?s=0.3")
+        assert [g[0] for g in got] == [200] * 6
+        assert up.errors == 0 and up.most_streams <= 2
+    finally:
+        up.close()
+
+
+def test_http2_slow_workers_cannot_starve_a_connection(pki: tuple[Path, Path, Path]) -> None:
+    """Each stream may hold its window unread (a worker that does not read): a connection carries no
+    more streams than its own window holds, so another call goes on another connection and is served."""
+    import ssl
+
+    from vault_edge.agent.upstream import Pool
+    from vault_edge.agent.upstream_h2 import MAX_STREAMS
+
+    up = H2Upstream(pki[1], pki[2])
+    origin = ("https", "127.0.0.1", up.port)
+
+    async def call(pool: Pool, target: str) -> Any:
+        leg, _ = await pool.get(origin, 5)
+        leg.begin(False)
+        leg.start(f"GET {target} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode(), b"", False, True)
+        await leg.head(5)
+        return leg
+
+    async def go() -> None:
+        pool = Pool(ssl.create_default_context(cafile=str(pki[0])), http2=True)
+        slow = [await call(pool, "/big?n=1000000") for _ in range(MAX_STREAMS)]
+        await asyncio.sleep(0.5)  # none of them read: their windows fill
+        fast = await call(pool, "/big?n=10")
+        assert await fast.read(3) == b"x" * 10
+        assert len(pool.h2[origin]) == 2
+        for s in [*slow, fast]:
+            s.close()
+        pool.close()
+
+    try:
+        asyncio.run(go())
+    finally:
+        up.close()

@@ -465,13 +465,14 @@ class Egress:
                 await conn.head(t)
                 return conn
             except UpstreamError as exc:
+                # a stale pooled connection: idempotent methods; a request the upstream did not
+                # act on (RFC 9113 §8.7): any
                 retry = (
                     not attempt
-                    and (reused or exc.unprocessed)
                     and exc.kind == "closed"
                     and conn is not None
                     and not conn.got_bytes
-                    and call.method in _IDEMPOTENT
+                    and (exc.unprocessed or (reused and call.method in _IDEMPOTENT))
                     and _whole(kept, body)
                 )
                 if conn is not None:
@@ -577,8 +578,8 @@ class _Direct:
     high-water mark, then stops reading). One timer per call: no progress for ``timeout`` seconds
     (connecting, sending, waiting for the head or for more of the body) ends it, as a 504 before the
     head, a cut answer after. A pooled connection the upstream had closed before answering is replaced
-    once for idempotent methods, as on the other way (and a stream an HTTP/2 upstream refused, by a
-    new stream). The worker leaving (``cancel``) drops the
+    once for idempotent methods, as on the other way (and a stream an HTTP/2 upstream did not act on,
+    refused or past its GOAWAY, by a new stream, whatever the method). The worker leaving (``cancel``) drops the
     upstream connection."""
 
     __slots__ = (
@@ -721,11 +722,10 @@ class _Direct:
         conn = self.conn
         if (
             not self.retried
-            and (self.reused or exc.unprocessed)
             and exc.kind == "closed"
             and conn is not None
             and not conn.got_bytes
-            and self.call.method in _IDEMPOTENT
+            and (exc.unprocessed or (self.reused and self.call.method in _IDEMPOTENT))
         ):
             self.retried = True
             conn.notify = None

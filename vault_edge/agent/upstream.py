@@ -411,18 +411,31 @@ class Pool:
         first = self.connecting.setdefault(origin, done) is done  # (HTTP/1.1: several at once)
         try:
             proto = await self._connect(origin, timeout)
+            self.opened += 1
+            h2c = proto.upgraded
+            if h2c is None:
+                self.h2_origins.discard(origin)
+                return proto
+            self.h2_origins.add(origin)
+            self.h2.setdefault(origin, []).append(h2c)
+            await self._settled(h2c, timeout)  # (the callers waiting meanwhile then see its real limit)
+            return h2c.stream()
         finally:
             if first:
                 del self.connecting[origin]
             done.set_result(None)
-        self.opened += 1
-        h2c = proto.upgraded
-        if h2c is None:
-            self.h2_origins.discard(origin)
-            return proto
-        self.h2_origins.add(origin)
-        self.h2.setdefault(origin, []).append(h2c)
-        return h2c.stream()
+
+    async def _settled(self, h2c: H2Conn, timeout: float) -> None:
+        """Wait for a new HTTP/2 connection's first SETTINGS from the upstream (sent at once after the
+        handshake, as its preface): its stream limit, before any stream goes out."""
+        try:
+            async with asyncio.timeout(timeout):
+                await asyncio.shield(h2c.settled)
+        except TimeoutError:
+            h2c.close()
+            raise UpstreamError("timeout", f"timed out waiting for {self.peer}'s HTTP/2 settings") from None
+        if h2c.lost:
+            raise UpstreamError("closed", f"{self.peer} closed the connection")
 
     async def _connect(self, origin: Origin, timeout: float) -> Connection:
         scheme, host, port = origin

@@ -79,6 +79,9 @@ _FRAMING: Final = frozenset({b"host", b"transfer-encoding", b"connection", b"kee
 _NAME: Final = re.compile(rb"[!#$%&'*+\-.^_`|~0-9a-z]+\Z")  # a lower-case token (no pseudo-field)
 _BAD_VALUE: Final = re.compile(rb"[\x00\r\n]")
 _ALWAYS_SECRET: Final = frozenset({b"authorization", b"proxy-authorization", b"cookie"})  # never indexed either
+MAX_STREAMS: Final = CONN_WINDOW // HIGH_WATER  # streams per connection: each may hold its window unread
+_CLIENT_OPEN: Final = h2.connection.ConnectionState.CLIENT_OPEN
+_RECV_GOAWAY: Final = h2.connection.ConnectionInputs.RECV_GOAWAY
 _CANCEL: Final = h2.errors.ErrorCodes.CANCEL
 _REFUSED: Final = h2.errors.ErrorCodes.REFUSED_STREAM
 
@@ -110,14 +113,25 @@ class H2Conn(asyncio.BufferedProtocol):
             client=True,
             initial_values={
                 h2.settings.SettingCodes.ENABLE_PUSH: 0,
+                # streams the upstream would open (even ids) are a protocol error at once, not kept
+                h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: 0,
                 h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: HIGH_WATER,
                 h2.settings.SettingCodes.MAX_HEADER_LIST_SIZE: MAX_HEADER_LIST,
             },
         )
+        # After a GOAWAY, h2's connection state machine takes no frame at all (python-hyper/h2#1181),
+        # not even those of the streams the GOAWAY lets finish: this connection stays open for them
+        # (``closing`` keeps new streams off it). A test holds it to that (a graceful GOAWAY).
+        sm = self.h2.state_machine
+        sm._transitions = {**sm._transitions, (_CLIENT_OPEN, _RECV_GOAWAY): (None, _CLIENT_OPEN)}
         self.h2.initiate_connection()
         self.h2.increment_flow_control_window(CONN_WINDOW - 65535)
         self.streams: dict[int, Stream] = {}
-        self.lost = self.closing = False  # closing: GOAWAY received (or ids ran out): no new streams
+        self.pending: set[Stream] = set()  # streams handed out, not yet opened: they count against the limit
+        self.lost = self.closing = False  # closing: GOAWAY received, ids ran out, or closed: no new streams
+        # the upstream's SETTINGS (its preface: its stream limit, its windows): no stream is handed out
+        # before them (the pool waits for ``settled``), or more than its limit could go out at once
+        self.settled: asyncio.Future[None] = self.loop.create_future()
         self.write_paused = False
         self.idle_since = self.loop.time()
         self.flush()
@@ -127,15 +141,19 @@ class H2Conn(asyncio.BufferedProtocol):
 
     # -- the pool's side
     def has_room(self) -> bool:
-        if self.lost or self.closing:
+        if self.lost or self.closing or not self.settled.done():
             return False
-        return len(self.streams) < self.h2.remote_settings.max_concurrent_streams
+        limit = min(self.h2.remote_settings.max_concurrent_streams, MAX_STREAMS)
+        return len(self.streams) + len(self.pending) < limit
 
     def stream(self) -> Stream:
         self.idle_since = 0.0
-        return Stream(self)
+        st = Stream(self)
+        self.pending.add(st)
+        return st
 
     def close(self) -> None:
+        self.closing = True
         if not self.lost:
             self.transport.abort()  # connection_lost follows
 
@@ -193,6 +211,8 @@ class H2Conn(asyncio.BufferedProtocol):
                 st.fail(UpstreamError("closed", f"{self.pool.peer} {what} the stream", unprocessed=refused))
                 touched.add(st)
         elif isinstance(ev, h2.events.WindowUpdated | h2.events.RemoteSettingsChanged):
+            if not self.settled.done():
+                self.settled.set_result(None)
             sid = getattr(ev, "stream_id", 0) or 0
             for st in [self.streams[sid]] if sid in self.streams else list(self.streams.values()):
                 if st.pump():
@@ -207,7 +227,7 @@ class H2Conn(asyncio.BufferedProtocol):
                     )
                     st.fail(err)
                     touched.add(st)
-            if not self.streams:
+            if not self.streams and not self.pending:
                 self.close()
         # interim answers, trailers, pings (answered by h2), settings acks, priority: nothing to do
 
@@ -216,6 +236,8 @@ class H2Conn(asyncio.BufferedProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.lost = True
+        if not self.settled.done():
+            self.settled.set_result(None)  # (the pool sees ``lost``)
         self._fail_all(UpstreamError("closed", f"{self.pool.peer} closed the connection"))
         self.pool._forget_h2(self)
 
@@ -243,17 +265,22 @@ class H2Conn(asyncio.BufferedProtocol):
             sid = self.h2.get_next_available_stream_id()
         except h2.exceptions.NoAvailableStreamIDError:
             self.closing = True
-            raise UpstreamError("closed", f"{self.pool.peer}'s connection has no stream ids left") from None
+            raise UpstreamError(
+                "closed", f"{self.pool.peer}'s connection has no stream ids left", unprocessed=True
+            ) from None
         try:
             self.h2.send_headers(sid, fields, end_stream=end)
         except h2.exceptions.ProtocolError as exc:  # the connection's state takes no new stream
             raise UpstreamError("protocol", f"the request cannot go over HTTP/2 ({type(exc).__name__})") from None
+        self.pending.discard(st)
         self.streams[sid] = st
         return sid
 
     def forget(self, st: Stream, reset: bool) -> None:
         sid = st.stream_id
         if self.streams.pop(sid, None) is None:
+            self.pending.discard(st)  # handed out, never opened (the worker left before its body came)
+            self._idle()
             return
         # (ProtocolError: the peer closed the stream meanwhile, or broke the connection, which is closing)
         with contextlib.suppress(h2.exceptions.ProtocolError):
@@ -263,7 +290,10 @@ class H2Conn(asyncio.BufferedProtocol):
                 self.h2.reset_stream(sid, _CANCEL)
         st.unacked = 0
         self.flush()
-        if not self.streams:
+        self._idle()
+
+    def _idle(self) -> None:
+        if not self.streams and not self.pending:
             self.idle_since = self.loop.time()
             if self.closing:
                 self.close()
@@ -377,6 +407,10 @@ class Stream(Answering):
         except h2.exceptions.StreamClosedError:  # the upstream ended it (answered early, or reset it)
             self.out.clear()
             self.sent_end = True
+        except h2.exceptions.ProtocolError as exc:  # the connection takes no more (it is breaking)
+            self.out.clear()
+            self.fail(UpstreamError("closed", f"{self.pool.peer}'s connection ended ({type(exc).__name__})"))
+            return True
         return moved
 
     def ack(self) -> None:
@@ -395,8 +429,8 @@ class Stream(Answering):
         (``:path`` for the path) hold the key: HPACK never indexes them (RFC 7541 §7.1.3), here or in
         any intermediary that re-encodes them."""
         conn = self.conn
-        if conn.lost or conn.closing:
-            raise UpstreamError("closed", f"{self.pool.peer} closed the connection")
+        if conn.lost or conn.closing:  # nothing went out: as a stream never processed
+            raise UpstreamError("closed", f"{self.pool.peer} closed the connection", unprocessed=True)
         lines = head.split(b"\r\n")
         method, target, _ = lines[0].split(b" ", 2)
         authority = b""
@@ -459,9 +493,8 @@ class Stream(Answering):
         """End the stream: quietly if the answer was read whole and the request sent whole, else with
         a reset (the upstream stops sending)."""
         self.notify = None
-        if self.stream_id:
-            whole = self.complete and self.error is None and not self.chunks and self.sent_end
-            self.conn.forget(self, reset=not whole)
+        whole = self.complete and self.error is None and not self.chunks and self.sent_end
+        self.conn.forget(self, reset=not whole)
 
 
 def _field(name: bytes, value: bytes, secret: frozenset[bytes]) -> HeaderTuple:
