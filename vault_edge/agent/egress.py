@@ -174,7 +174,7 @@ class Egress:
         # injections rendered, by (spec, value): the next value after a rotation is a new key
         self._rendered: dict[tuple[str, bytes], tuple[str, tuple[bytes, ...]]] = {}
         self._orders: dict[tuple[bytes, ...], tuple[bytes, ...]] = {}  # needles → scrub order (as _rendered)
-        self._secret: dict[tuple[bytes, ...], frozenset[bytes]] = {}  # injected field names → _Call.secret
+        self._secret: dict[str, frozenset[bytes]] = {}  # by route name: the fields its key goes in (_Call.secret)
         self.stats: dict[str, RouteStats] = {}  # by route name (metrics)
         self.counting_since = int(time.time())  # the stats are cumulative from here (the agent's start)
 
@@ -201,6 +201,7 @@ class Egress:
             return
         by_name: dict[str, wegress.Parsed] = {}
         by_origin: dict[tuple[str, str, int], list[wegress.Parsed]] = {}
+        secret: dict[str, frozenset[bytes]] = {}
         for r in view.egress:
             try:
                 p = wegress.route_from_json(r.to_json())
@@ -208,7 +209,8 @@ class Egress:
                 continue
             by_name[p.name] = p
             by_origin.setdefault(p.upstream.origin, []).append(p)
-        self._view, self._by_name, self._by_origin = view, by_name, by_origin
+            secret[p.name] = frozenset(b":path" if i.kind == "query" else i.name.encode() for i in p.injections)
+        self._view, self._by_name, self._by_origin, self._secret = view, by_name, by_origin, secret
 
     def answer(self, req: Request, caller: Caller) -> Answer | Exchange:
         """The egress answer to ``req``: refusals as whole answers (never cached), calls as Exchanges."""
@@ -373,17 +375,8 @@ class Egress:
             req.keep_alive,
             lines[0].endswith(b"HTTP/1.0"),
             req.body_len < 0,
-            self._secret_fields(tuple(n for n, _ in inject_headers), bool(inject_query)),
+            self._secret[route.name],
         )
-
-    def _secret_fields(self, names: tuple[bytes, ...], query: bool) -> frozenset[bytes]:
-        key = (*names, b":path") if query else names
-        got = self._secret.get(key)
-        if got is None:
-            if len(self._secret) >= 256:
-                self._secret.clear()
-            got = self._secret[key] = frozenset(n.lower() for n in key)
-        return got
 
     # -- the call ------------------------------------------------------------------------------
     def _scrub_order(self, needles: tuple[bytes, ...]) -> tuple[bytes, ...]:

@@ -304,7 +304,6 @@ class Stream(Answering):
     Used once: ``close`` ends it (quietly if its answer was read whole, else with a reset)."""
 
     __slots__ = (
-        "buffered",
         "chunks",
         "complete",
         "conn",
@@ -335,7 +334,7 @@ class Stream(Answering):
         self.head_done = self.complete = self.got_bytes = self.head_only = False
         self.keep_alive = True
         self.chunks: deque[bytes] = deque()
-        self.buffered = self.unacked = 0
+        self.unacked = 0
         self.error: UpstreamError | None = None
         self.notify: Callable[[], None] | None = None
         self.waiter: asyncio.Future[None] | None = None
@@ -374,7 +373,6 @@ class Stream(Answering):
             self.ack()
             return
         self.chunks.append(data)
-        self.buffered += len(data)
 
     def ended(self) -> None:
         if self.head_done:
@@ -482,7 +480,6 @@ class Stream(Answering):
     def take(self) -> bytes:
         data = self.chunks.popleft() if len(self.chunks) == 1 else b"".join(self.chunks)
         self.chunks.clear()
-        self.buffered = 0
         self.ack()  # the upstream may send as much again
         return data
 
