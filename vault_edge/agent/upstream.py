@@ -381,7 +381,7 @@ class Pool:
             now = self.loop.time()
             for h2c in list(multi):
                 if h2c.idle_since and now - h2c.idle_since >= self.idle_expiry:
-                    h2c.close()  # unused for too long (connection_lost forgets it)
+                    h2c.close()  # unused for too long (and forgotten)
                 elif h2c.has_room():
                     return h2c.stream()
         idle = self.idle.get(origin)

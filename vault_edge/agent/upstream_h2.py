@@ -154,6 +154,7 @@ class H2Conn(asyncio.BufferedProtocol):
 
     def close(self) -> None:
         self.closing = True
+        self.pool._forget_h2(self)  # at once: connection_lost comes loop turns later (TLS's layers)
         if not self.lost:
             self.transport.abort()  # connection_lost follows
 
