@@ -10,8 +10,23 @@ PYTEST_ARGS ?=
 dev: $(VENV)/.installed
 	$(BIN)/vault-edge dev
 
+# The whole suite runs in two pytest processes at once: the end-to-end tests (tests/e2e and
+# tests/agents_js: real processes, mostly waiting on them, and every apt-get or npm install) beside
+# the rest, each in its own temp dir; the first one's report is printed after the second's. With
+# PYTEST_ARGS (a path, -k ...) one process runs what they name.
 test: lint
+ifeq ($(strip $(PYTEST_ARGS)),)
+	@tmp=$$(mktemp -d /tmp/ve-test.XXXXXX); \
+	$(BIN)/pytest -p no:cacheprovider --basetemp=$$tmp/e2e tests/e2e tests/agents_js >$$tmp/e2e.log 2>&1 & e2e=$$!; \
+	$(BIN)/pytest --basetemp=$$tmp/rest --ignore=tests/e2e --ignore=tests/agents_js; rest=$$?; \
+	wait $$e2e; e2e=$$?; \
+	echo "== tests/e2e tests/agents_js (run beside the above) =="; cat $$tmp/e2e.log; \
+	rm -rf $$tmp; \
+	echo "== exit: $$rest (the rest), $$e2e (end to end) =="; \
+	test $$rest = 0 && test $$e2e = 0
+else
 	$(BIN)/pytest $(PYTEST_ARGS)
+endif
 
 # ruff (lint and format), mypy --strict on the packages pyproject lists, the import-linter contracts.
 lint: $(VENV)/.installed-test
