@@ -15,7 +15,7 @@ import secrets
 from typing import Any
 
 import pytest
-from sqlalchemy import Engine, delete, insert, select, update
+from sqlalchemy import Engine, delete, event, insert, select, update
 
 from tests.conftest import Api, enroll_body, enroll_node, server_key, signed_headers
 from vault_edge import wire
@@ -160,6 +160,32 @@ def test_an_older_snapshot_is_not_taken_for_a_rolled_back_secret(api: Api) -> No
             assert api.call("POST", "/v1/rotate/app/key", json={"value": "v3"})[0] == 200
             assert api.call("GET", "/v1/secrets/app/key")[0] == 200
         assert older.get_secret("app/key") is not None
+
+
+def test_a_change_committed_after_a_secret_row_was_read_is_not_taken_for_a_rollback(api: Api) -> None:
+    """On PostgreSQL each statement of a transaction sees what was committed when it began: a change
+    committed between a reader's read of a secret's row and its first read of the change log is newer
+    than that row, not a rollback of it (concurrent rotations met this as a false integrity alarm, a
+    500). The log is read before the rows it judges."""
+    store = api.client.app.state.ctx.store
+    api.call("PUT", "/v1/secrets/app/key", json={"value": "v1", "regions": ["eu"]})
+    api.call("GET", "/v1/secrets/app/key")
+    reader: list[Any] = []
+    rotated: list[int] = []
+
+    def after(conn: Any, cursor: Any, statement: str, *_: Any) -> None:
+        if reader and conn is reader[0] and not rotated and "FROM secrets" in statement:
+            rotated.append(api.call("POST", "/v1/rotate/app/key", json={"value": "v2"})[0])
+
+    event.listen(store.engine, "after_cursor_execute", after)
+    try:
+        with store.read() as tx:
+            reader.append(tx.conn)
+            secret = tx.get_secret("app/key")  # no TamperedRow
+    finally:
+        event.remove(store.engine, "after_cursor_execute", after)
+    assert rotated == [200] and secret is not None
+    assert api.call("GET", "/v1/secrets/app/key")[1]["value"] == "v2"
 
 
 # -- 2. join tokens and nodes --------------------------------------------------------------------

@@ -27,7 +27,22 @@ from contextlib import contextmanager
 from dataclasses import replace
 from typing import Any
 
-from sqlalchemy import Connection, Engine, Text, and_, bindparam, delete, func, insert, or_, select, text, update
+from sqlalchemy import (
+    Connection,
+    CursorResult,
+    Engine,
+    Executable,
+    Text,
+    and_,
+    bindparam,
+    delete,
+    func,
+    insert,
+    or_,
+    select,
+    text,
+    update,
+)
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
@@ -429,7 +444,7 @@ class Tx:
         self.conn.execute(update(t.secrets).where(t.secrets.c.id == secret_id).values(stages_digest=digest, mac=tag))
 
     def get_secret(self, name: str) -> Secret | None:
-        row = self.conn.execute(select(t.secrets).where(t.secrets.c.name == name)).first()
+        row = self._judged(select(t.secrets).where(t.secrets.c.name == name)).first()
         return self._secret(row) if row else None
 
     def insert_secret(self, name: str, regions: Sequence[str], at: float, rev: int, **extra: Any) -> Secret:
@@ -469,12 +484,11 @@ class Tx:
             q = q.where(t.secrets.c.name.startswith(prefix, autoescape=True))
         if not include_deleted:
             q = q.where(t.secrets.c.deleted_at.is_(None))
-        return [self._secret(r) for r in self.conn.execute(q)]
+        return [self._secret(r) for r in self._judged(q)]
 
     def every_region_secrets(self) -> list[Secret]:
         return [
-            self._secret(r)
-            for r in self.conn.execute(select(t.secrets).where(t.secrets.c.regions == json.dumps(["*"])))
+            self._secret(r) for r in self._judged(select(t.secrets).where(t.secrets.c.regions == json.dumps(["*"])))
         ]
 
     def secrets_due(self, now: float, limit: int = 100) -> list[Secret]:
@@ -484,7 +498,7 @@ class Tx:
             .order_by(t.secrets.c.next_rotation_at)
             .limit(limit)
         )
-        return [self._secret(r) for r in self.conn.execute(q)]
+        return [self._secret(r) for r in self._judged(q)]
 
     def claim_rotation(self, secret_id: int, expected_at: float, next_at: float) -> bool:
         """Compare-and-set on the schedule: of several replicas, exactly one wins a due rotation."""
@@ -589,7 +603,7 @@ class Tx:
     def get_stages(self, secret_id: int) -> dict[str, Stage]:
         """A secret's stage pointers, each checked, and all of them together checked against the
         digest its (checked) record holds: a pointer edited, removed or copied back raises TamperedRow."""
-        record = self._secret(self.conn.execute(select(t.secrets).where(t.secrets.c.id == secret_id)).one())
+        record = self._secret(self._judged(select(t.secrets).where(t.secrets.c.id == secret_id)).one())
         rows = self.conn.execute(select(t.stages).where(t.stages.c.secret_id == secret_id)).all()
         keys, out, name = self.keys(), {}, record.name
         for r in rows:
@@ -631,7 +645,7 @@ class Tx:
             .join(t.stages, t.stages.c.secret_id == t.secrets.c.id)
             .where(t.stages.c.expires_at.is_not(None), t.stages.c.expires_at <= now)
         )
-        rows = self.conn.execute(q).all()
+        rows = self._judged(q).all()
         return [(self._secret(r), r.stage) for r in rows]
 
     def stage_log(self, secret_id: int, stage: str = "current") -> list[tuple[int, int | None]]:
@@ -1192,6 +1206,13 @@ class Tx:
         self.refresh_changes()
         return self.store.changes.read_to
 
+    def _judged(self, q: Executable) -> CursorResult[Any]:
+        """Run ``q``, which reads rows judged against the change log (secrets, egress routes), after
+        reading the log: on PostgreSQL each statement sees what was committed when it began, so a log
+        read after the rows could hold a change committed since, and take the rows for a rollback."""
+        self.refresh_changes()
+        return self.conn.execute(q)
+
     def last_change(self, name: str) -> int:
         """The revision of ``name``'s last change as the change log says (0 if it says nothing), among
         the changes this transaction is sure to see: in a read transaction, those this process had read
@@ -1444,7 +1465,7 @@ class Tx:
         """Intact routes by name (tampered rows are left out and named in ``self.tampered``)."""
         self.require_whole_change_log()
         out = []
-        for row in self.conn.execute(select(t.egress_routes).order_by(t.egress_routes.c.name)):
+        for row in self._judged(select(t.egress_routes).order_by(t.egress_routes.c.name)):
             route = self._egress(row)
             if route is None:
                 self.tampered.append(("egress_routes", row.name))
@@ -1455,7 +1476,7 @@ class Tx:
     def get_egress(self, name: str) -> EgressRoute | None:
         """The route named ``name``, None if there is none; TamperedRow if its row fails its checks."""
         self.require_whole_change_log()
-        row = self.conn.execute(select(t.egress_routes).where(t.egress_routes.c.name == name)).first()
+        row = self._judged(select(t.egress_routes).where(t.egress_routes.c.name == name)).first()
         if row is None:
             return None
         route = self._egress(row)
