@@ -363,8 +363,8 @@ def test_the_dechunker_decodes_however_the_bytes_are_split(framing: bytes, body:
     for cut in range(len(framing) + 1):
         d, got, rest = Dechunker(1 << 20), b"", b""
         for part in (framing[:cut], framing[cut:] + after):
-            used, pieces = d.feed(part)
-            got += b"".join(pieces)
+            used, piece = d.feed(part)
+            got += piece
             rest = part[used:]
         assert d.done and got == body and rest == after, cut
 

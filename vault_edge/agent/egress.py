@@ -217,14 +217,22 @@ class Egress:
         try:
             call = self._plan(req, caller)
         except _Refusal as r:
-            return self._refuse(req, self.error(r.status, r.code, str(r), extra=r.extra, close=not req.keep_alive))
+            return self._refuse(
+                req, self.made(req.method, r.status, r.code, str(r), extra=r.extra, close=not req.keep_alive)
+            )
         except Exception as exc:  # a bug costs this request, and says nothing of its content
             log.error("internal error routing an egress request (%s)", type(exc).__name__)
-            return self._refuse(req, self.error(500, "internal", "internal error", close=not req.keep_alive))
+            return self._refuse(req, self.made(req.method, 500, "internal", "internal error", close=not req.keep_alive))
         ex = Exchange(self.settings.max_body, lambda body: self._run(ex, call, body))
         if call.retry is None:  # (a 401 retried with the previous value takes the coroutine's way)
             ex.direct = lambda body, sink: _Direct(self, ex, call, body, sink)
         return ex
+
+    def made(self, method: str, status: int, code: str, message: str, *, close: bool, extra: bytes = b"") -> bytes:
+        """An answer the agent makes itself (the JSON error shape), as ``method`` takes it: to a HEAD,
+        its head only (RFC 9110 §9.3.2): a body would be read as the answer to the worker's next request."""
+        data = self.error(status, code, message, close=close, extra=extra)
+        return data[: data.index(b"\r\n\r\n") + 4] if method == "HEAD" else data
 
     def _refuse(self, req: Request, data: bytes) -> Answer | Exchange:
         """A refusal; for a request with a body, as an Exchange, so that the body is read (and dropped)
@@ -251,6 +259,8 @@ class Egress:
             route = self._by_name.get(name)
             if route is None:
                 raise _Refusal(404, "not_found", f"no egress route {name!r} here")
+            if "#" in rest:  # (a proxied URI's fragment is refused too)
+                raise _Refusal(400, "bad_request", "no fragment ('#') in an egress request")
             path, _, query = (rest if rest.startswith("/") else "/" + rest).partition("?")
             path = route.upstream.base + path if path != "/" or not route.upstream.base else route.upstream.base
         else:
@@ -507,7 +517,8 @@ class Egress:
         close = not call.keep_alive
         if exc.kind == "timeout":
             log.warning("egress %s: upstream timed out", call.route)
-            return self.error(
+            return self.made(
+                call.method,
                 504,
                 "upstream_timeout",
                 f"egress route {call.route!r}: the upstream did not answer in {self.settings.timeout:g}s",
@@ -515,11 +526,16 @@ class Egress:
             )
         if exc.kind == "protocol":
             log.warning("egress %s: malformed upstream answer (%s)", call.route, exc)
-            return self.error(
-                502, "bad_upstream", f"egress route {call.route!r}: the upstream's answer is malformed", close=close
+            return self.made(
+                call.method,
+                502,
+                "bad_upstream",
+                f"egress route {call.route!r}: the upstream's answer is malformed",
+                close=close,
             )
         log.warning("egress %s: upstream unreachable (%s)", call.route, exc)
-        return self.error(
+        return self.made(
+            call.method,
             502,
             "upstream_unreachable",
             f"egress route {call.route!r}: the upstream could not be reached ({exc})",
@@ -633,6 +649,11 @@ class _Direct:
             self.connecting = None
             self._fail(exc)
             return
+        except Exception as exc:  # a bug: this call fails at once (not at its timeout), the agent goes on
+            log.error("internal error connecting to an egress upstream (%s)", type(exc).__name__)
+            self.connecting = None
+            self._fail(UpstreamError("connect", "internal error"))
+            return
         self.connecting = None
         if self.finished:
             conn.close()
@@ -657,7 +678,7 @@ class _Direct:
             log.error("internal error relaying an egress answer (%s)", type(exc).__name__)
             self.ex.close = True
             if self.relay is None and not self.finished:
-                self.sink.write(self.egress.error(500, "internal", "internal error", close=True))
+                self.sink.write(self.egress.made(self.call.method, 500, "internal", "internal error", close=True))
             self._end(False)
 
     def _relay_now(self) -> None:
@@ -686,7 +707,9 @@ class _Direct:
                 self._end(True)
                 return
         sink = self.sink
-        if sink.write_blocked:
+        if sink.write_blocked:  # the body waits for the worker to read (``resume``); the head goes now
+            if pending:
+                sink.write(pending[0])
             return
         while conn.chunks:
             piece = relay.feed(conn.take())
@@ -811,7 +834,8 @@ class _Relay:
                 if not v.isdigit() or len(v) > 18 or (length is not None and int(v) != length):
                     conn.keep_alive = False
                     raise _Bad(
-                        eg.error(
+                        eg.made(
+                            call.method,
                             502,
                             "bad_upstream",
                             f"egress route {call.route!r}: the upstream's answer is malformed (Content-Length)",
@@ -830,7 +854,8 @@ class _Relay:
         if not bodyless and length is not None and length > max_answer:
             conn.keep_alive = False
             raise _Bad(
-                eg.error(
+                eg.made(
+                    call.method,
                     502,
                     "answer_too_large",
                     f"egress route {call.route!r}: the upstream's answer is over {max_answer} bytes",
@@ -859,6 +884,10 @@ class _Relay:
 
     def feed(self, chunk: bytes) -> bytes | None:
         self.relayed += len(chunk)
+        if self.length is not None and self.relayed > self.length:  # (both parsers hold an answer to it)
+            log.warning("egress %s: answer longer than its Content-Length; connection cut", self.call.route)
+            self.ex.close = True  # the rest would be read as the answer to the worker's next request
+            return None
         if self.relayed > self.egress.settings.max_answer:
             log.warning(
                 "egress %s: answer over %d bytes; connection cut", self.call.route, self.egress.settings.max_answer
@@ -896,7 +925,8 @@ def _check_path(path: str) -> None:
     if "\\" in path or _BAD_ESCAPES.search(path):
         raise _Refusal(400, "bad_request", "encoded '/', '\\' or NUL in an egress path")
     for seg in path.split("/"):
-        if unquote(seg) in (".", ".."):
+        # (``..;x``: servlet containers take what precedes a ';' as the segment)
+        if unquote(seg).partition(";")[0] in (".", ".."):
             raise _Refusal(400, "bad_request", "'.' or '..' segments in an egress path")
 
 

@@ -108,6 +108,7 @@ STATUS_LINE: Final = {code: f"HTTP/1.1 {code} {reason}\r\n".encode() for code, r
 _CHUNK_LINE_MAX: Final = 4096  # a chunk-size line with its extensions
 _TRAILERS_MAX: Final = 8192  # a chunked body's trailer section (read and dropped)
 _CHUNK_SIZE_RE = re.compile(rb"([0-9A-Fa-f]{1,15})(?:;[\x09\x20-\x7e]*)?")
+_CHUNK_LINE_RE = re.compile(_CHUNK_SIZE_RE.pattern + rb"\r\n")  # a whole size line in one read
 _EXPECT_CONTINUE = re.compile(rb"\r\nexpect:[ \t]*100-continue", re.IGNORECASE)
 _TARGET_RE = re.compile(rb"/[\x21-\x7e]*|https?://[\x21-\x7e]+")  # origin- or absolute-form, visible ASCII
 
@@ -276,9 +277,9 @@ def _stalled(fut: asyncio.Future[None]) -> None:
 class Dechunker:
     """Decodes a chunked request body (RFC 9112 §7.1) as its bytes arrive, strictly: CRLF line ends,
     a chunk size of hex digits only (at most 15), extensions bounded and dropped, the trailer section
-    bounded and dropped. ``feed(data)`` gives (bytes of ``data`` consumed, the body bytes they held);
-    ``done`` once the last chunk and the trailers are in (what follows is the next request's).
-    BadRequest (400, or 413 past ``limit`` body bytes) on anything else."""
+    bounded and dropped. ``feed(data)`` gives (bytes of ``data`` consumed, the body bytes they held:
+    one object, however small the chunks); ``done`` once the last chunk and the trailers are in (what
+    follows is the next request's). BadRequest (400, or 413 past ``limit`` body bytes) on anything else."""
 
     __slots__ = ("done", "left", "limit", "line", "state", "total", "trailers")
 
@@ -291,7 +292,7 @@ class Dechunker:
         self.trailers = 0  # bytes of the trailer section so far
         self.done = False
 
-    def feed(self, data: bytes) -> tuple[int, list[bytes]]:
+    def feed(self, data: bytes) -> tuple[int, bytes]:
         out: list[bytes] = []
         pos, n = 0, len(data)
         while pos < n and not self.done:
@@ -301,8 +302,18 @@ class Dechunker:
                 pos += size
                 self.left -= size
                 if not self.left:
-                    self.state = 2
+                    if data.startswith(b"\r\n", pos):  # its CRLF, in the same read (the usual case)
+                        pos += 2
+                        self.state = 0
+                    else:
+                        self.state = 2
                 continue
+            if not self.state and not self.line:  # a size line whole in this read (the usual case)
+                m = _CHUNK_LINE_RE.match(data, pos)
+                if m is not None and m.end() - pos <= _CHUNK_LINE_MAX:
+                    pos = m.end()
+                    self._size(int(m.group(1), 16))
+                    continue
             if self.state == 2:
                 take = data[pos : pos + 2 - len(self.line)]
                 self.line += take
@@ -335,12 +346,14 @@ class Dechunker:
             m = _CHUNK_SIZE_RE.fullmatch(line)
             if m is None:
                 raise BadRequest(400, "malformed chunked body (a chunk size is hex digits)")
-            size = int(m.group(1), 16)
-            self.total += size
-            if self.total > self.limit:
-                raise BadRequest(413, f"the request body is over {self.limit} bytes")
-            self.left, self.state = size, (1 if size else 3)
-        return pos, out
+            self._size(int(m.group(1), 16))
+        return pos, out[0] if len(out) == 1 else b"".join(out)  # one object, however small the chunks
+
+    def _size(self, size: int) -> None:
+        self.total += size
+        if self.total > self.limit:
+            raise BadRequest(413, f"the request body is over {self.limit} bytes")
+        self.left, self.state = size, (1 if size else 3)
 
     def _bound(self) -> None:
         if len(self.line) > _CHUNK_LINE_MAX or self.trailers + len(self.line) > _TRAILERS_MAX:
@@ -945,6 +958,9 @@ class _Conn(asyncio.Protocol):
         app, caller, transport = self.app, self.caller, self.transport
         assert transport is not None
         while pos < len(buf) and not self.closing and self.watch is None:
+            if buf.startswith(b"\r\n", pos):  # an empty line before a request line: ignored (RFC 9112 §2.2)
+                pos += 2
+                continue
             end = buf.find(b"\r\n\r\n", pos, pos + MAX_HEAD + 4)
             if end < 0:
                 if len(buf) - pos > MAX_HEAD:
@@ -966,9 +982,8 @@ class _Conn(asyncio.Protocol):
                     body = Body(req.body_len, self._flow)
                     if req.body_len < 0:
                         self.dechunk = Dechunker(ans.max_body)
-                        used, pieces = self.dechunk.feed(buf[pos:])  # BadRequest before the app runs
-                        for piece in pieces:
-                            body.feed(piece)
+                        used, piece = self.dechunk.feed(buf[pos:])  # BadRequest before the app runs
+                        body.feed(piece)
                         if self.dechunk.done:
                             body.end()
                             self.dechunk = None
@@ -1022,14 +1037,13 @@ class _Conn(asyncio.Protocol):
             body.feed(take)
         else:
             try:
-                used, pieces = dechunk.feed(data)
+                used, piece = dechunk.feed(data)
             except BadRequest as bad:
                 self.buf, self.body, self.dechunk = b"", None, None
                 body.fail(BodyRefused(bad.status, str(bad)))
                 self._flow()
                 return False
-            for piece in pieces:
-                body.feed(piece)
+            body.feed(piece)
             take = data[:used]
             if dechunk.done:
                 body.end()

@@ -221,7 +221,13 @@ class Connection(Answering, asyncio.BufferedProtocol):
         self.wake()
 
     # -- httptools callbacks
+    def on_message_begin(self) -> None:
+        if self.complete:  # a second answer in the read that ended the first: never relayed, nor kept
+            raise UpstreamError("protocol", f"{self.pool.peer} sent bytes outside an answer")
+
     def on_header(self, name: bytes, value: bytes) -> None:
+        if self.head_done:  # a chunked answer's trailers: dropped
+            return
         self.head_bytes += len(name) + len(value) + 4
         if self.head_bytes > _MAX_HEAD_BYTES or len(self.headers) >= _MAX_HEADERS:
             raise UpstreamError("protocol", f"{self.pool.peer}'s answer head is too large")
@@ -233,6 +239,8 @@ class Connection(Answering, asyncio.BufferedProtocol):
         if 100 <= status < 200:  # interim: dropped (llhttp ends it here, with no body)
             self.headers, self.head_bytes = [], 0
             return
+        if not 200 <= status <= 599:
+            raise UpstreamError("protocol", f"{self.pool.peer}'s answer has no valid status")
         self.status, self.head_done = status, True
         self.keep_alive = p.should_keep_alive()
         framed = False
@@ -419,6 +427,12 @@ class Pool:
             self.h2_origins.add(origin)
             self.h2.setdefault(origin, []).append(h2c)
             await self._settled(h2c, timeout)  # (the callers waiting meanwhile then see its real limit)
+            if not h2c.has_room():  # a GOAWAY already, or SETTINGS_MAX_CONCURRENT_STREAMS 0
+                gone = h2c.closing
+                h2c.close()
+                if gone:
+                    raise UpstreamError("closed", f"{self.peer} closed the connection", unprocessed=True)
+                raise UpstreamError("protocol", f"{self.peer} allows no HTTP/2 stream")
             return h2c.stream()
         finally:
             if first:
@@ -455,7 +469,7 @@ class Pool:
             raise UpstreamError("timeout", f"timed out connecting to {self.peer}") from None
         except ssl.SSLCertVerificationError as exc:
             raise UpstreamError("connect", f"{self.peer}'s certificate was refused ({exc.verify_message})") from None
-        except (OSError, ssl.SSLError) as exc:
+        except (OSError, ssl.SSLError, ValueError) as exc:  # (ValueError: a host name IDNA cannot encode)
             raise UpstreamError("connect", f"{self.peer} could not be reached ({type(exc).__name__})") from None
         return proto
 

@@ -27,6 +27,11 @@ drives exactly as it drives a :class:`~vault_edge.agent.upstream.Connection` (``
   nothing received: the egress proxy retries idempotent calls on a new stream, as it does a stale
   HTTP/1.1 connection.
 
+* **A hostile upstream**: frames that carry nothing for a call (``NOISE_MAX`` of them within
+  ``NOISE_WINDOW_S``) end the connection; while the upstream does not read what it is sent (the
+  transport's buffer full), it is not read either, so what h2 answers by itself (PING and SETTINGS
+  ACKs, resets) cannot pile up; a stream the upstream never ends is reset, even a HEAD's whole answer.
+
 Errors are :class:`~vault_edge.agent.upstream.UpstreamError`; as there, their messages name what
 happened, never a header or body bytes (the request holds the key). ``h2`` is imported only when an
 upstream picks HTTP/2: an agent with no such upstream never loads it.
@@ -84,6 +89,24 @@ _CLIENT_OPEN: Final = h2.connection.ConnectionState.CLIENT_OPEN
 _RECV_GOAWAY: Final = h2.connection.ConnectionInputs.RECV_GOAWAY
 _CANCEL: Final = h2.errors.ErrorCodes.CANCEL
 _REFUSED: Final = h2.errors.ErrorCodes.REFUSED_STREAM
+_CALM: Final = h2.errors.ErrorCodes.ENHANCE_YOUR_CALM
+# Frames that carry nothing for a call (PING, SETTINGS, PRIORITY, unknown types, empty DATA, 1xx
+# answers, window updates while nothing is being sent, what h2 answers by itself: ACKs, resets) cost
+# the loop h2's work each (~20 µs): past NOISE_MAX of them in NOISE_WINDOW_S, the connection is a
+# flood and ends (GOAWAY ENHANCE_YOUR_CALM), its calls with a 502, as nghttp2 and Go's HTTP/2 do.
+NOISE_MAX: Final = 2000
+NOISE_WINDOW_S: Final = 10.0
+_SLICE: Final = 16 << 10  # h2 is fed this much at a time, so a flood is seen within a read
+_NOISE: Final = (
+    h2.events.PingReceived,
+    h2.events.PingAckReceived,
+    h2.events.RemoteSettingsChanged,
+    h2.events.SettingsAcknowledged,
+    h2.events.PriorityUpdated,
+    h2.events.UnknownFrameReceived,
+    h2.events.InformationalResponseReceived,
+    h2.events.AlternativeServiceAvailable,
+)
 
 
 class H2Conn(asyncio.BufferedProtocol):
@@ -134,6 +157,8 @@ class H2Conn(asyncio.BufferedProtocol):
         self.settled: asyncio.Future[None] = self.loop.create_future()
         self.write_paused = False
         self.idle_since = self.loop.time()
+        self.noise, self.noise_since = 0, self.idle_since
+        self.pumped = False  # request bytes went out while a read was handled
         self.flush()
 
     def __repr__(self) -> str:
@@ -171,8 +196,19 @@ class H2Conn(asyncio.BufferedProtocol):
     def data_received(self, data: bytes) -> None:
         touched: set[Stream] = set()
         try:
-            for ev in self.h2.receive_data(data):
-                self._event(ev, touched)
+            for i in range(0, len(data), _SLICE):
+                self.pumped = False
+                for ev in self.h2.receive_data(data[i : i + _SLICE] if len(data) > _SLICE else data):
+                    self._event(ev, touched)
+                # what h2 answers by itself (ACKs, resets of frames on ended streams) counts as noise,
+                # unless request bytes went too (windows opened)
+                out = self.h2.data_to_send()
+                if not self.pumped:
+                    self.noise += len(out) // 13
+                if out and not self.lost:
+                    self.transport.write(out)
+                if self.noise > NOISE_MAX and self._flooded():
+                    break
         except Exception as exc:  # h2's ProtocolError (HPACK's and framing's included), or a bug here:
             # this connection's calls fail, never the agent
             if not isinstance(exc, h2.exceptions.ProtocolError):
@@ -181,20 +217,42 @@ class H2Conn(asyncio.BufferedProtocol):
             self.flush()  # the GOAWAY h2 prepared, if it did
             self.close()
             return
-        self.flush()
         for s in touched:
             s.wake()
+
+    def _flooded(self) -> bool:
+        """Past ``NOISE_MAX`` noise frames: a flood if they came within ``NOISE_WINDOW_S`` (the
+        connection ends), else the count starts again."""
+        now = self.loop.time()
+        if now - self.noise_since >= NOISE_WINDOW_S:
+            self.noise, self.noise_since = 0, now
+            return False
+        log.warning("HTTP/2 upstream %s floods the connection with frames for no call; closing it", self.pool.peer)
+        with contextlib.suppress(h2.exceptions.ProtocolError):
+            self.h2.close_connection(_CALM)
+        self.flush()
+        self._fail_all(UpstreamError("protocol", f"{self.pool.peer} flooded the connection"))
+        self.close()
+        return True
 
     def _event(self, ev: h2.events.Event, touched: set[Stream]) -> None:
         if isinstance(ev, h2.events.DataReceived):
             sid = ev.stream_id or 0
             st = self.streams.get(sid)
             if st is None:  # a stream already ended here: its bytes go back to the connection's window
+                self.noise += 1
                 self.h2.acknowledge_received_data(ev.flow_controlled_length or 0, sid)
                 return
+            if not ev.data and ev.stream_ended is None:
+                self.noise += 1
             st.data(ev.data or b"", ev.flow_controlled_length or 0)
             touched.add(st)
-        elif isinstance(ev, h2.events.ResponseReceived):
+            return
+        if isinstance(ev, _NOISE) or (
+            isinstance(ev, h2.events.WindowUpdated) and not any(not st.sent_end for st in self.streams.values())
+        ):
+            self.noise += 1
+        if isinstance(ev, h2.events.ResponseReceived):
             st = self.streams.get(ev.stream_id or 0)
             if st is not None:
                 st.response(ev.headers or [])
@@ -206,7 +264,9 @@ class H2Conn(asyncio.BufferedProtocol):
                 touched.add(st)
         elif isinstance(ev, h2.events.StreamReset):
             st = self.streams.get(ev.stream_id or 0)
-            if st is not None:
+            if st is None:
+                self.noise += 1
+            else:
                 refused = ev.error_code == _REFUSED and not st.got_bytes
                 what = "refused" if refused else "reset"
                 st.fail(UpstreamError("closed", f"{self.pool.peer} {what} the stream", unprocessed=refused))
@@ -218,6 +278,7 @@ class H2Conn(asyncio.BufferedProtocol):
             for st in [self.streams[sid]] if sid in self.streams else list(self.streams.values()):
                 if st.pump():
                     touched.add(st)
+                    self.pumped = True
         elif isinstance(ev, h2.events.ConnectionTerminated):
             self.closing = True
             last = ev.last_stream_id if ev.last_stream_id is not None else 0
@@ -243,10 +304,16 @@ class H2Conn(asyncio.BufferedProtocol):
         self.pool._forget_h2(self)
 
     def pause_writing(self) -> None:
+        # the upstream does not read what it is sent: nor is it read (what it sends may need answers:
+        # PING and SETTINGS ACKs, resets, which would pile up here unbounded)
         self.write_paused = True
+        if not self.lost:
+            self.transport.pause_reading()
 
     def resume_writing(self) -> None:
         self.write_paused = False
+        if not self.lost:
+            self.transport.resume_reading()
         for st in list(self.streams.values()):
             st.wake()
 
@@ -271,6 +338,9 @@ class H2Conn(asyncio.BufferedProtocol):
             ) from None
         try:
             self.h2.send_headers(sid, fields, end_stream=end)
+        except h2.exceptions.TooManyStreamsError:  # h2 counts streams the upstream has not ended: full
+            self.closing = True
+            raise UpstreamError("closed", f"{self.pool.peer}'s connection is full", unprocessed=True) from None
         except h2.exceptions.ProtocolError as exc:  # the connection's state takes no new stream
             raise UpstreamError("protocol", f"the request cannot go over HTTP/2 ({type(exc).__name__})") from None
         self.pending.discard(st)
@@ -308,6 +378,7 @@ class Stream(Answering):
         "chunks",
         "complete",
         "conn",
+        "end_seen",
         "error",
         "got_bytes",
         "head_done",
@@ -333,6 +404,7 @@ class Stream(Answering):
         self.status = 0
         self.headers: list[tuple[bytes, bytes]] = []
         self.head_done = self.complete = self.got_bytes = self.head_only = False
+        self.end_seen = False  # the upstream's END_STREAM (a HEAD's answer is complete before it)
         self.keep_alive = True
         self.chunks: deque[bytes] = deque()
         self.unacked = 0
@@ -376,6 +448,7 @@ class Stream(Answering):
         self.chunks.append(data)
 
     def ended(self) -> None:
+        self.end_seen = True
         if self.head_done:
             self.complete = True
         elif self.error is None:
@@ -491,7 +564,7 @@ class Stream(Answering):
         """End the stream: quietly if the answer was read whole and the request sent whole, else with
         a reset (the upstream stops sending)."""
         self.notify = None
-        whole = self.complete and self.error is None and not self.chunks and self.sent_end
+        whole = self.end_seen and self.complete and self.error is None and not self.chunks and self.sent_end
         self.conn.forget(self, reset=not whole)
 
 

@@ -50,7 +50,9 @@ _PLACEHOLDER_RE = re.compile(r"\{value(?:\.([A-Za-z0-9_\-]{1,64}))?\}")
 _TEMPLATE_TEXT_RE = re.compile(r"[\x20-\x7e]*")
 _PATH_RE = re.compile(r"/[\x21-\x7e]{0,511}")
 _CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
-_HOST_RE = re.compile(r"[a-z0-9\-.]{1,253}|\[[0-9a-f:.]{2,45}\]")
+# a DNS name (labels of 1 to 63 letters, digits and inner hyphens: what IDNA encodes), or an IP literal
+_LABEL = r"[a-z0-9](?:[a-z0-9\-]{0,61}[a-z0-9])?"
+_HOST_RE = re.compile(rf"(?=.{{1,253}}\Z){_LABEL}(?:\.{_LABEL})*|\[[0-9a-f:.]{{2,45}}\]")
 # headers a route may never set: framing, routing and hop-by-hop ones are the agent's business
 _RESERVED_HEADERS: Final = frozenset(
     {
@@ -123,7 +125,7 @@ def parse_upstream(text: str) -> Upstream:
     host = (u.hostname or "").lower()
     if ":" in host:
         host = f"[{host}]"
-    if not _HOST_RE.fullmatch(host) or host.startswith((".", "-")):
+    if not _HOST_RE.fullmatch(host):
         raise WireError("upstream: a host name or address is needed")
     if u.scheme == "http" and not _loopback(host):
         raise WireError("upstream: http sends the key in clear; use https (http only to a loopback host)")
