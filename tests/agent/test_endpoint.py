@@ -13,10 +13,13 @@ import os
 import socket
 import time
 from collections.abc import Callable, Iterator
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from tests.agent.inproc import FakeClock, Served, make_state
 from tests.agent.support import RawConn, get
@@ -367,6 +370,37 @@ def test_the_dechunker_decodes_however_the_bytes_are_split(framing: bytes, body:
             got += piece
             rest = part[used:]
         assert d.done and got == body and rest == after, cut
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    chunks=st.lists(st.binary(max_size=40), max_size=12),
+    exts=st.lists(st.sampled_from([b"", b";a=b", b";x"]), min_size=13, max_size=13),
+    trailers=st.sampled_from([b"", b"X-T: 1\r\n"]),
+    cuts=st.lists(st.integers(min_value=0, max_value=600), max_size=6),
+)
+def test_the_dechunker_decodes_any_chunking_however_it_is_read(
+    chunks: list[bytes], exts: list[bytes], trailers: bytes, cuts: list[int]
+) -> None:
+    """Whatever the chunk sizes (empty data bytes never end the body: size 0 does), extensions and
+    trailers, and wherever the reads split the bytes: the body whole, and what follows left alone."""
+    from vault_edge.agent.endpoint import Dechunker
+
+    framing = b"".join(b"%x%b\r\n%b\r\n" % (len(c), exts[i], c) for i, c in enumerate(chunks) if c)
+    framing += b"0" + exts[-1] + b"\r\n" + trailers + b"\r\n"
+    after = b"GET /next HTTP/1.1\r\n\r\n"
+    data = framing + after
+    bounds = sorted({min(c, len(data)) for c in cuts} | {0, len(data)})
+    d, got, rest = Dechunker(1 << 20), b"", b""
+    for a, b in pairwise(bounds):
+        part = rest + data[a:b]
+        used, piece = d.feed(part)
+        got += piece
+        rest = part[used:]
+        if d.done:
+            rest += data[b:]
+            break
+    assert d.done and got == b"".join(chunks) and rest == after
 
 
 def test_the_dechunker_counts_against_its_limit() -> None:
