@@ -6,6 +6,7 @@ before deltas still get protocol 1. Every answer is opened with the agent's own 
 from __future__ import annotations
 
 import json
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -126,3 +127,61 @@ def test_agents_from_before_deltas_still_get_protocol_1(api: Api, tmp_path: Path
     doc = json.loads(resp.content)
     assert (doc["v"], doc["kind"], doc["node"], doc["nonce"]) == (1, "sync", n.id, nonce)
     assert [s["name"] for s in doc["secrets"]] == ["eu/a"] and doc["grants"][0]["region"] == "eu"
+
+
+def _commit_during_the_next_view_load(api: Api, monkeypatch: Any, method: str, change: Any) -> None:
+    """The next load of a region's view runs ``change()`` (a committed change, from another thread)
+    when it calls ``Tx.method``: between its reading the region's revision and the rows."""
+    from vault_edge.server.storage.repo import Tx
+
+    original = getattr(Tx, method)
+    pending = [True]
+
+    def racing(self: Tx, *a: Any, **kw: Any) -> Any:
+        if pending and not self.writing:
+            pending.clear()
+            done: list[Any] = []
+            t = threading.Thread(target=lambda: done.append(change()))
+            t.start()
+            t.join()
+            assert done and done[0][0] == 200, done
+        return original(self, *a, **kw)
+
+    monkeypatch.setattr(Tx, method, racing)
+    hub = api.client.app.state.hub
+    hub._views.clear()  # read whole (as after a restart), not from the previous view and the change log
+    hub.notify_threadsafe(0, frozenset({"eu"}))  # the view is loaded again on next use
+    time.sleep(0.2)
+
+
+def test_a_rotation_committed_while_a_view_loads_still_reaches_the_nodes(
+    api: Api, tmp_path: Path, monkeypatch: Any
+) -> None:
+    """A view is read in one snapshot: on PostgreSQL its rows were read after its revision, so a
+    rotation committed between the two was in a view still at the old revision (nodes there were told
+    "unchanged"), and the next view, the same rows, had no change to send: the rotation never came."""
+    api.call("PUT", "/v1/secrets/app/key", json={"value": "v1", "regions": ["eu"]})
+    node = Node(api, tmp_path)
+    node.sync()
+    rotate = lambda: api.call("POST", "/v1/rotate/app/key", json={"value": "v2"})  # noqa: E731
+    _commit_during_the_next_view_load(api, monkeypatch, "region_snapshot", rotate)
+    for _ in range(2):
+        node.sync()
+    entry = node.view.lookup("app/key")
+    assert entry is not None and entry.value == b"v2"
+
+
+def test_an_egress_route_deleted_while_a_view_loads_is_deleted_on_the_nodes(
+    api: Api, tmp_path: Path, monkeypatch: Any
+) -> None:
+    api.call("PUT", "/v1/secrets/app/key", json={"value": "v1", "regions": ["eu"]})
+    route = {"name": "api", "upstream": "https://api.example.com", "secret": "app/key", "inject": ["query:key={value}"]}
+    assert api.call("POST", "/v1/egress", json=route)[0] == 200
+    node = Node(api, tmp_path)
+    node.sync()
+    assert [r.name for r in node.view.egress] == ["api"]
+    delete = lambda: api.call("DELETE", "/v1/egress/api")  # noqa: E731
+    _commit_during_the_next_view_load(api, monkeypatch, "list_egress", delete)
+    for _ in range(2):
+        node.sync()
+    assert node.view.egress == ()

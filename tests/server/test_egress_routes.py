@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 from sqlalchemy import Engine, insert, select, update
 
-from tests.conftest import Api
+from tests.conftest import Api, enroll_node, signed_headers
 from tests.server.test_delta_sync import Node
 from vault_edge.server.storage import schema as t
 
@@ -73,6 +73,10 @@ def test_create_list_delete(eu_api: Api) -> None:
         {"regions": ["*"]},
         {"regions": ["nowhere"]},
         {"extra": 1},
+        {"upstream": "https://evil.example\rhttps://api.openai.com"},  # urlsplit drops the CR
+        {"upstream": "\x00 https://api.openai.com"},  # ... and leading controls and spaces
+        {"upstream": "https://api.openai.com:0"},
+        {"upstream": "https://a..openai.com"},  # a label DNS cannot carry (IDNA raises at the agent)
     ],
 )
 def test_bad_routes_are_refused_with_400(eu_api: Api, change: dict[str, Any]) -> None:
@@ -180,3 +184,63 @@ def test_retry_previous_on_401_is_off_by_default_and_rides_in_the_macd_route_and
             .values(route=json.dumps(doc, separators=(",", ":"), sort_keys=True))
         )
     assert eu_api.call("GET", "/v1/egress")[1]["refused"] == ["openai"]
+
+
+@pytest.mark.parametrize("regions", ["not json", "[1]", "5", '[["eu"]]'])
+def test_a_route_row_with_a_malformed_regions_column_is_refused_and_the_rest_goes_on(eu_api: Api, regions: str) -> None:
+    """The column is read before the row's MAC can be checked: what a writer puts there leaves the
+    route out (it was a 500 on listing routes, and on every region's sync)."""
+    assert eu_api.call("POST", "/v1/egress", json=ROUTE)[0] == 200
+    with _db(eu_api).begin() as c:
+        c.execute(update(t.egress_routes).values(regions=regions))
+    st, doc = eu_api.call("GET", "/v1/egress")
+    assert st == 200 and doc["routes"] == [] and doc["refused"] == ["openai"]
+    node, keys = enroll_node(eu_api, "us")  # a node of another region syncs as before
+    target = "/v1/agent/sync?since=0&wait=0&proto=2"
+    assert eu_api.client.get(target, headers=signed_headers(keys, "GET", target, node, b"")).status_code == 200
+
+
+def test_route_rows_moved_inserted_or_copied_over_a_new_one_are_refused(eu_api: Api, tmp_path: Path) -> None:
+    assert eu_api.call("PUT", "/v1/secrets/both/key", json={"value": "k-0123456789", "regions": ["eu", "us"]})[0] == 200
+    moved = {**ROUTE, "name": "moved", "secret": "both/key", "regions": ["us"]}
+    assert eu_api.call("POST", "/v1/egress", json=moved)[0] == 200
+    assert eu_api.call("POST", "/v1/egress", json={**ROUTE, "upstream": "https://old.example"})[0] == 200
+    with _db(eu_api).begin() as c:
+        old = dict(c.execute(select(t.egress_routes).where(t.egress_routes.c.name == "openai")).one()._mapping)
+    assert eu_api.call("DELETE", "/v1/egress/openai")[0] == 200
+    assert eu_api.call("POST", "/v1/egress", json=ROUTE)[0] == 200
+    forged = json.dumps({**ROUTE, "name": "fake"})
+    with _db(eu_api).begin() as c:
+        c.execute(update(t.egress_routes).where(t.egress_routes.c.name == "moved").values(regions='["eu"]'))
+        c.execute(update(t.egress_routes).where(t.egress_routes.c.name == "openai").values(**old))
+        c.execute(
+            insert(t.egress_routes).values(
+                name="fake", route=forged, regions='["*"]', created_at=1.0, revision=1, mac=b"\x00" * 32
+            )
+        )
+    st, doc = eu_api.call("GET", "/v1/egress")
+    assert st == 200 and doc["routes"] == [] and sorted(doc["refused"]) == ["fake", "moved", "openai"]
+    n = Node(eu_api, tmp_path)
+    n.sync()
+    assert n.view.egress == ()
+
+
+def test_a_region_takes_no_more_routes_than_its_agents_accept(eu_api: Api, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An agent refuses a region body with more than ``MAX_ROUTES`` routes (the whole answer: its
+    secrets too), so the control plane never makes one: the route past it is refused."""
+    from vault_edge.wire import sync as wsync
+
+    monkeypatch.setattr(wsync, "MAX_ROUTES", 2)
+    for name in ("a", "b"):
+        assert eu_api.call("POST", "/v1/egress", json={**ROUTE, "name": name})[0] == 200
+    st, doc = eu_api.call("POST", "/v1/egress", json={**ROUTE, "name": "c"})
+    assert st == 409 and "'eu'" in doc["error"]["message"]
+    assert [r["name"] for r in eu_api.call("GET", "/v1/egress")[1]["routes"]] == ["a", "b"]
+
+
+def test_a_route_on_a_secret_in_no_region_is_refused(eu_api: Api) -> None:
+    """A rotator's admin credential is in no region: no agent could ever inject it."""
+    rotator = {"type": "redis", "admin_secret": "rotators/rd-admin", "admin_value": {"password": "p"}}
+    assert eu_api.call("PUT", "/v1/rotators/rd", json={**rotator, "config": {"username": "app"}})[0] == 200
+    st, doc = eu_api.call("POST", "/v1/egress", json={**ROUTE, "secret": "rotators/rd-admin"})
+    assert st == 400 and "no region" in doc["error"]["message"]

@@ -188,6 +188,15 @@ def test_a_change_committed_after_a_secret_row_was_read_is_not_taken_for_a_rollb
     assert api.call("GET", "/v1/secrets/app/key")[1]["value"] == "v2"
 
 
+@pytest.mark.parametrize("regions", ["not json", "[1]", '{"eu": 1}'])
+def test_a_secret_row_with_a_malformed_regions_column_is_an_integrity_refusal(api: Api, regions: str) -> None:
+    """Parsed before its MAC can be checked: a writer's garbage there is a tampered row (audited), not
+    an internal error."""
+    api.call("PUT", "/v1/secrets/app/key", json={"value": "v1", "regions": ["eu"]})
+    _exec(_db(api), update(t.secrets).where(t.secrets.c.name == "app/key").values(regions=regions))
+    _integrity_refusal(api, api.call("GET", "/v1/secrets/app/key"), "secrets")
+
+
 # -- 2. join tokens and nodes --------------------------------------------------------------------
 def _enrol(api: Api, token: str) -> Any:
     pair = signing.KeyPair.generate()

@@ -52,6 +52,7 @@ _PATH_RE = re.compile(r"/[\x21-\x7e]{0,511}")
 _CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
 # a DNS name (labels of 1 to 63 letters, digits and inner hyphens: what IDNA encodes), or an IP literal
 _LABEL = r"[a-z0-9](?:[a-z0-9\-]{0,61}[a-z0-9])?"
+_VISIBLE = re.compile(r"[\x21-\x7e]+")
 _HOST_RE = re.compile(rf"(?=.{{1,253}}\Z){_LABEL}(?:\.{_LABEL})*|\[[0-9a-f:.]{{2,45}}\]")
 # headers a route may never set: framing, routing and hop-by-hop ones are the agent's business
 _RESERVED_HEADERS: Final = frozenset(
@@ -111,13 +112,17 @@ class Upstream:
 
 def parse_upstream(text: str) -> Upstream:
     """``https://host[:port][/base]``; WireError otherwise."""
-    if not isinstance(text, str) or not 0 < len(text) <= MAX_URL or not text.isascii():
-        raise WireError("upstream: an https URL of at most 2048 ASCII characters")
+    # (visible ASCII: urlsplit drops tabs, CR and LF anywhere and C0 controls and spaces in front,
+    # so the URL checked would not be the text kept)
+    if not isinstance(text, str) or not 0 < len(text) <= MAX_URL or not _VISIBLE.fullmatch(text):
+        raise WireError("upstream: an https URL of at most 2048 visible ASCII characters")
     try:
         u = urlsplit(text)
         port = u.port
     except ValueError:
         raise WireError("upstream: not a valid URL") from None
+    if port == 0:
+        raise WireError("upstream: port 0 is no port")
     if u.scheme not in ("https", "http"):
         raise WireError("upstream: the scheme must be https (http only to a loopback host)")
     if u.username is not None or u.password is not None or u.query or u.fragment or "#" in text or "?" in text:
@@ -389,7 +394,7 @@ class Report:
 
     @property
     def requests(self) -> int:
-        return sum(c[0] for _, c in self.routes)
+        return min(sum(c[0] for _, c in self.routes), _COUNT_MAX)  # (exact in JSON's numbers)
 
     @classmethod
     def decode(cls, text: str) -> Report:
@@ -398,7 +403,7 @@ class Report:
         if not isinstance(text, str) or len(text) > REPORT_MAX:
             raise WireError(f"egress report: at most {REPORT_MAX} characters")
         since, sep, rest = text.partition("/")
-        if not sep or not _COUNT_RE.fullmatch(since):
+        if not sep or not _COUNT_RE.fullmatch(since) or int(since) > _COUNT_MAX:
             raise WireError("egress report: SINCE/ROUTE:COUNTS,... (SINCE in unix seconds)")
         routes: list[tuple[str, tuple[int, ...]]] = []
         for item in rest.split(",") if rest else ():

@@ -20,6 +20,7 @@ from vault_edge.server.errors import bad_request, conflict, not_found
 from vault_edge.server.storage.records import EgressRoute
 from vault_edge.server.storage.repo import TamperedRow
 from vault_edge.wire import egress as wegress
+from vault_edge.wire import sync as wsync
 
 
 def _doc(r: EgressRoute) -> dict[str, Any]:
@@ -38,6 +39,8 @@ def create(ctx: Context, who: Principal, doc: dict[str, Any], regions: list[str]
         secret = tx.get_secret(route.secret)
         if secret is None or secret.deleted_at is not None:
             raise bad_request(f"no secret {route.secret!r}: put it first (`vault-edge put {route.secret} ...`)")
+        if not secret.regions:
+            raise bad_request(f"{route.secret!r} is in no region (a rotator's credential): no agent could inject it")
         if regions is None:
             where = secret.regions
         else:
@@ -46,7 +49,7 @@ def create(ctx: Context, who: Principal, doc: dict[str, Any], regions: list[str]
                 raise bad_request("regions: a list of region names, or '*' alone for every region")
             for r in where:
                 if r != "*" and (not wire.valid_region(r) or tx.get_region(r) is None):
-                    raise bad_request(f"no region {r!r}: create it with `vault-edge region create {r}`")
+                    raise bad_request(f"no region {r[:64]!r}: create it with `vault-edge region create {r[:64]}`")
             if not secret.every_region and (where == ("*",) or not set(where) <= set(secret.regions)):
                 raise bad_request(
                     f"regions: {route.secret!r} is only in {', '.join(secret.regions)}; a route "
@@ -54,9 +57,17 @@ def create(ctx: Context, who: Principal, doc: dict[str, Any], regions: list[str]
                 )
         if tx.get_egress(route.name) is not None:
             raise conflict(f"egress route {route.name!r} already exists (delete it first)")
+        targets = [r.name for r in tx.list_regions()] if where == ("*",) else where
+        routes = tx.list_egress()
+        for region in targets:  # a region body carries at most MAX_ROUTES: agents refuse a larger one
+            if sum(1 for r in routes if r.regions == ("*",) or region in r.regions) >= wsync.MAX_ROUTES:
+                raise conflict(
+                    f"region {region!r} has {wsync.MAX_ROUTES} egress routes, as many as its agents take: "
+                    "delete one first"
+                )
         rev = tx.next_revision()
         tx.insert_egress(route, where, now, rev)
-        tx.touch_regions([r.name for r in tx.list_regions()] if where == ("*",) else where, rev)
+        tx.touch_regions(targets, rev)
         ctx.auditor.record(
             tx,
             who.actor,
@@ -80,7 +91,7 @@ def list_routes(ctx: Context, who: Principal) -> dict[str, Any]:
 def delete(ctx: Context, who: Principal, name: str) -> dict[str, Any]:
     who.require_global_admin()
     if not wegress.valid_route_name(name):
-        raise not_found(f"no egress route {name!r}")
+        raise not_found(f"no egress route {name[:64]!r}")
     ctx.barrier.require_unsealed()
     with ctx.store.write() as tx:
         try:
@@ -89,7 +100,7 @@ def delete(ctx: Context, who: Principal, name: str) -> dict[str, Any]:
         except TamperedRow:  # removing a route is never a gain: a tampered one may go too
             regions = ("*",)
         if regions is None:
-            raise not_found(f"no egress route {name!r}")
+            raise not_found(f"no egress route {name[:64]!r}")
         rev = tx.next_revision()
         tx.delete_egress(name, rev)
         tx.touch_regions([r.name for r in tx.list_regions()] if regions == ("*",) else regions, rev)

@@ -160,8 +160,14 @@ class Store:
         self._listeners.append(listener)
 
     @contextmanager
-    def read(self) -> Iterator[Tx]:
-        with self.engine.connect() as conn, conn.begin():
+    def read(self, snapshot: bool = False) -> Iterator[Tx]:
+        """A read. ``snapshot``: every statement sees the database as of one moment (REPEATABLE READ
+        on PostgreSQL, whose READ COMMITTED gives each statement its own; a SQLite read transaction is
+        one snapshot already), for reads whose rows must agree: a region's view, its revision and rows."""
+        conn = self.engine.connect()
+        if snapshot and self.dialect == "postgresql":
+            conn = conn.execution_options(isolation_level="REPEATABLE READ")
+        with conn, conn.begin():
             yield Tx(conn, self.dialect, self)
 
     @contextmanager
@@ -211,8 +217,16 @@ def stages_digest(rows: Iterable[Any]) -> bytes:
     return h.digest()
 
 
-def _json_list(value: str) -> tuple[str, ...]:
-    return tuple(json.loads(value))
+def _json_list(value: Any, table: str, key: object) -> tuple[str, ...]:
+    """A column holding a JSON list of strings, as the control plane writes it. Anything else was
+    written by someone else: TamperedRow, as for a failed MAC (not a 500 of its own)."""
+    try:
+        out = json.loads(value)
+    except (TypeError, ValueError, RecursionError):
+        out = None
+    if not isinstance(out, list) or not all(isinstance(x, str) for x in out):
+        raise TamperedRow(table, str(key), "holds a malformed list (written without the root key)")
+    return tuple(out)
 
 
 class Tx:
@@ -404,7 +418,7 @@ class Tx:
         fields = (
             m["id"],
             m["name"],
-            _json_list(m["regions"]) if isinstance(m["regions"], str) else m["regions"],
+            _json_list(m["regions"], "secrets", m["name"]) if isinstance(m["regions"], str) else m["regions"],
             m["latest_version"],
             m["revision"],
             m["deleted_at"],
@@ -430,7 +444,7 @@ class Tx:
                 str(m["name"]),
                 "is older than its last change in the change log (rows copied back from an older copy)",
             )
-        m["regions"] = _json_list(m["regions"])
+        m["regions"] = _json_list(m["regions"], "secrets", m["name"])
         m["destroyed"] = bool(m["destroyed"])
         self._names[m["id"]] = m["name"]
         return Secret(**m)
@@ -932,7 +946,8 @@ class Tx:
     def _op_token(self, row: Any) -> OperatorToken:
         m = dict(row._mapping)
         digest, tag, legacy = bytes(m.pop("digest")), m.pop("mac"), int(m.pop("legacy_digest"))
-        m["prefixes"], m["verbs"] = _json_list(m["prefixes"]), _json_list(m["verbs"])
+        m["prefixes"] = _json_list(m["prefixes"], "operator_tokens", m["id"])
+        m["verbs"] = _json_list(m["verbs"], "operator_tokens", m["id"])
         token = OperatorToken(**m)
         if not self.keys().check("operator-token", tag, *self._op_fields(token, digest, legacy)):
             raise TamperedRow("operator_tokens", token.id)
@@ -1365,7 +1380,8 @@ class Tx:
         rows = self.conn.execute(select(o).where(o.c.mac.is_(None))).all()
         for r in rows:
             m = {k: v for k, v in r._mapping.items() if k not in ("mac", "digest", "legacy_digest")}
-            m["prefixes"], m["verbs"] = _json_list(m["prefixes"]), _json_list(m["verbs"])
+            m["prefixes"] = _json_list(m["prefixes"], "operator_tokens", m["id"])
+            m["verbs"] = _json_list(m["verbs"], "operator_tokens", m["id"])
             tok = OperatorToken(**m)
             tag = keys.mac("operator-token", *self._op_fields(tok, bytes(r.digest), 1))
             self.conn.execute(update(o).where(o.c.id == r.id).values(mac=tag, legacy_digest=1))
@@ -1451,7 +1467,10 @@ class Tx:
     # -- egress routes -------------------------------------------------------------------------
     def _egress(self, row: Any) -> EgressRoute | None:
         """The route if its MAC holds and it is not older than its last change (else None)."""
-        regions = _json_list(row.regions)
+        try:
+            regions = _json_list(row.regions, "egress_routes", row.name)
+        except TamperedRow:
+            return None
         ok = self.keys().check("egress", row.mac, row.name, row.route, regions, row.created_at, row.revision)
         if not ok or row.revision < self.last_change(EGRESS_TARGET + row.name):
             return None
