@@ -12,6 +12,7 @@ import tracemalloc
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import pytest
 
@@ -254,3 +255,25 @@ def test_http2_an_upstream_that_allows_no_stream_keeps_no_connection(
     while up.lost < len(up.conns) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert up.requests == 0 and up.lost == len(up.conns) == 5
+
+
+def test_a_key_an_upstream_echoes_percent_encoded_is_scrubbed(
+    make_agent: Callable[..., Agent],  # noqa: F811
+    scripted: Callable[..., Scripted],
+) -> None:
+    """A header route's key, put by the upstream in a URL (a redirect's Location), percent-encoded:
+    overwritten as its raw form is (only a query route's encoded form was)."""
+    value = "sk/live+0123456789=="
+    encoded = quote(value, safe="").encode()
+
+    def answer(conn: Any, n: int) -> None:
+        conn.write(
+            b"HTTP/1.1 302 Found\r\nLocation: https://x.example/cb?k=" + encoded + b"\r\nContent-Length: 0\r\n\r\n"
+        )
+
+    up = scripted(answer, alpn="http/1.1")
+    agent = make_agent([])
+    agent.install([route("api", up.url)], value=value)
+    status, headers, _ = agent.call("GET", "/v1/egress/api/x")
+    assert status == 302 and headers["location"] == "https://x.example/cb?k=" + "*" * len(encoded)
+    assert b"Bearer " + value.encode() in up.heads[-1]  # (the upstream did get the key)

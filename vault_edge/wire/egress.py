@@ -201,15 +201,20 @@ class Injection:
                 raise InjectError("a Basic user name cannot hold ':'")
             creds = base64.b64encode(":".join(rendered).encode()).decode("ascii")
             needles.append(creds.encode())
-            return "Basic " + creds, tuple(needles)
+            return "Basic " + creds, _and_encoded(needles)
         result = rendered[0]
         if self.kind == "query":
-            encoded = quote(result, safe="")
-            needles.extend(quote(n.decode(), safe="").encode() for n in needles[:])
-            return encoded, tuple(needles)
+            return quote(result, safe=""), _and_encoded(needles)
         if _CONTROL_RE.search(result):
             raise InjectError("the secret holds a control character (CR, LF, NUL...) and cannot go in a header")
-        return result, tuple(needles)
+        return result, _and_encoded(needles)
+
+
+def _and_encoded(needles: list[bytes]) -> tuple[bytes, ...]:
+    """The forms of the secret, and each percent-encoded where that differs: what an upstream may echo
+    of a query parameter, or of a header value put in a URL (a redirect's ``Location``)."""
+    encoded = (quote(n.decode(), safe="").encode() for n in needles)
+    return tuple(dict.fromkeys([*needles, *encoded]))
 
 
 def _text(value: bytes) -> str:
