@@ -44,7 +44,7 @@ class FakeStore:
         pass
 
     @contextmanager
-    def read(self, snapshot: bool = False) -> Iterator[Any]:
+    def read(self) -> Iterator[Any]:
         if self.gate is not None:
             self.gate.wait(5)
         yield self

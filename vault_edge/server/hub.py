@@ -232,7 +232,7 @@ class Hub:
         view's, and new ones (``_members``)."""
         cached = self._views.get(region)
         previous = cached[1] if cached is not None else None
-        with self.ctx.store.read(snapshot=True) as tx:  # its revision and its rows agree
+        with self.ctx.store.read() as tx:  # (one snapshot: its revision and its rows agree)
             r = tx.get_region(region)
             data_rev = r.data_rev if r else 0
             names: set[str] | None = None

@@ -476,7 +476,7 @@ def _overlaps(tx: Tx, r: Rotation) -> bool:
 def _failed(ctx: Context, r: Rotation, message: str) -> None:
     now = ctx.clock()
     log.warning("rotation %d of %s: step %s failed: %s", r.id, r.secret, r.step, message)
-    with ctx.store.write(serialize=False) as tx:
+    with ctx.store.write() as tx:  # serialized: the step read is the step written against
         cur = tx.get_rotation(r.id)
         if cur is None or cur.step != r.step:
             return

@@ -137,7 +137,7 @@ def _set_regions(ctx: Context, tx: Tx, secret: Secret, regions: tuple[str, ...])
     """Change where a secret may be decrypted: wrap its live versions for added regions, delete the
     wraps of removed ones (nodes there drop it at their next sync)."""
     rev = tx.next_revision()
-    tx.update_secret(secret.id, regions=regions)
+    tx.update_secret(secret.id, regions=regions, revision=rev)  # a change of the secret: in the log
     updated = tx.get_secret(secret.name)
     assert updated is not None
     want = set(keyring.effective_regions(tx, updated))

@@ -160,12 +160,14 @@ class Store:
         self._listeners.append(listener)
 
     @contextmanager
-    def read(self, snapshot: bool = False) -> Iterator[Tx]:
-        """A read. ``snapshot``: every statement sees the database as of one moment (REPEATABLE READ
-        on PostgreSQL, whose READ COMMITTED gives each statement its own; a SQLite read transaction is
-        one snapshot already), for reads whose rows must agree: a region's view, its revision and rows."""
+    def read(self) -> Iterator[Tx]:
+        """A read: every statement sees the database as of one moment, so that rows read one after
+        the other agree (a secret's record and its stages, a region's revision and its rows, a version,
+        its wraps and the region key, the audit chain and its head). REPEATABLE READ on PostgreSQL,
+        whose READ COMMITTED gives each statement a moment of its own; a SQLite read transaction is one
+        snapshot already. (Writers are serialized instead: see ``write``.)"""
         conn = self.engine.connect()
-        if snapshot and self.dialect == "postgresql":
+        if self.dialect == "postgresql":
             conn = conn.execution_options(isolation_level="REPEATABLE READ")
         with conn, conn.begin():
             yield Tx(conn, self.dialect, self)
@@ -1212,9 +1214,10 @@ class Tx:
         process has read it does not reach back that far (then only a full read will do)."""
         self.refresh_changes()
         cache = self.store.changes
-        if cache.read_to < revision:
-            return None
-        return {n for n, rev in cache.last.items() if rev > revision and n != BASE_TARGET}
+        with cache.lock:  # (another thread's refresh adds names to it)
+            if cache.read_to < revision:
+                return None
+            return {n for n, rev in cache.last.items() if rev > revision and n != BASE_TARGET}
 
     def changes_read_to(self) -> int:
         """How far this process has read the change log."""
@@ -1323,7 +1326,10 @@ class Tx:
                 added.add((r.kind, r.target))
             if count != head:
                 raise TamperedRow("revocations", str(count + 1))
-            cache.count, cache.last_mac, cache.revoked = count, last, cache.revoked | added
+            # the set before the count: a reader that sees the new count without the lock
+            # (``head == cache.count``) gets the set that goes with it
+            cache.revoked = cache.revoked | added
+            cache.last_mac, cache.count = last, count
             return cache.revoked
 
     def is_revoked(self, kind: str, target: str) -> bool:
