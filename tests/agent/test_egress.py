@@ -1041,6 +1041,49 @@ def test_http2_never_more_streams_than_the_upstream_allows(
         up.close()
 
 
+def test_http2_a_call_whose_new_connection_was_filled_meanwhile_goes_on_another(pki: tuple[Path, Path, Path]) -> None:
+    """Calls that come while a new connection waits for the upstream's SETTINGS may take all its
+    streams before the call that made it resumes: that call then goes on as theirs would (another
+    connection here), where it failed and closed the connection under the others' streams (CI saw it)."""
+    import ssl
+
+    from vault_edge.agent.upstream import Leg, Pool
+
+    up = H2Upstream(pki[1], pki[2], max_streams=1)
+    origin = ("https", "127.0.0.1", up.port)
+
+    async def ok(leg: Leg) -> None:
+        leg.begin(False)
+        leg.start(b"GET /ok HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n", b"", False, True)
+        await leg.head(5)
+        body = b""
+        while chunk := await leg.read(5):
+            body += chunk
+        assert leg.status == 200 and json.loads(body) == {"ok": True}
+        leg.close()
+
+    async def go() -> None:
+        pool = Pool(ssl.create_default_context(cafile=str(pki[0])), http2=True)
+        settled, taken = pool._settled, []
+
+        async def settle_then_lose_the_room(h2c: Any, timeout: float) -> None:
+            await settled(h2c, timeout)
+            if not taken:
+                taken.append(pool.idle_conn(origin))  # a call that came meanwhile
+
+        pool._settled = settle_then_lose_the_room  # type: ignore[method-assign]
+        leg = await pool.connect(origin, 5)
+        assert taken[0] is not None and leg is not taken[0] and len(pool.h2[origin]) == 2
+        await ok(taken[0])
+        await ok(leg)
+        pool.close()
+
+    try:
+        asyncio.run(go())
+    finally:
+        up.close()
+
+
 def test_http2_slow_workers_cannot_starve_a_connection(pki: tuple[Path, Path, Path]) -> None:
     """Each stream may hold its window unread (a worker that does not read): a connection carries no
     more streams than its own window holds, so another call goes on another connection and is served."""

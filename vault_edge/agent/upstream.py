@@ -406,38 +406,44 @@ class Pool:
         """A new connection to ``origin`` (a stream on it if the upstream picks HTTP/2). To an upstream
         known to speak HTTP/2, one connection is made at a time: the calls that come meanwhile wait for
         it and take streams on it while it has room."""
-        while origin in self.h2_origins and (pending := self.connecting.get(origin)) is not None:
-            try:
-                async with asyncio.timeout(timeout):
-                    await asyncio.shield(pending)
-            except TimeoutError:
-                raise UpstreamError("timeout", f"timed out connecting to {self.peer}") from None
-            leg = self.idle_conn(origin)
-            if leg is not None:
+        again = False
+        while True:
+            while origin in self.h2_origins and (pending := self.connecting.get(origin)) is not None:
+                try:
+                    async with asyncio.timeout(timeout):
+                        await asyncio.shield(pending)
+                except TimeoutError:
+                    raise UpstreamError("timeout", f"timed out connecting to {self.peer}") from None
+                again = True
+            if again and (leg := self.idle_conn(origin)) is not None:
                 return leg
-        done: asyncio.Future[None] = self.loop.create_future()
-        first = self.connecting.setdefault(origin, done) is done  # (HTTP/1.1: several at once)
-        try:
-            proto = await self._connect(origin, timeout)
-            self.opened += 1
-            h2c = proto.upgraded
-            if h2c is None:
-                self.h2_origins.discard(origin)
-                return proto
-            self.h2_origins.add(origin)
-            self.h2.setdefault(origin, []).append(h2c)
-            await self._settled(h2c, timeout)  # (the callers waiting meanwhile then see its real limit)
-            if not h2c.has_room():  # a GOAWAY already, or SETTINGS_MAX_CONCURRENT_STREAMS 0
-                gone = h2c.closing
-                h2c.close()
-                if gone:
+            done: asyncio.Future[None] = self.loop.create_future()
+            first = self.connecting.setdefault(origin, done) is done  # (HTTP/1.1: several at once)
+            try:
+                proto = await self._connect(origin, timeout)
+                self.opened += 1
+                h2c = proto.upgraded
+                if h2c is None:
+                    self.h2_origins.discard(origin)
+                    return proto
+                self.h2_origins.add(origin)
+                self.h2.setdefault(origin, []).append(h2c)
+                await self._settled(h2c, timeout)  # (the callers waiting meanwhile then see its real limit)
+                if h2c.has_room():
+                    return h2c.stream()
+                if h2c.closing:  # a GOAWAY already: nothing was sent
+                    h2c.close()
                     raise UpstreamError("closed", f"{self.peer} closed the connection", unprocessed=True)
-                raise UpstreamError("protocol", f"{self.peer} allows no HTTP/2 stream")
-            return h2c.stream()
-        finally:
-            if first:
-                del self.connecting[origin]
-            done.set_result(None)
+                if not h2c.limit():  # SETTINGS_MAX_CONCURRENT_STREAMS 0
+                    h2c.close()
+                    raise UpstreamError("protocol", f"{self.peer} allows no HTTP/2 stream")
+                # calls that came meanwhile took its streams: as theirs would, this one waits for room
+                # or makes another connection
+            finally:
+                if first:
+                    del self.connecting[origin]
+                done.set_result(None)
+            again = True
 
     async def _settled(self, h2c: H2Conn, timeout: float) -> None:
         """Wait for a new HTTP/2 connection's first SETTINGS from the upstream (sent at once after the

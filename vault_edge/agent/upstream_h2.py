@@ -165,11 +165,14 @@ class H2Conn(asyncio.BufferedProtocol):
         return f"<upstream H2Conn {self.origin[1]}:{self.origin[2]} streams={len(self.streams)}>"
 
     # -- the pool's side
+    def limit(self) -> int:
+        """Streams it may carry at once: the upstream's limit, at most ``MAX_STREAMS``."""
+        return min(self.h2.remote_settings.max_concurrent_streams, MAX_STREAMS)
+
     def has_room(self) -> bool:
         if self.lost or self.closing or not self.settled.done():
             return False
-        limit = min(self.h2.remote_settings.max_concurrent_streams, MAX_STREAMS)
-        return len(self.streams) + len(self.pending) < limit
+        return len(self.streams) + len(self.pending) < self.limit()
 
     def stream(self) -> Stream:
         self.idle_since = 0.0
