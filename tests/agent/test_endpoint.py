@@ -411,3 +411,31 @@ def test_the_dechunker_counts_against_its_limit() -> None:
     with pytest.raises(BadRequest) as exc:
         d.feed(b"5\r\n")
     assert exc.value.status == 413
+
+
+def test_pipelined_reads_a_client_does_not_read_hold_no_more_than_a_few_answers() -> None:
+    """A caller allowed one large secret, sending 64 KiB of requests for it in one write and reading
+    nothing: the agent answered them all at once, 128 MiB queued for a client that did not read (and
+    as much again per connection). Answers go in batches while the client reads; all of them, in order."""
+    served = Served(make_state(FakeClock(), [{"name": "big", "value": "x" * 65536}]))
+    try:
+        c = served.pair()
+        req = b"GET /v1/secrets/big HTTP/1.1\r\n\r\n"
+        n = 65536 // len(req)
+        c.sendall(req * n)
+        time.sleep(1.0)
+        held = served.call(
+            lambda: max(x.transport.get_write_buffer_size() for x in served.listener.conns if x.transport)
+        )
+        assert held < 4 << 20, held
+        got = bytearray()
+        c.settimeout(2)
+        try:  # every answer comes, once the client reads
+            while chunk := c.recv(1 << 20):
+                got += chunk
+        except TimeoutError:
+            pass
+        assert got.count(b"HTTP/1.1 200 OK") == n and len(got) > n * 65536
+        c.close()
+    finally:
+        served.close()

@@ -263,3 +263,57 @@ def test_an_untrusted_certificate_names_the_problem_and_the_option(tmp_path: Pat
     refused, trusted = asyncio.run(go())
     assert isinstance(refused, PathFailure) and "certificate" in str(refused) and "--tls-ca" in str(refused)
     assert trusted == b"ok"
+
+
+def test_an_endless_header_is_refused_past_the_head_limit() -> None:
+    """llhttp keeps a field's value until the field ends: one that never ends grew the agent's memory
+    (and its CPU: the value is copied as it grows) without bound, each byte restarting the wait."""
+
+    async def endless(head: bytes, w: asyncio.StreamWriter) -> None:
+        w.write(b"HTTP/1.1 200 OK\r\nX-Pad: ")
+        try:
+            for _ in range(1024):  # up to 64 MiB
+                w.write(b"a" * 65536)
+                await w.drain()
+        except ConnectionError:
+            return
+
+    _server, out = run(endless, timeout=5)
+    assert isinstance(out[0], PathFailure) and "too large" in str(out[0]), out
+
+
+@pytest.mark.parametrize(
+    ("prefix", "unit"),
+    [
+        (b"", b"HTTP/1.1 103 Early Hints\r\nLink: </x>\r\n\r\n"),  # interim answers, one by one
+        (b"HTTP/1.1 200 OK\r\nContent-Length: 1000000\r\n\r\n", b"x"),  # a body, a byte at a time
+        (b"HTTP/1.1 200 OK\r\n", b"X"),  # a head, a byte at a time
+    ],
+)
+def test_an_exchange_has_a_deadline_whatever_trickles_in(prefix: bytes, unit: bytes) -> None:
+    """A relay sending a byte just within each wait held the poll forever, the agent none the wiser."""
+
+    async def trickle(head: bytes, w: asyncio.StreamWriter) -> None:
+        w.write(prefix)
+        try:
+            while True:
+                await asyncio.sleep(0.2)
+                w.write(unit)
+                await w.drain()
+        except ConnectionError:
+            return
+
+    async def go() -> object:
+        server = Server(trickle)
+        async with server as url:
+            client = Client(url, timeout=0.5, connect_timeout=0.5, slack=0.5)
+            try:
+                async with asyncio.timeout(10):
+                    return await client.request("GET", "/", headers={}, limit=1 << 20)
+            except PathFailure as exc:
+                return exc
+            finally:
+                await client.aclose()
+
+    out = asyncio.run(go())
+    assert isinstance(out, PathFailure) and ("took over" in str(out) or "interim" in str(out)), out

@@ -85,6 +85,7 @@ _SWEEP_S: Final = 5.0
 IDLE_TIMEOUT_S: Final = 60.0  # a keep-alive connection with nothing in flight is closed after this
 MAX_CONNS_PER_UID: Final = 256  # connections one uid may hold; more are closed at accept
 FD_RESERVE: Final = 64  # descriptors kept free under the soft limit for the agent's own work
+_OUT_BATCH: Final = 256 << 10  # answers to pipelined requests written at a time (then: is the client reading?)
 _REFUSAL_LOG_S: Final = 60.0  # refusals of one kind are logged once per this window
 
 REASONS: Final = {
@@ -905,7 +906,13 @@ class _Conn(asyncio.Protocol):
             self.drain.set_result(None)
         if self.direct is not None:
             self.direct.resume()
+        elif self.buf and self.watch is None and self.body is None and not self.closing:
+            asyncio.get_running_loop().call_soon(self._more)  # the requests left while it did not read
         self._flow()
+
+    def _more(self) -> None:
+        if self.buf and self.watch is None and self.body is None and self.direct is None and not self.closing:
+            self._process_safely()
 
     def _flow(self) -> None:
         if self.closing or self.transport is None:
@@ -954,10 +961,11 @@ class _Conn(asyncio.Protocol):
         if body is not None and not self._body_bytes(body, self.buf):  # an Exchange's body, as it comes
             return  # refused: the Exchange answers it
         out: list[bytes] = []
+        out_bytes = 0
         buf, pos = self.buf, 0
         app, caller, transport = self.app, self.caller, self.transport
         assert transport is not None
-        while pos < len(buf) and not self.closing and self.watch is None:
+        while pos < len(buf) and not self.closing and self.watch is None and not self.write_blocked:
             if buf.startswith(b"\r\n", pos):  # an empty line before a request line: ignored (RFC 9112 §2.2)
                 pos += 2
                 continue
@@ -1017,10 +1025,15 @@ class _Conn(asyncio.Protocol):
             if ans.cacheable and len(data) <= _CACHE_ANSWER_MAX:
                 self._remember(head, data)
             out.append(data)
+            out_bytes += len(data)
+            if out_bytes > _OUT_BATCH:  # pipelined requests: answers go in batches, and stop while
+                transport.write(b"".join(out))  # the client does not read them (``write_blocked``;
+                out.clear()  # ``resume_writing`` goes on): never more held than its few answers
+                out_bytes = 0
         self.buf = b"" if self.closing else buf[pos:]
         if out:
             transport.write(b"".join(out))
-        if self.buf and self.watch is None and not self.closing:
+        if self.buf and self.watch is None and not self.closing and not self.write_blocked:
             if self.partial_since is None:
                 self.partial_since = self.now()
         else:

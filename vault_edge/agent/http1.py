@@ -17,6 +17,7 @@ time) becomes one exception, :class:`PathFailure`, whose message names the failu
 
 from __future__ import annotations
 
+import asyncio
 import ssl
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -79,6 +80,7 @@ class Client:
         connect_timeout: float = 10.0,
         timeout: float = 60.0,
         max_idle: int = 2,
+        slack: float = 60.0,
     ) -> None:
         url = urlsplit(base_url)
         if url.scheme not in ("http", "https") or not url.hostname:
@@ -90,6 +92,7 @@ class Client:
         self.authority = host if port == (443 if url.scheme == "https" else 80) else f"{host}:{port}"
         self.ca_file = ca_file
         self.connect_timeout, self.timeout, self.max_idle = connect_timeout, timeout, max_idle
+        self.slack = slack  # an exchange takes at most connect_timeout + 2 x its timeout + this
         self._pool: Pool | None = None
 
     def _connections(self) -> Pool:
@@ -125,16 +128,24 @@ class Client:
         lost before any answer (the control plane closed it while idle) is sent once more on a new one."""
         request = self._request(method, target, headers, content)
         wait = self.timeout if timeout is None else timeout
+        # each wait has ``wait``; the whole exchange this (a relay sending a byte, or a 1xx, just
+        # within each wait would hold it forever)
+        deadline = self.connect_timeout + 2 * wait + self.slack
         pool = self._connections()
         for attempt in (1, 2):
             conn: Connection | None = None
             try:
-                leg, reused = await pool.get(self.origin, self.connect_timeout)
-                assert isinstance(leg, Connection)  # this pool never offers HTTP/2
-                conn = leg
-                conn.begin(head_only=False)
-                await conn.send(request, wait)
-                answer = await _read(conn, limit, limit if error_limit is None else error_limit, wait)
+                async with asyncio.timeout(deadline):
+                    leg, reused = await pool.get(self.origin, self.connect_timeout)
+                    assert isinstance(leg, Connection)  # this pool never offers HTTP/2
+                    conn = leg
+                    conn.begin(head_only=False)
+                    await conn.send(request, wait)
+                    answer = await _read(conn, limit, limit if error_limit is None else error_limit, wait)
+            except TimeoutError:
+                if conn is not None:
+                    conn.close()
+                raise PathFailure(f"the exchange with the control plane took over {deadline:g}s") from None
             except UpstreamError as exc:
                 if conn is not None:
                     conn.close()

@@ -51,6 +51,7 @@ IDLE_EXPIRY_S: Final = 30.0
 READ_BUFFER: Final = 64 << 10  # bytes a read may take at once (shared by the pool's connections)
 _MAX_HEAD_BYTES: Final = 64 << 10  # an answer's status line and headers
 _MAX_HEADERS: Final = 100  # header fields in one answer
+_MAX_INTERIM: Final = 16  # 1xx answers before the final one
 
 Origin = tuple[str, str, int]  # scheme, host (IPv6 in brackets), port
 _LAST_CHUNK: Final = b"0\r\n\r\n"
@@ -151,6 +152,8 @@ class Connection(Answering, asyncio.BufferedProtocol):
         self.status = 0
         self.headers: list[tuple[bytes, bytes]] = []
         self.head_bytes = 0
+        self.before_head = 0  # bytes fed before the final answer's head was whole (1xx answers too)
+        self.interim = 0  # 1xx answers dropped
         self.head_done = False
         self.complete = False
         self.keep_alive = False
@@ -188,6 +191,12 @@ class Connection(Answering, asyncio.BufferedProtocol):
             # bytes nobody asked for (after a whole answer, or while idle): the connection is out of step
             self._fail(UpstreamError("protocol", f"{self.pool.peer} sent bytes outside an answer"))
             return
+        if not self.head_done:  # llhttp keeps a field's value until the field ends: bounded here
+            if self.before_head > _MAX_HEAD_BYTES:
+                self._fail(UpstreamError("protocol", f"{self.pool.peer}'s answer head is too large"))
+                self.wake()
+                return
+            self.before_head += len(data)
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserCallbackError as exc:  # raised by a callback below: its own error
@@ -237,6 +246,9 @@ class Connection(Answering, asyncio.BufferedProtocol):
         p = self.parser
         status = p.get_status_code()
         if 100 <= status < 200:  # interim: dropped (llhttp ends it here, with no body)
+            self.interim += 1
+            if self.interim > _MAX_INTERIM:
+                raise UpstreamError("protocol", f"{self.pool.peer} sent too many interim answers")
             self.headers, self.head_bytes = [], 0
             return
         if not 200 <= status <= 599:
