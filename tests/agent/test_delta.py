@@ -315,3 +315,40 @@ def _swap_body(signed: tuple[bytes, str], other: tuple[bytes, str]) -> tuple[byt
 def _split(answer: tuple[bytes, str]) -> tuple[bytes, str, bytes]:
     env, body = wsync.split(answer[0])
     return env, answer[1], body
+
+
+@pytest.mark.parametrize(
+    ("which", "content"),
+    [
+        ("cache.json", b"[" * 200_000),  # deep enough to raise RecursionError in json
+        ("cache.json", b"[1]"),
+        ("cache.log", None),  # its second line nested as deep
+    ],
+)
+def test_a_cache_file_garbled_by_anyone_is_ignored_not_fatal(
+    plane: Plane, tmp_path: Path, which: str, content: bytes | None
+) -> None:
+    """The agent reads its cache before it serves: a file it cannot use is ignored (the agent syncs
+    afresh), never an exception that ends the agent at every start."""
+    _three_rounds(plane, tmp_path)
+    path = tmp_path / which
+    if content is None:
+        content = path.read_bytes().split(b"\n")[0] + b"\n" + b"[" * 200_000 + b"\n"
+    path.write_bytes(content)
+    state = AgentState(NODE, REGION)
+    load_cached(plane.identity, state, DiskCache(tmp_path))  # no exception
+
+
+@pytest.mark.parametrize("contact", [b"-inf", b"inf", b"nan", b"1e300", b"-5"])
+def test_a_garbled_last_contact_is_no_contact(plane: Plane, tmp_path: Path, contact: bytes) -> None:
+    """(-inf made the agent's age an overflow at start; a date to come made a stale cache look fresh.)"""
+    from vault_edge.agent.api import Api
+    from vault_edge.agent.policy import Policy
+
+    _three_rounds(plane, tmp_path)
+    (tmp_path / "cache.contact").write_bytes(contact)
+    cached = DiskCache(tmp_path).load()
+    assert cached is not None and cached.received_at == 0.0
+    state = AgentState(NODE, REGION)
+    load_cached(plane.identity, state, DiskCache(tmp_path))
+    Api(state, Policy(None))  # no exception

@@ -110,7 +110,7 @@ class DiskCache:
             if doc.get("format") != FORMAT:  # an agent from before deltas: its view is re-synced, its floor kept
                 raise ValueError("a cache of an older format")
             base, chain = _piece(doc["base"]), str(doc["chain"])
-        except (ValueError, KeyError, TypeError, wire.WireError, OSError) as exc:
+        except (ValueError, KeyError, TypeError, AttributeError, RecursionError, wire.WireError, OSError) as exc:
             log.warning(
                 "ignoring an unreadable cache file %s (%s)",
                 self.path,
@@ -122,6 +122,8 @@ class DiskCache:
             received_at = float(self.contact_path.read_bytes())
         except (OSError, ValueError):
             received_at = 0.0
+        if not 0.0 <= received_at <= time.time() + 1.0:  # (nan, inf, or a contact yet to come: none)
+            received_at = 0.0
         self.chain, self.base_bytes = chain, len(base.body)
         self.log_bytes = sum(len(d.body) for d in deltas)
         return Cached(base, tuple(deltas), received_at, floor)
@@ -130,7 +132,7 @@ class DiskCache:
         """The floor kept in the cache file, even when its view cannot be used."""
         try:
             return {str(k): int(v) for k, v in dict(json.loads(self.path.read_bytes()).get("floor") or {}).items()}
-        except (ValueError, KeyError, TypeError, AttributeError, OSError):
+        except (ValueError, KeyError, TypeError, AttributeError, RecursionError, OSError):
             return {}
 
     def _read_log(self, chain: str) -> list[Piece]:
@@ -146,7 +148,7 @@ class DiskCache:
         for line in lines[1:-1]:  # the last element follows the last newline: empty, or a torn line
             try:
                 deltas.append(_piece(json.loads(line)))
-            except (ValueError, KeyError, TypeError, wire.WireError):
+            except (ValueError, KeyError, TypeError, AttributeError, RecursionError, wire.WireError):
                 break
             good += len(line) + 1
         if good < len(raw):
