@@ -164,3 +164,42 @@ def test_a_slow_answer_is_given_up_and_retried_with_the_same_token_and_keys(
         ts = int(r.headers[wire.H_TIMESTAMP])
         msg = wire.request_message("POST", "/v1/agent/enroll", wire.ENROLL_NODE, ts, r.headers[wire.H_NONCE], r.content)
         assert signing.verify(identity.keys.sign_public, msg, wire.b64d(r.headers[wire.H_SIGNATURE]))
+
+
+class _RelayedPlane(FakeControlPlane):
+    """A relay on the path that lies: ``status_lies`` status answers with a key of its own, then
+    ``enrol_lies`` enrolment answers garbled (the control plane's own answer forwarded, then replaced)."""
+
+    def __init__(self, script: list[str], status_lies: int = 0, enrol_lies: int = 0, garble: bytes = b"") -> None:
+        super().__init__(script)
+        self.status_lies, self.enrol_lies, self.garble = status_lies, enrol_lies, garble
+
+    async def handle(self, req: httpx.Request) -> httpx.Response:
+        if req.url.path == "/v1/sys/status" and self.status_lies:
+            self.status_lies -= 1
+            other = signing.KeyPair.generate().sign_public
+            return _response(200, json.dumps({"server_key": wire.b64e(other)}).encode())
+        if req.url.path == "/v1/agent/enroll" and self.enrol_lies:
+            self.enrol_lies -= 1
+            await super().handle(req)  # the control plane enrolled the node; its answer is lost
+            return _response(200, self.garble)
+        return await super().handle(req)
+
+
+@pytest.mark.parametrize(
+    ("status_lies", "enrol_lies", "garble"),
+    [
+        (1, 0, b""),  # a key the join token's pin refuses
+        (0, 1, b'{"garbled": true}'),  # an unsigned 200
+        (0, 1, b"\xff" * 10),
+    ],
+)
+def test_a_relay_that_lies_during_enrolment_is_retried_past(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, status_lies: int, enrol_lies: int, garble: bytes
+) -> None:
+    """Anything on the path can send these: the agent retries (enrolment is idempotent), where it
+    ended with status 1 (an agent started by a supervisor would flap, one left alone would stay down)."""
+    cp = _RelayedPlane(["ok"] * 3, status_lies, enrol_lies, garble)
+    identity, slept = _enrol(tmp_path, cp, monkeypatch)
+    assert identity.enrolment is not None and identity.enrolment.node == "n-00000000000000aa"
+    assert len(slept) == 1

@@ -258,19 +258,15 @@ class Syncer:
                 )
                 await asyncio.sleep(delay)
                 continue
+            if resp.status_code != 200:  # a refusal the control plane signed for this request
+                raise EnrolError(f"enrolment refused: {_error_message(resp)}")
+            answer, problem = _enrolment_answer(pinned, resp, headers[wire.H_NONCE], keys.sign_public)
+            if answer is None:  # anything on the path could have sent it: retried (enrolment is idempotent)
+                delay = self.backoff.next()
+                log.warning("enrolment: an answer %s (a relay's?); retrying in %.1fs", problem, delay)
+                await asyncio.sleep(delay)
+                continue
             break
-        if resp.status_code != 200:
-            raise EnrolError(f"enrolment refused: {_error_message(resp)}")
-        if not _server_signed(pinned, wenrol.KIND, resp):
-            raise EnrolError("enrolment answer is not signed by the pinned control-plane key")
-        try:
-            answer = wenrol.Answer.decode(resp.content)
-        except wire.WireError as exc:
-            raise EnrolError(str(exc)) from None
-        if answer.server_key != pinned:
-            raise EnrolError("the enrolment answer names another control-plane key than the pinned one")
-        if answer.nonce != headers[wire.H_NONCE] or answer.sign_public != keys.sign_public:
-            raise EnrolError("the enrolment answer was made for another request")
         enrolment = Enrolment(answer.node, answer.region, self.server, answer.server_key, time.time())
         self.identity = save_enrolment(self.identity, enrolment)
         self.state.node, self.state.region = enrolment.node, enrolment.region
@@ -291,27 +287,26 @@ class Syncer:
     async def _pinned_server_key(self, pin: str) -> bytes:
         while True:
             # Nothing here is trusted yet (the pin is checked below): an answer that cannot be used, from
-            # the control plane or from anything on the path, is retried like an unreachable one.
+            # the control plane or from anything on the path, is retried like an unreachable one; so is
+            # a key the pin refuses (a relay could send one: it must not end the agent).
+            key: bytes | None = None
             try:
                 resp = await self.http.request("GET", "/v1/sys/status", headers={}, limit=MAX_ERROR_BODY)
                 doc = json.loads(resp.content) if resp.status_code == 200 else {}
                 if doc.get("server_key"):
                     key = wire.b64d(doc["server_key"])
-                    break
                 reason = f"HTTP {resp.status_code}" if resp.status_code != 200 else "not initialized"
             except PathFailure as exc:
                 reason = str(exc)
             except (ValueError, TypeError, AttributeError, RecursionError, wire.WireError):
                 reason = "a malformed status answer"
+            if key is not None and wire.server_pin(key) == pin:
+                return key
+            if key is not None:  # a relay's, or the wrong control plane: the token is not sent to it
+                reason = "its key does not match the join token's pin: wrong --control-plane, or a relay"
             delay = self.backoff.next()
             log.warning("enrolment: control plane not ready (%s); retrying in %.1fs", reason, delay)
             await asyncio.sleep(delay)
-        if wire.server_pin(key) != pin:
-            raise EnrolError(
-                "the control plane's key does not match the join token's pin: wrong control plane? "
-                "(the token was not sent)"
-            )
-        return key
 
     # -- sync ----------------------------------------------------------------------------------
     @property
@@ -575,3 +570,19 @@ def load_cached(identity: Identity, state: AgentState, cache: DiskCache) -> Chai
         len(chain.deltas),
     )
     return chain
+
+
+def _enrolment_answer(pinned: bytes, resp: Answer, nonce: str, sign_public: bytes) -> tuple[wenrol.Answer | None, str]:
+    """The enrolment answer if the pinned control plane signed it for this request, else (None, what
+    is wrong with it)."""
+    if not _server_signed(pinned, wenrol.KIND, resp):
+        return None, "not signed by the pinned control-plane key"
+    try:
+        answer = wenrol.Answer.decode(resp.content)
+    except wire.WireError:
+        return None, "that cannot be read"
+    if answer.server_key != pinned:
+        return None, "naming another control-plane key than the pinned one"
+    if answer.nonce != nonce or answer.sign_public != sign_public:
+        return None, "made for another request"
+    return answer, ""
