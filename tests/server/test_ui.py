@@ -232,3 +232,62 @@ def test_a_seal_signs_everyone_out(console: tuple[Any, Api]) -> None:
     r = client.get("/ui")
     assert r.status_code == 503 and "sealed" in r.text
     assert len(client.app.state.ui_sessions) == 0
+
+
+def test_rotating_a_rotator_kept_secret_runs_at_its_source_as_through_the_api(console: tuple[Any, Api]) -> None:
+    """The console called the plain rotation: a random string became the current version of a
+    credential kept at its source (a database's, a provider's), which the API refuses."""
+    client, api = console
+    url = "http://127.0.0.1:9"
+    config = {
+        "create": {"method": "POST", "url": url + "/keys"},
+        "test": {"method": "GET", "url": url + "/whoami", "bearer_field": "key"},
+        "revoke": {"method": "DELETE", "url": url + "/keys/{id}"},
+    }
+    rotator = {"type": "webhook", "admin_secret": "rotators/ai-admin", "admin_value": {"token": "t"}, "config": config}
+    assert api.call("PUT", "/v1/rotators/ai", json=rotator)[0] == 200
+    assert api.call("PUT", "/v1/secrets/ai/key", json={"rotator": "ai", "regions": ["eu"]})[0] == 200
+    sign_in(client, api.token)
+    page = client.get("/ui/rotate/ai/key").text
+    assert "rotator <code>ai</code>" in page and 'name="generate"' not in page
+    csrf = csrf_of(page)
+    r = client.post("/ui/rotate/ai/key", data={"csrf": csrf, "generate": "32:base64url"}, follow_redirects=False)
+    assert r.status_code == 409  # a spec for a rotator's secret: refused, as by the API
+    r = client.post("/ui/rotate/ai/key", data={"csrf": csrf}, follow_redirects=False)
+    assert r.status_code == 303  # a rotation at the source, started
+    assert [v["origin"] for v in api.call("GET", "/v1/history/ai/key")[1]["versions"]] != ["generated"]
+    assert api.call("GET", "/v1/rotations/ai/key")[1]["rotations"], "a rotation at the source began"
+
+
+def test_the_audit_page_takes_any_before_and_any_detail(console: tuple[Any, Api]) -> None:
+    """'²' passed isdigit() (a 500); a detail column a database writer set to a list, or nested too
+    deep, broke the page that exists to show such things (the column is outside the chain's MAC)."""
+    from sqlalchemy import text
+
+    client, api = console
+    sign_in(client, api.token)
+    assert client.get("/ui/audit?before=%C2%B2").status_code == 400
+    for detail in ("[1]", "[" * 100_000 + "]" * 100_000):
+        with client.app.state.ctx.store.engine.begin() as conn:
+            conn.execute(text("UPDATE audit SET detail = :d"), {"d": detail})
+        r = client.get("/ui/audit")
+        assert r.status_code == 200 and "unreadable=True" in r.text
+
+
+def test_a_live_view_left_open_keeps_no_session_alive(
+    console: tuple[Any, Api], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The live view polls (and the browser reopens it) for as long as the tab is open: that is not
+    someone using the console, and the session still ends after its idle time."""
+    from vault_edge.server.ui.sessions import IDLE_S
+
+    client, api = console
+    now = [1_000_000.0]
+    client.app.state.ui_sessions.clock = lambda: now[0]
+    monkeypatch.setattr(routes, "STREAM_S", 0.1)
+    sign_in(client, api.token)
+    for _ in range(4):
+        now[0] += IDLE_S / 3
+        with client.stream("GET", "/ui/events/rotation/app/key") as r:
+            "".join(r.iter_text())
+    assert client.get("/ui", follow_redirects=False).headers["location"] == "/ui/signin"

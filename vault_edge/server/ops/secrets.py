@@ -506,6 +506,7 @@ def history(ctx: Context, who: Principal, name: str) -> dict[str, Any]:
         "rotate_every_s": secret.rotate_every_s,
         "next_rotation_at": secret.next_rotation_at,
         "generate": secret.generate,
+        "rotator": secret.rotator,
         "versions": [
             {
                 "version": v.version,

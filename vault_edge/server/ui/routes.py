@@ -27,8 +27,7 @@ from vault_edge.server.auth import Principal
 from vault_edge.server.barrier import Sealed  # the console shows only the seal status then
 from vault_edge.server.context import Context
 from vault_edge.server.errors import ApiError, bad_request, forbidden, unauthorized
-from vault_edge.server.ops import nodes, tokens
-from vault_edge.server.ops import secrets as secret_ops
+from vault_edge.server.ops import nodes, rotation, tokens
 from vault_edge.server.ui import views
 from vault_edge.server.ui.sessions import Session, SessionStore, same
 
@@ -115,14 +114,15 @@ def sessions_of(request: Request) -> SessionStore:
     return request.app.state.ui_sessions  # type: ignore[no-any-return]
 
 
-def caller(request: Request) -> Caller:
-    """The signed-in principal, read afresh from its token's row (a revoked token ends the session)."""
+def caller(request: Request, touch: bool = True) -> Caller:
+    """The signed-in principal, read afresh from its token's row (a revoked token ends the session).
+    ``touch``: the request is someone using the console (it restarts the session's idle timer)."""
     ctx, store = ctx_of(request), sessions_of(request)
     if ctx.barrier.sealed:
         store.clear()  # a seal signs everyone out
         raise Sealed
     session_id = request.cookies.get(cookie_name(request))
-    session = store.get(session_id)
+    session = store.get(session_id, touch)
     if session is None or session_id is None:
         raise SignIn
     try:
@@ -424,11 +424,12 @@ def rotate_confirm(name: str, request: Request) -> Response:
 @router.post("/rotate/{name:path}")
 async def rotate(name: str, request: Request) -> Response:
     """A generated value only: a value typed into a page would pass through the browser (its memory,
-    autofill, extensions), which the console is built never to hold. Values come from the CLI."""
+    autofill, extensions), which the console is built never to hold. Values come from the CLI. As
+    ``rotate`` does through the API: a secret kept by a rotator is rotated at its source (no spec)."""
     c = await run_in_threadpool(caller, request)
     fields = await form_of(request, c)
     spec = fields.get("generate", "").strip() or None
-    await run_in_threadpool(secret_ops.rotate, c.ctx, c.who, name, None, spec)
+    await run_in_threadpool(rotation.rotate, c.ctx, c.who, name, None, spec)
     return RedirectResponse(f"/ui/secrets/{quote(name, safe='/')}", status_code=303)
 
 
@@ -437,7 +438,7 @@ async def rotate(name: str, request: Request) -> Response:
 async def rotation_events(name: str, request: Request) -> Response:
     """Server-sent events: the secret's propagation, each time it changes (polled every ``POLL_S``).
     The stream ends after ``STREAM_S`` (the browser reconnects), and at once when the session ends."""
-    c = await run_in_threadpool(caller, request)
+    c = await run_in_threadpool(caller, request, False)  # (a tab left open keeps no session alive)
     first = await run_in_threadpool(views.rotation, c.ctx, c.who, name)  # a 403 or 404 before any stream
     state = request.app.state
     open_streams: dict[str, int] = state.ui_streams
@@ -454,7 +455,7 @@ async def rotation_events(name: str, request: Request) -> Response:
             while time.monotonic() < deadline:
                 await asyncio.sleep(POLL_S)
                 try:
-                    now_c = await run_in_threadpool(caller, request)
+                    now_c = await run_in_threadpool(caller, request, False)
                     doc = await run_in_threadpool(views.rotation, now_c.ctx, now_c.who, name)
                 except (SignIn, Sealed, ApiError):
                     yield "event: end\ndata: {}\n\n"

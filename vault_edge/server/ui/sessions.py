@@ -67,8 +67,9 @@ class SessionStore:
                 self._sessions.popitem(last=False)
         return session_id, session
 
-    def get(self, session_id: str | None) -> Session | None:
-        """The live session this id names (its idle timer restarted), or None."""
+    def get(self, session_id: str | None, touch: bool = True) -> Session | None:
+        """The live session this id names (its idle timer restarted, unless ``touch`` is False: a
+        page's live view polling is not someone using the console), or None."""
         if not session_id or len(session_id) > 128:
             return None
         now = self.clock()
@@ -80,7 +81,8 @@ class SessionStore:
             if now >= session.not_after or now - session.last_used >= IDLE_S:
                 del self._sessions[key]
                 return None
-            session.last_used = now
+            if touch:
+                session.last_used = now
             return session
 
     def end(self, session_id: str | None) -> None:

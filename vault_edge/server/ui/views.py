@@ -123,6 +123,7 @@ def secret_detail(ctx: Context, who: Principal, name: str) -> dict[str, Any]:
         "scheduled": bool(hist["rotate_every_s"]),
         "next_rotation": when(hist["next_rotation_at"]),
         "generate": hist["generate"],
+        "rotator": hist["rotator"],
     }
 
 
@@ -228,7 +229,7 @@ class AuditFilter:
                 raise bad_request(f"{key}: a date and time, YYYY-MM-DDTHH:MM (UTC)") from None
 
         before = text("before")
-        if before and (not before.isdigit() or len(before) > 18):
+        if before and (not before.isascii() or not before.isdigit() or len(before) > 18):  # (isdigit: '²' too)
             raise bad_request("before: an audit sequence number")
         return cls(
             text("actor"),
@@ -268,9 +269,11 @@ def audit(ctx: Context, who: Principal, f: AuditFilter) -> dict[str, Any]:
             if e.seq > hi:
                 continue
             if f.matches(e) and len(found) < AUDIT_PAGE:
-                try:
+                try:  # (the column is outside the chain's MAC: anything a database writer put there)
                     detail = json.loads(e.detail) if e.detail else {}
-                except ValueError:
+                except (ValueError, RecursionError):
+                    detail = None
+                if not isinstance(detail, dict):
                     detail = {"unreadable": True}
                 found.append(
                     {
