@@ -291,3 +291,21 @@ def test_a_live_view_left_open_keeps_no_session_alive(
         with client.stream("GET", "/ui/events/rotation/app/key") as r:
             "".join(r.iter_text())
     assert client.get("/ui", follow_redirects=False).headers["location"] == "/ui/signin"
+
+
+def test_no_token_can_sign_everyone_else_out(console: tuple[Any, Api]) -> None:
+    """Signing in over and over with any valid token (a list-only one, say) pushed every other session
+    out of the bounded table: a token's own oldest sessions go first now."""
+    from fastapi.testclient import TestClient
+
+    from vault_edge.server.ui.sessions import MAX_PER_TOKEN
+
+    client, api = console
+    client.app.state.ui_sessions.max_sessions = MAX_PER_TOKEN + 4
+    admin = TestClient(client.app)
+    sign_in(admin, api.token)
+    weak = api.call("POST", "/v1/tokens", json={"name": "w", "prefixes": ["team-a/"], "verbs": ["list"]})[1]["token"]
+    for _ in range(3 * MAX_PER_TOKEN):
+        assert sign_in(client, weak).status_code == 303
+    assert admin.get("/ui", follow_redirects=False).status_code == 200
+    assert client.get("/ui/secrets", follow_redirects=False).status_code == 200  # the newest still works

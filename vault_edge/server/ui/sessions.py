@@ -12,7 +12,9 @@ session id is kept, so this table alone cannot be replayed as cookies.
 
 Costs, stated: sessions live in one process's memory, so a restart or a seal signs everyone out (a
 sealed vault cannot check a token anyway), and with several replicas behind one address the console
-needs sticky routing (or a sign-in per replica). The table is bounded; the oldest sessions go first.
+needs sticky routing (or a sign-in per replica). The table is bounded: a token holds at most
+``MAX_PER_TOKEN`` sessions (its oldest go first, so no token can sign everyone else out by signing in
+over and over), and past ``MAX_SESSIONS`` the oldest of all go.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from dataclasses import dataclass
 IDLE_S = 30 * 60  # a session unused this long ends
 ABSOLUTE_S = 12 * 3600  # and none outlives this, however busy
 MAX_SESSIONS = 10_000
+MAX_PER_TOKEN = 16  # a token's own oldest sessions go first: no token can push out everyone else's
 
 
 @dataclass
@@ -62,6 +65,9 @@ class SessionStore:
         session_id = secrets.token_urlsafe(32)
         session = Session(token_id, secrets.token_urlsafe(32), now, now, not_after)
         with self._lock:
+            mine = [k for k, s in self._sessions.items() if s.token_id == token_id]
+            for k in mine[: max(0, len(mine) - MAX_PER_TOKEN + 1)]:
+                del self._sessions[k]
             self._sessions[_key(session_id)] = session
             while len(self._sessions) > self.max_sessions:
                 self._sessions.popitem(last=False)
