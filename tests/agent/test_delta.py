@@ -8,6 +8,7 @@ import asyncio
 import os
 import time
 from pathlib import Path
+from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 import httpx
@@ -347,8 +348,46 @@ def test_a_garbled_last_contact_is_no_contact(plane: Plane, tmp_path: Path, cont
 
     _three_rounds(plane, tmp_path)
     (tmp_path / "cache.contact").write_bytes(contact)
-    cached = DiskCache(tmp_path).load()
-    assert cached is not None and cached.received_at == 0.0
     state = AgentState(NODE, REGION)
     load_cached(plane.identity, state, DiskCache(tmp_path))
     Api(state, Policy(None))  # no exception
+    age = state.age()
+    assert age is not None and age > 10 * 365 * 86400  # as good as never: stale past any --max-stale
+
+
+def test_a_bug_applying_an_answer_does_not_end_the_sync_loop(
+    plane: Plane, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Only an OSError of the cache write was handled there: any other exception ended the sync task,
+    and with it the agent. Now it costs that answer (a full view is asked for next)."""
+    makers = [
+        lambda s, f, n: plane.full(10, {"a": (1, "a1")}, nonce=n),
+        lambda s, f, n: plane.full(11, {"a": (2, "a2")}, nonce=n),
+    ]
+    script, state = Script(makers), AgentState(NODE, REGION)
+    syncer = _syncer(plane, script, state, DiskCache(tmp_path))
+    real_rewrite, broken = syncer._rewrite, [True]
+
+    def rewrite(chain: Any) -> None:
+        if broken:
+            broken.clear()
+            raise RuntimeError("a bug")
+        real_rewrite(chain)
+
+    monkeypatch.setattr(syncer, "_rewrite", rewrite)
+    real_sleep = asyncio.sleep
+    monkeypatch.setattr("vault_edge.agent.sync.asyncio.sleep", lambda delay, *a: real_sleep(0))
+
+    async def go() -> None:
+        task = asyncio.ensure_future(syncer.run())
+        for _ in range(500):
+            await real_sleep(0.01)
+            if state.view.revision == 11 or task.done():
+                break
+        assert not task.done(), task.exception()
+        task.cancel()
+        await syncer.close()
+
+    asyncio.run(go())
+    assert state.view.revision == 11 and values(state.view) == {"a": "a2"}
+    assert script.asked[:2] == [(0, True), (0, True)]

@@ -122,7 +122,7 @@ class DiskCache:
             received_at = float(self.contact_path.read_bytes())
         except (OSError, ValueError):
             received_at = 0.0
-        if not 0.0 <= received_at <= time.time() + 1.0:  # (nan, inf, or a contact yet to come: none)
+        if not 0.0 <= received_at < float("inf"):  # (nan, inf: none; one yet to come: see load_cached)
             received_at = 0.0
         self.chain, self.base_bytes = chain, len(base.body)
         self.log_bytes = sum(len(d.body) for d in deltas)

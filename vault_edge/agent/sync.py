@@ -38,9 +38,9 @@ import random
 import secrets
 import socket
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 from vault_edge import wire
 from vault_edge.agent.bundle import MAX_BUNDLE, BundleError, GrantCache, Opened, Piece, open_answer
@@ -464,7 +464,7 @@ class Syncer:
             await self.enroll()
         while True:
             if self.cache_behind:
-                await self.flush_cache()  # a failed write is retried every round (at most --wait apart)
+                await self._unfailing(self.flush_cache())  # retried every round (at most --wait apart)
             started = time.monotonic()
             try:
                 opened = await self.poll_once()
@@ -498,7 +498,21 @@ class Syncer:
                 await asyncio.sleep(delay)
                 continue
             self.backoff.reset()
-            await self.apply(opened)
+            await self._unfailing(self.apply(opened))
+
+    async def _unfailing(self, step: Coroutine[Any, Any, object]) -> None:
+        """Run a step of the loop that only a bug can fail (anything else it handles): the agent goes
+        on serving what it holds, and asks for a full view next."""
+        try:
+            await step
+        except Exception as exc:  # no value in logs: the type only
+            self.failures += 1
+            self.want_full = True
+            delay = max(1.0, self.backoff.next())
+            log.error(
+                "sync failed unexpectedly (%s); serving what we hold; retrying in %.1fs", type(exc).__name__, delay
+            )
+            await asyncio.sleep(delay)
 
 
 def load_cached(identity: Identity, state: AgentState, cache: DiskCache) -> Chain | None:
@@ -561,7 +575,9 @@ def load_cached(identity: Identity, state: AgentState, cache: DiskCache) -> Chai
     state.floor = opened.floor
     state.install(opened.view)
     # Age survives restarts: the last contact is when the cached answer (or a later `unchanged`) came.
-    state.contact(state.clock.monotonic() - max(0.0, state.clock.wall() - cached.received_at))
+    # (a contact yet to come is none: it would make a stale cache look fresh, past --max-stale)
+    received = cached.received_at if cached.received_at <= state.clock.wall() + 1.0 else 0.0
+    state.contact(state.clock.monotonic() - max(0.0, state.clock.wall() - received))
     state.lost_contact()
     log.info(
         "serving revision %d from the disk cache (%d secrets; %d deltas replayed)",
