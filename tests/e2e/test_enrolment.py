@@ -58,7 +58,9 @@ def test_an_enrolment_answer_lost_to_the_agents_timeout_is_retried_with_the_same
     lost = json.loads(body)["node"]
     assert agent.node_id == lost  # the retry learnt the node the lost answer named
     tries = [a for a in relay.arrivals if a[2] == ENROLL]
-    assert len(tries) >= 2 and tries[1][0] - tries[0][0] >= 1.0  # retried after its timeout, not before
+    # retried after its timeout, not before (the relay sees the first try a little after the agent
+    # starts its 1 s wait, and the back-off after a timeout may be close to nothing)
+    assert len(tries) >= 2 and tries[1][0] - tries[0][0] >= 0.9
     assert _node_rows(control_plane) == [(lost, wire.parse_join_token(token)[0], "active")]
     assert [(n["id"], n["status"]) for n in control_plane.op.nodes()["nodes"]] == [(lost, "active")]
     audit = control_plane.op.audit(limit=1000)["entries"]

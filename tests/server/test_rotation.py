@@ -4,6 +4,7 @@ rotator's admin credential staying on the control plane."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import secrets
 import subprocess
@@ -486,3 +487,95 @@ def test_two_replicas_run_each_step_once(make_app: Any, pg: ThrowawayPostgres) -
     assert steps == ["rotation.start", "rotation.create", "rotation.test", "rotation.publish", "rotation.retire"] * 3
     assert _pg_can_login_roles(pg, (a, b)) == [a]
     assert pg.can_login(a, one.value("db/main")["password"])
+
+
+# -- a review's findings: each failed before its fix ----------------------------------------------
+@sqlite_only
+def test_single_a_refused_test_puts_the_current_password_back_at_the_source(
+    vault: Vault, pg: ThrowawayPostgres
+) -> None:
+    """``single``: create changed the only role's password already; an abort that only dropped
+    ``pending`` left every node serving a password the database refused."""
+    db = "d" + secrets.token_hex(3)
+    a, _ = _pg_roles(pg)
+    with pg.connect() as c:
+        c.execute(f"CREATE DATABASE {db}")
+        c.execute(f"REVOKE CONNECT ON DATABASE {db} FROM PUBLIC")
+        c.execute(f"GRANT CONNECT ON DATABASE {db} TO {a}")
+    config = {"host": "127.0.0.1", "port": pg.port, "database": db, "strategy": "single", "usernames": [a]}
+    body = {"type": "postgres", "admin_secret": "rotators/pg-admin", "admin_value": pg.admin(), "config": config}
+    vault.call("PUT", "/v1/rotators/pg", json=body)
+    vault.call("PUT", "/v1/secrets/db/main", json={"rotator": "pg", "regions": ["eu"]})
+    assert rotation.advance(vault.ctx, vault.rotate("db/main")) == "done"
+    current = vault.value("db/main")
+    with pg.connect() as c:  # the control plane's test login refused from now on
+        c.execute(f"REVOKE CONNECT ON DATABASE {db} FROM {a}")
+    assert rotation.advance(vault.ctx, vault.rotate("db/main")) == "aborted"
+    assert vault.value("db/main") == current
+    with pg.connect() as c:
+        c.execute(f"GRANT CONNECT ON DATABASE {db} TO {a}")
+    assert pg.can_login(a, current["password"])
+
+
+@sqlite_only
+def test_no_promote_or_rollback_while_a_rotation_at_the_source_runs(vault: Vault, pg: ThrowawayPostgres) -> None:
+    """A rollback during retire's wait made the old role current again, and retire then disabled it;
+    a promote during create made a credential not set at the source yet current."""
+    _pg_setup(vault, pg)
+    assert rotation.advance(vault.ctx, vault.rotate("db/main")) == "done"
+    rid = vault.rotate("db/main")
+    assert rotation.advance(vault.ctx, rid, max_steps=3) == "retire"
+    st, doc = vault.api.call("POST", "/v1/rollback/db/main", json={"to": 1})
+    assert st == 409 and "rotation" in doc["error"]["message"]
+    st, _ = vault.api.call("POST", "/v1/promote/db/main", json={})
+    assert st == 409
+    vault.offset += 3600
+    assert rotation.advance(vault.ctx, rid) == "done"
+    cur = vault.value("db/main")
+    assert pg.can_login(cur["username"], cur["password"])
+    assert vault.api.call("POST", "/v1/rollback/db/main", json={"to": 1})[0] == 200  # once it has ended
+
+
+@sqlite_only
+def test_retire_never_disables_the_credential_current_now(vault: Vault, pg: ThrowawayPostgres) -> None:
+    """Retire took the credential to keep from when the rotation began: a late retire (a replica whose
+    lease ended meanwhile) disabled the role current by then."""
+    _pg_setup(vault, pg)
+    assert rotation.advance(vault.ctx, vault.rotate("db/main")) == "done"  # a
+    rid = vault.rotate("db/main")
+    assert rotation.advance(vault.ctx, rid, max_steps=3) == "retire"  # b published; a to retire
+    with vault.ctx.store.read() as tx:
+        r = tx.get_rotation(rid)
+        assert r is not None
+        inp = rotation._inputs(vault.ctx, tx, r)
+    # as if the old credential were current again by the time the late call lands
+    inp = dataclasses.replace(inp, current=inp.old)
+    rotation._act(r, inp)
+    assert pg.can_login(inp.old["username"], inp.old["password"])  # type: ignore[index]
+
+
+@sqlite_only
+def test_a_rotation_whose_secret_is_deleted_ends(vault: Vault, pg: ThrowawayPostgres) -> None:
+    """It was retried for ever (every minute, a warning each time), and status could not show it."""
+    _pg_setup(vault, pg)
+    assert rotation.advance(vault.ctx, vault.rotate("db/main")) == "done"
+    rid = vault.rotate("db/main")
+    assert rotation.advance(vault.ctx, rid, max_steps=3) == "retire"
+    vault.call("DELETE", "/v1/secrets/db/main")
+    vault.offset += 3600
+    rotation.run_active(vault.ctx)
+    with vault.ctx.store.read() as tx:
+        r = tx.get_rotation(rid)
+    assert r is not None and not r.active and r.step == "aborted"
+
+
+@pytest.mark.parametrize("url", ["http://x/{id", "http://x/{id.nope}", "http://x/{0}", "http://x/{id!r}"])
+def test_webhook_url_templates_are_checked_when_the_rotator_is_made(vault: Vault, url: str) -> None:
+    config = {
+        "create": {"method": "POST", "url": "http://127.0.0.1:9/keys"},
+        "test": {"method": "GET", "url": "http://127.0.0.1:9/whoami"},
+        "revoke": {"method": "DELETE", "url": url},
+    }
+    body = {"type": "webhook", "admin_secret": "rotators/w-admin", "admin_value": {"token": "t"}, "config": config}
+    st, doc = vault.api.call("PUT", "/v1/rotators/w", json=body)
+    assert st == 400 and set(doc["error"]) == {"code", "message"}

@@ -300,6 +300,7 @@ class _Inputs:
     admin: Credential
     new: Credential | None
     old: Credential | None
+    current: Credential | None = None  # what the secret's current stage holds now (never retired)
 
 
 def _admin(ctx: Context, tx: Tx, rotator: Rotator) -> Credential:
@@ -319,14 +320,22 @@ def _inputs(ctx: Context, tx: Tx, r: Rotation) -> _Inputs:
     rotator = tx.get_rotator(r.rotator)
     if rotator is None:
         raise RotatorError(f"rotator {r.rotator!r} no longer exists")
-    secret = secret_ops.live(tx, r.secret)
+    secret = tx.get_secret(r.secret)
+    if secret is None or secret.deleted_at is not None:
+        raise _Gone(f"the secret {r.secret!r} was deleted")
+    current = tx.get_stages(secret.id).get("current")
     return _Inputs(
         rotator,
         driver(rotator.type),
         _admin(ctx, tx, rotator),
         _cred(ctx, tx, secret, r.version),
         _cred(ctx, tx, secret, r.previous_version),
+        _cred(ctx, tx, secret, current.version) if current is not None else None,
     )
+
+
+class _Gone(Exception):
+    """The rotation's secret was deleted under it: the rotation ends (aborted)."""
 
 
 def gate(ctx: Context, tx: Tx, r: Rotation, now: float) -> dict[str, Any]:
@@ -374,12 +383,18 @@ def _step(ctx: Context, rotation_id: int) -> tuple[bool, str | None]:
             return False, r.step
         if not tx.lease_rotation(r.id, r.step, owner(ctx), now, now + LEASE_S):
             return False, r.step
+        gone = None
         try:
             inputs = _inputs(ctx, tx, r) if r.step != "publish" else None
-        except (RotatorError, ApiError) as exc:  # e.g. the secret deleted mid-rotation: retried, reported
+        except _Gone as exc:  # nothing left to rotate: it ends, said so (it was retried for ever)
+            inputs, failure, gone = None, None, str(exc)
+        except (RotatorError, ApiError) as exc:  # retried, reported
             inputs, failure = None, f"{r.step}: {exc}"
         else:
             failure = None
+    if gone is not None:
+        _abort(ctx, r, None, gone)
+        return False, "aborted"
     if failure is not None:
         _failed(ctx, r, failure)
         return False, r.step
@@ -413,7 +428,9 @@ def _act(r: Rotation, inp: _Inputs | None) -> Credential | None:
             raise Refused("the new credential is not a JSON object")
         inp.driver.test(config, inp.new)
     elif r.step == "retire" and inp.driver.overlaps(config):
-        inp.driver.retire(config, inp.admin, inp.old or {}, inp.new)
+        # the credential current *now* is the one never retired (the drivers refuse to), whatever the
+        # rotation began with: a rollback meanwhile, or a late call from a replica whose lease ended
+        inp.driver.retire(config, inp.admin, inp.old or {}, inp.current or inp.new)
     return None
 
 
@@ -514,8 +531,15 @@ def _abort(ctx: Context, r: Rotation, inp: _Inputs | None, reason: str) -> None:
             with ctx.store.read() as tx:
                 inp = _inputs(ctx, tx, r)
         if inp.new is not None and inp.driver.overlaps(inp.rotator.config):
-            inp.driver.retire(inp.rotator.config, inp.admin, inp.new, inp.old)
+            inp.driver.retire(inp.rotator.config, inp.admin, inp.new, inp.current or inp.old)
             cleanup = "undone"
+        elif inp.new is not None and inp.old is not None and r.step != "create":
+            # one credential (``single``): create changed it at the source already; put the one still
+            # current back, or every node would serve a password the source refuses
+            inp.driver.create(inp.rotator.config, inp.admin, inp.old, f"vault-edge-rotation-{r.id}-restore")
+            cleanup = "restored"
+    except _Gone:
+        cleanup = "none (the secret was deleted)"
     except Exception as exc:  # best effort; the type only (a driver's text may quote a value)
         cleanup = f"failed ({type(exc).__name__})"
     now = ctx.clock()

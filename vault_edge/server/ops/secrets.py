@@ -45,6 +45,17 @@ def _check_spec(spec: str) -> str:
     return spec
 
 
+def _not_mid_rotation(tx: Tx, secret: Secret) -> None:
+    """A secret kept by a rotator takes no other change of its stages while a rotation at its source
+    runs: the rotation publishes and retires by what it made, and would retire the credential a
+    promote or rollback had just made current (409, as a second ``rotate`` gets)."""
+    if secret.rotator and any(r.active for r in tx.rotations_of(secret.name, 1)):
+        raise conflict(
+            f"a rotation of {secret.name!r} at its source is running: see `vault-edge rotation status "
+            f"{secret.name}`; promote or roll back once it ends"
+        )
+
+
 def live(tx: Tx, name: str) -> Secret:
     """The secret ``name``, unless it does not exist or is deleted (a 404)."""
     secret = tx.get_secret(name)
@@ -277,6 +288,7 @@ def _bind_rotator(
         secret = _upsert(ctx, tx, name, secret, wanted, _schedule(now, rotate_every_s, grace_s, rotator=rotator), now)
         version = rev = None
         if value is not None:
+            _not_mid_rotation(tx, secret)
             version, rev = add_version(ctx, tx, secret, value, "put", "current", grace_of(ctx, secret, grace_s))
         ctx.auditor.record(
             tx,
@@ -373,6 +385,7 @@ def promote(ctx: Context, who: Principal, name: str, grace_s: int | None = None)
     ctx.barrier.require_unsealed()
     with ctx.store.write() as tx:
         secret = live(tx, name)
+        _not_mid_rotation(tx, secret)
         version, rev, pending = promote_in(ctx, tx, secret, grace_s)
         ctx.auditor.record(tx, who.actor, "secret.promote", name, version=version, pending=pending)
     return {"name": name, "version": version, "revision": rev, "stage": "current"}
@@ -407,6 +420,7 @@ def rollback(ctx: Context, who: Principal, name: str, to: int, grace_s: int | No
     ctx.barrier.require_unsealed()
     with ctx.store.write() as tx:
         secret = live(tx, name)
+        _not_mid_rotation(tx, secret)
         value = value_of(ctx, tx, secret, to)
         version, rev = add_version(ctx, tx, secret, value, f"rollback:{to}", "current", grace_of(ctx, secret, grace_s))
         ctx.auditor.record(tx, who.actor, "secret.rollback", name, version=version, to=to)

@@ -14,6 +14,7 @@ replaced by the credential's field, URL-quoted. A revoke answered 404 counts as 
 
 from __future__ import annotations
 
+import string
 from typing import Any
 from urllib.parse import quote
 
@@ -33,6 +34,12 @@ def _call(config: dict[str, Any], which: str) -> dict[str, Any]:
         raise ValueError(f"config.{which}.method: one of {', '.join(_METHODS)}")
     if not isinstance(url, str) or not url.startswith(("http://", "https://")):
         raise ValueError(f"config.{which}.url: an http(s) URL")
+    try:  # its {fields}: plain names of the credential's fields, no attribute, index or format
+        fields = [(f, spec, conv) for _, f, spec, conv in string.Formatter().parse(url) if f is not None]
+    except ValueError:
+        raise ValueError(f"config.{which}.url: a URL whose {{fields}} are balanced") from None
+    if any(not f.isidentifier() or spec or conv for f, spec, conv in fields):
+        raise ValueError(f"config.{which}.url: {{fields}} name a field of the credential, nothing more")
     out = {"method": method, "url": url}
     if "bearer_field" in call:
         out["bearer_field"] = str(call["bearer_field"])
@@ -42,7 +49,7 @@ def _call(config: dict[str, Any], which: str) -> dict[str, Any]:
 def _url(template: str, cred: Credential) -> str:
     try:
         return template.format_map({k: quote(str(v), safe="") for k, v in cred.items()})
-    except (KeyError, ValueError, IndexError):
+    except (KeyError, ValueError, IndexError, AttributeError):
         raise RotatorError("webhook: a URL template names a field the credential does not have") from None
 
 
