@@ -579,3 +579,23 @@ def test_webhook_url_templates_are_checked_when_the_rotator_is_made(vault: Vault
     body = {"type": "webhook", "admin_secret": "rotators/w-admin", "admin_value": {"token": "t"}, "config": config}
     st, doc = vault.api.call("PUT", "/v1/rotators/w", json=body)
     assert st == 400 and set(doc["error"]) == {"code", "message"}
+
+
+@sqlite_only
+def test_a_call_to_the_source_ends_well_within_the_steps_lease(vault: Vault, pg: ThrowawayPostgres) -> None:
+    """An ALTER ROLE behind another session's lock on the role waited 17 s, past the 15 s lease:
+    another replica could take the step over while the late call was still to land. Each statement is
+    bounded now: the step fails (and is retried) in time."""
+    a, b = _pg_setup(vault, pg)
+    rid = vault.rotate("db/main")
+    with pg.connect() as blocker:
+        blocker.execute("BEGIN")
+        for role in (a, b):  # an open transaction holding both roles' locks
+            blocker.execute(f"ALTER ROLE {role} CONNECTION LIMIT 50")
+        started = time.monotonic()
+        step = rotation.advance(vault.ctx, rid, max_steps=1)
+        took = time.monotonic() - started
+        blocker.execute("ROLLBACK")
+    assert step == "create" and took < rotation.LEASE_S - 5, took
+    vault.offset += 61  # past its back-off
+    assert rotation.advance(vault.ctx, rid, max_steps=1) == "test"  # and goes on once the lock is gone

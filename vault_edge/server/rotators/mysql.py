@@ -57,6 +57,8 @@ class MySQL(Roles):
                 user=str(admin.get("username", "")),
                 password=str(admin.get("password", "")),
                 connect_timeout=5,
+                read_timeout=5,  # well within the step's lease (see postgres.py)
+                write_timeout=5,
                 autocommit=True,
             )
             try:
@@ -85,6 +87,8 @@ class MySQL(Roles):
                 password=new["password"],
                 database=config["database"] or None,
                 connect_timeout=5,
+                read_timeout=5,  # well within the step's lease (see postgres.py)
+                write_timeout=5,
             )
             try:
                 with conn.cursor() as cur:

@@ -50,6 +50,9 @@ def _connect(config: dict[str, Any], user: str, password: str) -> psycopg.Connec
         password=password,
         connect_timeout=5,
         autocommit=True,
+        # every statement well within the step's 15 s lease: a call that outlived it could land after
+        # another replica took the step over (a role's lock held elsewhere blocked an ALTER ROLE 17 s)
+        options="-c statement_timeout=5000 -c lock_timeout=4000",
     )
 
 

@@ -15,6 +15,7 @@ replaced by the credential's field, URL-quoted. A revoke answered 404 counts as 
 from __future__ import annotations
 
 import string
+import time
 from typing import Any
 from urllib.parse import quote
 
@@ -23,6 +24,8 @@ import httpx
 from vault_edge.server.rotators import Credential, Refused, RotatorError
 
 _METHODS = ("GET", "POST", "PUT", "PATCH", "DELETE")
+CALL_S = 10.0  # a call, in all: well within the step's 15 s lease
+_MAX_ANSWER = 1 << 20
 
 
 def _call(config: dict[str, Any], which: str) -> dict[str, Any]:
@@ -54,8 +57,17 @@ def _url(template: str, cred: Credential) -> str:
 
 
 def _send(what: str, method: str, url: str, headers: dict[str, str]) -> httpx.Response:
+    """One call, ended within ``CALL_S`` in all (httpx's timeout is per phase: a server trickling its
+    answer would hold the call past the step's lease)."""
+    deadline = time.monotonic() + CALL_S
     try:
-        return httpx.request(method, url, headers=headers, timeout=10)
+        with httpx.Client(timeout=5) as client, client.stream(method, url, headers=headers) as resp:
+            body = bytearray()
+            for chunk in resp.iter_bytes():
+                body += chunk
+                if time.monotonic() > deadline or len(body) > _MAX_ANSWER:
+                    raise RotatorError(f"webhook: {what}: the answer took too long or was too large")
+            return httpx.Response(resp.status_code, headers=resp.headers, content=bytes(body))
     except httpx.HTTPError as exc:
         raise RotatorError(f"webhook: {what}: {type(exc).__name__}") from None
 
