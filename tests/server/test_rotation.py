@@ -599,3 +599,23 @@ def test_a_call_to_the_source_ends_well_within_the_steps_lease(vault: Vault, pg:
     assert step == "create" and took < rotation.LEASE_S - 5, took
     vault.offset += 61  # past its back-off
     assert rotation.advance(vault.ctx, rid, max_steps=1) == "test"  # and goes on once the lock is gone
+
+
+@sqlite_only
+def test_a_stale_replicas_failure_does_not_touch_the_step_another_replica_took(
+    vault: Vault, pg: ThrowawayPostgres
+) -> None:
+    """A replica whose lease ended fails its late call: its note cleared the lease of the replica now
+    running the step, and counted toward the test's five tries."""
+    _pg_setup(vault, pg)
+    rid = vault.rotate("db/main")
+    with vault.ctx.store.read() as tx:
+        r = tx.get_rotation(rid)
+    assert r is not None
+    now = vault.ctx.clock()
+    with vault.ctx.store.write() as tx:  # another replica holds the step now
+        assert tx.lease_rotation(rid, r.step, "other-replica:1", now, now + rotation.LEASE_S)
+    rotation._failed(vault.ctx, r, "late: refused")
+    with vault.ctx.store.read() as tx:
+        after = tx.get_rotation(rid)
+    assert after is not None and after.lease_owner == "other-replica:1" and after.attempts == r.attempts

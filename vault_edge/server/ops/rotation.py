@@ -497,6 +497,8 @@ def _failed(ctx: Context, r: Rotation, message: str) -> None:
         cur = tx.get_rotation(r.id)
         if cur is None or cur.step != r.step:
             return
+        if cur.lease_owner is not None and cur.lease_owner != owner(ctx):
+            return  # another replica took the step over (our lease ended): its attempt, not ours, counts
         attempts = cur.attempts + 1
         if r.step != "test" or attempts < TEST_ATTEMPTS:
             tx.note_rotation(
