@@ -906,11 +906,12 @@ class _Conn(asyncio.Protocol):
             self.drain.set_result(None)
         if self.direct is not None:
             self.direct.resume()
-        elif self.buf and self.watch is None and self.body is None and not self.closing:
+        elif self.buf:
             asyncio.get_running_loop().call_soon(self._more)  # the requests left while it did not read
         self._flow()
 
     def _more(self) -> None:
+        """Go on with the requests left in the buffer, unless something else holds the connection."""
         if self.buf and self.watch is None and self.body is None and self.direct is None and not self.closing:
             self._process_safely()
 

@@ -418,7 +418,6 @@ class Pool:
         """A new connection to ``origin`` (a stream on it if the upstream picks HTTP/2). To an upstream
         known to speak HTTP/2, one connection is made at a time: the calls that come meanwhile wait for
         it and take streams on it while it has room."""
-        again = False
         while True:
             while origin in self.h2_origins and (pending := self.connecting.get(origin)) is not None:
                 try:
@@ -426,9 +425,8 @@ class Pool:
                         await asyncio.shield(pending)
                 except TimeoutError:
                     raise UpstreamError("timeout", f"timed out connecting to {self.peer}") from None
-                again = True
-            if again and (leg := self.idle_conn(origin)) is not None:
-                return leg
+                if (leg := self.idle_conn(origin)) is not None:
+                    return leg
             done: asyncio.Future[None] = self.loop.create_future()
             first = self.connecting.setdefault(origin, done) is done  # (HTTP/1.1: several at once)
             try:
@@ -455,7 +453,8 @@ class Pool:
                 if first:
                     del self.connecting[origin]
                 done.set_result(None)
-            again = True
+            if (leg := self.idle_conn(origin)) is not None:
+                return leg
 
     async def _settled(self, h2c: H2Conn, timeout: float) -> None:
         """Wait for a new HTTP/2 connection's first SETTINGS from the upstream (sent at once after the
